@@ -5,14 +5,17 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["peer.proto", "collection.proto", "ticket.proto", "control.proto"]
-        .map(|f| root.join("shoal/v1").join(f));
+    let files = [
+        "peer.proto",
+        "collection.proto",
+        "ticket.proto",
+        "control.proto",
+    ]
+    .map(|f| root.join("shoal/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
-    prost_build::Config::new()
-        .bytes(["."])
-        .compile_fds(fds)?;
+    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
     Ok(())
 }

@@ -97,7 +97,10 @@ pub fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, FrameError> {
 /// Decode one whole frame (header and payload) from the front of `buf`,
 /// returning the message and the bytes consumed. For in-memory use (tests,
 /// fuzzing); streams read the header first and call [`check_len`].
-pub fn decode_one<M: Message + Default>(buf: &[u8], limit: Limit) -> Result<(M, usize), FrameError> {
+pub fn decode_one<M: Message + Default>(
+    buf: &[u8],
+    limit: Limit,
+) -> Result<(M, usize), FrameError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
         return Err(FrameError::Truncated {
             expected: HEADER_LEN,
@@ -126,9 +129,16 @@ mod tests {
     #[test]
     fn a_4_gib_length_is_refused_from_the_header_alone() {
         let err = check_len([0xff; 4], Limit::Response).unwrap_err();
-        assert!(matches!(err, FrameError::TooLong { len: 0xffff_ffff, .. }));
+        assert!(matches!(
+            err,
+            FrameError::TooLong {
+                len: 0xffff_ffff,
+                ..
+            }
+        ));
         // And the whole-buffer decoder refuses it without needing the bytes.
-        let err = decode_one::<pb::Request>(&[0xff, 0xff, 0xff, 0xff, 1], Limit::Request).unwrap_err();
+        let err =
+            decode_one::<pb::Request>(&[0xff, 0xff, 0xff, 0xff, 1], Limit::Request).unwrap_err();
         assert!(matches!(err, FrameError::TooLong { .. }));
     }
 
@@ -136,7 +146,10 @@ mod tests {
     fn each_kind_has_its_own_limit() {
         let len = (Limit::Request.bytes() + 1) as u32;
         assert!(check_len(len.to_be_bytes(), Limit::Request).is_err());
-        assert_eq!(check_len(len.to_be_bytes(), Limit::Response).ok(), Some(len as usize));
+        assert_eq!(
+            check_len(len.to_be_bytes(), Limit::Response).ok(),
+            Some(len as usize)
+        );
     }
 
     #[test]
@@ -151,15 +164,27 @@ mod tests {
         use pb::request::Kind;
         let hash = proptest::collection::vec(any::<u8>(), 32).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u32>(), ".{0,64}", proptest::collection::vec(".{0,30}", 0..4)).prop_map(|(v, a, l)| Kind::Hello(
-                pb::Hello { version: v, agent: a, listen_addrs: l, capabilities: vec!["pex".into()] }
-            )),
-            proptest::collection::vec(hash.clone(), 0..8).prop_map(|h| Kind::Who(pb::Who { hashes: h })),
-            (hash.clone(), proptest::collection::vec(any::<u64>(), 0..10)).prop_map(|(h, d)| Kind::Get(pb::Get {
-                hash: h,
-                ranges: Some(pb::GroupRanges { deltas: d })
-            })),
-            proptest::collection::vec(hash.clone(), 0..8).prop_map(|h| Kind::Subscribe(pb::Subscribe { hashes: h })),
+            (
+                any::<u32>(),
+                ".{0,64}",
+                proptest::collection::vec(".{0,30}", 0..4)
+            )
+                .prop_map(|(v, a, l)| Kind::Hello(pb::Hello {
+                    version: v,
+                    agent: a,
+                    listen_addrs: l,
+                    capabilities: vec!["pex".into()]
+                })),
+            proptest::collection::vec(hash.clone(), 0..8)
+                .prop_map(|h| Kind::Who(pb::Who { hashes: h })),
+            (hash.clone(), proptest::collection::vec(any::<u64>(), 0..10)).prop_map(|(h, d)| {
+                Kind::Get(pb::Get {
+                    hash: h,
+                    ranges: Some(pb::GroupRanges { deltas: d }),
+                })
+            }),
+            proptest::collection::vec(hash.clone(), 0..8)
+                .prop_map(|h| Kind::Subscribe(pb::Subscribe { hashes: h })),
             hash.prop_map(|h| Kind::Pex(pb::Pex { hash: h })),
         ]
         .prop_map(|k| pb::Request { kind: Some(k) })

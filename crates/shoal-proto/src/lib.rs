@@ -57,7 +57,9 @@ pub mod limits {
 
 /// Check that `bytes` is a 32-byte hash and return it.
 pub fn hash_from_bytes(bytes: &[u8]) -> Result<[u8; 32], RangesError> {
-    bytes.try_into().map_err(|_| RangesError::BadHash(bytes.len()))
+    bytes
+        .try_into()
+        .map_err(|_| RangesError::BadHash(bytes.len()))
 }
 
 /// A short human text for an error code.

@@ -95,7 +95,9 @@ impl GroupRanges {
             return true;
         }
         let i = self.runs.partition_point(|r| r.end <= range.start);
-        self.runs.get(i).is_some_and(|r| r.start <= range.start && range.end <= r.end)
+        self.runs
+            .get(i)
+            .is_some_and(|r| r.start <= range.start && range.end <= r.end)
     }
 
     /// Every group, ascending.
@@ -258,7 +260,10 @@ mod tests {
         check(vec![0, 0], RangesError::NotIncreasing);
         check(vec![0, 2, 0, 1], RangesError::NotIncreasing);
         check(vec![u64::MAX, 2], RangesError::Overflow);
-        check(vec![1; MAX_BOUNDARIES + 2], RangesError::TooMany(MAX_BOUNDARIES + 2));
+        check(
+            vec![1; MAX_BOUNDARIES + 2],
+            RangesError::TooMany(MAX_BOUNDARIES + 2),
+        );
     }
 
     proptest! {

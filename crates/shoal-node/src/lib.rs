@@ -1,0 +1,3 @@
+//! A shoal node (work in progress).
+
+pub mod scheduler;

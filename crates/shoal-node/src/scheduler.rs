@@ -1,0 +1,1095 @@
+//! The swarm scheduler: which chunk groups to ask which peer for, when to
+//! give up on a peer, and the end-game.
+//!
+//! Like `quinn-proto`, this is a state machine with no I/O and no clock:
+//! events come in through `handle_*` methods (time is an argument), and the
+//! decisions come out of [`Scheduler::poll_action`]. The async download task
+//! in [`crate::download`] executes the decisions over QUIC; the tests below
+//! drive it with simulated peers.
+//!
+//! Policy:
+//! - Data is scheduled in blocks of [`BLOCK_GROUPS`] chunk groups (128 KiB).
+//!   A request is a run of contiguous blocks; only the groups still missing
+//!   inside them are asked for.
+//! - Rarest first: a peer is given the wanted, unrequested block it holds
+//!   that the fewest known peers hold, ties broken pseudo-randomly (so that
+//!   downloaders hold different blocks and can trade); in sequential mode
+//!   (streaming to stdout) the lowest block first.
+//! - Pipelining: each peer keeps up to `max_requests_per_peer` requests in
+//!   flight, each sized to about `target_request_time` of its measured rate.
+//! - A request that makes no progress within its deadline is a stall: the
+//!   peer gets a strike, its blocks go back to the pool; too many strikes and
+//!   the peer is dropped. A corrupt group drops the peer at once.
+//! - End-game: once every wanted block is requested, an idle peer is asked
+//!   for the oldest outstanding block it holds (at most
+//!   `endgame_duplicates` requests per block); when a block completes, the
+//!   other requests that covered only completed blocks are cancelled.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+use fixedbitset::FixedBitSet;
+use shoal_proto::{GROUP_SIZE, GroupRanges};
+
+/// Chunk groups per scheduling block (8 x 16 KiB = 128 KiB).
+pub const BLOCK_GROUPS: u64 = 8;
+const BLOCK_BYTES: f64 = (BLOCK_GROUPS * GROUP_SIZE) as f64;
+
+/// Tuning knobs of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Fetch in order (for streaming) instead of rarest first.
+    pub sequential: bool,
+    /// Requests in flight per peer.
+    pub max_requests_per_peer: usize,
+    /// How long one request should take at the peer's measured rate.
+    pub target_request_time: Duration,
+    /// Upper bound on blocks in one request.
+    pub max_request_blocks: u64,
+    /// Blocks in a peer's first request, before its rate is known.
+    pub initial_request_blocks: u64,
+    /// Shortest time without progress before a request counts as stalled.
+    pub stall_timeout: Duration,
+    /// Stalls (or false have claims) before a peer is dropped.
+    pub max_strikes: u32,
+    /// Requests at most per block during end-game.
+    pub endgame_duplicates: usize,
+    /// Seed of the tie-breaking among equally rare blocks.
+    pub seed: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            sequential: false,
+            max_requests_per_peer: 4,
+            target_request_time: Duration::from_millis(250),
+            max_request_blocks: 64,
+            initial_request_blocks: 2,
+            stall_timeout: Duration::from_secs(10),
+            max_strikes: 3,
+            endgame_duplicates: 2,
+            seed: 0x5eed,
+        }
+    }
+}
+
+/// Identifies one request made by this scheduler.
+pub type RequestId = u64;
+
+/// A decision for the async layer to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Ask `peer` for these chunk groups.
+    Request {
+        /// Whom to ask.
+        peer: P,
+        /// Report the outcome with this id.
+        id: RequestId,
+        /// The groups to ask for (all held by the peer, none verified here).
+        ranges: GroupRanges,
+    },
+    /// Stop a request (its groups arrived from elsewhere, or it stalled).
+    Cancel {
+        /// Who was asked.
+        peer: P,
+        /// Which request.
+        id: RequestId,
+    },
+    /// Stop using this peer for this download.
+    DropPeer {
+        /// The peer.
+        peer: P,
+        /// Why.
+        reason: DropReason,
+    },
+}
+
+/// Why a peer was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// It sent a group that failed verification.
+    Corrupt,
+    /// It stalled or lied about what it has too often.
+    Unreliable,
+}
+
+/// How a request ended badly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A group failed verification.
+    Corrupt,
+    /// The connection or stream failed; the peer may be gone.
+    Error,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    /// Groups the peer says it holds.
+    groups: GroupRanges,
+    /// Blocks the peer holds entirely.
+    blocks: FixedBitSet,
+    inflight: usize,
+    /// Measured goodput in bytes per second (EWMA), once known.
+    rate: Option<f64>,
+    strikes: u32,
+    /// Bytes received from this peer (verified).
+    received: u64,
+}
+
+#[derive(Debug)]
+struct Request<P> {
+    peer: P,
+    blocks: Vec<u64>,
+    ranges: GroupRanges,
+    sent_at: Instant,
+    last_progress: Instant,
+    deadline: Duration,
+}
+
+/// Counters for reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Requests issued.
+    pub requests: u64,
+    /// Requests issued as end-game duplicates.
+    pub endgame_requests: u64,
+    /// Requests cancelled.
+    pub cancels: u64,
+    /// Requests that stalled.
+    pub stalls: u64,
+}
+
+/// The scheduler for one blob download.
+#[derive(Debug)]
+pub struct Scheduler<P> {
+    cfg: SchedulerConfig,
+    groups: u64,
+    blocks: u64,
+    have: FixedBitSet,
+    have_count: u64,
+    /// Missing groups per block.
+    block_missing: Vec<u32>,
+    /// Requests in flight per block.
+    block_requests: Vec<u16>,
+    /// Peers holding each block.
+    avail: Vec<u32>,
+    peers: BTreeMap<P, PeerState>,
+    dropped: BTreeSet<P>,
+    requests: BTreeMap<RequestId, Request<P>>,
+    actions: VecDeque<Action<P>>,
+    next_id: RequestId,
+    stats: SchedulerStats,
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64 finaliser: a cheap, deterministic tie-breaker.
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl<P: Clone + Ord + Debug> Scheduler<P> {
+    /// A scheduler for a blob of `groups` chunk groups, of which `have` are
+    /// already verified locally.
+    pub fn new(groups: u64, have: &GroupRanges, cfg: SchedulerConfig) -> Self {
+        let groups = groups.max(1);
+        let blocks = groups.div_ceil(BLOCK_GROUPS);
+        let mut s = Self {
+            cfg,
+            groups,
+            blocks,
+            have: FixedBitSet::with_capacity(groups as usize),
+            have_count: 0,
+            block_missing: (0..blocks)
+                .map(|b| Self::block_len(groups, b) as u32)
+                .collect(),
+            block_requests: vec![0; blocks as usize],
+            avail: vec![0; blocks as usize],
+            peers: BTreeMap::new(),
+            dropped: BTreeSet::new(),
+            requests: BTreeMap::new(),
+            actions: VecDeque::new(),
+            next_id: 0,
+            stats: SchedulerStats::default(),
+        };
+        s.mark_have(have);
+        s
+    }
+
+    fn block_len(groups: u64, b: u64) -> u64 {
+        (groups - b * BLOCK_GROUPS).min(BLOCK_GROUPS)
+    }
+
+    fn block_range(&self, b: u64) -> std::ops::Range<u64> {
+        b * BLOCK_GROUPS..(b * BLOCK_GROUPS + Self::block_len(self.groups, b))
+    }
+
+    /// True once every group is verified.
+    pub fn is_complete(&self) -> bool {
+        self.have_count == self.groups
+    }
+
+    /// Groups verified so far.
+    pub fn verified_groups(&self) -> u64 {
+        self.have_count
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
+    /// Peers currently usable.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True if `peer` was dropped from this download.
+    pub fn is_dropped(&self, peer: &P) -> bool {
+        self.dropped.contains(peer)
+    }
+
+    /// Bytes of verified data received from `peer`.
+    pub fn received_from(&self, peer: &P) -> u64 {
+        self.peers.get(peer).map_or(0, |p| p.received)
+    }
+
+    /// Requests in flight.
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// The next decision, if any.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action<P>> {
+        if self.actions.is_empty() {
+            self.schedule(now);
+        }
+        self.actions.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.requests
+            .values()
+            .map(|r| r.last_progress + r.deadline)
+            .min()
+    }
+
+    /// A new candidate peer (its holdings follow through have events).
+    /// A dropped peer stays dropped.
+    pub fn handle_peer_added(&mut self, peer: P) {
+        if self.dropped.contains(&peer) || self.peers.contains_key(&peer) {
+            return;
+        }
+        self.peers.insert(
+            peer,
+            PeerState {
+                groups: GroupRanges::new(),
+                blocks: FixedBitSet::with_capacity(self.blocks as usize),
+                inflight: 0,
+                rate: None,
+                strikes: 0,
+                received: 0,
+            },
+        );
+    }
+
+    /// `peer` holds the whole blob.
+    pub fn handle_peer_complete(&mut self, peer: &P) {
+        self.handle_have(peer, &GroupRanges::from_range(0..self.groups));
+    }
+
+    /// `peer` announced that it holds `ranges` (in addition to what it had).
+    pub fn handle_have(&mut self, peer: &P, ranges: &GroupRanges) {
+        let groups = self.groups;
+        let ranges = ranges.intersection(&GroupRanges::from_range(0..groups));
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let new = ranges.difference(&state.groups);
+        if new.is_empty() {
+            return;
+        }
+        state.groups = state.groups.union(&new);
+        let mut touched: Vec<u64> = new
+            .runs()
+            .iter()
+            .flat_map(|r| (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS))
+            .collect();
+        touched.dedup();
+        for b in touched {
+            let range = b * BLOCK_GROUPS..(b * BLOCK_GROUPS + Self::block_len(groups, b));
+            if !state.blocks.contains(b as usize) && state.groups.contains_range(range) {
+                state.blocks.insert(b as usize);
+                self.avail[b as usize] += 1;
+            }
+        }
+    }
+
+    /// `peer` is gone (disconnected, or discovery withdrew it).
+    pub fn handle_peer_removed(&mut self, peer: &P) {
+        let Some(state) = self.peers.remove(peer) else {
+            return;
+        };
+        for b in state.blocks.ones() {
+            self.avail[b] -= 1;
+        }
+        let ids: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| &r.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(r) = self.requests.remove(&id) {
+                self.release_blocks(&r);
+                self.actions.push_back(Action::Cancel { peer: r.peer, id });
+                self.stats.cancels += 1;
+            }
+        }
+    }
+
+    /// Some bytes of request `id` arrived (resets its stall timer).
+    pub fn handle_progress(&mut self, id: RequestId, now: Instant) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.last_progress = now;
+        }
+    }
+
+    /// Groups were verified locally; `source` is the request that brought
+    /// them, if any. Requests that now cover only verified groups are
+    /// cancelled (end-game duplicates).
+    pub fn handle_verified(&mut self, groups: &GroupRanges, source: Option<RequestId>) {
+        let completed = self.mark_have(groups);
+        if completed.is_empty() {
+            return;
+        }
+        let obsolete: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(id, r)| {
+                Some(**id) != source
+                    && r.blocks
+                        .iter()
+                        .all(|b| self.block_missing[*b as usize] == 0)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in obsolete {
+            if let Some(r) = self.requests.remove(&id) {
+                self.release_blocks(&r);
+                if let Some(p) = self.peers.get_mut(&r.peer) {
+                    p.inflight -= 1;
+                }
+                self.actions.push_back(Action::Cancel { peer: r.peer, id });
+                self.stats.cancels += 1;
+            }
+        }
+    }
+
+    /// Request `id` ended; `received` are the groups it verified.
+    pub fn handle_request_done(&mut self, id: RequestId, received: &GroupRanges, now: Instant) {
+        let Some(r) = self.requests.remove(&id) else {
+            // Cancelled earlier; what it brought still counts.
+            self.handle_verified(received, Some(id));
+            return;
+        };
+        self.release_blocks(&r);
+        let bytes = received.count() * GROUP_SIZE;
+        let elapsed = now
+            .saturating_duration_since(r.sent_at)
+            .as_secs_f64()
+            .max(1e-3);
+        let missing = r
+            .ranges
+            .difference(received)
+            .difference(&self.have_ranges_of(&r.ranges));
+        let max_strikes = self.cfg.max_strikes;
+        let mut drop = false;
+        if let Some(p) = self.peers.get_mut(&r.peer) {
+            p.inflight -= 1;
+            p.received += bytes;
+            if bytes > 0 {
+                let sample = bytes as f64 / elapsed;
+                p.rate = Some(p.rate.map_or(sample, |old| 0.7 * old + 0.3 * sample));
+            }
+            if !missing.is_empty() {
+                // It claimed groups it did not send: believe the stream.
+                p.strikes += 1;
+                drop = p.strikes >= max_strikes;
+            }
+        }
+        if !missing.is_empty() {
+            self.forget_groups(&r.peer, &missing);
+        }
+        self.handle_verified(received, Some(id));
+        if drop {
+            self.drop_peer(&r.peer, DropReason::Unreliable);
+        }
+    }
+
+    /// Request `id` failed. A corrupt group drops the peer; an error removes
+    /// it (it can be added again when rediscovered).
+    pub fn handle_request_failed(&mut self, id: RequestId, failure: Failure) {
+        let Some(r) = self.requests.remove(&id) else {
+            return;
+        };
+        self.release_blocks(&r);
+        if let Some(p) = self.peers.get_mut(&r.peer) {
+            p.inflight -= 1;
+        }
+        match failure {
+            Failure::Corrupt => self.drop_peer(&r.peer, DropReason::Corrupt),
+            Failure::Error => self.handle_peer_removed(&r.peer),
+        }
+    }
+
+    /// Check for stalled requests.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let stalled: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| now >= r.last_progress + r.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            let Some(r) = self.requests.remove(&id) else {
+                continue;
+            };
+            self.release_blocks(&r);
+            self.stats.stalls += 1;
+            self.stats.cancels += 1;
+            self.actions.push_back(Action::Cancel {
+                peer: r.peer.clone(),
+                id,
+            });
+            let mut drop = false;
+            if let Some(p) = self.peers.get_mut(&r.peer) {
+                p.inflight -= 1;
+                p.strikes += 1;
+                // Assume it is slow: halve what we think it can do.
+                p.rate = p.rate.map(|x| x / 2.0);
+                drop = p.strikes >= self.cfg.max_strikes;
+            }
+            if drop {
+                self.drop_peer(&r.peer, DropReason::Unreliable);
+            }
+        }
+    }
+
+    fn have_ranges_of(&self, ranges: &GroupRanges) -> GroupRanges {
+        GroupRanges::from_groups(ranges.iter().filter(|g| self.have.contains(*g as usize)))
+    }
+
+    /// Marks groups verified; returns blocks that became complete.
+    fn mark_have(&mut self, groups: &GroupRanges) -> Vec<u64> {
+        let mut completed = Vec::new();
+        for g in groups.iter().take_while(|g| *g < self.groups) {
+            if !self.have.put(g as usize) {
+                self.have_count += 1;
+                let b = g / BLOCK_GROUPS;
+                self.block_missing[b as usize] -= 1;
+                if self.block_missing[b as usize] == 0 {
+                    completed.push(b);
+                }
+            }
+        }
+        completed
+    }
+
+    fn forget_groups(&mut self, peer: &P, groups: &GroupRanges) {
+        let Some(state) = self.peers.get_mut(peer) else {
+            return;
+        };
+        state.groups = state.groups.difference(groups);
+        for r in groups.runs() {
+            for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS).min(self.blocks) {
+                if state.blocks.contains(b as usize) {
+                    state.blocks.set(b as usize, false);
+                    self.avail[b as usize] -= 1;
+                }
+            }
+        }
+    }
+
+    fn drop_peer(&mut self, peer: &P, reason: DropReason) {
+        if self.peers.contains_key(peer) {
+            self.handle_peer_removed(peer);
+            self.dropped.insert(peer.clone());
+            self.actions.push_back(Action::DropPeer {
+                peer: peer.clone(),
+                reason,
+            });
+        }
+    }
+
+    fn release_blocks(&mut self, r: &Request<P>) {
+        for b in &r.blocks {
+            self.block_requests[*b as usize] -= 1;
+        }
+    }
+
+    fn wanted(&self, b: u64) -> bool {
+        self.block_missing[b as usize] > 0
+    }
+
+    fn request_blocks(&self, p: &PeerState) -> u64 {
+        match p.rate {
+            None => self.cfg.initial_request_blocks,
+            Some(rate) => {
+                let n = (rate * self.cfg.target_request_time.as_secs_f64() / BLOCK_BYTES) as u64;
+                n.clamp(1, self.cfg.max_request_blocks)
+            }
+        }
+    }
+
+    fn deadline(&self, p: &PeerState, blocks: u64) -> Duration {
+        let expected = p
+            .rate
+            .map_or(0.0, |r| blocks as f64 * BLOCK_BYTES / r.max(1.0));
+        self.cfg
+            .stall_timeout
+            .max(Duration::from_secs_f64((3.0 * expected).min(600.0)))
+    }
+
+    /// The best new block for `p`: rarest first (or lowest in sequential
+    /// mode), wanted, unrequested, held by `p`.
+    fn pick_fresh(&self, p: &PeerState) -> Option<u64> {
+        let mut best: Option<(u64, u32, u64)> = None;
+        for b in p.blocks.ones() {
+            let b = b as u64;
+            if !self.wanted(b) || self.block_requests[b as usize] > 0 {
+                continue;
+            }
+            if self.cfg.sequential {
+                return Some(b);
+            }
+            let key = (self.avail[b as usize], mix(b ^ self.cfg.seed));
+            if best.is_none_or(|(_, a, t)| key < (a, t)) {
+                best = Some((b, key.0, key.1));
+            }
+        }
+        best.map(|(b, _, _)| b)
+    }
+
+    /// End-game: an outstanding block `p` holds and is not already fetching,
+    /// with the fewest requests, oldest first.
+    fn pick_endgame(&self, peer: &P, p: &PeerState) -> Option<u64> {
+        let mut best: Option<(u64, u16, Instant)> = None;
+        for r in self.requests.values() {
+            if &r.peer == peer {
+                continue;
+            }
+            for &b in &r.blocks {
+                let n = self.block_requests[b as usize];
+                if !self.wanted(b)
+                    || n as usize >= self.cfg.endgame_duplicates
+                    || !p.blocks.contains(b as usize)
+                {
+                    continue;
+                }
+                let mine = self
+                    .requests
+                    .values()
+                    .any(|q| &q.peer == peer && q.blocks.contains(&b));
+                if mine {
+                    continue;
+                }
+                if best.is_none_or(|(_, bn, at)| (n, r.sent_at) < (bn, at)) {
+                    best = Some((b, n, r.sent_at));
+                }
+            }
+        }
+        best.map(|(b, _, _)| b)
+    }
+
+    fn all_wanted_requested(&self) -> bool {
+        (0..self.blocks).all(|b| !self.wanted(b) || self.block_requests[b as usize] > 0)
+    }
+
+    fn schedule(&mut self, now: Instant) {
+        if self.is_complete() {
+            return;
+        }
+        // Fastest peers first, so that they get the rarest blocks.
+        let mut order: Vec<(P, f64)> = self
+            .peers
+            .iter()
+            .map(|(k, p)| (k.clone(), p.rate.unwrap_or(0.0)))
+            .collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (peer, _) in order {
+            loop {
+                let Some(p) = self.peers.get(&peer) else {
+                    break;
+                };
+                if p.inflight >= self.cfg.max_requests_per_peer {
+                    break;
+                }
+                let (blocks, endgame) = if let Some(first) = self.pick_fresh(p) {
+                    let want = self.request_blocks(p);
+                    let mut blocks = vec![first];
+                    let mut next = first + 1;
+                    while (blocks.len() as u64) < want
+                        && next < self.blocks
+                        && p.blocks.contains(next as usize)
+                        && self.wanted(next)
+                        && self.block_requests[next as usize] == 0
+                    {
+                        blocks.push(next);
+                        next += 1;
+                    }
+                    (blocks, false)
+                } else if p.inflight == 0 && self.all_wanted_requested() {
+                    match self.pick_endgame(&peer, p) {
+                        Some(b) => (vec![b], true),
+                        None => break,
+                    }
+                } else {
+                    break;
+                };
+                let mut ranges = GroupRanges::new();
+                for &b in &blocks {
+                    for g in self.block_range(b) {
+                        if !self.have.contains(g as usize) {
+                            ranges.insert(g..g + 1);
+                        }
+                    }
+                }
+                let deadline = self.deadline(p, blocks.len() as u64);
+                for &b in &blocks {
+                    self.block_requests[b as usize] += 1;
+                }
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.inflight += 1;
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                self.stats.requests += 1;
+                if endgame {
+                    self.stats.endgame_requests += 1;
+                }
+                self.requests.insert(
+                    id,
+                    Request {
+                        peer: peer.clone(),
+                        blocks,
+                        ranges: ranges.clone(),
+                        sent_at: now,
+                        last_progress: now,
+                        deadline,
+                    },
+                );
+                self.actions.push_back(Action::Request {
+                    peer: peer.clone(),
+                    id,
+                    ranges,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn drain<P: Clone + Ord + Debug>(s: &mut Scheduler<P>, now: Instant) -> Vec<Action<P>> {
+        std::iter::from_fn(|| s.poll_action(now)).collect()
+    }
+
+    #[test]
+    fn asks_only_what_a_peer_has_and_rarest_first() {
+        let now = t0();
+        // 64 blocks. Peer 1 holds all, peer 2 the first half.
+        let mut s = Scheduler::new(
+            64 * BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig::default(),
+        );
+        s.handle_peer_added(1u32);
+        s.handle_peer_added(2u32);
+        s.handle_peer_complete(&1);
+        s.handle_have(&2, &GroupRanges::from_range(0..32 * BLOCK_GROUPS));
+        let actions = drain(&mut s, now);
+        assert!(!actions.is_empty());
+        for a in actions {
+            let Action::Request { peer, ranges, .. } = a else {
+                panic!("unexpected {a:?}")
+            };
+            if peer == 2 {
+                assert!(
+                    ranges.iter().all(|g| g < 32 * BLOCK_GROUPS),
+                    "peer 2 asked for a group it lacks"
+                );
+            } else {
+                // The rare second half goes to the only peer that has it.
+                assert!(
+                    ranges.iter().all(|g| g >= 32 * BLOCK_GROUPS),
+                    "peer 1 was given a common block first"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn resumes_without_asking_for_verified_groups() {
+        let now = t0();
+        let have = GroupRanges::from_range(0..100);
+        let mut s = Scheduler::new(
+            200,
+            &have,
+            SchedulerConfig {
+                max_request_blocks: 1000,
+                ..Default::default()
+            },
+        );
+        s.handle_peer_added(1u8);
+        s.handle_peer_complete(&1);
+        let mut asked = GroupRanges::new();
+        while let Some(a) = s.poll_action(now) {
+            let Action::Request { id, ranges, .. } = a else {
+                panic!("unexpected {a:?}")
+            };
+            assert!(asked.intersection(&ranges).is_empty(), "asked twice");
+            asked = asked.union(&ranges);
+            s.handle_request_done(id, &ranges, now + Duration::from_millis(5));
+        }
+        assert!(s.is_complete());
+        assert!(asked.intersection(&have).is_empty());
+        assert_eq!(asked.count(), 100);
+    }
+
+    #[test]
+    fn a_corrupt_peer_is_dropped_and_its_blocks_go_to_others() {
+        let now = t0();
+        let mut s = Scheduler::new(
+            4 * BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig::default(),
+        );
+        s.handle_peer_added("liar");
+        s.handle_peer_complete(&"liar");
+        let acts = drain(&mut s, now);
+        let ids: Vec<RequestId> = acts
+            .iter()
+            .filter_map(|a| {
+                if let Action::Request { id, .. } = a {
+                    Some(*id)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert!(!ids.is_empty());
+        s.handle_request_failed(ids[0], Failure::Corrupt);
+        let acts = drain(&mut s, now);
+        assert!(acts.contains(&Action::DropPeer {
+            peer: "liar",
+            reason: DropReason::Corrupt
+        }));
+        assert!(s.is_dropped(&"liar"));
+        // Adding it again does nothing; an honest peer gets everything.
+        s.handle_peer_added("liar");
+        s.handle_peer_added("honest");
+        s.handle_peer_complete(&"honest");
+        let mut asked = GroupRanges::new();
+        for a in drain(&mut s, now) {
+            match a {
+                Action::Request { peer, ranges, .. } => {
+                    assert_eq!(peer, "honest");
+                    asked = asked.union(&ranges);
+                }
+                Action::Cancel { peer, .. } => assert_eq!(peer, "liar"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(asked.count(), 4 * BLOCK_GROUPS);
+    }
+
+    #[test]
+    fn a_stalled_request_is_reassigned() {
+        let now = t0();
+        // No end-game duplicates here, to see the stall handling alone.
+        let cfg = SchedulerConfig {
+            max_strikes: 1,
+            endgame_duplicates: 1,
+            ..Default::default()
+        };
+        let mut s = Scheduler::new(2 * BLOCK_GROUPS, &GroupRanges::new(), cfg);
+        s.handle_peer_added(1u8);
+        s.handle_peer_complete(&1);
+        let first = drain(&mut s, now);
+        assert_eq!(first.len(), 1);
+        s.handle_peer_added(2u8);
+        s.handle_peer_complete(&2);
+        assert!(
+            drain(&mut s, now).is_empty(),
+            "peer 2 got work although all blocks are requested and 1 is busy"
+        );
+        let deadline = s.poll_timeout().unwrap();
+        s.handle_timeout(deadline);
+        let acts = drain(&mut s, deadline);
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::DropPeer { peer: 1, .. }))
+        );
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Request { peer: 2, .. }))
+        );
+        assert_eq!(s.stats().stalls, 1);
+    }
+
+    #[test]
+    fn a_peer_that_claims_groups_it_does_not_send_loses_them() {
+        let now = t0();
+        let mut s = Scheduler::new(
+            BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig::default(),
+        );
+        s.handle_peer_added(1u8);
+        s.handle_peer_complete(&1);
+        let Some(Action::Request { id, .. }) = s.poll_action(now) else {
+            panic!()
+        };
+        s.handle_request_done(id, &GroupRanges::from_range(0..2), now);
+        // It is not asked again for what it failed to send.
+        assert!(drain(&mut s, now).is_empty());
+        assert_eq!(s.verified_groups(), 2);
+    }
+
+    /// A simulated swarm: every node uploads at its own rate, shared equally
+    /// between the requests it is serving; each downloader runs its own
+    /// scheduler; a verified request is announced to everyone at once.
+    struct Sim {
+        rates: Vec<f64>,
+        holdings: Vec<GroupRanges>,
+        scheds: Vec<Option<Scheduler<usize>>>,
+        /// (downloader, request id, server, ranges, bytes left)
+        inflight: Vec<(usize, RequestId, usize, GroupRanges, f64)>,
+        uploaded: Vec<f64>,
+        violations: usize,
+        cancels: usize,
+    }
+
+    impl Sim {
+        fn new(
+            groups: u64,
+            rates: Vec<f64>,
+            seeders: usize,
+            cfg: impl Fn(usize) -> SchedulerConfig,
+        ) -> Sim {
+            let n = rates.len();
+            let mut holdings = vec![GroupRanges::new(); n];
+            let mut scheds = Vec::new();
+            for (i, h) in holdings.iter_mut().enumerate() {
+                if i < seeders {
+                    *h = GroupRanges::from_range(0..groups);
+                    scheds.push(None);
+                } else {
+                    let mut s = Scheduler::new(groups, &GroupRanges::new(), cfg(i));
+                    for j in 0..n {
+                        if j != i {
+                            s.handle_peer_added(j);
+                            if j < seeders {
+                                s.handle_peer_complete(&j);
+                            }
+                        }
+                    }
+                    scheds.push(Some(s));
+                }
+            }
+            Sim {
+                rates,
+                holdings,
+                scheds,
+                inflight: Vec::new(),
+                uploaded: vec![0.0; n],
+                violations: 0,
+                cancels: 0,
+            }
+        }
+
+        fn pump(&mut self, i: usize, now: Instant) {
+            let Some(s) = self.scheds[i].as_mut() else {
+                return;
+            };
+            while let Some(a) = s.poll_action(now) {
+                match a {
+                    Action::Request { peer, id, ranges } => {
+                        if !ranges.difference(&self.holdings[peer]).is_empty() {
+                            self.violations += 1;
+                        }
+                        let bytes = (ranges.count() * GROUP_SIZE) as f64;
+                        self.inflight.push((i, id, peer, ranges, bytes));
+                    }
+                    Action::Cancel { id, .. } => {
+                        self.cancels += 1;
+                        self.inflight.retain(|r| !(r.0 == i && r.1 == id));
+                    }
+                    Action::DropPeer { .. } => {}
+                }
+            }
+        }
+
+        /// Runs until every downloader completes; returns the time taken.
+        fn run(&mut self, step: Duration, limit: Duration) -> Duration {
+            let start = t0();
+            let mut now = start;
+            let n = self.rates.len();
+            for i in 0..n {
+                self.pump(i, now);
+            }
+            while self.scheds.iter().flatten().any(|s| !s.is_complete()) {
+                assert!(now - start < limit, "swarm did not finish within {limit:?}");
+                now += step;
+                // Upload capacity of each server, shared by its requests.
+                let mut per_server: HashMap<usize, usize> = HashMap::new();
+                for r in &self.inflight {
+                    *per_server.entry(r.2).or_default() += 1;
+                }
+                let mut done = Vec::new();
+                for (k, r) in self.inflight.iter_mut().enumerate() {
+                    let share = self.rates[r.2] * step.as_secs_f64() / per_server[&r.2] as f64;
+                    let sent = share.min(r.4);
+                    r.4 -= sent;
+                    self.uploaded[r.2] += sent;
+                    if r.4 <= 0.0 {
+                        done.push(k);
+                    }
+                }
+                for k in done.into_iter().rev() {
+                    let (i, id, _server, ranges, _) = self.inflight.remove(k);
+                    self.holdings[i] = self.holdings[i].union(&ranges);
+                    if let Some(s) = self.scheds[i].as_mut() {
+                        s.handle_request_done(id, &ranges, now);
+                    }
+                    for j in 0..n {
+                        if j != i {
+                            if let Some(s) = self.scheds[j].as_mut() {
+                                s.handle_have(&i, &ranges);
+                            }
+                        }
+                    }
+                }
+                for i in 0..n {
+                    if let Some(s) = self.scheds[i].as_mut() {
+                        s.handle_timeout(now);
+                    }
+                    self.pump(i, now);
+                }
+            }
+            now - start
+        }
+    }
+
+    #[test]
+    fn fifty_downloaders_with_different_rates_all_finish() {
+        // 16 MiB file, one seeder at 10 MB/s, 50 downloaders at 1..5 MB/s.
+        let groups = 1024;
+        let mut rates = vec![10e6];
+        rates.extend((0..50).map(|i| 1e6 + (i % 5) as f64 * 1e6));
+        let mut sim = Sim::new(groups, rates, 1, |i| SchedulerConfig {
+            seed: i as u64,
+            ..Default::default()
+        });
+        let took = sim.run(Duration::from_millis(20), Duration::from_secs(3600));
+        assert_eq!(
+            sim.violations, 0,
+            "a group was asked of a peer that lacked it"
+        );
+        for h in &sim.holdings {
+            assert_eq!(h.count(), groups);
+        }
+        // Downloaders carried most of the load: the seeder sent far less
+        // than 50 copies.
+        let file = (groups * GROUP_SIZE) as f64;
+        assert!(
+            sim.uploaded[0] < 10.0 * file,
+            "seeder uploaded {:.1} copies",
+            sim.uploaded[0] / file
+        );
+        // The fluid lower bound: 50 copies over total upload capacity.
+        let total_up: f64 = sim.rates.iter().sum();
+        let bound = (50.0 * file / total_up).max(file / 10e6);
+        assert!(
+            took.as_secs_f64() < 4.0 * bound,
+            "took {took:?}, bound {bound:.1}s"
+        );
+    }
+
+    #[test]
+    fn three_seeders_share_the_load() {
+        let groups = 2048;
+        let mut sim = Sim::new(groups, vec![5e6, 5e6, 5e6, 100e6], 3, |_| {
+            SchedulerConfig::default()
+        });
+        sim.run(Duration::from_millis(5), Duration::from_secs(600));
+        let file = (groups * GROUP_SIZE) as f64;
+        for s in 0..3 {
+            assert!(
+                sim.uploaded[s] > 0.15 * file,
+                "seeder {s} sent only {:.2}",
+                sim.uploaded[s] / file
+            );
+        }
+    }
+
+    #[test]
+    fn endgame_duplicates_are_cancelled() {
+        // One fast and one very slow seeder: at the end the fast one
+        // duplicates the slow one's last blocks and the slow request is
+        // cancelled.
+        let groups = 16 * BLOCK_GROUPS;
+        let mut sim = Sim::new(groups, vec![50e6, 0.2e6, 1e9], 2, |_| {
+            SchedulerConfig::default()
+        });
+        let took = sim.run(Duration::from_millis(2), Duration::from_secs(600));
+        let s = sim.scheds[2].as_ref().unwrap();
+        assert!(
+            s.stats().endgame_requests > 0,
+            "no end-game: {:?}",
+            s.stats()
+        );
+        assert!(sim.cancels > 0, "no duplicate was cancelled");
+        // The slow seeder alone would need >10 s for its share; with
+        // end-game the download is bound by the fast one.
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert!(
+            sim.inflight.is_empty(),
+            "requests left behind after completion"
+        );
+    }
+
+    #[test]
+    fn sequential_mode_fetches_in_order() {
+        let now = t0();
+        let cfg = SchedulerConfig {
+            sequential: true,
+            max_requests_per_peer: 1,
+            ..Default::default()
+        };
+        let mut s = Scheduler::new(100 * BLOCK_GROUPS, &GroupRanges::new(), cfg);
+        s.handle_peer_added(1u8);
+        s.handle_peer_complete(&1);
+        let mut next = 0;
+        while !s.is_complete() {
+            let Some(Action::Request { id, ranges, .. }) = s.poll_action(now) else {
+                panic!("no request")
+            };
+            assert_eq!(ranges.runs()[0].start, next);
+            next = ranges.runs().last().unwrap().end;
+            s.handle_request_done(id, &ranges, now + Duration::from_millis(10));
+        }
+    }
+}
