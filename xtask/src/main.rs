@@ -1,1 +1,120 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! - `ci`: every check CI runs, in order, stopping at the first failure and
+//!   naming it. Installs what it needs on a fresh machine (cargo-deny, and
+//!   Debian's `b3sum` and `iproute2` when running as root).
+//! - `bench [S1..S6]`: the benchmarks of `../shared/bench.md` (see `bench.rs`).
+//! - `fuzz [SECONDS]`: runs every fuzz target (see `fuzz.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&args[1..]),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n  ci [--skip STEP]...   format, lint, test, deny, docs, fuzz smoke\n  bench [S1..S6] [--install]   benchmarks beside their baselines\n  fuzz [SECONDS]        run each fuzz target (default 60 s each)"
+            );
+            bail!("unknown or missing command")
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Runs a command, failing with its name when it fails.
+pub(crate) fn sh(step: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {step}: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("{step}: could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("step `{step}` failed ({status})");
+    }
+    Ok(())
+}
+
+pub(crate) fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub(crate) fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub(crate) fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Installs Debian packages (as root) that provide `programs` when missing.
+pub(crate) fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(prog, _)| !have(prog)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        eprintln!("note: not root, cannot install {missing:?}; tests needing them will say so");
+        return Ok(());
+    }
+    sh("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(
+        "apt-get install",
+        Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn ci(args: &[String]) -> Result<()> {
+    let skip: Vec<&str> = args.windows(2).filter(|w| w[0] == "--skip").map(|w| w[1].as_str()).collect();
+    let step = |name: &str| !skip.contains(&name);
+
+    // Setup: what the tests and checks need on a fresh machine.
+    apt_install(&[("b3sum", "b3sum"), ("ip", "iproute2")])?;
+    if step("deny") && !cargo_has("deny") {
+        sh("install cargo-deny", cargo().args(["install", "--locked", "cargo-deny"]))?;
+    }
+
+    if step("fmt") {
+        sh("fmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    }
+    if step("clippy") {
+        sh("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    if step("test") {
+        // The end-to-end tests run the real binary: build it first.
+        sh("build shoal", cargo().args(["build", "-p", "shoal-cli"]))?;
+        sh("test", cargo().args(["test", "--workspace"]).env("RUST_BACKTRACE", "1"))?;
+    }
+    if step("deny") {
+        // The advisory database cannot be fetched here: offline checks only.
+        sh("deny", cargo().args(["deny", "--offline", "check", "bans", "licenses", "sources"]))?;
+    }
+    if step("doc") {
+        sh("doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    }
+    eprintln!("==> ci: all steps passed");
+    Ok(())
+}
+
+fn cargo_has(sub: &str) -> bool {
+    cargo().args([sub, "--version"]).output().is_ok_and(|o| o.status.success())
+}

@@ -1,3 +1,81 @@
-//! A shoal node (work in progress).
+//! A shoal node: joins the store (`shoal-store`), the transport
+//! (`shoal-transport`) and discovery (`shoal-discovery`) into one peer that
+//! serves what it holds and downloads from many peers at once.
+//!
+//! It owns the peer protocol's behaviour (answering and asking), the swarm
+//! scheduling (the I/O-free [`scheduler`]), the download tasks, peer
+//! exchange, and the local control socket through which `shoal` commands
+//! act on a running node. It does not own the wire format (`shoal-proto`),
+//! how bytes are verified and kept (`shoal-store`), how peers are
+//! authenticated (`shoal-transport`), or how they are found
+//! (`shoal-discovery`).
+//!
+//! Embedding:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), shoal_node::NodeError> {
+//! use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig};
+//! let seeder = Node::spawn(NodeConfig::default()).await?;
+//! let hash = seeder.add_bytes(b"hello".to_vec(), "hello.txt").await?;
+//! let ticket = seeder.ticket(&hash)?;
+//! let leecher = Node::spawn(NodeConfig::default()).await?;
+//! let req = FetchRequest::from_ticket(&ticket, FetchOutput::Store);
+//! leecher.fetch(req, None).await?;
+//! # Ok(()) }
+//! ```
 
+pub mod control;
+mod download;
+mod error;
+mod fetch;
+mod node;
+mod peerbook;
 pub mod scheduler;
+mod server;
+pub mod wire;
+
+pub use error::NodeError;
+pub use fetch::{FetchOutput, FetchReport, FetchRequest};
+pub use node::{Node, NodeConfig, PeerAddr, PeerInfo, TransferInfo};
+pub use peerbook::PeerCounters;
+pub use shoal_discovery::DiscoveryConfig;
+pub use shoal_store::{BlobKind, Hash, ImportMode};
+pub use shoal_transport::{PeerId, Ticket, TicketKind};
+
+/// How far a transfer has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Verified bytes.
+    pub verified: u64,
+    /// Total bytes, once known.
+    pub total: u64,
+    /// Peers in use.
+    pub peers: u32,
+    /// Recent rate in bytes per second.
+    pub rate: u64,
+    /// Files done (collections).
+    pub files_done: u32,
+    /// Files in all (collections).
+    pub files_total: u32,
+}
+
+impl FetchRequest {
+    /// A request for what `ticket` names, from the providers it names.
+    pub fn from_ticket(ticket: &Ticket, out: FetchOutput) -> Self {
+        let mut peers = Vec::new();
+        for p in &ticket.providers {
+            for a in &p.addrs {
+                peers.push(PeerAddr { id: Some(p.id), addr: *a });
+            }
+        }
+        FetchRequest {
+            hash: Hash::from_bytes(ticket.hash),
+            kind: Some(match ticket.kind {
+                TicketKind::Collection => BlobKind::Collection,
+                _ => BlobKind::Raw,
+            }),
+            peers,
+            out,
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! `shoal`: the command line of shoal, as `../shared/cli.md` specifies it.
+//!
+//! This crate owns argument parsing, output formats (text and `--json`),
+//! progress bars and exit codes. Everything else is a library call: the
+//! store directly when no node runs on the data dir, or the running node
+//! through its control socket (`shoal_node::control`).
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use shoal_node::control::ControlClient;
+use shoal_node::{DiscoveryConfig, FetchOutput, FetchRequest, Hash, ImportMode, Node, NodeConfig, PeerAddr, Progress, Ticket};
+use shoal_proto::pb;
+use shoal_store::Store;
+
+mod demo;
+mod output;
+
+use output::Out;
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Share files by hash with verified, swarming peer-to-peer transfers")]
+struct Cli {
+    /// Where the identity, the store and the control socket live.
+    #[arg(long, global = true, env = "SHOAL_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Machine-readable output: one JSON object per line on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print this node's peer id, creating the identity on first use.
+    Id,
+    /// Import files or directories into the store and serve them.
+    Add {
+        /// Files or directories (a directory becomes a collection).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Keep a private copy instead of referencing the files in place.
+        #[arg(long)]
+        copy: bool,
+    },
+    /// List what the store holds.
+    Ls,
+    /// Unpin blobs; `shoal gc` then frees their space.
+    Rm {
+        /// Hashes to unpin.
+        #[arg(required = true)]
+        hashes: Vec<String>,
+    },
+    /// Delete unpinned data that no pinned collection needs.
+    Gc,
+    /// Re-hash stored data; exit 1 naming every corrupt blob.
+    Verify {
+        /// Hashes to check (default: all).
+        hashes: Vec<String>,
+    },
+    /// Run the node in the foreground until SIGINT/SIGTERM.
+    Serve {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Addresses to listen on (IP:PORT; port 0 picks one).
+        #[arg(long = "listen", value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+    },
+    /// Print a ticket for HASH from the running node.
+    Ticket {
+        /// The hash.
+        hash: String,
+    },
+    /// Add PATH, print its ticket and serve it until interrupted.
+    Send {
+        /// File or directory.
+        path: PathBuf,
+        #[command(flatten)]
+        net: NetArgs,
+        /// Addresses to listen on.
+        #[arg(long = "listen", value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        /// Keep a private copy instead of referencing the files in place.
+        #[arg(long)]
+        copy: bool,
+    },
+    /// Fetch content from every peer that has it, verifying every chunk.
+    Get {
+        /// A ticket, or a bare 64-hex hash (peers then come from discovery).
+        what: String,
+        /// Output file (or directory for a collection); `-` streams to stdout.
+        /// Without it the content stays in the store.
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Stream verified content to stdout (same as `get -o -`).
+    Cat {
+        /// A ticket or a hash.
+        what: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Peers the running node knows.
+    Peers,
+    /// Status of the running node.
+    Status,
+    /// A self-contained showcase: several nodes on loopback swarm a file.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct NetArgs {
+    /// A peer to use: IP:PORT or PEERID@IP:PORT.
+    #[arg(long = "peer", value_name = "ADDR")]
+    peers: Vec<PeerAddr>,
+    /// Do not use multicast DNS on the LAN.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Do not use the Mainline DHT.
+    #[arg(long)]
+    no_dht: bool,
+    /// DHT bootstrap nodes (default: the public ones).
+    #[arg(long = "dht-bootstrap", value_name = "ADDR")]
+    dht_bootstrap: Vec<SocketAddr>,
+    /// Announce nothing (still downloads).
+    #[arg(long)]
+    no_announce: bool,
+    /// Upload limit, e.g. 10MB/s, 800KiB/s, 100Mbit/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_upload: Option<u64>,
+    /// Download limit.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_download: Option<u64>,
+    /// Give up after this many seconds without progress.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    shoal_transport::parse_rate(s).map_err(|e| e.to_string())
+}
+
+impl NetArgs {
+    fn node_config(&self, data_dir: &Path, listen: &[SocketAddr]) -> NodeConfig {
+        let mut c = NodeConfig {
+            data_dir: Some(data_dir.to_path_buf()),
+            peers: self.peers.clone(),
+            discovery: DiscoveryConfig {
+                mdns: !self.no_mdns,
+                dht: !self.no_dht,
+                dht_bootstrap: self.dht_bootstrap.clone(),
+                announce: !self.no_announce,
+                ..DiscoveryConfig::default()
+            },
+            upload_limit: self.max_upload,
+            download_limit: self.max_download,
+            stall_timeout: Duration::from_secs(self.timeout.max(1)),
+            ..NodeConfig::default()
+        };
+        if !listen.is_empty() {
+            c.listen = listen.to_vec();
+        }
+        c
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(run(cli));
+    // Do not wait for stray blocking tasks (a stalled disk read, say).
+    rt.shutdown_timeout(Duration::from_secs(2));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn,shoal=info",
+        (_, 1) => "info,shoal_node=debug,shoal_store=debug,shoal_transport=debug,shoal_discovery=debug",
+        _ => "debug,shoal_node=trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+fn data_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(d) = &cli.data_dir {
+        return Ok(d.clone());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("no --data-dir given and neither XDG_DATA_HOME nor HOME is set")?;
+    Ok(base.join("shoal"))
+}
+
+fn parse_hash(s: &str) -> Result<Hash> {
+    Hash::from_hex(s.trim()).map_err(|_| anyhow::anyhow!("{s:?} is not a hash: expected 64 hex digits"))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Opens the store directly (no node running on the data dir).
+fn open_store(dir: &Path) -> Result<Store> {
+    Store::open(&dir.join("store")).with_context(|| format!("opening the store in {}", dir.display()))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(&cli)?;
+    let out = Out::new(cli.json);
+    match &cli.command {
+        Command::Id => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let key = shoal_transport::SecretKey::load_or_create(&dir.join("identity.key"))?;
+            out.id(&key.public().to_string())?;
+        }
+        Command::Add { paths, copy } => add(&dir, &out, paths, *copy).await?,
+        Command::Ls => {
+            if let Some(mut c) = ControlClient::connect(&dir).await {
+                c.send(pb::control_request::Kind::List(pb::ListRequest {})).await?;
+                let mut items = Vec::new();
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Item(i) = k {
+                        items.push(i);
+                    }
+                }
+                out.list(&items)?;
+            } else {
+                let store = open_store(&dir)?;
+                let items: Vec<pb::StoreItem> = store.list().into_iter().map(output::item_from_info).collect();
+                out.list(&items)?;
+            }
+        }
+        Command::Rm { hashes } => {
+            let hashes: Vec<Hash> = hashes.iter().map(|h| parse_hash(h)).collect::<Result<_>>()?;
+            if let Some(mut c) = ControlClient::connect(&dir).await {
+                c.send(pb::control_request::Kind::Remove(pb::RemoveRequest { hashes: hashes.iter().map(|h| h.as_bytes().to_vec().into()).collect() }))
+                    .await?;
+                while c.next().await?.is_some() {}
+            } else {
+                let store = open_store(&dir)?;
+                for h in &hashes {
+                    store.unpin(h).with_context(|| format!("unpinning {h}"))?;
+                }
+            }
+        }
+        Command::Gc => {
+            let (blobs, bytes) = if let Some(mut c) = ControlClient::connect(&dir).await {
+                c.send(pb::control_request::Kind::Gc(pb::GcRequest {})).await?;
+                let mut r = (0, 0);
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Gc(g) = k {
+                        r = (g.blobs, g.bytes);
+                    }
+                }
+                r
+            } else {
+                let r = open_store(&dir)?.gc()?;
+                (r.blobs, r.bytes)
+            };
+            out.gc(blobs, bytes)?;
+        }
+        Command::Verify { hashes } => verify(&dir, &out, hashes).await?,
+        Command::Serve { net, listen } => {
+            let node = Node::spawn(net.node_config(&dir, listen)).await.context("starting the node")?;
+            out.ready(&node)?;
+            wait_for_signal().await?;
+            eprintln!("shutting down");
+            node.shutdown().await;
+        }
+        Command::Ticket { hash } => {
+            let hash = parse_hash(hash)?;
+            let Some(mut c) = ControlClient::connect(&dir).await else {
+                bail!("no node is running on {}: a ticket names a running node's addresses; start `shoal serve` first", dir.display());
+            };
+            c.send(pb::control_request::Kind::Ticket(pb::TicketRequest { hash: hash.as_bytes().to_vec().into() })).await?;
+            while let Some(k) = c.next().await? {
+                if let pb::control_response::Kind::Ticket(t) = k {
+                    out.ticket(&t)?;
+                }
+            }
+        }
+        Command::Send { path, net, listen, copy } => {
+            let node = Node::spawn(net.node_config(&dir, listen)).await.context("starting the node")?;
+            let mode = if *copy { ImportMode::Copy } else { ImportMode::InPlace };
+            let (hash, _) = node.add_path(&absolute(path)?, mode).await.with_context(|| format!("adding {}", path.display()))?;
+            let ticket = node.ticket(&hash)?;
+            out.ticket(&ticket.to_string())?;
+            eprintln!("serving {} ({hash}); to fetch it run:\n  shoal get {ticket}", path.display());
+            wait_for_signal().await?;
+            node.shutdown().await;
+        }
+        Command::Get { what, output, net } => get(&dir, &out, what, output.as_deref(), net).await?,
+        Command::Cat { what, net } => get(&dir, &out, what, Some(Path::new("-")), net).await?,
+        Command::Peers => {
+            let mut c = running_node(&dir).await?;
+            c.send(pb::control_request::Kind::Peers(pb::PeersRequest {})).await?;
+            let mut peers = Vec::new();
+            while let Some(k) = c.next().await? {
+                if let pb::control_response::Kind::Peer(p) = k {
+                    peers.push(p);
+                }
+            }
+            out.peers(&peers)?;
+        }
+        Command::Status => {
+            let mut c = running_node(&dir).await?;
+            c.send(pb::control_request::Kind::Status(pb::StatusRequest {})).await?;
+            while let Some(k) = c.next().await? {
+                if let pb::control_response::Kind::Status(s) = k {
+                    out.status(&s)?;
+                }
+            }
+        }
+        Command::Demo(args) => demo::run(args, &out).await?,
+    }
+    Ok(())
+}
+
+async fn running_node(dir: &Path) -> Result<ControlClient> {
+    ControlClient::connect(dir).await.with_context(|| format!("no node is running on {}; start one with `shoal serve`", dir.display()))
+}
+
+async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
+    if let Some(mut c) = ControlClient::connect(dir).await {
+        let abs: Vec<String> = paths.iter().map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned())).collect::<Result<_>>()?;
+        c.send(pb::control_request::Kind::Add(pb::AddRequest { paths: abs, copy })).await?;
+        let mut i = 0;
+        while let Some(k) = c.next().await? {
+            if let pb::control_response::Kind::Added(a) = k {
+                let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
+                out.added(&hash, &paths[i.min(paths.len() - 1)], a.kind == pb::BlobKind::Collection as i32)?;
+                i += 1;
+            }
+        }
+        return Ok(());
+    }
+    let store = open_store(dir)?;
+    let mode = if copy { ImportMode::Copy } else { ImportMode::InPlace };
+    for p in paths {
+        let abs = absolute(p)?;
+        let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", p.display()))?;
+        let store = store.clone();
+        let (hash, coll) = tokio::task::spawn_blocking(move || -> Result<(Hash, bool)> {
+            if meta.is_dir() {
+                Ok((store.import_dir(&abs, mode)?, true))
+            } else {
+                Ok((store.import_file(&abs, mode)?, false))
+            }
+        })
+        .await?
+        .with_context(|| format!("adding {}", p.display()))?;
+        out.added(&hash, p, coll)?;
+    }
+    Ok(())
+}
+
+async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
+    let hashes: Vec<Hash> = hashes.iter().map(|h| parse_hash(h)).collect::<Result<_>>()?;
+    let mut results = Vec::new();
+    if let Some(mut c) = ControlClient::connect(dir).await {
+        c.send(pb::control_request::Kind::Verify(pb::VerifyRequest { hashes: hashes.iter().map(|h| h.as_bytes().to_vec().into()).collect() }))
+            .await?;
+        while let Some(k) = c.next().await? {
+            if let pb::control_response::Kind::Verified(v) = k {
+                results.push((Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?), v.ok));
+            }
+        }
+    } else {
+        let store = open_store(dir)?;
+        let list: Vec<Hash> = if hashes.is_empty() { store.list().into_iter().map(|b| b.hash).collect() } else { hashes };
+        for h in list {
+            let s = store.clone();
+            let ok = tokio::task::spawn_blocking(move || s.verify(&h)).await?.with_context(|| format!("verifying {h}"))?;
+            results.push((h, ok));
+        }
+    }
+    let mut corrupt = Vec::new();
+    for (h, ok) in &results {
+        out.verified(h, *ok)?;
+        if !ok {
+            corrupt.push(h.to_string());
+        }
+    }
+    if !corrupt.is_empty() {
+        bail!("corrupt: {}", corrupt.join(", "));
+    }
+    Ok(())
+}
+
+/// What `get` was given: a ticket, or a hash.
+fn parse_target(what: &str) -> Result<(Hash, Option<Ticket>)> {
+    if what.len() == 64 && what.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok((parse_hash(what)?, None));
+    }
+    let t: Ticket = what.parse().with_context(|| format!("{what:?} is neither a ticket nor a 64-hex hash"))?;
+    Ok((Hash::from_bytes(t.hash), Some(t)))
+}
+
+async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &NetArgs) -> Result<()> {
+    let (hash, ticket) = parse_target(what)?;
+    let to_stdout = output == Some(Path::new("-"));
+    let output = match output {
+        Some(p) if !to_stdout => Some(absolute(p)?),
+        _ => None,
+    };
+    if let Some(o) = &output {
+        if o.exists() {
+            bail!("{} exists already; choose another output path or remove it", o.display());
+        }
+    }
+    let bar = output::ProgressBar::new(!out.json && std::io::stderr().is_terminal());
+    if let Some(mut c) = ControlClient::connect(dir).await {
+        let peers = ticket
+            .as_ref()
+            .map(|t| {
+                t.providers
+                    .iter()
+                    .map(|p| pb::PeerInfo { id: p.id.as_bytes().to_vec().into(), addrs: p.addrs.iter().map(|a| a.to_string()).collect() })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kind = match ticket.as_ref().map(|t| t.kind) {
+            Some(shoal_node::TicketKind::Collection) => pb::BlobKind::Collection as i32,
+            _ => pb::BlobKind::Raw as i32,
+        };
+        let req = pb::GetRequest {
+            hash: hash.as_bytes().to_vec().into(),
+            kind,
+            peers,
+            out: output.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+            stream: to_stdout,
+            addrs: net.peers.iter().map(|p| p.to_string()).collect(),
+        };
+        c.send(pb::control_request::Kind::Get(req)).await?;
+        let mut stdout = std::io::stdout().lock();
+        while let Some(k) = c.next().await? {
+            match k {
+                pb::control_response::Kind::Data(d) => stdout.write_all(&d)?,
+                pb::control_response::Kind::Progress(p) => bar.update(&Progress {
+                    verified: p.verified,
+                    total: p.total,
+                    peers: p.peers,
+                    rate: p.rate,
+                    files_done: p.files_done,
+                    files_total: p.files_total,
+                }),
+                _ => {}
+            }
+        }
+        stdout.flush()?;
+        bar.finish();
+        return Ok(());
+    }
+    // No node: run a short-lived one on the data dir.
+    let mut config = net.node_config(dir, &[]);
+    config.discovery.announce = false;
+    let node = Node::spawn(config).await.context("starting a node for the download")?;
+    let mut req = match &ticket {
+        Some(t) => FetchRequest::from_ticket(t, FetchOutput::Store),
+        None => FetchRequest { hash, kind: None, peers: Vec::new(), out: FetchOutput::Store },
+    };
+    req.peers.extend(net.peers.iter().copied());
+    let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    req.out = if to_stdout {
+        FetchOutput::Stream(data_tx)
+    } else {
+        drop(data_tx);
+        match &output {
+            Some(p) => FetchOutput::Path(p.clone()),
+            None => FetchOutput::Store,
+        }
+    };
+    let (ptx, mut prx) = tokio::sync::watch::channel(Progress::default());
+    let n = node.clone();
+    let mut task = tokio::spawn(async move { n.fetch(req, Some(ptx)).await });
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        while let Some(d) = data_rx.blocking_recv() {
+            stdout.write_all(&d)?;
+        }
+        stdout.flush()
+    });
+    let res = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            Ok(()) = prx.changed() => bar.update(&prx.borrow_and_update().clone()),
+            s = wait_for_signal() => {
+                s?;
+                task.abort();
+                node.shutdown().await;
+                bail!("interrupted; the partial download is kept and resumes on the next get");
+            }
+        }
+    };
+    bar.finish();
+    node.shutdown().await;
+    let report = res.context("download task failed")?.with_context(|| format!("fetching {hash}"))?;
+    writer.await.context("stdout writer")??;
+    if !to_stdout {
+        out.fetched(&report)?;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! What goes to stdout: results only, as text or JSON lines; and the
+//! progress bar on stderr when it is a terminal.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::json;
+use shoal_node::{FetchReport, Hash, Node, Progress};
+use shoal_proto::pb;
+use shoal_store::{BlobInfo, BlobKind};
+
+pub(crate) struct Out {
+    pub(crate) json: bool,
+}
+
+fn line(s: &str) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{s}")?;
+    o.flush()?;
+    Ok(())
+}
+
+pub(crate) fn kind_name(k: i32) -> &'static str {
+    if k == pb::BlobKind::Collection as i32 { "collection" } else { "blob" }
+}
+
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn hex(b: &[u8]) -> String {
+    shoal_proto::hash_from_bytes(b).map(|h| Hash::from_bytes(h).to_hex().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+pub(crate) fn item_from_info(b: BlobInfo) -> pb::StoreItem {
+    pb::StoreItem {
+        hash: b.hash.as_bytes().to_vec().into(),
+        size: b.size,
+        complete: b.complete,
+        verified: if b.complete { b.size } else { (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size) },
+        kind: if b.kind == BlobKind::Collection { pb::BlobKind::Collection as i32 } else { pb::BlobKind::Raw as i32 },
+        name: b.name,
+        pinned: b.pinned,
+    }
+}
+
+impl Out {
+    pub(crate) fn new(json: bool) -> Self {
+        Out { json }
+    }
+
+    pub(crate) fn id(&self, id: &str) -> Result<()> {
+        if self.json { line(&json!({ "peer_id": id }).to_string()) } else { line(id) }
+    }
+
+    /// Exactly like `b3sum`: `<hash>  <path>`.
+    pub(crate) fn added(&self, hash: &Hash, path: &Path, collection: bool) -> Result<()> {
+        if self.json {
+            line(&json!({ "hash": hash.to_hex().as_str(), "path": path.to_string_lossy(), "kind": if collection { "collection" } else { "blob" } }).to_string())
+        } else {
+            line(&format!("{}  {}", hash.to_hex(), path.display()))
+        }
+    }
+
+    pub(crate) fn list(&self, items: &[pb::StoreItem]) -> Result<()> {
+        if self.json {
+            for i in items {
+                line(
+                    &json!({
+                        "hash": hex(&i.hash), "size": i.size, "complete": i.complete, "verified": i.verified,
+                        "kind": kind_name(i.kind), "name": i.name, "pinned": i.pinned,
+                    })
+                    .to_string(),
+                )?;
+            }
+            return Ok(());
+        }
+        if items.is_empty() {
+            eprintln!("the store is empty");
+            return Ok(());
+        }
+        line(&format!("{:<64}  {:>10}  {:<9}  {:<10}  NAME", "HASH", "SIZE", "STATE", "KIND"))?;
+        for i in items {
+            let state = if i.complete {
+                "complete".to_string()
+            } else {
+                format!("{:.0}%", if i.size == 0 { 0.0 } else { 100.0 * i.verified as f64 / i.size as f64 })
+            };
+            let pin = if i.pinned { "" } else { " (unpinned)" };
+            line(&format!("{:<64}  {:>10}  {:<9}  {:<10}  {}{pin}", hex(&i.hash), human(i.size), state, kind_name(i.kind), i.name))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn gc(&self, blobs: u64, bytes: u64) -> Result<()> {
+        if self.json {
+            line(&json!({ "blobs": blobs, "bytes": bytes }).to_string())
+        } else {
+            line(&format!("freed {blobs} blobs, {}", human(bytes)))
+        }
+    }
+
+    pub(crate) fn verified(&self, hash: &Hash, ok: bool) -> Result<()> {
+        let word = if ok { "ok" } else { "corrupt" };
+        if self.json { line(&json!({ "hash": hash.to_hex().as_str(), "status": word }).to_string()) } else { line(&format!("{}  {word}", hash.to_hex())) }
+    }
+
+    pub(crate) fn ready(&self, node: &Node) -> Result<()> {
+        let addrs: Vec<String> = node.addrs().iter().map(|a| a.to_string()).collect();
+        if self.json {
+            line(&json!({ "ready": true, "peer_id": node.peer_id().to_string(), "addrs": addrs }).to_string())
+        } else {
+            line(&format!("ready {} {}", node.peer_id(), addrs.join(" ")))
+        }
+    }
+
+    pub(crate) fn ticket(&self, t: &str) -> Result<()> {
+        if self.json { line(&json!({ "ticket": t }).to_string()) } else { line(t) }
+    }
+
+    pub(crate) fn peers(&self, peers: &[pb::PeerStatus]) -> Result<()> {
+        if self.json {
+            for p in peers {
+                line(
+                    &json!({ "peer_id": p.peer_id, "addrs": p.addrs, "connected": p.connected, "uploaded": p.uploaded, "downloaded": p.downloaded })
+                        .to_string(),
+                )?;
+            }
+            return Ok(());
+        }
+        line(&format!("{:<52}  {:<9}  {:>10}  {:>10}  ADDRS", "PEER", "STATE", "UP", "DOWN"))?;
+        for p in peers {
+            let state = if p.connected { "connected" } else { "known" };
+            line(&format!("{:<52}  {state:<9}  {:>10}  {:>10}  {}", p.peer_id, human(p.uploaded), human(p.downloaded), p.addrs.join(" ")))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn status(&self, s: &pb::NodeStatus) -> Result<()> {
+        if self.json {
+            let transfers: Vec<_> = s
+                .transfers
+                .iter()
+                .map(|t| json!({ "hash": hex(&t.hash), "verified": t.verified, "total": t.total, "peers": t.peers, "rate": t.rate }))
+                .collect();
+            return line(
+                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers })
+                    .to_string(),
+            );
+        }
+        line(&format!("peer id     {}", s.peer_id))?;
+        line(&format!("listening   {}", s.listen_addrs.join(" ")))?;
+        line(&format!("uploaded    {}", human(s.uploaded)))?;
+        line(&format!("downloaded  {}", human(s.downloaded)))?;
+        if s.transfers.is_empty() {
+            line("transfers   none")?;
+        }
+        for t in &s.transfers {
+            let pct = if t.total == 0 { 0.0 } else { 100.0 * t.verified as f64 / t.total as f64 };
+            line(&format!("transfer    {}  {pct:.0}%  {} peers  {}/s", hex(&t.hash), t.peers, human(t.rate)))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn fetched(&self, r: &FetchReport) -> Result<()> {
+        let secs = r.elapsed.as_secs_f64().max(1e-3);
+        if self.json {
+            line(
+                &json!({ "hash": r.hash.to_hex().as_str(), "bytes": r.bytes, "files": r.files, "seconds": secs, "kind": if r.kind == BlobKind::Collection { "collection" } else { "blob" } })
+                    .to_string(),
+            )
+        } else {
+            eprintln!("fetched {} ({}, {} files) in {secs:.2}s, {}/s", r.hash, human(r.bytes), r.files, human((r.bytes as f64 / secs) as u64));
+            Ok(())
+        }
+    }
+}
+
+/// An indicatif bar on stderr, only when it is a terminal.
+pub(crate) struct ProgressBar {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressBar {
+    pub(crate) fn new(show: bool) -> Self {
+        let bar = show.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template("{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            b
+        });
+        ProgressBar { bar }
+    }
+
+    pub(crate) fn update(&self, p: &Progress) {
+        if let Some(b) = &self.bar {
+            b.set_length(p.total);
+            b.set_position(p.verified);
+            let files = if p.files_total > 0 { format!(", {}/{} files", p.files_done, p.files_total) } else { String::new() };
+            b.set_message(format!("{} peers{files}", p.peers));
+        }
+    }
+
+    pub(crate) fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

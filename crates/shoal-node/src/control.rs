@@ -1,0 +1,294 @@
+//! The local control socket: how `shoal` commands act on a running node.
+//!
+//! A Unix socket `control.sock` in the data dir (mode 0600), speaking the
+//! `ControlRequest`/`ControlResponse` messages of `proto/shoal/v1/control.proto`
+//! in the same frames as the peer protocol. One request per connection; the
+//! node answers with any number of responses ending in `done` or `error`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_proto::{Limit, hash_from_bytes, pb};
+use shoal_store::{BlobKind, Hash, ImportMode};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use crate::error::NodeError;
+use crate::fetch::{FetchOutput, FetchRequest};
+use crate::node::{Node, PeerAddr};
+use crate::wire::{WireError, read_frame, write_frame};
+use crate::Progress;
+
+/// The socket's file name in the data dir.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Binds the control socket, refusing if a live node already answers on it
+/// and removing a stale one.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, NodeError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(NodeError::AlreadyRunning(path.parent().unwrap_or(path).to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|e| NodeError::Control(path.to_path_buf(), e))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| NodeError::Control(path.to_path_buf(), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(l)
+}
+
+/// Serves control connections until the node stops.
+pub(crate) async fn serve(node: Node, listener: UnixListener) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            () = node.cancelled() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(node, stream).await {
+                        debug!("control connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                debug!("control accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn resp(kind: pb::control_response::Kind) -> pb::ControlResponse {
+    pb::ControlResponse { kind: Some(kind) }
+}
+
+fn error(msg: impl std::fmt::Display) -> pb::ControlResponse {
+    resp(pb::control_response::Kind::Error(pb::Error { code: pb::ErrorCode::Internal as i32, message: msg.to_string() }))
+}
+
+fn done() -> pb::ControlResponse {
+    resp(pb::control_response::Kind::Done(pb::Done {}))
+}
+
+fn parse_hash(b: &[u8]) -> Result<Hash, NodeError> {
+    hash_from_bytes(b).map(Hash::from_bytes).map_err(|e| NodeError::Protocol(e.to_string()))
+}
+
+pub(crate) fn kind_to_pb(k: BlobKind) -> i32 {
+    match k {
+        BlobKind::Collection => pb::BlobKind::Collection as i32,
+        _ => pb::BlobKind::Raw as i32,
+    }
+}
+
+fn kind_from_pb(k: i32) -> BlobKind {
+    if k == pb::BlobKind::Collection as i32 { BlobKind::Collection } else { BlobKind::Raw }
+}
+
+async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
+    let req: pb::ControlRequest = read_frame(&mut stream, Limit::ControlRequest).await?;
+    use pb::control_request::Kind as Req;
+    use pb::control_response::Kind as Resp;
+    let Some(kind) = req.kind else {
+        return write_frame(&mut stream, &error("unknown control request")).await;
+    };
+    let result: Result<(), NodeError> = async {
+        match kind {
+            Req::Add(a) => {
+                let mode = if a.copy { ImportMode::Copy } else { ImportMode::InPlace };
+                for p in a.paths {
+                    let (hash, kind) = node.add_path(Path::new(&p), mode).await?;
+                    let item = pb::AddedItem { hash: hash.as_bytes().to_vec().into(), path: p, kind: kind_to_pb(kind) };
+                    write_frame(&mut stream, &resp(Resp::Added(item))).await?;
+                }
+            }
+            Req::List(_) => {
+                for b in node.store().list() {
+                    let item = pb::StoreItem {
+                        hash: b.hash.as_bytes().to_vec().into(),
+                        size: b.size,
+                        complete: b.complete,
+                        verified: if b.complete { b.size } else { (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size) },
+                        kind: kind_to_pb(b.kind),
+                        name: b.name.clone(),
+                        pinned: b.pinned,
+                    };
+                    write_frame(&mut stream, &resp(Resp::Item(item))).await?;
+                }
+            }
+            Req::Remove(r) => {
+                for h in r.hashes {
+                    node.store().unpin(&parse_hash(&h)?)?;
+                }
+            }
+            Req::Gc(_) => {
+                let r = node.store().gc()?;
+                write_frame(&mut stream, &resp(Resp::Gc(pb::GcReport { blobs: r.blobs, bytes: r.bytes }))).await?;
+            }
+            Req::Verify(v) => {
+                let hashes: Vec<Hash> = if v.hashes.is_empty() {
+                    node.store().list().into_iter().map(|b| b.hash).collect()
+                } else {
+                    v.hashes.iter().map(|h| parse_hash(h)).collect::<Result<_, _>>()?
+                };
+                for h in hashes {
+                    let store = node.store().clone();
+                    let ok = tokio::task::spawn_blocking(move || store.verify(&h)).await.map_err(|e| NodeError::Internal(e.to_string()))??;
+                    let item = pb::VerifyItem { hash: h.as_bytes().to_vec().into(), ok, detail: String::new() };
+                    write_frame(&mut stream, &resp(Resp::Verified(item))).await?;
+                }
+            }
+            Req::Ticket(t) => {
+                let ticket = node.ticket(&parse_hash(&t.hash)?)?;
+                write_frame(&mut stream, &resp(Resp::Ticket(ticket.to_string()))).await?;
+            }
+            Req::Status(_) => {
+                let stats = node.endpoint().stats();
+                let status = pb::NodeStatus {
+                    peer_id: node.peer_id().to_string(),
+                    listen_addrs: node.addrs().iter().map(|a| a.to_string()).collect(),
+                    transfers: node
+                        .transfers()
+                        .into_iter()
+                        .map(|t| pb::Transfer {
+                            hash: t.hash.as_bytes().to_vec().into(),
+                            verified: t.progress.verified,
+                            total: t.progress.total,
+                            peers: t.progress.peers,
+                            rate: t.progress.rate,
+                        })
+                        .collect(),
+                    uploaded: stats.bytes_sent,
+                    downloaded: stats.bytes_received,
+                };
+                write_frame(&mut stream, &resp(Resp::Status(status))).await?;
+            }
+            Req::Peers(_) => {
+                for p in node.peers() {
+                    let ps = pb::PeerStatus {
+                        peer_id: p.id.to_string(),
+                        addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                        connected: p.connected,
+                        uploaded: p.counters.uploaded,
+                        downloaded: p.counters.downloaded,
+                    };
+                    write_frame(&mut stream, &resp(Resp::Peer(ps))).await?;
+                }
+            }
+            Req::Get(g) => get(&node, &mut stream, g).await?,
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => write_frame(&mut stream, &done()).await,
+        Err(e) => write_frame(&mut stream, &error(e)).await,
+    }
+}
+
+async fn get(node: &Node, stream: &mut UnixStream, g: pb::GetRequest) -> Result<(), NodeError> {
+    let hash = parse_hash(&g.hash)?;
+    let mut peers = Vec::new();
+    for p in &g.peers {
+        let id = shoal_proto::hash_from_bytes(&p.id).ok().and_then(|b| shoal_transport::PeerId::from_bytes(&b).ok());
+        for a in &p.addrs {
+            if let Ok(addr) = a.parse() {
+                peers.push(PeerAddr { id, addr });
+            }
+        }
+    }
+    for a in &g.addrs {
+        peers.push(a.parse::<PeerAddr>()?);
+    }
+    let kind = match g.kind {
+        k if k == pb::BlobKind::Collection as i32 => Some(BlobKind::Collection),
+        // Raw is the default value: only trust it when the caller had a ticket.
+        _ if !g.peers.is_empty() => Some(kind_from_pb(g.kind)),
+        _ => None,
+    };
+    let (data_tx, mut data_rx) = mpsc::channel::<Bytes>(8);
+    let out = if g.stream {
+        FetchOutput::Stream(data_tx)
+    } else if g.out.is_empty() {
+        drop(data_tx);
+        FetchOutput::Store
+    } else {
+        drop(data_tx);
+        FetchOutput::Path(PathBuf::from(&g.out))
+    };
+    let (ptx, mut prx) = watch::channel(Progress::default());
+    let n = node.clone();
+    let req = FetchRequest { hash, kind, peers, out };
+    // The fetch runs on its own: if the client goes away the node still
+    // completes the download.
+    let mut task = tokio::spawn(async move { n.fetch(req, Some(ptx)).await });
+    use pb::control_response::Kind as Resp;
+    let mut client_gone = false;
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                // Flush what the stream still holds.
+                while let Ok(d) = data_rx.try_recv() {
+                    if !client_gone && write_frame(stream, &resp(Resp::Data(d))).await.is_err() { client_gone = true }
+                }
+                return match r {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(NodeError::Internal(e.to_string())),
+                };
+            }
+            Some(d) = data_rx.recv() => {
+                if !client_gone && write_frame(stream, &resp(Resp::Data(d))).await.is_err() {
+                    client_gone = true;
+                }
+            }
+            Ok(()) = prx.changed() => {
+                let p = prx.borrow_and_update().clone();
+                let msg = pb::Progress { verified: p.verified, total: p.total, peers: p.peers, rate: p.rate, files_done: p.files_done, files_total: p.files_total };
+                if !client_gone && write_frame(stream, &resp(Resp::Progress(msg))).await.is_err() {
+                    client_gone = true;
+                }
+            }
+        }
+    }
+}
+
+/// A connection to a running node's control socket.
+#[derive(Debug)]
+pub struct ControlClient {
+    stream: UnixStream,
+}
+
+impl ControlClient {
+    /// Connects to the node running on `data_dir`, or returns `None` when
+    /// none runs there.
+    pub async fn connect(data_dir: &Path) -> Option<ControlClient> {
+        let path = data_dir.join(SOCKET_NAME);
+        UnixStream::connect(&path).await.ok().map(|stream| ControlClient { stream })
+    }
+
+    /// Sends the one request of this connection.
+    pub async fn send(&mut self, req: pb::control_request::Kind) -> Result<(), NodeError> {
+        write_frame(&mut self.stream, &pb::ControlRequest { kind: Some(req) }).await?;
+        Ok(())
+    }
+
+    /// The next response; `Ok(None)` after `done`, an error after `error`.
+    pub async fn next(&mut self) -> Result<Option<pb::control_response::Kind>, NodeError> {
+        let r: pb::ControlResponse = read_frame(&mut self.stream, Limit::ControlResponse).await?;
+        match r.kind {
+            Some(pb::control_response::Kind::Done(_)) => Ok(None),
+            Some(pb::control_response::Kind::Error(e)) => Err(NodeError::Remote("node", e.message)),
+            Some(k) => Ok(Some(k)),
+            None => Err(NodeError::Protocol("empty control response".into())),
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! Downloading one blob from a changing set of peers: the async layer that
+//! carries out the [`Scheduler`]'s decisions over QUIC.
+//!
+//! Flow: candidates arrive (static, discovery, peer exchange) → each is
+//! dialed and asked "who has it?" → the blob's size is proven by fetching
+//! its last group from one peer → the scheduler takes over, with have
+//! subscriptions keeping every peer's availability current → each request
+//! runs as its own task whose verified groups land in the store straight
+//! away (and are served to others from there).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use shoal_discovery::{AddressBook, Candidate, Source};
+use shoal_proto::{GROUP_SIZE, GroupRanges, Limit, group_count, hash_from_bytes, limits, pb};
+use shoal_store::{BlobKind, Hash, ReceiveError};
+use shoal_transport::{Connection, PeerId, RecvStream};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::error::NodeError;
+use crate::node::{Inner, PeerAddr, lock};
+use crate::scheduler::{Action, DropReason, Failure, RequestId, Scheduler, SchedulerConfig};
+use crate::wire::{read_frame, write_frame};
+use crate::Progress;
+
+/// Time a peer gets to answer a small request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often connected peers are asked for more peers.
+const PEX_INTERVAL: Duration = Duration::from_secs(3);
+/// Dials in flight at once.
+const MAX_DIALS: usize = 16;
+/// Peers used at once for one blob.
+const MAX_PEERS: usize = 64;
+
+/// What one blob download needs.
+pub(crate) struct BlobJob {
+    pub(crate) hash: Hash,
+    pub(crate) kind: Option<BlobKind>,
+    pub(crate) target: Option<std::path::PathBuf>,
+    pub(crate) sequential: bool,
+    pub(crate) peers: Vec<PeerAddr>,
+}
+
+#[derive(Debug)]
+enum ReqError {
+    Corrupt(String),
+    Failed(String),
+}
+
+enum Ev {
+    PeerUp { peer: PeerId, conn: Connection, avail: pb::Availability },
+    DialFailed { addr: SocketAddr, err: String },
+    Have { peer: PeerId, size: u64, added: GroupRanges, complete: bool },
+    SubEnded { peer: PeerId },
+    Done { id: RequestId, peer: PeerId, result: Result<GroupRanges, ReqError> },
+    Probe { peer: PeerId, result: Result<GroupRanges, ReqError> },
+    More(Vec<Candidate>),
+}
+
+struct PeerSlot {
+    conn: Connection,
+    size: u64,
+    have: GroupRanges,
+    complete: bool,
+    sub: Option<JoinHandle<()>>,
+}
+
+struct Running {
+    peer: PeerId,
+    task: JoinHandle<()>,
+    bytes: Arc<AtomicU64>,
+    seen: u64,
+}
+
+/// Counts bytes read through it, for stall detection and progress.
+struct Counting<R> {
+    inner: R,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+/// Downloads one blob; returns the kind the providers claimed for it.
+pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::Sender<Progress>) -> Result<BlobKind, NodeError> {
+    let hash = job.hash;
+    let store = node.store.clone();
+    store.begin_download(&hash, job.kind.unwrap_or(BlobKind::Raw), job.target.as_deref())?;
+    if let Some(info) = store.info(&hash).filter(|i| i.complete) {
+        progress.send_modify(|p| {
+            p.verified = info.size;
+            p.total = info.size;
+        });
+        return Ok(job.kind.unwrap_or(info.kind));
+    }
+    let (tx, mut rx) = mpsc::channel::<Ev>(1024);
+    let mut candidates = node.candidates(&hash, &job.peers);
+    let mut book = AddressBook::new(node.endpoint.peer_id(), node.endpoint.local_addrs());
+    let mut dialing: HashSet<SocketAddr> = HashSet::new();
+    let mut queued: Vec<Candidate> = Vec::new();
+    let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
+    let mut banned: HashSet<PeerId> = HashSet::new();
+    let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
+    let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
+    let mut running: HashMap<RequestId, Running> = HashMap::new();
+    let mut kind = job.kind;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut pex_tick = tokio::time::interval(PEX_INTERVAL);
+    let mut last_progress = Instant::now();
+    let mut last_verified = 0u64;
+    let mut rate = 0f64;
+    let mut rate_at = (Instant::now(), 0u64);
+    let stall = node.config.stall_timeout;
+    let mut candidates_open = true;
+
+    let result = loop {
+        let now = Instant::now();
+        if let Some(s) = sched.as_mut() {
+            if s.is_complete() {
+                break Ok(());
+            }
+            while let Some(action) = s.poll_action(now) {
+                match action {
+                    Action::Request { peer, id, ranges } => {
+                        let Some(slot) = peers.get(&peer) else {
+                            s.handle_request_failed(id, Failure::Error);
+                            continue;
+                        };
+                        let bytes = Arc::new(AtomicU64::new(0));
+                        let (conn, tx, store, b) = (slot.conn.clone(), tx.clone(), store.clone(), bytes.clone());
+                        let task = tokio::spawn(async move {
+                            let result = run_get(&conn, &store, &hash, &ranges, b).await;
+                            let _ = tx.send(Ev::Done { id, peer, result }).await;
+                        });
+                        running.insert(id, Running { peer, task, bytes, seen: 0 });
+                    }
+                    Action::Cancel { id, .. } => {
+                        if let Some(r) = running.remove(&id) {
+                            r.task.abort();
+                        }
+                    }
+                    Action::DropPeer { peer, reason } => {
+                        match reason {
+                            DropReason::Corrupt => {
+                                warn!(%peer, %hash, "peer sent data that failed verification: dropped and disconnected");
+                            }
+                            DropReason::Unreliable => warn!(%peer, %hash, "peer stalled or lied about what it has: dropped"),
+                        }
+                        banned.insert(peer);
+                        if let Some(slot) = peers.remove(&peer) {
+                            if let Some(t) = slot.sub {
+                                t.abort();
+                            }
+                            if reason == DropReason::Corrupt {
+                                slot.conn.close(3, b"sent corrupt data");
+                            }
+                        }
+                    }
+                }
+            }
+        } else if probe.is_none() {
+            // Prove the size: fetch the last group from a peer that has it.
+            let pick = peers.iter().find(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1)).map(|(p, s)| (*p, s.conn.clone(), s.size));
+            if let Some((peer, conn, size)) = pick {
+                let (tx, store) = (tx.clone(), store.clone());
+                let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
+                let task = tokio::spawn(async move {
+                    let result = run_get(&conn, &store, &hash, &last, Arc::new(AtomicU64::new(0))).await;
+                    let _ = tx.send(Ev::Probe { peer, result }).await;
+                });
+                probe = Some((peer, task));
+            }
+        }
+        // Dial queued candidates.
+        while dialing.len() < MAX_DIALS && peers.len() < MAX_PEERS {
+            let Some(c) = queued.pop() else { break };
+            if dialing.contains(&c.addr) || c.id.is_some_and(|id| peers.contains_key(&id) || banned.contains(&id)) {
+                continue;
+            }
+            if !book.should_dial(c.addr, now) {
+                continue;
+            }
+            dialing.insert(c.addr);
+            let (node, tx) = (node.clone(), tx.clone());
+            tokio::spawn(async move {
+                let ev = match connect_and_ask(&node, c.addr, c.id, &hash).await {
+                    Ok((conn, avail)) => Ev::PeerUp { peer: conn.peer_id(), conn, avail },
+                    Err(e) => Ev::DialFailed { addr: c.addr, err: e.to_string() },
+                };
+                let _ = tx.send(ev).await;
+            });
+        }
+        if now.duration_since(last_progress) > stall {
+            break Err(if peers.is_empty() {
+                NodeError::NoProviders(hash)
+            } else {
+                NodeError::Stalled(hash, stall)
+            });
+        }
+
+        tokio::select! {
+            c = candidates.recv(), if candidates_open => match c {
+                Some(c) => {
+                    debug!(addr = %c.addr, source = ?c.source, "candidate");
+                    if !queued.contains(&c) { queued.push(c) }
+                }
+                None => candidates_open = false,
+            },
+            Some(ev) = rx.recv() => match ev {
+                Ev::PeerUp { peer, conn, avail } => {
+                    dialing.remove(&conn.remote_addr());
+                    book.record_success(conn.remote_addr());
+                    if banned.contains(&peer) || peers.contains_key(&peer) {
+                        continue;
+                    }
+                    let (have, complete) = match &avail.have {
+                        Some(pb::availability::Have::Complete(true)) => (GroupRanges::from_range(0..group_count(avail.size)), true),
+                        Some(pb::availability::Have::Ranges(r)) => (GroupRanges::from_pb(r).unwrap_or_default(), false),
+                        _ => (GroupRanges::new(), false),
+                    };
+                    if kind.is_none() && (complete || !have.is_empty()) {
+                        kind = Some(if avail.kind == pb::BlobKind::Collection as i32 { BlobKind::Collection } else { BlobKind::Raw });
+                    }
+                    if complete || !have.is_empty() {
+                        lock(&node.book).saw(hash, peer);
+                    }
+                    debug!(%peer, size = avail.size, complete, groups = have.count(), "peer up");
+                    let sub = (!complete).then(|| spawn_subscription(conn.clone(), hash, peer, tx.clone()));
+                    peers.insert(peer, PeerSlot { conn, size: avail.size, have: have.clone(), complete, sub });
+                    if let Some(s) = sched.as_mut() {
+                        add_to_scheduler(s, &peer, &peers[&peer]);
+                    }
+                }
+                Ev::DialFailed { addr, err } => {
+                    dialing.remove(&addr);
+                    book.record_failure(addr, Instant::now());
+                    debug!(%addr, "could not use candidate: {err}");
+                }
+                Ev::Have { peer, size, added, complete } => {
+                    let Some(slot) = peers.get_mut(&peer) else { continue };
+                    if slot.size == 0 { slot.size = size; }
+                    slot.have = slot.have.union(&added);
+                    slot.complete |= complete;
+                    if complete || !slot.have.is_empty() {
+                        lock(&node.book).saw(hash, peer);
+                    }
+                    if let Some(s) = sched.as_mut() {
+                        if complete { s.handle_peer_complete(&peer) } else { s.handle_have(&peer, &added) }
+                    }
+                }
+                Ev::SubEnded { peer } => {
+                    if let Some(slot) = peers.get_mut(&peer) {
+                        slot.sub = None;
+                        if slot.conn.is_closed() {
+                            peers.remove(&peer);
+                            if let Some(s) = sched.as_mut() { s.handle_peer_removed(&peer) }
+                        }
+                    }
+                }
+                Ev::Done { id, peer, result } => {
+                    running.remove(&id);
+                    let Some(s) = sched.as_mut() else { continue };
+                    match result {
+                        Ok(received) => {
+                            lock(&node.book).count_download(peer, received.count() * GROUP_SIZE);
+                            s.handle_request_done(id, &received, Instant::now());
+                        }
+                        Err(e) => {
+                            // Groups verified before the failure are kept.
+                            if let Some(info) = store.info(&hash) {
+                                s.handle_verified(&info.verified, None);
+                            }
+                            match e {
+                                ReqError::Corrupt(msg) => {
+                                    warn!(%peer, "{msg}");
+                                    s.handle_request_failed(id, Failure::Corrupt);
+                                }
+                                ReqError::Failed(msg) => {
+                                    debug!(%peer, "request failed: {msg}");
+                                    s.handle_request_failed(id, Failure::Error);
+                                    if peers.get(&peer).is_some_and(|p| p.conn.is_closed()) {
+                                        if let Some(slot) = peers.remove(&peer) {
+                                            if let Some(t) = slot.sub { t.abort() }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Ev::Probe { peer, result } => {
+                    probe = None;
+                    match result {
+                        Ok(_) => {
+                            sched = proven_scheduler(&node, &hash, job.sequential);
+                            match sched.as_mut() {
+                                Some(s) => {
+                                    let size = store.info(&hash).map_or(0, |i| i.size);
+                                    let liars: Vec<PeerId> = peers.iter().filter(|(_, p)| p.size != size && (p.complete || !p.have.is_empty())).map(|(id, _)| *id).collect();
+                                    for l in liars {
+                                        warn!(peer = %l, "peer claimed a wrong size: dropped");
+                                        banned.insert(l);
+                                        if let Some(slot) = peers.remove(&l) { if let Some(t) = slot.sub { t.abort() } }
+                                    }
+                                    for (id, slot) in &peers {
+                                        add_to_scheduler(s, id, slot);
+                                    }
+                                    last_progress = Instant::now();
+                                }
+                                None => {
+                                    warn!(%peer, "peer did not prove the size it claimed: dropped");
+                                    banned.insert(peer);
+                                    peers.remove(&peer);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            warn!(%peer, "could not prove the size: {e:?}; dropped");
+                            banned.insert(peer);
+                            if let Some(slot) = peers.remove(&peer) { if let Some(t) = slot.sub { t.abort() } }
+                        }
+                    }
+                }
+                Ev::More(list) => {
+                    for c in list {
+                        if !queued.contains(&c) { queued.push(c) }
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if let Some(s) = sched.as_mut() {
+                    for (id, r) in running.iter_mut() {
+                        let b = r.bytes.load(Ordering::Relaxed);
+                        if b != r.seen {
+                            r.seen = b;
+                            s.handle_progress(*id, now);
+                        }
+                    }
+                    s.handle_timeout(now);
+                    let verified = (s.verified_groups() * GROUP_SIZE).min(store.info(&hash).map_or(0, |i| i.size));
+                    if verified > last_verified {
+                        last_verified = verified;
+                        last_progress = now;
+                    }
+                    let dt = now.duration_since(rate_at.0).as_secs_f64();
+                    if dt >= 1.0 {
+                        let sample = verified.saturating_sub(rate_at.1) as f64 / dt;
+                        rate = if rate == 0.0 { sample } else { 0.5 * rate + 0.5 * sample };
+                        rate_at = (now, verified);
+                    }
+                    let total = store.info(&hash).map_or(0, |i| i.size);
+                    let npeers = peers.len() as u32;
+                    progress.send_modify(|p| { p.verified = verified; p.total = total; p.peers = npeers; p.rate = rate as u64; });
+                } else if !peers.is_empty() || probe.is_some() {
+                    // Connected and proving: not stalled yet.
+                    let npeers = peers.len() as u32;
+                    progress.send_modify(|p| p.peers = npeers);
+                }
+            },
+            _ = pex_tick.tick() => {
+                for (peer, slot) in &peers {
+                    let (conn, tx, peer) = (slot.conn.clone(), tx.clone(), *peer);
+                    tokio::spawn(async move {
+                        match ask_pex(&conn, &hash).await {
+                            Ok(list) if !list.is_empty() => { let _ = tx.send(Ev::More(list)).await; }
+                            Ok(_) => {}
+                            Err(e) => debug!(%peer, "pex failed: {e}"),
+                        }
+                    });
+                }
+            },
+            () = node.cancel.cancelled() => break Err(NodeError::ShuttingDown),
+        }
+    };
+    for (_, r) in running.drain() {
+        r.task.abort();
+    }
+    if let Some((_, t)) = probe {
+        t.abort();
+    }
+    for (_, slot) in peers.drain() {
+        if let Some(t) = slot.sub {
+            t.abort();
+        }
+    }
+    result?;
+    let info = store.info(&hash).ok_or(NodeError::Internal("download vanished from the store".into()))?;
+    if !info.complete {
+        return Err(NodeError::Internal("scheduler finished but the store is not complete".into()));
+    }
+    progress.send_modify(|p| {
+        p.verified = info.size;
+        p.total = info.size;
+    });
+    info!(%hash, size = info.size, "download complete");
+    Ok(kind.unwrap_or(BlobKind::Raw))
+}
+
+/// A scheduler, if the store has proven the blob's size (its last group
+/// is verified).
+fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Scheduler<PeerId>> {
+    let info = node.store.info(hash)?;
+    let groups = group_count(info.size);
+    if !info.complete && !info.verified.contains(groups - 1) {
+        return None;
+    }
+    let have = if info.complete { GroupRanges::from_range(0..groups) } else { info.verified.clone() };
+    let cfg = SchedulerConfig { sequential, seed: u64::from_le_bytes(rand_seed()), ..SchedulerConfig::default() };
+    Some(Scheduler::new(groups, &have, cfg))
+}
+
+fn rand_seed() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    b.copy_from_slice(&(t ^ u64::from(std::process::id())).to_le_bytes());
+    b
+}
+
+fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
+    s.handle_peer_added(*id);
+    if slot.complete {
+        s.handle_peer_complete(id);
+    } else {
+        s.handle_have(id, &slot.have);
+    }
+}
+
+/// Dial a candidate and ask it what it has of `hash`.
+async fn connect_and_ask(node: &Arc<Inner>, addr: SocketAddr, id: Option<PeerId>, hash: &Hash) -> Result<(Connection, pb::Availability), NodeError> {
+    let conn = node.connect(addr, id).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = pb::Request { kind: Some(pb::request::Kind::Who(pb::Who { hashes: vec![hash.as_bytes().to_vec().into()] })) };
+    write_frame(&mut send, &req).await?;
+    let _ = send.finish();
+    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+        .await
+        .map_err(|_| NodeError::Timeout("waiting for an answer to who".into()))??;
+    match resp.kind {
+        Some(pb::response::Kind::Who(w)) => {
+            let a = w.entries.into_iter().next().ok_or_else(|| NodeError::Protocol("empty who answer".into()))?;
+            if a.hash.as_ref() != hash.as_bytes() {
+                return Err(NodeError::Protocol("who answer for another hash".into()));
+            }
+            Ok((conn, a))
+        }
+        Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+        _ => Err(NodeError::Protocol("unexpected answer to who".into())),
+    }
+}
+
+/// One get: ask for `ranges`, verify and store what comes.
+async fn run_get(conn: &Connection, store: &shoal_store::Store, hash: &Hash, ranges: &GroupRanges, bytes: Arc<AtomicU64>) -> Result<GroupRanges, ReqError> {
+    let failed = |e: &dyn std::fmt::Display| ReqError::Failed(e.to_string());
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
+    let req = pb::Request { kind: Some(pb::request::Kind::Get(pb::Get { hash: hash.as_bytes().to_vec().into(), ranges: Some(ranges.to_pb()) })) };
+    write_frame(&mut send, &req).await.map_err(|e| failed(&e))?;
+    let _ = send.finish();
+    let mut recv = Counting { inner: recv, bytes };
+    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+        .await
+        .map_err(|_| ReqError::Failed("no answer to get".into()))?
+        .map_err(|e| failed(&e))?;
+    let header = match resp.kind {
+        Some(pb::response::Kind::Get(h)) => h,
+        Some(pb::response::Kind::Error(e)) if e.code == pb::ErrorCode::NotFound as i32 => return Ok(GroupRanges::new()),
+        Some(pb::response::Kind::Error(e)) => return Err(ReqError::Failed(format!("{}: {}", shoal_proto::error_code_name(e.code), e.message))),
+        _ => return Err(ReqError::Corrupt("peer answered get with something else".into())),
+    };
+    let sent = GroupRanges::from_opt_pb(header.ranges.as_ref()).map_err(|e| ReqError::Corrupt(format!("bad get header: {e}")))?;
+    if !sent.difference(ranges).is_empty() {
+        return Err(ReqError::Corrupt("peer offered groups that were not asked for".into()));
+    }
+    if sent.is_empty() {
+        return Ok(sent);
+    }
+    match store.receive_ranges(hash, &sent, &mut recv).await {
+        Ok(_new) => Ok(sent),
+        Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => Err(ReqError::Corrupt(format!("peer sent bad data: {e}"))),
+        Err(e) => Err(ReqError::Failed(e.to_string())),
+    }
+}
+
+impl std::fmt::Display for ReqError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReqError::Corrupt(m) | ReqError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+fn spawn_subscription(conn: Connection, hash: Hash, peer: PeerId, tx: mpsc::Sender<Ev>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = run_subscription(&conn, &hash, peer, &tx).await {
+            debug!(%peer, "have subscription ended: {e}");
+        }
+        let _ = tx.send(Ev::SubEnded { peer }).await;
+    })
+}
+
+async fn run_subscription(conn: &Connection, hash: &Hash, peer: PeerId, tx: &mpsc::Sender<Ev>) -> Result<(), NodeError> {
+    let (mut send, mut recv): (_, RecvStream) = conn.open_bi().await?;
+    let req = pb::Request { kind: Some(pb::request::Kind::Subscribe(pb::Subscribe { hashes: vec![hash.as_bytes().to_vec().into()] })) };
+    // The send side stays open: closing it ends the subscription.
+    write_frame(&mut send, &req).await?;
+    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+        .await
+        .map_err(|_| NodeError::Timeout("waiting for subscribe".into()))??;
+    match resp.kind {
+        Some(pb::response::Kind::Subscribe(_)) => {}
+        Some(pb::response::Kind::Error(e)) => return Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+        _ => return Err(NodeError::Protocol("unexpected answer to subscribe".into())),
+    }
+    loop {
+        let up: pb::HaveUpdate = read_frame(&mut recv, Limit::HaveUpdate).await?;
+        if up.hash.as_ref() != hash.as_bytes() {
+            continue;
+        }
+        let added = GroupRanges::from_opt_pb(up.added.as_ref()).map_err(|e| NodeError::Protocol(e.to_string()))?;
+        if tx.send(Ev::Have { peer, size: up.size, added, complete: up.complete }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn ask_pex(conn: &Connection, hash: &Hash) -> Result<Vec<Candidate>, NodeError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let req = pb::Request { kind: Some(pb::request::Kind::Pex(pb::Pex { hash: hash.as_bytes().to_vec().into() })) };
+    write_frame(&mut send, &req).await?;
+    let _ = send.finish();
+    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+        .await
+        .map_err(|_| NodeError::Timeout("waiting for pex".into()))??;
+    let Some(pb::response::Kind::Pex(p)) = resp.kind else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for info in p.peers.iter().take(limits::MAX_PEX_PEERS) {
+        let Ok(id) = hash_from_bytes(&info.id) else { continue };
+        let Ok(id) = PeerId::from_bytes(&id) else { continue };
+        for a in info.addrs.iter().take(limits::MAX_ADDRS) {
+            if let Ok(addr) = a.parse::<SocketAddr>() {
+                out.push(Candidate { addr, id: Some(id), source: Source::Pex });
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,81 @@
+//! The node's error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shoal_store::Hash;
+
+/// What can go wrong in a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] shoal_store::StoreError),
+    /// A collection manifest was refused.
+    #[error(transparent)]
+    Manifest(#[from] shoal_store::collection::ManifestError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] shoal_transport::TransportError),
+    /// The identity could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] shoal_transport::IdentityError),
+    /// A frame could not be read or written.
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+    /// The data dir could not be created.
+    #[error("cannot create data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    /// A path could not be read.
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// A path could not be written.
+    #[error("cannot write {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    /// The output path exists already.
+    #[error("{0} exists already; choose another output path or remove it")]
+    OutputExists(PathBuf),
+    /// A `--peer` value is malformed.
+    #[error("bad peer address {0:?}: expected IP:PORT or PEERID@IP:PORT")]
+    BadPeerAddr(String),
+    /// A hash the store does not hold.
+    #[error("{0} is not in the store")]
+    NotInStore(Hash),
+    /// No peer could be found or reached for a hash.
+    #[error("no peer with {0} could be found or reached")]
+    NoProviders(Hash),
+    /// Peers were found but nothing was verified for too long.
+    #[error("download of {0} made no progress for {1:?}")]
+    Stalled(Hash, Duration),
+    /// An attempt to dial ourselves.
+    #[error("that address is this node itself")]
+    SelfDial,
+    /// A peer did not answer in time.
+    #[error("timed out {0}")]
+    Timeout(String),
+    /// A peer answered with an error.
+    #[error("peer answered: {0}: {1}")]
+    Remote(&'static str, String),
+    /// A peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// Collections cannot be streamed.
+    #[error("a collection cannot be streamed to stdout; use -o DIR")]
+    StreamCollection,
+    /// Whoever consumed the stream went away.
+    #[error("output closed")]
+    OutputClosed,
+    /// Another node runs on this data dir.
+    #[error("a node is already running on {0} (its control socket answers)")]
+    AlreadyRunning(PathBuf),
+    /// The control socket failed.
+    #[error("control socket {0}: {1}")]
+    Control(PathBuf, std::io::Error),
+    /// The node is stopping.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// A bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,573 @@
+//! The node: owns the store, the endpoint and discovery, accepts
+//! connections, and runs downloads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shoal_discovery::{Candidate, Discovery, DiscoveryConfig, Source};
+use shoal_proto::{PROTOCOL_VERSION, limits, pb};
+use shoal_store::{BlobKind, Hash, ImportMode, Store, StoreEvent};
+use shoal_transport::{Connection, Endpoint, EndpointConfig, PeerId, SecretKey, Ticket, TicketKind};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::NodeError;
+use crate::peerbook::{PeerBook, PeerCounters};
+use crate::wire::{read_frame, write_frame};
+use crate::{Progress, server};
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the identity, the store and the control socket live; `None`
+    /// runs with an in-memory store and a fresh identity.
+    pub data_dir: Option<PathBuf>,
+    /// Addresses to listen on (port 0 picks a free port).
+    pub listen: Vec<SocketAddr>,
+    /// Peers to connect to at start and to ask for everything.
+    pub peers: Vec<PeerAddr>,
+    /// Discovery sources and announcing.
+    pub discovery: DiscoveryConfig,
+    /// Global upload limit in bytes per second.
+    pub upload_limit: Option<u64>,
+    /// Global download limit in bytes per second.
+    pub download_limit: Option<u64>,
+    /// Open the control socket in the data dir (ignored without one).
+    pub control_socket: bool,
+    /// Give a download up after this long without any verified progress.
+    pub stall_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            listen: EndpointConfig::default().listen,
+            peers: Vec::new(),
+            discovery: DiscoveryConfig { mdns: false, dht: false, ..DiscoveryConfig::default() },
+            upload_limit: None,
+            download_limit: None,
+            control_socket: true,
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A peer address as given by a user: `IP:PORT` or `PEERID@IP:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// The key the peer must hold, if known.
+    pub id: Option<PeerId>,
+    /// Where to dial.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = NodeError;
+    fn from_str(s: &str) -> Result<Self, NodeError> {
+        let bad = || NodeError::BadPeerAddr(s.to_string());
+        match s.split_once('@') {
+            Some((id, addr)) => Ok(PeerAddr { id: Some(id.parse().map_err(|_| bad())?), addr: addr.parse().map_err(|_| bad())? }),
+            None => Ok(PeerAddr { id: None, addr: s.parse().map_err(|_| bad())? }),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(f, "{id}@{}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// One transfer in flight, for `status`.
+#[derive(Debug, Clone)]
+pub struct TransferInfo {
+    /// What is being fetched.
+    pub hash: Hash,
+    /// Its progress.
+    pub progress: Progress,
+}
+
+/// A running shoal node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) discovery: Option<Discovery>,
+    pub(crate) config: NodeConfig,
+    pub(crate) book: Mutex<PeerBook>,
+    pub(crate) transfers: Mutex<HashMap<Hash, watch::Receiver<Progress>>>,
+    /// Connections whose incoming streams are being served.
+    handled: Mutex<HashMap<PeerId, usize>>,
+    pub(crate) cancel: CancellationToken,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind
+    // that is still consistent enough to read; do not cascade the panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Node {
+    /// Starts a node: opens the store, binds the endpoint, starts discovery
+    /// and the control socket, and begins serving.
+    pub async fn spawn(config: NodeConfig) -> Result<Node, NodeError> {
+        let (store, secret) = match &config.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| NodeError::DataDir(dir.clone(), e))?;
+                let secret = SecretKey::load_or_create(&dir.join("identity.key"))?;
+                let store = Store::open(&dir.join("store"))?;
+                (store, secret)
+            }
+            None => (Store::in_memory(), SecretKey::generate()),
+        };
+        Self::spawn_with(config, store, secret).await
+    }
+
+    /// Starts a node on a store and identity the caller already has.
+    pub async fn spawn_with(config: NodeConfig, store: Store, secret: SecretKey) -> Result<Node, NodeError> {
+        let ep_config = EndpointConfig {
+            listen: config.listen.clone(),
+            upload_limit: config.upload_limit,
+            download_limit: config.download_limit,
+            ..EndpointConfig::default()
+        };
+        let endpoint = Endpoint::bind(secret, ep_config).await?;
+        let discovery = if config.discovery.mdns || config.discovery.dht {
+            match Discovery::start(endpoint.peer_id(), endpoint.local_addrs(), config.discovery.clone()).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    warn!("discovery is off: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let inner = Arc::new(Inner {
+            store,
+            endpoint,
+            discovery,
+            config,
+            book: Mutex::new(PeerBook::default()),
+            transfers: Mutex::new(HashMap::new()),
+            handled: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            tasks: Mutex::new(JoinSet::new()),
+        });
+        let node = Node { inner };
+        node.start_tasks()?;
+        Ok(node)
+    }
+
+    fn start_tasks(&self) -> Result<(), NodeError> {
+        let inner = &self.inner;
+        // Announce what we hold.
+        if let Some(d) = &inner.discovery {
+            for b in inner.store.list() {
+                if b.complete && b.pinned {
+                    d.announce(*b.hash.as_bytes());
+                }
+            }
+        }
+        let mut tasks = lock(&inner.tasks);
+        // Accept connections.
+        let i = inner.clone();
+        tasks.spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    c = i.endpoint.accept() => c,
+                    () = i.cancel.cancelled() => None,
+                };
+                let Some(conn) = conn else { break };
+                debug!(peer = %conn.peer_id(), addr = %conn.remote_addr(), "incoming connection");
+                lock(&i.book).add_addrs(conn.peer_id(), [conn.remote_addr()]);
+                i.ensure_handled(&conn);
+            }
+        });
+        // Announce blobs as they complete.
+        let i = inner.clone();
+        let mut events = inner.store.subscribe();
+        tasks.spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    () = i.cancel.cancelled() => break,
+                };
+                match ev {
+                    Ok(StoreEvent::Complete { hash }) => {
+                        if let Some(d) = &i.discovery {
+                            d.announce(*hash.as_bytes());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        // Static peers: connect now so that they serve and know us.
+        for p in inner.config.peers.clone() {
+            let i = inner.clone();
+            tasks.spawn(async move {
+                if let Err(e) = i.connect(p.addr, p.id).await {
+                    warn!("could not reach peer {p}: {e}");
+                }
+            });
+        }
+        // The control socket.
+        if let (Some(dir), true) = (&inner.config.data_dir, inner.config.control_socket) {
+            let listener = crate::control::bind(&dir.join(crate::control::SOCKET_NAME))?;
+            let node = self.clone();
+            tasks.spawn(async move { crate::control::serve(node, listener).await });
+        }
+        Ok(())
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.endpoint.peer_id()
+    }
+
+    /// Addresses other peers can dial, with real ports (unspecified
+    /// addresses expanded to this machine's interface addresses).
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        dialable(&self.inner.endpoint.local_addrs())
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The endpoint (for byte counters and tests).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// Imports a file or directory and serves it at once.
+    pub async fn add_path(&self, path: &Path, mode: ImportMode) -> Result<(Hash, BlobKind), NodeError> {
+        let store = self.inner.store.clone();
+        let path = path.to_path_buf();
+        let res = tokio::task::spawn_blocking(move || -> Result<(Hash, BlobKind), NodeError> {
+            let meta = std::fs::metadata(&path).map_err(|e| NodeError::Read(path.clone(), e))?;
+            if meta.is_dir() {
+                Ok((store.import_dir(&path, mode)?, BlobKind::Collection))
+            } else {
+                Ok((store.import_file(&path, mode)?, BlobKind::Raw))
+            }
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()))??;
+        self.announce(&res.0);
+        Ok(res)
+    }
+
+    /// Imports bytes and serves them at once.
+    pub async fn add_bytes(&self, data: impl Into<bytes::Bytes>, name: &str) -> Result<Hash, NodeError> {
+        let store = self.inner.store.clone();
+        let data: bytes::Bytes = data.into();
+        let name = name.to_string();
+        let hash = tokio::task::spawn_blocking(move || store.import_bytes(&data, &name))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))??;
+        self.announce(&hash);
+        Ok(hash)
+    }
+
+    fn announce(&self, hash: &Hash) {
+        if let Some(d) = &self.inner.discovery {
+            d.announce(*hash.as_bytes());
+        }
+    }
+
+    /// A ticket for `hash` naming this node as provider.
+    pub fn ticket(&self, hash: &Hash) -> Result<Ticket, NodeError> {
+        let info = self.inner.store.info(hash).ok_or(NodeError::NotInStore(*hash))?;
+        let kind = match info.kind {
+            BlobKind::Collection => TicketKind::Collection,
+            _ => TicketKind::Blob,
+        };
+        Ok(Ticket {
+            hash: *hash.as_bytes(),
+            kind,
+            providers: vec![shoal_transport::Provider { id: self.peer_id(), addrs: ticket_addrs(&self.addrs()) }],
+        })
+    }
+
+    /// Transfers in flight.
+    pub fn transfers(&self) -> Vec<TransferInfo> {
+        let t = lock(&self.inner.transfers);
+        t.iter().map(|(h, rx)| TransferInfo { hash: *h, progress: rx.borrow().clone() }).collect()
+    }
+
+    /// Peers known, with connection state and byte counters.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let book = lock(&self.inner.book);
+        let counters: HashMap<PeerId, PeerCounters> = book.counters().into_iter().collect();
+        let mut ids = book.known();
+        for id in counters.keys() {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids.into_iter()
+            .map(|id| PeerInfo {
+                id,
+                addrs: book.addrs(&id),
+                connected: self.inner.endpoint.connection(&id).is_some_and(|c| !c.is_closed()),
+                counters: counters.get(&id).copied().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Stops serving and downloading; partial state stays in the store.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        if let Some(d) = &self.inner.discovery {
+            d.shutdown().await;
+        }
+        self.inner.endpoint.close().await;
+        let mut tasks = std::mem::take(&mut *lock(&self.inner.tasks));
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if let Some(dir) = &self.inner.config.data_dir {
+            let _ = std::fs::remove_file(dir.join(crate::control::SOCKET_NAME));
+        }
+    }
+
+    /// Resolves when the node is shutting down.
+    pub async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await;
+    }
+}
+
+/// A peer as `shoal peers` shows it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Its id.
+    pub id: PeerId,
+    /// Addresses it can be reached at.
+    pub addrs: Vec<SocketAddr>,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Bytes moved.
+    pub counters: PeerCounters,
+}
+
+impl Inner {
+    /// Serve the incoming streams of `conn` (once per connection).
+    pub(crate) fn ensure_handled(self: &Arc<Self>, conn: &Connection) {
+        let key = conn.stable_id();
+        {
+            let mut h = lock(&self.handled);
+            if h.get(&conn.peer_id()) == Some(&key) {
+                return;
+            }
+            h.insert(conn.peer_id(), key);
+        }
+        let i = self.clone();
+        let conn = conn.clone();
+        lock(&self.tasks).spawn(async move {
+            tokio::select! {
+                () = server::handle_connection(i.clone(), conn.clone()) => {},
+                () = i.cancel.cancelled() => {},
+            }
+            let mut h = lock(&i.handled);
+            if h.get(&conn.peer_id()) == Some(&key) {
+                h.remove(&conn.peer_id());
+            }
+        });
+    }
+
+    /// Dial (or reuse a connection to) a peer, exchange hellos, and serve
+    /// its requests on the same connection.
+    pub(crate) async fn connect(self: &Arc<Self>, addr: SocketAddr, id: Option<PeerId>) -> Result<Connection, NodeError> {
+        if let Some(id) = id {
+            if id == self.endpoint.peer_id() {
+                return Err(NodeError::SelfDial);
+            }
+            if let Some(c) = self.endpoint.connection(&id).filter(|c| !c.is_closed()) {
+                return Ok(c);
+            }
+        }
+        if self.is_own_addr(addr) {
+            return Err(NodeError::SelfDial);
+        }
+        let conn = tokio::time::timeout(Duration::from_secs(10), self.endpoint.connect(addr, id))
+            .await
+            .map_err(|_| NodeError::Timeout(format!("connecting to {addr}")))??;
+        if conn.peer_id() == self.endpoint.peer_id() {
+            conn.close(0, b"self");
+            return Err(NodeError::SelfDial);
+        }
+        self.ensure_handled(&conn);
+        self.hello(&conn).await?;
+        Ok(conn)
+    }
+
+    fn is_own_addr(&self, addr: SocketAddr) -> bool {
+        let own = self.endpoint.local_addrs();
+        own.iter().any(|a| {
+            a.port() == addr.port() && (a.ip() == addr.ip() || (a.ip().is_unspecified() && (addr.ip().is_loopback() || local_ips().contains(&addr.ip()))))
+        })
+    }
+
+    async fn hello(&self, conn: &Connection) -> Result<(), NodeError> {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = pb::Hello {
+            version: PROTOCOL_VERSION,
+            agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
+            listen_addrs: dialable(&self.endpoint.local_addrs()).iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+            capabilities: vec!["have".into(), "pex".into()],
+        };
+        write_frame(&mut send, &pb::Request { kind: Some(pb::request::Kind::Hello(hello)) }).await?;
+        let _ = send.finish();
+        let resp: pb::Response = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, shoal_proto::Limit::Response))
+            .await
+            .map_err(|_| NodeError::Timeout("waiting for hello".into()))??;
+        match resp.kind {
+            Some(pb::response::Kind::Hello(h)) => {
+                self.record_hello(conn.peer_id(), &h);
+                Ok(())
+            }
+            Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+            _ => Err(NodeError::Protocol("unexpected answer to hello".into())),
+        }
+    }
+
+    pub(crate) fn record_hello(&self, peer: PeerId, h: &pb::Hello) {
+        let addrs = h.listen_addrs.iter().take(limits::MAX_ADDRS).filter_map(|a| a.parse::<SocketAddr>().ok());
+        lock(&self.book).add_addrs(peer, addrs);
+    }
+
+    /// Candidates for `hash`: static peers, discovery, and the peers we are
+    /// connected to (neighbours are asked directly).
+    pub(crate) fn candidates(self: &Arc<Self>, hash: &Hash, extra: &[PeerAddr]) -> tokio::sync::mpsc::Receiver<Candidate> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let mut initial: Vec<Candidate> = extra
+            .iter()
+            .chain(self.config.peers.iter())
+            .map(|p| Candidate { addr: p.addr, id: p.id, source: Source::Static })
+            .collect();
+        for id in lock(&self.handled).keys() {
+            if let Some(c) = self.endpoint.connection(id) {
+                initial.push(Candidate { addr: c.remote_addr(), id: Some(*id), source: Source::Static });
+            }
+        }
+        let disc = self.discovery.as_ref().map(|d| d.find(*hash.as_bytes()));
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            for c in initial {
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut disc) = disc else {
+                // Keep the channel open: peer exchange may still add peers.
+                tokio::select! { () = tx.closed() => {}, () = cancel.cancelled() => {} }
+                return;
+            };
+            loop {
+                tokio::select! {
+                    c = disc.recv() => match c {
+                        Some(c) => if tx.send(c).await.is_err() { return },
+                        None => { tokio::select! { () = tx.closed() => {}, () = cancel.cancelled() => {} } return }
+                    },
+                    () = cancel.cancelled() => return,
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Every local IP address of this machine.
+pub(crate) fn local_ips() -> Vec<std::net::IpAddr> {
+    if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect()).unwrap_or_default()
+}
+
+/// Expands unspecified listen addresses into interface addresses.
+pub(crate) fn dialable(bound: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for a in bound {
+        if a.ip().is_unspecified() {
+            for ip in local_ips() {
+                // A `[::]` socket is dual-stack where the OS allows.
+                if ip.is_ipv4() == a.is_ipv4() || a.is_ipv6() {
+                    if let std::net::IpAddr::V6(v6) = ip {
+                        if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                            continue; // link-local needs a scope id
+                        }
+                    }
+                    out.push(SocketAddr::new(ip, a.port()));
+                }
+            }
+        } else {
+            out.push(*a);
+        }
+    }
+    out.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
+    out.dedup();
+    out
+}
+
+/// The few addresses worth putting in a ticket: routable ones first, then
+/// loopback, at most four.
+fn ticket_addrs(all: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = all.to_vec();
+    v.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
+    v.truncate(4);
+    v
+}
+
+/// Re-exported for `Progress` users.
+pub(crate) fn info_kind(store: &Store, hash: &Hash) -> Option<BlobKind> {
+    store.info(hash).map(|i| i.kind)
+}
+
+impl Node {
+    /// Asks every connected peer for new peers of `hash` (peer exchange),
+    /// used by downloads; exposed for tests.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addrs_parse_with_and_without_id() {
+        let id = SecretKey::generate().public();
+        let p: PeerAddr = format!("{id}@127.0.0.1:7000").parse().unwrap();
+        assert_eq!(p.id, Some(id));
+        assert_eq!(p.to_string(), format!("{id}@127.0.0.1:7000"));
+        let p: PeerAddr = "[::1]:7000".parse().unwrap();
+        assert_eq!(p.id, None);
+        for bad in ["", "127.0.0.1", "nope@127.0.0.1:1", "host:80"] {
+            assert!(bad.parse::<PeerAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unspecified_addresses_expand_to_interfaces() {
+        let v = dialable(&["0.0.0.0:4000".parse().unwrap()]);
+        assert!(v.contains(&"127.0.0.1:4000".parse().unwrap()), "{v:?}");
+        assert!(v.iter().all(|a| !a.ip().is_unspecified()));
+    }
+}

@@ -1,0 +1,132 @@
+//! What the node knows about other peers: their listen addresses, which
+//! hashes they were seen with (the source of peer exchange), and how many
+//! bytes moved each way.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+
+use shoal_store::Hash;
+use shoal_transport::PeerId;
+
+/// Peers remembered per hash for peer exchange.
+const MAX_PEERS_PER_HASH: usize = 256;
+/// Hashes remembered for peer exchange.
+const MAX_HASHES: usize = 4096;
+/// Addresses remembered per peer.
+const MAX_ADDRS: usize = 16;
+/// Peers whose addresses are remembered.
+const MAX_PEERS: usize = 65536;
+
+/// Byte counters for one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Bytes of blob data we sent to it.
+    pub uploaded: u64,
+    /// Bytes of verified blob data we received from it.
+    pub downloaded: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct PeerBook {
+    addrs: HashMap<PeerId, Vec<SocketAddr>>,
+    by_hash: HashMap<Hash, VecDeque<PeerId>>,
+    hash_order: VecDeque<Hash>,
+    counters: HashMap<PeerId, PeerCounters>,
+}
+
+impl PeerBook {
+    /// Remember addresses `peer` can be reached at (most recent first).
+    pub(crate) fn add_addrs(&mut self, peer: PeerId, addrs: impl IntoIterator<Item = SocketAddr>) {
+        if !self.addrs.contains_key(&peer) && self.addrs.len() >= MAX_PEERS {
+            return;
+        }
+        let list = self.addrs.entry(peer).or_default();
+        for a in addrs {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                continue;
+            }
+            list.retain(|x| *x != a);
+            list.insert(0, a);
+        }
+        list.truncate(MAX_ADDRS);
+    }
+
+    pub(crate) fn addrs(&self, peer: &PeerId) -> Vec<SocketAddr> {
+        self.addrs.get(peer).cloned().unwrap_or_default()
+    }
+
+    /// `peer` holds (or is fetching) `hash`.
+    pub(crate) fn saw(&mut self, hash: Hash, peer: PeerId) {
+        if !self.by_hash.contains_key(&hash) {
+            if self.hash_order.len() >= MAX_HASHES {
+                if let Some(old) = self.hash_order.pop_front() {
+                    self.by_hash.remove(&old);
+                }
+            }
+            self.hash_order.push_back(hash);
+        }
+        let list = self.by_hash.entry(hash).or_default();
+        list.retain(|p| *p != peer);
+        list.push_front(peer);
+        list.truncate(MAX_PEERS_PER_HASH);
+    }
+
+    /// Peers seen with `hash`, with addresses, except `except`.
+    pub(crate) fn peers_for(&self, hash: &Hash, except: &PeerId, max: usize) -> Vec<(PeerId, Vec<SocketAddr>)> {
+        self.by_hash
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .filter(|p| *p != except)
+            .filter_map(|p| {
+                let a = self.addrs(p);
+                (!a.is_empty()).then(|| (*p, a))
+            })
+            .take(max)
+            .collect()
+    }
+
+    pub(crate) fn count_upload(&mut self, peer: PeerId, bytes: u64) {
+        self.counters.entry(peer).or_default().uploaded += bytes;
+    }
+
+    pub(crate) fn count_download(&mut self, peer: PeerId, bytes: u64) {
+        self.counters.entry(peer).or_default().downloaded += bytes;
+    }
+
+    pub(crate) fn counters(&self) -> Vec<(PeerId, PeerCounters)> {
+        self.counters.iter().map(|(p, c)| (*p, *c)).collect()
+    }
+
+    pub(crate) fn known(&self) -> Vec<PeerId> {
+        self.addrs.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_transport::SecretKey;
+
+    #[test]
+    fn pex_lists_other_peers_with_addresses_and_stays_bounded() {
+        let mut book = PeerBook::default();
+        let hash = Hash::from_bytes([1; 32]);
+        let me = SecretKey::generate().public();
+        let other = SecretKey::generate().public();
+        let nameless = SecretKey::generate().public();
+        book.add_addrs(other, ["127.0.0.1:9".parse().unwrap(), "0.0.0.0:9".parse().unwrap()]);
+        book.saw(hash, me);
+        book.saw(hash, other);
+        book.saw(hash, nameless);
+        let peers = book.peers_for(&hash, &me, 10);
+        // Only `other` has a dialable address; unspecified ones are dropped.
+        assert_eq!(peers, vec![(other, vec!["127.0.0.1:9".parse().unwrap()])]);
+        for i in 0..(MAX_HASHES + 10) {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            book.saw(Hash::from_bytes(h), other);
+        }
+        assert!(book.by_hash.len() <= MAX_HASHES);
+    }
+}

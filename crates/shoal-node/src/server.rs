@@ -1,0 +1,275 @@
+//! Answering peers: hello, "who has it?", get, have subscriptions and peer
+//! exchange, from the store.
+//!
+//! Every request arrives on its own stream. Per connection, the number of
+//! gets served at once and the number of open subscriptions are capped, so
+//! one greedy peer waits its turn while the others are served; the global
+//! upload limit (in the transport's stream wrappers) is shared between all
+//! of them in small pieces.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::{GroupRanges, Limit, PROTOCOL_VERSION, error_response, hash_from_bytes, limits, pb};
+use shoal_store::{Hash, StoreEvent};
+use shoal_transport::{Connection, PeerId, RecvStream, SendStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::node::{Inner, dialable, lock};
+use crate::wire::{WireError, read_frame, write_frame};
+
+/// Gets served at once per connection; further ones wait.
+const MAX_GETS_PER_CONN: usize = 8;
+/// Open have subscriptions per connection; further ones are refused.
+const MAX_SUBS_PER_CONN: usize = 32;
+/// Requests handled at once per connection (all kinds); further streams
+/// wait in the transport's stream cap.
+const MAX_REQUESTS_PER_CONN: usize = 64;
+/// Time a peer gets to send its request frame.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct ConnLimits {
+    gets: Semaphore,
+    subs: Semaphore,
+    requests: Arc<Semaphore>,
+}
+
+/// Serves the streams a peer opens on `conn` until it closes.
+pub(crate) async fn handle_connection(node: Arc<Inner>, conn: Connection) {
+    let limits = Arc::new(ConnLimits {
+        gets: Semaphore::new(MAX_GETS_PER_CONN),
+        subs: Semaphore::new(MAX_SUBS_PER_CONN),
+        requests: Arc::new(Semaphore::new(MAX_REQUESTS_PER_CONN)),
+    });
+    let peer = conn.peer_id();
+    loop {
+        // Take a request slot before accepting: a peer that opens thousands
+        // of streams finds them queued in QUIC flow control, not in memory.
+        let Ok(permit) = limits.requests.clone().acquire_owned().await else { break };
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, "connection ended: {e}");
+                break;
+            }
+        };
+        let node = node.clone();
+        let limits = limits.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            handle_stream(node, conn, limits, send, recv).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle_stream(node: Arc<Inner>, conn: Connection, limits: Arc<ConnLimits>, mut send: SendStream, mut recv: RecvStream) {
+    let peer = conn.peer_id();
+    let req: pb::Request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, Limit::Request)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(WireError::Closed)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, "bad request: {e}");
+            let _ = reply(&mut send, &error_response(pb::ErrorCode::BadRequest, e.to_string())).await;
+            return;
+        }
+        Err(_) => {
+            send.reset(1);
+            return;
+        }
+    };
+    let res = match req.kind {
+        None => reply(&mut send, &error_response(pb::ErrorCode::BadRequest, "unknown request type")).await,
+        Some(pb::request::Kind::Hello(h)) => on_hello(&node, &conn, &mut send, h).await,
+        Some(pb::request::Kind::Who(w)) => on_who(&node, peer, &mut send, w).await,
+        Some(pb::request::Kind::Get(g)) => {
+            let Ok(_permit) = limits.gets.acquire().await else { return };
+            on_get(&node, peer, &mut send, g).await
+        }
+        Some(pb::request::Kind::Subscribe(s)) => match limits.subs.try_acquire() {
+            Ok(_permit) => on_subscribe(&node, peer, &mut send, &mut recv, s).await,
+            Err(_) => reply(&mut send, &error_response(pb::ErrorCode::Busy, "too many subscriptions")).await,
+        },
+        Some(pb::request::Kind::Pex(p)) => on_pex(&node, peer, &mut send, p).await,
+    };
+    match res {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => debug!(%peer, "request failed: {e}"),
+    }
+}
+
+async fn reply(send: &mut SendStream, resp: &pb::Response) -> Result<(), WireError> {
+    write_frame(send, resp).await
+}
+
+fn bad(msg: impl Into<String>) -> pb::Response {
+    error_response(pb::ErrorCode::BadRequest, msg)
+}
+
+fn parse_hash(b: &[u8]) -> Option<Hash> {
+    hash_from_bytes(b).ok().map(Hash::from_bytes)
+}
+
+async fn on_hello(node: &Arc<Inner>, conn: &Connection, send: &mut SendStream, h: pb::Hello) -> Result<(), WireError> {
+    if h.version != PROTOCOL_VERSION {
+        let msg = format!("this node speaks shoal protocol {PROTOCOL_VERSION}, not {}", h.version);
+        reply(send, &error_response(pb::ErrorCode::UnsupportedVersion, msg)).await?;
+        let _ = send.finish();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.close(2, b"unsupported version");
+        return Ok(());
+    }
+    node.record_hello(conn.peer_id(), &h);
+    let mine = pb::Hello {
+        version: PROTOCOL_VERSION,
+        agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
+        listen_addrs: dialable(&node.endpoint.local_addrs()).iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+        capabilities: vec!["have".into(), "pex".into()],
+    };
+    reply(send, &pb::Response { kind: Some(pb::response::Kind::Hello(mine)) }).await
+}
+
+/// What we hold of `hash`, as the wire says it.
+pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
+    use pb::availability::Have;
+    let mut a = pb::Availability { hash: hash.as_bytes().to_vec().into(), size: 0, have: Some(Have::Nothing(true)) };
+    if let Some(info) = node.store.info(hash) {
+        a.size = info.size;
+        if info.complete {
+            a.have = Some(Have::Complete(true));
+        } else if !info.verified.is_empty() {
+            a.have = Some(Have::Ranges(info.verified.to_pb()));
+        }
+    }
+    a
+}
+
+async fn on_who(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, w: pb::Who) -> Result<(), WireError> {
+    if w.hashes.len() > limits::MAX_HASHES_PER_REQUEST {
+        return reply(send, &bad("too many hashes")).await;
+    }
+    let mut entries = Vec::with_capacity(w.hashes.len());
+    for h in &w.hashes {
+        let Some(hash) = parse_hash(h) else {
+            return reply(send, &bad("hash must be 32 bytes")).await;
+        };
+        // The asker wants it: it will hold parts soon, a peer for others.
+        lock(&node.book).saw(hash, peer);
+        entries.push(availability(node, &hash));
+    }
+    reply(send, &pb::Response { kind: Some(pb::response::Kind::Who(pb::WhoAnswer { entries })) }).await
+}
+
+async fn on_get(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, g: pb::Get) -> Result<(), WireError> {
+    let Some(hash) = parse_hash(&g.hash) else {
+        return reply(send, &bad("hash must be 32 bytes")).await;
+    };
+    let wanted = match GroupRanges::from_opt_pb(g.ranges.as_ref()) {
+        Ok(r) => r,
+        Err(e) => return reply(send, &bad(e.to_string())).await,
+    };
+    lock(&node.book).saw(hash, peer);
+    let Some((size, ranges)) = node.store.available(&hash, &wanted) else {
+        return reply(send, &error_response(pb::ErrorCode::NotFound, "not here")).await;
+    };
+    let header = pb::GetHeader { size, ranges: Some(ranges.to_pb()) };
+    reply(send, &pb::Response { kind: Some(pb::response::Kind::Get(header)) }).await?;
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    match node.store.send_ranges(&hash, &ranges, &mut *send).await {
+        Ok(bytes) => {
+            lock(&node.book).count_upload(peer, bytes);
+            Ok(())
+        }
+        Err(e) => {
+            // Corrupt or vanished data: stop the stream so that the peer
+            // sees an error, never unverified bytes.
+            warn!(%peer, hash = %hash, "could not serve: {e}");
+            send.reset(2);
+            Ok(())
+        }
+    }
+}
+
+async fn on_subscribe(
+    node: &Arc<Inner>,
+    peer: PeerId,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    s: pb::Subscribe,
+) -> Result<(), WireError> {
+    if s.hashes.len() > limits::MAX_HASHES_PER_REQUEST {
+        return reply(send, &bad("too many hashes")).await;
+    }
+    let mut hashes = Vec::with_capacity(s.hashes.len());
+    for h in &s.hashes {
+        let Some(hash) = parse_hash(h) else {
+            return reply(send, &bad("hash must be 32 bytes")).await;
+        };
+        lock(&node.book).saw(hash, peer);
+        hashes.push(hash);
+    }
+    // Subscribe to the store before reading the current state, so that no
+    // group verified in between is missed.
+    let mut events = node.store.subscribe();
+    reply(send, &pb::Response { kind: Some(pb::response::Kind::Subscribe(pb::SubscribeAccepted {})) }).await?;
+    for hash in &hashes {
+        send_full_state(node, send, hash).await?;
+    }
+    let mut closed = [0u8; 1];
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(StoreEvent::Verified { hash, groups, size }) if hashes.contains(&hash) => {
+                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb()), complete: false };
+                    write_frame(send, &up).await?;
+                }
+                Ok(StoreEvent::Complete { hash }) if hashes.contains(&hash) => send_full_state(node, send, &hash).await?,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for hash in &hashes {
+                        send_full_state(node, send, hash).await?;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            // The subscriber closes its side (or the stream dies) to stop.
+            r = tokio::io::AsyncReadExt::read(recv, &mut closed) => {
+                if !matches!(r, Ok(n) if n > 0) { return Ok(()) }
+            }
+            () = node.cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn send_full_state(node: &Inner, send: &mut SendStream, hash: &Hash) -> Result<(), WireError> {
+    let Some(info) = node.store.info(hash) else { return Ok(()) };
+    let up = pb::HaveUpdate {
+        hash: hash.as_bytes().to_vec().into(),
+        size: info.size,
+        added: (!info.complete).then(|| info.verified.to_pb()),
+        complete: info.complete,
+    };
+    write_frame(send, &up).await
+}
+
+async fn on_pex(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, p: pb::Pex) -> Result<(), WireError> {
+    let Some(hash) = parse_hash(&p.hash) else {
+        return reply(send, &bad("hash must be 32 bytes")).await;
+    };
+    let peers = lock(&node.book).peers_for(&hash, &peer, limits::MAX_PEX_PEERS);
+    let me = node.endpoint.peer_id();
+    let peers = peers
+        .into_iter()
+        .filter(|(id, _)| *id != me)
+        .map(|(id, addrs)| pb::PeerInfo {
+            id: id.as_bytes().to_vec().into(),
+            addrs: addrs.iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+        })
+        .collect();
+    reply(send, &pb::Response { kind: Some(pb::response::Kind::Pex(pb::PexAnswer { peers })) }).await
+}
