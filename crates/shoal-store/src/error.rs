@@ -1,0 +1,155 @@
+//! Error types of the store.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::collection::ManifestError;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (or another `Store` in this one) has the store open.
+    #[error("store {0} is in use by another process")]
+    Locked(PathBuf),
+    /// No blob with this hash is known.
+    #[error("blob {0} not found")]
+    NotFound(blake3::Hash),
+    /// The blob is known but not every group is verified yet.
+    #[error("blob {0} is incomplete")]
+    Incomplete(blake3::Hash),
+    /// A byte range touches a group that is not verified.
+    #[error("group {group} of blob {hash} is not verified")]
+    NotVerified {
+        /// The blob.
+        hash: blake3::Hash,
+        /// The first missing group.
+        group: u64,
+    },
+    /// Stored data does not match the blob's hash.
+    #[error("blob {hash} ({name}) is corrupt: stored data does not match its hash")]
+    Corrupt {
+        /// The blob.
+        hash: blake3::Hash,
+        /// Its name.
+        name: String,
+    },
+    /// A file added in place was changed, moved or deleted since.
+    #[error("file {0} changed or vanished since it was added")]
+    SourceChanged(PathBuf),
+    /// A file changed while it was being imported.
+    #[error("file {0} changed while it was being imported")]
+    ChangedDuringImport(PathBuf),
+    /// The disk is full.
+    #[error("disk full while {context} {path}")]
+    DiskFull {
+        /// What was being done.
+        context: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+    },
+    /// The operating system refused access.
+    #[error("permission denied while {context} {path}")]
+    PermissionDenied {
+        /// What was being done.
+        context: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+    },
+    /// Any other I/O error.
+    #[error("i/o error while {context} {path}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The metadata database failed.
+    #[error("metadata database error: {0}")]
+    Db(String),
+    /// A collection's manifest was refused.
+    #[error("bad manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// The blob is not a collection, or a collection member is missing.
+    #[error("blob {0} is not a usable collection")]
+    NotACollection(blake3::Hash),
+    /// An export target already exists.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// Something that is not a regular file or directory.
+    #[error("{0} is not a regular file or directory")]
+    Unsupported(PathBuf),
+    /// A background task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl StoreError {
+    /// Classify an I/O error on `path` while doing `context`.
+    pub(crate) fn io(context: &'static str, path: &Path, e: io::Error) -> Self {
+        let path = path.to_path_buf();
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+                StoreError::DiskFull { context, path }
+            }
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                StoreError::PermissionDenied { context, path }
+            }
+            _ => StoreError::Io {
+                context,
+                path,
+                source: e,
+            },
+        }
+    }
+
+    pub(crate) fn db(e: impl std::fmt::Display) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// Closure helper: `.map_err(io_err("reading", path))`.
+pub(crate) fn io_err<'a>(
+    context: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |e| StoreError::io(context, path, e)
+}
+
+/// What can go wrong while receiving a stream from a peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The peer sent data that does not match the hash; groups before it
+    /// were verified and kept.
+    #[error("peer sent corrupt data at group {group}")]
+    Corrupt {
+        /// The first group that failed to verify.
+        group: u64,
+    },
+    /// The stream's size differs from the size already proven.
+    #[error("peer claims size {got}, but the proven size is {expected}")]
+    SizeMismatch {
+        /// The proven size.
+        expected: u64,
+        /// The size in the stream.
+        got: u64,
+    },
+    /// The stream ended before all requested groups arrived.
+    #[error("stream ended before group {group}")]
+    Truncated {
+        /// The first group that did not arrive.
+        group: u64,
+    },
+    /// Reading the stream failed.
+    #[error("reading from peer failed: {0}")]
+    Read(#[source] io::Error),
+    /// No download was declared with `begin_download` and the blob is unknown.
+    #[error("no download of {0} was started")]
+    NotStarted(blake3::Hash),
+    /// The store failed (disk full, permissions...).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

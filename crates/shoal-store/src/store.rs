@@ -1,0 +1,2074 @@
+//! The store itself: in-memory state mirrored to redb, imports, exports,
+//! serving and receiving verified streams, pins and gc.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use bao_tree::BaoTree;
+use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::io::sync::{DecodeResponseIter, ReadAt};
+use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
+use bao_tree::iter::BaoChunk;
+use bytes::{Bytes, BytesMut};
+use rayon::prelude::*;
+use shoal_proto::{GROUP_SIZE, GroupRanges, group_count};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::collection::{self, Entry};
+use crate::error::io_err;
+use crate::meta::{self, Op, Record, loc};
+use crate::slot::{MemBuf, Slot, Window};
+use crate::tree::{self, GROUP, bao_tree, chunk_ranges, groups_of_bytes};
+use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent};
+
+/// Save a partial blob's verified groups after this many new ones...
+const SAVE_EVERY_GROUPS: u64 = 1024;
+/// ...or after this long.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+/// Files per metadata transaction when importing a directory.
+const IMPORT_BATCH: usize = 10_000;
+/// Bytes handed between the async side and the blocking coder at once.
+const PIPE_CHUNK: usize = 256 << 10;
+/// Largest contiguous run of received data written with one call.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// What [`Store::gc`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Blobs removed.
+    pub blobs: u64,
+    /// Bytes of store-owned data and outboards freed (files referenced in
+    /// place are never deleted and are not counted).
+    pub bytes: u64,
+}
+
+/// The store: a directory (or memory) of blobs. Cheap to clone; all clones
+/// share one state.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+struct Inner {
+    /// None for an in-memory store.
+    dir: Option<PathBuf>,
+    db: Option<redb::Database>,
+    state: Mutex<HashMap<blake3::Hash, Blob>>,
+    events: broadcast::Sender<StoreEvent>,
+    /// Cleared by tests to simulate a crash (no flush on drop).
+    flush_on_drop: AtomicBool,
+    tmp_counter: AtomicU64,
+}
+
+/// A file's identity when it was hashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i64,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Self {
+        Stamp {
+            size: m.len(),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            ino: m.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum DataRef {
+    Mem(Arc<MemBuf>),
+    /// In the `INLINE` table.
+    Db,
+    /// A file; `stamp` is set for files referenced in place.
+    File {
+        path: PathBuf,
+        stamp: Option<Stamp>,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum ObRef {
+    None,
+    Mem(Arc<MemBuf>),
+    File(PathBuf),
+}
+
+struct Blob {
+    size: Option<u64>,
+    kind: BlobKind,
+    name: String,
+    pinned: bool,
+    corrupt: bool,
+    data: DataRef,
+    outboard: ObRef,
+    /// Set while the blob is incomplete.
+    partial: Option<Arc<Partial>>,
+    /// A download is writing it (gc keeps it).
+    in_flight: bool,
+}
+
+/// A blob being downloaded.
+struct Partial {
+    data: Slot,
+    outboard: Slot,
+    /// The file the data is written to (`<target>.shoal-partial` or
+    /// `data/<hex>.data`), if on disk.
+    data_path: Option<PathBuf>,
+    target: Option<PathBuf>,
+    st: Mutex<PState>,
+}
+
+struct PState {
+    size: Option<u64>,
+    verified: GroupRanges,
+    /// Bumped when the partial is reset to another size: writers of the old
+    /// generation must not mark groups.
+    generation: u64,
+    unsaved: u64,
+    last_save: Instant,
+    done: bool,
+}
+
+impl PState {
+    fn proven(&self) -> bool {
+        self.size
+            .is_some_and(|s| self.verified.contains(group_count(s) - 1))
+    }
+}
+
+/// A blob opened for reading.
+struct Source {
+    size: u64,
+    name: String,
+    data: Slot,
+    outboard: Slot,
+    /// None when complete.
+    verified: Option<GroupRanges>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn kind_to_u32(k: BlobKind) -> u32 {
+    match k {
+        BlobKind::Raw => 0,
+        BlobKind::Collection => 1,
+    }
+}
+
+fn kind_from_u32(k: u32) -> BlobKind {
+    if k == 1 {
+        BlobKind::Collection
+    } else {
+        BlobKind::Raw
+    }
+}
+
+fn runs_to_vec(g: &GroupRanges) -> Vec<u64> {
+    g.runs().iter().flat_map(|r| [r.start, r.end]).collect()
+}
+
+fn runs_from_vec(v: &[u64]) -> GroupRanges {
+    v.chunks_exact(2).map(|p| p[0]..p[1].max(p[0])).collect()
+}
+
+/// All groups of a blob of `size` bytes.
+fn all_groups(size: u64) -> GroupRanges {
+    GroupRanges::from_range(0..group_count(size))
+}
+
+/// The bytes a bao-tree encoding of `chunks` takes, after the size header.
+fn encoded_len(tree: BaoTree, chunks: &bao_tree::ChunkRanges) -> u64 {
+    let ranges = bao_tree::io::sync::truncate_ranges(chunks, tree.size());
+    tree.ranges_pre_order_chunks_iter_ref(ranges, 0)
+        .map(|c| match c {
+            BaoChunk::Parent { .. } => 64,
+            BaoChunk::Leaf { size, .. } => size as u64,
+        })
+        .sum()
+}
+
+/// A `Read` fed from an async task through a channel.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// A `Write` that hands full buffers to an async task through a channel.
+struct ChannelWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: BytesMut,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let b = self.buf.split().freeze();
+        self.tx
+            .blocking_send(b)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "receiver went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PIPE_CHUNK {
+            self.send()?;
+            self.buf.reserve(PIPE_CHUNK);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Something prepared for the metadata database by an import.
+struct Prepared {
+    hash: blake3::Hash,
+    size: u64,
+    name: String,
+    kind: BlobKind,
+    data: DataRef,
+    outboard: ObRef,
+    inline: Option<Vec<u8>>,
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`. Only one process may have a
+    /// store open at a time: a second open gets [`StoreError::Locked`].
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        fs::create_dir_all(dir.join("data")).map_err(io_err("creating", dir))?;
+        let db_path = dir.join("meta.redb");
+        let db = match redb::Database::create(&db_path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked(dir.to_path_buf()));
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+                return Err(StoreError::io("opening", &db_path, e));
+            }
+            Err(e) => return Err(StoreError::db(e)),
+        };
+        let records = meta::load_all(&db)?;
+        let inner = Inner {
+            dir: Some(dir.to_path_buf()),
+            db: Some(db),
+            state: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1024).0,
+            flush_on_drop: AtomicBool::new(true),
+            tmp_counter: AtomicU64::new(0),
+        };
+        inner.remove_tmp_files();
+        let mut blobs = HashMap::with_capacity(records.len());
+        for (hash, r) in records {
+            match inner.blob_from_record(&hash, &r) {
+                Ok(b) => {
+                    blobs.insert(hash, b);
+                }
+                Err(e) => tracing::warn!("dropping blob {hash} from the store: {e}"),
+            }
+        }
+        *lock(&inner.state) = blobs;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// A store that lives in memory only (files added in place are still
+    /// referenced in place, and download targets are still written).
+    pub fn in_memory() -> Store {
+        Store {
+            inner: Arc::new(Inner {
+                dir: None,
+                db: None,
+                state: Mutex::new(HashMap::new()),
+                events: broadcast::channel(1024).0,
+                flush_on_drop: AtomicBool::new(true),
+                tmp_counter: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The store's directory (None in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    /// Persist partial state now and drop this handle (the store closes
+    /// when the last clone is dropped; dropping does the same).
+    pub fn close(self) -> Result<(), StoreError> {
+        self.inner.save_all_partials()
+    }
+
+    /// Simulate a crash: this handle is dropped without persisting anything.
+    #[cfg(test)]
+    pub(crate) fn crash(self) {
+        self.inner.flush_on_drop.store(false, Ordering::SeqCst);
+    }
+
+    /// Subscribe to verification and completion events.
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    // ---------------------------------------------------------------- import
+
+    /// Add a file (blocking, hashes with every core). Pinned; named after
+    /// the file name.
+    pub fn import_file(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let p = self.inner.prepare_file(path, mode, name)?;
+        let hash = p.hash;
+        self.inner.commit(vec![p])?;
+        Ok(hash)
+    }
+
+    /// Add bytes (blocking). Pinned.
+    pub fn import_bytes(&self, data: &[u8], name: &str) -> Result<blake3::Hash, StoreError> {
+        let p = self
+            .inner
+            .prepare_bytes(data, name.to_owned(), BlobKind::Raw)?;
+        let hash = p.hash;
+        self.inner.commit(vec![p])?;
+        Ok(hash)
+    }
+
+    /// Add a directory as a collection (blocking): every file is added
+    /// (hashed in parallel, committed in batches), then a manifest of all
+    /// files and empty directories, sorted by path, whose hash is returned
+    /// and pinned. Symbolic links are skipped.
+    pub fn import_dir(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
+        let mut files = Vec::new();
+        let mut empty_dirs = Vec::new();
+        walk(path, "", &mut files, &mut empty_dirs)?;
+        files.sort();
+        let mut entries = Vec::with_capacity(files.len() + empty_dirs.len());
+        for batch in files.chunks(IMPORT_BATCH) {
+            let prepared: Vec<Result<(Prepared, bool), StoreError>> = batch
+                .par_iter()
+                .map(|rel| {
+                    let full = path.join(rel);
+                    let meta = fs::metadata(&full).map_err(io_err("reading", &full))?;
+                    let exec = meta.permissions().mode() & 0o111 != 0;
+                    let name = rel.rsplit('/').next().unwrap_or(rel).to_owned();
+                    Ok((self.inner.prepare_file(&full, mode, name)?, exec))
+                })
+                .collect();
+            let mut ok = Vec::with_capacity(prepared.len());
+            for (rel, p) in batch.iter().zip(prepared) {
+                let (p, executable) = p?;
+                entries.push(Entry {
+                    path: rel.clone(),
+                    size: p.size,
+                    hash: p.hash,
+                    executable,
+                    empty_dir: false,
+                });
+                ok.push(p);
+            }
+            self.inner.commit(ok)?;
+        }
+        for d in empty_dirs {
+            entries.push(Entry {
+                path: d,
+                size: 0,
+                hash: blake3::hash(b""),
+                executable: false,
+                empty_dir: true,
+            });
+        }
+        let manifest = collection::encode_manifest(&entries);
+        // Refuse to create what we would refuse to read (odd names).
+        collection::parse_manifest(&manifest)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let p = self
+            .inner
+            .prepare_bytes(&manifest, name, BlobKind::Collection)?;
+        let hash = p.hash;
+        self.inner.commit(vec![p])?;
+        Ok(hash)
+    }
+
+    // ------------------------------------------------------------ queries
+
+    /// What the store knows about `hash`.
+    pub fn info(&self, hash: &blake3::Hash) -> Option<BlobInfo> {
+        let st = lock(&self.inner.state);
+        st.get(hash).map(|b| info_of(hash, b))
+    }
+
+    /// Every blob, sorted by hash.
+    pub fn list(&self) -> Vec<BlobInfo> {
+        let st = lock(&self.inner.state);
+        let mut v: Vec<BlobInfo> = st.iter().map(|(h, b)| info_of(h, b)).collect();
+        v.sort_by(|a, b| a.hash.as_bytes().cmp(b.hash.as_bytes()));
+        v
+    }
+
+    /// Pin a blob (and set its kind) so gc keeps it.
+    pub fn pin(&self, hash: &blake3::Hash, kind: BlobKind) -> Result<(), StoreError> {
+        self.inner.update(hash, |b| {
+            b.pinned = true;
+            b.kind = kind;
+        })
+    }
+
+    /// Unpin a blob: gc may remove it unless a pinned collection needs it.
+    pub fn unpin(&self, hash: &blake3::Hash) -> Result<(), StoreError> {
+        self.inner.update(hash, |b| b.pinned = false)
+    }
+
+    /// Remove every blob that no pin needs: pinned blobs, members of pinned
+    /// complete collections and downloads in flight are kept. Files
+    /// referenced in place are never deleted.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let (collections, candidates) = {
+            let st = lock(&self.inner.state);
+            let cols: Vec<blake3::Hash> = st
+                .iter()
+                .filter(|(_, b)| b.pinned && b.kind == BlobKind::Collection && b.partial.is_none())
+                .map(|(h, _)| *h)
+                .collect();
+            (cols, st.len())
+        };
+        let mut live: HashSet<blake3::Hash> = HashSet::with_capacity(candidates);
+        for c in collections {
+            let bytes = match self.read_all(&c) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("gc: cannot read collection {c}: {e}");
+                    continue;
+                }
+            };
+            match collection::parse_manifest(&bytes) {
+                Ok(entries) => live.extend(entries.iter().filter(|e| !e.empty_dir).map(|e| e.hash)),
+                Err(e) => tracing::warn!("gc: collection {c} has a bad manifest: {e}"),
+            }
+        }
+        let mut removed = Vec::new();
+        {
+            let mut st = lock(&self.inner.state);
+            let dead: Vec<blake3::Hash> = st
+                .iter()
+                .filter(|(h, b)| !b.pinned && !b.in_flight && !live.contains(*h))
+                .map(|(h, _)| *h)
+                .collect();
+            for h in dead {
+                if let Some(b) = st.remove(&h) {
+                    removed.push((h, b));
+                }
+            }
+            if let Some(db) = &self.inner.db {
+                let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
+                if let Err(e) = meta::apply(db, &ops, true) {
+                    // Put them back: nothing was deleted.
+                    for (h, b) in removed {
+                        st.insert(h, b);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut report = GcReport::default();
+        for (_, b) in &removed {
+            report.blobs += 1;
+            let mut files = Vec::new();
+            if let DataRef::File { path, stamp: None } = &b.data {
+                files.push(path.clone());
+            }
+            if let Some(p) = b.partial.as_ref().and_then(|p| p.data_path.clone()) {
+                files.push(p);
+            }
+            if let ObRef::File(p) = &b.outboard {
+                files.push(p.clone());
+            }
+            if matches!(b.data, DataRef::Db | DataRef::Mem(_)) {
+                report.bytes += b.size.unwrap_or(0);
+            }
+            files.sort();
+            files.dedup();
+            for f in files {
+                if let Ok(m) = fs::metadata(&f) {
+                    report.bytes += m.len();
+                }
+                if let Err(e) = fs::remove_file(&f)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!("gc: cannot remove {}: {e}", f.display());
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Re-hash the stored data of `hash` against its hash (and outboard).
+    /// Returns false, marks the blob corrupt and logs its name if it does
+    /// not match; a partial blob drops the groups that no longer verify.
+    /// A file referenced in place that was touched but still matches is
+    /// accepted again.
+    pub fn verify(&self, hash: &blake3::Hash) -> Result<bool, StoreError> {
+        let (size, name, data, outboard, partial) = {
+            let st = lock(&self.inner.state);
+            let b = st.get(hash).ok_or(StoreError::NotFound(*hash))?;
+            (
+                b.size,
+                b.name.clone(),
+                b.data.clone(),
+                b.outboard.clone(),
+                b.partial.clone(),
+            )
+        };
+        if let Some(p) = partial {
+            let (size, claimed) = {
+                let s = lock(&p.st);
+                (s.size, s.verified.clone())
+            };
+            let Some(size) = size else { return Ok(true) };
+            let valid = recheck(hash, size, &p.data, &p.outboard, &claimed)?;
+            if valid != claimed {
+                let mut s = lock(&p.st);
+                s.verified = s.verified.intersection(&valid);
+                drop(s);
+                tracing::warn!("blob {hash} ({name}): some verified groups no longer verify");
+                self.inner.save_partial(hash)?;
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        let size = size.unwrap_or(0);
+        let data_slot = match &data {
+            DataRef::Mem(m) => Slot::Mem(m.clone()),
+            DataRef::Db => Slot::Bytes(self.inner.inline_bytes(hash)?),
+            DataRef::File { path, .. } => match File::open(path) {
+                Ok(f) => Slot::File(Arc::new(f)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!("blob {hash} ({name}): {} is gone", path.display());
+                    self.inner.mark_corrupt(hash);
+                    return Ok(false);
+                }
+                Err(e) => return Err(StoreError::io("opening", path, e)),
+            },
+        };
+        let new_stamp = match &data_slot {
+            Slot::File(f) => {
+                Some(Stamp::of(&f.metadata().map_err(|e| {
+                    StoreError::io("reading", Path::new(&name), e)
+                })?))
+            }
+            _ => None,
+        };
+        let mut h = tree::TreeHasher::new();
+        let mut buf = vec![0u8; tree::BATCH];
+        let mut pos = 0u64;
+        loop {
+            let n = read_full_at(&data_slot, pos, &mut buf)
+                .map_err(|e| StoreError::io("reading", Path::new(&name), e))?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        let (root, ob) = h.finish();
+        let stored_ob = read_ob(&outboard)
+            .map_err(|e| StoreError::io("reading outboard of", Path::new(&name), e))?;
+        let ok = root == *hash && pos == size && ob == stored_ob;
+        if !ok {
+            tracing::warn!("blob {hash} ({name}) is corrupt: stored data does not match its hash");
+            self.inner.mark_corrupt(hash);
+            return Ok(false);
+        }
+        // A file in place that was only touched is fine again.
+        if let (
+            DataRef::File {
+                path,
+                stamp: Some(old),
+            },
+            Some(new),
+        ) = (&data, new_stamp)
+            && *old != new
+        {
+            let path = path.clone();
+            self.inner.update(hash, |b| {
+                b.data = DataRef::File {
+                    path,
+                    stamp: Some(new),
+                };
+                b.corrupt = false;
+            })?;
+        } else {
+            self.inner.update(hash, |b| b.corrupt = false)?;
+        }
+        Ok(true)
+    }
+
+    /// Verify every blob; returns the hashes and names of those that failed.
+    pub fn verify_all(&self) -> Result<Vec<(blake3::Hash, String)>, StoreError> {
+        let mut bad = Vec::new();
+        for info in self.list() {
+            if !self.verify(&info.hash)? {
+                bad.push((info.hash, info.name));
+            }
+        }
+        Ok(bad)
+    }
+
+    // ------------------------------------------------------------- serving
+
+    /// The size of `hash` and which of the `wanted` groups this store can
+    /// serve (verified, not corrupt, source file unchanged). None if the
+    /// blob is unknown, corrupt, changed, or its size is not known yet.
+    pub fn available(
+        &self,
+        hash: &blake3::Hash,
+        wanted: &GroupRanges,
+    ) -> Option<(u64, GroupRanges)> {
+        let (size, verified, stamp_check) = {
+            let st = lock(&self.inner.state);
+            let b = st.get(hash)?;
+            if b.corrupt {
+                return None;
+            }
+            let size = match &b.partial {
+                Some(p) => lock(&p.st).size?,
+                None => b.size?,
+            };
+            let verified = match &b.partial {
+                Some(p) => lock(&p.st).verified.clone(),
+                None => all_groups(size),
+            };
+            let check = match &b.data {
+                DataRef::File {
+                    path,
+                    stamp: Some(s),
+                } => Some((path.clone(), *s)),
+                _ => None,
+            };
+            (size, verified, check)
+        };
+        if let Some((path, stamp)) = stamp_check
+            && !stamp_matches(&path, stamp)
+        {
+            return None;
+        }
+        let have = wanted
+            .intersection(&verified)
+            .intersection(&all_groups(size));
+        Some((size, have))
+    }
+
+    /// Write the verified stream (8-byte little-endian size, then bao-tree
+    /// encoding with 16 KiB groups) of the groups of `ranges` that are
+    /// available here (see [`Store::available`]). Returns the bytes written.
+    /// Data that does not match its hash is never sent: the blob is marked
+    /// corrupt and [`StoreError::Corrupt`] returned.
+    pub async fn send_ranges<W: AsyncWrite + Unpin>(
+        &self,
+        hash: &blake3::Hash,
+        ranges: &GroupRanges,
+        mut w: W,
+    ) -> Result<u64, StoreError> {
+        let (size, have) = self
+            .available(hash, ranges)
+            .ok_or(StoreError::NotFound(*hash))?;
+        let src = self.inner.source(hash)?;
+        let sending = Path::new("peer stream");
+        w.write_all(&size.to_le_bytes())
+            .await
+            .map_err(io_err("writing to", sending))?;
+        let mut written = 8u64;
+        if have.is_empty() {
+            w.flush().await.map_err(io_err("writing to", sending))?;
+            return Ok(written);
+        }
+        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+        let hash2 = *hash;
+        let coder = tokio::task::spawn_blocking(move || {
+            let tree = bao_tree(size);
+            let ob = PreOrderOutboard {
+                root: hash2,
+                tree,
+                data: src.outboard,
+            };
+            let mut cw = ChannelWriter {
+                tx,
+                buf: BytesMut::with_capacity(PIPE_CHUNK + GROUP),
+            };
+            let chunks = chunk_ranges(&have);
+            bao_tree::io::sync::encode_ranges_validated(&src.data, ob, &chunks, &mut cw)?;
+            cw.flush()?;
+            Ok::<(), EncodeError>(())
+        });
+        let mut write_err = None;
+        while let Some(b) = rx.recv().await {
+            if let Err(e) = w.write_all(&b).await {
+                write_err = Some(e);
+                break;
+            }
+            written += b.len() as u64;
+        }
+        drop(rx);
+        let res = coder.await.map_err(|e| StoreError::Task(e.to_string()))?;
+        if let Some(e) = write_err {
+            return Err(StoreError::io("writing to", sending, e));
+        }
+        match res {
+            Ok(()) => {}
+            Err(EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_)) => {
+                tracing::warn!(
+                    "blob {hash} ({}) is corrupt on disk; not serving it",
+                    src.name
+                );
+                self.inner.mark_corrupt(hash);
+                return Err(StoreError::Corrupt {
+                    hash: *hash,
+                    name: src.name,
+                });
+            }
+            Err(EncodeError::Io(e)) => {
+                return Err(StoreError::io("reading", Path::new(&src.name), e));
+            }
+            Err(e) => {
+                return Err(StoreError::io(
+                    "serving",
+                    Path::new(&src.name),
+                    io::Error::other(e.to_string()),
+                ));
+            }
+        }
+        w.flush().await.map_err(io_err("writing to", sending))?;
+        Ok(written)
+    }
+
+    // ----------------------------------------------------------- receiving
+
+    /// Declare that a download of `hash` starts (idempotent: a second call
+    /// resumes). With a `target`, data goes to `<target>.shoal-partial` and
+    /// is renamed to `<target>` on completion. The blob is pinned and
+    /// marked in flight (gc keeps it) until [`Store::end_download`].
+    pub fn begin_download(
+        &self,
+        hash: &blake3::Hash,
+        kind: BlobKind,
+        target: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        {
+            let mut st = lock(&self.inner.state);
+            if let Some(b) = st.get_mut(hash) {
+                b.in_flight = true;
+                b.pinned = true;
+                b.kind = kind;
+                let rec = record_of(b);
+                drop(st);
+                return self.inner.persist(hash, rec, true);
+            }
+        }
+        let b = self
+            .inner
+            .new_partial(hash, kind, target.map(Path::to_path_buf))?;
+        let rec = record_of(&b);
+        let mut st = lock(&self.inner.state);
+        if let Some(existing) = st.get_mut(hash) {
+            existing.in_flight = true;
+            return Ok(());
+        }
+        st.insert(*hash, b);
+        drop(st);
+        self.inner.persist(hash, rec, true)
+    }
+
+    /// The download of `hash` ended (done or given up): gc may remove it
+    /// again once it is unpinned.
+    pub fn end_download(&self, hash: &blake3::Hash) {
+        let mut st = lock(&self.inner.state);
+        if let Some(b) = st.get_mut(hash) {
+            b.in_flight = false;
+        }
+    }
+
+    /// Read a verified stream of `ranges` from an untrusted peer (8-byte
+    /// size, then the bao-tree encoding), checking every group against the
+    /// hash before writing it. Stops at the first bad group with
+    /// [`ReceiveError::Corrupt`] (groups before it are kept). Reads exactly
+    /// the encoded length, never past it. Returns the groups newly verified;
+    /// when all are verified the blob becomes complete (renamed into its
+    /// target, pinned) and [`StoreEvent::Complete`] is sent.
+    ///
+    /// Size: the first stream sets the (unproven) size; it is proven once
+    /// the last group verifies. A stream whose size differs from a proven
+    /// size is [`ReceiveError::SizeMismatch`]; from an unproven one, the
+    /// partial blob is reset to the new size.
+    pub async fn receive_ranges<R: AsyncRead + Unpin>(
+        &self,
+        hash: &blake3::Hash,
+        ranges: &GroupRanges,
+        mut r: R,
+    ) -> Result<GroupRanges, ReceiveError> {
+        let mut hdr = [0u8; 8];
+        if let Err(e) = r.read_exact(&mut hdr).await {
+            return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                ReceiveError::Truncated {
+                    group: ranges.iter().next().unwrap_or(0),
+                }
+            } else {
+                ReceiveError::Read(e)
+            });
+        }
+        let size = u64::from_le_bytes(hdr);
+        let Some((partial, generation)) = self.inner.prepare_receive(hash, size)? else {
+            return Ok(GroupRanges::new());
+        };
+        let wanted = ranges.intersection(&all_groups(size));
+        if wanted.is_empty() {
+            return Ok(GroupRanges::new());
+        }
+        let tree = bao_tree(size);
+        let chunks = chunk_ranges(&wanted);
+        let len = encoded_len(tree, &chunks);
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let inner = self.inner.clone();
+        let hash2 = *hash;
+        let wanted2 = wanted.clone();
+        let mut decoder = tokio::task::spawn_blocking(move || {
+            let reader = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            };
+            inner.decode_into(hash2, tree, &wanted2, partial, generation, reader)
+        });
+        let pump = async move {
+            let mut r = r.take(len);
+            loop {
+                let mut buf = BytesMut::with_capacity(PIPE_CHUNK);
+                let n = r.read_buf(&mut buf).await?;
+                if n == 0 || tx.send(buf.freeze()).await.is_err() {
+                    return Ok::<(), io::Error>(());
+                }
+            }
+        };
+        let (pump_res, res) = tokio::select! {
+            d = &mut decoder => (Ok(()), d),
+            p = pump => (p, decoder.await),
+        };
+        let res = res.map_err(|e| ReceiveError::Store(StoreError::Task(e.to_string())))?;
+        match (res, pump_res) {
+            (Err(ReceiveError::Truncated { .. }), Err(e)) => Err(ReceiveError::Read(e)),
+            (res, _) => res,
+        }
+    }
+
+    // ----------------------------------------------------------- reading
+
+    /// Read `len` verified bytes at `offset` (fewer at the end of the blob).
+    /// Fails if a group touched is not verified.
+    pub fn read_at(
+        &self,
+        hash: &blake3::Hash,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, StoreError> {
+        let src = self.inner.source(hash)?;
+        let end = offset.saturating_add(len as u64).min(src.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        if let Some(v) = &src.verified {
+            let need = groups_of_bytes(offset, end);
+            if !v.contains_range(need.clone()) {
+                let group = need.into_iter().find(|g| !v.contains(*g)).unwrap_or(0);
+                return Err(StoreError::NotVerified { hash: *hash, group });
+            }
+        }
+        let n = usize::try_from(end - offset).map_err(|_| StoreError::Incomplete(*hash))?;
+        let mut buf = vec![0u8; n];
+        src.data
+            .read_exact_at(offset, &mut buf)
+            .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
+        Ok(buf.into())
+    }
+
+    /// The whole content of a complete blob, checked against its hash.
+    pub fn read_all(&self, hash: &blake3::Hash) -> Result<Vec<u8>, StoreError> {
+        let mut v = Vec::new();
+        self.export_blob(hash, &mut v)?;
+        Ok(v)
+    }
+
+    /// Write a complete blob to `w`, checking it against its outboard in
+    /// 8 MiB windows before each window is written (corrupt data is never
+    /// written). Returns the bytes written.
+    pub fn export_blob(&self, hash: &blake3::Hash, w: &mut dyn Write) -> Result<u64, StoreError> {
+        let src = self.inner.source(hash)?;
+        if src.verified.is_some() {
+            return Err(StoreError::Incomplete(*hash));
+        }
+        let tree = bao_tree(src.size);
+        let ob = PreOrderOutboard {
+            root: *hash,
+            tree,
+            data: src.outboard.clone(),
+        };
+        let mut buf =
+            vec![0u8; tree::BATCH.min(usize::try_from(src.size.max(1)).unwrap_or(tree::BATCH))];
+        let mut pos = 0u64;
+        let name = Path::new(&src.name);
+        loop {
+            let n = usize::try_from(src.size - pos).map_or(buf.len(), |r| r.min(buf.len()));
+            src.data
+                .read_exact_at(pos, &mut buf[..n])
+                .map_err(|e| StoreError::io("reading", name, e))?;
+            let groups = groups_of_bytes(pos, pos + n as u64);
+            let want = chunk_ranges(&GroupRanges::from_range(groups));
+            let window = Window {
+                offset: pos,
+                buf: &buf[..n],
+            };
+            let mut valid = bao_tree::ChunkRanges::empty();
+            for r in bao_tree::io::sync::valid_ranges(&ob, window, &want) {
+                let r = r.map_err(|e| StoreError::io("checking", name, e))?;
+                valid |= bao_tree::ChunkRanges::from(r);
+            }
+            let needed = bao_tree::io::sync::truncate_ranges(&want, src.size);
+            if !needed.is_subset(&valid) {
+                tracing::warn!("blob {hash} ({}) is corrupt; not exporting it", src.name);
+                self.inner.mark_corrupt(hash);
+                return Err(StoreError::Corrupt {
+                    hash: *hash,
+                    name: src.name,
+                });
+            }
+            w.write_all(&buf[..n])
+                .map_err(|e| StoreError::io("writing", Path::new("output"), e))?;
+            pos += n as u64;
+            if pos >= src.size {
+                break;
+            }
+        }
+        w.flush()
+            .map_err(|e| StoreError::io("writing", Path::new("output"), e))?;
+        Ok(pos)
+    }
+
+    /// Write a complete collection to the new directory `out_dir`: files go
+    /// into a temporary directory beside it, which is renamed into place
+    /// when everything is written. Executable bits and empty directories
+    /// are restored. The manifest is checked with
+    /// [`collection::parse_manifest`] first.
+    pub fn export_collection(&self, hash: &blake3::Hash, out_dir: &Path) -> Result<(), StoreError> {
+        let manifest = self.read_all(hash)?;
+        let entries = collection::parse_manifest(&manifest)?;
+        for e in entries.iter().filter(|e| !e.empty_dir) {
+            match self.info(&e.hash) {
+                Some(i) if i.complete => {}
+                _ => return Err(StoreError::NotACollection(*hash)),
+            }
+        }
+        if fs::symlink_metadata(out_dir).is_ok() {
+            return Err(StoreError::Exists(out_dir.to_path_buf()));
+        }
+        let parent = match out_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base = out_dir
+            .file_name()
+            .ok_or_else(|| StoreError::Unsupported(out_dir.to_path_buf()))?;
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = OsStr::new(".").to_os_string();
+        tmp_name.push(base);
+        tmp_name.push(format!(".shoal-tmp-{}-{n}", std::process::id()));
+        let tmp = parent.join(tmp_name);
+        fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
+        let res = self.write_collection(&entries, &tmp).and_then(|()| {
+            if fs::symlink_metadata(out_dir).is_ok() {
+                return Err(StoreError::Exists(out_dir.to_path_buf()));
+            }
+            fs::rename(&tmp, out_dir).map_err(io_err("renaming into", out_dir))
+        });
+        if res.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        res
+    }
+
+    fn write_collection(&self, entries: &[Entry], root: &Path) -> Result<(), StoreError> {
+        for e in entries {
+            let rel: PathBuf = e.path.split('/').collect();
+            let full = root.join(&rel);
+            // Create every parent one by one, refusing anything that is not
+            // a directory we made (no symlink can be followed out of root).
+            let mut dir = root.to_path_buf();
+            let comps: Vec<&str> = e.path.split('/').collect();
+            let parents = if e.empty_dir {
+                &comps[..]
+            } else {
+                &comps[..comps.len() - 1]
+            };
+            for c in parents {
+                dir.push(c);
+                match fs::symlink_metadata(&dir) {
+                    Ok(m) if m.file_type().is_dir() => {}
+                    Ok(_) => return Err(StoreError::Unsupported(dir)),
+                    Err(_) => fs::create_dir(&dir).map_err(io_err("creating", &dir))?,
+                }
+            }
+            if e.empty_dir {
+                continue;
+            }
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode_for(e.executable)
+                .open(&full)
+                .map_err(io_err("creating", &full))?;
+            let mut bw = io::BufWriter::with_capacity(1 << 20, &mut f);
+            self.export_blob(&e.hash, &mut bw)?;
+            drop(bw);
+            if e.executable {
+                let mut p = f
+                    .metadata()
+                    .map_err(io_err("reading", &full))?
+                    .permissions();
+                p.set_mode(p.mode() | ((p.mode() & 0o444) >> 2));
+                fs::set_permissions(&full, p).map_err(io_err("setting permissions of", &full))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+trait ModeFor {
+    fn mode_for(&mut self, executable: bool) -> &mut Self;
+}
+
+impl ModeFor for OpenOptions {
+    fn mode_for(&mut self, executable: bool) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(if executable { 0o777 } else { 0o666 })
+    }
+}
+
+fn info_of(hash: &blake3::Hash, b: &Blob) -> BlobInfo {
+    let (size, verified, complete) = match &b.partial {
+        Some(p) => {
+            let s = lock(&p.st);
+            (s.size.unwrap_or(0), s.verified.clone(), false)
+        }
+        None => {
+            let size = b.size.unwrap_or(0);
+            (size, all_groups(size), true)
+        }
+    };
+    BlobInfo {
+        hash: *hash,
+        size,
+        complete,
+        verified,
+        kind: b.kind,
+        name: b.name.clone(),
+        pinned: b.pinned,
+    }
+}
+
+fn record_of(b: &Blob) -> Record {
+    let mut r = Record {
+        size: b.size,
+        kind: kind_to_u32(b.kind),
+        name: b.name.clone(),
+        pinned: b.pinned,
+        corrupt: b.corrupt,
+        ..Default::default()
+    };
+    if let Some(p) = &b.partial {
+        let s = lock(&p.st);
+        r.size = s.size;
+        r.verified = runs_to_vec(&s.verified);
+        if let Some(t) = &p.target {
+            r.path = t.as_os_str().as_bytes().to_vec();
+        }
+        return r;
+    }
+    r.complete = true;
+    match &b.data {
+        DataRef::Db | DataRef::Mem(_) => r.location = loc::INLINE,
+        DataRef::File { stamp: None, .. } => r.location = loc::OWNED,
+        DataRef::File {
+            path,
+            stamp: Some(s),
+        } => {
+            r.location = loc::EXTERNAL;
+            r.path = path.as_os_str().as_bytes().to_vec();
+            r.mtime_ns = s.mtime_ns;
+            r.ino = s.ino;
+        }
+    }
+    r
+}
+
+fn stamp_matches(path: &Path, stamp: Stamp) -> bool {
+    match fs::metadata(path) {
+        Ok(m) => Stamp::of(&m) == stamp,
+        Err(_) => false,
+    }
+}
+
+/// Read up to `buf.len()` bytes at `pos`, fewer only at the end.
+fn read_full_at(s: &Slot, mut pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read_at(pos, &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                pos += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn read_ob(ob: &ObRef) -> io::Result<Vec<u8>> {
+    match ob {
+        ObRef::None => Ok(Vec::new()),
+        ObRef::Mem(m) => Ok(m.read().unwrap_or_else(|e| e.into_inner()).clone()),
+        ObRef::File(p) => fs::read(p),
+    }
+}
+
+/// The groups of `claimed` that still verify against data and outboard.
+fn recheck(
+    hash: &blake3::Hash,
+    size: u64,
+    data: &Slot,
+    outboard: &Slot,
+    claimed: &GroupRanges,
+) -> Result<GroupRanges, StoreError> {
+    let ob = PreOrderOutboard {
+        root: *hash,
+        tree: bao_tree(size),
+        data: outboard.clone(),
+    };
+    let want = chunk_ranges(claimed);
+    let mut valid = bao_tree::ChunkRanges::empty();
+    for r in bao_tree::io::sync::valid_ranges(&ob, data, &want) {
+        let r = r.map_err(|e| StoreError::io("checking", Path::new("partial blob"), e))?;
+        valid |= bao_tree::ChunkRanges::from(r);
+    }
+    // A group counts if all of its chunks (up to the end of the blob) verify.
+    let mut out = Vec::new();
+    for g in claimed.iter() {
+        let one = chunk_ranges(&GroupRanges::from_range(g..g + 1));
+        let need = bao_tree::io::sync::truncate_ranges(&one, size);
+        if need.is_subset(&valid) {
+            out.push(g);
+        }
+    }
+    Ok(GroupRanges::from_groups(out))
+}
+
+/// Collect the files (relative paths) and empty directories under `dir`.
+fn walk(
+    root: &Path,
+    rel: &str,
+    files: &mut Vec<String>,
+    empty: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    let dir = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
+    let rd = fs::read_dir(&dir).map_err(io_err("listing", &dir))?;
+    let mut any = false;
+    for ent in rd {
+        let ent = ent.map_err(io_err("listing", &dir))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(StoreError::Unsupported(ent.path()));
+        };
+        let child = if rel.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let ft = ent.file_type().map_err(io_err("reading", &ent.path()))?;
+        if ft.is_dir() {
+            any = true;
+            walk(root, &child, files, empty)?;
+        } else if ft.is_file() {
+            any = true;
+            files.push(child);
+        } else if ft.is_symlink() {
+            tracing::warn!("skipping symbolic link {}", ent.path().display());
+        } else {
+            tracing::warn!("skipping special file {}", ent.path().display());
+        }
+    }
+    if !any && !rel.is_empty() {
+        empty.push(rel.to_owned());
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn data_dir(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("data"))
+    }
+
+    fn owned_path(&self, hash: &blake3::Hash) -> Option<PathBuf> {
+        self.data_dir()
+            .map(|d| d.join(format!("{}.data", hash.to_hex())))
+    }
+
+    fn ob_path(&self, hash: &blake3::Hash) -> Option<PathBuf> {
+        self.data_dir()
+            .map(|d| d.join(format!("{}.obao", hash.to_hex())))
+    }
+
+    fn tmp_path(&self) -> Option<PathBuf> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.data_dir()
+            .map(|d| d.join(format!("tmp-{}-{n}", std::process::id())))
+    }
+
+    fn remove_tmp_files(&self) {
+        let Some(d) = self.data_dir() else { return };
+        let Ok(rd) = fs::read_dir(&d) else { return };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("tmp-") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn inline_bytes(&self, hash: &blake3::Hash) -> Result<Bytes, StoreError> {
+        let db = self.db.as_ref().ok_or(StoreError::NotFound(*hash))?;
+        meta::load_inline(db, hash)?
+            .map(Bytes::from)
+            .ok_or(StoreError::NotFound(*hash))
+    }
+
+    /// Rebuild a blob from its record at open.
+    fn blob_from_record(&self, hash: &blake3::Hash, r: &Record) -> Result<Blob, StoreError> {
+        let path = PathBuf::from(OsStr::from_bytes(&r.path));
+        let ob_path = self.ob_path(hash).ok_or(StoreError::NotFound(*hash))?;
+        let mut b = Blob {
+            size: r.size,
+            kind: kind_from_u32(r.kind),
+            name: r.name.clone(),
+            pinned: r.pinned,
+            corrupt: r.corrupt,
+            data: DataRef::Db,
+            outboard: ObRef::None,
+            partial: None,
+            in_flight: false,
+        };
+        if r.complete {
+            let size = r.size.unwrap_or(0);
+            if bao_tree(size).outboard_size() > 0 {
+                b.outboard = ObRef::File(ob_path);
+            }
+            b.data = match r.location {
+                loc::INLINE => DataRef::Db,
+                loc::OWNED => DataRef::File {
+                    path: self.owned_path(hash).ok_or(StoreError::NotFound(*hash))?,
+                    stamp: None,
+                },
+                _ => DataRef::File {
+                    path,
+                    stamp: Some(Stamp {
+                        size,
+                        mtime_ns: r.mtime_ns,
+                        ino: r.ino,
+                    }),
+                },
+            };
+            return Ok(b);
+        }
+        let target = (!r.path.is_empty()).then_some(path);
+        let p = self.open_partial(hash, target)?;
+        // Claims are a hint: every group for which data is on disk is
+        // re-checked against the hash, so groups verified after the last
+        // save (kill -9) are kept and claims whose data never reached the
+        // disk (power cut) are dropped.
+        let claimed = runs_from_vec(&r.verified);
+        let verified = match r.size {
+            Some(size) => {
+                let on_disk = match &p.data {
+                    Slot::File(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
+                    _ => 0,
+                };
+                let candidates =
+                    GroupRanges::from_range(0..on_disk.div_ceil(GROUP_SIZE).min(group_count(size)));
+                recheck(hash, size, &p.data, &p.outboard, &candidates)?
+            }
+            None => GroupRanges::new(),
+        };
+        if verified != claimed {
+            tracing::info!(
+                "blob {hash}: {} of {} claimed groups verify after restart",
+                verified.count(),
+                claimed.count()
+            );
+        }
+        {
+            let mut s = lock(&p.st);
+            s.size = r.size;
+            s.verified = verified;
+        }
+        b.partial = Some(Arc::new(p));
+        Ok(b)
+    }
+
+    /// Open (creating if needed) the files of a partial download.
+    fn open_partial(
+        &self,
+        hash: &blake3::Hash,
+        target: Option<PathBuf>,
+    ) -> Result<Partial, StoreError> {
+        let open = |p: &Path| -> Result<Slot, StoreError> {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(io_err("creating", p))?;
+            Ok(Slot::File(Arc::new(f)))
+        };
+        let data_path = match &target {
+            Some(t) => {
+                let mut s = t.as_os_str().to_os_string();
+                s.push(".shoal-partial");
+                Some(PathBuf::from(s))
+            }
+            None => self.owned_path(hash),
+        };
+        let data = match &data_path {
+            Some(p) => open(p)?,
+            None => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
+        };
+        let outboard = match self.ob_path(hash) {
+            Some(p) => open(&p)?,
+            None => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
+        };
+        Ok(Partial {
+            data,
+            outboard,
+            data_path,
+            target,
+            st: Mutex::new(PState {
+                size: None,
+                verified: GroupRanges::new(),
+                generation: 0,
+                unsaved: 0,
+                last_save: Instant::now(),
+                done: false,
+            }),
+        })
+    }
+
+    fn new_partial(
+        &self,
+        hash: &blake3::Hash,
+        kind: BlobKind,
+        target: Option<PathBuf>,
+    ) -> Result<Blob, StoreError> {
+        let name = target
+            .as_ref()
+            .and_then(|t| t.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let p = self.open_partial(hash, target)?;
+        Ok(Blob {
+            size: None,
+            kind,
+            name,
+            pinned: true,
+            corrupt: false,
+            data: DataRef::Db,
+            outboard: ObRef::None,
+            partial: Some(Arc::new(p)),
+            in_flight: true,
+        })
+    }
+
+    fn persist(&self, hash: &blake3::Hash, rec: Record, durable: bool) -> Result<(), StoreError> {
+        match &self.db {
+            Some(db) => meta::apply(db, &[Op::Put(*hash, rec)], durable),
+            None => Ok(()),
+        }
+    }
+
+    fn update(&self, hash: &blake3::Hash, f: impl FnOnce(&mut Blob)) -> Result<(), StoreError> {
+        let rec = {
+            let mut st = lock(&self.state);
+            let b = st.get_mut(hash).ok_or(StoreError::NotFound(*hash))?;
+            f(b);
+            record_of(b)
+        };
+        self.persist(hash, rec, true)
+    }
+
+    fn mark_corrupt(&self, hash: &blake3::Hash) {
+        if let Err(e) = self.update(hash, |b| b.corrupt = true) {
+            tracing::warn!("cannot record that {hash} is corrupt: {e}");
+        }
+    }
+
+    fn save_partial(&self, hash: &blake3::Hash) -> Result<(), StoreError> {
+        let rec = {
+            let st = lock(&self.state);
+            let Some(b) = st.get(hash) else { return Ok(()) };
+            if let Some(p) = &b.partial {
+                let mut s = lock(&p.st);
+                s.unsaved = 0;
+                s.last_save = Instant::now();
+            }
+            record_of(b)
+        };
+        self.persist(hash, rec, true)
+    }
+
+    fn save_all_partials(&self) -> Result<(), StoreError> {
+        let Some(db) = &self.db else { return Ok(()) };
+        let ops: Vec<Op> = {
+            let st = lock(&self.state);
+            st.iter()
+                .filter_map(|(h, b)| {
+                    let p = b.partial.as_ref()?;
+                    {
+                        let mut s = lock(&p.st);
+                        if s.unsaved == 0 {
+                            return None;
+                        }
+                        s.unsaved = 0;
+                    }
+                    // Data first, then the claims about it.
+                    let _ = p.data.sync();
+                    let _ = p.outboard.sync();
+                    Some(Op::Put(*h, record_of(b)))
+                })
+                .collect()
+        };
+        if ops.is_empty() {
+            return Ok(());
+        }
+        meta::apply(db, &ops, true)
+    }
+
+    /// Open a blob for reading; checks in-place files.
+    fn source(&self, hash: &blake3::Hash) -> Result<Source, StoreError> {
+        let (size, name, data, outboard, partial, corrupt) = {
+            let st = lock(&self.state);
+            let b = st.get(hash).ok_or(StoreError::NotFound(*hash))?;
+            (
+                b.size,
+                b.name.clone(),
+                b.data.clone(),
+                b.outboard.clone(),
+                b.partial.clone(),
+                b.corrupt,
+            )
+        };
+        if corrupt {
+            return Err(StoreError::Corrupt { hash: *hash, name });
+        }
+        if let Some(p) = partial {
+            let s = lock(&p.st);
+            let size = s.size.ok_or(StoreError::Incomplete(*hash))?;
+            return Ok(Source {
+                size,
+                name,
+                data: p.data.clone(),
+                outboard: p.outboard.clone(),
+                verified: Some(s.verified.clone()),
+            });
+        }
+        let size = size.unwrap_or(0);
+        let data = match data {
+            DataRef::Mem(m) => Slot::Mem(m),
+            DataRef::Db => Slot::Bytes(self.inline_bytes(hash)?),
+            DataRef::File { path, stamp } => {
+                let f = match File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if stamp.is_some() && e.kind() == io::ErrorKind::NotFound => {
+                        return Err(StoreError::SourceChanged(path));
+                    }
+                    Err(e) => return Err(StoreError::io("opening", &path, e)),
+                };
+                if let Some(s) = stamp {
+                    let m = f.metadata().map_err(io_err("reading", &path))?;
+                    if Stamp::of(&m) != s {
+                        tracing::warn!(
+                            "blob {hash}: {} changed since it was added",
+                            path.display()
+                        );
+                        return Err(StoreError::SourceChanged(path));
+                    }
+                }
+                Slot::File(Arc::new(f))
+            }
+        };
+        let outboard = match outboard {
+            ObRef::None => Slot::Empty,
+            ObRef::Mem(m) => Slot::Mem(m),
+            ObRef::File(p) => Slot::File(Arc::new(File::open(&p).map_err(io_err("opening", &p))?)),
+        };
+        Ok(Source {
+            size,
+            name,
+            data,
+            outboard,
+            verified: None,
+        })
+    }
+
+    // ------------------------------------------------------------ import
+
+    fn write_outboard(&self, hash: &blake3::Hash, ob: Vec<u8>) -> Result<ObRef, StoreError> {
+        if ob.is_empty() {
+            return Ok(ObRef::None);
+        }
+        let (Some(path), Some(tmp)) = (self.ob_path(hash), self.tmp_path()) else {
+            return Ok(ObRef::Mem(Arc::new(RwLock::new(ob))));
+        };
+        fs::write(&tmp, &ob).map_err(io_err("writing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+        Ok(ObRef::File(path))
+    }
+
+    fn prepare_bytes(
+        &self,
+        data: &[u8],
+        name: String,
+        kind: BlobKind,
+    ) -> Result<Prepared, StoreError> {
+        let (hash, ob) = tree::hash_bytes(data);
+        let size = data.len() as u64;
+        let mut p = Prepared {
+            hash,
+            size,
+            name,
+            kind,
+            data: DataRef::Db,
+            outboard: ObRef::None,
+            inline: None,
+        };
+        if self.dir.is_none() {
+            p.data = DataRef::Mem(Arc::new(RwLock::new(data.to_vec())));
+            p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob)));
+            return Ok(p);
+        }
+        if data.len() <= GROUP {
+            p.inline = Some(data.to_vec());
+            return Ok(p);
+        }
+        let (Some(path), Some(tmp)) = (self.owned_path(&hash), self.tmp_path()) else {
+            return Err(StoreError::NotFound(hash));
+        };
+        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        f.write_all(data).map_err(io_err("writing", &tmp))?;
+        f.sync_data().map_err(io_err("writing", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+        p.data = DataRef::File { path, stamp: None };
+        p.outboard = self.write_outboard(&hash, ob)?;
+        Ok(p)
+    }
+
+    fn prepare_file(
+        &self,
+        path: &Path,
+        mode: ImportMode,
+        name: String,
+    ) -> Result<Prepared, StoreError> {
+        let f = File::open(path).map_err(io_err("opening", path))?;
+        let m0 = f.metadata().map_err(io_err("reading", path))?;
+        if !m0.is_file() {
+            return Err(StoreError::Unsupported(path.to_path_buf()));
+        }
+        let s0 = Stamp::of(&m0);
+        let changed = || StoreError::ChangedDuringImport(path.to_path_buf());
+        let check = |f: &File| -> Result<Stamp, StoreError> {
+            let s1 = Stamp::of(&f.metadata().map_err(io_err("reading", path))?);
+            let s2 = Stamp::of(&fs::metadata(path).map_err(io_err("reading", path))?);
+            if s1 != s0 || s2 != s0 {
+                return Err(changed());
+            }
+            Ok(s0)
+        };
+        let copy_small = mode == ImportMode::Copy && (self.dir.is_none() || s0.size <= GROUP_SIZE);
+        if copy_small {
+            let mut data = Vec::with_capacity(usize::try_from(s0.size).unwrap_or(0));
+            (&f).read_to_end(&mut data)
+                .map_err(io_err("reading", path))?;
+            check(&f)?;
+            if data.len() as u64 != s0.size {
+                return Err(changed());
+            }
+            return self.prepare_bytes(&data, name, BlobKind::Raw);
+        }
+        match mode {
+            ImportMode::InPlace => {
+                let (hash, len, ob) =
+                    tree::hash_reader(&f, |_| Ok(())).map_err(io_err("reading", path))?;
+                let stamp = check(&f)?;
+                if len != s0.size {
+                    return Err(changed());
+                }
+                let abs = fs::canonicalize(path).map_err(io_err("resolving", path))?;
+                Ok(Prepared {
+                    hash,
+                    size: len,
+                    name,
+                    kind: BlobKind::Raw,
+                    data: DataRef::File {
+                        path: abs,
+                        stamp: Some(stamp),
+                    },
+                    outboard: self.write_outboard(&hash, ob)?,
+                    inline: None,
+                })
+            }
+            ImportMode::Copy => {
+                let Some(tmp) = self.tmp_path() else {
+                    return Err(StoreError::Unsupported(path.to_path_buf()));
+                };
+                let mut out = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+                let res = (|| {
+                    let (hash, len, ob) =
+                        tree::hash_reader(&f, |b| out.write_all(b)).map_err(|e| {
+                            // Tell a failed read from a failed write by kind.
+                            StoreError::io("copying", path, e)
+                        })?;
+                    check(&f)?;
+                    if len != s0.size {
+                        return Err(changed());
+                    }
+                    out.sync_data().map_err(io_err("writing", &tmp))?;
+                    let dest = self.owned_path(&hash).ok_or_else(changed)?;
+                    fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
+                    Ok(Prepared {
+                        hash,
+                        size: len,
+                        name,
+                        kind: BlobKind::Raw,
+                        data: DataRef::File {
+                            path: dest,
+                            stamp: None,
+                        },
+                        outboard: self.write_outboard(&hash, ob)?,
+                        inline: None,
+                    })
+                })();
+                if res.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                res
+            }
+        }
+    }
+
+    /// Record prepared imports in one transaction (pinned). A blob already
+    /// complete and usable keeps its data.
+    fn commit(&self, items: Vec<Prepared>) -> Result<(), StoreError> {
+        let mut st = lock(&self.state);
+        let mut ops = Vec::with_capacity(items.len() * 2);
+        let mut new = Vec::with_capacity(items.len());
+        for p in items {
+            let keep = st.get(&p.hash).is_some_and(|b| {
+                b.partial.is_none()
+                    && !b.corrupt
+                    && match &b.data {
+                        DataRef::File {
+                            path,
+                            stamp: Some(s),
+                        } => stamp_matches(path, *s),
+                        _ => true,
+                    }
+            });
+            if keep {
+                if let Some(b) = st.get_mut(&p.hash) {
+                    b.pinned = true;
+                    if p.kind == BlobKind::Collection {
+                        b.kind = p.kind;
+                    }
+                    if b.name.is_empty() {
+                        b.name = p.name;
+                    }
+                    ops.push(Op::Put(p.hash, record_of(b)));
+                }
+                continue;
+            }
+            let b = Blob {
+                size: Some(p.size),
+                kind: p.kind,
+                name: p.name,
+                pinned: true,
+                corrupt: false,
+                data: p.data,
+                outboard: p.outboard,
+                partial: None,
+                in_flight: false,
+            };
+            if let Some(d) = p.inline {
+                ops.push(Op::PutInline(p.hash, d));
+            }
+            ops.push(Op::Put(p.hash, record_of(&b)));
+            new.push((p.hash, b));
+        }
+        if let Some(db) = &self.db {
+            meta::apply(db, &ops, true)?;
+        }
+        for (h, b) in new {
+            st.insert(h, b);
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------- receive
+
+    /// Find or create the partial entry for a stream of `size` bytes.
+    /// None if the blob is already complete with that size.
+    fn prepare_receive(
+        &self,
+        hash: &blake3::Hash,
+        size: u64,
+    ) -> Result<Option<(Arc<Partial>, u64)>, ReceiveError> {
+        let existing = {
+            let st = lock(&self.state);
+            st.get(hash).map(|b| (b.partial.clone(), b.size))
+        };
+        let partial = match existing {
+            Some((None, s)) => {
+                let s = s.unwrap_or(0);
+                if s != size {
+                    return Err(ReceiveError::SizeMismatch {
+                        expected: s,
+                        got: size,
+                    });
+                }
+                return Ok(None);
+            }
+            Some((Some(p), _)) => p,
+            None => {
+                let b = self.new_partial(hash, BlobKind::Raw, None)?;
+                let mut st = lock(&self.state);
+                let entry = st.entry(*hash).or_insert(b);
+                match &entry.partial {
+                    Some(p) => p.clone(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let (generation, changed) =
+            {
+                let mut s = lock(&partial.st);
+                match s.size {
+                    Some(old) if old == size => (s.generation, false),
+                    Some(old) if s.proven() => {
+                        return Err(ReceiveError::SizeMismatch {
+                            expected: old,
+                            got: size,
+                        });
+                    }
+                    Some(_) => {
+                        partial.data.clear().map_err(|e| {
+                            StoreError::io("resetting", Path::new("partial blob"), e)
+                        })?;
+                        partial.outboard.clear().map_err(|e| {
+                            StoreError::io("resetting", Path::new("partial blob"), e)
+                        })?;
+                        s.verified = GroupRanges::new();
+                        s.generation += 1;
+                        s.size = Some(size);
+                        (s.generation, true)
+                    }
+                    None => {
+                        s.size = Some(size);
+                        (s.generation, true)
+                    }
+                }
+            };
+        if changed {
+            {
+                let mut st = lock(&self.state);
+                if let Some(b) = st.get_mut(hash) {
+                    b.size = Some(size);
+                }
+            }
+            self.save_partial(hash)?;
+        }
+        Ok(Some((partial, generation)))
+    }
+
+    /// The blocking half of `receive_ranges`.
+    fn decode_into(
+        &self,
+        hash: blake3::Hash,
+        tree: BaoTree,
+        wanted: &GroupRanges,
+        partial: Arc<Partial>,
+        generation: u64,
+        reader: ChannelReader,
+    ) -> Result<GroupRanges, ReceiveError> {
+        let chunks = chunk_ranges(wanted);
+        let mut w = Writer {
+            inner: self,
+            hash,
+            partial: &partial,
+            generation,
+            data: Vec::with_capacity(WRITE_BATCH + GROUP),
+            data_start: 0,
+            ob: Vec::new(),
+            ob_start: 0,
+            groups: GroupRanges::new(),
+            received: GroupRanges::new(),
+            newly: GroupRanges::new(),
+        };
+        let iter = DecodeResponseIter::new(hash, tree, reader, &chunks);
+        for item in iter {
+            match item {
+                Ok(BaoContentItem::Parent(p)) => {
+                    if let Some(off) = tree.pre_order_offset(p.node) {
+                        let off = off * 64;
+                        if !w.ob.is_empty() && w.ob_start + w.ob.len() as u64 != off {
+                            w.flush()?;
+                        }
+                        if w.ob.is_empty() {
+                            w.ob_start = off;
+                        }
+                        w.ob.extend_from_slice(p.pair.0.as_bytes());
+                        w.ob.extend_from_slice(p.pair.1.as_bytes());
+                    }
+                }
+                Ok(BaoContentItem::Leaf(l)) => {
+                    if !w.data.is_empty() && w.data_start + w.data.len() as u64 != l.offset {
+                        w.flush()?;
+                    }
+                    if w.data.is_empty() {
+                        w.data_start = l.offset;
+                    }
+                    w.data.extend_from_slice(&l.data);
+                    let g = groups_of_bytes(l.offset, l.offset + l.data.len() as u64);
+                    w.groups.insert(g.clone());
+                    w.received.insert(g);
+                    if w.data.len() >= WRITE_BATCH {
+                        w.flush()?;
+                    }
+                }
+                Err(e) => {
+                    w.flush()?;
+                    let group = wanted.difference(&w.received).iter().next().unwrap_or(0);
+                    return Err(match e {
+                        DecodeError::ParentHashMismatch(_) | DecodeError::LeafHashMismatch(_) => {
+                            ReceiveError::Corrupt { group }
+                        }
+                        DecodeError::ParentNotFound(_) | DecodeError::LeafNotFound(_) => {
+                            ReceiveError::Truncated { group }
+                        }
+                        DecodeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            ReceiveError::Truncated { group }
+                        }
+                        DecodeError::Io(e) => ReceiveError::Read(e),
+                    });
+                }
+            }
+        }
+        w.flush()?;
+        Ok(w.newly)
+    }
+
+    /// Make a partial blob complete: sync, rename into its target, record.
+    fn finalize(&self, hash: &blake3::Hash, partial: &Arc<Partial>) -> Result<(), StoreError> {
+        let size = lock(&partial.st).size.unwrap_or(0);
+        let ctx = Path::new("completed blob");
+        partial.data.sync().map_err(io_err("syncing", ctx))?;
+        partial.outboard.sync().map_err(io_err("syncing", ctx))?;
+        let data = match (&partial.target, &partial.data_path, &partial.data) {
+            (Some(target), Some(tmp), _) => {
+                fs::rename(tmp, target).map_err(io_err("renaming into", target))?;
+                let m = fs::metadata(target).map_err(io_err("reading", target))?;
+                DataRef::File {
+                    path: fs::canonicalize(target).unwrap_or_else(|_| target.clone()),
+                    stamp: Some(Stamp::of(&m)),
+                }
+            }
+            (None, Some(p), _) => DataRef::File {
+                path: p.clone(),
+                stamp: None,
+            },
+            (_, _, Slot::Mem(m)) => DataRef::Mem(m.clone()),
+            _ => DataRef::Db,
+        };
+        let outboard = if bao_tree(size).outboard_size() == 0 {
+            if let Some(p) = self.ob_path(hash) {
+                let _ = fs::remove_file(p);
+            }
+            ObRef::None
+        } else {
+            match (&partial.outboard, self.ob_path(hash)) {
+                (Slot::Mem(m), _) => ObRef::Mem(m.clone()),
+                (_, Some(p)) => ObRef::File(p),
+                _ => ObRef::None,
+            }
+        };
+        let rec = {
+            let mut st = lock(&self.state);
+            let Some(b) = st.get_mut(hash) else {
+                return Ok(());
+            };
+            if !b.partial.as_ref().is_some_and(|p| Arc::ptr_eq(p, partial)) {
+                return Ok(());
+            }
+            b.data = data;
+            b.outboard = outboard;
+            b.partial = None;
+            b.pinned = true;
+            b.in_flight = false;
+            b.size = Some(size);
+            if b.name.is_empty() {
+                b.name = hash.to_hex()[..16].to_string();
+            }
+            record_of(b)
+        };
+        self.persist(hash, rec, true)?;
+        let _ = self.events.send(StoreEvent::Complete { hash: *hash });
+        Ok(())
+    }
+}
+
+/// Batches verified items of one stream and writes them.
+struct Writer<'a> {
+    inner: &'a Inner,
+    hash: blake3::Hash,
+    partial: &'a Arc<Partial>,
+    generation: u64,
+    data: Vec<u8>,
+    data_start: u64,
+    ob: Vec<u8>,
+    ob_start: u64,
+    /// Groups in `data`, not yet marked.
+    groups: GroupRanges,
+    /// Every group verified from this stream.
+    received: GroupRanges,
+    /// Groups this stream verified that were not verified before.
+    newly: GroupRanges,
+}
+
+impl Writer<'_> {
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let ctx = Path::new("download");
+        if !self.ob.is_empty() {
+            self.partial
+                .outboard
+                .write_all_at(self.ob_start, &self.ob)
+                .map_err(io_err("writing outboard of", ctx))?;
+            self.ob.clear();
+        }
+        if self.groups.is_empty() {
+            return Ok(());
+        }
+        self.partial
+            .data
+            .write_all_at(self.data_start, &self.data)
+            .map_err(io_err("writing", ctx))?;
+        self.data.clear();
+        let groups = std::mem::take(&mut self.groups);
+        let (fresh, size, complete, save) = {
+            let mut s = lock(&self.partial.st);
+            if s.generation != self.generation {
+                return Ok(());
+            }
+            let fresh = groups.difference(&s.verified);
+            s.verified = s.verified.union(&fresh);
+            s.unsaved += fresh.count();
+            let size = s.size.unwrap_or(0);
+            let complete = !s.done && s.verified.count() == group_count(size);
+            if complete {
+                s.done = true;
+            }
+            let save = s.unsaved >= SAVE_EVERY_GROUPS || s.last_save.elapsed() >= SAVE_EVERY;
+            (fresh, size, complete, save)
+        };
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        self.newly = self.newly.union(&fresh);
+        let _ = self.inner.events.send(StoreEvent::Verified {
+            hash: self.hash,
+            groups: fresh,
+            size,
+        });
+        if complete {
+            self.inner.finalize(&self.hash, self.partial)?;
+        } else if save {
+            // Data before the claims about it (page cache, not fsync: the
+            // claims are re-checked on open).
+            self.inner.save_partial(&self.hash)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.flush_on_drop.load(Ordering::SeqCst)
+            && let Err(e) = self.save_all_partials()
+        {
+            tracing::warn!("saving partial downloads on close failed: {e}");
+        }
+    }
+}

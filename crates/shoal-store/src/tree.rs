@@ -1,0 +1,270 @@
+//! Parallel BLAKE3 hashing in 16 KiB groups, and the pre-order outboard
+//! (bao-tree's layout, block size 16 KiB) built from the groups' chaining
+//! values.
+//!
+//! Every group is hashed on its own (`blake3::hazmat` with the group's input
+//! offset), in parallel with rayon; the tree above the groups is then built
+//! level by level. The result is bit-for-bit the outboard that
+//! `bao_tree::io::outboard::PreOrderMemOutboard::create` computes, which a
+//! test checks.
+
+use std::io::Read;
+
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+use rayon::prelude::*;
+use shoal_proto::{GROUP_CHUNK_LOG, GROUP_SIZE, GroupRanges};
+
+/// Bytes in one group, as a `usize`.
+pub(crate) const GROUP: usize = GROUP_SIZE as usize;
+
+/// Bytes hashed per batch when streaming a file (a multiple of [`GROUP`]).
+pub(crate) const BATCH: usize = 8 << 20;
+
+/// The bao-tree block size for 16 KiB groups.
+pub(crate) const fn block_size() -> BlockSize {
+    BlockSize::from_chunk_log(GROUP_CHUNK_LOG)
+}
+
+/// The bao tree of a blob of `size` bytes.
+pub(crate) fn bao_tree(size: u64) -> BaoTree {
+    BaoTree::new(size, block_size())
+}
+
+/// Chunk ranges (1 KiB units) covering the groups of `groups`.
+pub(crate) fn chunk_ranges(groups: &GroupRanges) -> ChunkRanges {
+    let shift = GROUP_CHUNK_LOG;
+    let mut out = ChunkRanges::empty();
+    for r in groups.runs() {
+        let start = r.start.saturating_mul(1 << shift);
+        let end = r.end.saturating_mul(1 << shift);
+        out |= ChunkRanges::from(ChunkNum(start)..ChunkNum(end));
+    }
+    out
+}
+
+/// Groups touched by the byte range `start..end` (at least the group of
+/// `start`).
+pub(crate) fn groups_of_bytes(start: u64, end: u64) -> std::ops::Range<u64> {
+    let first = start / GROUP_SIZE;
+    let last = end.div_ceil(GROUP_SIZE).max(first + 1);
+    first..last
+}
+
+/// The chaining value of group `index` (not the root).
+fn group_cv(index: u64, data: &[u8]) -> ChainingValue {
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(index * GROUP_SIZE);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// Hashes a blob fed in order, in batches that are multiples of [`GROUP`]
+/// (only the last may be shorter).
+#[derive(Default)]
+pub(crate) struct TreeHasher {
+    cvs: Vec<ChainingValue>,
+    len: u64,
+    first: Vec<u8>,
+}
+
+impl TreeHasher {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes hashed so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Hash the next `buf`; every call but the last must be a whole number
+    /// of groups.
+    pub(crate) fn update(&mut self, buf: &[u8]) {
+        debug_assert!(self.len % GROUP_SIZE == 0);
+        if self.len == 0 {
+            self.first = buf[..buf.len().min(GROUP)].to_vec();
+        }
+        let base = self.len / GROUP_SIZE;
+        if buf.len() <= 4 * GROUP {
+            self.cvs.extend(
+                buf.chunks(GROUP)
+                    .enumerate()
+                    .map(|(i, c)| group_cv(base + i as u64, c)),
+            );
+        } else {
+            let cvs: Vec<ChainingValue> = buf
+                .par_chunks(GROUP)
+                .enumerate()
+                .map(|(i, c)| group_cv(base + i as u64, c))
+                .collect();
+            self.cvs.extend(cvs);
+        }
+        self.len += buf.len() as u64;
+    }
+
+    /// The root hash and the pre-order outboard (empty for one group).
+    pub(crate) fn finish(self) -> (blake3::Hash, Vec<u8>) {
+        if self.len <= GROUP_SIZE {
+            return (blake3::hash(&self.first), Vec::new());
+        }
+        build_outboard(self.cvs)
+    }
+}
+
+/// Read `r` to its end in [`BATCH`]-sized pieces, hashing each and handing
+/// it to `sink` (for a copy) before reading the next.
+pub(crate) fn hash_reader(
+    mut r: impl Read,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(blake3::Hash, u64, Vec<u8>)> {
+    let mut hasher = TreeHasher::new();
+    let mut buf = vec![0u8; BATCH];
+    loop {
+        let n = fill(&mut r, &mut buf)?;
+        hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
+        if n < buf.len() {
+            break;
+        }
+    }
+    let len = hasher.len();
+    let (hash, ob) = hasher.finish();
+    Ok((hash, len, ob))
+}
+
+/// Read until `buf` is full or the reader ends; returns the bytes read.
+pub(crate) fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Hash and outboard of an in-memory blob.
+pub(crate) fn hash_bytes(data: &[u8]) -> (blake3::Hash, Vec<u8>) {
+    let mut h = TreeHasher::new();
+    h.update(data);
+    h.finish()
+}
+
+/// Build the tree over at least two group chaining values: the root hash
+/// and the hash pairs in pre-order.
+fn build_outboard(cvs: Vec<ChainingValue>) -> (blake3::Hash, Vec<u8>) {
+    let n = cvs.len();
+    // levels[k] holds the subtrees of 2^k groups (the last may be shorter,
+    // or promoted unchanged when it has no right sibling).
+    let mut levels = vec![cvs];
+    while let Some(prev) = levels.last().filter(|l| l.len() > 2) {
+        let next: Vec<ChainingValue> = prev
+            .par_chunks(2)
+            .map(|p| match p {
+                [l, r] => hazmat::merge_subtrees_non_root(l, r, Mode::Hash),
+                [single] => *single,
+                _ => [0; 32],
+            })
+            .collect();
+        levels.push(next);
+    }
+    let top = levels.len();
+    let root = match levels.last().map(Vec::as_slice) {
+        Some([l, r]) => hazmat::merge_subtrees_root(l, r, Mode::Hash),
+        _ => blake3::hash(b""),
+    };
+    let mut out = Vec::with_capacity((n - 1) * 64);
+    emit(&levels, top, 0, &mut out);
+    (root, out)
+}
+
+/// Append, in pre-order, the hash pairs of node `index` at `level` (whose
+/// children are in `levels[level - 1]`) and of the nodes below it.
+fn emit(levels: &[Vec<ChainingValue>], level: usize, index: usize, out: &mut Vec<u8>) {
+    let Some(children) = level.checked_sub(1).and_then(|l| levels.get(l)) else {
+        return;
+    };
+    let (l, r) = (2 * index, 2 * index + 1);
+    match (children.get(l), children.get(r)) {
+        (Some(left), Some(right)) => {
+            out.extend_from_slice(left);
+            out.extend_from_slice(right);
+            emit(levels, level - 1, l, out);
+            emit(levels, level - 1, r, out);
+        }
+        // No right sibling: this node is its left child, promoted.
+        (Some(_), None) => emit(levels, level - 1, l, out),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bao_tree::io::outboard::PreOrderMemOutboard;
+
+    pub(crate) fn data(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn outboard_equals_bao_tree() {
+        let sizes = [
+            0,
+            1,
+            1024,
+            GROUP - 1,
+            GROUP,
+            GROUP + 1,
+            2 * GROUP,
+            3 * GROUP + 5,
+            5 * GROUP,
+            7 * GROUP - 1,
+            64 * GROUP + 1,
+            (1 << 20) + 7,
+            5_000_000,
+        ];
+        for size in sizes {
+            let d = data(size, size as u64);
+            let (hash, ob) = hash_bytes(&d);
+            assert_eq!(hash, blake3::hash(&d), "size {size}");
+            let expected = PreOrderMemOutboard::create(&d, block_size());
+            assert_eq!(expected.root, hash, "size {size}");
+            assert_eq!(ob, expected.data, "outboard of size {size}");
+            assert_eq!(ob.len() as u64, bao_tree(size as u64).outboard_size());
+        }
+    }
+
+    #[test]
+    fn streaming_in_batches_matches() {
+        let d = data(3 * BATCH + 12345, 7);
+        let (h, len, ob) = hash_reader(&d[..], |_| Ok(())).unwrap();
+        assert_eq!(len, d.len() as u64);
+        assert_eq!(h, blake3::hash(&d));
+        assert_eq!(ob, hash_bytes(&d).1);
+    }
+
+    #[test]
+    fn group_ranges_map_to_chunks() {
+        let c = chunk_ranges(&GroupRanges::from_groups([0, 2, 3]));
+        assert_eq!(
+            c,
+            ChunkRanges::from(ChunkNum(0)..ChunkNum(16))
+                | ChunkRanges::from(ChunkNum(32)..ChunkNum(64))
+        );
+        assert_eq!(groups_of_bytes(0, 0), 0..1);
+        assert_eq!(groups_of_bytes(GROUP_SIZE, 2 * GROUP_SIZE + 1), 1..3);
+    }
+}
