@@ -1,0 +1,308 @@
+//! Stream wrappers: every byte of bulk data goes through these, so this is
+//! where the global bandwidth limits are enforced and bytes are counted.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use quinn::VarInt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::TransportError;
+use crate::rate::{Limiter, PIECE};
+
+/// Bytes moved through the stream wrappers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Stream payload bytes handed to QUIC for sending.
+    pub bytes_sent: u64,
+    /// Stream payload bytes read by the application.
+    pub bytes_received: u64,
+}
+
+/// Byte counters, shared by the streams of one connection (or of the whole
+/// endpoint).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn stats(&self) -> Stats {
+        Stats {
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+            bytes_received: self.received.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What all connections of an endpoint share: the limits and the global
+/// counters.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub(crate) upload: Option<Limiter>,
+    pub(crate) download: Option<Limiter>,
+    pub(crate) counters: Counters,
+}
+
+/// Where a stream counts its bytes and takes its tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct Accounting {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) conn: Arc<Counters>,
+}
+
+impl Accounting {
+    fn sent(&self, n: usize) {
+        let n = n as u64;
+        self.shared.counters.sent.fetch_add(n, Ordering::Relaxed);
+        self.conn.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn received(&self, n: usize) {
+        let n = n as u64;
+        self.shared
+            .counters
+            .received
+            .fetch_add(n, Ordering::Relaxed);
+        self.conn.received.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Tokens a stream holds but has not spent yet, and the timer it waits on
+/// for more.
+#[derive(Debug, Default)]
+struct Credit {
+    bytes: usize,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl Credit {
+    /// Hold tokens for at least one byte (up to `want`), waiting for the
+    /// bucket if it is empty; returns how many bytes may move now.
+    fn poll_take(&mut self, cx: &mut Context<'_>, limiter: &Limiter, want: usize) -> Poll<usize> {
+        loop {
+            if self.bytes > 0 {
+                return Poll::Ready(self.bytes);
+            }
+            if let Some(sleep) = self.sleep.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                self.sleep = None;
+            }
+            match limiter.try_take(want.min(PIECE)) {
+                Ok(granted) => self.bytes = granted,
+                Err(wait) => {
+                    let deadline = tokio::time::Instant::now() + wait;
+                    match self.sleep.as_mut() {
+                        Some(sleep) => sleep.as_mut().reset(deadline),
+                        None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, limiter: &Limiter, want: usize) -> usize {
+        if self.bytes == 0 {
+            self.bytes = limiter.take(want.min(PIECE)).await;
+        }
+        self.bytes
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
+    }
+}
+
+/// The sending half of a stream: tokio [`AsyncWrite`], rate-limited by the
+/// endpoint's upload limit and counted.
+#[derive(Debug)]
+pub struct SendStream {
+    inner: quinn::SendStream,
+    acct: Accounting,
+    credit: Credit,
+}
+
+impl SendStream {
+    pub(crate) fn new(inner: quinn::SendStream, acct: Accounting) -> Self {
+        SendStream {
+            inner,
+            acct,
+            credit: Credit::default(),
+        }
+    }
+
+    /// Write a whole `Bytes` without copying it.
+    pub async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), TransportError> {
+        self.write_all_chunks(&mut [chunk]).await
+    }
+
+    /// Write all of `chunks` without copying them; on return each is empty.
+    pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
+        let Some(limiter) = self.acct.shared.upload.as_ref() else {
+            let total: usize = chunks.iter().map(Bytes::len).sum();
+            self.inner.write_all_chunks(chunks).await?;
+            self.acct.sent(total);
+            return Ok(());
+        };
+        for chunk in chunks.iter_mut() {
+            while !chunk.is_empty() {
+                let allowed = self.credit.take(limiter, chunk.len()).await;
+                let piece = chunk.split_to(allowed.min(chunk.len()));
+                let len = piece.len();
+                self.inner.write_chunk(piece).await?;
+                self.credit.spend(len);
+                self.acct.sent(len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mark the stream finished: the peer reads to its end. Data already
+    /// written is still delivered.
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.inner.finish()?;
+        Ok(())
+    }
+
+    /// Abandon the stream, telling the peer `code`.
+    pub fn reset(&mut self, code: u32) -> Result<(), TransportError> {
+        self.inner.reset(VarInt::from_u32(code))?;
+        Ok(())
+    }
+
+    /// Wait until the peer has received everything (after [`finish`]), or
+    /// stopped the stream; returns the peer's stop code if it stopped it.
+    ///
+    /// [`finish`]: SendStream::finish
+    pub async fn stopped(&mut self) -> Result<Option<u32>, TransportError> {
+        let code = self.inner.stopped().await?;
+        Ok(code.map(|c| u32::try_from(c.into_inner()).unwrap_or(u32::MAX)))
+    }
+
+    /// Set this stream's priority relative to the connection's other streams
+    /// (higher goes first).
+    pub fn set_priority(&self, priority: i32) -> Result<(), TransportError> {
+        self.inner.set_priority(priority)?;
+        Ok(())
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = match this.acct.shared.upload.as_ref() {
+            None => buf.len(),
+            Some(limiter) => ready!(this.credit.poll_take(cx, limiter, buf.len())).min(buf.len()),
+        };
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..n]))?;
+        this.credit.spend(written);
+        this.acct.sent(written);
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.get_mut().inner), cx)
+    }
+}
+
+/// The receiving half of a stream: tokio [`AsyncRead`], rate-limited by the
+/// endpoint's download limit and counted.
+#[derive(Debug)]
+pub struct RecvStream {
+    inner: quinn::RecvStream,
+    acct: Accounting,
+    credit: Credit,
+}
+
+impl RecvStream {
+    pub(crate) fn new(inner: quinn::RecvStream, acct: Accounting) -> Self {
+        RecvStream {
+            inner,
+            acct,
+            credit: Credit::default(),
+        }
+    }
+
+    /// Read the next piece of data, at most `max` bytes, without copying;
+    /// `None` at the end of the stream.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, TransportError> {
+        let max = match self.acct.shared.download.as_ref() {
+            None => max,
+            Some(limiter) => self.credit.take(limiter, max).await.min(max),
+        };
+        match self.inner.read_chunk(max, true).await? {
+            Some(chunk) => {
+                self.credit.spend(chunk.bytes.len());
+                self.acct.received(chunk.bytes.len());
+                Ok(Some(chunk.bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Read the whole stream into memory, failing if it is longer than
+    /// `limit` bytes.
+    pub async fn read_to_end(&mut self, limit: usize) -> Result<Vec<u8>, TransportError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = self.read_chunk(PIECE * 4).await? {
+            if out.len() + chunk.len() > limit {
+                return Err(TransportError::TooLong { limit });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Tell the peer to stop sending, with `code`.
+    pub fn stop(&mut self, code: u32) -> Result<(), TransportError> {
+        self.inner.stop(VarInt::from_u32(code))?;
+        Ok(())
+    }
+}
+
+impl AsyncRead for RecvStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match this.acct.shared.download.as_ref() {
+            None => {
+                let before = buf.filled().len();
+                ready!(this.inner.poll_read_buf(cx, buf)).map_err(io::Error::from)?;
+                this.acct.received(buf.filled().len() - before);
+            }
+            Some(limiter) => {
+                let allowed = ready!(this.credit.poll_take(cx, limiter, buf.remaining()));
+                let dst = buf.initialize_unfilled_to(allowed.min(buf.remaining()));
+                let n = ready!(this.inner.poll_read(cx, dst)).map_err(io::Error::from)?;
+                buf.advance(n);
+                this.credit.spend(n);
+                this.acct.received(n);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
