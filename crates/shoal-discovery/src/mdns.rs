@@ -1,0 +1,228 @@
+//! The LAN source: register this node and browse for others with mDNS.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use mdns_sd::{IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Candidate, DiscoveryConfig, DiscoveryError, MDNS_SERVICE_TYPE, PROTOCOL_VERSION, PeerId, Source,
+};
+
+pub(crate) type Neighbours = Arc<Mutex<HashMap<PeerId, Vec<Candidate>>>>;
+
+/// The running mDNS daemon and our registration in it.
+pub(crate) struct MdnsService {
+    daemon: ServiceDaemon,
+    fullname: Option<String>,
+}
+
+impl MdnsService {
+    /// Starts the daemon on the configured interfaces, registers `me` with
+    /// `advertised` = (IPs, port) unless there is no IP to advertise, and
+    /// spawns the browse task.
+    pub(crate) fn start(
+        me: PeerId,
+        advertised: &(Vec<IpAddr>, u16),
+        config: &DiscoveryConfig,
+        neighbours: Neighbours,
+        events: broadcast::Sender<Candidate>,
+        cancel: CancellationToken,
+    ) -> Result<(MdnsService, JoinHandle<()>), DiscoveryError> {
+        let daemon = ServiceDaemon::new_with_port(config.mdns_port)?;
+        let setup = register(&daemon, me, advertised, config)
+            .and_then(|fullname| Ok((fullname, daemon.browse(MDNS_SERVICE_TYPE)?)));
+        let (fullname, browse) = match setup {
+            Ok(done) => done,
+            Err(err) => {
+                let _ = daemon.shutdown();
+                return Err(err.into());
+            }
+        };
+        let task = tokio::spawn(browse_loop(me, browse, neighbours, events, cancel));
+        Ok((MdnsService { daemon, fullname }, task))
+    }
+
+    /// Unregisters (waiting up to a second for the goodbye packets) and stops
+    /// the daemon.
+    pub(crate) async fn shutdown(self) {
+        if let Some(fullname) = &self.fullname {
+            match self.daemon.unregister(fullname) {
+                Ok(status) => {
+                    let waited =
+                        tokio::time::timeout(Duration::from_secs(1), status.recv_async()).await;
+                    if waited.is_err() {
+                        tracing::debug!("mdns: unregister did not finish within 1 s");
+                    }
+                }
+                Err(err) => tracing::debug!(%err, "mdns: unregister failed"),
+            }
+        }
+        self.shutdown_now();
+    }
+
+    /// Stops the daemon without waiting (it still says goodbye for our
+    /// registration on its way out).
+    pub(crate) fn shutdown_now(self) {
+        if let Err(err) = self.daemon.shutdown() {
+            tracing::debug!(%err, "mdns: daemon shutdown failed");
+        }
+    }
+}
+
+/// Restricts the daemon to the configured interfaces and registers `me`.
+/// Returns the registered full name, or `None` when there is no address to
+/// advertise.
+fn register(
+    daemon: &ServiceDaemon,
+    me: PeerId,
+    (ips, port): &(Vec<IpAddr>, u16),
+    config: &DiscoveryConfig,
+) -> Result<Option<String>, mdns_sd::Error> {
+    if !config.mdns_interfaces.is_empty() {
+        daemon.disable_interface(IfKind::All)?;
+        let names: Vec<IfKind> = config
+            .mdns_interfaces
+            .iter()
+            .map(|name| IfKind::Name(name.clone()))
+            .collect();
+        daemon.enable_interface(names)?;
+    }
+    if ips.is_empty() {
+        tracing::warn!(
+            "mdns: no interface address to advertise; browsing only, this node stays unseen on the lan"
+        );
+        return Ok(None);
+    }
+    let id = me.to_string();
+    let properties = [("id", id.as_str()), ("v", PROTOCOL_VERSION)];
+    let host = format!("{id}.local.");
+    let info = ServiceInfo::new(
+        MDNS_SERVICE_TYPE,
+        &id,
+        &host,
+        ips.as_slice(),
+        *port,
+        &properties[..],
+    )?;
+    let fullname = info.get_fullname().to_owned();
+    daemon.register(info)?;
+    tracing::debug!(%fullname, ?ips, port, "mdns: registered");
+    Ok(Some(fullname))
+}
+
+async fn browse_loop(
+    me: PeerId,
+    browse: mdns_sd::Receiver<ServiceEvent>,
+    neighbours: Neighbours,
+    events: broadcast::Sender<Candidate>,
+    cancel: CancellationToken,
+) {
+    // Instance full name -> peer id, to handle removals.
+    let mut names: HashMap<String, PeerId> = HashMap::new();
+    loop {
+        let event = tokio::select! {
+            () = cancel.cancelled() => return,
+            event = browse.recv_async() => event,
+        };
+        let Ok(event) = event else {
+            tracing::debug!("mdns: browse channel closed");
+            return;
+        };
+        match event {
+            ServiceEvent::ServiceResolved(service) => {
+                let Some((id, candidates)) = parse_resolved(&service) else {
+                    continue;
+                };
+                if id == me {
+                    continue;
+                }
+                names.insert(service.get_fullname().to_owned(), id);
+                let new: Vec<Candidate> = {
+                    let mut map = neighbours.lock().unwrap_or_else(PoisonError::into_inner);
+                    let known = map.entry(id).or_default();
+                    let new = candidates
+                        .iter()
+                        .filter(|c| !known.contains(c))
+                        .cloned()
+                        .collect();
+                    *known = candidates;
+                    new
+                };
+                if !new.is_empty() {
+                    tracing::debug!(peer = %id, addrs = ?new.iter().map(|c| c.addr).collect::<Vec<_>>(), "mdns: neighbour");
+                }
+                for candidate in new {
+                    // No receiver (no find running) is fine.
+                    let _ = events.send(candidate);
+                }
+            }
+            ServiceEvent::ServiceRemoved(_, fullname) => {
+                if let Some(id) = names.remove(&fullname) {
+                    tracing::debug!(peer = %id, "mdns: neighbour left");
+                    neighbours
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The peer id and dialable addresses of a resolved shoal service, or `None`
+/// when it is not one we can use (wrong version, bad id).
+fn parse_resolved(service: &ResolvedService) -> Option<(PeerId, Vec<Candidate>)> {
+    let version = service.get_property_val_str("v");
+    if version != Some(PROTOCOL_VERSION) {
+        tracing::debug!(
+            name = service.get_fullname(),
+            ?version,
+            "mdns: other protocol version, ignored"
+        );
+        return None;
+    }
+    let id: PeerId = match service.get_property_val_str("id").map(str::parse) {
+        Some(Ok(id)) => id,
+        _ => {
+            tracing::debug!(
+                name = service.get_fullname(),
+                "mdns: no valid id in txt, ignored"
+            );
+            return None;
+        }
+    };
+    let port = service.get_port();
+    let mut candidates: Vec<Candidate> = service
+        .get_addresses()
+        .iter()
+        .map(|ip| {
+            let addr = match ip {
+                ScopedIp::V4(v4) => SocketAddr::V4(SocketAddrV4::new(*v4.addr(), port)),
+                ScopedIp::V6(v6) => {
+                    let scope = if v6.addr().is_unicast_link_local() {
+                        v6.scope_id().index
+                    } else {
+                        0
+                    };
+                    SocketAddr::V6(SocketAddrV6::new(*v6.addr(), port, 0, scope))
+                }
+                other => SocketAddr::new(other.to_ip_addr(), port),
+            };
+            Candidate {
+                addr,
+                id: Some(id),
+                source: Source::Mdns,
+            }
+        })
+        .collect();
+    candidates.sort_by_key(|c| c.addr);
+    candidates.dedup();
+    Some((id, candidates))
+}
