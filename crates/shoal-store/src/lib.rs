@@ -58,6 +58,8 @@ mod error;
 mod meta;
 mod slot;
 mod store;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 pub use blake3::Hash;

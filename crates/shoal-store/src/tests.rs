@@ -1,0 +1,659 @@
+//! Store tests: hashes, streams between stores, corruption, partials,
+//! collections, gc, in-place files and locking.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use proptest::prelude::*;
+use shoal_proto::{GROUP_SIZE, GroupRanges, group_count};
+
+use crate::{BlobKind, ImportMode, ReceiveError, Store, StoreError, StoreEvent};
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Encode `ranges` of `hash` from `from` into bytes.
+fn encode(from: &Store, hash: &blake3::Hash, ranges: &GroupRanges) -> (GroupRanges, Vec<u8>) {
+    let (_, have) = from.available(hash, ranges).unwrap();
+    let mut out = Vec::new();
+    rt().block_on(from.send_ranges(hash, &have, &mut out))
+        .unwrap();
+    (have, out)
+}
+
+fn receive(
+    to: &Store,
+    hash: &blake3::Hash,
+    ranges: &GroupRanges,
+    bytes: &[u8],
+) -> Result<GroupRanges, ReceiveError> {
+    rt().block_on(to.receive_ranges(hash, ranges, bytes))
+}
+
+#[test]
+fn hashes_match_blake3_and_b3sum() {
+    let b3sum = std::process::Command::new("b3sum")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !b3sum && std::env::var("CI").as_deref() == Ok("true") {
+        panic!("b3sum is not installed (apt-get install b3sum)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mem = Store::in_memory();
+    let g = GROUP_SIZE as usize;
+    let sizes = [
+        0,
+        1,
+        1023,
+        1024,
+        1025,
+        g - 1,
+        g,
+        g + 1,
+        (1 << 20) + 7,
+        3 * g + 77,
+        123_456,
+        2_000_003,
+    ];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let d = data(size, i as u64);
+        let path = dir.path().join(format!("f{i}"));
+        fs::write(&path, &d).unwrap();
+        let expected = blake3::hash(&d);
+        assert_eq!(
+            store.import_file(&path, ImportMode::InPlace).unwrap(),
+            expected,
+            "size {size}"
+        );
+        assert_eq!(store.import_bytes(&d, "x").unwrap(), expected);
+        assert_eq!(mem.import_file(&path, ImportMode::Copy).unwrap(), expected);
+        if b3sum {
+            let out = std::process::Command::new("b3sum")
+                .arg(&path)
+                .output()
+                .unwrap();
+            let text = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(
+                text.split_whitespace().next(),
+                Some(expected.to_hex().as_str()),
+                "b3sum, size {size}"
+            );
+        }
+        let info = store.info(&expected).unwrap();
+        assert_eq!(info.size, size as u64);
+        assert!(info.complete && info.pinned);
+    }
+}
+
+fn roundtrip(from: &Store, to: &Store, size: usize, seed: u64, requests: &[GroupRanges]) {
+    let d = data(size, seed);
+    let hash = from.import_bytes(&d, "blob").unwrap();
+    let n = group_count(size as u64);
+    let mut got = GroupRanges::new();
+    for req in requests {
+        let req = req.intersection(&GroupRanges::from_range(0..n));
+        let (have, bytes) = encode(from, &hash, &req);
+        assert_eq!(have, req);
+        let fresh = receive(to, &hash, &have, &bytes).unwrap();
+        assert_eq!(fresh, have.difference(&got));
+        got = got.union(&have);
+        let info = to.info(&hash).unwrap();
+        assert_eq!(info.verified, got);
+        for g in got.iter() {
+            let start = g * GROUP_SIZE;
+            let b = to.read_at(&hash, start, GROUP_SIZE as usize).unwrap();
+            let end = (start as usize + GROUP_SIZE as usize).min(size);
+            assert_eq!(&b[..], &d[start as usize..end]);
+        }
+    }
+    let (_, rest) = encode(from, &hash, &GroupRanges::from_range(0..n).difference(&got));
+    receive(
+        to,
+        &hash,
+        &GroupRanges::from_range(0..n).difference(&got),
+        &rest,
+    )
+    .unwrap();
+    let info = to.info(&hash).unwrap();
+    assert!(info.complete, "complete after all groups");
+    let mut out = Vec::new();
+    to.export_blob(&hash, &mut out).unwrap();
+    assert_eq!(out, d);
+}
+
+#[test]
+fn streams_round_trip_between_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Store::open(&dir.path().join("a")).unwrap();
+    let disk2 = Store::open(&dir.path().join("b")).unwrap();
+    let mem = Store::in_memory();
+    fn r(g: impl IntoIterator<Item = u64>) -> GroupRanges {
+        GroupRanges::from_groups(g)
+    }
+    roundtrip(&mem, &disk, 0, 1, &[]);
+    roundtrip(&mem, &disk, 100, 2, &[r([0])]);
+    roundtrip(&disk, &mem, 1 << 20, 3, &[r([0, 5, 6, 63]), r([5, 7, 8])]);
+    roundtrip(&disk, &disk2, 3_000_001, 4, &[r([183]), r(0..20), r([100])]);
+    roundtrip(
+        &Store::in_memory(),
+        &Store::in_memory(),
+        200_000,
+        5,
+        &[r([12]), r([1, 3])],
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn random_ranges_round_trip(size in 0usize..600_000, seed: u64, reqs in proptest::collection::vec(proptest::collection::btree_set(0u64..40, 0..8), 0..4)) {
+        let reqs: Vec<GroupRanges> = reqs.into_iter().map(GroupRanges::from_groups).collect();
+        roundtrip(&Store::in_memory(), &Store::in_memory(), size, seed, &reqs);
+    }
+}
+
+#[test]
+fn every_flipped_bit_is_rejected_at_the_right_group() {
+    let from = Store::in_memory();
+    let size = 3 * GROUP_SIZE as usize + 100;
+    let d = data(size, 9);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let all = GroupRanges::from_range(0..4);
+    let (_, good) = encode(&from, &hash, &all);
+    // Which group each byte of the stream belongs to: parents precede the
+    // first group under them, so walk the encoding.
+    let tree = crate::tree::bao_tree(size as u64);
+    let chunks = crate::tree::chunk_ranges(&all);
+    let mut owner = vec![0u64; 8];
+    let mut is_parent = vec![true; 8];
+    let mut pending_parents = 0usize;
+    for c in tree.ranges_pre_order_chunks_iter_ref(&chunks, 0) {
+        match c {
+            bao_tree::iter::BaoChunk::Parent { .. } => pending_parents += 64,
+            bao_tree::iter::BaoChunk::Leaf {
+                start_chunk, size, ..
+            } => {
+                let g = start_chunk.0 / 16;
+                owner.extend(std::iter::repeat_n(g, pending_parents + size));
+                is_parent.extend(std::iter::repeat_n(true, pending_parents));
+                is_parent.extend(std::iter::repeat_n(false, size));
+                pending_parents = 0;
+            }
+        }
+    }
+    assert_eq!(owner.len(), good.len());
+    let rt = rt();
+    let mut checked = 0;
+    for byte in 0..good.len() {
+        // Every bit of the header and the parents, every bit of a sample of
+        // data bytes (including the first and last of each group).
+        let edge = || {
+            byte + 1 == good.len()
+                || owner[byte + 1] != owner[byte]
+                || owner[byte - 1] != owner[byte]
+        };
+        if !is_parent[byte] && byte % 61 != 0 && !edge() {
+            continue;
+        }
+        for bit in 0..8 {
+            let mut bad = good.clone();
+            bad[byte] ^= 1 << bit;
+            let to = Store::in_memory();
+            let res = rt.block_on(to.receive_ranges(&hash, &all, &bad[..]));
+            checked += 1;
+            if byte < 8 {
+                assert!(res.is_err(), "size bit {byte}.{bit} accepted");
+                continue;
+            }
+            match res {
+                Err(ReceiveError::Corrupt { group }) => {
+                    assert_eq!(group, owner[byte], "byte {byte} bit {bit}");
+                    let info = to.info(&hash).unwrap();
+                    assert_eq!(
+                        info.verified,
+                        GroupRanges::from_range(0..group),
+                        "kept groups before {group}"
+                    );
+                }
+                other => panic!("byte {byte} bit {bit}: {other:?}"),
+            }
+        }
+    }
+    assert!(checked > 3000, "{checked}");
+}
+
+#[test]
+fn truncated_and_resized_streams() {
+    let from = Store::in_memory();
+    let d = data(5 * GROUP_SIZE as usize, 11);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let all = GroupRanges::from_range(0..5);
+    let (_, good) = encode(&from, &hash, &all);
+    let to = Store::in_memory();
+    let res = receive(&to, &hash, &all, &good[..good.len() - 10]);
+    assert!(
+        matches!(res, Err(ReceiveError::Truncated { group: 4 })),
+        "{res:?}"
+    );
+    assert_eq!(
+        to.info(&hash).unwrap().verified,
+        GroupRanges::from_range(0..4)
+    );
+    // A stream claiming another size resets the unproven partial (the
+    // first four groups verify under either size: they sit in the same
+    // left subtree)...
+    let mut other = good.clone();
+    other[..8].copy_from_slice(&(d.len() as u64 + 1).to_le_bytes());
+    let res = receive(&to, &hash, &all, &other);
+    assert!(
+        matches!(res, Err(ReceiveError::Corrupt { group: 4 })),
+        "{res:?}"
+    );
+    assert_eq!(to.info(&hash).unwrap().size, d.len() as u64 + 1);
+    // ...and once the size is proven, another size is refused.
+    receive(&to, &hash, &all, &good).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    let to2 = Store::in_memory();
+    let (_, last) = encode(&from, &hash, &GroupRanges::from_range(4..5));
+    receive(&to2, &hash, &GroupRanges::from_range(4..5), &last).unwrap();
+    let res = receive(&to2, &hash, &all, &other);
+    assert!(
+        matches!(res, Err(ReceiveError::SizeMismatch { .. })),
+        "{res:?}"
+    );
+}
+
+#[test]
+fn concurrent_receivers_with_disjoint_ranges() {
+    let from = Store::in_memory();
+    let size = 100 * GROUP_SIZE as usize + 3;
+    let d = data(size, 12);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let to = Store::open(dir.path()).unwrap();
+    let target = dir.path().join("out.bin");
+    to.begin_download(&hash, BlobKind::Raw, Some(&target))
+        .unwrap();
+    let mut events = to.subscribe();
+    let parts: Vec<GroupRanges> = (0..4)
+        .map(|i| GroupRanges::from_groups((0..101).filter(|g| g % 4 == i)))
+        .collect();
+    let streams: Vec<(GroupRanges, Vec<u8>)> =
+        parts.iter().map(|p| encode(&from, &hash, p)).collect();
+    rt().block_on(async {
+        let mut tasks = Vec::new();
+        for (r, bytes) in streams {
+            let to = to.clone();
+            tasks.push(tokio::spawn(async move {
+                to.receive_ranges(&hash, &r, &bytes[..]).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    });
+    let info = to.info(&hash).unwrap();
+    assert!(info.complete);
+    assert_eq!(fs::read(&target).unwrap(), d);
+    assert!(!dir.path().join("out.bin.shoal-partial").exists());
+    let mut verified = 0;
+    let mut complete = false;
+    while let Ok(e) = events.try_recv() {
+        match e {
+            StoreEvent::Verified { groups, .. } => verified += groups.count(),
+            StoreEvent::Complete { hash: h } => complete = h == hash,
+        }
+    }
+    assert_eq!(verified, 101);
+    assert!(complete);
+    // The target is now an in-place reference.
+    let mut out = Vec::new();
+    to.export_blob(&hash, &mut out).unwrap();
+    assert_eq!(out, d);
+}
+
+fn partial_survives(crash: bool) {
+    let from = Store::in_memory();
+    let size = 40 * GROUP_SIZE as usize;
+    let d = data(size, 13);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let some = GroupRanges::from_groups([0, 1, 2, 17, 39]);
+    {
+        let to = Store::open(dir.path()).unwrap();
+        to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+        let (_, bytes) = encode(&from, &hash, &some);
+        receive(&to, &hash, &some, &bytes).unwrap();
+        if crash {
+            to.crash();
+        } else {
+            to.close().unwrap();
+        }
+    }
+    let to = Store::open(dir.path()).unwrap();
+    let info = to.info(&hash).unwrap();
+    assert!(!info.complete);
+    assert_eq!(info.verified, some, "crash {crash}");
+    let rest = GroupRanges::from_range(0..40).difference(&some);
+    let (_, bytes) = encode(&from, &hash, &rest);
+    assert_eq!(receive(&to, &hash, &rest, &bytes).unwrap(), rest);
+    assert!(to.info(&hash).unwrap().complete);
+    assert_eq!(to.read_all(&hash).unwrap(), d);
+}
+
+#[test]
+fn partial_blob_survives_reopen() {
+    partial_survives(false);
+}
+
+#[test]
+fn partial_blob_survives_crash() {
+    partial_survives(true);
+}
+
+#[test]
+fn claims_without_data_are_dropped_on_open() {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 14);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let to = Store::open(dir.path()).unwrap();
+        let all = GroupRanges::from_range(0..4);
+        let (_, bytes) = encode(&from, &hash, &all);
+        receive(&to, &hash, &all, &bytes).unwrap();
+        to.close().unwrap();
+    }
+    // Simulate a power cut: the claims were saved but group 2's data is lost.
+    let data_file = dir
+        .path()
+        .join("data")
+        .join(format!("{}.data", hash.to_hex()));
+    let mut bytes = fs::read(&data_file).unwrap();
+    bytes[2 * GROUP_SIZE as usize + 5] ^= 1;
+    fs::write(&data_file, bytes).unwrap();
+    let to = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        to.info(&hash).unwrap().verified,
+        GroupRanges::from_groups([0, 1, 3])
+    );
+}
+
+#[test]
+fn second_open_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let _a = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked(_)), "{err}");
+    assert!(err.to_string().contains("in use"));
+}
+
+#[test]
+fn gc_keeps_pinned_and_frees_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let keep = store.import_bytes(&data(100_000, 1), "keep").unwrap();
+    let drop_big = store.import_bytes(&data(100_000, 2), "drop").unwrap();
+    let drop_small = store.import_bytes(b"small", "small").unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("sub/member"), data(50_000, 3)).unwrap();
+    let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+    let member = blake3::hash(&data(50_000, 3));
+    store.unpin(&member).unwrap();
+    store.unpin(&drop_big).unwrap();
+    store.unpin(&drop_small).unwrap();
+    let in_flight = blake3::hash(b"in flight");
+    store
+        .begin_download(&in_flight, BlobKind::Raw, None)
+        .unwrap();
+    store.unpin(&in_flight).unwrap();
+    let report = store.gc().unwrap();
+    assert_eq!(report.blobs, 2);
+    assert!(report.bytes >= 100_005, "{report:?}");
+    assert!(store.info(&keep).is_some());
+    assert!(store.info(&col).is_some());
+    assert!(
+        store.info(&member).is_some(),
+        "member of a pinned collection"
+    );
+    assert!(store.info(&in_flight).is_some(), "download in flight");
+    assert!(store.info(&drop_big).is_none() && store.info(&drop_small).is_none());
+    assert!(
+        !dir.path()
+            .join("s/data")
+            .join(format!("{}.data", drop_big.to_hex()))
+            .exists()
+    );
+    store.unpin(&col).unwrap();
+    store.end_download(&in_flight);
+    assert_eq!(store.gc().unwrap().blobs, 3);
+    assert_eq!(store.list().len(), 1);
+}
+
+#[test]
+fn flipped_byte_on_disk_is_reported_and_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let d = data(300_000, 5);
+    let hash = store.import_bytes(&d, "precious.bin").unwrap();
+    assert!(store.verify(&hash).unwrap());
+    let f = dir
+        .path()
+        .join("s/data")
+        .join(format!("{}.data", hash.to_hex()));
+    let mut bytes = fs::read(&f).unwrap();
+    bytes[200_000] ^= 0x10;
+    fs::write(&f, bytes).unwrap();
+    // Serving notices on the way (validating encoder) and refuses.
+    let all = GroupRanges::from_range(0..group_count(d.len() as u64));
+    let mut out = Vec::new();
+    let err = rt()
+        .block_on(store.send_ranges(&hash, &all, &mut out))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("precious.bin"));
+    // Nothing from the bad group (12) was sent.
+    assert!(out.len() < 8 + 12 * GROUP_SIZE as usize + 64 * 20);
+    assert!(store.available(&hash, &all).is_none());
+    assert!(!store.verify(&hash).unwrap());
+    assert_eq!(
+        store.verify_all().unwrap(),
+        vec![(hash, "precious.bin".to_string())]
+    );
+    assert!(store.export_blob(&hash, &mut Vec::new()).is_err());
+}
+
+#[test]
+fn in_place_file_changed_after_import_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let path = dir.path().join("movie.bin");
+    let d = data(200_000, 6);
+    fs::write(&path, &d).unwrap();
+    let hash = store.import_file(&path, ImportMode::InPlace).unwrap();
+    // No second copy.
+    assert!(
+        !dir.path()
+            .join("s/data")
+            .join(format!("{}.data", hash.to_hex()))
+            .exists()
+    );
+    let all = GroupRanges::from_range(0..group_count(d.len() as u64));
+    assert!(store.available(&hash, &all).is_some());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut changed = d.clone();
+    changed[5] ^= 1;
+    fs::write(&path, &changed).unwrap();
+    assert!(store.available(&hash, &all).is_none());
+    let err = rt()
+        .block_on(store.send_ranges(&hash, &all, Vec::new()))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound(_) | StoreError::SourceChanged(_)),
+        "{err}"
+    );
+    assert!(matches!(
+        store.read_at(&hash, 0, 10),
+        Err(StoreError::SourceChanged(_))
+    ));
+    assert!(!store.verify(&hash).unwrap());
+    // Same size and mtime but other bytes: the validating encoder refuses.
+    let path2 = dir.path().join("b.bin");
+    fs::write(&path2, &d).unwrap();
+    let h2 = store.import_file(&path2, ImportMode::InPlace).unwrap();
+    assert_eq!(h2, hash);
+    let m = fs::metadata(&path2).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&path2).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &[d[70_000] ^ 1], 70_000).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(m.modified().unwrap()))
+        .unwrap();
+    drop(f);
+    let res = rt().block_on(store.send_ranges(&hash, &all, Vec::new()));
+    assert!(matches!(res, Err(StoreError::Corrupt { .. })), "{res:?}");
+    // A vanished file is not served either.
+    fs::remove_file(&path2).unwrap();
+    assert!(store.available(&hash, &all).is_none());
+}
+
+#[test]
+fn directories_round_trip_as_collections() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    fs::create_dir_all(src.join("empty/inner")).unwrap();
+    fs::write(src.join("a/b/big"), data(100_000, 7)).unwrap();
+    fs::write(src.join("a/small"), b"hello").unwrap();
+    fs::write(src.join("run.sh"), b"#!/bin/sh\n").unwrap();
+    fs::write(src.join("zero"), b"").unwrap();
+    fs::set_permissions(src.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    for mode in [ImportMode::InPlace, ImportMode::Copy] {
+        let col = store.import_dir(&src, mode).unwrap();
+        assert_eq!(store.info(&col).unwrap().kind, BlobKind::Collection);
+        let entries = crate::collection::parse_manifest(&store.read_all(&col).unwrap()).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["a/b/big", "a/small", "empty/inner", "run.sh", "zero"]
+        );
+        let out = dir.path().join(format!("out-{mode:?}"));
+        store.export_collection(&col, &out).unwrap();
+        assert_eq!(fs::read(out.join("a/b/big")).unwrap(), data(100_000, 7));
+        assert_eq!(fs::read(out.join("a/small")).unwrap(), b"hello");
+        assert!(out.join("empty/inner").is_dir());
+        assert_eq!(fs::read(out.join("zero")).unwrap(), b"");
+        assert!(
+            fs::metadata(out.join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o100
+                != 0
+        );
+        assert!(
+            fs::metadata(out.join("a/small"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o100
+                == 0
+        );
+        assert!(matches!(
+            store.export_collection(&col, &out),
+            Err(StoreError::Exists(_))
+        ));
+        // No temporary directory is left behind.
+        let leftovers = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("shoal-tmp")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+}
+
+#[test]
+fn hostile_collection_is_refused_on_export() {
+    use prost::Message;
+    use shoal_proto::pb;
+    let store = Store::in_memory();
+    let member = store.import_bytes(b"evil", "evil").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (i, path) in ["../escape", "/abs", "a/../../b", "a\\b"]
+        .into_iter()
+        .enumerate()
+    {
+        let m = pb::Manifest {
+            entries: vec![pb::ManifestEntry {
+                path: path.into(),
+                kind: Some(pb::manifest_entry::Kind::File(pb::FileEntry {
+                    size: 4,
+                    hash: bytes::Bytes::copy_from_slice(member.as_bytes()),
+                    executable: false,
+                })),
+            }],
+        };
+        let col = store.import_bytes(&m.encode_to_vec(), "col").unwrap();
+        let out = dir.path().join(format!("out{i}"));
+        let err = store.export_collection(&col, &out).unwrap_err();
+        assert!(matches!(err, StoreError::Manifest(_)), "{path}: {err}");
+        assert!(!out.exists());
+    }
+    assert!(!dir.path().join("escape").exists());
+}
+
+#[test]
+fn import_of_a_missing_or_unreadable_file_is_a_clear_error() {
+    let store = Store::in_memory();
+    let err = store
+        .import_file(Path::new("/nonexistent/x"), ImportMode::InPlace)
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/x"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = store.import_dir(dir.path(), ImportMode::InPlace);
+    assert!(err.is_ok(), "an empty dir is an empty collection");
+}
+
+#[test]
+fn many_small_files_import_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..500 {
+        fs::write(src.join(format!("f{i:04}")), data(4096, i)).unwrap();
+    }
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let col = store.import_dir(&src, ImportMode::Copy).unwrap();
+    assert_eq!(store.list().len(), 501);
+    drop(store);
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let out = dir.path().join("out");
+    store.export_collection(&col, &out).unwrap();
+    assert_eq!(fs::read(out.join("f0042")).unwrap(), data(4096, 42));
+}
