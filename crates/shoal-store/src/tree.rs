@@ -81,7 +81,7 @@ impl TreeHasher {
     /// Hash the next `buf`; every call but the last must be a whole number
     /// of groups.
     pub(crate) fn update(&mut self, buf: &[u8]) {
-        debug_assert!(self.len % GROUP_SIZE == 0);
+        debug_assert!(self.len.is_multiple_of(GROUP_SIZE));
         if self.len == 0 {
             self.first = buf[..buf.len().min(GROUP)].to_vec();
         }
