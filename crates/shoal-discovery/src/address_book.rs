@@ -270,11 +270,13 @@ mod tests {
     use super::*;
     use crate::Source;
 
+    use shoal_transport::SecretKey;
+
     fn me() -> PeerId {
-        PeerId::from_bytes(&[1; 32]).expect("32 bytes")
+        SecretKey::from_bytes(&[1; 32]).public()
     }
     fn other() -> PeerId {
-        PeerId::from_bytes(&[2; 32]).expect("32 bytes")
+        SecretKey::from_bytes(&[2; 32]).public()
     }
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("socket address")

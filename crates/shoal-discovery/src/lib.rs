@@ -48,7 +48,6 @@ mod address_book;
 mod dht;
 mod local;
 mod mdns;
-mod peer_id;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -61,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use address_book::{AddressBook, BACKOFF_MAX, BACKOFF_MIN, SelfFilter, backoff};
 pub use dht::{DHT_KEY_CONTEXT, dht_key};
-pub use peer_id::{ParsePeerIdError, PeerId};
+pub use shoal_transport::PeerId;
 
 /// The DNS-SD service type shoal nodes register and browse.
 pub const MDNS_SERVICE_TYPE: &str = "_shoal._udp.local.";
