@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p shoal-store --example import_bench -- [SIZE_MIB] [--copy] [--dir DIR]
 //! cargo run --release -p shoal-store --example import_bench -- --files 10000 [--copy]
+//! cargo run --release -p shoal-store --example import_bench -- SIZE_MIB --stream
 //! ```
 //!
 //! Creates its input under `--dir` (default: the system temp dir) and
@@ -24,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match a.as_str() {
             "--copy" => copy = true,
             "--files" => files = Some(args.next().ok_or("--files needs a count")?.parse()?),
+            "--stream" => return bench_stream(size_mib),
             "--dir" => base = PathBuf::from(args.next().ok_or("--dir needs a path")?),
             n => size_mib = n.parse()?,
         }
@@ -147,6 +149,37 @@ fn bench_files(work: &Path, n: usize, copy: bool) -> Result<(), Box<dyn std::err
         "import_dir {n} files of 4 KiB ({mode:?}): {:.2} s, {:.0} files/s, collection {col}",
         s,
         n as f64 / s
+    );
+    Ok(())
+}
+
+/// Serve a blob from one in-memory store and receive it into another.
+fn bench_stream(size_mib: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let len = (size_mib << 20) as usize;
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9) as u8 ^ (i >> 13) as u8)
+        .collect();
+    let from = Store::in_memory();
+    let hash = from.import_bytes(&data, "x")?;
+    let all = shoal_store::GroupRanges::from_range(0..shoal_proto::group_count(len as u64));
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut encoded = Vec::with_capacity(len + len / 200);
+    rt.block_on(from.send_ranges(&hash, &all, &mut encoded))?;
+    encoded.clear();
+    let t = Instant::now();
+    rt.block_on(from.send_ranges(&hash, &all, &mut encoded))?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "send_ranges (in memory, validating): {:7.0} MiB/s",
+        mibps(len as u64, s)
+    );
+    let to = Store::in_memory();
+    let t = Instant::now();
+    rt.block_on(to.receive_ranges(&hash, &all, &encoded[..]))?;
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "receive_ranges (in memory, verifying): {:5.0} MiB/s",
+        mibps(len as u64, s)
     );
     Ok(())
 }

@@ -56,6 +56,16 @@ impl Slot {
         }
     }
 
+    /// Reserve room for `len` bytes in memory (no-op for files).
+    pub(crate) fn reserve(&self, len: u64) {
+        if let Slot::Mem(m) = self {
+            let mut v = m.write().unwrap_or_else(|e| e.into_inner());
+            let want = usize::try_from(len).unwrap_or(0);
+            let have = v.len();
+            v.reserve(want.saturating_sub(have));
+        }
+    }
+
     /// Make written data durable.
     pub(crate) fn sync(&self) -> io::Result<()> {
         match self {

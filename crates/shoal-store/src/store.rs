@@ -1855,6 +1855,7 @@ impl Inner {
                     }
                     None => {
                         s.size = Some(size);
+                        partial.data.reserve(size.min(1 << 32));
                         (s.generation, true)
                     }
                 }
