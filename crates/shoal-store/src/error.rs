@@ -146,9 +146,6 @@ pub enum ReceiveError {
     /// Reading the stream failed.
     #[error("reading from peer failed: {0}")]
     Read(#[source] io::Error),
-    /// No download was declared with `begin_download` and the blob is unknown.
-    #[error("no download of {0} was started")]
-    NotStarted(blake3::Hash),
     /// The store failed (disk full, permissions...).
     #[error(transparent)]
     Store(#[from] StoreError),
