@@ -1,1 +1,6 @@
-//! End-to-end tests of the `shoal` binary.
+//! End-to-end tests of the `shoal` binary: real processes, each with its
+//! own data dir, on loopback (and in network namespaces for discovery).
+//! Every test is bounded in time and kills what it starts.
+
+mod harness;
+mod swarm;

@@ -34,7 +34,10 @@ fn generate(size: usize) -> Vec<u8> {
 }
 
 fn loopback() -> NodeConfig {
-    NodeConfig { listen: vec!["127.0.0.1:0".parse().expect("literal address")], ..NodeConfig::default() }
+    NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("literal address")],
+        ..NodeConfig::default()
+    }
 }
 
 pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
@@ -54,8 +57,15 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         bail!("the store named the data {hash}, but its BLAKE3 hash is {expected}");
     }
     let ticket = seeder.ticket(&hash)?;
-    eprintln!("seeder {} holds {hash} (imported in {:.2}s)", seeder.peer_id(), import.as_secs_f64());
-    eprintln!("starting {} downloaders, each given only the seeder's ticket; they find each other by peer exchange", args.downloaders);
+    eprintln!(
+        "seeder {} holds {hash} (imported in {:.2}s)",
+        seeder.peer_id(),
+        import.as_secs_f64()
+    );
+    eprintln!(
+        "starting {} downloaders, each given only the seeder's ticket; they find each other by peer exchange",
+        args.downloaders
+    );
 
     let mut nodes = Vec::new();
     for _ in 0..args.downloaders {
@@ -85,11 +95,19 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
                 .enumerate()
                 .map(|(i, w)| {
                     let p = w.borrow().clone();
-                    let pct = if p.total == 0 { 0.0 } else { 100.0 * p.verified as f64 / p.total as f64 };
+                    let pct = if p.total == 0 {
+                        0.0
+                    } else {
+                        100.0 * p.verified as f64 / p.total as f64
+                    };
                     format!("d{}: {pct:>3.0}%", i + 1)
                 })
                 .collect();
-            eprintln!("  {:>5.1}s  {}", started.elapsed().as_secs_f64(), line.join("  "));
+            eprintln!(
+                "  {:>5.1}s  {}",
+                started.elapsed().as_secs_f64(),
+                line.join("  ")
+            );
         }
     });
     let mut finish_times = Vec::new();
@@ -114,24 +132,51 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     let report = |name: String, n: &Node, done: Option<Duration>| {
         let s = n.endpoint().stats();
         let time = done.map_or_else(|| "-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
-        let rate = done.map_or_else(|| "-".to_string(), |d| format!("{:.0} MiB/s", mb / d.as_secs_f64().max(1e-3)));
+        let rate = done.map_or_else(
+            || "-".to_string(),
+            |d| format!("{:.0} MiB/s", mb / d.as_secs_f64().max(1e-3)),
+        );
         (name, time, rate, s.bytes_sent, s.bytes_received)
     };
     let mut rows = vec![report("seeder".into(), &seeder, None)];
     for (i, n) in nodes.iter().enumerate() {
-        rows.push(report(format!("downloader {}", i + 1), n, Some(finish_times[i])));
+        rows.push(report(
+            format!("downloader {}", i + 1),
+            n,
+            Some(finish_times[i]),
+        ));
     }
     if out.json {
         for r in &rows {
-            println!("{}", serde_json::json!({ "node": r.0, "finished": r.1, "rate": r.2, "uploaded": r.3, "downloaded": r.4 }));
+            println!(
+                "{}",
+                serde_json::json!({ "node": r.0, "finished": r.1, "rate": r.2, "uploaded": r.3, "downloaded": r.4 })
+            );
         }
-        println!("{}", serde_json::json!({ "hash": hash.to_hex().as_str(), "bytes": size, "seconds": total.as_secs_f64(), "verified": all_ok }));
+        println!(
+            "{}",
+            serde_json::json!({ "hash": hash.to_hex().as_str(), "bytes": size, "seconds": total.as_secs_f64(), "verified": all_ok })
+        );
     } else {
-        println!("shoal demo: {} to {} downloaders over loopback", human(size as u64), args.downloaders);
+        println!(
+            "shoal demo: {} to {} downloaders over loopback",
+            human(size as u64),
+            args.downloaders
+        );
         println!("hash {hash}");
-        println!("{:<14} {:>9} {:>11} {:>12} {:>12}", "node", "finished", "rate", "uploaded", "downloaded");
+        println!(
+            "{:<14} {:>9} {:>11} {:>12} {:>12}",
+            "node", "finished", "rate", "uploaded", "downloaded"
+        );
         for r in &rows {
-            println!("{:<14} {:>9} {:>11} {:>12} {:>12}", r.0, r.1, r.2, human(r.3), human(r.4));
+            println!(
+                "{:<14} {:>9} {:>11} {:>12} {:>12}",
+                r.0,
+                r.1,
+                r.2,
+                human(r.3),
+                human(r.4)
+            );
         }
         let seeder_copies = rows[0].3 as f64 / size as f64;
         println!(
@@ -139,7 +184,14 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
             total.as_secs_f64(),
             mb * args.downloaders as f64 / total.as_secs_f64().max(1e-3)
         );
-        println!("verification: {}", if all_ok { "every copy has the right BLAKE3 hash" } else { "MISMATCH" });
+        println!(
+            "verification: {}",
+            if all_ok {
+                "every copy has the right BLAKE3 hash"
+            } else {
+                "MISMATCH"
+            }
+        );
     }
     for n in nodes.iter().chain(std::iter::once(&seeder)) {
         n.shutdown().await;

@@ -14,7 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use shoal_node::control::ControlClient;
-use shoal_node::{DiscoveryConfig, FetchOutput, FetchRequest, Hash, ImportMode, Node, NodeConfig, PeerAddr, Progress, Ticket};
+use shoal_node::{
+    DiscoveryConfig, FetchOutput, FetchRequest, Hash, ImportMode, Node, NodeConfig, PeerAddr,
+    Progress, Ticket,
+};
 use shoal_proto::pb;
 use shoal_store::Store;
 
@@ -24,7 +27,11 @@ mod output;
 use output::Out;
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Share files by hash with verified, swarming peer-to-peer transfers")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Share files by hash with verified, swarming peer-to-peer transfers"
+)]
 struct Cli {
     /// Where the identity, the store and the control socket live.
     #[arg(long, global = true, env = "SHOAL_DATA_DIR", value_name = "DIR")]
@@ -181,7 +188,10 @@ impl NetArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -202,18 +212,29 @@ fn main() -> ExitCode {
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn init_logging(cli: &Cli) {
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         (_, 0) => "warn,shoal=info",
-        (_, 1) => "info,shoal_node=debug,shoal_store=debug,shoal_transport=debug,shoal_discovery=debug",
+        (_, 1) => {
+            "info,shoal_node=debug,shoal_store=debug,shoal_transport=debug,shoal_discovery=debug"
+        }
         _ => "debug,shoal_node=trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 fn data_dir(cli: &Cli) -> Result<PathBuf> {
@@ -229,7 +250,8 @@ fn data_dir(cli: &Cli) -> Result<PathBuf> {
 }
 
 fn parse_hash(s: &str) -> Result<Hash> {
-    Hash::from_hex(s.trim()).map_err(|_| anyhow::anyhow!("{s:?} is not a hash: expected 64 hex digits"))
+    Hash::from_hex(s.trim())
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a hash: expected 64 hex digits"))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -238,7 +260,8 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 /// Opens the store directly (no node running on the data dir).
 fn open_store(dir: &Path) -> Result<Store> {
-    Store::open(&dir.join("store")).with_context(|| format!("opening the store in {}", dir.display()))
+    Store::open(&dir.join("store"))
+        .with_context(|| format!("opening the store in {}", dir.display()))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -253,7 +276,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Add { paths, copy } => add(&dir, &out, paths, *copy).await?,
         Command::Ls => {
             if let Some(mut c) = ControlClient::connect(&dir).await {
-                c.send(pb::control_request::Kind::List(pb::ListRequest {})).await?;
+                c.send(pb::control_request::Kind::List(pb::ListRequest {}))
+                    .await?;
                 let mut items = Vec::new();
                 while let Some(k) = c.next().await? {
                     if let pb::control_response::Kind::Item(i) = k {
@@ -263,15 +287,27 @@ async fn run(cli: Cli) -> Result<()> {
                 out.list(&items)?;
             } else {
                 let store = open_store(&dir)?;
-                let items: Vec<pb::StoreItem> = store.list().into_iter().map(output::item_from_info).collect();
+                let items: Vec<pb::StoreItem> = store
+                    .list()
+                    .into_iter()
+                    .map(output::item_from_info)
+                    .collect();
                 out.list(&items)?;
             }
         }
         Command::Rm { hashes } => {
-            let hashes: Vec<Hash> = hashes.iter().map(|h| parse_hash(h)).collect::<Result<_>>()?;
+            let hashes: Vec<Hash> = hashes
+                .iter()
+                .map(|h| parse_hash(h))
+                .collect::<Result<_>>()?;
             if let Some(mut c) = ControlClient::connect(&dir).await {
-                c.send(pb::control_request::Kind::Remove(pb::RemoveRequest { hashes: hashes.iter().map(|h| h.as_bytes().to_vec().into()).collect() }))
-                    .await?;
+                c.send(pb::control_request::Kind::Remove(pb::RemoveRequest {
+                    hashes: hashes
+                        .iter()
+                        .map(|h| h.as_bytes().to_vec().into())
+                        .collect(),
+                }))
+                .await?;
                 while c.next().await?.is_some() {}
             } else {
                 let store = open_store(&dir)?;
@@ -282,7 +318,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Gc => {
             let (blobs, bytes) = if let Some(mut c) = ControlClient::connect(&dir).await {
-                c.send(pb::control_request::Kind::Gc(pb::GcRequest {})).await?;
+                c.send(pb::control_request::Kind::Gc(pb::GcRequest {}))
+                    .await?;
                 let mut r = (0, 0);
                 while let Some(k) = c.next().await? {
                     if let pb::control_response::Kind::Gc(g) = k {
@@ -298,7 +335,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify { hashes } => verify(&dir, &out, hashes).await?,
         Command::Serve { net, listen } => {
-            let node = Node::spawn(net.node_config(&dir, listen)).await.context("starting the node")?;
+            let node = Node::spawn(net.node_config(&dir, listen))
+                .await
+                .context("starting the node")?;
             out.ready(&node)?;
             wait_for_signal().await?;
             eprintln!("shutting down");
@@ -307,22 +346,45 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ticket { hash } => {
             let hash = parse_hash(hash)?;
             let Some(mut c) = ControlClient::connect(&dir).await else {
-                bail!("no node is running on {}: a ticket names a running node's addresses; start `shoal serve` first", dir.display());
+                bail!(
+                    "no node is running on {}: a ticket names a running node's addresses; start `shoal serve` first",
+                    dir.display()
+                );
             };
-            c.send(pb::control_request::Kind::Ticket(pb::TicketRequest { hash: hash.as_bytes().to_vec().into() })).await?;
+            c.send(pb::control_request::Kind::Ticket(pb::TicketRequest {
+                hash: hash.as_bytes().to_vec().into(),
+            }))
+            .await?;
             while let Some(k) = c.next().await? {
                 if let pb::control_response::Kind::Ticket(t) = k {
                     out.ticket(&t)?;
                 }
             }
         }
-        Command::Send { path, net, listen, copy } => {
-            let node = Node::spawn(net.node_config(&dir, listen)).await.context("starting the node")?;
-            let mode = if *copy { ImportMode::Copy } else { ImportMode::InPlace };
-            let (hash, _) = node.add_path(&absolute(path)?, mode).await.with_context(|| format!("adding {}", path.display()))?;
+        Command::Send {
+            path,
+            net,
+            listen,
+            copy,
+        } => {
+            let node = Node::spawn(net.node_config(&dir, listen))
+                .await
+                .context("starting the node")?;
+            let mode = if *copy {
+                ImportMode::Copy
+            } else {
+                ImportMode::InPlace
+            };
+            let (hash, _) = node
+                .add_path(&absolute(path)?, mode)
+                .await
+                .with_context(|| format!("adding {}", path.display()))?;
             let ticket = node.ticket(&hash)?;
             out.ticket(&ticket.to_string())?;
-            eprintln!("serving {} ({hash}); to fetch it run:\n  shoal get {ticket}", path.display());
+            eprintln!(
+                "serving {} ({hash}); to fetch it run:\n  shoal get {ticket}",
+                path.display()
+            );
             wait_for_signal().await?;
             node.shutdown().await;
         }
@@ -330,7 +392,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cat { what, net } => get(&dir, &out, what, Some(Path::new("-")), net).await?,
         Command::Peers => {
             let mut c = running_node(&dir).await?;
-            c.send(pb::control_request::Kind::Peers(pb::PeersRequest {})).await?;
+            c.send(pb::control_request::Kind::Peers(pb::PeersRequest {}))
+                .await?;
             let mut peers = Vec::new();
             while let Some(k) = c.next().await? {
                 if let pb::control_response::Kind::Peer(p) = k {
@@ -341,7 +404,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status => {
             let mut c = running_node(&dir).await?;
-            c.send(pb::control_request::Kind::Status(pb::StatusRequest {})).await?;
+            c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
+                .await?;
             while let Some(k) = c.next().await? {
                 if let pb::control_response::Kind::Status(s) = k {
                     out.status(&s)?;
@@ -354,25 +418,45 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn running_node(dir: &Path) -> Result<ControlClient> {
-    ControlClient::connect(dir).await.with_context(|| format!("no node is running on {}; start one with `shoal serve`", dir.display()))
+    ControlClient::connect(dir).await.with_context(|| {
+        format!(
+            "no node is running on {}; start one with `shoal serve`",
+            dir.display()
+        )
+    })
 }
 
 async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
     if let Some(mut c) = ControlClient::connect(dir).await {
-        let abs: Vec<String> = paths.iter().map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned())).collect::<Result<_>>()?;
-        c.send(pb::control_request::Kind::Add(pb::AddRequest { paths: abs, copy })).await?;
+        let abs: Vec<String> = paths
+            .iter()
+            .map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned()))
+            .collect::<Result<_>>()?;
+        c.send(pb::control_request::Kind::Add(pb::AddRequest {
+            paths: abs,
+            copy,
+        }))
+        .await?;
         let mut i = 0;
         while let Some(k) = c.next().await? {
             if let pb::control_response::Kind::Added(a) = k {
                 let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
-                out.added(&hash, &paths[i.min(paths.len() - 1)], a.kind == pb::BlobKind::Collection as i32)?;
+                out.added(
+                    &hash,
+                    &paths[i.min(paths.len() - 1)],
+                    a.kind == pb::BlobKind::Collection as i32,
+                )?;
                 i += 1;
             }
         }
         return Ok(());
     }
     let store = open_store(dir)?;
-    let mode = if copy { ImportMode::Copy } else { ImportMode::InPlace };
+    let mode = if copy {
+        ImportMode::Copy
+    } else {
+        ImportMode::InPlace
+    };
     for p in paths {
         let abs = absolute(p)?;
         let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", p.display()))?;
@@ -392,22 +476,39 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
 }
 
 async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
-    let hashes: Vec<Hash> = hashes.iter().map(|h| parse_hash(h)).collect::<Result<_>>()?;
+    let hashes: Vec<Hash> = hashes
+        .iter()
+        .map(|h| parse_hash(h))
+        .collect::<Result<_>>()?;
     let mut results = Vec::new();
     if let Some(mut c) = ControlClient::connect(dir).await {
-        c.send(pb::control_request::Kind::Verify(pb::VerifyRequest { hashes: hashes.iter().map(|h| h.as_bytes().to_vec().into()).collect() }))
-            .await?;
+        c.send(pb::control_request::Kind::Verify(pb::VerifyRequest {
+            hashes: hashes
+                .iter()
+                .map(|h| h.as_bytes().to_vec().into())
+                .collect(),
+        }))
+        .await?;
         while let Some(k) = c.next().await? {
             if let pb::control_response::Kind::Verified(v) = k {
-                results.push((Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?), v.ok));
+                results.push((
+                    Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?),
+                    v.ok,
+                ));
             }
         }
     } else {
         let store = open_store(dir)?;
-        let list: Vec<Hash> = if hashes.is_empty() { store.list().into_iter().map(|b| b.hash).collect() } else { hashes };
+        let list: Vec<Hash> = if hashes.is_empty() {
+            store.list().into_iter().map(|b| b.hash).collect()
+        } else {
+            hashes
+        };
         for h in list {
             let s = store.clone();
-            let ok = tokio::task::spawn_blocking(move || s.verify(&h)).await?.with_context(|| format!("verifying {h}"))?;
+            let ok = tokio::task::spawn_blocking(move || s.verify(&h))
+                .await?
+                .with_context(|| format!("verifying {h}"))?;
             results.push((h, ok));
         }
     }
@@ -429,11 +530,19 @@ fn parse_target(what: &str) -> Result<(Hash, Option<Ticket>)> {
     if what.len() == 64 && what.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok((parse_hash(what)?, None));
     }
-    let t: Ticket = what.parse().with_context(|| format!("{what:?} is neither a ticket nor a 64-hex hash"))?;
+    let t: Ticket = what
+        .parse()
+        .with_context(|| format!("{what:?} is neither a ticket nor a 64-hex hash"))?;
     Ok((Hash::from_bytes(t.hash), Some(t)))
 }
 
-async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &NetArgs) -> Result<()> {
+async fn get(
+    dir: &Path,
+    out: &Out,
+    what: &str,
+    output: Option<&Path>,
+    net: &NetArgs,
+) -> Result<()> {
     let (hash, ticket) = parse_target(what)?;
     let to_stdout = output == Some(Path::new("-"));
     let output = match output {
@@ -442,7 +551,10 @@ async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &Net
     };
     if let Some(o) = &output {
         if o.exists() {
-            bail!("{} exists already; choose another output path or remove it", o.display());
+            bail!(
+                "{} exists already; choose another output path or remove it",
+                o.display()
+            );
         }
     }
     let bar = output::ProgressBar::new(!out.json && std::io::stderr().is_terminal());
@@ -452,7 +564,10 @@ async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &Net
             .map(|t| {
                 t.providers
                     .iter()
-                    .map(|p| pb::PeerInfo { id: p.id.as_bytes().to_vec().into(), addrs: p.addrs.iter().map(|a| a.to_string()).collect() })
+                    .map(|p| pb::PeerInfo {
+                        id: p.id.as_bytes().to_vec().into(),
+                        addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -464,7 +579,10 @@ async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &Net
             hash: hash.as_bytes().to_vec().into(),
             kind,
             peers,
-            out: output.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(),
+            out: output
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             stream: to_stdout,
             addrs: net.peers.iter().map(|p| p.to_string()).collect(),
         };
@@ -491,10 +609,17 @@ async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &Net
     // No node: run a short-lived one on the data dir.
     let mut config = net.node_config(dir, &[]);
     config.discovery.announce = false;
-    let node = Node::spawn(config).await.context("starting a node for the download")?;
+    let node = Node::spawn(config)
+        .await
+        .context("starting a node for the download")?;
     let mut req = match &ticket {
         Some(t) => FetchRequest::from_ticket(t, FetchOutput::Store),
-        None => FetchRequest { hash, kind: None, peers: Vec::new(), out: FetchOutput::Store },
+        None => FetchRequest {
+            hash,
+            kind: None,
+            peers: Vec::new(),
+            out: FetchOutput::Store,
+        },
     };
     req.peers.extend(net.peers.iter().copied());
     let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
@@ -531,7 +656,9 @@ async fn get(dir: &Path, out: &Out, what: &str, output: Option<&Path>, net: &Net
     };
     bar.finish();
     node.shutdown().await;
-    let report = res.context("download task failed")?.with_context(|| format!("fetching {hash}"))?;
+    let report = res
+        .context("download task failed")?
+        .with_context(|| format!("fetching {hash}"))?;
     writer.await.context("stdout writer")??;
     if !to_stdout {
         out.fetched(&report)?;

@@ -22,7 +22,11 @@ fn line(s: &str) -> Result<()> {
 }
 
 pub(crate) fn kind_name(k: i32) -> &'static str {
-    if k == pb::BlobKind::Collection as i32 { "collection" } else { "blob" }
+    if k == pb::BlobKind::Collection as i32 {
+        "collection"
+    } else {
+        "blob"
+    }
 }
 
 pub(crate) fn human(bytes: u64) -> String {
@@ -33,11 +37,17 @@ pub(crate) fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn hex(b: &[u8]) -> String {
-    shoal_proto::hash_from_bytes(b).map(|h| Hash::from_bytes(h).to_hex().to_string()).unwrap_or_else(|_| "?".into())
+    shoal_proto::hash_from_bytes(b)
+        .map(|h| Hash::from_bytes(h).to_hex().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 pub(crate) fn item_from_info(b: BlobInfo) -> pb::StoreItem {
@@ -45,8 +55,16 @@ pub(crate) fn item_from_info(b: BlobInfo) -> pb::StoreItem {
         hash: b.hash.as_bytes().to_vec().into(),
         size: b.size,
         complete: b.complete,
-        verified: if b.complete { b.size } else { (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size) },
-        kind: if b.kind == BlobKind::Collection { pb::BlobKind::Collection as i32 } else { pb::BlobKind::Raw as i32 },
+        verified: if b.complete {
+            b.size
+        } else {
+            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
+        },
+        kind: if b.kind == BlobKind::Collection {
+            pb::BlobKind::Collection as i32
+        } else {
+            pb::BlobKind::Raw as i32
+        },
         name: b.name,
         pinned: b.pinned,
     }
@@ -58,7 +76,11 @@ impl Out {
     }
 
     pub(crate) fn id(&self, id: &str) -> Result<()> {
-        if self.json { line(&json!({ "peer_id": id }).to_string()) } else { line(id) }
+        if self.json {
+            line(&json!({ "peer_id": id }).to_string())
+        } else {
+            line(id)
+        }
     }
 
     /// Exactly like `b3sum`: `<hash>  <path>`.
@@ -87,15 +109,32 @@ impl Out {
             eprintln!("the store is empty");
             return Ok(());
         }
-        line(&format!("{:<64}  {:>10}  {:<9}  {:<10}  NAME", "HASH", "SIZE", "STATE", "KIND"))?;
+        line(&format!(
+            "{:<64}  {:>10}  {:<9}  {:<10}  NAME",
+            "HASH", "SIZE", "STATE", "KIND"
+        ))?;
         for i in items {
             let state = if i.complete {
                 "complete".to_string()
             } else {
-                format!("{:.0}%", if i.size == 0 { 0.0 } else { 100.0 * i.verified as f64 / i.size as f64 })
+                format!(
+                    "{:.0}%",
+                    if i.size == 0 {
+                        0.0
+                    } else {
+                        100.0 * i.verified as f64 / i.size as f64
+                    }
+                )
             };
             let pin = if i.pinned { "" } else { " (unpinned)" };
-            line(&format!("{:<64}  {:>10}  {:<9}  {:<10}  {}{pin}", hex(&i.hash), human(i.size), state, kind_name(i.kind), i.name))?;
+            line(&format!(
+                "{:<64}  {:>10}  {:<9}  {:<10}  {}{pin}",
+                hex(&i.hash),
+                human(i.size),
+                state,
+                kind_name(i.kind),
+                i.name
+            ))?;
         }
         Ok(())
     }
@@ -110,20 +149,31 @@ impl Out {
 
     pub(crate) fn verified(&self, hash: &Hash, ok: bool) -> Result<()> {
         let word = if ok { "ok" } else { "corrupt" };
-        if self.json { line(&json!({ "hash": hash.to_hex().as_str(), "status": word }).to_string()) } else { line(&format!("{}  {word}", hash.to_hex())) }
+        if self.json {
+            line(&json!({ "hash": hash.to_hex().as_str(), "status": word }).to_string())
+        } else {
+            line(&format!("{}  {word}", hash.to_hex()))
+        }
     }
 
     pub(crate) fn ready(&self, node: &Node) -> Result<()> {
         let addrs: Vec<String> = node.addrs().iter().map(|a| a.to_string()).collect();
         if self.json {
-            line(&json!({ "ready": true, "peer_id": node.peer_id().to_string(), "addrs": addrs }).to_string())
+            line(
+                &json!({ "ready": true, "peer_id": node.peer_id().to_string(), "addrs": addrs })
+                    .to_string(),
+            )
         } else {
             line(&format!("ready {} {}", node.peer_id(), addrs.join(" ")))
         }
     }
 
     pub(crate) fn ticket(&self, t: &str) -> Result<()> {
-        if self.json { line(&json!({ "ticket": t }).to_string()) } else { line(t) }
+        if self.json {
+            line(&json!({ "ticket": t }).to_string())
+        } else {
+            line(t)
+        }
     }
 
     pub(crate) fn peers(&self, peers: &[pb::PeerStatus]) -> Result<()> {
@@ -136,10 +186,19 @@ impl Out {
             }
             return Ok(());
         }
-        line(&format!("{:<52}  {:<9}  {:>10}  {:>10}  ADDRS", "PEER", "STATE", "UP", "DOWN"))?;
+        line(&format!(
+            "{:<52}  {:<9}  {:>10}  {:>10}  ADDRS",
+            "PEER", "STATE", "UP", "DOWN"
+        ))?;
         for p in peers {
             let state = if p.connected { "connected" } else { "known" };
-            line(&format!("{:<52}  {state:<9}  {:>10}  {:>10}  {}", p.peer_id, human(p.uploaded), human(p.downloaded), p.addrs.join(" ")))?;
+            line(&format!(
+                "{:<52}  {state:<9}  {:>10}  {:>10}  {}",
+                p.peer_id,
+                human(p.uploaded),
+                human(p.downloaded),
+                p.addrs.join(" ")
+            ))?;
         }
         Ok(())
     }
@@ -164,8 +223,17 @@ impl Out {
             line("transfers   none")?;
         }
         for t in &s.transfers {
-            let pct = if t.total == 0 { 0.0 } else { 100.0 * t.verified as f64 / t.total as f64 };
-            line(&format!("transfer    {}  {pct:.0}%  {} peers  {}/s", hex(&t.hash), t.peers, human(t.rate)))?;
+            let pct = if t.total == 0 {
+                0.0
+            } else {
+                100.0 * t.verified as f64 / t.total as f64
+            };
+            line(&format!(
+                "transfer    {}  {pct:.0}%  {} peers  {}/s",
+                hex(&t.hash),
+                t.peers,
+                human(t.rate)
+            ))?;
         }
         Ok(())
     }
@@ -178,7 +246,13 @@ impl Out {
                     .to_string(),
             )
         } else {
-            eprintln!("fetched {} ({}, {} files) in {secs:.2}s, {}/s", r.hash, human(r.bytes), r.files, human((r.bytes as f64 / secs) as u64));
+            eprintln!(
+                "fetched {} ({}, {} files) in {secs:.2}s, {}/s",
+                r.hash,
+                human(r.bytes),
+                r.files,
+                human((r.bytes as f64 / secs) as u64)
+            );
             Ok(())
         }
     }
@@ -193,8 +267,10 @@ impl ProgressBar {
     pub(crate) fn new(show: bool) -> Self {
         let bar = show.then(|| {
             let b = indicatif::ProgressBar::new(0);
-            let style = indicatif::ProgressStyle::with_template("{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template(
+                "{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             b.set_style(style);
             b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             b
@@ -206,7 +282,11 @@ impl ProgressBar {
         if let Some(b) = &self.bar {
             b.set_length(p.total);
             b.set_position(p.verified);
-            let files = if p.files_total > 0 { format!(", {}/{} files", p.files_done, p.files_total) } else { String::new() };
+            let files = if p.files_total > 0 {
+                format!(", {}/{} files", p.files_done, p.files_total)
+            } else {
+                String::new()
+            };
             b.set_message(format!("{} peers{files}", p.peers));
         }
     }

@@ -15,11 +15,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
+use crate::Progress;
 use crate::error::NodeError;
 use crate::fetch::{FetchOutput, FetchRequest};
 use crate::node::{Node, PeerAddr};
 use crate::wire::{WireError, read_frame, write_frame};
-use crate::Progress;
 
 /// The socket's file name in the data dir.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -29,7 +29,9 @@ pub const SOCKET_NAME: &str = "control.sock";
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, NodeError> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(NodeError::AlreadyRunning(path.parent().unwrap_or(path).to_path_buf()));
+            return Err(NodeError::AlreadyRunning(
+                path.parent().unwrap_or(path).to_path_buf(),
+            ));
         }
         std::fs::remove_file(path).map_err(|e| NodeError::Control(path.to_path_buf(), e))?;
     }
@@ -71,7 +73,10 @@ fn resp(kind: pb::control_response::Kind) -> pb::ControlResponse {
 }
 
 fn error(msg: impl std::fmt::Display) -> pb::ControlResponse {
-    resp(pb::control_response::Kind::Error(pb::Error { code: pb::ErrorCode::Internal as i32, message: msg.to_string() }))
+    resp(pb::control_response::Kind::Error(pb::Error {
+        code: pb::ErrorCode::Internal as i32,
+        message: msg.to_string(),
+    }))
 }
 
 fn done() -> pb::ControlResponse {
@@ -79,7 +84,9 @@ fn done() -> pb::ControlResponse {
 }
 
 fn parse_hash(b: &[u8]) -> Result<Hash, NodeError> {
-    hash_from_bytes(b).map(Hash::from_bytes).map_err(|e| NodeError::Protocol(e.to_string()))
+    hash_from_bytes(b)
+        .map(Hash::from_bytes)
+        .map_err(|e| NodeError::Protocol(e.to_string()))
 }
 
 pub(crate) fn kind_to_pb(k: BlobKind) -> i32 {
@@ -90,7 +97,11 @@ pub(crate) fn kind_to_pb(k: BlobKind) -> i32 {
 }
 
 fn kind_from_pb(k: i32) -> BlobKind {
-    if k == pb::BlobKind::Collection as i32 { BlobKind::Collection } else { BlobKind::Raw }
+    if k == pb::BlobKind::Collection as i32 {
+        BlobKind::Collection
+    } else {
+        BlobKind::Raw
+    }
 }
 
 async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
@@ -103,10 +114,18 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
     let result: Result<(), NodeError> = async {
         match kind {
             Req::Add(a) => {
-                let mode = if a.copy { ImportMode::Copy } else { ImportMode::InPlace };
+                let mode = if a.copy {
+                    ImportMode::Copy
+                } else {
+                    ImportMode::InPlace
+                };
                 for p in a.paths {
                     let (hash, kind) = node.add_path(Path::new(&p), mode).await?;
-                    let item = pb::AddedItem { hash: hash.as_bytes().to_vec().into(), path: p, kind: kind_to_pb(kind) };
+                    let item = pb::AddedItem {
+                        hash: hash.as_bytes().to_vec().into(),
+                        path: p,
+                        kind: kind_to_pb(kind),
+                    };
                     write_frame(&mut stream, &resp(Resp::Added(item))).await?;
                 }
             }
@@ -116,7 +135,11 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                         hash: b.hash.as_bytes().to_vec().into(),
                         size: b.size,
                         complete: b.complete,
-                        verified: if b.complete { b.size } else { (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size) },
+                        verified: if b.complete {
+                            b.size
+                        } else {
+                            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
+                        },
                         kind: kind_to_pb(b.kind),
                         name: b.name.clone(),
                         pinned: b.pinned,
@@ -131,18 +154,34 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
             }
             Req::Gc(_) => {
                 let r = node.store().gc()?;
-                write_frame(&mut stream, &resp(Resp::Gc(pb::GcReport { blobs: r.blobs, bytes: r.bytes }))).await?;
+                write_frame(
+                    &mut stream,
+                    &resp(Resp::Gc(pb::GcReport {
+                        blobs: r.blobs,
+                        bytes: r.bytes,
+                    })),
+                )
+                .await?;
             }
             Req::Verify(v) => {
                 let hashes: Vec<Hash> = if v.hashes.is_empty() {
                     node.store().list().into_iter().map(|b| b.hash).collect()
                 } else {
-                    v.hashes.iter().map(|h| parse_hash(h)).collect::<Result<_, _>>()?
+                    v.hashes
+                        .iter()
+                        .map(|h| parse_hash(h))
+                        .collect::<Result<_, _>>()?
                 };
                 for h in hashes {
                     let store = node.store().clone();
-                    let ok = tokio::task::spawn_blocking(move || store.verify(&h)).await.map_err(|e| NodeError::Internal(e.to_string()))??;
-                    let item = pb::VerifyItem { hash: h.as_bytes().to_vec().into(), ok, detail: String::new() };
+                    let ok = tokio::task::spawn_blocking(move || store.verify(&h))
+                        .await
+                        .map_err(|e| NodeError::Internal(e.to_string()))??;
+                    let item = pb::VerifyItem {
+                        hash: h.as_bytes().to_vec().into(),
+                        ok,
+                        detail: String::new(),
+                    };
                     write_frame(&mut stream, &resp(Resp::Verified(item))).await?;
                 }
             }
@@ -198,7 +237,9 @@ async fn get(node: &Node, stream: &mut UnixStream, g: pb::GetRequest) -> Result<
     let hash = parse_hash(&g.hash)?;
     let mut peers = Vec::new();
     for p in &g.peers {
-        let id = shoal_proto::hash_from_bytes(&p.id).ok().and_then(|b| shoal_transport::PeerId::from_bytes(&b).ok());
+        let id = hash_from_bytes(&p.id)
+            .ok()
+            .and_then(|b| shoal_transport::PeerId::from_bytes(&b).ok());
         for a in &p.addrs {
             if let Ok(addr) = a.parse() {
                 peers.push(PeerAddr { id, addr });
@@ -226,7 +267,12 @@ async fn get(node: &Node, stream: &mut UnixStream, g: pb::GetRequest) -> Result<
     };
     let (ptx, mut prx) = watch::channel(Progress::default());
     let n = node.clone();
-    let req = FetchRequest { hash, kind, peers, out };
+    let req = FetchRequest {
+        hash,
+        kind,
+        peers,
+        out,
+    };
     // The fetch runs on its own: if the client goes away the node still
     // completes the download.
     let mut task = tokio::spawn(async move { n.fetch(req, Some(ptx)).await });
@@ -272,7 +318,10 @@ impl ControlClient {
     /// none runs there.
     pub async fn connect(data_dir: &Path) -> Option<ControlClient> {
         let path = data_dir.join(SOCKET_NAME);
-        UnixStream::connect(&path).await.ok().map(|stream| ControlClient { stream })
+        UnixStream::connect(&path)
+            .await
+            .ok()
+            .map(|stream| ControlClient { stream })
     }
 
     /// Sends the one request of this connection.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use shoal_discovery::{AddressBook, Candidate, Source};
+use shoal_discovery::{AddressBook, Candidate, SelfFilter, Source};
 use shoal_proto::{GROUP_SIZE, GroupRanges, Limit, group_count, hash_from_bytes, limits, pb};
 use shoal_store::{BlobKind, Hash, ReceiveError};
 use shoal_transport::{Connection, PeerId, RecvStream};
@@ -25,11 +25,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::Progress;
 use crate::error::NodeError;
 use crate::node::{Inner, PeerAddr, lock};
 use crate::scheduler::{Action, DropReason, Failure, RequestId, Scheduler, SchedulerConfig};
 use crate::wire::{read_frame, write_frame};
-use crate::Progress;
 
 /// Time a peer gets to answer a small request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,12 +56,33 @@ enum ReqError {
 }
 
 enum Ev {
-    PeerUp { peer: PeerId, conn: Connection, avail: pb::Availability },
-    DialFailed { addr: SocketAddr, err: String },
-    Have { peer: PeerId, size: u64, added: GroupRanges, complete: bool },
-    SubEnded { peer: PeerId },
-    Done { id: RequestId, peer: PeerId, result: Result<GroupRanges, ReqError> },
-    Probe { peer: PeerId, result: Result<GroupRanges, ReqError> },
+    PeerUp {
+        peer: PeerId,
+        conn: Connection,
+        avail: pb::Availability,
+    },
+    DialFailed {
+        addr: SocketAddr,
+        err: String,
+    },
+    Have {
+        peer: PeerId,
+        size: u64,
+        added: GroupRanges,
+        complete: bool,
+    },
+    SubEnded {
+        peer: PeerId,
+    },
+    Done {
+        id: RequestId,
+        peer: PeerId,
+        result: Result<GroupRanges, ReqError>,
+    },
+    Probe {
+        peer: PeerId,
+        result: Result<GroupRanges, ReqError>,
+    },
     More(Vec<Candidate>),
 }
 
@@ -74,7 +95,6 @@ struct PeerSlot {
 }
 
 struct Running {
-    peer: PeerId,
     task: JoinHandle<()>,
     bytes: Arc<AtomicU64>,
     seen: u64,
@@ -87,7 +107,11 @@ struct Counting<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -97,10 +121,18 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 }
 
 /// Downloads one blob; returns the kind the providers claimed for it.
-pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::Sender<Progress>) -> Result<BlobKind, NodeError> {
+pub(crate) async fn fetch_blob(
+    node: Arc<Inner>,
+    job: BlobJob,
+    progress: watch::Sender<Progress>,
+) -> Result<BlobKind, NodeError> {
     let hash = job.hash;
     let store = node.store.clone();
-    store.begin_download(&hash, job.kind.unwrap_or(BlobKind::Raw), job.target.as_deref())?;
+    store.begin_download(
+        &hash,
+        job.kind.unwrap_or(BlobKind::Raw),
+        job.target.as_deref(),
+    )?;
     if let Some(info) = store.info(&hash).filter(|i| i.complete) {
         progress.send_modify(|p| {
             p.verified = info.size;
@@ -110,7 +142,11 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
     }
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
     let mut candidates = node.candidates(&hash, &job.peers);
-    let mut book = AddressBook::new(node.endpoint.peer_id(), node.endpoint.local_addrs());
+    let mut book = AddressBook::new(SelfFilter::new(
+        node.endpoint.peer_id(),
+        &node.endpoint.local_addrs(),
+        &crate::node::local_ips(),
+    ));
     let mut dialing: HashSet<SocketAddr> = HashSet::new();
     let mut queued: Vec<Candidate> = Vec::new();
     let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
@@ -142,12 +178,20 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
                             continue;
                         };
                         let bytes = Arc::new(AtomicU64::new(0));
-                        let (conn, tx, store, b) = (slot.conn.clone(), tx.clone(), store.clone(), bytes.clone());
+                        let (conn, tx, store, b) =
+                            (slot.conn.clone(), tx.clone(), store.clone(), bytes.clone());
                         let task = tokio::spawn(async move {
                             let result = run_get(&conn, &store, &hash, &ranges, b).await;
                             let _ = tx.send(Ev::Done { id, peer, result }).await;
                         });
-                        running.insert(id, Running { peer, task, bytes, seen: 0 });
+                        running.insert(
+                            id,
+                            Running {
+                                task,
+                                bytes,
+                                seen: 0,
+                            },
+                        );
                     }
                     Action::Cancel { id, .. } => {
                         if let Some(r) = running.remove(&id) {
@@ -159,7 +203,9 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
                             DropReason::Corrupt => {
                                 warn!(%peer, %hash, "peer sent data that failed verification: dropped and disconnected");
                             }
-                            DropReason::Unreliable => warn!(%peer, %hash, "peer stalled or lied about what it has: dropped"),
+                            DropReason::Unreliable => {
+                                warn!(%peer, %hash, "peer stalled or lied about what it has: dropped")
+                            }
                         }
                         banned.insert(peer);
                         if let Some(slot) = peers.remove(&peer) {
@@ -175,12 +221,16 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
             }
         } else if probe.is_none() {
             // Prove the size: fetch the last group from a peer that has it.
-            let pick = peers.iter().find(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1)).map(|(p, s)| (*p, s.conn.clone(), s.size));
+            let pick = peers
+                .iter()
+                .find(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1))
+                .map(|(p, s)| (*p, s.conn.clone(), s.size));
             if let Some((peer, conn, size)) = pick {
                 let (tx, store) = (tx.clone(), store.clone());
                 let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
                 let task = tokio::spawn(async move {
-                    let result = run_get(&conn, &store, &hash, &last, Arc::new(AtomicU64::new(0))).await;
+                    let result =
+                        run_get(&conn, &store, &hash, &last, Arc::new(AtomicU64::new(0))).await;
                     let _ = tx.send(Ev::Probe { peer, result }).await;
                 });
                 probe = Some((peer, task));
@@ -189,7 +239,10 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
         // Dial queued candidates.
         while dialing.len() < MAX_DIALS && peers.len() < MAX_PEERS {
             let Some(c) = queued.pop() else { break };
-            if dialing.contains(&c.addr) || c.id.is_some_and(|id| peers.contains_key(&id) || banned.contains(&id)) {
+            if dialing.contains(&c.addr)
+                || c.id
+                    .is_some_and(|id| peers.contains_key(&id) || banned.contains(&id))
+            {
                 continue;
             }
             if !book.should_dial(c.addr, now) {
@@ -199,8 +252,15 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
             let (node, tx) = (node.clone(), tx.clone());
             tokio::spawn(async move {
                 let ev = match connect_and_ask(&node, c.addr, c.id, &hash).await {
-                    Ok((conn, avail)) => Ev::PeerUp { peer: conn.peer_id(), conn, avail },
-                    Err(e) => Ev::DialFailed { addr: c.addr, err: e.to_string() },
+                    Ok((conn, avail)) => Ev::PeerUp {
+                        peer: conn.peer_id(),
+                        conn,
+                        avail,
+                    },
+                    Err(e) => Ev::DialFailed {
+                        addr: c.addr,
+                        err: e.to_string(),
+                    },
                 };
                 let _ = tx.send(ev).await;
             });
@@ -399,10 +459,15 @@ pub(crate) async fn fetch_blob(node: Arc<Inner>, job: BlobJob, progress: watch::
             t.abort();
         }
     }
+    store.end_download(&hash);
     result?;
-    let info = store.info(&hash).ok_or(NodeError::Internal("download vanished from the store".into()))?;
+    let info = store.info(&hash).ok_or(NodeError::Internal(
+        "download vanished from the store".into(),
+    ))?;
     if !info.complete {
-        return Err(NodeError::Internal("scheduler finished but the store is not complete".into()));
+        return Err(NodeError::Internal(
+            "scheduler finished but the store is not complete".into(),
+        ));
     }
     progress.send_modify(|p| {
         p.verified = info.size;
@@ -420,14 +485,24 @@ fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Sched
     if !info.complete && !info.verified.contains(groups - 1) {
         return None;
     }
-    let have = if info.complete { GroupRanges::from_range(0..groups) } else { info.verified.clone() };
-    let cfg = SchedulerConfig { sequential, seed: u64::from_le_bytes(rand_seed()), ..SchedulerConfig::default() };
+    let have = if info.complete {
+        GroupRanges::from_range(0..groups)
+    } else {
+        info.verified.clone()
+    };
+    let cfg = SchedulerConfig {
+        sequential,
+        seed: u64::from_le_bytes(rand_seed()),
+        ..SchedulerConfig::default()
+    };
     Some(Scheduler::new(groups, &have, cfg))
 }
 
 fn rand_seed() -> [u8; 8] {
     let mut b = [0u8; 8];
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     b.copy_from_slice(&(t ^ u64::from(std::process::id())).to_le_bytes());
     b
 }
@@ -442,56 +517,102 @@ fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
 }
 
 /// Dial a candidate and ask it what it has of `hash`.
-async fn connect_and_ask(node: &Arc<Inner>, addr: SocketAddr, id: Option<PeerId>, hash: &Hash) -> Result<(Connection, pb::Availability), NodeError> {
+async fn connect_and_ask(
+    node: &Arc<Inner>,
+    addr: SocketAddr,
+    id: Option<PeerId>,
+    hash: &Hash,
+) -> Result<(Connection, pb::Availability), NodeError> {
     let conn = node.connect(addr, id).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let req = pb::Request { kind: Some(pb::request::Kind::Who(pb::Who { hashes: vec![hash.as_bytes().to_vec().into()] })) };
+    let req = pb::Request {
+        kind: Some(pb::request::Kind::Who(pb::Who {
+            hashes: vec![hash.as_bytes().to_vec().into()],
+        })),
+    };
     write_frame(&mut send, &req).await?;
     let _ = send.finish();
-    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
-        .await
-        .map_err(|_| NodeError::Timeout("waiting for an answer to who".into()))??;
+    let resp: pb::Response =
+        tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+            .await
+            .map_err(|_| NodeError::Timeout("waiting for an answer to who".into()))??;
     match resp.kind {
         Some(pb::response::Kind::Who(w)) => {
-            let a = w.entries.into_iter().next().ok_or_else(|| NodeError::Protocol("empty who answer".into()))?;
+            let a = w
+                .entries
+                .into_iter()
+                .next()
+                .ok_or_else(|| NodeError::Protocol("empty who answer".into()))?;
             if a.hash.as_ref() != hash.as_bytes() {
                 return Err(NodeError::Protocol("who answer for another hash".into()));
             }
             Ok((conn, a))
         }
-        Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+        Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(
+            shoal_proto::error_code_name(e.code),
+            e.message,
+        )),
         _ => Err(NodeError::Protocol("unexpected answer to who".into())),
     }
 }
 
 /// One get: ask for `ranges`, verify and store what comes.
-async fn run_get(conn: &Connection, store: &shoal_store::Store, hash: &Hash, ranges: &GroupRanges, bytes: Arc<AtomicU64>) -> Result<GroupRanges, ReqError> {
+async fn run_get(
+    conn: &Connection,
+    store: &shoal_store::Store,
+    hash: &Hash,
+    ranges: &GroupRanges,
+    bytes: Arc<AtomicU64>,
+) -> Result<GroupRanges, ReqError> {
     let failed = |e: &dyn std::fmt::Display| ReqError::Failed(e.to_string());
     let (mut send, recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
-    let req = pb::Request { kind: Some(pb::request::Kind::Get(pb::Get { hash: hash.as_bytes().to_vec().into(), ranges: Some(ranges.to_pb()) })) };
+    let req = pb::Request {
+        kind: Some(pb::request::Kind::Get(pb::Get {
+            hash: hash.as_bytes().to_vec().into(),
+            ranges: Some(ranges.to_pb()),
+        })),
+    };
     write_frame(&mut send, &req).await.map_err(|e| failed(&e))?;
     let _ = send.finish();
     let mut recv = Counting { inner: recv, bytes };
-    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
-        .await
-        .map_err(|_| ReqError::Failed("no answer to get".into()))?
-        .map_err(|e| failed(&e))?;
+    let resp: pb::Response =
+        tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+            .await
+            .map_err(|_| ReqError::Failed("no answer to get".into()))?
+            .map_err(|e| failed(&e))?;
     let header = match resp.kind {
         Some(pb::response::Kind::Get(h)) => h,
-        Some(pb::response::Kind::Error(e)) if e.code == pb::ErrorCode::NotFound as i32 => return Ok(GroupRanges::new()),
-        Some(pb::response::Kind::Error(e)) => return Err(ReqError::Failed(format!("{}: {}", shoal_proto::error_code_name(e.code), e.message))),
-        _ => return Err(ReqError::Corrupt("peer answered get with something else".into())),
+        Some(pb::response::Kind::Error(e)) if e.code == pb::ErrorCode::NotFound as i32 => {
+            return Ok(GroupRanges::new());
+        }
+        Some(pb::response::Kind::Error(e)) => {
+            return Err(ReqError::Failed(format!(
+                "{}: {}",
+                shoal_proto::error_code_name(e.code),
+                e.message
+            )));
+        }
+        _ => {
+            return Err(ReqError::Corrupt(
+                "peer answered get with something else".into(),
+            ));
+        }
     };
-    let sent = GroupRanges::from_opt_pb(header.ranges.as_ref()).map_err(|e| ReqError::Corrupt(format!("bad get header: {e}")))?;
+    let sent = GroupRanges::from_opt_pb(header.ranges.as_ref())
+        .map_err(|e| ReqError::Corrupt(format!("bad get header: {e}")))?;
     if !sent.difference(ranges).is_empty() {
-        return Err(ReqError::Corrupt("peer offered groups that were not asked for".into()));
+        return Err(ReqError::Corrupt(
+            "peer offered groups that were not asked for".into(),
+        ));
     }
     if sent.is_empty() {
         return Ok(sent);
     }
     match store.receive_ranges(hash, &sent, &mut recv).await {
         Ok(_new) => Ok(sent),
-        Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => Err(ReqError::Corrupt(format!("peer sent bad data: {e}"))),
+        Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => {
+            Err(ReqError::Corrupt(format!("peer sent bad data: {e}")))
+        }
         Err(e) => Err(ReqError::Failed(e.to_string())),
     }
 }
@@ -504,7 +625,12 @@ impl std::fmt::Display for ReqError {
     }
 }
 
-fn spawn_subscription(conn: Connection, hash: Hash, peer: PeerId, tx: mpsc::Sender<Ev>) -> JoinHandle<()> {
+fn spawn_subscription(
+    conn: Connection,
+    hash: Hash,
+    peer: PeerId,
+    tx: mpsc::Sender<Ev>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = run_subscription(&conn, &hash, peer, &tx).await {
             debug!(%peer, "have subscription ended: {e}");
@@ -513,17 +639,32 @@ fn spawn_subscription(conn: Connection, hash: Hash, peer: PeerId, tx: mpsc::Send
     })
 }
 
-async fn run_subscription(conn: &Connection, hash: &Hash, peer: PeerId, tx: &mpsc::Sender<Ev>) -> Result<(), NodeError> {
+async fn run_subscription(
+    conn: &Connection,
+    hash: &Hash,
+    peer: PeerId,
+    tx: &mpsc::Sender<Ev>,
+) -> Result<(), NodeError> {
     let (mut send, mut recv): (_, RecvStream) = conn.open_bi().await?;
-    let req = pb::Request { kind: Some(pb::request::Kind::Subscribe(pb::Subscribe { hashes: vec![hash.as_bytes().to_vec().into()] })) };
+    let req = pb::Request {
+        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
+            hashes: vec![hash.as_bytes().to_vec().into()],
+        })),
+    };
     // The send side stays open: closing it ends the subscription.
     write_frame(&mut send, &req).await?;
-    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
-        .await
-        .map_err(|_| NodeError::Timeout("waiting for subscribe".into()))??;
+    let resp: pb::Response =
+        tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+            .await
+            .map_err(|_| NodeError::Timeout("waiting for subscribe".into()))??;
     match resp.kind {
         Some(pb::response::Kind::Subscribe(_)) => {}
-        Some(pb::response::Kind::Error(e)) => return Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+        Some(pb::response::Kind::Error(e)) => {
+            return Err(NodeError::Remote(
+                shoal_proto::error_code_name(e.code),
+                e.message,
+            ));
+        }
         _ => return Err(NodeError::Protocol("unexpected answer to subscribe".into())),
     }
     loop {
@@ -531,8 +672,18 @@ async fn run_subscription(conn: &Connection, hash: &Hash, peer: PeerId, tx: &mps
         if up.hash.as_ref() != hash.as_bytes() {
             continue;
         }
-        let added = GroupRanges::from_opt_pb(up.added.as_ref()).map_err(|e| NodeError::Protocol(e.to_string()))?;
-        if tx.send(Ev::Have { peer, size: up.size, added, complete: up.complete }).await.is_err() {
+        let added = GroupRanges::from_opt_pb(up.added.as_ref())
+            .map_err(|e| NodeError::Protocol(e.to_string()))?;
+        if tx
+            .send(Ev::Have {
+                peer,
+                size: up.size,
+                added,
+                complete: up.complete,
+            })
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
@@ -540,22 +691,35 @@ async fn run_subscription(conn: &Connection, hash: &Hash, peer: PeerId, tx: &mps
 
 async fn ask_pex(conn: &Connection, hash: &Hash) -> Result<Vec<Candidate>, NodeError> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    let req = pb::Request { kind: Some(pb::request::Kind::Pex(pb::Pex { hash: hash.as_bytes().to_vec().into() })) };
+    let req = pb::Request {
+        kind: Some(pb::request::Kind::Pex(pb::Pex {
+            hash: hash.as_bytes().to_vec().into(),
+        })),
+    };
     write_frame(&mut send, &req).await?;
     let _ = send.finish();
-    let resp: pb::Response = tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
-        .await
-        .map_err(|_| NodeError::Timeout("waiting for pex".into()))??;
+    let resp: pb::Response =
+        tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
+            .await
+            .map_err(|_| NodeError::Timeout("waiting for pex".into()))??;
     let Some(pb::response::Kind::Pex(p)) = resp.kind else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for info in p.peers.iter().take(limits::MAX_PEX_PEERS) {
-        let Ok(id) = hash_from_bytes(&info.id) else { continue };
-        let Ok(id) = PeerId::from_bytes(&id) else { continue };
+        let Ok(id) = hash_from_bytes(&info.id) else {
+            continue;
+        };
+        let Ok(id) = PeerId::from_bytes(&id) else {
+            continue;
+        };
         for a in info.addrs.iter().take(limits::MAX_ADDRS) {
             if let Ok(addr) = a.parse::<SocketAddr>() {
-                out.push(Candidate { addr, id: Some(id), source: Source::Pex });
+                out.push(Candidate {
+                    addr,
+                    id: Some(id),
+                    source: Source::Pex,
+                });
             }
         }
     }

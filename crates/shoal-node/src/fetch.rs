@@ -11,10 +11,10 @@ use shoal_store::{BlobKind, Hash, StoreEvent, collection};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
+use crate::Progress;
 use crate::download::{BlobJob, fetch_blob};
 use crate::error::NodeError;
 use crate::node::{Node, PeerAddr, lock};
-use crate::Progress;
 
 /// Member blobs of a collection fetched at once.
 const COLLECTION_PARALLELISM: usize = 4;
@@ -63,17 +63,31 @@ pub struct FetchReport {
 impl Node {
     /// Fetches `req.hash` from every peer that has it, verifying every
     /// group; `progress` (if given) is updated as it goes.
-    pub async fn fetch(&self, req: FetchRequest, progress: Option<watch::Sender<Progress>>) -> Result<FetchReport, NodeError> {
+    pub async fn fetch(
+        &self,
+        req: FetchRequest,
+        progress: Option<watch::Sender<Progress>>,
+    ) -> Result<FetchReport, NodeError> {
         let started = Instant::now();
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
         lock(&self.inner.transfers).insert(req.hash, progress.subscribe());
         let res = self.fetch_inner(&req, &progress).await;
         lock(&self.inner.transfers).remove(&req.hash);
         let (kind, bytes, files) = res?;
-        Ok(FetchReport { hash: req.hash, kind, bytes, files, elapsed: started.elapsed() })
+        Ok(FetchReport {
+            hash: req.hash,
+            kind,
+            bytes,
+            files,
+            elapsed: started.elapsed(),
+        })
     }
 
-    async fn fetch_inner(&self, req: &FetchRequest, progress: &watch::Sender<Progress>) -> Result<(BlobKind, u64, u64), NodeError> {
+    async fn fetch_inner(
+        &self,
+        req: &FetchRequest,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(BlobKind, u64, u64), NodeError> {
         let inner = self.inner.clone();
         let target = match (&req.out, req.kind) {
             (FetchOutput::Path(p), Some(BlobKind::Raw)) => Some(p.clone()),
@@ -83,7 +97,13 @@ impl Node {
         if req.kind == Some(BlobKind::Collection) && streaming {
             return Err(NodeError::StreamCollection);
         }
-        let job = BlobJob { hash: req.hash, kind: req.kind, target: target.clone(), sequential: streaming, peers: req.peers.clone() };
+        let job = BlobJob {
+            hash: req.hash,
+            kind: req.kind,
+            target: target.clone(),
+            sequential: streaming,
+            peers: req.peers.clone(),
+        };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
         let kind = if let FetchOutput::Stream(tx) = &req.out {
             let (kind, ()) = tokio::try_join!(blob, stream_out(self, req.hash, tx.clone()))?;
@@ -99,7 +119,9 @@ impl Node {
                     FetchOutput::Path(p) => Some(p.as_path()),
                     _ => None,
                 };
-                self.fetch_members(req, dir, progress).await.map(|(b, f)| (kind, b, f))
+                self.fetch_members(req, dir, progress)
+                    .await
+                    .map(|(b, f)| (kind, b, f))
             }
             (BlobKind::Raw, FetchOutput::Path(p)) if target.is_none() => {
                 // The kind was learnt from providers: the blob went to the
@@ -115,7 +137,12 @@ impl Node {
         }
     }
 
-    async fn fetch_members(&self, req: &FetchRequest, dir: Option<&Path>, progress: &watch::Sender<Progress>) -> Result<(u64, u64), NodeError> {
+    async fn fetch_members(
+        &self,
+        req: &FetchRequest,
+        dir: Option<&Path>,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
         let mut manifest = Vec::new();
         store.export_blob(&req.hash, &mut manifest)?;
@@ -129,45 +156,31 @@ impl Node {
             p.verified = 0;
             p.files_total = total_files;
         });
-        let tmp = match dir {
-            Some(d) => {
-                if d.exists() {
-                    return Err(NodeError::OutputExists(d.to_path_buf()));
-                }
-                let tmp = temp_sibling(d);
-                std::fs::create_dir_all(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?;
-                Some(tmp)
-            }
-            None => None,
-        };
-        let done_bytes = std::sync::atomic::AtomicU64::new(0);
-        let done_files = std::sync::atomic::AtomicU32::new(0);
-        let results: Vec<Result<(), NodeError>> = futures::stream::iter(files.iter())
-            .map(|e| {
-                let tmp = tmp.clone();
-                let (done_bytes, done_files) = (&done_bytes, &done_files);
+        let items: Vec<(Hash, u64)> = files.iter().map(|e| (e.hash, e.size)).collect();
+        let done = std::sync::Arc::new((
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU32::new(0),
+        ));
+        let results: Vec<Result<(), NodeError>> = futures::stream::iter(items)
+            .map(|(hash, size)| {
+                let (inner, peers, done, progress) = (
+                    self.inner.clone(),
+                    req.peers.clone(),
+                    done.clone(),
+                    progress.clone(),
+                );
                 async move {
                     let (member_tx, _rx) = watch::channel(Progress::default());
-                    let job = BlobJob { hash: e.hash, kind: Some(BlobKind::Raw), target: None, sequential: false, peers: req.peers.clone() };
-                    fetch_blob(self.inner.clone(), job, member_tx).await?;
-                    if let Some(tmp) = &tmp {
-                        let path = collection::safe_join(tmp, &e.path)?;
-                        let store = self.store().clone();
-                        let (hash, exec) = (e.hash, e.executable);
-                        tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
-                            if let Some(parent) = path.parent() {
-                                std::fs::create_dir_all(parent).map_err(|err| NodeError::Write(parent.to_path_buf(), err))?;
-                            }
-                            let mut f = std::fs::File::create(&path).map_err(|err| NodeError::Write(path.clone(), err))?;
-                            store.export_blob(&hash, &mut f)?;
-                            set_executable(&path, exec)?;
-                            Ok(())
-                        })
-                        .await
-                        .map_err(|err| NodeError::Internal(err.to_string()))??;
-                    }
-                    let b = done_bytes.fetch_add(e.size, std::sync::atomic::Ordering::Relaxed) + e.size;
-                    let f = done_files.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let job = BlobJob {
+                        hash,
+                        kind: Some(BlobKind::Raw),
+                        target: None,
+                        sequential: false,
+                        peers,
+                    };
+                    fetch_blob(inner, job, member_tx).await?;
+                    let b = done.0.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
+                    let f = done.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     progress.send_modify(|p| {
                         p.verified = b;
                         p.files_done = f;
@@ -181,12 +194,13 @@ impl Node {
         for r in results {
             r?;
         }
-        if let (Some(tmp), Some(dir)) = (tmp, dir) {
-            for e in entries.iter().filter(|e| e.empty_dir) {
-                let p = collection::safe_join(&tmp, &e.path)?;
-                std::fs::create_dir_all(&p).map_err(|err| NodeError::Write(p.clone(), err))?;
-            }
-            std::fs::rename(&tmp, dir).map_err(|e| NodeError::Write(dir.to_path_buf(), e))?;
+        if let Some(dir) = dir {
+            // The store writes the tree under a temporary name, checking
+            // every path again, and renames it into place.
+            let (hash, dir) = (req.hash, dir.to_path_buf());
+            tokio::task::spawn_blocking(move || store.export_collection(&hash, &dir))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
         Ok((total_bytes, files.len() as u64))
     }
@@ -203,7 +217,11 @@ async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<
             let groups = group_count(info.size);
             // The size is trustworthy once the last group is verified.
             if info.complete || info.verified.contains(groups - 1) {
-                let verified = if info.complete { shoal_proto::GroupRanges::from_range(0..groups) } else { info.verified.clone() };
+                let verified = if info.complete {
+                    shoal_proto::GroupRanges::from_range(0..groups)
+                } else {
+                    info.verified.clone()
+                };
                 let mut end_group = offset / GROUP_SIZE;
                 while end_group < groups && verified.contains(end_group) {
                     end_group += 1;
@@ -226,17 +244,20 @@ async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<
             }
         }
         // Wait for more to be verified (or poll now and then).
-        let _ = tokio::time::timeout(Duration::from_millis(200), async {
-            loop {
-                match events.recv().await {
-                    Ok(StoreEvent::Verified { hash: h, .. } | StoreEvent::Complete { hash: h }) if h == hash => break,
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), async {
+                loop {
+                    match events.recv().await {
+                        Ok(
+                            StoreEvent::Verified { hash: h, .. } | StoreEvent::Complete { hash: h },
+                        ) if h == hash => break,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
                 }
-            }
-        })
-        .await;
+            })
+            .await;
         if node.inner.cancel.is_cancelled() {
             return Err(NodeError::ShuttingDown);
         }
@@ -246,26 +267,20 @@ async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<
 
 /// `dir/.name.shoal-tmp`, beside the final path.
 fn temp_sibling(p: &Path) -> PathBuf {
-    let name = p.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let name = p
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
     p.with_file_name(format!(".{name}.shoal-tmp"))
 }
 
-fn write_file_atomically(store: &shoal_store::Store, hash: &Hash, path: &Path) -> Result<(), NodeError> {
+fn write_file_atomically(
+    store: &shoal_store::Store,
+    hash: &Hash,
+    path: &Path,
+) -> Result<(), NodeError> {
     let tmp = temp_sibling(path);
     let mut f = std::fs::File::create(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?;
     store.export_blob(hash, &mut f)?;
     f.sync_all().map_err(|e| NodeError::Write(tmp.clone(), e))?;
     std::fs::rename(&tmp, path).map_err(|e| NodeError::Write(path.to_path_buf(), e))
-}
-
-fn set_executable(path: &Path, exec: bool) -> Result<(), NodeError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = if exec { 0o755 } else { 0o644 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| NodeError::Write(path.to_path_buf(), e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = (path, exec);
-    Ok(())
 }

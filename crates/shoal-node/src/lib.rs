@@ -65,7 +65,10 @@ impl FetchRequest {
         let mut peers = Vec::new();
         for p in &ticket.providers {
             for a in &p.addrs {
-                peers.push(PeerAddr { id: Some(p.id), addr: *a });
+                peers.push(PeerAddr {
+                    id: Some(p.id),
+                    addr: *a,
+                });
             }
         }
         FetchRequest {

@@ -10,11 +10,13 @@ use std::time::Duration;
 use shoal_discovery::{Candidate, Discovery, DiscoveryConfig, Source};
 use shoal_proto::{PROTOCOL_VERSION, limits, pb};
 use shoal_store::{BlobKind, Hash, ImportMode, Store, StoreEvent};
-use shoal_transport::{Connection, Endpoint, EndpointConfig, PeerId, SecretKey, Ticket, TicketKind};
+use shoal_transport::{
+    Connection, Endpoint, EndpointConfig, PeerId, SecretKey, Ticket, TicketKind,
+};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::error::NodeError;
 use crate::peerbook::{PeerBook, PeerCounters};
@@ -49,7 +51,11 @@ impl Default for NodeConfig {
             data_dir: None,
             listen: EndpointConfig::default().listen,
             peers: Vec::new(),
-            discovery: DiscoveryConfig { mdns: false, dht: false, ..DiscoveryConfig::default() },
+            discovery: DiscoveryConfig {
+                mdns: false,
+                dht: false,
+                ..DiscoveryConfig::default()
+            },
             upload_limit: None,
             download_limit: None,
             control_socket: true,
@@ -72,8 +78,14 @@ impl std::str::FromStr for PeerAddr {
     fn from_str(s: &str) -> Result<Self, NodeError> {
         let bad = || NodeError::BadPeerAddr(s.to_string());
         match s.split_once('@') {
-            Some((id, addr)) => Ok(PeerAddr { id: Some(id.parse().map_err(|_| bad())?), addr: addr.parse().map_err(|_| bad())? }),
-            None => Ok(PeerAddr { id: None, addr: s.parse().map_err(|_| bad())? }),
+            Some((id, addr)) => Ok(PeerAddr {
+                id: Some(id.parse().map_err(|_| bad())?),
+                addr: addr.parse().map_err(|_| bad())?,
+            }),
+            None => Ok(PeerAddr {
+                id: None,
+                addr: s.parse().map_err(|_| bad())?,
+            }),
         }
     }
 }
@@ -138,7 +150,11 @@ impl Node {
     }
 
     /// Starts a node on a store and identity the caller already has.
-    pub async fn spawn_with(config: NodeConfig, store: Store, secret: SecretKey) -> Result<Node, NodeError> {
+    pub async fn spawn_with(
+        config: NodeConfig,
+        store: Store,
+        secret: SecretKey,
+    ) -> Result<Node, NodeError> {
         let ep_config = EndpointConfig {
             listen: config.listen.clone(),
             upload_limit: config.upload_limit,
@@ -147,7 +163,13 @@ impl Node {
         };
         let endpoint = Endpoint::bind(secret, ep_config).await?;
         let discovery = if config.discovery.mdns || config.discovery.dht {
-            match Discovery::start(endpoint.peer_id(), endpoint.local_addrs(), config.discovery.clone()).await {
+            match Discovery::start(
+                endpoint.peer_id(),
+                endpoint.local_addrs(),
+                config.discovery.clone(),
+            )
+            .await
+            {
                 Ok(d) => Some(d),
                 Err(e) => {
                     warn!("discovery is off: {e}");
@@ -259,7 +281,11 @@ impl Node {
     }
 
     /// Imports a file or directory and serves it at once.
-    pub async fn add_path(&self, path: &Path, mode: ImportMode) -> Result<(Hash, BlobKind), NodeError> {
+    pub async fn add_path(
+        &self,
+        path: &Path,
+        mode: ImportMode,
+    ) -> Result<(Hash, BlobKind), NodeError> {
         let store = self.inner.store.clone();
         let path = path.to_path_buf();
         let res = tokio::task::spawn_blocking(move || -> Result<(Hash, BlobKind), NodeError> {
@@ -277,7 +303,11 @@ impl Node {
     }
 
     /// Imports bytes and serves them at once.
-    pub async fn add_bytes(&self, data: impl Into<bytes::Bytes>, name: &str) -> Result<Hash, NodeError> {
+    pub async fn add_bytes(
+        &self,
+        data: impl Into<bytes::Bytes>,
+        name: &str,
+    ) -> Result<Hash, NodeError> {
         let store = self.inner.store.clone();
         let data: bytes::Bytes = data.into();
         let name = name.to_string();
@@ -296,7 +326,11 @@ impl Node {
 
     /// A ticket for `hash` naming this node as provider.
     pub fn ticket(&self, hash: &Hash) -> Result<Ticket, NodeError> {
-        let info = self.inner.store.info(hash).ok_or(NodeError::NotInStore(*hash))?;
+        let info = self
+            .inner
+            .store
+            .info(hash)
+            .ok_or(NodeError::NotInStore(*hash))?;
         let kind = match info.kind {
             BlobKind::Collection => TicketKind::Collection,
             _ => TicketKind::Blob,
@@ -304,14 +338,22 @@ impl Node {
         Ok(Ticket {
             hash: *hash.as_bytes(),
             kind,
-            providers: vec![shoal_transport::Provider { id: self.peer_id(), addrs: ticket_addrs(&self.addrs()) }],
+            providers: vec![shoal_transport::Provider {
+                id: self.peer_id(),
+                addrs: ticket_addrs(&self.addrs()),
+            }],
         })
     }
 
     /// Transfers in flight.
     pub fn transfers(&self) -> Vec<TransferInfo> {
         let t = lock(&self.inner.transfers);
-        t.iter().map(|(h, rx)| TransferInfo { hash: *h, progress: rx.borrow().clone() }).collect()
+        t.iter()
+            .map(|(h, rx)| TransferInfo {
+                hash: *h,
+                progress: rx.borrow().clone(),
+            })
+            .collect()
     }
 
     /// Peers known, with connection state and byte counters.
@@ -328,7 +370,11 @@ impl Node {
             .map(|id| PeerInfo {
                 id,
                 addrs: book.addrs(&id),
-                connected: self.inner.endpoint.connection(&id).is_some_and(|c| !c.is_closed()),
+                connected: self
+                    .inner
+                    .endpoint
+                    .connection(&id)
+                    .is_some_and(|c| !c.is_closed()),
                 counters: counters.get(&id).copied().unwrap_or_default(),
             })
             .collect()
@@ -395,7 +441,11 @@ impl Inner {
 
     /// Dial (or reuse a connection to) a peer, exchange hellos, and serve
     /// its requests on the same connection.
-    pub(crate) async fn connect(self: &Arc<Self>, addr: SocketAddr, id: Option<PeerId>) -> Result<Connection, NodeError> {
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        id: Option<PeerId>,
+    ) -> Result<Connection, NodeError> {
         if let Some(id) = id {
             if id == self.endpoint.peer_id() {
                 return Err(NodeError::SelfDial);
@@ -422,7 +472,10 @@ impl Inner {
     fn is_own_addr(&self, addr: SocketAddr) -> bool {
         let own = self.endpoint.local_addrs();
         own.iter().any(|a| {
-            a.port() == addr.port() && (a.ip() == addr.ip() || (a.ip().is_unspecified() && (addr.ip().is_loopback() || local_ips().contains(&addr.ip()))))
+            a.port() == addr.port()
+                && (a.ip() == addr.ip()
+                    || (a.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || local_ips().contains(&addr.ip()))))
         })
     }
 
@@ -431,41 +484,73 @@ impl Inner {
         let hello = pb::Hello {
             version: PROTOCOL_VERSION,
             agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
-            listen_addrs: dialable(&self.endpoint.local_addrs()).iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+            listen_addrs: dialable(&self.endpoint.local_addrs())
+                .iter()
+                .take(limits::MAX_ADDRS)
+                .map(|a| a.to_string())
+                .collect(),
             capabilities: vec!["have".into(), "pex".into()],
         };
-        write_frame(&mut send, &pb::Request { kind: Some(pb::request::Kind::Hello(hello)) }).await?;
+        write_frame(
+            &mut send,
+            &pb::Request {
+                kind: Some(pb::request::Kind::Hello(hello)),
+            },
+        )
+        .await?;
         let _ = send.finish();
-        let resp: pb::Response = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, shoal_proto::Limit::Response))
-            .await
-            .map_err(|_| NodeError::Timeout("waiting for hello".into()))??;
+        let resp: pb::Response = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_frame(&mut recv, shoal_proto::Limit::Response),
+        )
+        .await
+        .map_err(|_| NodeError::Timeout("waiting for hello".into()))??;
         match resp.kind {
             Some(pb::response::Kind::Hello(h)) => {
                 self.record_hello(conn.peer_id(), &h);
                 Ok(())
             }
-            Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(shoal_proto::error_code_name(e.code), e.message)),
+            Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(
+                shoal_proto::error_code_name(e.code),
+                e.message,
+            )),
             _ => Err(NodeError::Protocol("unexpected answer to hello".into())),
         }
     }
 
     pub(crate) fn record_hello(&self, peer: PeerId, h: &pb::Hello) {
-        let addrs = h.listen_addrs.iter().take(limits::MAX_ADDRS).filter_map(|a| a.parse::<SocketAddr>().ok());
+        let addrs = h
+            .listen_addrs
+            .iter()
+            .take(limits::MAX_ADDRS)
+            .filter_map(|a| a.parse::<SocketAddr>().ok());
         lock(&self.book).add_addrs(peer, addrs);
     }
 
     /// Candidates for `hash`: static peers, discovery, and the peers we are
     /// connected to (neighbours are asked directly).
-    pub(crate) fn candidates(self: &Arc<Self>, hash: &Hash, extra: &[PeerAddr]) -> tokio::sync::mpsc::Receiver<Candidate> {
+    pub(crate) fn candidates(
+        self: &Arc<Self>,
+        hash: &Hash,
+        extra: &[PeerAddr],
+    ) -> tokio::sync::mpsc::Receiver<Candidate> {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut initial: Vec<Candidate> = extra
             .iter()
             .chain(self.config.peers.iter())
-            .map(|p| Candidate { addr: p.addr, id: p.id, source: Source::Static })
+            .map(|p| Candidate {
+                addr: p.addr,
+                id: p.id,
+                source: Source::Static,
+            })
             .collect();
         for id in lock(&self.handled).keys() {
             if let Some(c) = self.endpoint.connection(id) {
-                initial.push(Candidate { addr: c.remote_addr(), id: Some(*id), source: Source::Static });
+                initial.push(Candidate {
+                    addr: c.remote_addr(),
+                    id: Some(*id),
+                    source: Source::Static,
+                });
             }
         }
         let disc = self.discovery.as_ref().map(|d| d.find(*hash.as_bytes()));
@@ -497,7 +582,9 @@ impl Inner {
 
 /// Every local IP address of this machine.
 pub(crate) fn local_ips() -> Vec<std::net::IpAddr> {
-    if_addrs::get_if_addrs().map(|v| v.into_iter().map(|i| i.ip()).collect()).unwrap_or_default()
+    if_addrs::get_if_addrs()
+        .map(|v| v.into_iter().map(|i| i.ip()).collect())
+        .unwrap_or_default()
 }
 
 /// Expands unspecified listen addresses into interface addresses.
@@ -532,19 +619,6 @@ fn ticket_addrs(all: &[SocketAddr]) -> Vec<SocketAddr> {
     v.sort_by_key(|a| (a.ip().is_loopback(), a.is_ipv6()));
     v.truncate(4);
     v
-}
-
-/// Re-exported for `Progress` users.
-pub(crate) fn info_kind(store: &Store, hash: &Hash) -> Option<BlobKind> {
-    store.info(hash).map(|i| i.kind)
-}
-
-impl Node {
-    /// Asks every connected peer for new peers of `hash` (peer exchange),
-    /// used by downloads; exposed for tests.
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
-    }
 }
 
 #[cfg(test)]

@@ -72,7 +72,12 @@ impl PeerBook {
     }
 
     /// Peers seen with `hash`, with addresses, except `except`.
-    pub(crate) fn peers_for(&self, hash: &Hash, except: &PeerId, max: usize) -> Vec<(PeerId, Vec<SocketAddr>)> {
+    pub(crate) fn peers_for(
+        &self,
+        hash: &Hash,
+        except: &PeerId,
+        max: usize,
+    ) -> Vec<(PeerId, Vec<SocketAddr>)> {
         self.by_hash
             .get(hash)
             .into_iter()
@@ -115,7 +120,10 @@ mod tests {
         let me = SecretKey::generate().public();
         let other = SecretKey::generate().public();
         let nameless = SecretKey::generate().public();
-        book.add_addrs(other, ["127.0.0.1:9".parse().unwrap(), "0.0.0.0:9".parse().unwrap()]);
+        book.add_addrs(
+            other,
+            ["127.0.0.1:9".parse().unwrap(), "0.0.0.0:9".parse().unwrap()],
+        );
         book.saw(hash, me);
         book.saw(hash, other);
         book.saw(hash, nameless);

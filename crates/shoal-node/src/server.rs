@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_proto::{GroupRanges, Limit, PROTOCOL_VERSION, error_response, hash_from_bytes, limits, pb};
+use shoal_proto::{
+    GroupRanges, Limit, PROTOCOL_VERSION, error_response, hash_from_bytes, limits, pb,
+};
 use shoal_store::{Hash, StoreEvent};
 use shoal_transport::{Connection, PeerId, RecvStream, SendStream};
 use tokio::sync::Semaphore;
@@ -46,7 +48,9 @@ pub(crate) async fn handle_connection(node: Arc<Inner>, conn: Connection) {
     loop {
         // Take a request slot before accepting: a peer that opens thousands
         // of streams finds them queued in QUIC flow control, not in memory.
-        let Ok(permit) = limits.requests.clone().acquire_owned().await else { break };
+        let Ok(permit) = limits.requests.clone().acquire_owned().await else {
+            break;
+        };
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
@@ -64,32 +68,57 @@ pub(crate) async fn handle_connection(node: Arc<Inner>, conn: Connection) {
     }
 }
 
-async fn handle_stream(node: Arc<Inner>, conn: Connection, limits: Arc<ConnLimits>, mut send: SendStream, mut recv: RecvStream) {
+async fn handle_stream(
+    node: Arc<Inner>,
+    conn: Connection,
+    limits: Arc<ConnLimits>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let peer = conn.peer_id();
-    let req: pb::Request = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, Limit::Request)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(WireError::Closed)) => return,
-        Ok(Err(e)) => {
-            debug!(%peer, "bad request: {e}");
-            let _ = reply(&mut send, &error_response(pb::ErrorCode::BadRequest, e.to_string())).await;
-            return;
-        }
-        Err(_) => {
-            send.reset(1);
-            return;
-        }
-    };
+    let req: pb::Request =
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut recv, Limit::Request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(WireError::Closed)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, "bad request: {e}");
+                let _ = reply(
+                    &mut send,
+                    &error_response(pb::ErrorCode::BadRequest, e.to_string()),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(1);
+                return;
+            }
+        };
     let res = match req.kind {
-        None => reply(&mut send, &error_response(pb::ErrorCode::BadRequest, "unknown request type")).await,
+        None => {
+            reply(
+                &mut send,
+                &error_response(pb::ErrorCode::BadRequest, "unknown request type"),
+            )
+            .await
+        }
         Some(pb::request::Kind::Hello(h)) => on_hello(&node, &conn, &mut send, h).await,
         Some(pb::request::Kind::Who(w)) => on_who(&node, peer, &mut send, w).await,
         Some(pb::request::Kind::Get(g)) => {
-            let Ok(_permit) = limits.gets.acquire().await else { return };
+            let Ok(_permit) = limits.gets.acquire().await else {
+                return;
+            };
             on_get(&node, peer, &mut send, g).await
         }
         Some(pb::request::Kind::Subscribe(s)) => match limits.subs.try_acquire() {
             Ok(_permit) => on_subscribe(&node, peer, &mut send, &mut recv, s).await,
-            Err(_) => reply(&mut send, &error_response(pb::ErrorCode::Busy, "too many subscriptions")).await,
+            Err(_) => {
+                reply(
+                    &mut send,
+                    &error_response(pb::ErrorCode::Busy, "too many subscriptions"),
+                )
+                .await
+            }
         },
         Some(pb::request::Kind::Pex(p)) => on_pex(&node, peer, &mut send, p).await,
     };
@@ -113,10 +142,22 @@ fn parse_hash(b: &[u8]) -> Option<Hash> {
     hash_from_bytes(b).ok().map(Hash::from_bytes)
 }
 
-async fn on_hello(node: &Arc<Inner>, conn: &Connection, send: &mut SendStream, h: pb::Hello) -> Result<(), WireError> {
+async fn on_hello(
+    node: &Arc<Inner>,
+    conn: &Connection,
+    send: &mut SendStream,
+    h: pb::Hello,
+) -> Result<(), WireError> {
     if h.version != PROTOCOL_VERSION {
-        let msg = format!("this node speaks shoal protocol {PROTOCOL_VERSION}, not {}", h.version);
-        reply(send, &error_response(pb::ErrorCode::UnsupportedVersion, msg)).await?;
+        let msg = format!(
+            "this node speaks shoal protocol {PROTOCOL_VERSION}, not {}",
+            h.version
+        );
+        reply(
+            send,
+            &error_response(pb::ErrorCode::UnsupportedVersion, msg),
+        )
+        .await?;
         let _ = send.finish();
         tokio::time::sleep(Duration::from_millis(100)).await;
         conn.close(2, b"unsupported version");
@@ -126,18 +167,34 @@ async fn on_hello(node: &Arc<Inner>, conn: &Connection, send: &mut SendStream, h
     let mine = pb::Hello {
         version: PROTOCOL_VERSION,
         agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
-        listen_addrs: dialable(&node.endpoint.local_addrs()).iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+        listen_addrs: dialable(&node.endpoint.local_addrs())
+            .iter()
+            .take(limits::MAX_ADDRS)
+            .map(|a| a.to_string())
+            .collect(),
         capabilities: vec!["have".into(), "pex".into()],
     };
-    reply(send, &pb::Response { kind: Some(pb::response::Kind::Hello(mine)) }).await
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::Hello(mine)),
+        },
+    )
+    .await
 }
 
 /// What we hold of `hash`, as the wire says it.
 pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
     use pb::availability::Have;
-    let mut a = pb::Availability { hash: hash.as_bytes().to_vec().into(), size: 0, have: Some(Have::Nothing(true)) };
+    let mut a = pb::Availability {
+        hash: hash.as_bytes().to_vec().into(),
+        size: 0,
+        have: Some(Have::Nothing(true)),
+        kind: 0,
+    };
     if let Some(info) = node.store.info(hash) {
         a.size = info.size;
+        a.kind = crate::control::kind_to_pb(info.kind);
         if info.complete {
             a.have = Some(Have::Complete(true));
         } else if !info.verified.is_empty() {
@@ -147,7 +204,12 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
     a
 }
 
-async fn on_who(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, w: pb::Who) -> Result<(), WireError> {
+async fn on_who(
+    node: &Arc<Inner>,
+    peer: PeerId,
+    send: &mut SendStream,
+    w: pb::Who,
+) -> Result<(), WireError> {
     if w.hashes.len() > limits::MAX_HASHES_PER_REQUEST {
         return reply(send, &bad("too many hashes")).await;
     }
@@ -160,10 +222,21 @@ async fn on_who(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, w: pb::W
         lock(&node.book).saw(hash, peer);
         entries.push(availability(node, &hash));
     }
-    reply(send, &pb::Response { kind: Some(pb::response::Kind::Who(pb::WhoAnswer { entries })) }).await
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::Who(pb::WhoAnswer { entries })),
+        },
+    )
+    .await
 }
 
-async fn on_get(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, g: pb::Get) -> Result<(), WireError> {
+async fn on_get(
+    node: &Arc<Inner>,
+    peer: PeerId,
+    send: &mut SendStream,
+    g: pb::Get,
+) -> Result<(), WireError> {
     let Some(hash) = parse_hash(&g.hash) else {
         return reply(send, &bad("hash must be 32 bytes")).await;
     };
@@ -175,8 +248,17 @@ async fn on_get(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, g: pb::G
     let Some((size, ranges)) = node.store.available(&hash, &wanted) else {
         return reply(send, &error_response(pb::ErrorCode::NotFound, "not here")).await;
     };
-    let header = pb::GetHeader { size, ranges: Some(ranges.to_pb()) };
-    reply(send, &pb::Response { kind: Some(pb::response::Kind::Get(header)) }).await?;
+    let header = pb::GetHeader {
+        size,
+        ranges: Some(ranges.to_pb()),
+    };
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::Get(header)),
+        },
+    )
+    .await?;
     if ranges.is_empty() {
         return Ok(());
     }
@@ -189,7 +271,7 @@ async fn on_get(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, g: pb::G
             // Corrupt or vanished data: stop the stream so that the peer
             // sees an error, never unverified bytes.
             warn!(%peer, hash = %hash, "could not serve: {e}");
-            send.reset(2);
+            let _ = send.reset(2);
             Ok(())
         }
     }
@@ -216,7 +298,13 @@ async fn on_subscribe(
     // Subscribe to the store before reading the current state, so that no
     // group verified in between is missed.
     let mut events = node.store.subscribe();
-    reply(send, &pb::Response { kind: Some(pb::response::Kind::Subscribe(pb::SubscribeAccepted {})) }).await?;
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::Subscribe(pb::SubscribeAccepted {})),
+        },
+    )
+    .await?;
     for hash in &hashes {
         send_full_state(node, send, hash).await?;
     }
@@ -246,8 +334,14 @@ async fn on_subscribe(
     }
 }
 
-async fn send_full_state(node: &Inner, send: &mut SendStream, hash: &Hash) -> Result<(), WireError> {
-    let Some(info) = node.store.info(hash) else { return Ok(()) };
+async fn send_full_state(
+    node: &Inner,
+    send: &mut SendStream,
+    hash: &Hash,
+) -> Result<(), WireError> {
+    let Some(info) = node.store.info(hash) else {
+        return Ok(());
+    };
     let up = pb::HaveUpdate {
         hash: hash.as_bytes().to_vec().into(),
         size: info.size,
@@ -257,7 +351,12 @@ async fn send_full_state(node: &Inner, send: &mut SendStream, hash: &Hash) -> Re
     write_frame(send, &up).await
 }
 
-async fn on_pex(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, p: pb::Pex) -> Result<(), WireError> {
+async fn on_pex(
+    node: &Arc<Inner>,
+    peer: PeerId,
+    send: &mut SendStream,
+    p: pb::Pex,
+) -> Result<(), WireError> {
     let Some(hash) = parse_hash(&p.hash) else {
         return reply(send, &bad("hash must be 32 bytes")).await;
     };
@@ -268,8 +367,18 @@ async fn on_pex(node: &Arc<Inner>, peer: PeerId, send: &mut SendStream, p: pb::P
         .filter(|(id, _)| *id != me)
         .map(|(id, addrs)| pb::PeerInfo {
             id: id.as_bytes().to_vec().into(),
-            addrs: addrs.iter().take(limits::MAX_ADDRS).map(|a| a.to_string()).collect(),
+            addrs: addrs
+                .iter()
+                .take(limits::MAX_ADDRS)
+                .map(|a| a.to_string())
+                .collect(),
         })
         .collect();
-    reply(send, &pb::Response { kind: Some(pb::response::Kind::Pex(pb::PexAnswer { peers })) }).await
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::Pex(pb::PexAnswer { peers })),
+        },
+    )
+    .await
 }

@@ -35,7 +35,10 @@ where
             return Err(if got == 0 {
                 WireError::Closed
             } else {
-                WireError::Frame(FrameError::Truncated { expected: HEADER_LEN, got })
+                WireError::Frame(FrameError::Truncated {
+                    expected: HEADER_LEN,
+                    got,
+                })
             });
         }
         got += n;
@@ -44,7 +47,10 @@ where
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Frame(FrameError::Truncated { expected: HEADER_LEN + len, got: HEADER_LEN })
+            WireError::Frame(FrameError::Truncated {
+                expected: HEADER_LEN + len,
+                got: HEADER_LEN,
+            })
         } else {
             WireError::Io(e)
         }
@@ -70,18 +76,32 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_lies_are_refused() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let msg = pb::Request { kind: Some(pb::request::Kind::Pex(pb::Pex { hash: vec![7u8; 32].into() })) };
+        let msg = pb::Request {
+            kind: Some(pb::request::Kind::Pex(pb::Pex {
+                hash: vec![7u8; 32].into(),
+            })),
+        };
         write_frame(&mut a, &msg).await.unwrap();
         let back: pb::Request = read_frame(&mut b, Limit::Request).await.unwrap();
         assert_eq!(back, msg);
         // A 4 GiB length prefix is refused from the header alone.
         a.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
-        let err = read_frame::<pb::Request, _>(&mut b, Limit::Request).await.unwrap_err();
-        assert!(matches!(err, WireError::Frame(FrameError::TooLong { .. })), "{err}");
+        let err = read_frame::<pb::Request, _>(&mut b, Limit::Request)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WireError::Frame(FrameError::TooLong { .. })),
+            "{err}"
+        );
         // A frame cut short is an error, not a hang.
         a.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
         drop(a);
-        let err = read_frame::<pb::Request, _>(&mut b, Limit::Request).await.unwrap_err();
-        assert!(matches!(err, WireError::Frame(FrameError::Truncated { .. })), "{err}");
+        let err = read_frame::<pb::Request, _>(&mut b, Limit::Request)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WireError::Frame(FrameError::Truncated { .. })),
+            "{err}"
+        );
     }
 }

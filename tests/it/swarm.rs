@@ -1,0 +1,258 @@
+//! The swarm end to end: real `shoal serve` and `shoal get` processes on
+//! loopback.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{Dir, b3sum, data, eventually, run_bounded, uploaded};
+
+const NET: [&str; 2] = ["--no-mdns", "--no-dht"];
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).expect("writing test input");
+}
+
+/// Adds `path` on the node of `dir`; returns the hash, checking the line
+/// is exactly what `b3sum` prints.
+fn add(dir: &Dir, path: &Path) -> String {
+    let p = path.to_str().expect("utf-8 path");
+    let line = dir.ok(&["add", p]);
+    let (hash, rest) = line.trim_end().split_once("  ").expect("b3sum-style line");
+    assert_eq!(rest, p);
+    assert_eq!(hash.len(), 64);
+    hash.to_string()
+}
+
+fn ticket(dir: &Dir, hash: &str) -> String {
+    dir.ok(&["ticket", hash]).trim().to_string()
+}
+
+#[test]
+fn one_seeder_one_downloader() {
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    let bytes = data(5 * 1024 * 1024 + 123, 1);
+    write(&input, &bytes);
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &input);
+    assert_eq!(hash, b3sum(&input), "shoal add and b3sum disagree");
+    let t = ticket(&s, &hash);
+    assert!(t.len() < 200, "ticket too long: {t}");
+
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let o = out.to_str().unwrap();
+    d.ok(&["get", &t, "-o", o, NET[0], NET[1]]);
+    assert!(std::fs::read(&out).unwrap() == bytes, "output differs from input");
+    assert_eq!(b3sum(&out), hash);
+    // The downloaded file is in the store, complete.
+    let ls = d.ok(&["--json", "ls"]);
+    assert!(ls.contains(&hash) && ls.contains("\"complete\":true"), "{ls}");
+    // Getting to an existing path is refused, not overwritten.
+    let again = d.run(&["get", &t, "-o", o, NET[0], NET[1]], Duration::from_secs(30));
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).starts_with("error: "));
+}
+
+#[test]
+fn three_seeders_share_the_upload() {
+    let bytes = data(24 * 1024 * 1024, 2);
+    let seeders: Vec<Dir> = (0..3).map(|_| Dir::new()).collect();
+    let mut nodes = Vec::new();
+    let mut hash = String::new();
+    for s in &seeders {
+        let input = s.path().join("same.bin");
+        write(&input, &bytes);
+        nodes.push(s.serve(&[]));
+        hash = add(s, &input);
+    }
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let mut args: Vec<String> = vec!["get".into(), hash.clone(), "-o".into(), out.to_str().unwrap().into(), NET[0].into(), NET[1].into()];
+    for n in &nodes {
+        args.push("--peer".into());
+        args.push(n.peer_arg());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.ok(&args);
+    assert_eq!(b3sum(&out), hash);
+    let total = bytes.len() as f64;
+    for (i, s) in seeders.iter().enumerate() {
+        let up = uploaded(s) as f64;
+        assert!(up > 0.15 * total, "seeder {i} served only {:.1}% of the bytes", 100.0 * up / total);
+    }
+}
+
+#[test]
+fn downloaders_upload_to_each_other() {
+    let size = 12 * 1024 * 1024;
+    let bytes = data(size, 3);
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &bytes);
+    // A slow seeder: swarming is the only way to be fast.
+    let seeder = s.serve(&["--max-upload", "6MB/s"]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+    let downloaders: Vec<Dir> = (0..4).map(|_| Dir::new()).collect();
+    let nodes: Vec<_> = downloaders.iter().map(|d| d.serve(&["--peer", &seeder.peer_arg()])).collect();
+    let handles: Vec<_> = downloaders
+        .iter()
+        .map(|d| {
+            let mut c = d.cmd();
+            c.args(["get", &t]);
+            std::thread::spawn(move || run_bounded(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "get failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let seeder_up = uploaded(&s) as f64;
+    let peers_up: f64 = downloaders.iter().map(|d| uploaded(d) as f64).sum();
+    let f = size as f64;
+    assert!(seeder_up < 3.0 * f, "the seeder sent {:.2} copies to 4 downloaders", seeder_up / f);
+    assert!(peers_up > 0.5 * f, "downloaders sent each other only {:.2} copies", peers_up / f);
+    drop(nodes);
+}
+
+#[test]
+fn a_seeder_killed_halfway_does_not_stop_the_download() {
+    let size = 16 * 1024 * 1024;
+    let bytes = data(size, 4);
+    let (a, b) = (Dir::new(), Dir::new());
+    let mut nodes = Vec::new();
+    let mut hash = String::new();
+    for s in [&a, &b] {
+        let input = s.path().join("input.bin");
+        write(&input, &bytes);
+        nodes.push(s.serve(&["--max-upload", "3MB/s"]));
+        hash = add(s, &input);
+    }
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let mut c = d.cmd();
+    c.args(["get", &hash, "-o", out.to_str().unwrap(), NET[0], NET[1], "--peer", &nodes[0].peer_arg(), "--peer", &nodes[1].peer_arg()]);
+    let h = std::thread::spawn(move || run_bounded(c, Duration::from_secs(120)));
+    eventually(Duration::from_secs(60), "seeder A to send a third", || uploaded(&a) > size as u64 / 4);
+    nodes[0].kill();
+    let o = h.join().unwrap();
+    assert!(o.status.success(), "get failed after a seeder died: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(b3sum(&out), hash);
+}
+
+#[test]
+fn a_killed_downloader_resumes_without_refetching() {
+    let size = 16 * 1024 * 1024;
+    let bytes = data(size, 5);
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &bytes);
+    let seeder = s.serve(&["--max-upload", "4MB/s"]);
+    let hash = add(&s, &input);
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let o = out.to_str().unwrap().to_string();
+    let mut child = d
+        .cmd()
+        .args(["get", &hash, "-o", &o, NET[0], NET[1], "--peer", &seeder.peer_arg()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(60), "half the file to be sent", || uploaded(&s) > size as u64 / 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = uploaded(&s);
+    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).lines().next().expect("a partial entry")).unwrap();
+    assert_eq!(ls["complete"], false);
+    let missing = size as u64 - ls["verified"].as_u64().unwrap();
+    assert!(missing < size as u64, "nothing was kept from the first run");
+    d.ok(&["get", &hash, "-o", &o, NET[0], NET[1], "--peer", &seeder.peer_arg()]);
+    assert_eq!(b3sum(&out), hash);
+    let fetched = uploaded(&s) - before;
+    assert!(
+        fetched as f64 <= 1.1 * missing as f64 + 64.0 * 1024.0,
+        "the restart fetched {fetched} bytes for {missing} missing"
+    );
+}
+
+#[test]
+fn a_collection_round_trips_with_names_and_modes() {
+    let s = Dir::new();
+    let root = s.path().join("tree");
+    std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+    std::fs::create_dir_all(root.join("empty/inner")).unwrap();
+    write(&root.join("zero.bin"), b"");
+    write(&root.join("a/one.txt"), b"one");
+    write(&root.join("a/b/c/big.bin"), &data(300_000, 6));
+    write(&root.join("a/b/run.sh"), b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(root.join("a/b/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &root);
+    let t = ticket(&s, &hash);
+    let d = Dir::new();
+    let out = d.path().join("copy");
+    d.ok(&["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
+    for f in ["zero.bin", "a/one.txt", "a/b/c/big.bin", "a/b/run.sh"] {
+        assert_eq!(std::fs::read(root.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f} differs");
+    }
+    assert!(out.join("empty/inner").is_dir(), "empty directory lost");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o111;
+    assert_ne!(mode(&out.join("a/b/run.sh")), 0, "executable bit lost");
+    assert_eq!(mode(&out.join("a/one.txt")), 0, "executable bit invented");
+    // No temporary directory is left behind.
+    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.iter().all(|n| !n.to_string_lossy().contains("shoal-tmp")), "{names:?}");
+}
+
+#[test]
+fn cat_streams_into_b3sum() {
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &data(64 * 1024 * 1024, 7));
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+    let d = Dir::new();
+    let script = format!(
+        "set -o pipefail; '{}' --data-dir '{}' cat '{t}' --no-mdns --no-dht | b3sum --no-names",
+        crate::harness::bin().display(),
+        d.path().join("node").display()
+    );
+    let mut c = Command::new("bash");
+    c.args(["-c", &script]);
+    let out = run_bounded(c, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
+}
+
+#[test]
+fn usage_errors_exit_2_and_failures_exit_1() {
+    let d = Dir::new();
+    let o = d.run(&["get"], Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(2));
+    let o = d.run(&["get", "not-a-ticket"], Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+    let o = d.run(&["add", "/does/not/exist"], Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(1));
+    // A node that is not running cannot hand out tickets.
+    let o = d.run(&["ticket", &"0".repeat(64)], Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let d = Dir::new();
+    let mut n = d.serve(&[]);
+    let id = d.ok(&["id"]);
+    assert_eq!(id.trim(), n.peer_id);
+    let status = n.terminate();
+    assert!(status.success(), "exit {status}: {}", n.log());
+    // The control socket is gone: commands open the store directly again.
+    d.ok(&["ls"]);
+}
