@@ -148,6 +148,10 @@ struct Inner {
     accept_tx: mpsc::UnboundedSender<Connection>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
+    /// Woken whenever a connection is registered.
+    registered: tokio::sync::Notify,
+    /// Connections closed as duplicates, for tests and diagnostics.
+    duplicates: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -329,6 +333,8 @@ impl Endpoint {
             accept_tx,
             shared,
             cancel: CancellationToken::new(),
+            registered: tokio::sync::Notify::new(),
+            duplicates: Default::default(),
         });
         for socket in &inner.sockets {
             tokio::spawn(accept_loop(socket.quic.clone(), Arc::downgrade(&inner)));
@@ -475,9 +481,41 @@ impl Endpoint {
                 actual: peer,
             });
         }
+        // The client's handshake ends before the server has checked the
+        // client's key; wait for the server's HANDSHAKE_DONE so a peer that
+        // rejects us is an error here, not a dead connection later.
+        if let Err(err) = confirmed(&conn, inner.handshake_timeout).await {
+            if is_duplicate_close(&err) {
+                // the peer dialed us too and keeps its own connection,
+                // which is arriving
+                drop(permit);
+                return self.wait_for_connection(peer, addr).await;
+            }
+            return Err(dial_error(addr, expected, None, err));
+        }
         let conn = Connection::new(conn, peer, inner.id, inner.shared.clone());
         tracing::debug!(%peer, %addr, "connected");
         Ok(register(inner, conn, permit).0)
+    }
+
+    /// Wait for the connection the peer dialed to us to be registered.
+    async fn wait_for_connection(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Connection, TransportError> {
+        let deadline = tokio::time::Instant::now() + self.inner.handshake_timeout;
+        loop {
+            let notified = self.inner.registered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(conn) = self.connection(&peer) {
+                return Ok(conn);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(TransportError::Timeout { addr });
+            }
+        }
     }
 
     /// The next incoming authenticated connection that survived
@@ -510,6 +548,14 @@ impl Endpoint {
     pub fn connections(&self) -> Vec<Connection> {
         let peers: Vec<PeerId> = lock(&self.inner.conns).keys().copied().collect();
         peers.iter().filter_map(|p| self.connection(p)).collect()
+    }
+
+    /// How many connections this endpoint closed because another connection
+    /// to the same peer was kept.
+    pub fn duplicates_closed(&self) -> usize {
+        self.inner
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes moved through the stream wrappers of all connections.
@@ -554,6 +600,34 @@ fn peer_of(conn: &quinn::Connection) -> Option<PeerId> {
         [spki] => tls::peer_id_from_spki(spki).ok(),
         _ => None,
     }
+}
+
+/// Wait until the server confirms the handshake (RFC 9001 4.1.2), or the
+/// connection closes.
+async fn confirmed(conn: &quinn::Connection, limit: Duration) -> Result<(), ConnectionError> {
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_micros(200);
+    loop {
+        if let Some(err) = conn.close_reason() {
+            return Err(err);
+        }
+        if conn.stats().frame_rx.handshake_done > 0 {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(ConnectionError::TimedOut);
+        }
+        tokio::select! {
+            _ = conn.closed() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_millis(5));
+    }
+}
+
+pub(crate) fn is_duplicate_close(err: &ConnectionError) -> bool {
+    matches!(err, ConnectionError::ApplicationClosed(c)
+        if c.error_code == VarInt::from_u32(CLOSE_DUPLICATE))
 }
 
 fn dial_error(
@@ -640,8 +714,15 @@ fn register(
             }
         }
     };
+    inner.registered.notify_waiters();
+    inner
+        .duplicates
+        .fetch_add(to_close.len(), std::sync::atomic::Ordering::Relaxed);
     for loser in to_close {
         tracing::debug!(%peer, "closing duplicate connection");
+        loser
+            .duplicate
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         loser.close(CLOSE_DUPLICATE, b"duplicate connection");
     }
     // release the permit and forget the connection once it closes
@@ -745,6 +826,8 @@ pub struct Connection {
     /// Who dialed this connection.
     dialer: PeerId,
     acct: Accounting,
+    /// Set when this side closed the connection as a duplicate.
+    duplicate: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for Connection {
@@ -767,6 +850,7 @@ impl Connection {
                 shared,
                 conn: Arc::new(Counters::default()),
             },
+            duplicate: Arc::default(),
         }
     }
 
@@ -778,6 +862,12 @@ impl Connection {
     /// The peer's current address.
     pub fn remote_addr(&self) -> SocketAddr {
         canonical(self.inner.remote_address())
+    }
+
+    /// A number unique among the live connections of this process, to tell
+    /// connections apart.
+    pub fn stable_id(&self) -> usize {
+        self.inner.stable_id()
     }
 
     /// Whether this node dialed the connection (else the peer did).
@@ -824,6 +914,10 @@ impl Connection {
     }
 
     fn lost(&self, source: ConnectionError) -> TransportError {
+        if is_duplicate_close(&source) || self.duplicate.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return TransportError::Duplicate { peer: self.peer };
+        }
         TransportError::ConnectionLost {
             peer: self.peer,
             source,

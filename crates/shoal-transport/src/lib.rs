@@ -146,6 +146,14 @@ pub enum TransportError {
         /// Why.
         source: quinn::ConnectionError,
     },
+    /// The connection was closed because another connection between the
+    /// same two peers is kept (both dialed at once); [`Endpoint::connection`]
+    /// has that one.
+    #[error("connection to {peer} closed as a duplicate; use the other connection to that peer")]
+    Duplicate {
+        /// The peer.
+        peer: PeerId,
+    },
     /// Writing to a stream failed.
     #[error("stream write failed: {0}")]
     Write(#[from] quinn::WriteError),
@@ -173,11 +181,6 @@ impl TransportError {
     /// Whether the connection was closed because another connection to the
     /// same peer is kept; [`Endpoint::connection`] has that one.
     pub fn is_duplicate(&self) -> bool {
-        let close = match self {
-            TransportError::ConnectionLost { source, .. } => source,
-            _ => return false,
-        };
-        matches!(close, quinn::ConnectionError::ApplicationClosed(c)
-            if c.error_code == quinn::VarInt::from_u32(CLOSE_DUPLICATE))
+        matches!(self, TransportError::Duplicate { .. })
     }
 }

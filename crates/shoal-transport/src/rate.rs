@@ -187,7 +187,8 @@ mod tests {
         check("100mbit", 12_500_000);
         check("1.5 MiB/s", 1_572_864);
         check("2GB/s", 2_000_000_000);
-        check("1gib/s", 1 << 30);
+        check("1GiB/s", 1 << 30);
+        check("8Gibit/s", 1 << 30);
         check("64kB/s", 64_000);
         check("64KB", 64_000);
         check("1000", 1000);

@@ -260,7 +260,7 @@ impl RecvStream {
 
     /// Read the whole stream into memory, failing if it is longer than
     /// `limit` bytes.
-    pub async fn read_to_end(&mut self, limit: usize) -> Result<Vec<u8>, TransportError> {
+    pub async fn read_all(&mut self, limit: usize) -> Result<Vec<u8>, TransportError> {
         let mut out = Vec::new();
         while let Some(chunk) = self.read_chunk(PIECE * 4).await? {
             if out.len() + chunk.len() > limit {
