@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +50,25 @@ pub fn dht_key(hash: &[u8; 32]) -> [u8; 20] {
 
 type State = watch::Sender<Option<AsyncDht>>;
 
+/// Counters of the DHT source, for status displays and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DhtStats {
+    /// Announces that reached at least one DHT node.
+    pub announces: u64,
+    /// Announces that failed (no node answered, or all refused).
+    pub failed_announces: u64,
+    /// `get_peers` lookups run to their end.
+    pub lookups: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    announces: AtomicU64,
+    failed_announces: AtomicU64,
+    lookups: AtomicU64,
+}
+
 enum Command {
     Announce([u8; 32]),
     Withdraw([u8; 32]),
@@ -61,11 +80,13 @@ pub(crate) struct DhtService {
     local_addr: Arc<Mutex<Option<SocketAddr>>>,
     bootstrapped: Arc<AtomicBool>,
     commands: mpsc::UnboundedSender<Command>,
+    counters: Arc<Counters>,
 }
 
 /// What a lookup needs: the current DHT node, when there is one.
 pub(crate) struct LookupHandle {
     state: watch::Receiver<Option<AsyncDht>>,
+    counters: Arc<Counters>,
 }
 
 #[derive(Clone)]
@@ -87,6 +108,7 @@ impl DhtService {
         let local_addr = Arc::new(Mutex::new(None));
         let bootstrapped = Arc::new(AtomicBool::new(false));
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
         let settings = Settings {
             bootstrap: config.dht_bootstrap.clone(),
             server_mode: config.dht_server_mode,
@@ -103,6 +125,7 @@ impl DhtService {
             state.subscribe(),
             quic_port,
             config.reannounce_interval,
+            counters.clone(),
             cancel,
         ));
         let service = DhtService {
@@ -110,6 +133,7 @@ impl DhtService {
             local_addr,
             bootstrapped,
             commands,
+            counters,
         };
         (service, vec![supervisor, announcer])
     }
@@ -125,6 +149,15 @@ impl DhtService {
     pub(crate) fn lookup_handle(&self) -> LookupHandle {
         LookupHandle {
             state: self.state.subscribe(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> DhtStats {
+        DhtStats {
+            announces: self.counters.announces.load(Ordering::Relaxed),
+            failed_announces: self.counters.failed_announces.load(Ordering::Relaxed),
+            lookups: self.counters.lookups.load(Ordering::Relaxed),
         }
     }
 
@@ -263,6 +296,7 @@ async fn announce_loop(
     mut state: watch::Receiver<Option<AsyncDht>>,
     port: u16,
     interval: Duration,
+    counters: Arc<Counters>,
     cancel: CancellationToken,
 ) {
     // Hash -> when to announce it next.
@@ -322,6 +356,8 @@ async fn announce_loop(
                     .await;
                 let now = Instant::now();
                 for (hash, ok) in results {
+                    let counter = if ok { &counters.announces } else { &counters.failed_announces };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     if let Some(at) = due.get_mut(&hash) {
                         *at = now + if ok { interval } else { interval.min(ANNOUNCE_RETRY) };
                     }
@@ -380,6 +416,7 @@ impl LookupHandle {
                     },
                 }
             }
+            self.counters.lookups.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%key, found, took = ?started.elapsed(), "dht: lookup done");
             tokio::select! {
                 () = tx.closed() => return,

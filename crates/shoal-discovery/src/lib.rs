@@ -59,7 +59,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use address_book::{AddressBook, BACKOFF_MAX, BACKOFF_MIN, SelfFilter, backoff};
-pub use dht::{DHT_KEY_CONTEXT, dht_key};
+pub use dht::{DHT_KEY_CONTEXT, DhtStats, dht_key};
 pub use shoal_transport::PeerId;
 
 /// The DNS-SD service type shoal nodes register and browse.
@@ -322,6 +322,14 @@ impl Discovery {
     /// Whether the DHT node is running and has found at least one other node.
     pub fn dht_bootstrapped(&self) -> bool {
         self.inner.dht.as_ref().is_some_and(|d| d.is_bootstrapped())
+    }
+
+    /// Counters of the DHT source (all zero when the DHT is off).
+    pub fn dht_stats(&self) -> DhtStats {
+        self.inner
+            .dht
+            .as_ref()
+            .map_or_else(DhtStats::default, |d| d.stats())
     }
 
     /// The filter this node uses to recognise itself; the node's

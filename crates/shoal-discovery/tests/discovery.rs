@@ -12,6 +12,16 @@ use tokio::time::timeout;
 use tracing::Level;
 use tracing_subscriber::layer::SubscriberExt;
 
+/// Logs to the test output when `RUST_LOG` is set.
+fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 fn new_id() -> PeerId {
     SecretKey::generate().public()
 }
@@ -68,6 +78,7 @@ async fn wait_for(
 
 #[tokio::test]
 async fn mdns_neighbours_find_each_other() {
+    init_logs();
     let port = free_udp_port();
     let (id_a, id_b) = (new_id(), new_id());
     let quic_a = addr("127.0.0.1:41001");
@@ -161,6 +172,7 @@ async fn testnet(n: usize) -> (mainline::Testnet, Vec<SocketAddr>) {
 
 #[tokio::test]
 async fn dht_finds_the_provider_of_a_hash() {
+    init_logs();
     let (_testnet, bootstrap) = testnet(10).await;
     let quic_a = addr("127.0.0.1:42001");
     let quic_b = addr("127.0.0.1:42002");
@@ -234,8 +246,44 @@ async fn announce_off_announces_nothing() {
     })
     .await;
     assert!(got.is_some(), "lookup failed with announce off");
+    assert_eq!(a.dht_stats().announces + a.dht_stats().failed_announces, 0);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn reannounces_until_withdrawn() {
+    let (_testnet, bootstrap) = testnet(10).await;
+    let config = DiscoveryConfig {
+        reannounce_interval: Duration::from_millis(500),
+        ..dht_only(bootstrap)
+    };
+    let a = Discovery::start(new_id(), vec![addr("127.0.0.1:45001")], config)
+        .await
+        .expect("start a");
+    let hash = *blake3::hash(b"again and again").as_bytes();
+    a.announce(hash);
+    a.announce(hash); // announcing twice schedules it once
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.dht_stats().announces < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 4 announces within 20 s: {:?}",
+            a.dht_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.withdraw(hash);
+    // At most one announce that was already under way may still finish.
+    let after_withdraw = a.dht_stats().announces;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = a.dht_stats().announces;
+    assert!(
+        later <= after_withdraw + 1,
+        "still announcing after withdraw: {after_withdraw} -> {later}"
+    );
+    assert_eq!(a.dht_stats().failed_announces, 0);
+    a.shutdown().await;
 }
 
 /// Counts this crate's WARN-and-above events.
