@@ -636,14 +636,14 @@ fn dial_error(
     seen: Option<PeerId>,
     err: ConnectionError,
 ) -> TransportError {
-    if let (Some(expected), Some(actual)) = (expected, seen) {
-        if expected != actual {
-            return TransportError::WrongPeer {
-                addr,
-                expected,
-                actual,
-            };
-        }
+    if let (Some(expected), Some(actual)) = (expected, seen)
+        && expected != actual
+    {
+        return TransportError::WrongPeer {
+            addr,
+            expected,
+            actual,
+        };
     }
     match &err {
         ConnectionError::ConnectionClosed(close)
@@ -694,14 +694,14 @@ fn register(
                 (conn.clone(), true)
             }
             Some(current) => {
-                let new_rank = conn.dialer != preferred;
-                let old_rank = current.dialer != preferred;
-                if new_rank < old_rank {
+                let new_preferred = conn.dialer == preferred;
+                let old_preferred = current.dialer == preferred;
+                if new_preferred && !old_preferred {
                     // the new one was dialed by the lower id: it wins
-                    to_close.extend(list.drain(..));
+                    to_close.append(list);
                     list.push(conn.clone());
                     (conn.clone(), true)
-                } else if new_rank > old_rank || conn.dialer == us {
+                } else if (old_preferred && !new_preferred) || conn.dialer == us {
                     // it loses, or we dialed twice: keep the older one
                     to_close.push(conn.clone());
                     (current, false)

@@ -394,7 +394,7 @@ mod tests {
         let (v, _) = ServerVerifier::new(&p, Some(alice));
         assert!(v.verify_server_cert(&cert, &[], &name, &[], now).is_ok());
         assert!(
-            v.verify_server_cert(&cert, &[cert.clone()], &name, &[], now)
+            v.verify_server_cert(&cert, std::slice::from_ref(&cert), &name, &[], now)
                 .is_err()
         );
 
