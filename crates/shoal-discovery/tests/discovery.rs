@@ -137,6 +137,26 @@ async fn mdns_neighbours_find_each_other() {
     let got = wait_for(&mut later, Duration::from_secs(2), |c| c.id == Some(id_b)).await;
     assert_eq!(got.map(|c| c.addr), Some(quic_b));
 
+    // A node bound to [::] advertises its IPv4 (and IPv6) addresses, and a
+    // running find streams a neighbour that arrives later. IPv6 multicast on
+    // `lo` does not carry mDNS here (with mdns-sd 0.21, even with lo flagged
+    // MULTICAST in a namespace), so only the IPv4 address is required.
+    let id_c = new_id();
+    let c = Discovery::start(id_c, vec![addr("[::]:41003")], mdns_only(port))
+        .await
+        .expect("start c");
+    let got = wait_for(&mut from_b, Duration::from_secs(15), |c| c.id == Some(id_c)).await;
+    assert_eq!(
+        got,
+        Some(Candidate {
+            addr: addr("127.0.0.1:41003"),
+            id: Some(id_c),
+            source: Source::Mdns
+        }),
+        "b did not stream c, which came later"
+    );
+    c.shutdown().await;
+
     // Shutdown ends the open streams.
     timeout(Duration::from_secs(10), async {
         a.shutdown().await;
