@@ -32,12 +32,12 @@ pub const CLOSE_SHUTDOWN: u32 = 0x5d_0002;
 
 /// Receive window of one stream: how much a peer may send ahead on one
 /// stream before the reader reads it.
-pub const STREAM_RECEIVE_WINDOW: u32 = 16 << 20;
+pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
 /// Receive window of a whole connection: with [`EndpointConfig::max_connections`]
 /// it bounds the memory that peers can make this node buffer.
-pub const CONNECTION_RECEIVE_WINDOW: u32 = 24 << 20;
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 12 << 20;
 /// How much a connection buffers for sending ahead of acknowledgements.
-pub const SEND_WINDOW: u64 = 24 << 20;
+pub const SEND_WINDOW: u64 = 12 << 20;
 
 /// The congestion controller of every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

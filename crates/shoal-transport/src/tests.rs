@@ -495,6 +495,7 @@ async fn the_upload_limit_holds_across_streams() {
         send_bulk(&conn, BYTES, 4).await;
         reading.await.unwrap();
         let took = start.elapsed();
+        eprintln!("20 MB at 5 MB/s took {took:?}");
         assert!(
             took >= Duration::from_millis(3600),
             "20 MB at 5 MB/s took {took:?}"
@@ -526,6 +527,7 @@ async fn the_download_limit_holds() {
         send_bulk(&conn, BYTES, 1).await;
         reading.await.unwrap();
         let took = start.elapsed();
+        eprintln!("20 MB at 5 MB/s took {took:?}");
         assert!(
             took >= Duration::from_millis(3600),
             "20 MB at 5 MB/s took {took:?}"
