@@ -14,14 +14,18 @@ pub(crate) fn bin() -> PathBuf {
         if let Some(p) = std::env::var_os("SHOAL_BIN") {
             return PathBuf::from(p);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["build", "-q", "-p", "shoal-cli"])
             .current_dir(&root)
             .status()
             .expect("running cargo build");
         assert!(status.success(), "cargo build -p shoal-cli failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
         target.join("debug/shoal")
     })
     .clone()
@@ -48,7 +52,9 @@ pub(crate) struct Dir {
 
 impl Dir {
     pub(crate) fn new() -> Dir {
-        Dir { tmp: tempfile::tempdir().expect("tempdir") }
+        Dir {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -84,14 +90,17 @@ impl Dir {
     /// Starts `shoal serve` on loopback with mDNS and the DHT off.
     pub(crate) fn serve(&self, extra: &[&str]) -> Serve {
         let mut c = self.cmd();
-        c.args(["serve", "--listen", "127.0.0.1:0", "--no-mdns", "--no-dht"]).args(extra);
+        c.args(["serve", "--listen", "127.0.0.1:0", "--no-mdns", "--no-dht"])
+            .args(extra);
         Serve::start(c)
     }
 }
 
 /// Runs `c`, killing it after `limit`.
 pub(crate) fn run_bounded(mut c: Command, limit: Duration) -> Output {
-    c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    c.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
     let mut child = c.spawn().expect("spawning shoal");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
@@ -113,11 +122,18 @@ pub(crate) fn run_bounded(mut c: Command, limit: Duration) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{c:?} did not finish within {limit:?}; stderr: {}", String::from_utf8_lossy(&err_t.join().unwrap_or_default()));
+            panic!(
+                "{c:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&err_t.join().unwrap_or_default())
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() }
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 /// A running `shoal serve`, killed on drop.
@@ -130,7 +146,9 @@ pub(crate) struct Serve {
 
 impl Serve {
     pub(crate) fn start(mut c: Command) -> Serve {
-        c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = c.spawn().expect("spawning shoal serve");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
@@ -155,15 +173,27 @@ impl Serve {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
-                panic!("shoal serve printed no ready line; log: {}", log.lock().unwrap_or_else(|e| e.into_inner()));
+                panic!(
+                    "shoal serve printed no ready line; log: {}",
+                    log.lock().unwrap_or_else(|e| e.into_inner())
+                );
             }
         };
         let mut words = line.split_whitespace();
-        assert_eq!(words.next(), Some("ready"), "unexpected first line {line:?}");
+        assert_eq!(
+            words.next(),
+            Some("ready"),
+            "unexpected first line {line:?}"
+        );
         let peer_id = words.next().expect("peer id").to_string();
         let addrs: Vec<String> = words.map(str::to_string).collect();
         assert!(!addrs.is_empty(), "ready line without addresses: {line:?}");
-        Serve { child, peer_id, addrs, log }
+        Serve {
+            child,
+            peer_id,
+            addrs,
+            log,
+        }
     }
 
     /// `PEERID@ADDR` of this node.
@@ -212,7 +242,11 @@ pub(crate) fn uploaded(dir: &Dir) -> u64 {
 
 /// `b3sum` of a file, from the real `b3sum` tool (CI installs it).
 pub(crate) fn b3sum(path: &Path) -> String {
-    let out = Command::new("b3sum").arg("--no-names").arg(path).output().expect("b3sum is installed (apt-get install b3sum)");
+    let out = Command::new("b3sum")
+        .arg("--no-names")
+        .arg(path)
+        .output()
+        .expect("b3sum is installed (apt-get install b3sum)");
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -45,13 +45,22 @@ fn one_seeder_one_downloader() {
     let out = d.path().join("out.bin");
     let o = out.to_str().unwrap();
     d.ok(&["get", &t, "-o", o, NET[0], NET[1]]);
-    assert!(std::fs::read(&out).unwrap() == bytes, "output differs from input");
+    assert!(
+        std::fs::read(&out).unwrap() == bytes,
+        "output differs from input"
+    );
     assert_eq!(b3sum(&out), hash);
     // The downloaded file is in the store, complete.
     let ls = d.ok(&["--json", "ls"]);
-    assert!(ls.contains(&hash) && ls.contains("\"complete\":true"), "{ls}");
+    assert!(
+        ls.contains(&hash) && ls.contains("\"complete\":true"),
+        "{ls}"
+    );
     // Getting to an existing path is refused, not overwritten.
-    let again = d.run(&["get", &t, "-o", o, NET[0], NET[1]], Duration::from_secs(30));
+    let again = d.run(
+        &["get", &t, "-o", o, NET[0], NET[1]],
+        Duration::from_secs(30),
+    );
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).starts_with("error: "));
 }
@@ -70,7 +79,14 @@ fn three_seeders_share_the_upload() {
     }
     let d = Dir::new();
     let out = d.path().join("out.bin");
-    let mut args: Vec<String> = vec!["get".into(), hash.clone(), "-o".into(), out.to_str().unwrap().into(), NET[0].into(), NET[1].into()];
+    let mut args: Vec<String> = vec![
+        "get".into(),
+        hash.clone(),
+        "-o".into(),
+        out.to_str().unwrap().into(),
+        NET[0].into(),
+        NET[1].into(),
+    ];
     for n in &nodes {
         args.push("--peer".into());
         args.push(n.peer_arg());
@@ -81,7 +97,11 @@ fn three_seeders_share_the_upload() {
     let total = bytes.len() as f64;
     for (i, s) in seeders.iter().enumerate() {
         let up = uploaded(s) as f64;
-        assert!(up > 0.15 * total, "seeder {i} served only {:.1}% of the bytes", 100.0 * up / total);
+        assert!(
+            up > 0.15 * total,
+            "seeder {i} served only {:.1}% of the bytes",
+            100.0 * up / total
+        );
     }
 }
 
@@ -97,7 +117,10 @@ fn downloaders_upload_to_each_other() {
     let hash = add(&s, &input);
     let t = ticket(&s, &hash);
     let downloaders: Vec<Dir> = (0..4).map(|_| Dir::new()).collect();
-    let nodes: Vec<_> = downloaders.iter().map(|d| d.serve(&["--peer", &seeder.peer_arg()])).collect();
+    let nodes: Vec<_> = downloaders
+        .iter()
+        .map(|d| d.serve(&["--peer", &seeder.peer_arg()]))
+        .collect();
     let handles: Vec<_> = downloaders
         .iter()
         .map(|d| {
@@ -108,13 +131,25 @@ fn downloaders_upload_to_each_other() {
         .collect();
     for h in handles {
         let out = h.join().unwrap();
-        assert!(out.status.success(), "get failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "get failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let seeder_up = uploaded(&s) as f64;
     let peers_up: f64 = downloaders.iter().map(|d| uploaded(d) as f64).sum();
     let f = size as f64;
-    assert!(seeder_up < 3.0 * f, "the seeder sent {:.2} copies to 4 downloaders", seeder_up / f);
-    assert!(peers_up > 0.5 * f, "downloaders sent each other only {:.2} copies", peers_up / f);
+    assert!(
+        seeder_up < 3.0 * f,
+        "the seeder sent {:.2} copies to 4 downloaders",
+        seeder_up / f
+    );
+    assert!(
+        peers_up > 0.5 * f,
+        "downloaders sent each other only {:.2} copies",
+        peers_up / f
+    );
     drop(nodes);
 }
 
@@ -134,12 +169,29 @@ fn a_seeder_killed_halfway_does_not_stop_the_download() {
     let d = Dir::new();
     let out = d.path().join("out.bin");
     let mut c = d.cmd();
-    c.args(["get", &hash, "-o", out.to_str().unwrap(), NET[0], NET[1], "--peer", &nodes[0].peer_arg(), "--peer", &nodes[1].peer_arg()]);
+    c.args([
+        "get",
+        &hash,
+        "-o",
+        out.to_str().unwrap(),
+        NET[0],
+        NET[1],
+        "--peer",
+        &nodes[0].peer_arg(),
+        "--peer",
+        &nodes[1].peer_arg(),
+    ]);
     let h = std::thread::spawn(move || run_bounded(c, Duration::from_secs(120)));
-    eventually(Duration::from_secs(60), "seeder A to send a third", || uploaded(&a) > size as u64 / 4);
+    eventually(Duration::from_secs(60), "seeder A to send a third", || {
+        uploaded(&a) > size as u64 / 4
+    });
     nodes[0].kill();
     let o = h.join().unwrap();
-    assert!(o.status.success(), "get failed after a seeder died: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "get failed after a seeder died: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(b3sum(&out), hash);
 }
 
@@ -157,20 +209,46 @@ fn a_killed_downloader_resumes_without_refetching() {
     let o = out.to_str().unwrap().to_string();
     let mut child = d
         .cmd()
-        .args(["get", &hash, "-o", &o, NET[0], NET[1], "--peer", &seeder.peer_arg()])
+        .args([
+            "get",
+            &hash,
+            "-o",
+            &o,
+            NET[0],
+            NET[1],
+            "--peer",
+            &seeder.peer_arg(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    eventually(Duration::from_secs(60), "half the file to be sent", || uploaded(&s) > size as u64 / 2);
+    eventually(Duration::from_secs(60), "half the file to be sent", || {
+        uploaded(&s) > size as u64 / 2
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     let before = uploaded(&s);
-    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).lines().next().expect("a partial entry")).unwrap();
+    let ls: serde_json::Value = serde_json::from_str(
+        d.ok(&["--json", "ls"])
+            .lines()
+            .next()
+            .expect("a partial entry"),
+    )
+    .unwrap();
     assert_eq!(ls["complete"], false);
     let missing = size as u64 - ls["verified"].as_u64().unwrap();
     assert!(missing < size as u64, "nothing was kept from the first run");
-    d.ok(&["get", &hash, "-o", &o, NET[0], NET[1], "--peer", &seeder.peer_arg()]);
+    d.ok(&[
+        "get",
+        &hash,
+        "-o",
+        &o,
+        NET[0],
+        NET[1],
+        "--peer",
+        &seeder.peer_arg(),
+    ]);
     assert_eq!(b3sum(&out), hash);
     let fetched = uploaded(&s) - before;
     assert!(
@@ -189,7 +267,11 @@ fn a_collection_round_trips_with_names_and_modes() {
     write(&root.join("a/one.txt"), b"one");
     write(&root.join("a/b/c/big.bin"), &data(300_000, 6));
     write(&root.join("a/b/run.sh"), b"#!/bin/sh\necho hi\n");
-    std::fs::set_permissions(root.join("a/b/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.join("a/b/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let _seeder = s.serve(&[]);
     let hash = add(&s, &root);
     let t = ticket(&s, &hash);
@@ -197,15 +279,27 @@ fn a_collection_round_trips_with_names_and_modes() {
     let out = d.path().join("copy");
     d.ok(&["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
     for f in ["zero.bin", "a/one.txt", "a/b/c/big.bin", "a/b/run.sh"] {
-        assert_eq!(std::fs::read(root.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap(), "{f} differs");
+        assert_eq!(
+            std::fs::read(root.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+            "{f} differs"
+        );
     }
     assert!(out.join("empty/inner").is_dir(), "empty directory lost");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o111;
     assert_ne!(mode(&out.join("a/b/run.sh")), 0, "executable bit lost");
     assert_eq!(mode(&out.join("a/one.txt")), 0, "executable bit invented");
     // No temporary directory is left behind.
-    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(names.iter().all(|n| !n.to_string_lossy().contains("shoal-tmp")), "{names:?}");
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("shoal-tmp")),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -225,7 +319,11 @@ fn cat_streams_into_b3sum() {
     let mut c = Command::new("bash");
     c.args(["-c", &script]);
     let out = run_bounded(c, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
 }
 
@@ -237,7 +335,10 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     let o = d.run(&["get", "not-a-ticket"], Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.starts_with("error: ") && !err.contains("panicked"),
+        "{err}"
+    );
     let o = d.run(&["add", "/does/not/exist"], Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(1));
     // A node that is not running cannot hand out tickets.

@@ -11,7 +11,6 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,13 +37,17 @@ fn run() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Runs a command, failing with its name when it fails.
 pub(crate) fn sh(step: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {step}: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("{step}: could not start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{step}: could not start {cmd:?}"))?;
     if !status.success() {
         bail!("step `{step}` failed ({status})");
     }
@@ -63,12 +66,19 @@ pub(crate) fn have(program: &str) -> bool {
 }
 
 pub(crate) fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 /// Installs Debian packages (as root) that provide `programs` when missing.
 pub(crate) fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages.iter().filter(|(prog, _)| !have(prog)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(prog, _)| !have(prog))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -76,45 +86,84 @@ pub(crate) fn apt_install(packages: &[(&str, &str)]) -> Result<()> {
         eprintln!("note: not root, cannot install {missing:?}; tests needing them will say so");
         return Ok(());
     }
-    sh("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
+    sh(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+    )?;
     sh(
         "apt-get install",
-        Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
 
 fn ci(args: &[String]) -> Result<()> {
-    let skip: Vec<&str> = args.windows(2).filter(|w| w[0] == "--skip").map(|w| w[1].as_str()).collect();
+    let skip: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--skip")
+        .map(|w| w[1].as_str())
+        .collect();
     let step = |name: &str| !skip.contains(&name);
 
     // Setup: what the tests and checks need on a fresh machine.
     apt_install(&[("b3sum", "b3sum"), ("ip", "iproute2")])?;
     if step("deny") && !cargo_has("deny") {
-        sh("install cargo-deny", cargo().args(["install", "--locked", "cargo-deny"]))?;
+        sh(
+            "install cargo-deny",
+            cargo().args(["install", "--locked", "cargo-deny"]),
+        )?;
     }
 
     if step("fmt") {
         sh("fmt", cargo().args(["fmt", "--all", "--", "--check"]))?;
     }
     if step("clippy") {
-        sh("clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        sh(
+            "clippy",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
     }
     if step("test") {
         // The end-to-end tests run the real binary: build it first.
         sh("build shoal", cargo().args(["build", "-p", "shoal-cli"]))?;
-        sh("test", cargo().args(["test", "--workspace"]).env("RUST_BACKTRACE", "1"))?;
+        sh(
+            "test",
+            cargo()
+                .args(["test", "--workspace"])
+                .env("RUST_BACKTRACE", "1"),
+        )?;
     }
     if step("deny") {
         // The advisory database cannot be fetched here: offline checks only.
-        sh("deny", cargo().args(["deny", "--offline", "check", "bans", "licenses", "sources"]))?;
+        sh(
+            "deny",
+            cargo().args(["deny", "--offline", "check", "bans", "licenses", "sources"]),
+        )?;
     }
     if step("doc") {
-        sh("doc", cargo().args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+        sh(
+            "doc",
+            cargo()
+                .args(["doc", "--workspace", "--no-deps"])
+                .env("RUSTDOCFLAGS", "-D warnings"),
+        )?;
     }
     eprintln!("==> ci: all steps passed");
     Ok(())
 }
 
 fn cargo_has(sub: &str) -> bool {
-    cargo().args([sub, "--version"]).output().is_ok_and(|o| o.status.success())
+    cargo()
+        .args([sub, "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

@@ -549,13 +549,13 @@ async fn get(
         Some(p) if !to_stdout => Some(absolute(p)?),
         _ => None,
     };
-    if let Some(o) = &output {
-        if o.exists() {
-            bail!(
-                "{} exists already; choose another output path or remove it",
-                o.display()
-            );
-        }
+    if let Some(o) = &output
+        && o.exists()
+    {
+        bail!(
+            "{} exists already; choose another output path or remove it",
+            o.display()
+        );
     }
     let bar = output::ProgressBar::new(!out.json && std::io::stderr().is_terminal());
     if let Some(mut c) = ControlClient::connect(dir).await {

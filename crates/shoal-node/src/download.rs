@@ -140,6 +140,7 @@ pub(crate) async fn fetch_blob(
         });
         return Ok(job.kind.unwrap_or(info.kind));
     }
+    let mut events = store.subscribe();
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
     let mut candidates = node.candidates(&hash, &job.peers);
     let mut book = AddressBook::new(SelfFilter::new(
@@ -353,11 +354,9 @@ pub(crate) async fn fetch_blob(
                                 ReqError::Failed(msg) => {
                                     debug!(%peer, "request failed: {msg}");
                                     s.handle_request_failed(id, Failure::Error);
-                                    if peers.get(&peer).is_some_and(|p| p.conn.is_closed()) {
-                                        if let Some(slot) = peers.remove(&peer) {
-                                            if let Some(t) = slot.sub { t.abort() }
-                                        }
-                                    }
+                                    if peers.get(&peer).is_some_and(|p| p.conn.is_closed())
+                                        && let Some(slot) = peers.remove(&peer)
+                                            && let Some(t) = slot.sub { t.abort() }
                                 }
                             }
                         }
@@ -375,7 +374,7 @@ pub(crate) async fn fetch_blob(
                                     for l in liars {
                                         warn!(peer = %l, "peer claimed a wrong size: dropped");
                                         banned.insert(l);
-                                        if let Some(slot) = peers.remove(&l) { if let Some(t) = slot.sub { t.abort() } }
+                                        if let Some(slot) = peers.remove(&l) && let Some(t) = slot.sub { t.abort() }
                                     }
                                     for (id, slot) in &peers {
                                         add_to_scheduler(s, id, slot);
@@ -392,7 +391,7 @@ pub(crate) async fn fetch_blob(
                         Err(e) => {
                             warn!(%peer, "could not prove the size: {e:?}; dropped");
                             banned.insert(peer);
-                            if let Some(slot) = peers.remove(&peer) { if let Some(t) = slot.sub { t.abort() } }
+                            if let Some(slot) = peers.remove(&peer) && let Some(t) = slot.sub { t.abort() }
                         }
                     }
                 }
@@ -461,14 +460,22 @@ pub(crate) async fn fetch_blob(
     }
     store.end_download(&hash);
     result?;
-    let info = store.info(&hash).ok_or(NodeError::Internal(
-        "download vanished from the store".into(),
-    ))?;
-    if !info.complete {
-        return Err(NodeError::Internal(
-            "scheduler finished but the store is not complete".into(),
-        ));
-    }
+    // Every group is verified; the request that verified the last one may
+    // still be finishing the blob (syncing, renaming into place).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let info = loop {
+        match store.info(&hash) {
+            Some(info) if info.complete => break info,
+            Some(_) if Instant::now() < deadline => {
+                let _ = tokio::time::timeout(Duration::from_millis(50), events.recv()).await;
+            }
+            _ => {
+                return Err(NodeError::Internal(
+                    "every group verified but the blob did not complete in the store".into(),
+                ));
+            }
+        }
+    };
     progress.send_modify(|p| {
         p.verified = info.size;
         p.total = info.size;

@@ -595,10 +595,10 @@ pub(crate) fn dialable(bound: &[SocketAddr]) -> Vec<SocketAddr> {
             for ip in local_ips() {
                 // A `[::]` socket is dual-stack where the OS allows.
                 if ip.is_ipv4() == a.is_ipv4() || a.is_ipv6() {
-                    if let std::net::IpAddr::V6(v6) = ip {
-                        if (v6.segments()[0] & 0xffc0) == 0xfe80 {
-                            continue; // link-local needs a scope id
-                        }
+                    if let std::net::IpAddr::V6(v6) = ip
+                        && (v6.segments()[0] & 0xffc0) == 0xfe80
+                    {
+                        continue; // link-local needs a scope id
                     }
                     out.push(SocketAddr::new(ip, a.port()));
                 }

@@ -58,10 +58,10 @@ impl PeerBook {
     /// `peer` holds (or is fetching) `hash`.
     pub(crate) fn saw(&mut self, hash: Hash, peer: PeerId) {
         if !self.by_hash.contains_key(&hash) {
-            if self.hash_order.len() >= MAX_HASHES {
-                if let Some(old) = self.hash_order.pop_front() {
-                    self.by_hash.remove(&old);
-                }
+            if self.hash_order.len() >= MAX_HASHES
+                && let Some(old) = self.hash_order.pop_front()
+            {
+                self.by_hash.remove(&old);
             }
             self.hash_order.push_back(hash);
         }
@@ -85,7 +85,7 @@ impl PeerBook {
             .filter(|p| *p != except)
             .filter_map(|p| {
                 let a = self.addrs(p);
-                (!a.is_empty()).then(|| (*p, a))
+                (!a.is_empty()).then_some((*p, a))
             })
             .take(max)
             .collect()

@@ -614,6 +614,12 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         if self.is_complete() {
             return;
         }
+        // No request may take more than a fair share of what is left, so
+        // that every peer keeps getting work until the end.
+        let unrequested = (0..self.blocks)
+            .filter(|b| self.wanted(*b) && self.block_requests[*b as usize] == 0)
+            .count() as u64;
+        let fair = (unrequested / (2 * self.peers.len().max(1) as u64)).max(1);
         // Fastest peers first, so that they get the rarest blocks.
         let mut order: Vec<(P, f64)> = self
             .peers
@@ -622,15 +628,12 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             .collect();
         order.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (peer, _) in order {
-            loop {
-                let Some(p) = self.peers.get(&peer) else {
-                    break;
-                };
+            while let Some(p) = self.peers.get(&peer) {
                 if p.inflight >= self.cfg.max_requests_per_peer {
                     break;
                 }
                 let (blocks, endgame) = if let Some(first) = self.pick_fresh(p) {
-                    let want = self.request_blocks(p);
+                    let want = self.request_blocks(p).min(fair);
                     let mut blocks = vec![first];
                     let mut next = first + 1;
                     while (blocks.len() as u64) < want
@@ -828,7 +831,12 @@ mod tests {
         s.handle_peer_added(1u8);
         s.handle_peer_complete(&1);
         let first = drain(&mut s, now);
-        assert_eq!(first.len(), 1);
+        assert!(
+            !first.is_empty()
+                && first
+                    .iter()
+                    .all(|a| matches!(a, Action::Request { peer: 1, .. }))
+        );
         s.handle_peer_added(2u8);
         s.handle_peer_complete(&2);
         assert!(
@@ -975,10 +983,10 @@ mod tests {
                         s.handle_request_done(id, &ranges, now);
                     }
                     for j in 0..n {
-                        if j != i {
-                            if let Some(s) = self.scheds[j].as_mut() {
-                                s.handle_have(&i, &ranges);
-                            }
+                        if j != i
+                            && let Some(s) = self.scheds[j].as_mut()
+                        {
+                            s.handle_have(&i, &ranges);
                         }
                     }
                 }

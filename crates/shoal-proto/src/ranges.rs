@@ -197,7 +197,7 @@ impl GroupRanges {
         if d.len() > MAX_BOUNDARIES {
             return Err(RangesError::TooMany(d.len()));
         }
-        if d.len() % 2 != 0 {
+        if !d.len().is_multiple_of(2) {
             return Err(RangesError::Odd);
         }
         let mut runs = Vec::with_capacity(d.len() / 2);
