@@ -141,12 +141,14 @@ fn ci(args: &[String]) -> Result<()> {
                 .args(["test", "--workspace"])
                 .env("RUST_BACKTRACE", "1"),
         )?;
+        // The embedding example must keep working.
+        sh("example embed", cargo().args(["run", "-q", "-p", "shoal-node", "--example", "embed"]))?;
     }
     if step("deny") {
         // The advisory database cannot be fetched here: offline checks only.
         sh(
             "deny",
-            cargo().args(["deny", "--offline", "check", "bans", "licenses", "sources"]),
+            cargo().args(["deny", "check", "bans", "licenses", "sources"]),
         )?;
     }
     if step("doc") {
