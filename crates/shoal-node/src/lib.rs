@@ -38,7 +38,7 @@ pub use error::NodeError;
 pub use fetch::{FetchOutput, FetchReport, FetchRequest};
 pub use node::{Node, NodeConfig, PeerAddr, PeerInfo, TransferInfo};
 pub use peerbook::PeerCounters;
-pub use shoal_discovery::DiscoveryConfig;
+pub use shoal_discovery::{Discovery, DiscoveryConfig};
 pub use shoal_store::{BlobKind, Hash, ImportMode};
 pub use shoal_transport::{PeerId, Ticket, TicketKind};
 

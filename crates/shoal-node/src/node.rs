@@ -275,6 +275,11 @@ impl Node {
         &self.inner.store
     }
 
+    /// Discovery, when a source runs (for status displays and tests).
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.inner.discovery.as_ref()
+    }
+
     /// The endpoint (for byte counters and tests).
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
