@@ -22,6 +22,7 @@ use shoal_proto::pb;
 use shoal_store::Store;
 
 mod demo;
+mod dht_node;
 mod output;
 
 use output::Out;
@@ -127,6 +128,8 @@ enum Command {
     Status,
     /// A self-contained showcase: several nodes on loopback swarm a file.
     Demo(demo::DemoArgs),
+    /// Run a bare Mainline DHT node (server mode) to bootstrap a private DHT.
+    DhtNode(dht_node::DhtNodeArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -146,6 +149,11 @@ struct NetArgs {
     /// Announce nothing (still downloads).
     #[arg(long)]
     no_announce: bool,
+    /// Answer other DHT nodes' queries from the start (DHT server mode):
+    /// faster lookups on a small private DHT; on the public DHT it keeps
+    /// libtorrent nodes from using this node.
+    #[arg(long)]
+    dht_server: bool,
     /// Upload limit, e.g. 10MB/s, 800KiB/s, 100Mbit/s.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     max_upload: Option<u64>,
@@ -171,6 +179,7 @@ impl NetArgs {
                 dht: !self.no_dht,
                 dht_bootstrap: self.dht_bootstrap.clone(),
                 announce: !self.no_announce,
+                dht_server_mode: self.dht_server,
                 ..DiscoveryConfig::default()
             },
             upload_limit: self.max_upload,
@@ -413,6 +422,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => demo::run(args, &out).await?,
+        Command::DhtNode(args) => dht_node::run(args, &out).await?,
     }
     Ok(())
 }

@@ -168,6 +168,15 @@ impl Out {
         }
     }
 
+    /// `ready <addr>` of `shoal dht-node`.
+    pub(crate) fn dht_ready(&self, addr: &std::net::SocketAddr) -> Result<()> {
+        if self.json {
+            line(&json!({ "ready": true, "addr": addr.to_string() }).to_string())
+        } else {
+            line(&format!("ready {addr}"))
+        }
+    }
+
     pub(crate) fn ticket(&self, t: &str) -> Result<()> {
         if self.json {
             line(&json!({ "ticket": t }).to_string())

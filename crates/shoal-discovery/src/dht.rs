@@ -31,6 +31,11 @@ const RETRY_MIN: Duration = Duration::from_secs(30);
 const RETRY_MAX: Duration = Duration::from_secs(10 * 60);
 /// The longest pause before a failed announce is tried again.
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(30);
+/// The pause after a lookup that found nobody; it doubles up to the lookup
+/// interval. A provider's announce may land just after a lookup started
+/// (both sides bootstrapping at once): do not make the downloader wait a
+/// whole interval for it.
+const EMPTY_LOOKUP_RETRY: Duration = Duration::from_secs(2);
 /// How many announces run at once.
 const ANNOUNCE_CONCURRENCY: usize = 8;
 
@@ -385,6 +390,7 @@ impl LookupHandle {
         tx: mpsc::Sender<SocketAddr>,
     ) {
         let key = Id::from(dht_key(&hash));
+        let mut empty_pause = EMPTY_LOOKUP_RETRY;
         loop {
             let dht = self.state.borrow_and_update().clone();
             let Some(dht) = dht else {
@@ -418,9 +424,17 @@ impl LookupHandle {
             }
             self.counters.lookups.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%key, found, took = ?started.elapsed(), "dht: lookup done");
+            let pause = if found == 0 {
+                let pause = empty_pause.min(interval);
+                empty_pause = (empty_pause * 2).min(interval);
+                pause
+            } else {
+                empty_pause = EMPTY_LOOKUP_RETRY;
+                interval
+            };
             tokio::select! {
                 () = tx.closed() => return,
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(pause) => {}
                 changed = self.state.changed() => if changed.is_err() { return },
             }
         }

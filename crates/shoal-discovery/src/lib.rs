@@ -121,6 +121,9 @@ pub struct DiscoveryConfig {
     /// 15-30 min in practice).
     pub reannounce_interval: Duration,
     /// The pause between two DHT lookups of a hash that is still wanted.
+    /// After a lookup that found nobody the pause is shorter (2 s, doubling
+    /// up to this), so that an announce landing just after a lookup is seen
+    /// soon.
     pub lookup_interval: Duration,
 }
 

@@ -110,7 +110,12 @@ async fn mdns_neighbour_serves_a_hash_given_alone() {
     assert!(downloaded_from(&downloader, seeder.peer_id()) > 0);
     // Nobody dials itself: the seeder never shows up in its own peer list.
     assert!(seeder.peers().iter().all(|p| p.id != seeder.peer_id()));
-    assert!(downloader.peers().iter().all(|p| p.id != downloader.peer_id()));
+    assert!(
+        downloader
+            .peers()
+            .iter()
+            .all(|p| p.id != downloader.peer_id())
+    );
     shutdown(&[&seeder, &downloader]).await;
 }
 
@@ -182,7 +187,13 @@ async fn peer_exchange_leads_to_a_peer_nobody_named() {
         addr: n.addrs()[0],
     };
 
-    fetch(&a, hash, vec![named(&s), named(&c)], Duration::from_secs(30)).await;
+    fetch(
+        &a,
+        hash,
+        vec![named(&s), named(&c)],
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(downloaded_from(&a, s.peer_id()) > 0);
     shutdown(&[&s]).await;
     assert!(c.store().info(&hash).is_none(), "c should hold nothing");
@@ -192,6 +203,9 @@ async fn peer_exchange_leads_to_a_peer_nobody_named() {
     let from_a = downloaded_from(&b, a.peer_id());
     assert!(from_a > 0, "b downloaded nothing from a: {:?}", b.peers());
     assert_eq!(downloaded_from(&b, s.peer_id()), 0);
-    assert!(c.store().info(&hash).is_none(), "c should still hold nothing");
+    assert!(
+        c.store().info(&hash).is_none(),
+        "c should still hold nothing"
+    );
     shutdown(&[&a, &b, &c]).await;
 }
