@@ -1855,7 +1855,11 @@ impl Inner {
                     }
                     None => {
                         s.size = Some(size);
-                        partial.data.reserve(size.min(1 << 32));
+                        // The size is only a claim until the last group
+                        // verifies: reserve a bounded amount, so that a peer
+                        // lying about the size cannot make an in-memory store
+                        // ask for gigabytes (the buffer grows as data verifies).
+                        partial.data.reserve(size.min(64 << 20));
                         (s.generation, true)
                     }
                 }

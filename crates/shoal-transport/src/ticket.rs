@@ -146,7 +146,11 @@ pub fn decode_addr(bytes: &[u8]) -> Option<SocketAddr> {
         18 => {
             let ip: [u8; 16] = bytes[..16].try_into().ok()?;
             let port = u16::from_be_bytes([bytes[16], bytes[17]]);
-            Some(SocketAddr::from((Ipv6Addr::from(ip), port)))
+            // An IPv4-mapped address (`::ffff:a.b.c.d`) is read as the IPv4
+            // address it is, as `encode_addr` writes it: otherwise a ticket
+            // would not print back to itself, and the mapped form cannot be
+            // dialed from an IPv4-only socket (found by fuzzing).
+            Some(SocketAddr::from((Ipv6Addr::from(ip).to_canonical(), port)))
         }
         _ => None,
     }
