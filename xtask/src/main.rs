@@ -11,6 +11,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod fuzz;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -27,6 +29,7 @@ fn run() -> Result<()> {
     std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
     match args.first().map(String::as_str) {
         Some("ci") => ci(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  ci [--skip STEP]...   format, lint, test, deny, docs, fuzz smoke\n  bench [S1..S6] [--install]   benchmarks beside their baselines\n  fuzz [SECONDS]        run each fuzz target (default 60 s each)"
@@ -158,6 +161,9 @@ fn ci(args: &[String]) -> Result<()> {
                 .args(["doc", "--workspace", "--no-deps"])
                 .env("RUSTDOCFLAGS", "-D warnings"),
         )?;
+    }
+    if step("fuzz") {
+        fuzz::smoke()?;
     }
     eprintln!("==> ci: all steps passed");
     Ok(())
