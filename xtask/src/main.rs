@@ -13,6 +13,8 @@ use anyhow::{Context, Result, bail};
 
 mod fuzz;
 
+mod bench;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -30,6 +32,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n  ci [--skip STEP]...   format, lint, test, deny, docs, fuzz smoke\n  bench [S1..S6] [--install]   benchmarks beside their baselines\n  fuzz [SECONDS]        run each fuzz target (default 60 s each)"

@@ -1,0 +1,1903 @@
+//! `cargo xtask bench [S1..S6] [options]`: the scenarios of
+//! `../shared/bench.md`, each beside its baselines in the same run.
+//!
+//! Every scenario drives the real release `shoal` binary as separate
+//! processes. Runs alternate (shoal, baseline, shoal, baseline, ...) and the
+//! table reports medians. A baseline that cannot run is a row of its own
+//! saying why, never silently missing. The table goes to stdout and, as
+//! JSON, to `target/bench/<timestamp>.json` and `target/bench/latest.json`.
+//!
+//! S3 builds a lab of network namespaces on a bridge (root only): every
+//! host's upload is capped with `tbf`. The lab is torn down when the run
+//! ends, on error, and on SIGINT/SIGTERM (a signal thread kills what we
+//! started and deletes the namespaces).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::{apt_install, cargo, have, is_root, sh};
+
+const USAGE: &str = "\
+usage: cargo xtask bench [S1 S2 S3 S4 S5 S6]... [options]
+
+  --install            install missing baseline tools (apt as root; cargo install sendme)
+  --runs N             runs per scenario, alternating with baselines (default 3)
+  --size SIZE          file size for S1, S2, S6 (default 1GiB; e.g. 256MiB)
+  --s5-size SIZE       file size for S5 (default 4GiB)
+  --files N            files of 4 KiB for S4 (default 10000)
+  --downloaders N      S3 lab: downloaders besides the seeder (default 8)
+  --rate RATE          S3 lab: upload cap of every host, tc syntax (default 50mbit)
+  --size-mib N         S3 lab: file size in MiB (default 256)
+  --lab-runs N         S3 lab: runs (default: --runs)
+  --work DIR           scratch directory (default target/bench/work)
+
+With no scenario, runs all of them (S3 needs root, ip and tc).";
+
+const MIB: f64 = (1u64 << 20) as f64;
+const GIB: f64 = (1u64 << 30) as f64;
+const NOT_INSTALLED: &str = "not installed (run with --install)";
+
+struct Opts {
+    scenarios: Vec<String>,
+    install: bool,
+    runs: usize,
+    size: u64,
+    s5_size: u64,
+    files: usize,
+    downloaders: usize,
+    rate: String,
+    lab_size_mib: u64,
+    lab_runs: Option<usize>,
+    work: PathBuf,
+}
+
+fn parse_opts(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        scenarios: Vec::new(),
+        install: false,
+        runs: 3,
+        size: 1 << 30,
+        s5_size: 4 << 30,
+        files: 10_000,
+        downloaders: 8,
+        rate: "50mbit".into(),
+        lab_size_mib: 256,
+        lab_runs: None,
+        work: PathBuf::from("target/bench/work"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| anyhow!("{a} needs a value\n\n{USAGE}"))
+        };
+        match a.as_str() {
+            "-h" | "--help" | "help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--install" => o.install = true,
+            "--runs" => o.runs = val()?.parse().context("--runs")?,
+            "--size" => o.size = parse_size(&val()?)?,
+            "--s5-size" => o.s5_size = parse_size(&val()?)?,
+            "--files" => o.files = val()?.parse().context("--files")?,
+            "--downloaders" => o.downloaders = val()?.parse().context("--downloaders")?,
+            "--rate" => o.rate = val()?,
+            "--size-mib" => o.lab_size_mib = val()?.parse().context("--size-mib")?,
+            "--lab-runs" => o.lab_runs = Some(val()?.parse().context("--lab-runs")?),
+            "--work" => o.work = PathBuf::from(val()?),
+            s if s.len() == 2 && s.to_ascii_uppercase().starts_with('S') => {
+                let s = s.to_ascii_uppercase();
+                if !("S1"..="S6").contains(&s.as_str()) {
+                    bail!("unknown scenario {s}\n\n{USAGE}");
+                }
+                o.scenarios.push(s);
+            }
+            other => bail!("unknown argument {other}\n\n{USAGE}"),
+        }
+    }
+    if o.scenarios.is_empty() {
+        o.scenarios = (1..=6).map(|i| format!("S{i}")).collect();
+    }
+    o.runs = o.runs.max(1);
+    Ok(o)
+}
+
+/// `1GiB`, `256MiB`, `4096` (bytes), `10KiB`.
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().with_context(|| format!("size {s:?}"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => bail!("size {s:?}: use B, KiB, MiB or GiB"),
+    };
+    Ok(n * mult)
+}
+
+/// One line of the table.
+#[derive(Clone, Debug)]
+pub(crate) struct Row {
+    scenario: String,
+    measure: String,
+    unit: String,
+    shoal: Option<f64>,
+    baseline: String,
+    base: Option<f64>,
+    target: String,
+    note: String,
+}
+
+impl Row {
+    fn new(scenario: &str, measure: &str, unit: &str) -> Row {
+        Row {
+            scenario: scenario.into(),
+            measure: measure.into(),
+            unit: unit.into(),
+            shoal: None,
+            baseline: String::new(),
+            base: None,
+            target: String::new(),
+            note: String::new(),
+        }
+    }
+    fn shoal(mut self, v: Option<f64>) -> Row {
+        self.shoal = v;
+        self
+    }
+    fn base(mut self, name: &str, v: Option<f64>) -> Row {
+        self.baseline = name.into();
+        self.base = v;
+        self
+    }
+    fn target(mut self, t: &str) -> Row {
+        self.target = t.into();
+        self
+    }
+    fn note(mut self, n: impl Into<String>) -> Row {
+        self.note = n.into();
+        self
+    }
+    fn ratio(&self) -> Option<f64> {
+        match (self.shoal, self.base) {
+            (Some(s), Some(b)) if b > 0.0 => Some(s / b),
+            _ => None,
+        }
+    }
+    fn json(&self) -> Value {
+        json!({
+            "scenario": self.scenario, "measure": self.measure, "unit": self.unit,
+            "shoal": self.shoal, "baseline": self.baseline, "baseline_value": self.base,
+            "ratio": self.ratio(), "target": self.target, "note": self.note,
+        })
+    }
+}
+
+fn fmt_num(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}
+
+/// The table, as printed and as kept in BENCHMARKS.md (markdown).
+pub(crate) fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| id | measure | shoal | baseline | baseline's figure | ratio | target | note |\n| --- | --- | ---: | --- | ---: | ---: | --- | --- |\n",
+    );
+    for r in rows {
+        let unit = if r.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", r.unit)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {}{} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            r.measure,
+            fmt_num(r.shoal),
+            if r.shoal.is_some() { &unit } else { "" },
+            r.baseline,
+            fmt_num(r.base),
+            r.ratio().map_or("-".into(), |x| format!("{x:.2}x")),
+            r.target,
+            r.note
+        );
+    }
+    s
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+// ---------------------------------------------------------------------
+// Cleanup on exit and on signals.
+
+static PIDS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+static NETNS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn kill_registered() {
+    let pids: Vec<i32> = PIDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    for pid in pids {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn delete_netns(names: &[String]) {
+    for ns in names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+        NETNS.lock().unwrap_or_else(|e| e.into_inner()).remove(ns);
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this (and every later) thread and handles
+/// them in a thread of their own: kill what we started, delete the lab,
+/// exit 130. Children get the default mask back (std resets it on spawn).
+fn install_signal_thread() -> Result<()> {
+    // SAFETY: plain sigset manipulation on a local set; pthread_sigmask on
+    // the calling thread before any other thread exists.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block SIGINT");
+        }
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: sigwait on a valid set, writing into a local.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("\nbench: interrupted, cleaning up");
+        kill_registered();
+        std::thread::sleep(Duration::from_millis(200));
+        let ns: Vec<String> = NETNS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        delete_netns(&ns);
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// Processes.
+
+/// A child we started: registered for the signal thread, killed on drop.
+struct Proc {
+    child: Child,
+    pid: i32,
+    reaped: bool,
+}
+
+/// What a finished process used, from wait4(2).
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    cpu: f64,
+    rss_mib: f64,
+    ok: bool,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Result<Proc> {
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id() as i32;
+        PIDS.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        Ok(Proc {
+            child,
+            pid,
+            reaped: false,
+        })
+    }
+
+    /// Waits (reaping with wait4 to get the child's own rusage).
+    fn wait(&mut self) -> Usage {
+        // SAFETY: wait4 on our own child, into locals.
+        let (rc, status, ru) = unsafe {
+            let mut status = 0;
+            let mut ru: libc::rusage = std::mem::zeroed();
+            let rc = libc::wait4(self.pid, &mut status, 0, &mut ru);
+            (rc, status, ru)
+        };
+        self.reaped = true;
+        PIDS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.pid);
+        if rc != self.pid {
+            return Usage::default();
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Usage {
+            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+            rss_mib: ru.ru_maxrss as f64 / 1024.0,
+            ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        }
+    }
+
+    /// Non-blocking: has it exited? (Reaps it when it has.)
+    fn try_wait(&mut self) -> Option<Usage> {
+        // SAFETY: waitid with WNOWAIT only peeks at our own child.
+        let exited = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) == 0
+                && info.si_pid() == self.pid
+        };
+        exited.then(|| self.wait())
+    }
+
+    fn signal(&self, sig: i32) {
+        if !self.reaped {
+            // SAFETY: kill(2) on our unreaped child.
+            unsafe {
+                libc::kill(self.pid, sig);
+            }
+        }
+    }
+
+    /// CPU seconds so far, from /proc.
+    fn cpu_now(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return 0.0;
+        };
+        // Fields after the `(comm)`: state is field 3; utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i - 3).and_then(|s| s.parse::<f64>().ok());
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / hz
+    }
+
+    /// Peak RSS so far (VmHWM), from /proc.
+    fn peak_rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(libc::SIGKILL);
+            self.wait();
+        }
+    }
+}
+
+/// Runs a command to completion, timing it; stdout captured, stderr kept
+/// for the error message.
+struct Ran {
+    secs: f64,
+    usage: Usage,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(cmd: &mut Command) -> Result<Ran> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let mut p = Proc::spawn(cmd)?;
+    let out = p.child.stdout.take().map(reader_thread);
+    let err = p.child.stderr.take().map(reader_thread);
+    let usage = p.wait();
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(Ran {
+        secs,
+        usage,
+        stdout,
+        stderr,
+    })
+}
+
+fn run_ok(cmd: &mut Command) -> Result<Ran> {
+    let desc = format!("{cmd:?}");
+    let r = run(cmd)?;
+    if !r.usage.ok {
+        bail!("{desc} failed: {}", r.stderr.trim());
+    }
+    Ok(r)
+}
+
+fn reader_thread<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    })
+}
+
+fn rm(p: &Path) {
+    let _ = std::fs::remove_dir_all(p);
+    let _ = std::fs::remove_file(p);
+}
+
+// ---------------------------------------------------------------------
+// shoal processes.
+
+struct Shoal {
+    bin: PathBuf,
+}
+
+impl Shoal {
+    fn cmd(&self, dir: &Path, ns: Option<&str>) -> Command {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        c.arg("--data-dir").arg(dir).env("RUST_LOG", "error");
+        c
+    }
+
+    /// `shoal add` with no node running (the store directly); the hash.
+    fn add(&self, dir: &Path, path: &Path, copy: bool) -> Result<(String, Ran)> {
+        let mut c = self.cmd(dir, None);
+        c.arg("add").arg(path);
+        if copy {
+            c.arg("--copy");
+        }
+        let r = run_ok(&mut c)?;
+        let hash = r
+            .stdout
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| anyhow!("shoal add printed nothing"))?
+            .to_string();
+        Ok((hash, r))
+    }
+
+    /// `shoal serve`, waiting for its ready line.
+    fn serve(&self, dir: &Path, ns: Option<&str>, listen: &str, extra: &[&str]) -> Result<Node> {
+        let mut c = self.cmd(dir, ns);
+        c.args(["serve", "--listen", listen, "--no-mdns", "--no-dht"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn(&mut c)?;
+        let stdout = proc
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("shoal serve in {} printed no ready line", dir.display()))?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.len() < 3 || w[0] != "ready" {
+            bail!("unexpected ready line {line:?}");
+        }
+        Ok(Node {
+            proc,
+            dir: dir.to_path_buf(),
+            peer: format!("{}@{}", w[1], w[2]),
+        })
+    }
+
+    fn ticket(&self, node: &Node, hash: &str) -> Result<String> {
+        let r = run_ok(self.cmd(&node.dir, None).args(["ticket", hash]))?;
+        Ok(r.stdout.trim().to_string())
+    }
+
+    fn status(&self, node: &Node) -> Result<Value> {
+        let r = run_ok(self.cmd(&node.dir, None).args(["--json", "status"]))?;
+        serde_json::from_str(r.stdout.trim()).context("parsing shoal status --json")
+    }
+
+    /// Verified bytes of `hash` in the store of `dir` (`shoal ls --json`).
+    fn verified(&self, dir: &Path, hash: &str) -> Result<u64> {
+        let r = run_ok(self.cmd(dir, None).args(["--json", "ls"]))?;
+        for l in r.stdout.lines() {
+            let v: Value = serde_json::from_str(l).context("parsing shoal ls --json")?;
+            if v["hash"] == hash {
+                return Ok(v["verified"].as_u64().unwrap_or(0));
+            }
+        }
+        Ok(0)
+    }
+}
+
+struct Node {
+    proc: Proc,
+    dir: PathBuf,
+    peer: String,
+}
+
+impl Node {
+    /// SIGTERM and wait: the node's own rusage.
+    fn stop(mut self) -> Usage {
+        self.proc.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(u) = self.proc.try_wait() {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc.signal(libc::SIGKILL);
+        self.proc.wait()
+    }
+}
+
+// ---------------------------------------------------------------------
+// Inputs.
+
+fn write_random(path: &Path, len: u64, seed: u64) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == len) {
+        return Ok(());
+    }
+    eprintln!("bench: writing {} ({} MiB)", path.display(), len >> 20);
+    let mut f = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let mut x: u64 = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for b in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn write_tree(dir: &Path, files: usize) -> Result<()> {
+    rm(dir);
+    for i in 0..files {
+        let d = dir.join(format!("d{:03}", i % 100));
+        if i < 100 {
+            std::fs::create_dir_all(&d)?;
+        }
+        let mut data = vec![0u8; 4096];
+        let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for c in data.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(d.join(format!("f{i:06}")), &data)?;
+    }
+    // The marker lives beside the tree, not in what is shared.
+    std::fs::write(dir.with_extension("complete"), b"")?;
+    Ok(())
+}
+
+fn tree_ready(dir: &Path) -> bool {
+    dir.with_extension("complete").exists()
+}
+
+// ---------------------------------------------------------------------
+
+struct Ctx {
+    o: Opts,
+    shoal: Shoal,
+    bulk: PathBuf,
+    work: PathBuf,
+    rows: Vec<Row>,
+}
+
+pub(crate) fn bench(args: &[String]) -> Result<()> {
+    let o = parse_opts(args)?;
+    install_signal_thread()?;
+    if o.install {
+        install_tools()?;
+    }
+    sh(
+        "build shoal (release)",
+        cargo().args(["build", "--release", "-q", "-p", "shoal-cli"]),
+    )?;
+    sh(
+        "build the bulk example (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "shoal-transport",
+            "--example",
+            "bulk",
+        ]),
+    )?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let target = std::fs::canonicalize(&target).unwrap_or(target);
+    std::fs::create_dir_all(&o.work)?;
+    let work = std::fs::canonicalize(&o.work)?;
+    let mut cx = Ctx {
+        shoal: Shoal {
+            bin: target.join("release/shoal"),
+        },
+        bulk: target.join("release/examples/bulk"),
+        work,
+        rows: Vec::new(),
+        o,
+    };
+    let started = Instant::now();
+    for s in cx.o.scenarios.clone() {
+        eprintln!("==> bench {s}");
+        let res = match s.as_str() {
+            "S1" => s1(&mut cx),
+            "S2" => s2(&mut cx),
+            "S3" => s3(&mut cx),
+            "S4" => s4(&mut cx),
+            "S5" => s5(&mut cx),
+            _ => s6(&mut cx),
+        };
+        if let Err(e) = res {
+            eprintln!("bench {s} failed: {e:#}");
+            cx.rows
+                .push(Row::new(&s, "(scenario)", "").note(format!("failed: {e:#}")));
+        }
+    }
+    let machine = machine();
+    let command = format!("cargo xtask bench {}", args.join(" "));
+    let t = table(&cx.rows);
+    println!("\n{machine}\n{command}\n\n{t}");
+    let stamp = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let doc = json!({
+        "date": stamp, "machine": machine, "command": command,
+        "seconds": started.elapsed().as_secs_f64(), "runs": cx.o.runs,
+        "rows": cx.rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "markdown": t,
+    });
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(&doc)?;
+    std::fs::write(dir.join(format!("{stamp}.json")), &text)?;
+    std::fs::write(dir.join("latest.json"), &text)?;
+    eprintln!(
+        "bench: wrote {}",
+        dir.join(format!("{stamp}.json")).display()
+    );
+    Ok(())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map_or(0, |k| k >> 20);
+    format!("{cores} cores, {model}, {mem} GiB RAM")
+}
+
+const PY: &str = "/usr/bin/python3";
+
+fn have_libtorrent() -> bool {
+    Path::new(PY).exists()
+        && Command::new(PY)
+            .args(["-c", "import libtorrent"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+fn install_tools() -> Result<()> {
+    apt_install(&[
+        ("b3sum", "b3sum"),
+        ("iperf3", "iperf3"),
+        ("aria2c", "aria2"),
+        ("mktorrent", "mktorrent"),
+        ("opentracker", "opentracker"),
+        ("ip", "iproute2"),
+        ("tc", "iproute2"),
+    ])?;
+    if !have_libtorrent() && is_root() {
+        sh(
+            "apt-get install python3-libtorrent",
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(["python3-libtorrent"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !have("sendme") {
+        sh(
+            "cargo install sendme (slow)",
+            cargo().args(["install", "--locked", "sendme"]),
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// S1: import.
+
+fn s1(cx: &mut Ctx) -> Result<()> {
+    let size = cx.o.size;
+    let input = cx.work.join(format!("input-{}.bin", size >> 20));
+    write_random(&input, size, 1)?;
+    let data = cx.work.join("s1-data");
+    let cp_dest = cx.work.join("s1-cp.bin");
+    let b3 = have("b3sum");
+    // Warm the page cache.
+    std::io::copy(&mut std::fs::File::open(&input)?, &mut std::io::sink())?;
+    let (mut inplace, mut copy, mut b3s, mut cps) = (vec![], vec![], vec![], vec![]);
+    let mib = size as f64 / MIB;
+    for i in 0..cx.o.runs {
+        eprintln!("  S1 run {}/{}", i + 1, cx.o.runs);
+        rm(&data);
+        let (_, r) = cx.shoal.add(&data, &input, false)?;
+        inplace.push(mib / r.secs);
+        if b3 {
+            let r = run_ok(Command::new("b3sum").arg("--no-names").arg(&input))?;
+            b3s.push(mib / r.secs);
+        }
+        rm(&data);
+        let (_, r) = cx.shoal.add(&data, &input, true)?;
+        copy.push(mib / r.secs);
+        rm(&data);
+        rm(&cp_dest);
+        let r = run_ok(
+            Command::new("sh")
+                .arg("-c")
+                .arg(r#"cp "$1" "$2" && sync "$2""#)
+                .arg("sh")
+                .arg(&input)
+                .arg(&cp_dest),
+        )?;
+        cps.push(mib / r.secs);
+        rm(&cp_dest);
+    }
+    rm(&data);
+    let note = format!("{} MiB, page cache warm", size >> 20);
+    cx.rows.push(
+        Row::new("S1", "add, in place", "MiB/s")
+            .shoal(median(&inplace))
+            .base("b3sum (all cores)", median(&b3s))
+            .target(">= 0.9x")
+            .note(if b3 {
+                note.clone()
+            } else {
+                NOT_INSTALLED.into()
+            }),
+    );
+    cx.rows.push(
+        Row::new("S1", "add --copy", "MiB/s")
+            .shoal(median(&copy))
+            .base("cp + fsync", median(&cps))
+            .note(note),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// S2: one seeder, one downloader, loopback.
+
+const LT_SCRIPT: &str = r#"
+import os, resource, sys, time
+import libtorrent as lt
+mode = sys.argv[1]
+if mode == "make":
+    path, out = sys.argv[2], sys.argv[3]
+    fs = lt.file_storage()
+    lt.add_files(fs, path)
+    t = lt.create_torrent(fs, 1 << 20)
+    lt.set_piece_hashes(t, os.path.dirname(path))
+    open(out, "wb").write(lt.bencode(t.generate()))
+else:
+    tor, seed_dir, dl_dir = sys.argv[2:5]
+    def session():
+        return lt.session({"listen_interfaces": "127.0.0.1:0", "enable_dht": False,
+            "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
+            "enable_outgoing_utp": False, "enable_incoming_utp": False})
+    s1, s2 = session(), session()
+    p = lt.add_torrent_params()
+    p.ti = lt.torrent_info(tor)
+    p.save_path = seed_dir
+    p.flags |= lt.torrent_flags.seed_mode
+    s1.add_torrent(p)
+    q = lt.add_torrent_params()
+    q.ti = lt.torrent_info(tor)
+    q.save_path = dl_dir
+    t0 = time.time()
+    h = s2.add_torrent(q)
+    h.connect_peer(("127.0.0.1", s1.listen_port()))
+    while not h.status().is_seeding:
+        time.sleep(0.005)
+    el = time.time() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(el, ru.ru_utime + ru.ru_stime)
+"#;
+
+/// Parses a line of the bulk example: (MiB/s, CPU s/GiB).
+fn bulk_line(out: &str, name: &str) -> Option<(f64, f64)> {
+    let l = out.lines().find(|l| l.starts_with(name))?;
+    let w: Vec<&str> = l[name.len()..].split_whitespace().collect();
+    Some((w.first()?.parse().ok()?, w.get(2)?.parse().ok()?))
+}
+
+fn iperf3_loopback(bytes: u64) -> Result<f64> {
+    let port = free_port()?;
+    let mut server = Proc::spawn(
+        Command::new("iperf3")
+            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run_ok(Command::new("iperf3").args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-n",
+        &bytes.to_string(),
+        "-J",
+    ]))?;
+    server.wait();
+    let v: Value = serde_json::from_str(&r.stdout).context("iperf3 -J")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("iperf3 reported no rate"))?;
+    Ok(bps / 8.0 / MIB)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// `sendme send` of `path`, serving until dropped; returns the ticket.
+fn sendme_send(path: &Path, cwd: &Path) -> Result<(Proc, String)> {
+    std::fs::create_dir_all(cwd)?;
+    let mut p = Proc::spawn(
+        Command::new("sendme")
+            .args(["send", "--relay", "disabled", "--ticket-type", "addresses"])
+            .arg(path)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for r in [
+        p.child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        p.child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                if let Some(t) = l.split_whitespace().find(|w| w.starts_with("blob")) {
+                    let _ = tx.send(t.to_string());
+                }
+            }
+        });
+    }
+    let ticket = rx
+        .recv_timeout(Duration::from_secs(600))
+        .map_err(|_| anyhow!("sendme send printed no ticket"))?;
+    Ok((p, ticket))
+}
+
+fn s2(cx: &mut Ctx) -> Result<()> {
+    let size = cx.o.size;
+    let mib = size as f64 / MIB;
+    let input = cx.work.join(format!("input-{}.bin", size >> 20));
+    write_random(&input, size, 1)?;
+    let sd = cx.work.join("s2-seeder");
+    let dd = cx.work.join("s2-downloader");
+    let out = cx.work.join("s2-out.bin");
+    rm(&sd);
+    let (hash, _) = cx.shoal.add(&sd, &input, false)?;
+    let seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
+    let ticket = cx.shoal.ticket(&seeder, &hash)?;
+
+    // Baseline set-up, untimed.
+    let lt = have_libtorrent();
+    let lt_dir = cx.work.join("s2-lt");
+    let lt_script = cx.work.join("lt.py");
+    let torrent = cx.work.join(format!("input-{}.torrent", size >> 20));
+    if lt {
+        std::fs::write(&lt_script, LT_SCRIPT)?;
+        if !torrent.exists() {
+            run_ok(
+                Command::new(PY)
+                    .arg(&lt_script)
+                    .arg("make")
+                    .arg(&input)
+                    .arg(&torrent),
+            )?;
+        }
+    }
+    let sendme = have("sendme");
+    let mut sendme_err = None;
+    let sendme_seed = if sendme {
+        match sendme_send(&input, &cx.work.join("s2-sendme-send")) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                sendme_err = Some(format!("failed: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let iperf = have("iperf3");
+
+    let (mut sh_rate, mut sh_cpu, mut sh_rss) = (vec![], vec![], vec![]);
+    let (mut q_rate, mut q_cpu, mut tcp_bulk) = (vec![], vec![], vec![]);
+    let (mut lt_rate, mut lt_cpu, mut sm_rate, mut tcp) = (vec![], vec![], vec![], vec![]);
+    let mut lt_err = None;
+    for i in 0..cx.o.runs {
+        eprintln!("  S2 run {}/{}", i + 1, cx.o.runs);
+        // shoal
+        rm(&dd);
+        rm(&out);
+        let c0 = seeder.proc.cpu_now();
+        let r = run_ok(
+            cx.shoal
+                .cmd(&dd, None)
+                .args(["get", &ticket, "-o"])
+                .arg(&out)
+                .args(["--no-mdns", "--no-dht"]),
+        )?;
+        let c1 = seeder.proc.cpu_now();
+        sh_rate.push(mib / r.secs);
+        sh_cpu.push((c1 - c0 + r.usage.cpu) / (size as f64 / GIB));
+        sh_rss.push(r.usage.rss_mib);
+        rm(&dd);
+        rm(&out);
+        // bare quinn stream (and TCP from the same example)
+        let r = run_ok(Command::new(&cx.bulk).arg(size.to_string()))?;
+        if let Some((m, c)) = bulk_line(&r.stdout, "quic stream (write_chunk)") {
+            q_rate.push(m);
+            q_cpu.push(c);
+        }
+        if let Some((m, _)) = bulk_line(&r.stdout, "tcp stream") {
+            tcp_bulk.push(m);
+        }
+        // libtorrent
+        if lt && lt_err.is_none() {
+            rm(&lt_dir);
+            std::fs::create_dir_all(&lt_dir)?;
+            let r = run(Command::new(PY)
+                .arg(&lt_script)
+                .arg("run")
+                .arg(&torrent)
+                .arg(input.parent().unwrap_or(Path::new(".")))
+                .arg(&lt_dir));
+            match r {
+                Ok(r) if r.usage.ok => {
+                    let w: Vec<f64> = r
+                        .stdout
+                        .split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect();
+                    if let [el, cpu] = w[..] {
+                        lt_rate.push(mib / el);
+                        lt_cpu.push(cpu / (size as f64 / GIB));
+                    }
+                }
+                Ok(r) => lt_err = Some(format!("failed: {}", last_line(&r.stderr))),
+                Err(e) => lt_err = Some(format!("failed: {e:#}")),
+            }
+            rm(&lt_dir);
+        }
+        // sendme
+        if let Some((_, t)) = &sendme_seed {
+            let cwd = cx.work.join("s2-sendme-recv");
+            rm(&cwd);
+            std::fs::create_dir_all(&cwd)?;
+            match run(Command::new("sendme")
+                .args(["receive", t])
+                .current_dir(&cwd))
+            {
+                Ok(r) if r.usage.ok => sm_rate.push(mib / r.secs),
+                Ok(r) => sendme_err = Some(format!("failed: {}", last_line(&r.stderr))),
+                Err(e) => sendme_err = Some(format!("failed: {e:#}")),
+            }
+            rm(&cwd);
+        }
+        // TCP over loopback
+        if iperf {
+            tcp.push(iperf3_loopback(size)?);
+        }
+    }
+    let seeder_rss = seeder.proc.peak_rss_mib();
+    seeder.stop();
+    drop(sendme_seed);
+    rm(&sd);
+    let note = format!("{} MiB over loopback", size >> 20);
+    cx.rows.push(
+        Row::new("S2", "get, 1 seeder -> 1 downloader", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("bare quinn stream", median(&q_rate))
+            .target(">= 0.8x")
+            .note(note.clone()),
+    );
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("libtorrent (python3-libtorrent)", median(&lt_rate))
+            .target("> 1x")
+            .note(
+                lt_err
+                    .or((!lt).then(|| NOT_INSTALLED.to_string()))
+                    .unwrap_or_default(),
+            ),
+    );
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("sendme", median(&sm_rate))
+            .target("> 1x")
+            .note(
+                sendme_err
+                    .or((!sendme).then(|| NOT_INSTALLED.to_string()))
+                    .unwrap_or_default(),
+            ),
+    );
+    let (tcp_name, tcp_v, tcp_note) = if iperf {
+        ("TCP over loopback (iperf3)", median(&tcp), "reference")
+    } else {
+        (
+            "TCP over loopback (bulk example)",
+            median(&tcp_bulk),
+            "reference; iperf3 not installed (run with --install)",
+        )
+    };
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base(tcp_name, tcp_v)
+            .note(tcp_note),
+    );
+    cx.rows.push(
+        Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
+            .shoal(median(&sh_cpu))
+            .base("bare quinn stream", median(&q_cpu))
+            .note("lower is better"),
+    );
+    cx.rows.push(
+        Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
+            .shoal(median(&sh_cpu))
+            .base("libtorrent (python3-libtorrent)", median(&lt_cpu))
+            .note("lower is better; libtorrent's includes python start-up"),
+    );
+    cx.rows.push(
+        Row::new("S2", "peak RSS, downloader", "MiB")
+            .shoal(median(&sh_rss))
+            .note(format!("seeder peak RSS {seeder_rss:.0} MiB")),
+    );
+    Ok(())
+}
+
+fn last_line(s: &str) -> String {
+    s.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .chars()
+        .take(160)
+        .collect()
+}
+
+// ---------------------------------------------------------------------
+// S4: many small files.
+
+fn tar_over_tcp(src: &Path, dst: &Path) -> Result<f64> {
+    std::fs::create_dir_all(dst)?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let t = Instant::now();
+    let mut untar = Proc::spawn(
+        Command::new("tar")
+            .arg("-C")
+            .arg(dst)
+            .arg("-xf")
+            .arg("-")
+            .stdin(Stdio::piped()),
+    )?;
+    let mut stdin = untar
+        .child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("tar stdin"))?;
+    let recv = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut sock, _) = listener.accept()?;
+        std::io::copy(&mut sock, &mut stdin)
+    });
+    let mut tar = Proc::spawn(
+        Command::new("tar")
+            .arg("-C")
+            .arg(src)
+            .args(["-cf", "-", "."])
+            .stdout(Stdio::piped()),
+    )?;
+    let mut out = tar
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("tar stdout"))?;
+    let mut sock = TcpStream::connect(addr)?;
+    std::io::copy(&mut out, &mut sock)?;
+    drop(sock);
+    let ok1 = tar.wait().ok;
+    recv.join()
+        .map_err(|_| anyhow!("receiver thread panicked"))??;
+    let ok2 = untar.wait().ok;
+    if !(ok1 && ok2) {
+        bail!("tar pipeline failed");
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn s4(cx: &mut Ctx) -> Result<()> {
+    let n = cx.o.files;
+    let tree = cx.work.join(format!("tree-{n}"));
+    if !tree_ready(&tree) {
+        eprintln!("bench: writing {n} files of 4 KiB");
+        write_tree(&tree, n)?;
+    }
+    let mib = n as f64 * 4096.0 / MIB;
+    let sd = cx.work.join("s4-seeder");
+    let dd = cx.work.join("s4-downloader");
+    let out = cx.work.join("s4-out");
+    rm(&sd);
+    let (hash, _) = cx.shoal.add(&sd, &tree, false)?;
+    let seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
+    let ticket = cx.shoal.ticket(&seeder, &hash)?;
+    let (mut sh, mut tar) = (vec![], vec![]);
+    for i in 0..cx.o.runs {
+        eprintln!("  S4 run {}/{}", i + 1, cx.o.runs);
+        rm(&dd);
+        rm(&out);
+        let r = run_ok(
+            cx.shoal
+                .cmd(&dd, None)
+                .args(["get", &ticket, "-o"])
+                .arg(&out)
+                .args(["--no-mdns", "--no-dht"]),
+        )?;
+        sh.push(r.secs);
+        rm(&dd);
+        rm(&out);
+        tar.push(tar_over_tcp(&tree, &out)?);
+        rm(&out);
+    }
+    seeder.stop();
+    rm(&sd);
+    let files_s = |v: &[f64]| median(v).map(|s| n as f64 / s);
+    let mib_s = |v: &[f64]| median(v).map(|s| mib / s);
+    cx.rows.push(
+        Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
+            .shoal(files_s(&sh))
+            .base("tar over TCP (loopback)", files_s(&tar))
+            .target(">= 1x"),
+    );
+    cx.rows.push(
+        Row::new("S4", &format!("{n} files of 4 KiB"), "MiB/s")
+            .shoal(mib_s(&sh))
+            .base("tar over TCP (loopback)", mib_s(&tar)),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// S5: memory with a big file.
+
+fn s5(cx: &mut Ctx) -> Result<()> {
+    let size = cx.o.s5_size;
+    let input = cx.work.join(format!("input-{}.bin", size >> 20));
+    write_random(&input, size, 5)?;
+    let sd = cx.work.join("s5-seeder");
+    let dd = cx.work.join("s5-downloader");
+    let out = cx.work.join("s5-out.bin");
+    rm(&sd);
+    rm(&dd);
+    rm(&out);
+    let (hash, add) = cx.shoal.add(&sd, &input, false)?;
+    let seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
+    let ticket = cx.shoal.ticket(&seeder, &hash)?;
+    let r = run_ok(
+        cx.shoal
+            .cmd(&dd, None)
+            .args(["get", &ticket, "-o"])
+            .arg(&out)
+            .args(["--no-mdns", "--no-dht"]),
+    )?;
+    let seeder_rss = seeder.proc.peak_rss_mib();
+    seeder.stop();
+    rm(&sd);
+    rm(&dd);
+    rm(&out);
+    let note = format!("{} MiB file, one run", size >> 20);
+    let limit = Some(100.0);
+    cx.rows.push(
+        Row::new("S5", "peak RSS, seeder (serve)", "MiB")
+            .shoal(Some(seeder_rss))
+            .base("limit", limit)
+            .target("< 1x")
+            .note(note.clone()),
+    );
+    cx.rows.push(
+        Row::new("S5", "peak RSS, downloader (get -o)", "MiB")
+            .shoal(Some(r.usage.rss_mib))
+            .base("limit", limit)
+            .target("< 1x")
+            .note(format!("{note}; {:.0} MiB/s", size as f64 / MIB / r.secs)),
+    );
+    cx.rows.push(
+        Row::new("S5", "peak RSS, add (import)", "MiB")
+            .shoal(Some(add.usage.rss_mib))
+            .base("limit", limit)
+            .target("< 1x")
+            .note(note),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// S6: resume after a kill at 50%.
+
+fn s6(cx: &mut Ctx) -> Result<()> {
+    let size = cx.o.size;
+    let input = cx.work.join(format!("input-{}.bin", size >> 20));
+    write_random(&input, size, 1)?;
+    let sd = cx.work.join("s6-seeder");
+    let dd = cx.work.join("s6-downloader");
+    rm(&sd);
+    let (hash, _) = cx.shoal.add(&sd, &input, false)?;
+    // Capped so that "50%" is a moment we can catch.
+    let seeder = cx
+        .shoal
+        .serve(&sd, None, "127.0.0.1:0", &["--max-upload", "100MiB/s"])?;
+    let ticket = cx.shoal.ticket(&seeder, &hash)?;
+    let peer = seeder.peer.clone();
+    let mut ratios = vec![];
+    let mut detail = String::new();
+    for i in 0..cx.o.runs {
+        eprintln!("  S6 run {}/{}", i + 1, cx.o.runs);
+        rm(&dd);
+        let node = cx
+            .shoal
+            .serve(&dd, None, "127.0.0.1:0", &["--peer", &peer])?;
+        let mut get = Proc::spawn(
+            cx.shoal
+                .cmd(&dd, None)
+                .args(["get", &ticket])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let st = cx.shoal.status(&node)?;
+            let v = st["transfers"]
+                .as_array()
+                .and_then(|t| t.first())
+                .and_then(|t| t["verified"].as_u64())
+                .unwrap_or(0);
+            if v >= size / 2 {
+                break;
+            }
+            if get.try_wait().is_some() || Instant::now() > deadline {
+                bail!("the download ended or stalled before 50%");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node.proc.signal(libc::SIGKILL);
+        get.signal(libc::SIGKILL);
+        drop(node);
+        drop(get);
+        let have = cx.shoal.verified(&dd, &hash)?;
+        let missing = size - have.min(size);
+        let node = cx
+            .shoal
+            .serve(&dd, None, "127.0.0.1:0", &["--peer", &peer])?;
+        run_ok(cx.shoal.cmd(&dd, None).args(["get", &ticket]))?;
+        let st = cx.shoal.status(&node)?;
+        let got = st["downloaded"].as_u64().unwrap_or(0);
+        node.stop();
+        if missing > 0 {
+            ratios.push(got as f64 / missing as f64);
+        }
+        detail = format!(
+            "killed with {:.0}% verified; fetched {} MiB for {} MiB missing",
+            100.0 * have as f64 / size as f64,
+            got >> 20,
+            missing >> 20
+        );
+        rm(&dd);
+    }
+    seeder.stop();
+    rm(&sd);
+    cx.rows.push(
+        Row::new("S6", "bytes fetched after restart / bytes missing", "")
+            .shoal(median(&ratios))
+            .base("ideal", Some(1.0))
+            .target("<= 1.1x")
+            .note(detail),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// S3: the swarm lab.
+
+/// Network namespaces on a bridge; deleted on drop.
+struct Lab {
+    bridge_ns: String,
+    hosts: Vec<String>,
+}
+
+impl Lab {
+    fn ip(i: usize) -> String {
+        format!("10.77.{}.{}", (i + 1) / 250, (i + 1) % 250 + 1)
+    }
+
+    fn new(n: usize, rate: &str) -> Result<Lab> {
+        let p = std::process::id() % 100_000;
+        let lab = Lab {
+            bridge_ns: format!("shoal{p}-br"),
+            hosts: (0..n).map(|i| format!("shoal{p}-h{i}")).collect(),
+        };
+        {
+            let mut g = NETNS.lock().unwrap_or_else(|e| e.into_inner());
+            g.insert(lab.bridge_ns.clone());
+            g.extend(lab.hosts.iter().cloned());
+        }
+        let b = lab.bridge_ns.as_str();
+        let q = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .with_context(|| format!("ip {args:?}"))?;
+            if !out.status.success() {
+                bail!(
+                    "ip {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        q(&["netns", "add", b])?;
+        q(&["-n", b, "link", "add", "br0", "type", "bridge"])?;
+        q(&["-n", b, "link", "set", "br0", "up"])?;
+        for (i, h) in lab.hosts.iter().enumerate() {
+            let port = format!("p{i}");
+            q(&["netns", "add", h])?;
+            q(&[
+                "-n", h, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", b,
+            ])?;
+            q(&["-n", b, "link", "set", &port, "master", "br0", "up"])?;
+            q(&[
+                "-n",
+                h,
+                "addr",
+                "add",
+                &format!("{}/16", Lab::ip(i)),
+                "dev",
+                "eth0",
+            ])?;
+            q(&["-n", h, "link", "set", "eth0", "up"])?;
+            q(&["-n", h, "link", "set", "lo", "up"])?;
+            // The host's upload: egress of its own interface.
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", h, "tc", "qdisc", "add", "dev", "eth0", "root",
+                ])
+                .args(["tbf", "rate", rate, "burst", "64kb", "latency", "100ms"])
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "tc tbf failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(lab)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let mut all = self.hosts.clone();
+        all.push(self.bridge_ns.clone());
+        delete_netns(&all);
+    }
+}
+
+/// Bytes per second of TCP payload from host 0 to host 1, by iperf3.
+fn lab_goodput(lab: &Lab) -> Result<f64> {
+    let mut server = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.hosts[1], "iperf3", "-s", "-1", "-B"])
+            .arg(Lab::ip(1))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let r = run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.hosts[0], "iperf3", "-c"])
+            .arg(Lab::ip(1))
+            .args(["-t", "8", "-O", "2", "-J"]),
+    )?;
+    server.wait();
+    let v: Value = serde_json::from_str(&r.stdout).context("iperf3 -J")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 8.0)
+        .ok_or_else(|| anyhow!("iperf3 reported no rate"))
+}
+
+fn tc_rate_bytes(rate: &str) -> Result<f64> {
+    let r = rate.to_ascii_lowercase();
+    let split = r
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(r.len());
+    let (n, unit) = r.split_at(split);
+    let n: f64 = n.parse().with_context(|| format!("rate {rate}"))?;
+    let bits = match unit {
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        "bit" | "" => 1.0,
+        _ => bail!("rate {rate}: use kbit, mbit or gbit"),
+    };
+    Ok(n * bits / 8.0)
+}
+
+struct SwarmRun {
+    secs: f64,
+    seeder_copies: f64,
+}
+
+fn lab_shoal(cx: &Ctx, lab: &Lab, input: &Path, hash: &str, sd: &Path) -> Result<SwarmRun> {
+    let n = lab.hosts.len() - 1;
+    let seeder = cx.shoal.serve(
+        sd,
+        Some(&lab.hosts[0]),
+        &format!("{}:7000", Lab::ip(0)),
+        &[],
+    )?;
+    let ticket = cx.shoal.ticket(&seeder, hash)?;
+    let dirs: Vec<PathBuf> = (1..=n).map(|i| cx.work.join(format!("s3-d{i}"))).collect();
+    let mut nodes = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        rm(d);
+        nodes.push(cx.shoal.serve(
+            d,
+            Some(&lab.hosts[i + 1]),
+            &format!("{}:7000", Lab::ip(i + 1)),
+            &["--peer", &seeder.peer],
+        )?);
+    }
+    let size = std::fs::metadata(input)?.len();
+    let t = Instant::now();
+    let mut gets = Vec::new();
+    for d in &dirs {
+        gets.push(Some(Proc::spawn(
+            cx.shoal
+                .cmd(d, None)
+                .args(["get", &ticket, "--timeout", "120"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?));
+    }
+    let limit = Duration::from_secs(600);
+    let mut last = 0.0;
+    let mut left = n;
+    while left > 0 {
+        for g in gets.iter_mut() {
+            if let Some(u) = g.as_mut().and_then(Proc::try_wait) {
+                if !u.ok {
+                    bail!("a shoal get failed in the lab");
+                }
+                last = t.elapsed().as_secs_f64();
+                *g = None;
+                left -= 1;
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("shoal swarm did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = cx.shoal.status(&seeder)?["uploaded"].as_u64().unwrap_or(0);
+    for node in nodes {
+        node.stop();
+    }
+    seeder.stop();
+    for d in &dirs {
+        rm(d);
+    }
+    Ok(SwarmRun {
+        secs: last,
+        seeder_copies: up as f64 / size as f64,
+    })
+}
+
+const ARIA_COMMON: &[&str] = &[
+    "--enable-dht=false",
+    "--enable-dht6=false",
+    "--bt-enable-lpd=false",
+    "--enable-peer-exchange=true",
+    "--file-allocation=falloc",
+    "--seed-ratio=0.0",
+    "--summary-interval=0",
+    "--console-log-level=error",
+    "--check-certificate=false",
+    "--listen-port=6881",
+    "--bt-hash-check-seed=false",
+    "--bt-seed-unverified=true",
+    "--allow-overwrite=true",
+];
+
+fn lab_aria2(
+    cx: &Ctx,
+    lab: &Lab,
+    input: &Path,
+    torrent: &Path,
+    info_hash: &str,
+) -> Result<SwarmRun> {
+    let n = lab.hosts.len() - 1;
+    let dir = cx.work.join("s3-bt");
+    rm(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let wl = dir.join("whitelist");
+    std::fs::write(&wl, format!("{info_hash}\n"))?;
+    let tracker = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.hosts[0], "opentracker", "-i"])
+            .arg(Lab::ip(0))
+            .args(["-p", "6969", "-P", "6969", "-w"])
+            .arg(&wl)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let seed_dir = input.parent().unwrap_or(Path::new("."));
+    let seeder = Proc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.hosts[0], "aria2c", "-d"])
+            .arg(seed_dir)
+            .args(ARIA_COMMON)
+            .arg(torrent)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    // Let the seeder announce first.
+    std::thread::sleep(Duration::from_secs(3));
+    let name = input
+        .file_name()
+        .ok_or_else(|| anyhow!("input has no file name"))?;
+    let hook = dir.join("done.sh");
+    std::fs::write(&hook, "#!/bin/sh\ntouch \"$3.done\"\n")?;
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let t = Instant::now();
+    let mut peers = Vec::new();
+    let mut markers = Vec::new();
+    for i in 1..=n {
+        let d = dir.join(format!("d{i}"));
+        std::fs::create_dir_all(&d)?;
+        markers.push(Some(d.join(format!("{}.done", name.to_string_lossy()))));
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &lab.hosts[i], "aria2c", "-d"])
+            .arg(&d)
+            .args(ARIA_COMMON)
+            .arg(format!("--on-bt-download-complete={}", hook.display()))
+            .arg(torrent)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        peers.push(Proc::spawn(&mut c)?);
+    }
+    let limit = Duration::from_secs(900);
+    let mut last = 0.0;
+    let mut left = n;
+    while left > 0 {
+        for m in markers.iter_mut() {
+            if m.as_ref().is_some_and(|p| p.exists()) {
+                *m = None;
+                left -= 1;
+                last = t.elapsed().as_secs_f64();
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("aria2c swarm did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(peers);
+    drop(seeder);
+    drop(tracker);
+    rm(&dir);
+    Ok(SwarmRun {
+        secs: last,
+        seeder_copies: f64::NAN,
+    })
+}
+
+fn s3(cx: &mut Ctx) -> Result<()> {
+    let n = cx.o.downloaders;
+    let note_rows = |cx: &mut Ctx, why: &str| {
+        cx.rows.push(
+            Row::new("S3", "swarm: D_measured / D_min", "s")
+                .base("D_min", None)
+                .note(why.to_string()),
+        );
+    };
+    if !is_root() {
+        note_rows(cx, "not run: the lab needs root (network namespaces)");
+        return Ok(());
+    }
+    if !have("ip") || !have("tc") {
+        note_rows(
+            cx,
+            "not run: ip and tc (iproute2) not installed (run with --install)",
+        );
+        return Ok(());
+    }
+    let size = cx.o.lab_size_mib << 20;
+    let input = cx.work.join(format!("lab-{}.bin", size >> 20));
+    write_random(&input, size, 3)?;
+    let sd = cx.work.join("s3-seeder");
+    rm(&sd);
+    let (hash, _) = cx.shoal.add(&sd, &input, false)?;
+    eprintln!(
+        "  building the lab: 1 seeder + {n} downloaders at {}",
+        cx.o.rate
+    );
+    let lab = Lab::new(n + 1, &cx.o.rate)?;
+    let (u, u_note) = if have("iperf3") {
+        let g = lab_goodput(&lab)?;
+        (
+            g,
+            format!("TCP goodput {:.1} Mbit/s (iperf3)", g * 8.0 / 1e6),
+        )
+    } else {
+        let r = tc_rate_bytes(&cx.o.rate)? * 0.956;
+        (
+            r,
+            format!(
+                "iperf3 not installed: goodput assumed 95.6% of {}",
+                cx.o.rate
+            ),
+        )
+    };
+    let f = size as f64;
+    // Every host's upload is u, downloads are not capped.
+    let d_min = (f / u).max(n as f64 * f / ((n + 1) as f64 * u));
+
+    let bt = have("aria2c") && have("mktorrent") && have("opentracker");
+    let torrent = cx.work.join(format!("lab-{}.torrent", size >> 20));
+    let mut info_hash = String::new();
+    if bt {
+        rm(&torrent);
+        run_ok(
+            Command::new("mktorrent")
+                .args(["-l", "18", "-a"])
+                .arg(format!("http://{}:6969/announce", Lab::ip(0)))
+                .arg("-o")
+                .arg(&torrent)
+                .arg(&input),
+        )?;
+        let r = run_ok(Command::new("aria2c").arg("-S").arg(&torrent))?;
+        info_hash = r
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Info Hash: "))
+            .map(|s| s.trim().to_string())
+            .ok_or_else(|| anyhow!("aria2c -S printed no info hash"))?;
+    }
+    let runs = cx.o.lab_runs.unwrap_or(cx.o.runs);
+    let (mut sh, mut copies, mut ar) = (vec![], vec![], vec![]);
+    let mut bt_err = None;
+    for i in 0..runs {
+        eprintln!("  S3 run {}/{runs}: shoal", i + 1);
+        let r = lab_shoal(cx, &lab, &input, &hash, &sd)?;
+        eprintln!(
+            "    shoal: {:.1} s ({:.2}x D_min), seeder sent {:.2} copies",
+            r.secs,
+            r.secs / d_min,
+            r.seeder_copies
+        );
+        sh.push(r.secs);
+        copies.push(r.seeder_copies);
+        if bt && bt_err.is_none() {
+            eprintln!("  S3 run {}/{runs}: aria2c", i + 1);
+            match lab_aria2(cx, &lab, &input, &torrent, &info_hash) {
+                Ok(r) => {
+                    eprintln!("    aria2c: {:.1} s ({:.2}x D_min)", r.secs, r.secs / d_min);
+                    ar.push(r.secs);
+                }
+                Err(e) => bt_err = Some(format!("failed: {e:#}")),
+            }
+        }
+    }
+    drop(lab);
+    rm(&sd);
+    let desc = format!(
+        "1 seeder + {n} downloaders, {} MiB, upload {} each",
+        size >> 20,
+        cx.o.rate
+    );
+    cx.rows.push(
+        Row::new("S3", "shoal swarm: D_measured vs D_min", "s")
+            .shoal(median(&sh))
+            .base("D_min", Some(d_min))
+            .target("<= 1.25x")
+            .note(format!(
+                "{desc}; {u_note}; seeder sent {:.2} copies",
+                median(&copies).unwrap_or(f64::NAN)
+            )),
+    );
+    cx.rows.push(
+        Row::new("S3", "aria2c swarm: D_measured vs D_min", "s")
+            .shoal(median(&ar))
+            .base("D_min", Some(d_min))
+            .note(
+                bt_err
+                    .or((!bt).then(|| format!("aria2c, mktorrent or opentracker {NOT_INSTALLED}")))
+                    .unwrap_or_else(|| "BitTorrent: aria2c + opentracker, same lab".into()),
+            ),
+    );
+    cx.rows.push(
+        Row::new("S3", "D: shoal vs aria2c", "s")
+            .shoal(median(&sh))
+            .base("aria2c", median(&ar))
+            .target("< 1x"),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (s, v) in [
+            ("1GiB", 1u64 << 30),
+            ("256MiB", 256 << 20),
+            ("4096", 4096),
+            ("10k", 10240),
+        ] {
+            assert_eq!(parse_size(s).ok(), Some(v), "{s}");
+        }
+        assert!(parse_size("1TB").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(tc_rate_bytes("50mbit").ok(), Some(6.25e6));
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn a_missing_baseline_is_a_row() {
+        let r = Row::new("S2", "get", "MiB/s")
+            .shoal(Some(100.0))
+            .base("sendme", None)
+            .note(NOT_INSTALLED);
+        let t = table(&[r]);
+        assert!(
+            t.contains("| S2 | get | 100 MiB/s | sendme | - | - |"),
+            "{t}"
+        );
+        assert!(t.contains(NOT_INSTALLED));
+    }
+
+    #[test]
+    fn bulk_lines() {
+        let out = "quic stream (write_chunk)         423 MiB/s    2.10 CPU s/GiB   (2.4 s wall, 5.0 s CPU)\n";
+        assert_eq!(
+            bulk_line(out, "quic stream (write_chunk)"),
+            Some((423.0, 2.10))
+        );
+    }
+}
