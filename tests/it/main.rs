@@ -3,4 +3,6 @@
 //! Every test is bounded in time and kills what it starts.
 
 mod harness;
+mod netns;
 mod swarm;
+mod hostile;
