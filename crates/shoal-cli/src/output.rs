@@ -251,7 +251,7 @@ impl Out {
         let secs = r.elapsed.as_secs_f64().max(1e-3);
         if self.json {
             line(
-                &json!({ "hash": r.hash.to_hex().as_str(), "bytes": r.bytes, "files": r.files, "seconds": secs, "kind": if r.kind == BlobKind::Collection { "collection" } else { "blob" } })
+                &json!({ "hash": r.hash.to_hex().as_str(), "bytes": r.bytes, "files": r.files, "received": r.received, "seconds": secs, "kind": if r.kind == BlobKind::Collection { "collection" } else { "blob" } })
                     .to_string(),
             )
         } else {

@@ -23,7 +23,7 @@ use shoal_transport::{Connection, PeerId, RecvStream};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::Progress;
 use crate::error::NodeError;
@@ -480,7 +480,7 @@ pub(crate) async fn fetch_blob(
         p.verified = info.size;
         p.total = info.size;
     });
-    info!(%hash, size = info.size, "download complete");
+    debug!(%hash, size = info.size, "download complete");
     Ok(kind.unwrap_or(BlobKind::Raw))
 }
 

@@ -58,6 +58,9 @@ pub struct FetchReport {
     pub files: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Bytes this node received from peers while the fetch ran (all
+    /// streams: with other transfers at the same time, an upper bound).
+    pub received: u64,
 }
 
 impl Node {
@@ -69,6 +72,7 @@ impl Node {
         progress: Option<watch::Sender<Progress>>,
     ) -> Result<FetchReport, NodeError> {
         let started = Instant::now();
+        let received_before = self.inner.endpoint.stats().bytes_received;
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
         lock(&self.inner.transfers).insert(req.hash, progress.subscribe());
         let res = self.fetch_inner(&req, &progress).await;
@@ -80,6 +84,7 @@ impl Node {
             bytes,
             files,
             elapsed: started.elapsed(),
+            received: self.inner.endpoint.stats().bytes_received - received_before,
         })
     }
 
@@ -144,8 +149,7 @@ impl Node {
         progress: &watch::Sender<Progress>,
     ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
-        let mut manifest = Vec::new();
-        store.export_blob(&req.hash, &mut manifest)?;
+        let manifest = store.read_all(&req.hash)?;
         let entries = collection::parse_manifest(&manifest)?;
         self.store().pin(&req.hash, BlobKind::Collection)?;
         let files: Vec<&collection::Entry> = entries.iter().filter(|e| !e.empty_dir).collect();
@@ -156,13 +160,47 @@ impl Node {
             p.verified = 0;
             p.files_total = total_files;
         });
-        let items: Vec<(Hash, u64)> = files.iter().map(|e| (e.hash, e.size)).collect();
+        // Each distinct blob is downloaded once, straight to the first path
+        // that holds it inside a temporary directory beside the output
+        // (kept across restarts, so an interrupted fetch resumes).
+        let tmp = match dir {
+            Some(d) => {
+                if std::fs::symlink_metadata(d).is_ok() {
+                    return Err(NodeError::OutputExists(d.to_path_buf()));
+                }
+                let tmp = temp_sibling(d);
+                match std::fs::symlink_metadata(&tmp) {
+                    Ok(m) if m.file_type().is_dir() => {}
+                    Ok(_) => return Err(NodeError::OutputExists(tmp)),
+                    Err(_) => {
+                        std::fs::create_dir(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?
+                    }
+                }
+                Some(tmp)
+            }
+            None => None,
+        };
+        let mut first: std::collections::HashMap<Hash, (String, u64)> =
+            std::collections::HashMap::new();
+        for e in &files {
+            first
+                .entry(e.hash)
+                .or_insert_with(|| (e.path.clone(), e.size));
+        }
+        let mut jobs = Vec::new();
+        for (hash, (path, size)) in &first {
+            let target = match &tmp {
+                Some(t) => Some(make_parents(t, path)?),
+                None => None,
+            };
+            jobs.push((*hash, *size, target));
+        }
         let done = std::sync::Arc::new((
             std::sync::atomic::AtomicU64::new(0),
             std::sync::atomic::AtomicU32::new(0),
         ));
-        let results: Vec<Result<(), NodeError>> = futures::stream::iter(items)
-            .map(|(hash, size)| {
+        let results: Vec<Result<(), NodeError>> = futures::stream::iter(jobs)
+            .map(|(hash, size, target)| {
                 let (inner, peers, done, progress) = (
                     self.inner.clone(),
                     req.peers.clone(),
@@ -174,7 +212,7 @@ impl Node {
                     let job = BlobJob {
                         hash,
                         kind: Some(BlobKind::Raw),
-                        target: None,
+                        target,
                         sequential: false,
                         peers,
                     };
@@ -194,16 +232,78 @@ impl Node {
         for r in results {
             r?;
         }
-        if let Some(dir) = dir {
-            // The store writes the tree under a temporary name, checking
-            // every path again, and renames it into place.
-            let (hash, dir) = (req.hash, dir.to_path_buf());
-            tokio::task::spawn_blocking(move || store.export_collection(&hash, &dir))
+        if let (Some(tmp), Some(dir)) = (tmp, dir) {
+            let dir = dir.to_path_buf();
+            let entries = entries.clone();
+            let first: Vec<(Hash, String)> = first.into_iter().map(|(h, (p, _))| (h, p)).collect();
+            tokio::task::spawn_blocking(move || finish_tree(&store, &entries, &first, &tmp, &dir))
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
         Ok((total_bytes, files.len() as u64))
     }
+}
+
+/// Creates the parent directories of `rel` under `root` one by one,
+/// refusing anything that is not a directory (no symlink is followed out of
+/// the tree); returns the full path. `rel` was checked by `parse_manifest`.
+fn make_parents(root: &Path, rel: &str) -> Result<PathBuf, NodeError> {
+    let comps: Vec<&str> = rel.split('/').collect();
+    let mut dir = root.to_path_buf();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        dir.push(c);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => return Err(NodeError::OutputExists(dir)),
+            Err(_) => std::fs::create_dir(&dir).map_err(|e| NodeError::Write(dir.clone(), e))?,
+        }
+    }
+    Ok(root.join(rel))
+}
+
+/// Completes a downloaded tree: copies of blobs that appear more than once
+/// (or were in the store already), executable bits, empty directories; then
+/// renames it into place and tells the store where its files now are.
+fn finish_tree(
+    store: &shoal_store::Store,
+    entries: &[collection::Entry],
+    first: &[(Hash, String)],
+    tmp: &Path,
+    dir: &Path,
+) -> Result<(), NodeError> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in entries {
+        if e.empty_dir {
+            let mut p = make_parents(tmp, &format!("{}/x", e.path))?;
+            p.pop();
+            if std::fs::symlink_metadata(&p).is_err() {
+                std::fs::create_dir(&p).map_err(|err| NodeError::Write(p.clone(), err))?;
+            }
+            continue;
+        }
+        let path = make_parents(tmp, &e.path)?;
+        if std::fs::symlink_metadata(&path).is_err() {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|err| NodeError::Write(path.clone(), err))?;
+            store.export_blob(&e.hash, &mut f)?;
+        }
+        let mode = if e.executable { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|err| NodeError::Write(path.clone(), err))?;
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(NodeError::OutputExists(dir.to_path_buf()));
+    }
+    std::fs::rename(tmp, dir).map_err(|e| NodeError::Write(dir.to_path_buf(), e))?;
+    for (hash, rel) in first {
+        // Blobs that were in the store before live elsewhere; only those
+        // downloaded into the tree move with it.
+        let _ = store.relocate(hash, &dir.join(rel));
+    }
+    Ok(())
 }
 
 /// Streams the verified bytes of `hash` to `tx` in order, as the download

@@ -1009,6 +1009,29 @@ impl Store {
         Ok(pos)
     }
 
+    /// The file a complete blob is referenced at in place moved from where
+    /// the store knows it (a collection's temporary directory renamed into
+    /// place): record the new path. The file must be the same one (same
+    /// size, modification time and inode), so nothing is re-hashed.
+    pub fn relocate(&self, hash: &blake3::Hash, new_path: &Path) -> Result<(), StoreError> {
+        let m = fs::metadata(new_path).map_err(io_err("reading", new_path))?;
+        let rec = {
+            let mut st = lock(&self.inner.state);
+            let b = st.get_mut(hash).ok_or(StoreError::NotFound(*hash))?;
+            match &mut b.data {
+                DataRef::File {
+                    path,
+                    stamp: Some(stamp),
+                } if *stamp == Stamp::of(&m) => {
+                    *path = fs::canonicalize(new_path).unwrap_or_else(|_| new_path.to_path_buf());
+                }
+                _ => return Err(StoreError::Unsupported(new_path.to_path_buf())),
+            }
+            record_of(b)
+        };
+        self.inner.persist(hash, rec, false)
+    }
+
     /// Write a complete collection to the new directory `out_dir`: files go
     /// into a temporary directory beside it, which is renamed into place
     /// when everything is written. Executable bits and empty directories
