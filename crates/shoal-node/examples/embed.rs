@@ -8,7 +8,10 @@ use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig, NodeError};
 #[tokio::main]
 async fn main() -> Result<(), NodeError> {
     // In-memory stores and fresh identities, listening on loopback only.
-    let config = || NodeConfig { listen: vec!["127.0.0.1:0".parse().expect("address")], ..NodeConfig::default() };
+    let config = || NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("address")],
+        ..NodeConfig::default()
+    };
     let seeder = Node::spawn(config()).await?;
     let fetcher = Node::spawn(config()).await?;
 
@@ -23,7 +26,9 @@ async fn main() -> Result<(), NodeError> {
     println!("ticket: {ticket}");
 
     // Fetch into the second node's store, verified group by group.
-    let report = fetcher.fetch(FetchRequest::from_ticket(&ticket, FetchOutput::Store), None).await?;
+    let report = fetcher
+        .fetch(FetchRequest::from_ticket(&ticket, FetchOutput::Store), None)
+        .await?;
     let mut copy = Vec::new();
     fetcher.store().export_blob(&hash, &mut copy)?;
     assert_eq!(copy, data, "fetched bytes differ");
