@@ -136,7 +136,7 @@ impl Lab {
             .arg(bin())
             .arg("--data-dir")
             .arg(dir.path().join("node"));
-        c.env("RUST_LOG", "warn,shoal_node=info,shoal_discovery=debug");
+        c.env("RUST_LOG", "warn,shoal_node=debug,shoal_discovery=debug");
         c
     }
 
@@ -153,7 +153,11 @@ impl Lab {
     fn dht_node(&mut self, i: usize, bootstrap: &[String]) -> String {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.hosts[i]]).arg(bin());
-        c.args(["dht-node", "--listen", &format!("{}:{DHT_PORT}", self.v4(i))]);
+        c.args([
+            "dht-node",
+            "--listen",
+            &format!("{}:{DHT_PORT}", self.v4(i)),
+        ]);
         for b in bootstrap {
             c.args(["--dht-bootstrap", b]);
         }
@@ -211,17 +215,21 @@ fn add(dir: &Dir, path: &Path) -> String {
     hash
 }
 
-/// Runs `c` to success within `limit`; returns how long it took.
-fn ok_within(c: Command, limit: Duration, what: &str) -> Duration {
+/// Runs `c` to success within `limit`; returns how long it took and its
+/// log.
+fn ok_within(c: Command, limit: Duration, what: &str) -> (Duration, String) {
     let started = Instant::now();
     let out = run_bounded(c, limit);
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed: {}\n{log}", out.status);
+    (started.elapsed(), log)
+}
+
+/// Whether `log` (at debug level) shows a candidate from `source` at `ip`.
+fn found(log: &str, source: &str, ip: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains("candidate") && l.contains(&format!("source={source}")) && l.contains(ip)
+    })
 }
 
 /// Kills the serve processes (before the lab removes the namespaces) and
@@ -263,15 +271,16 @@ fn hosts_find_each_other_by_mdns() {
     let out1 = getter.path().join("out1.bin");
     let mut c = lab.shoal(1, &getter);
     c.args(["get", &hash, "-o"]).arg(&out1).arg("--no-dht");
-    let took = ok_within(c, Duration::from_secs(45), "get by mDNS on host 1");
+    let (took, log) = ok_within(c, Duration::from_secs(45), "get by mDNS on host 1");
     assert_eq!(b3sum(&out1), hash);
+    assert!(found(&log, "Mdns", &lab.v4(0)), "no mDNS candidate:\n{log}");
     eprintln!("netns mdns: short-lived get on host 1 took {took:?}");
 
     // Host 2: through its running node.
     let out2 = dirs[2].path().join("out2.bin");
     let mut c = dirs[2].cmd();
     c.args(["get", &hash, "-o"]).arg(&out2);
-    let took = ok_within(c, Duration::from_secs(45), "get by mDNS on host 2");
+    let (took, _) = ok_within(c, Duration::from_secs(45), "get by mDNS on host 2");
     assert_eq!(b3sum(&out2), hash);
     eprintln!(
         "netns mdns: get through host 2's node took {took:?} (test {:?})",
@@ -317,15 +326,16 @@ fn hosts_find_each_other_through_the_dht() {
     let out1 = getter.path().join("out1.bin");
     let mut c = lab.shoal(1, &getter);
     c.args(["get", &hash, "-o"]).arg(&out1).args(&dht_args);
-    let took = ok_within(c, Duration::from_secs(60), "get through the DHT on host 1");
+    let (took, log) = ok_within(c, Duration::from_secs(60), "get through the DHT on host 1");
     assert_eq!(b3sum(&out1), hash);
+    assert!(found(&log, "Dht", &lab.v4(0)), "no DHT candidate:\n{log}");
     eprintln!("netns dht: short-lived get on host 1 took {took:?}");
 
     // Host 2, which announces nothing, can still download.
     let out2 = dirs[2].path().join("out2.bin");
     let mut c = dirs[2].cmd();
     c.args(["get", &hash, "-o"]).arg(&out2);
-    let took = ok_within(c, Duration::from_secs(60), "get through the DHT on host 2");
+    let (took, _) = ok_within(c, Duration::from_secs(60), "get through the DHT on host 2");
     assert_eq!(b3sum(&out2), hash);
     eprintln!("netns dht: get through host 2's node took {took:?}");
 
@@ -334,14 +344,17 @@ fn hosts_find_each_other_through_the_dht() {
     nodes.0[0].kill();
     let seeker = Dir::new();
     let mut c = lab.shoal(1, &seeker);
-    c.args(["get", &hash, "--timeout", "6"]).args(&dht_args);
+    c.args(["get", &hash, "--timeout", "5"]).args(&dht_args);
     let t = Instant::now();
     let out = run_bounded(c, Duration::from_secs(40));
     eprintln!("netns dht: failing get took {:?}", t.elapsed());
+    let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success(),
-        "host 1 found host 2, which was told not to announce"
+        !out.status.success() && !found(&log, "Dht", &lab.v4(2)),
+        "host 1 found host 2, which was told not to announce:\n{log}"
     );
+    // The lookup itself worked: it found host 0's old record.
+    assert!(found(&log, "Dht", &lab.v4(0)), "no DHT lookup:\n{log}");
     assert!(
         !nodes.0[2].log().contains("dht: announced"),
         "host 2 announced: {}",
@@ -376,7 +389,16 @@ fn unreachable_dht_bootstrap_is_reported_once() {
     let out = d.path().join("out.bin");
     let peer = seeder.0[0].peer_arg();
     let o = out.to_str().expect("utf-8 path");
-    d.ok(&["get", &hash, "-o", o, "--peer", &peer, "--no-mdns", "--no-dht"]);
+    d.ok(&[
+        "get",
+        &hash,
+        "-o",
+        o,
+        "--peer",
+        &peer,
+        "--no-mdns",
+        "--no-dht",
+    ]);
     assert_eq!(b3sum(&out), hash);
     // mainline gives up on a bootstrap after its own timeouts; leave it time
     // to complain more than once if it would.
