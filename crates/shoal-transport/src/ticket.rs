@@ -159,9 +159,11 @@ pub fn decode_addr(bytes: &[u8]) -> Option<SocketAddr> {
 impl fmt::Display for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let message = self.to_proto();
-        let mut bytes = Vec::with_capacity(1 + message.encoded_len());
+        let mut bytes = Vec::with_capacity(1 + message.encoded_len() + CHECKSUM_LEN);
         bytes.push(TICKET_VERSION);
         message.encode_raw(&mut bytes);
+        let check = checksum(&bytes);
+        bytes.extend_from_slice(&check);
         write!(f, "{TICKET_PREFIX}{}", encode_base32(&bytes))
     }
 }
@@ -182,13 +184,33 @@ impl FromStr for Ticket {
             return Err(TicketError::Empty);
         }
         let bytes = decode_base32(body).ok_or(TicketError::Encoding)?;
-        let (&version, message) = bytes.split_first().ok_or(TicketError::Empty)?;
+        let (&version, _) = bytes.split_first().ok_or(TicketError::Empty)?;
         if version != TICKET_VERSION {
             return Err(TicketError::Version(version));
         }
-        let message = pb::Ticket::decode(message).map_err(|_| TicketError::Corrupt)?;
+        let Some(split) = bytes.len().checked_sub(CHECKSUM_LEN).filter(|n| *n >= 1) else {
+            return Err(TicketError::Corrupt);
+        };
+        let (payload, check) = bytes.split_at(split);
+        if checksum(payload) != check {
+            return Err(TicketError::Checksum);
+        }
+        let message = pb::Ticket::decode(&payload[1..]).map_err(|_| TicketError::Corrupt)?;
         Ticket::from_proto(message)
     }
+}
+
+/// Bytes of checksum at the end of a ticket.
+pub const CHECKSUM_LEN: usize = 4;
+
+/// The checksum that ends a ticket: the first bytes of the BLAKE3 hash of
+/// everything before it, so that a mistyped character is caught instead of
+/// naming other content or another peer.
+fn checksum(payload: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let h = blake3::hash(payload);
+    let mut c = [0u8; CHECKSUM_LEN];
+    c.copy_from_slice(&h.as_bytes()[..CHECKSUM_LEN]);
+    c
 }
 
 /// Why a ticket could not be read.
@@ -212,6 +234,9 @@ pub enum TicketError {
     /// The version byte is not one this program reads.
     #[error("ticket version {0} is not supported (this program reads version 1); upgrade shoal")]
     Version(u8),
+    /// The checksum does not match: a character was mistyped.
+    #[error("the ticket is mistyped: its checksum does not match (copy it again)")]
+    Checksum,
     /// The bytes do not decode as a ticket message.
     #[error("the ticket is corrupted or cut short")]
     Corrupt,
@@ -284,6 +309,22 @@ mod tests {
     }
 
     #[test]
+    fn every_one_character_typo_is_caught() {
+        let good = sample().to_string();
+        let alphabet = b"abcdefghijklmnopqrstuvwxyz234567";
+        for i in TICKET_PREFIX.len()..good.len() {
+            let mut typo = good.clone().into_bytes();
+            let pos = alphabet.iter().position(|c| *c == typo[i]).unwrap();
+            typo[i] = alphabet[(pos + 1) % alphabet.len()];
+            let typo = String::from_utf8(typo).unwrap();
+            assert!(
+                typo.parse::<Ticket>().is_err(),
+                "typo at {i} was accepted: {typo}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_tickets() {
         let good = sample().to_string();
         let check = |text: &str, want: TicketError| {
@@ -307,6 +348,8 @@ mod tests {
         // unknown version
         let mut bytes = vec![2u8];
         sample().to_proto().encode_raw(&mut bytes);
+        let c = checksum(&bytes);
+        bytes.extend_from_slice(&c);
         check(
             &format!("shoal{}", encode_base32(&bytes)),
             TicketError::Version(2),
@@ -316,6 +359,8 @@ mod tests {
         proto.hash.truncate(31);
         let mut bytes = vec![1u8];
         proto.encode_raw(&mut bytes);
+        let c = checksum(&bytes);
+        bytes.extend_from_slice(&c);
         check(
             &format!("shoal{}", encode_base32(&bytes)),
             TicketError::BadHash(31),
