@@ -148,7 +148,10 @@ fn ci(args: &[String]) -> Result<()> {
                 .env("RUST_BACKTRACE", "1"),
         )?;
         // The embedding example must keep working.
-        sh("example embed", cargo().args(["run", "-q", "-p", "shoal-node", "--example", "embed"]))?;
+        sh(
+            "example embed",
+            cargo().args(["run", "-q", "-p", "shoal-node", "--example", "embed"]),
+        )?;
     }
     if step("deny") {
         // The advisory database cannot be fetched here: offline checks only.
@@ -156,6 +159,9 @@ fn ci(args: &[String]) -> Result<()> {
             "deny",
             cargo().args(["deny", "check", "bans", "licenses", "sources"]),
         )?;
+    }
+    if step("layers") {
+        layers()?;
     }
     if step("doc") {
         sh(
@@ -177,4 +183,49 @@ fn cargo_has(sub: &str) -> bool {
         .args([sub, "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// The layering invariants of ARCHITECTURE.md that the dependency graph can
+/// show: the wire protocol does no I/O and knows no store; the store knows
+/// no network; the transport knows no blobs.
+fn layers() -> Result<()> {
+    let rules: [(&str, &[&str]); 3] = [
+        (
+            "shoal-proto",
+            &["tokio", "quinn", "shoal-store", "shoal-transport", "redb"],
+        ),
+        (
+            "shoal-store",
+            &["quinn", "shoal-transport", "shoal-discovery", "shoal-node"],
+        ),
+        (
+            "shoal-transport",
+            &["shoal-store", "redb", "bao-tree", "shoal-node"],
+        ),
+    ];
+    for (krate, banned) in rules {
+        eprintln!("==> layers: cargo tree -p {krate}");
+        let out = cargo()
+            .args([
+                "tree", "-p", krate, "-e", "normal", "--prefix", "none", "--format", "{p}",
+            ])
+            .output()
+            .with_context(|| format!("running cargo tree -p {krate}"))?;
+        if !out.status.success() {
+            bail!(
+                "cargo tree -p {krate} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let tree = String::from_utf8_lossy(&out.stdout);
+        for line in tree.lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if banned.contains(&name) {
+                bail!(
+                    "step `layers` failed: {krate} depends on {name}, which its layer must not know"
+                );
+            }
+        }
+    }
+    Ok(())
 }
