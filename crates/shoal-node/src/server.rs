@@ -22,7 +22,7 @@ use crate::node::{Inner, dialable, lock};
 use crate::wire::{WireError, read_frame, write_frame};
 
 /// Gets served at once per connection; further ones wait.
-const MAX_GETS_PER_CONN: usize = 8;
+const MAX_GETS_PER_CONN: usize = 4;
 /// Open have subscriptions per connection; further ones are refused.
 const MAX_SUBS_PER_CONN: usize = 32;
 /// Requests handled at once per connection (all kinds); further streams

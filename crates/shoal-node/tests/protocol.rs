@@ -1,0 +1,237 @@
+//! The peer protocol against a real node, in process: unknown requests,
+//! wrong versions and malformed frames get errors, and the connection
+//! stays usable.
+
+use std::time::Duration;
+
+use shoal_node::wire::{read_frame, write_frame};
+use shoal_node::{Node, NodeConfig};
+use shoal_proto::{GroupRanges, Limit, pb};
+use shoal_transport::{Connection, Endpoint, EndpointConfig, SecretKey};
+use tokio::io::AsyncWriteExt;
+
+async fn node_and_client() -> (Node, Endpoint, Connection) {
+    let config = NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..NodeConfig::default()
+    };
+    let node = Node::spawn(config).await.unwrap();
+    let ep = Endpoint::bind(
+        SecretKey::generate(),
+        EndpointConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let conn = ep
+        .connect(node.addrs()[0], Some(node.peer_id()))
+        .await
+        .unwrap();
+    (node, ep, conn)
+}
+
+/// Sends raw frame bytes on a new stream and reads one response.
+async fn ask_raw(conn: &Connection, bytes: &[u8]) -> pb::Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_frame(&mut recv, Limit::Response),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+async fn ask(conn: &Connection, req: pb::Request) -> pb::Response {
+    ask_raw(conn, &shoal_proto::frame::encode(&req)).await
+}
+
+fn error_code(r: &pb::Response) -> Option<pb::ErrorCode> {
+    match &r.kind {
+        Some(pb::response::Kind::Error(e)) => pb::ErrorCode::try_from(e.code).ok(),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_requests_get_errors_and_the_connection_stays() {
+    let (node, _ep, conn) = node_and_client().await;
+    // A request kind from a future version (field 99).
+    let r = ask_raw(&conn, &[0, 0, 0, 3, 0x9a, 0x06, 0x00]).await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    // Garbage that is not protobuf.
+    let r = ask_raw(&conn, &[0, 0, 0, 2, 0xff, 0xff]).await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    // A length prefix over the request limit is refused from the header.
+    let r = ask_raw(&conn, &[0x7f, 0xff, 0xff, 0xff]).await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    // Bad hashes and bad ranges.
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Get(pb::Get {
+                hash: vec![1, 2, 3].into(),
+                ranges: None,
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    let bad_ranges = pb::GroupRanges { deltas: vec![0, 0] };
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Get(pb::Get {
+                hash: vec![0; 32].into(),
+                ranges: Some(bad_ranges),
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    // Something it does not have.
+    let ranges = Some(GroupRanges::from_range(0..1).to_pb());
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Get(pb::Get {
+                hash: vec![0; 32].into(),
+                ranges,
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::NotFound));
+    // After all that, the connection still answers a proper question.
+    let hash = node.add_bytes(vec![7u8; 40_000], "x").await.unwrap();
+    let who = pb::Who {
+        hashes: vec![hash.as_bytes().to_vec().into()],
+    };
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Who(who)),
+        },
+    )
+    .await;
+    let Some(pb::response::Kind::Who(w)) = r.kind else {
+        panic!("no who answer: {r:?}")
+    };
+    assert_eq!(w.entries[0].size, 40_000);
+    assert_eq!(
+        w.entries[0].have,
+        Some(pb::availability::Have::Complete(true))
+    );
+    assert!(!conn.is_closed());
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_incompatible_version_gets_a_clear_error() {
+    let (node, _ep, conn) = node_and_client().await;
+    let hello = pb::Hello {
+        version: 2,
+        agent: "future".into(),
+        listen_addrs: vec![],
+        capabilities: vec![],
+    };
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Hello(hello)),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::UnsupportedVersion));
+    let Some(pb::response::Kind::Error(e)) = r.kind else {
+        unreachable!()
+    };
+    assert!(e.message.contains("protocol 1"), "{}", e.message);
+    // And version 1 is answered with the node's own hello.
+    let (node2, _ep2, conn2) = node_and_client().await;
+    let hello = pb::Hello {
+        version: 1,
+        agent: "test".into(),
+        listen_addrs: vec![],
+        capabilities: vec![],
+    };
+    let r = ask(
+        &conn2,
+        pb::Request {
+            kind: Some(pb::request::Kind::Hello(hello)),
+        },
+    )
+    .await;
+    let Some(pb::response::Kind::Hello(h)) = r.kind else {
+        panic!("{r:?}")
+    };
+    assert_eq!(h.version, 1);
+    assert!(!h.listen_addrs.is_empty());
+    node.shutdown().await;
+    node2.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_reports_groups_as_they_verify() {
+    // Seeder S has a blob; node D downloads it while our test client is
+    // subscribed to D: the client must see D's groups arrive.
+    let cfg = || NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..NodeConfig::default()
+    };
+    let s = Node::spawn(cfg()).await.unwrap();
+    let d = Node::spawn(cfg()).await.unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let hash = s.add_bytes(data, "x").await.unwrap();
+    let ep = Endpoint::bind(
+        SecretKey::generate(),
+        EndpointConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let conn = ep.connect(d.addrs()[0], Some(d.peer_id())).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let sub = pb::Request {
+        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
+            hashes: vec![hash.as_bytes().to_vec().into()],
+        })),
+    };
+    write_frame(&mut send, &sub).await.unwrap();
+    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
+    assert!(
+        matches!(r.kind, Some(pb::response::Kind::Subscribe(_))),
+        "{r:?}"
+    );
+    let ticket = s.ticket(&hash).unwrap();
+    let fetch = d.fetch(
+        shoal_node::FetchRequest::from_ticket(&ticket, shoal_node::FetchOutput::Store),
+        None,
+    );
+    let watch = async {
+        let mut seen = GroupRanges::new();
+        loop {
+            let up: pb::HaveUpdate = read_frame(&mut recv, Limit::HaveUpdate).await.unwrap();
+            seen = seen.union(&GroupRanges::from_opt_pb(up.added.as_ref()).unwrap());
+            if up.complete {
+                return seen;
+            }
+        }
+    };
+    let (fetched, seen) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(fetch, watch)
+    })
+    .await
+    .unwrap();
+    fetched.unwrap();
+    // Groups were announced before completion, not only at the end.
+    assert!(!seen.is_empty(), "no have update before completion");
+    s.shutdown().await;
+    d.shutdown().await;
+}
