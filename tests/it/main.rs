@@ -4,5 +4,6 @@
 
 mod harness;
 mod netns;
+mod store_cli;
 mod swarm;
 mod hostile;

@@ -1,0 +1,83 @@
+//! The store commands end to end: add, ls, rm, gc, verify, with and
+//! without a running node.
+
+use std::time::Duration;
+
+use crate::harness::{Dir, data};
+
+#[test]
+fn add_ls_rm_gc_verify() {
+    let d = Dir::new();
+    let a = d.path().join("a.bin");
+    let b = d.path().join("b.bin");
+    std::fs::write(&a, data(200_000, 11)).unwrap();
+    std::fs::write(&b, data(300_000, 12)).unwrap();
+    let out = d.ok(&["add", "--copy", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let hashes: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(hashes.len(), 2);
+    let ls = d.ok(&["--json", "ls"]);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    for line in ls.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["complete"], true);
+        assert_eq!(v["pinned"], true);
+    }
+    let v = d.ok(&["verify"]);
+    assert_eq!(v.lines().filter(|l| l.ends_with("ok")).count(), 2, "{v}");
+
+    // Unpin one: gc frees it and keeps the other.
+    d.ok(&["rm", &hashes[0]]);
+    let gc = d.ok(&["--json", "gc"]);
+    let gc: serde_json::Value = serde_json::from_str(gc.trim()).unwrap();
+    assert_eq!(gc["blobs"], 1);
+    assert!(gc["bytes"].as_u64().unwrap() >= 200_000);
+    let ls = d.ok(&["--json", "ls"]);
+    assert!(!ls.contains(&hashes[0]) && ls.contains(&hashes[1]), "{ls}");
+
+    // Flip a byte of the private copy: verify names it and exits 1.
+    let store = d.path().join("node/store/data");
+    let file = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .expect("the copy of b.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[1234] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let o = d.run(&["verify"], Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains(&format!("{}  corrupt", hashes[1])),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains(&hashes[1]), "{stderr}");
+}
+
+#[test]
+fn commands_go_through_a_running_node() {
+    let d = Dir::new();
+    let f = d.path().join("f.bin");
+    std::fs::write(&f, data(100_000, 13)).unwrap();
+    let _node = d.serve(&[]);
+    // With the node running, the store is the node's: commands use its
+    // control socket instead of failing on the store lock.
+    let out = d.ok(&["add", f.to_str().unwrap()]);
+    let hash = out.split_whitespace().next().unwrap().to_string();
+    assert!(d.ok(&["ls"]).contains(&hash));
+    assert!(d.ok(&["verify"]).contains("ok"));
+    let t = d.ok(&["ticket", &hash]);
+    assert!(t.starts_with("shoal"));
+    let status: serde_json::Value =
+        serde_json::from_str(d.ok(&["--json", "status"]).trim()).unwrap();
+    assert!(!status["addrs"].as_array().unwrap().is_empty());
+    d.ok(&["peers"]);
+    d.ok(&["rm", &hash]);
+    d.ok(&["gc"]);
+    // An in-place file is never deleted by gc.
+    assert!(f.exists());
+}
