@@ -3,6 +3,7 @@
 //! Every test is bounded in time and kills what it starts.
 
 mod harness;
+mod hostile;
 mod netns;
 mod store_cli;
 mod swarm;

@@ -1,0 +1,619 @@
+//! Hostile peers against a real node: a scripted peer built on
+//! `shoal-transport` and `shoal-proto` misbehaves on purpose, while an
+//! honest `shoal get` runs beside it. In each case the node stays up, keeps
+//! serving the honest peer at a useful rate, keeps its memory under a fixed
+//! bound, and refuses, drops or throttles the offender.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_node::wire::{read_frame, write_frame};
+use shoal_proto::{GroupRanges, Limit, pb};
+use shoal_store::Store;
+use shoal_transport::{Connection, Endpoint, EndpointConfig, PeerId, SecretKey};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{Dir, Serve, b3sum, data};
+
+/// Most memory (peak RSS) a node serving one 8 MiB blob may use under
+/// any of these attacks.
+pub(crate) const MEMORY_BOUND_KIB: u64 = 128 * 1024;
+/// Slowest acceptable honest download of the 8 MiB blob, while attacked.
+const HONEST_LIMIT: Duration = Duration::from_secs(40);
+const BLOB: usize = 8 * 1024 * 1024;
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// `VmHWM` (peak resident memory) and `VmRSS` of a process, in KiB.
+pub(crate) fn memory_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+pub(crate) async fn endpoint() -> Endpoint {
+    let config = EndpointConfig {
+        listen: vec!["127.0.0.1:0".parse().expect("addr")],
+        ..EndpointConfig::default()
+    };
+    Endpoint::bind(SecretKey::generate(), config)
+        .await
+        .expect("binding a hostile endpoint")
+}
+
+async fn dial(ep: &Endpoint, node: &Target) -> Connection {
+    ep.connect(node.addr, Some(node.id))
+        .await
+        .expect("dialing the node")
+}
+
+/// One request on its own stream; the answer, or None if the node reset
+/// the stream or closed the connection.
+async fn ask(conn: &Connection, req: &pb::Request) -> Option<pb::Response> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    write_frame(&mut send, req).await.ok()?;
+    let _ = send.finish();
+    read_frame(&mut recv, Limit::Response).await.ok()
+}
+
+/// Raw bytes on a fresh stream, then the answer.
+async fn ask_raw(conn: &Connection, bytes: &[u8]) -> Option<pb::Response> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    send.write_all(bytes).await.ok()?;
+    let _ = send.finish();
+    read_frame(&mut recv, Limit::Response).await.ok()
+}
+
+fn code(r: &Option<pb::Response>) -> Option<pb::ErrorCode> {
+    match r {
+        Some(pb::Response {
+            kind: Some(pb::response::Kind::Error(e)),
+        }) => pb::ErrorCode::try_from(e.code).ok(),
+        _ => None,
+    }
+}
+
+fn request(kind: pb::request::Kind) -> pb::Request {
+    pb::Request { kind: Some(kind) }
+}
+
+fn random_hash(i: u64) -> Bytes {
+    blake3::hash(&i.to_le_bytes()).as_bytes().to_vec().into()
+}
+
+/// The node under attack: a `shoal serve` holding one 8 MiB blob.
+pub(crate) struct Target {
+    pub(crate) dir: Dir,
+    pub(crate) serve: Serve,
+    pub(crate) hash: String,
+    pub(crate) id: PeerId,
+    pub(crate) addr: SocketAddr,
+}
+
+pub(crate) fn target(size: usize) -> Target {
+    let dir = Dir::new();
+    let input = dir.path().join("blob.bin");
+    std::fs::write(&input, data(size, 77)).expect("writing input");
+    let serve = dir.serve(&[]);
+    let line = dir.ok(&["add", input.to_str().expect("utf-8")]);
+    let hash = line.split_whitespace().next().expect("hash").to_string();
+    let id: PeerId = serve.peer_id.parse().expect("peer id");
+    let addr: SocketAddr = serve.addrs[0].parse().expect("addr");
+    Target {
+        dir,
+        serve,
+        hash,
+        id,
+        addr,
+    }
+}
+
+/// An honest download of the target's blob by a fresh `shoal get`; returns
+/// how long it took.
+fn honest_get(t: &Target) -> Duration {
+    let d = Dir::new();
+    let out = d.path().join("honest.bin");
+    let start = Instant::now();
+    let o = d.run(
+        &[
+            "get",
+            &t.hash,
+            "--peer",
+            &t.serve.peer_arg(),
+            "--no-mdns",
+            "--no-dht",
+            "-o",
+            out.to_str().expect("utf-8"),
+        ],
+        HONEST_LIMIT,
+    );
+    assert!(
+        o.status.success(),
+        "honest get failed under attack: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(b3sum(&out), t.hash, "honest download is wrong");
+    start.elapsed()
+}
+
+/// Whether the process is still running (not gone, not a zombie).
+pub(crate) fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
+}
+
+/// Runs `attack` against a fresh node while an honest peer downloads, then
+/// checks the node is up, served the honest peer at a useful rate and
+/// stayed under the memory bound. Returns the attack's result.
+fn under_attack<R, F>(name: &str, attack: impl FnOnce(Arc<Target>) -> F) -> R
+where
+    F: Future<Output = R> + Send + 'static,
+    R: Send + 'static,
+{
+    let t = Arc::new(target(BLOB));
+    let rt = runtime();
+    let fut = attack(t.clone());
+    let task = rt.spawn(async move { tokio::time::timeout(Duration::from_secs(60), fut).await });
+    // Let the attack get going before the honest peer arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    let took = honest_get(&t);
+    let r = rt
+        .block_on(task)
+        .expect("attack task")
+        .unwrap_or_else(|_| panic!("{name}: the attack did not finish within 60 s"));
+    let pid = t.serve.child.id();
+    assert!(alive(pid), "{name}: the node died; log: {}", t.serve.log());
+    // It still answers its own user, too.
+    t.dir.ok(&["status"]);
+    let (hwm, rss) = memory_kib(pid);
+    eprintln!(
+        "{name}: honest 8 MiB download took {took:.1?} under attack; node peak RSS {} MiB, now {} MiB",
+        hwm / 1024,
+        rss / 1024
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "{name}: honest download took {took:?}"
+    );
+    assert!(
+        hwm < MEMORY_BOUND_KIB,
+        "{name}: node peak memory {hwm} KiB over the bound"
+    );
+    drop(rt);
+    r
+}
+
+#[test]
+fn lying_length_prefixes_and_garbage_are_refused() {
+    let (bad, total) = under_attack("lying prefixes", |t| async move {
+        let ep = endpoint().await;
+        let conn = dial(&ep, &t).await;
+        let mut cases: Vec<Vec<u8>> = vec![
+            // 4 GiB, 64 KiB + 1 (one over the request limit), 16 MiB.
+            vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+            vec![0, 1, 0, 1],
+            vec![1, 0, 0, 0],
+            // Says 1000 bytes, sends 10 and ends the stream.
+            [&[0, 0, 3, 0xe8][..], &[7; 10]].concat(),
+            // Half a header.
+            vec![0, 0],
+        ];
+        // A valid header followed by garbage, many ways.
+        for i in 0..200u64 {
+            let junk: Vec<u8> = (0..(i % 60 + 4))
+                .map(|j| blake3::hash(&[i as u8, j as u8]).as_bytes()[0] | 0x80)
+                .collect();
+            let mut f = (junk.len() as u32).to_be_bytes().to_vec();
+            f.extend(junk);
+            cases.push(f);
+        }
+        // Streams that promise a frame and never send it hold their slot
+        // only until the request timeout.
+        let mut stalled = Vec::new();
+        for _ in 0..32 {
+            if let Ok((mut s, r)) = conn.open_bi().await {
+                let _ = s.write_all(&[0, 0, 0xea, 0x60, 1]).await;
+                stalled.push((s, r));
+            }
+        }
+        let total = cases.len();
+        let mut bad = 0;
+        for c in &cases {
+            let r = ask_raw(&conn, c).await;
+            // Half a header is a stream that ended: no answer needed.
+            if code(&r) == Some(pb::ErrorCode::BadRequest) || (c.len() < 4 && r.is_none()) {
+                bad += 1;
+            }
+        }
+        // The connection still works for a proper request.
+        let who = ask(
+            &conn,
+            &request(pb::request::Kind::Who(pb::Who {
+                hashes: vec![random_hash(1)],
+            })),
+        )
+        .await;
+        assert!(
+            matches!(
+                who,
+                Some(pb::Response {
+                    kind: Some(pb::response::Kind::Who(_))
+                })
+            ),
+            "{who:?}"
+        );
+        drop(stalled);
+        (bad, total)
+    });
+    assert_eq!(
+        bad, total,
+        "every lie and every garbage frame is answered BAD_REQUEST"
+    );
+}
+
+#[test]
+fn ten_thousand_requests_in_a_burst_are_throttled_not_fatal() {
+    let answered = under_attack("10,000 requests", |t| async move {
+        let ep = endpoint().await;
+        let conn = dial(&ep, &t).await;
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..10_000u64 {
+            let conn = conn.clone();
+            let answered = answered.clone();
+            tasks.spawn(async move {
+                let req = match i % 3 {
+                    0 => pb::request::Kind::Who(pb::Who {
+                        hashes: vec![random_hash(i)],
+                    }),
+                    1 => pb::request::Kind::Pex(pb::Pex {
+                        hash: random_hash(i),
+                    }),
+                    _ => pb::request::Kind::Get(pb::Get {
+                        hash: random_hash(i),
+                        ranges: Some(GroupRanges::from_range(0..4).to_pb()),
+                    }),
+                };
+                if ask(&conn, &request(req)).await.is_some() {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        answered.load(Ordering::Relaxed)
+    });
+    // Throttled by the stream cap, but every request gets its answer.
+    assert_eq!(answered, 10_000);
+}
+
+#[test]
+fn thousands_of_unread_streams_hold_only_their_own_slots() {
+    let opened = under_attack("unread streams", |t| async move {
+        // Four identities, 1,000 streams each, every one asking for the
+        // whole blob and never reading a byte of the answer.
+        let hash = shoal_proto::hash_from_bytes(
+            &data_encoding::HEXLOWER
+                .decode(t.hash.as_bytes())
+                .expect("hex"),
+        )
+        .expect("hash");
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut keep = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let ep = endpoint().await;
+            let conn = dial(&ep, &t).await;
+            keep.push((ep, conn.clone()));
+            for _ in 0..1000 {
+                let conn = conn.clone();
+                let opened = opened.clone();
+                tasks.spawn(async move {
+                    let Ok((mut send, recv)) = conn.open_bi().await else {
+                        return;
+                    };
+                    let get = request(pb::request::Kind::Get(pb::Get {
+                        hash: hash.to_vec().into(),
+                        ranges: None,
+                    }));
+                    if write_frame(&mut send, &get).await.is_ok() {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Hold both halves, read nothing.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    drop((send, recv));
+                });
+            }
+        }
+        // Give them time to pile up while the honest peer downloads.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let n = opened.load(Ordering::Relaxed);
+        tasks.abort_all();
+        drop(keep);
+        n
+    });
+    // The stream cap admits a bounded number per connection; the rest wait
+    // in QUIC flow control, costing the node nothing.
+    eprintln!("unread streams: {opened} of 4000 got past the stream cap");
+    assert!(opened >= 4 * 32, "only {opened} streams opened");
+}
+
+#[test]
+fn a_flood_of_have_subscriptions_is_capped() {
+    let (accepted, busy) = under_attack("subscription flood", |t| async move {
+        let ep = endpoint().await;
+        let conn = dial(&ep, &t).await;
+        // Over the per-request hash limit: refused outright.
+        let hashes = (0..257).map(random_hash).collect();
+        let too_many = ask(
+            &conn,
+            &request(pb::request::Kind::Subscribe(pb::Subscribe { hashes })),
+        )
+        .await;
+        assert_eq!(code(&too_many), Some(pb::ErrorCode::BadRequest));
+        let mut accepted = 0;
+        let mut busy = 0;
+        let mut keep = Vec::new();
+        for i in 0..1000u64 {
+            let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                break;
+            };
+            let hashes = (0..256).map(|j| random_hash(i * 1000 + j)).collect();
+            let sub = request(pb::request::Kind::Subscribe(pb::Subscribe { hashes }));
+            if write_frame(&mut send, &sub).await.is_err() {
+                break;
+            }
+            match read_frame::<pb::Response, _>(&mut recv, Limit::Response).await {
+                Ok(pb::Response {
+                    kind: Some(pb::response::Kind::Subscribe(_)),
+                }) => {
+                    accepted += 1;
+                    // Stay subscribed.
+                    keep.push((send, recv));
+                }
+                r => {
+                    if code(&r.ok()) == Some(pb::ErrorCode::Busy) {
+                        busy += 1;
+                    }
+                }
+            }
+        }
+        drop(keep);
+        (accepted, busy)
+    });
+    assert!(accepted <= 32, "{accepted} subscriptions accepted");
+    assert_eq!(accepted + busy, 1000, "every subscription answered");
+}
+
+#[test]
+fn a_missing_hash_asked_for_in_a_loop_is_answered_cheaply() {
+    let (asked, not_found) = under_attack("missing hash loop", |t| async move {
+        let ep = endpoint().await;
+        let conn = dial(&ep, &t).await;
+        let missing = random_hash(424_242);
+        let start = Instant::now();
+        let (mut asked, mut not_found) = (0, 0);
+        while start.elapsed() < Duration::from_secs(6) {
+            let get = request(pb::request::Kind::Get(pb::Get {
+                hash: missing.clone(),
+                ranges: None,
+            }));
+            asked += 1;
+            if code(&ask(&conn, &get).await) == Some(pb::ErrorCode::NotFound) {
+                not_found += 1;
+            }
+        }
+        (asked, not_found)
+    });
+    eprintln!("missing hash: asked {asked} times");
+    assert_eq!(asked, not_found);
+    assert!(asked > 100);
+}
+
+// ----------------------------------------------------------- hostile seeders
+
+/// How a scripted seeder lies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lie {
+    /// Flips a byte in some groups of every stream it sends.
+    WrongBytes,
+    /// Says it has everything, then answers every get with not found.
+    ClaimsWhatItHasNot,
+}
+
+/// A scripted seeder: answers hello, who, subscribe and get for the blobs of
+/// an in-memory store, lying as told. Runs until the runtime is dropped.
+pub(crate) async fn scripted_seeder(store: Store, lie: Lie) -> (Endpoint, PeerId, SocketAddr) {
+    let ep = endpoint().await;
+    let id = ep.peer_id();
+    let addr = ep.local_addrs()[0];
+    let ep2 = ep.clone();
+    tokio::spawn(async move {
+        while let Some(conn) = ep2.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(seeder_stream(store.clone(), lie, send, recv));
+                }
+            });
+        }
+    });
+    (ep, id, addr)
+}
+
+async fn seeder_stream(
+    store: Store,
+    lie: Lie,
+    mut send: shoal_transport::SendStream,
+    mut recv: shoal_transport::RecvStream,
+) {
+    use pb::request::Kind as Req;
+    use pb::response::Kind as Resp;
+    let Ok(req) = read_frame::<pb::Request, _>(&mut recv, Limit::Request).await else {
+        return;
+    };
+    let resp = |k| pb::Response { kind: Some(k) };
+    let hash_of = |b: &Bytes| {
+        shoal_proto::hash_from_bytes(b)
+            .ok()
+            .map(blake3::Hash::from_bytes)
+    };
+    match req.kind {
+        Some(Req::Hello(_)) => {
+            let hello = pb::Hello {
+                version: shoal_proto::PROTOCOL_VERSION,
+                agent: "liar/1".into(),
+                ..Default::default()
+            };
+            let _ = write_frame(&mut send, &resp(Resp::Hello(hello))).await;
+        }
+        Some(Req::Who(w)) => {
+            let entries = w
+                .hashes
+                .iter()
+                .map(|h| {
+                    let info = hash_of(h).and_then(|h| store.info(&h));
+                    pb::Availability {
+                        hash: h.clone(),
+                        size: info.as_ref().map_or(0, |i| i.size),
+                        have: Some(match info {
+                            Some(_) => pb::availability::Have::Complete(true),
+                            None => pb::availability::Have::Nothing(true),
+                        }),
+                        kind: 0,
+                    }
+                })
+                .collect();
+            let _ = write_frame(&mut send, &resp(Resp::Who(pb::WhoAnswer { entries }))).await;
+        }
+        Some(Req::Subscribe(s)) => {
+            let _ = write_frame(&mut send, &resp(Resp::Subscribe(pb::SubscribeAccepted {}))).await;
+            for h in &s.hashes {
+                if let Some(info) = hash_of(h).and_then(|x| store.info(&x)) {
+                    let up = pb::HaveUpdate {
+                        hash: h.clone(),
+                        size: info.size,
+                        added: None,
+                        complete: true,
+                    };
+                    let _ = write_frame(&mut send, &up).await;
+                }
+            }
+            // Stay subscribed until the peer goes.
+            let mut b = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
+        }
+        Some(Req::Get(g)) => {
+            let Some(hash) = hash_of(&g.hash) else { return };
+            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            let available = store.available(&hash, &wanted);
+            let (Some((size, ranges)), Lie::WrongBytes) = (available, lie) else {
+                let nf = shoal_proto::error_response(pb::ErrorCode::NotFound, "gone");
+                let _ = write_frame(&mut send, &nf).await;
+                let _ = send.finish();
+                return;
+            };
+            let header = pb::GetHeader {
+                size,
+                ranges: Some(ranges.to_pb()),
+            };
+            if write_frame(&mut send, &resp(Resp::Get(header)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut stream = Vec::new();
+            if store
+                .send_ranges(&hash, &ranges, &mut stream)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // Wrong bytes in some groups: one flip every 40 KiB, and
+            // always one in the middle.
+            let mut at = 8 + 20 * 1024;
+            while at < stream.len() {
+                stream[at] ^= 0x55;
+                at += 40 * 1024;
+            }
+            if stream.len() > 8 {
+                let mid = 8 + (stream.len() - 8) / 2;
+                stream[mid] ^= 0x0f;
+            }
+            let _ = send.write_all(&stream).await;
+        }
+        _ => {}
+    }
+    let _ = send.finish();
+}
+
+/// `shoal get HASH --peer LIAR --peer HONEST`: completes, correct, and the
+/// liar is named in the log and dropped.
+fn get_past_a_liar(lie: Lie) {
+    let t = target(6 * 1024 * 1024 + 777);
+    let rt = runtime();
+    let store = Store::in_memory();
+    let bytes = std::fs::read(t.dir.path().join("blob.bin")).expect("input");
+    let h = store.import_bytes(&bytes, "blob.bin").expect("import");
+    assert_eq!(h.to_hex().as_str(), t.hash);
+    let (_ep, liar_id, liar_addr) = rt.block_on(scripted_seeder(store, lie));
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let o = d.run(
+        &[
+            "get",
+            &t.hash,
+            "--peer",
+            &format!("{liar_id}@{liar_addr}"),
+            "--peer",
+            &t.serve.peer_arg(),
+            "--no-mdns",
+            "--no-dht",
+            "-o",
+            out.to_str().expect("utf-8"),
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "get failed: {stderr}");
+    assert_eq!(b3sum(&out), t.hash, "wrong output");
+    let named: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(&liar_id.to_string()) && l.contains("dropped"))
+        .collect();
+    eprintln!("{lie:?}: {named:?}");
+    assert!(
+        !named.is_empty(),
+        "the liar {liar_id} is not named as dropped: {stderr}"
+    );
+    drop(rt);
+}
+
+#[test]
+fn a_lying_seeder_is_named_and_dropped_and_the_download_is_correct() {
+    get_past_a_liar(Lie::WrongBytes);
+}
+
+#[test]
+fn a_seeder_claiming_what_it_has_not_is_dropped() {
+    get_past_a_liar(Lie::ClaimsWhatItHasNot);
+}
