@@ -2,7 +2,9 @@
 //! own data dir, on loopback (and in network namespaces for discovery).
 //! Every test is bounded in time and kills what it starts.
 
+mod crash;
 mod harness;
+mod hostile;
 mod hostile;
 mod netns;
 mod store_cli;
