@@ -5,8 +5,6 @@
 mod crash;
 mod harness;
 mod hostile;
-mod hostile;
 mod netns;
 mod store_cli;
 mod swarm;
-mod hostile;
