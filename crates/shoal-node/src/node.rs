@@ -577,6 +577,9 @@ impl Inner {
                         Some(c) => if tx.send(c).await.is_err() { return },
                         None => { tokio::select! { () = tx.closed() => {}, () = cancel.cancelled() => {} } return }
                     },
+                    // The download is over: drop `disc`, which ends the
+                    // discovery lookup (no more DHT queries for it).
+                    () = tx.closed() => return,
                     () = cancel.cancelled() => return,
                 }
             }

@@ -167,6 +167,17 @@ async fn dht_provider_serves_a_hash_given_alone() {
     eprintln!("dht: fetched by hash alone in {took:?}");
     // The DHT gives a bare address: the seeder's id was learnt from TLS.
     assert!(downloaded_from(&downloader, seeder.peer_id()) > 0);
+    // Once the download is over its lookups stop (they run every second
+    // while it is wanted).
+    let dd = downloader.discovery().expect("discovery runs");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lookups = dd.dht_stats().lookups;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        dd.dht_stats().lookups,
+        lookups,
+        "dht lookups go on after the download"
+    );
     shutdown(&[&seeder, &downloader]).await;
 }
 
