@@ -60,6 +60,8 @@ enum Ev {
         peer: PeerId,
         conn: Connection,
         avail: pb::Availability,
+        /// The candidate address that was dialed.
+        addr: SocketAddr,
     },
     DialFailed {
         addr: SocketAddr,
@@ -88,6 +90,8 @@ enum Ev {
 
 struct PeerSlot {
     conn: Connection,
+    /// The address it was dialed at.
+    addr: SocketAddr,
     size: u64,
     have: GroupRanges,
     complete: bool,
@@ -241,6 +245,8 @@ pub(crate) async fn fetch_blob(
         while dialing.len() < MAX_DIALS && peers.len() < MAX_PEERS {
             let Some(c) = queued.pop() else { break };
             if dialing.contains(&c.addr)
+                // An address that led to a peer in use is not dialed again.
+                || peers.values().any(|p| p.addr == c.addr)
                 || c.id
                     .is_some_and(|id| peers.contains_key(&id) || banned.contains(&id))
             {
@@ -257,6 +263,7 @@ pub(crate) async fn fetch_blob(
                         peer: conn.peer_id(),
                         conn,
                         avail,
+                        addr: c.addr,
                     },
                     Err(e) => Ev::DialFailed {
                         addr: c.addr,
@@ -283,9 +290,9 @@ pub(crate) async fn fetch_blob(
                 None => candidates_open = false,
             },
             Some(ev) = rx.recv() => match ev {
-                Ev::PeerUp { peer, conn, avail } => {
-                    dialing.remove(&conn.remote_addr());
-                    book.record_success(conn.remote_addr());
+                Ev::PeerUp { peer, conn, avail, addr } => {
+                    dialing.remove(&addr);
+                    book.record_success(addr);
                     if banned.contains(&peer) || peers.contains_key(&peer) {
                         continue;
                     }
@@ -302,7 +309,7 @@ pub(crate) async fn fetch_blob(
                     }
                     debug!(%peer, size = avail.size, complete, groups = have.count(), "peer up");
                     let sub = (!complete).then(|| spawn_subscription(conn.clone(), hash, peer, tx.clone()));
-                    peers.insert(peer, PeerSlot { conn, size: avail.size, have: have.clone(), complete, sub });
+                    peers.insert(peer, PeerSlot { conn, addr, size: avail.size, have: have.clone(), complete, sub });
                     if let Some(s) = sched.as_mut() {
                         add_to_scheduler(s, &peer, &peers[&peer]);
                     }
