@@ -5,6 +5,7 @@
 mod crash;
 mod harness;
 mod hostile;
+mod load;
 mod netns;
 mod store_cli;
 mod swarm;
