@@ -116,12 +116,17 @@ impl Lab {
             ip(&["-n", &host, "link", "set", "eth0", "up"])?;
             let v4 = format!("{}/24", lab.v4(i));
             ip(&["-n", &host, "addr", "add", &v4, "dev", "eth0"])?;
-            let v6 = format!("fd00:5a:{}::{}/64", lab.subnet, i + 1);
+            let v6 = format!("{}/64", lab.v6(i));
             // No duplicate address detection: usable at once.
             ip(&["-n", &host, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
             ip(&["-n", &host, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
         }
         Ok(lab)
+    }
+
+    /// Host `i`'s IPv6 address.
+    fn v6(&self, i: usize) -> String {
+        format!("fd00:5a:{}::{}", self.subnet, i + 1)
     }
 
     /// Host `i`'s IPv4 address.
@@ -274,6 +279,11 @@ fn hosts_find_each_other_by_mdns() {
     let (took, log) = ok_within(c, Duration::from_secs(45), "get by mDNS on host 1");
     assert_eq!(b3sum(&out1), hash);
     assert!(found(&log, "Mdns", &lab.v4(0)), "no mDNS candidate:\n{log}");
+    // Host 0 listens on `[::]`: it advertises its IPv6 address as well.
+    assert!(
+        found(&log, "Mdns", &lab.v6(0)),
+        "no IPv6 mDNS candidate:\n{log}"
+    );
     eprintln!("netns mdns: short-lived get on host 1 took {took:?}");
 
     // Host 2: through its running node.
