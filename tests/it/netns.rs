@@ -86,6 +86,7 @@ impl Lab {
             subnet: (pid + n) % 250,
             procs: Vec::new(),
         };
+        remove_stale_namespaces();
         // On failure, drop removes whatever was made.
         ip(&["netns", "add", &lab.bridge])?;
         let br = lab.bridge.clone();
@@ -200,6 +201,29 @@ impl Drop for Lab {
         // Deleting a namespace deletes its links (and their veth peers).
         for ns in self.hosts.iter().chain([&self.bridge]) {
             let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// Deletes the namespaces of earlier runs whose process is gone (killed
+/// before its drops ran).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("shoal-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", name]);
         }
     }
 }
