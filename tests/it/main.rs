@@ -3,6 +3,7 @@
 //! Every test is bounded in time and kills what it starts.
 
 mod crash;
+mod disk;
 mod harness;
 mod hostile;
 mod load;

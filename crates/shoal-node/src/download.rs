@@ -53,6 +53,10 @@ pub(crate) struct BlobJob {
 enum ReqError {
     Corrupt(String),
     Failed(String),
+    /// Our own store failed (a full disk, permissions): no peer can help,
+    /// so the download stops with this error instead of retrying forever
+    /// (found by the full-disk test, tests/it/disk.rs).
+    Local(shoal_store::StoreError),
 }
 
 enum Ev {
@@ -358,6 +362,7 @@ pub(crate) async fn fetch_blob(
                                     warn!(%peer, "{msg}");
                                     s.handle_request_failed(id, Failure::Corrupt);
                                 }
+                                ReqError::Local(e) => break Err(NodeError::Store(e)),
                                 ReqError::Failed(msg) => {
                                     debug!(%peer, "request failed: {msg}");
                                     s.handle_request_failed(id, Failure::Error);
@@ -627,6 +632,7 @@ async fn run_get(
         Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => {
             Err(ReqError::Corrupt(format!("peer sent bad data: {e}")))
         }
+        Err(ReceiveError::Store(e)) => Err(ReqError::Local(e)),
         Err(e) => Err(ReqError::Failed(e.to_string())),
     }
 }
@@ -635,6 +641,7 @@ impl std::fmt::Display for ReqError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReqError::Corrupt(m) | ReqError::Failed(m) => f.write_str(m),
+            ReqError::Local(e) => write!(f, "{e}"),
         }
     }
 }

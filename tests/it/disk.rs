@@ -1,0 +1,116 @@
+//! A full disk during a download: the downloader's data dir and output sit
+//! on a small tmpfs. The download fails with a clear error, the store stays
+//! consistent, and once space is freed the download resumes and completes.
+//!
+//! Needs root to mount the tmpfs: skipped with a reason otherwise, but under
+//! `CI=true` it fails rather than skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Dir, b3sum, bin, data, run_bounded};
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "mount tmpfs failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(Mount(at.to_path_buf()))
+}
+
+#[test]
+fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let holder = tempfile::tempdir().expect("tempdir");
+    let mnt = holder.path().join("small");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let _mount = match mount_tmpfs(&mnt, "12m") {
+        Ok(m) => m,
+        Err(e) if ci => panic!("CI=true and the tmpfs cannot be mounted: {e}"),
+        Err(e) => {
+            eprintln!("skipping the full-disk test: {e} (needs root)");
+            return;
+        }
+    };
+    let s = Dir::new();
+    let input = s.path().join("blob.bin");
+    std::fs::write(&input, data(10 << 20, 5)).expect("write");
+    let seeder = s.serve(&[]);
+    let line = s.ok(&["add", input.to_str().expect("utf-8")]);
+    let hash = line.split_whitespace().next().expect("hash").to_string();
+    // Leave about 5 MiB free for a 10 MiB download.
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; 7 << 20]).expect("filler");
+    let out = mnt.join("out.bin");
+    let get = || {
+        let mut c = Command::new(bin());
+        c.arg("--data-dir").arg(mnt.join("node"));
+        c.env("RUST_LOG", "warn,shoal_node=info");
+        c.args([
+            "get",
+            &hash,
+            "--peer",
+            &seeder.peer_arg(),
+            "--no-mdns",
+            "--no-dht",
+            "-o",
+            out.to_str().expect("utf-8"),
+        ]);
+        run_bounded(c, Duration::from_secs(60))
+    };
+    let verify = || {
+        let mut c = Command::new(bin());
+        c.arg("--data-dir").arg(mnt.join("node")).arg("verify");
+        let o = run_bounded(c, Duration::from_secs(60));
+        assert!(
+            o.status.success(),
+            "store inconsistent after the full disk: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let full = get();
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(1), "a full disk must fail: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ")
+            && (last.contains("disk full") || last.contains("No space left")),
+        "unclear error for a full disk: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    verify();
+    // Free the space; the download resumes and completes.
+    std::fs::remove_file(&filler).expect("rm filler");
+    // The store may hold a copy beside the output: give it room for both.
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=40m"])
+        .arg(&mnt)
+        .status()
+        .expect("mount");
+    assert!(grown.success(), "could not grow the tmpfs");
+    let again = get();
+    assert!(
+        again.status.success(),
+        "resume after freeing space failed: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(b3sum(&out), hash);
+    verify();
+}
