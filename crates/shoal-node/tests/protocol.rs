@@ -2,6 +2,8 @@
 //! wrong versions and malformed frames get errors, and the connection
 //! stays usable.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use shoal_node::wire::{read_frame, write_frame};

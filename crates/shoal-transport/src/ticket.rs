@@ -201,7 +201,7 @@ impl FromStr for Ticket {
 }
 
 /// Bytes of checksum at the end of a ticket.
-pub const CHECKSUM_LEN: usize = 4;
+pub(crate) const CHECKSUM_LEN: usize = 4;
 
 /// The checksum that ends a ticket: the first bytes of the BLAKE3 hash of
 /// everything before it, so that a mistyped character is caught instead of
