@@ -25,7 +25,7 @@ impl Rng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -34,7 +34,7 @@ impl Rng {
 
     /// Uniform-ish in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -71,7 +71,7 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, other: &[u8], max_len: usize) 
             2 => {
                 let at = rng.below(len + 1);
                 let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 input.splice(at..at, bytes);
             }
             3 if len > 0 => {
@@ -118,7 +118,7 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, other: &[u8], max_len: usize) 
                 let v: u64 = match rng.below(4) {
                     0 => 0,
                     1 => u64::MAX,
-                    2 => rng.next() % (1 << 20),
+                    2 => rng.next_u64() % (1 << 20),
                     _ => 1 << (rng.below(63)),
                 };
                 input[at..at + 8].copy_from_slice(&v.to_le_bytes());
@@ -126,7 +126,7 @@ pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, other: &[u8], max_len: usize) 
             _ => {
                 if len > 0 {
                     let i = rng.below(len);
-                    input[i] = rng.next() as u8;
+                    input[i] = rng.next_u64() as u8;
                 }
             }
         }
