@@ -359,3 +359,59 @@ fn serve_stops_cleanly_on_sigterm() {
     // The control socket is gone: commands open the store directly again.
     d.ok(&["ls"]);
 }
+
+#[test]
+fn send_prints_a_ticket_and_serves_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    let bytes = data(1_000_000, 8);
+    write(&input, &bytes);
+    let mut child = s
+        .cmd()
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            NET[0],
+            NET[1],
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ticket = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("send printed no ticket");
+    let ticket = ticket.trim();
+    assert!(ticket.starts_with("shoal"), "{ticket}");
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    d.ok(&["get", ticket, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
+    assert!(std::fs::read(&out).unwrap() == bytes);
+    // SIGINT stops it cleanly.
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "send did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}

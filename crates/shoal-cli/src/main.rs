@@ -378,6 +378,39 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             copy,
         } => {
+            if let Some(mut c) = ControlClient::connect(&dir).await {
+                // A node already runs on this data dir: it serves the path
+                // from now on, also after this command ends.
+                let abs = absolute(path)?.to_string_lossy().into_owned();
+                c.send(pb::control_request::Kind::Add(pb::AddRequest {
+                    paths: vec![abs],
+                    copy: *copy,
+                }))
+                .await?;
+                let mut hash = None;
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Added(a) = k {
+                        hash = Some(a.hash);
+                    }
+                }
+                let hash = hash.context("the node added nothing")?;
+                let mut c = running_node(&dir).await?;
+                c.send(pb::control_request::Kind::Ticket(pb::TicketRequest {
+                    hash,
+                }))
+                .await?;
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Ticket(t) = k {
+                        out.ticket(&t)?;
+                        eprintln!(
+                            "the node running on {} serves {}; to fetch it run:\n  shoal get {t}",
+                            dir.display(),
+                            path.display()
+                        );
+                    }
+                }
+                return Ok(());
+            }
             let node = Node::spawn(net.node_config(&dir, listen))
                 .await
                 .context("starting the node")?;
