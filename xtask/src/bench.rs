@@ -1622,15 +1622,13 @@ const ARIA_COMMON: &[&str] = &[
     "--enable-dht6=false",
     "--bt-enable-lpd=false",
     "--enable-peer-exchange=true",
-    "--file-allocation=falloc",
     "--seed-ratio=0.0",
+    "--seed-time=100000",
     "--summary-interval=0",
     "--console-log-level=error",
     "--check-certificate=false",
     "--listen-port=6881",
-    "--bt-hash-check-seed=false",
     "--bt-seed-unverified=true",
-    "--allow-overwrite=true",
 ];
 
 fn lab_aria2(
@@ -1684,6 +1682,7 @@ fn lab_aria2(
         c.args(["netns", "exec", &lab.hosts[i], "aria2c", "-d"])
             .arg(&d)
             .args(ARIA_COMMON)
+            .arg("--file-allocation=falloc")
             .arg(format!("--on-bt-download-complete={}", hook.display()))
             .arg(torrent)
             .stdout(Stdio::null())
