@@ -7,6 +7,7 @@ mod disk;
 mod harness;
 mod hostile;
 mod load;
+mod manifest;
 mod netns;
 mod store_cli;
 mod swarm;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use shoal_proto::{GROUP_SIZE, group_count};
 use shoal_store::{BlobKind, Hash, StoreEvent, collection};
 use tokio::sync::{mpsc, watch};
@@ -199,7 +199,8 @@ impl Node {
             std::sync::atomic::AtomicU64::new(0),
             std::sync::atomic::AtomicU32::new(0),
         ));
-        let results: Vec<Result<(), NodeError>> = futures::stream::iter(jobs)
+        // The first member that cannot be fetched ends the whole fetch.
+        futures::stream::iter(jobs)
             .map(|(hash, size, target)| {
                 let (inner, peers, done, progress) = (
                     self.inner.clone(),
@@ -223,15 +224,12 @@ impl Node {
                         p.verified = b;
                         p.files_done = f;
                     });
-                    Ok(())
+                    Ok::<(), NodeError>(())
                 }
             })
             .buffer_unordered(COLLECTION_PARALLELISM)
-            .collect()
-            .await;
-        for r in results {
-            r?;
-        }
+            .try_collect::<Vec<()>>()
+            .await?;
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
             let dir = dir.to_path_buf();
             let entries = entries.clone();
