@@ -1604,6 +1604,10 @@ fn lab_shoal(cx: &Ctx, lab: &Lab, input: &Path, hash: &str, sd: &Path) -> Result
         std::thread::sleep(Duration::from_millis(20));
     }
     let up = cx.shoal.status(&seeder)?["uploaded"].as_u64().unwrap_or(0);
+    // Stop them all at once: each takes a moment to close its connections.
+    for n in &nodes {
+        n.proc.signal(libc::SIGTERM);
+    }
     for node in nodes {
         node.stop();
     }
