@@ -4,7 +4,7 @@
 //! Like `quinn-proto`, this is a state machine with no I/O and no clock:
 //! events come in through `handle_*` methods (time is an argument), and the
 //! decisions come out of [`Scheduler::poll_action`]. The async download task
-//! in [`crate::download`] executes the decisions over QUIC; the tests below
+//! in the crate's `download` module executes the decisions over QUIC; the tests below
 //! drive it with simulated peers.
 //!
 //! Policy:
