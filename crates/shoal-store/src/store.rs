@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -1726,18 +1726,34 @@ impl Inner {
                 let Some(tmp) = self.tmp_path() else {
                     return Err(StoreError::Unsupported(path.to_path_buf()));
                 };
-                let mut out = File::create(&tmp).map_err(io_err("creating", &tmp))?;
                 let res = (|| {
-                    let (hash, len, ob) =
-                        tree::hash_reader(&f, |b| out.write_all(b)).map_err(|e| {
-                            // Tell a failed read from a failed write by kind.
-                            StoreError::io("copying", path, e)
-                        })?;
+                    // Copy in the kernel (copy_file_range: no byte crosses
+                    // into user space), then hash our private copy, which
+                    // nobody else changes: the hash is of exactly the bytes
+                    // stored. Hashing while writing through user space ran
+                    // at a fifth of `cp` here.
+                    let mut out = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&tmp)
+                        .map_err(io_err("creating", &tmp))?;
+                    let copied = io::copy(&mut &f, &mut out)
+                        .map_err(|e| StoreError::io("copying", path, e))?;
                     check(&f)?;
-                    if len != s0.size {
+                    if copied != s0.size {
                         return Err(changed());
                     }
                     out.sync_data().map_err(io_err("writing", &tmp))?;
+                    (&out)
+                        .seek(io::SeekFrom::Start(0))
+                        .map_err(io_err("reading", &tmp))?;
+                    let (hash, len, ob) =
+                        tree::hash_reader(&out, |_| Ok(())).map_err(io_err("reading", &tmp))?;
+                    if len != s0.size {
+                        return Err(changed());
+                    }
                     let dest = self.owned_path(&hash).ok_or_else(changed)?;
                     fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
                     Ok(Prepared {
