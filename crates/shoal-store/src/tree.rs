@@ -115,22 +115,42 @@ impl TreeHasher {
 /// Read `r` to its end in [`BATCH`]-sized pieces, hashing each and handing
 /// it to `sink` (for a copy) before reading the next.
 pub(crate) fn hash_reader(
-    mut r: impl Read,
+    mut r: impl Read + Send,
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<(blake3::Hash, u64, Vec<u8>)> {
-    let mut hasher = TreeHasher::new();
-    let mut buf = vec![0u8; BATCH];
-    loop {
-        let n = fill(&mut r, &mut buf)?;
-        hasher.update(&buf[..n]);
-        sink(&buf[..n])?;
-        if n < buf.len() {
-            break;
-        }
+    use std::sync::mpsc::sync_channel;
+    // Read the next batch on a thread of its own while this one is hashed:
+    // a read is a copy out of the page cache on one core, and with the
+    // hashing waiting for it the other cores sat idle (0.76x of b3sum).
+    let (full_tx, full_rx) = sync_channel::<std::io::Result<(Vec<u8>, usize)>>(1);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        let _ = empty_tx.send(vec![0u8; BATCH]);
     }
-    let len = hasher.len();
-    let (hash, ob) = hasher.finish();
-    Ok((hash, len, ob))
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Ok(mut buf) = empty_rx.recv() {
+                let res = fill(&mut r, &mut buf);
+                let last = res.as_ref().map_or(true, |n| *n < buf.len());
+                if full_tx.send(res.map(|n| (buf, n))).is_err() || last {
+                    break;
+                }
+            }
+        });
+        let mut hasher = TreeHasher::new();
+        while let Ok(next) = full_rx.recv() {
+            let (buf, n) = next?;
+            hasher.update(&buf[..n]);
+            sink(&buf[..n])?;
+            if n < buf.len() {
+                break;
+            }
+            let _ = empty_tx.send(buf);
+        }
+        let len = hasher.len();
+        let (hash, ob) = hasher.finish();
+        Ok((hash, len, ob))
+    })
 }
 
 /// Read until `buf` is full or the reader ends; returns the bytes read.
