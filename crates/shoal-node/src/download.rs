@@ -39,6 +39,9 @@ const PEX_INTERVAL: Duration = Duration::from_secs(3);
 const MAX_DIALS: usize = 16;
 /// Peers used at once for one blob.
 const MAX_PEERS: usize = 64;
+/// The largest blob a download accepts (1 TiB): the scheduler's tables grow
+/// with the size.
+pub(crate) const MAX_BLOB_SIZE: u64 = 1 << 40;
 
 /// What one blob download needs.
 pub(crate) struct BlobJob {
@@ -378,6 +381,12 @@ pub(crate) async fn fetch_blob(
                     probe = None;
                     match result {
                         Ok(_) => {
+                            // A proven size can still be absurd (a blob of
+                            // zeros has a cheap hash at any size): refuse
+                            // before the scheduler sizes its tables by it.
+                            if let Some(size) = store.info(&hash).map(|i| i.size).filter(|s| *s > MAX_BLOB_SIZE) {
+                                break Err(NodeError::TooLarge(hash, size));
+                            }
                             sched = proven_scheduler(&node, &hash, job.sequential);
                             match sched.as_mut() {
                                 Some(s) => {

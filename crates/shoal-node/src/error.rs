@@ -48,6 +48,9 @@ pub enum NodeError {
     /// Peers were found but nothing was verified for too long.
     #[error("download of {0} made no progress for {1:?}")]
     Stalled(Hash, Duration),
+    /// A blob larger than a download accepts.
+    #[error("{0} is {1} bytes, more than the 1 TiB a download accepts")]
+    TooLarge(Hash, u64),
     /// An attempt to dial ourselves.
     #[error("that address is this node itself")]
     SelfDial,
