@@ -296,7 +296,11 @@ impl ProgressBar {
             } else {
                 String::new()
             };
-            b.set_message(format!("{} peers{files}", p.peers));
+            b.set_message(format!(
+                "{} peer{}{files}",
+                p.peers,
+                if p.peers == 1 { "" } else { "s" }
+            ));
         }
     }
 
