@@ -94,6 +94,19 @@ fn three_seeders_share_the_upload() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     d.ok(&args);
     assert_eq!(b3sum(&out), hash);
+    // Given a bare hash, the blob was still written once, straight to OUT:
+    // the store holds only its outboard.
+    let stored: u64 = std::fs::read_dir(d.path().join("node/store/data"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(
+        stored < bytes.len() as u64 / 50,
+        "the store kept {stored} bytes besides OUT"
+    );
     let total = bytes.len() as f64;
     for (i, s) in seeders.iter().enumerate() {
         let up = uploaded(s) as f64;

@@ -139,12 +139,25 @@ pub(crate) async fn fetch_blob(
 ) -> Result<BlobKind, NodeError> {
     let hash = job.hash;
     let store = node.store.clone();
-    store.begin_download(
-        &hash,
-        job.kind.unwrap_or(BlobKind::Raw),
-        job.target.as_deref(),
-    )?;
+    // The download is declared to the store as soon as its kind is known
+    // (from the caller, the store, or else the first provider's claim), so
+    // that a raw blob is written straight to its target.
+    let begin = |kind: BlobKind| {
+        let target = if kind == BlobKind::Raw {
+            job.target.as_deref()
+        } else {
+            None
+        };
+        store.begin_download(&hash, kind, target)
+    };
+    let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
+    let mut begun = false;
+    if let Some(k) = kind {
+        begin(k)?;
+        begun = true;
+    }
     if let Some(info) = store.info(&hash).filter(|i| i.complete) {
+        store.end_download(&hash);
         progress.send_modify(|p| {
             p.verified = info.size;
             p.total = info.size;
@@ -166,7 +179,6 @@ pub(crate) async fn fetch_blob(
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
     let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
     let mut running: HashMap<RequestId, Running> = HashMap::new();
-    let mut kind = job.kind;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut pex_tick = tokio::time::interval(PEX_INTERVAL);
     let mut last_progress = Instant::now();
@@ -238,6 +250,12 @@ pub(crate) async fn fetch_blob(
                 .find(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1))
                 .map(|(p, s)| (*p, s.conn.clone(), s.size));
             if let Some((peer, conn, size)) = pick {
+                if !begun {
+                    if let Err(e) = begin(kind.unwrap_or(BlobKind::Raw)) {
+                        break Err(e.into());
+                    }
+                    begun = true;
+                }
                 let (tx, store) = (tx.clone(), store.clone());
                 let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
                 let task = tokio::spawn(async move {

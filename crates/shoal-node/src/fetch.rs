@@ -94,8 +94,9 @@ impl Node {
         progress: &watch::Sender<Progress>,
     ) -> Result<(BlobKind, u64, u64), NodeError> {
         let inner = self.inner.clone();
+        // Where the blob goes if it is (or turns out to be) a raw blob.
         let target = match (&req.out, req.kind) {
-            (FetchOutput::Path(p), Some(BlobKind::Raw)) => Some(p.clone()),
+            (FetchOutput::Path(p), Some(BlobKind::Raw) | None) => Some(p.clone()),
             _ => None,
         };
         let streaming = matches!(req.out, FetchOutput::Stream(_));
@@ -128,9 +129,9 @@ impl Node {
                     .await
                     .map(|(b, f)| (kind, b, f))
             }
-            (BlobKind::Raw, FetchOutput::Path(p)) if target.is_none() => {
-                // The kind was learnt from providers: the blob went to the
-                // store; write the file from there.
+            (BlobKind::Raw, FetchOutput::Path(p)) if std::fs::symlink_metadata(p).is_err() => {
+                // The blob was in the store already (or lives elsewhere):
+                // write the file from there.
                 let store = self.store().clone();
                 let (hash, p) = (req.hash, p.clone());
                 tokio::task::spawn_blocking(move || write_file_atomically(&store, &hash, &p))
