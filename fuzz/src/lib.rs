@@ -199,6 +199,9 @@ fn check_request(r: &pb::Request) {
         Some(Kind::Subscribe(s)) => s.hashes.iter().for_each(|h| {
             let _ = hash_from_bytes(h);
         }),
+        Some(Kind::GetBlobs(g)) => g.hashes.iter().for_each(|h| {
+            let _ = hash_from_bytes(h);
+        }),
         Some(Kind::Pex(p)) => {
             let _ = hash_from_bytes(&p.hash);
         }
@@ -234,6 +237,13 @@ fn check_response(r: &pb::Response) {
                     let _ = a.parse::<std::net::SocketAddr>();
                 }
             }
+        }
+        Some(Kind::GetBlobs(g)) => {
+            let _ = g
+                .blobs
+                .iter()
+                .map(|b| b.size)
+                .fold(0u64, u64::saturating_add);
         }
         Some(Kind::Hello(_) | Kind::Subscribe(_)) | None => {}
     }

@@ -436,6 +436,9 @@ pub(crate) enum Lie {
     WrongBytes,
     /// Says it has everything, then answers every get with not found.
     ClaimsWhatItHasNot,
+    /// Answers gets honestly, but sends small blobs asked for in batches
+    /// (`GetBlobs`) with a byte flipped.
+    WrongSmallBlobs,
 }
 
 /// A scripted seeder: answers hello, who, subscribe and get for the blobs of
@@ -524,7 +527,8 @@ async fn seeder_stream(
             let Some(hash) = hash_of(&g.hash) else { return };
             let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
             let available = store.available(&hash, &wanted);
-            let (Some((size, ranges)), Lie::WrongBytes) = (available, lie) else {
+            let (Some((size, ranges)), Lie::WrongBytes | Lie::WrongSmallBlobs) = (available, lie)
+            else {
                 let nf = shoal_proto::error_response(pb::ErrorCode::NotFound, "gone");
                 let _ = write_frame(&mut send, &nf).await;
                 let _ = send.finish();
@@ -548,6 +552,11 @@ async fn seeder_stream(
             {
                 return;
             }
+            if matches!(lie, Lie::WrongSmallBlobs) {
+                let _ = send.write_all(&stream).await;
+                let _ = send.finish();
+                return;
+            }
             // Wrong bytes in some groups: one flip every 40 KiB, and
             // always one in the middle.
             let mut at = 8 + 20 * 1024;
@@ -560,6 +569,35 @@ async fn seeder_stream(
                 stream[mid] ^= 0x0f;
             }
             let _ = send.write_all(&stream).await;
+        }
+        Some(Req::GetBlobs(g)) => {
+            let mut blobs = Vec::new();
+            let mut content = Vec::new();
+            for h in &g.hashes {
+                let data = hash_of(h)
+                    .and_then(|h| {
+                        store
+                            .read_whole(&h, shoal_proto::limits::MAX_SMALL_BLOB)
+                            .ok()
+                    })
+                    .flatten()
+                    .filter(|_| !matches!(lie, Lie::ClaimsWhatItHasNot));
+                blobs.push(pb::BlobPresence {
+                    found: data.is_some(),
+                    size: data.as_ref().map_or(0, |d| d.len() as u64),
+                });
+                if let Some(d) = data {
+                    let mut d = d.to_vec();
+                    if let Some(b) = d.last_mut() {
+                        *b ^= 0x20;
+                    }
+                    content.extend_from_slice(&d);
+                }
+            }
+            let header = resp(Resp::GetBlobs(pb::GetBlobsHeader { blobs }));
+            if write_frame(&mut send, &header).await.is_ok() {
+                let _ = send.write_all(&content).await;
+            }
         }
         _ => {}
     }
@@ -616,4 +654,81 @@ fn a_lying_seeder_is_named_and_dropped_and_the_download_is_correct() {
 #[test]
 fn a_seeder_claiming_what_it_has_not_is_dropped() {
     get_past_a_liar(Lie::ClaimsWhatItHasNot);
+}
+
+/// A collection of many small files, fetched in batches from two
+/// providers, one of which flips a byte in every small blob it sends in a
+/// batch (and answers ordinary gets honestly): the output is complete and
+/// correct, and the liar is named and dropped.
+#[test]
+fn a_batch_provider_that_lies_is_dropped_and_the_collection_is_correct() {
+    let seeder = Dir::new();
+    let src = seeder.path().join("tree");
+    std::fs::create_dir_all(src.join("sub/deeper")).expect("mkdir");
+    for i in 0..1100u64 {
+        let dir = match i % 3 {
+            0 => src.clone(),
+            1 => src.join("sub"),
+            _ => src.join("sub/deeper"),
+        };
+        let len = 1 + (i as usize * 37) % 600;
+        std::fs::write(dir.join(format!("f{i:04}.txt")), data(len, i)).expect("write");
+    }
+    // One member too large for batches, fetched the usual way.
+    std::fs::write(src.join("big.bin"), data(200 * 1024, 9)).expect("write");
+    // The honest seeder is slow, so the liar (fast) is sure to be a
+    // provider of the manifest and of batches.
+    let serve = seeder.serve(&["--max-upload", "200KiB/s"]);
+    let line = seeder.ok(&["add", src.to_str().expect("utf-8")]);
+    let hash = line.split_whitespace().next().expect("hash").to_string();
+    let rt = runtime();
+    let store = Store::in_memory();
+    let h = store
+        .import_dir(&src, shoal_store::ImportMode::Copy)
+        .expect("import");
+    assert_eq!(h.to_hex().as_str(), hash);
+    let (_ep, liar_id, liar_addr) = rt.block_on(scripted_seeder(store, Lie::WrongSmallBlobs));
+    let d = Dir::new();
+    let out = d.path().join("out");
+    let o = d.run(
+        &[
+            "get",
+            &hash,
+            "--peer",
+            &format!("{liar_id}@{liar_addr}"),
+            "--peer",
+            &serve.peer_arg(),
+            "--no-mdns",
+            "--no-dht",
+            "-o",
+            out.to_str().expect("utf-8"),
+        ],
+        Duration::from_secs(90),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "get failed: {stderr}");
+    let mut compared = 0;
+    for rel in ["", "sub", "sub/deeper"] {
+        for e in std::fs::read_dir(src.join(rel)).expect("read_dir") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_dir() {
+                continue;
+            }
+            let got = std::fs::read(out.join(rel).join(e.file_name())).expect("output file");
+            assert!(
+                got == std::fs::read(e.path()).expect("input"),
+                "{:?} differs",
+                e.path()
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 1101);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&liar_id.to_string()) && l.contains("dropped")),
+        "the liar {liar_id} is not named as dropped: {stderr}"
+    );
+    drop(rt);
 }

@@ -131,12 +131,14 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
-/// Downloads one blob; returns the kind the providers claimed for it.
+/// Downloads one blob; returns the kind the providers claimed for it and
+/// the connections of the peers that held all of it (none if the store had
+/// it already).
 pub(crate) async fn fetch_blob(
     node: Arc<Inner>,
     job: BlobJob,
     progress: watch::Sender<Progress>,
-) -> Result<BlobKind, NodeError> {
+) -> Result<(BlobKind, Vec<Connection>), NodeError> {
     let hash = job.hash;
     let store = node.store.clone();
     // The download is declared to the store as soon as its kind is known
@@ -162,7 +164,7 @@ pub(crate) async fn fetch_blob(
             p.verified = info.size;
             p.total = info.size;
         });
-        return Ok(job.kind.unwrap_or(info.kind));
+        return Ok((job.kind.unwrap_or(info.kind), Vec::new()));
     }
     let mut events = store.subscribe();
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
@@ -492,6 +494,11 @@ pub(crate) async fn fetch_blob(
     if let Some((_, t)) = probe {
         t.abort();
     }
+    let providers: Vec<Connection> = peers
+        .values()
+        .filter(|s| s.complete && !s.conn.is_closed())
+        .map(|s| s.conn.clone())
+        .collect();
     for (_, slot) in peers.drain() {
         if let Some(t) = slot.sub {
             t.abort();
@@ -520,7 +527,7 @@ pub(crate) async fn fetch_blob(
         p.total = info.size;
     });
     debug!(%hash, size = info.size, "download complete");
-    Ok(kind.unwrap_or(BlobKind::Raw))
+    Ok((kind.unwrap_or(BlobKind::Raw), providers))
 }
 
 /// A scheduler, if the store has proven the blob's size (its last group

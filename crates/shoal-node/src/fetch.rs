@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use crate::Progress;
+use crate::batch::{self, SmallJob};
 use crate::download::{BlobJob, fetch_blob};
 use crate::error::NodeError;
 use crate::node::{Node, PeerAddr, lock};
@@ -111,9 +112,9 @@ impl Node {
             peers: req.peers.clone(),
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
-        let kind = if let FetchOutput::Stream(tx) = &req.out {
-            let (kind, ()) = tokio::try_join!(blob, stream_out(self, req.hash, tx.clone()))?;
-            kind
+        let (kind, providers) = if let FetchOutput::Stream(tx) = &req.out {
+            let (got, ()) = tokio::try_join!(blob, stream_out(self, req.hash, tx.clone()))?;
+            got
         } else {
             blob.await?
         };
@@ -125,7 +126,7 @@ impl Node {
                     FetchOutput::Path(p) => Some(p.as_path()),
                     _ => None,
                 };
-                self.fetch_members(req, dir, progress)
+                self.fetch_members(req, dir, providers, progress)
                     .await
                     .map(|(b, f)| (kind, b, f))
             }
@@ -147,6 +148,7 @@ impl Node {
         &self,
         req: &FetchRequest,
         dir: Option<&Path>,
+        providers: Vec<shoal_transport::Connection>,
         progress: &watch::Sender<Progress>,
     ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
@@ -188,100 +190,190 @@ impl Node {
                 .entry(e.hash)
                 .or_insert_with(|| (e.path.clone(), e.size));
         }
-        let mut jobs = Vec::new();
-        for (hash, (path, size)) in &first {
-            let target = match &tmp {
-                Some(t) => Some(make_parents(t, path)?),
-                None => None,
-            };
-            jobs.push((*hash, *size, target));
-        }
         let done = std::sync::Arc::new((
             std::sync::atomic::AtomicU64::new(0),
             std::sync::atomic::AtomicU32::new(0),
         ));
-        // The first member that cannot be fetched ends the whole fetch.
+        let count_done = |size: u64| {
+            let b = done.0.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
+            let f = done.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            progress.send_modify(|p| {
+                p.verified = b;
+                p.files_done = f;
+            });
+        };
+        // Complete blobs need nothing; small ones the store has never seen
+        // go in batches; the rest one by one.
+        let mut dirs = DirCache::default();
+        let mut small = Vec::new();
+        let mut single = Vec::new();
+        for (hash, (path, size)) in &first {
+            let info = store.info(hash);
+            if info.as_ref().is_some_and(|i| i.complete) {
+                count_done(*size);
+                continue;
+            }
+            let target = match &tmp {
+                Some(t) => Some(dirs.make_parents(t, path)?),
+                None => None,
+            };
+            let job = SmallJob {
+                hash: *hash,
+                size: *size,
+                target,
+            };
+            if info.is_none() && batch::is_small(*size) {
+                small.push(job);
+            } else {
+                single.push(job);
+            }
+        }
+        let mut providers = providers;
+        if providers.is_empty() && !small.is_empty() {
+            // The manifest was here already: the first small member, fetched
+            // the usual way, finds the providers.
+            let j = small.remove(0);
+            let (_, found) = self.fetch_one(req, j.clone(), None).await?;
+            count_done(j.size);
+            providers = found;
+        }
+        let small_path = async {
+            if small.is_empty() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            batch::fetch_small(&self.inner, &providers, small, &count_done).await
+        };
+        let single_path = self.fetch_each(req, single, &count_done);
+        let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
+        self.fetch_each(req, rest, &count_done).await?;
+        let dirs_to_sync: Vec<&Path> = tmp.as_deref().into_iter().collect();
+        {
+            let store = store.clone();
+            let dirs_to_sync: Vec<PathBuf> = dirs_to_sync.iter().map(|p| p.to_path_buf()).collect();
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&Path> = dirs_to_sync.iter().map(PathBuf::as_path).collect();
+                store.sync_whole(&refs)
+            })
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
+        if let (Some(tmp), Some(dir)) = (tmp, dir) {
+            let dir = dir.to_path_buf();
+            let entries = entries.clone();
+            let batched: std::collections::HashSet<Hash> = batched.iter().map(|j| j.hash).collect();
+            let first: Vec<(Hash, String)> = first.into_iter().map(|(h, (p, _))| (h, p)).collect();
+            tokio::task::spawn_blocking(move || {
+                finish_tree(&store, &entries, &first, &batched, dirs, &tmp, &dir)
+            })
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
+        Ok((total_bytes, files.len() as u64))
+    }
+
+    /// One member the usual way (finding peers, swarming).
+    async fn fetch_one(
+        &self,
+        req: &FetchRequest,
+        job: SmallJob,
+        progress: Option<watch::Sender<Progress>>,
+    ) -> Result<(BlobKind, Vec<shoal_transport::Connection>), NodeError> {
+        let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
+        let job = BlobJob {
+            hash: job.hash,
+            kind: Some(BlobKind::Raw),
+            target: job.target,
+            sequential: false,
+            peers: req.peers.clone(),
+        };
+        fetch_blob(self.inner.clone(), job, progress).await
+    }
+
+    /// Members one by one, a few at once; the first that cannot be
+    /// fetched ends the whole fetch.
+    async fn fetch_each(
+        &self,
+        req: &FetchRequest,
+        jobs: Vec<SmallJob>,
+        done: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), NodeError> {
         futures::stream::iter(jobs)
-            .map(|(hash, size, target)| {
-                let (inner, peers, done, progress) = (
-                    self.inner.clone(),
-                    req.peers.clone(),
-                    done.clone(),
-                    progress.clone(),
-                );
-                async move {
-                    let (member_tx, _rx) = watch::channel(Progress::default());
-                    let job = BlobJob {
-                        hash,
-                        kind: Some(BlobKind::Raw),
-                        target,
-                        sequential: false,
-                        peers,
-                    };
-                    fetch_blob(inner, job, member_tx).await?;
-                    let b = done.0.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
-                    let f = done.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    progress.send_modify(|p| {
-                        p.verified = b;
-                        p.files_done = f;
-                    });
-                    Ok::<(), NodeError>(())
-                }
+            .map(|j| async move {
+                let size = j.size;
+                self.fetch_one(req, j, None).await?;
+                done(size);
+                Ok::<(), NodeError>(())
             })
             .buffer_unordered(COLLECTION_PARALLELISM)
             .try_collect::<Vec<()>>()
             .await?;
-        if let (Some(tmp), Some(dir)) = (tmp, dir) {
-            let dir = dir.to_path_buf();
-            let entries = entries.clone();
-            let first: Vec<(Hash, String)> = first.into_iter().map(|(h, (p, _))| (h, p)).collect();
-            tokio::task::spawn_blocking(move || finish_tree(&store, &entries, &first, &tmp, &dir))
-                .await
-                .map_err(|e| NodeError::Internal(e.to_string()))??;
-        }
-        Ok((total_bytes, files.len() as u64))
+        Ok(())
     }
 }
 
-/// Creates the parent directories of `rel` under `root` one by one,
-/// refusing anything that is not a directory (no symlink is followed out of
-/// the tree); returns the full path. `rel` was checked by `parse_manifest`.
-fn make_parents(root: &Path, rel: &str) -> Result<PathBuf, NodeError> {
-    let comps: Vec<&str> = rel.split('/').collect();
-    let mut dir = root.to_path_buf();
-    for c in &comps[..comps.len().saturating_sub(1)] {
-        dir.push(c);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => return Err(NodeError::OutputExists(dir)),
-            Err(_) => std::fs::create_dir(&dir).map_err(|e| NodeError::Write(dir.clone(), e))?,
+/// Directories known to exist (created or checked) under a root, so that
+/// each is checked once however many files it holds.
+#[derive(Default)]
+struct DirCache {
+    known: std::collections::HashSet<PathBuf>,
+}
+
+impl DirCache {
+    /// Creates the parent directories of `rel` under `root` one by one,
+    /// refusing anything that is not a directory (no symlink is followed
+    /// out of the tree); returns the full path. `rel` was checked by
+    /// `parse_manifest`.
+    fn make_parents(&mut self, root: &Path, rel: &str) -> Result<PathBuf, NodeError> {
+        let comps: Vec<&str> = rel.split('/').collect();
+        let mut dir = root.to_path_buf();
+        for c in &comps[..comps.len().saturating_sub(1)] {
+            dir.push(c);
+            if self.known.contains(&dir) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&dir) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => return Err(NodeError::OutputExists(dir)),
+                Err(_) => {
+                    std::fs::create_dir(&dir).map_err(|e| NodeError::Write(dir.clone(), e))?
+                }
+            }
+            self.known.insert(dir.clone());
         }
+        Ok(root.join(rel))
     }
-    Ok(root.join(rel))
 }
 
 /// Completes a downloaded tree: copies of blobs that appear more than once
 /// (or were in the store already), executable bits, empty directories; then
 /// renames it into place and tells the store where its files now are.
+/// `batched` blobs were written by the batch path to their first path.
 fn finish_tree(
     store: &shoal_store::Store,
     entries: &[collection::Entry],
     first: &[(Hash, String)],
+    batched: &std::collections::HashSet<Hash>,
+    mut dirs: DirCache,
     tmp: &Path,
     dir: &Path,
 ) -> Result<(), NodeError> {
     use std::os::unix::fs::PermissionsExt;
+    let written: std::collections::HashSet<&str> = first
+        .iter()
+        .filter(|(h, _)| batched.contains(h))
+        .map(|(_, p)| p.as_str())
+        .collect();
     for e in entries {
         if e.empty_dir {
-            let mut p = make_parents(tmp, &format!("{}/x", e.path))?;
+            let mut p = dirs.make_parents(tmp, &format!("{}/x", e.path))?;
             p.pop();
             if std::fs::symlink_metadata(&p).is_err() {
                 std::fs::create_dir(&p).map_err(|err| NodeError::Write(p.clone(), err))?;
             }
             continue;
         }
-        let path = make_parents(tmp, &e.path)?;
-        if std::fs::symlink_metadata(&path).is_err() {
+        let path = dirs.make_parents(tmp, &e.path)?;
+        if !written.contains(e.path.as_str()) && std::fs::symlink_metadata(&path).is_err() {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -297,11 +389,19 @@ fn finish_tree(
         return Err(NodeError::OutputExists(dir.to_path_buf()));
     }
     std::fs::rename(tmp, dir).map_err(|e| NodeError::Write(dir.to_path_buf(), e))?;
+    let base = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut moves = Vec::new();
     for (hash, rel) in first {
-        // Blobs that were in the store before live elsewhere; only those
-        // downloaded into the tree move with it.
-        let _ = store.relocate(hash, &dir.join(rel));
+        if batched.contains(hash) {
+            moves.push((*hash, base.join(rel)));
+        } else {
+            // Blobs that were in the store before live elsewhere; only
+            // those downloaded into the tree move with it (relocate checks
+            // that the file is the one it recorded).
+            let _ = store.relocate(hash, &base.join(rel));
+        }
     }
+    store.relocate_many(&moves)?;
     Ok(())
 }
 

@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 pub mod control;
 mod download;
 mod error;

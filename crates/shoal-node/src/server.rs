@@ -120,6 +120,12 @@ async fn handle_stream(
                 .await
             }
         },
+        Some(pb::request::Kind::GetBlobs(g)) => {
+            let Ok(_permit) = limits.gets.acquire().await else {
+                return;
+            };
+            on_get_blobs(&node, peer, &mut send, g).await
+        }
         Some(pb::request::Kind::Pex(p)) => on_pex(&node, peer, &mut send, p).await,
     };
     match res {
@@ -275,6 +281,78 @@ async fn on_get(
             Ok(())
         }
     }
+}
+
+/// Small blobs whole: read (and check) every one asked for that is here,
+/// complete and small, up to `MAX_GET_BLOBS_BYTES` in all, then send the
+/// header and the contents back to back.
+async fn on_get_blobs(
+    node: &Arc<Inner>,
+    peer: PeerId,
+    send: &mut SendStream,
+    g: pb::GetBlobs,
+) -> Result<(), WireError> {
+    if g.hashes.len() > limits::MAX_HASHES_PER_REQUEST {
+        return reply(send, &bad("too many hashes")).await;
+    }
+    let mut hashes = Vec::with_capacity(g.hashes.len());
+    for h in &g.hashes {
+        let Some(hash) = parse_hash(h) else {
+            return reply(send, &bad("hash must be 32 bytes")).await;
+        };
+        hashes.push(hash);
+    }
+    let store = node.store.clone();
+    let blobs = tokio::task::spawn_blocking(move || {
+        let mut budget = limits::MAX_GET_BLOBS_BYTES;
+        hashes
+            .iter()
+            .map(|h| {
+                let fits = store
+                    .info(h)
+                    .is_some_and(|i| i.complete && i.size <= limits::MAX_SMALL_BLOB.min(budget));
+                if !fits {
+                    return None;
+                }
+                match store.read_whole(h, limits::MAX_SMALL_BLOB) {
+                    Ok(Some(b)) => {
+                        budget -= b.len() as u64;
+                        Some(b)
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(hash = %h, "could not serve: {e}");
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<Option<bytes::Bytes>>>()
+    })
+    .await
+    .map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
+    let header = pb::GetBlobsHeader {
+        blobs: blobs
+            .iter()
+            .map(|b| pb::BlobPresence {
+                found: b.is_some(),
+                size: b.as_ref().map_or(0, |b| b.len() as u64),
+            })
+            .collect(),
+    };
+    reply(
+        send,
+        &pb::Response {
+            kind: Some(pb::response::Kind::GetBlobs(header)),
+        },
+    )
+    .await?;
+    let mut chunks: Vec<bytes::Bytes> = blobs.into_iter().flatten().collect();
+    let bytes: u64 = chunks.iter().map(|b| b.len() as u64).sum();
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
+    lock(&node.book).count_upload(peer, bytes);
+    Ok(())
 }
 
 async fn on_subscribe(

@@ -237,3 +237,76 @@ async fn a_subscription_reports_groups_as_they_verify() {
     s.shutdown().await;
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn get_blobs_sends_small_complete_blobs_whole_and_marks_the_rest() {
+    let (node, _ep, conn) = node_and_client().await;
+    let small: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| vec![i; 1000 * (usize::from(i) + 1)])
+        .collect();
+    let mut hashes = Vec::new();
+    for (i, d) in small.iter().enumerate() {
+        hashes.push(node.add_bytes(d.clone(), &format!("s{i}")).await.unwrap());
+    }
+    // Too large to be sent whole.
+    let big = node
+        .add_bytes(vec![7u8; 64 * 1024 + 1], "big")
+        .await
+        .unwrap();
+    let unknown = blake3::hash(b"nobody has this");
+    let asked = [hashes[0], big, unknown, hashes[1], hashes[2]];
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let req = pb::Request {
+        kind: Some(pb::request::Kind::GetBlobs(pb::GetBlobs {
+            hashes: asked.iter().map(|h| h.as_bytes().to_vec().into()).collect(),
+        })),
+    };
+    write_frame(&mut send, &req).await.unwrap();
+    send.finish().unwrap();
+    let resp: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
+    let Some(pb::response::Kind::GetBlobs(h)) = resp.kind else {
+        panic!("unexpected answer {resp:?}");
+    };
+    let found: Vec<(bool, u64)> = h.blobs.iter().map(|b| (b.found, b.size)).collect();
+    assert_eq!(
+        found,
+        vec![
+            (true, 1000),
+            (false, 0),
+            (false, 0),
+            (true, 2000),
+            (true, 3000)
+        ]
+    );
+    let rest = recv.read_all(1 << 20).await.unwrap();
+    let expected: Vec<u8> = [&small[0], &small[1], &small[2]]
+        .iter()
+        .flat_map(|d| d.iter().copied())
+        .collect();
+    assert!(rest == expected, "content differs");
+    // More than 256 hashes is refused.
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::GetBlobs(pb::GetBlobs {
+                hashes: (0..257u32)
+                    .map(|i| blake3::hash(&i.to_le_bytes()).as_bytes().to_vec().into())
+                    .collect(),
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    // A malformed hash too.
+    let r = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::GetBlobs(pb::GetBlobs {
+                hashes: vec![vec![1u8; 5].into()],
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
+    node.shutdown().await;
+}

@@ -185,6 +185,8 @@ mod tests {
             }),
             proptest::collection::vec(hash.clone(), 0..8)
                 .prop_map(|h| Kind::Subscribe(pb::Subscribe { hashes: h })),
+            proptest::collection::vec(hash.clone(), 0..8)
+                .prop_map(|h| Kind::GetBlobs(pb::GetBlobs { hashes: h })),
             hash.prop_map(|h| Kind::Pex(pb::Pex { hash: h })),
         ]
         .prop_map(|k| pb::Request { kind: Some(k) })

@@ -43,7 +43,7 @@ pub fn group_count(size: u64) -> u64 {
 /// Hard limits on what a peer may send; every count from the network is
 /// checked against these before it is trusted.
 pub mod limits {
-    /// Hashes in one `Who` or `Subscribe`.
+    /// Hashes in one `Who`, `Subscribe` or `GetBlobs`.
     pub const MAX_HASHES_PER_REQUEST: usize = 256;
     /// Peers in one `PexAnswer`.
     pub const MAX_PEX_PEERS: usize = 64;
@@ -53,6 +53,10 @@ pub mod limits {
     pub const MAX_AGENT_LEN: usize = 64;
     /// Bytes of an `Error.message`.
     pub const MAX_ERROR_MESSAGE: usize = 256;
+    /// The largest blob served whole by `GetBlobs` (4 chunk groups).
+    pub const MAX_SMALL_BLOB: u64 = 64 * 1024;
+    /// Content bytes in one `GetBlobs` answer.
+    pub const MAX_GET_BLOBS_BYTES: u64 = 4 << 20;
 }
 
 /// Check that `bytes` is a 32-byte hash and return it.

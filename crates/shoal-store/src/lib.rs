@@ -65,7 +65,7 @@ mod tree;
 pub use blake3::Hash;
 pub use error::{ReceiveError, StoreError};
 pub use shoal_proto::GroupRanges;
-pub use store::{GcReport, Store};
+pub use store::{GcReport, Store, WholeBlob, WholeOutcome};
 
 /// How a file is added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

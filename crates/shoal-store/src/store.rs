@@ -30,6 +30,9 @@ use crate::slot::{MemBuf, Slot, Window};
 use crate::tree::{self, GROUP, bao_tree, chunk_ranges, groups_of_bytes};
 use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent};
 
+mod batch;
+pub use batch::{WholeBlob, WholeOutcome};
+
 /// Save a partial blob's verified groups after this many new ones...
 const SAVE_EVERY_GROUPS: u64 = 1024;
 /// ...or after this long.

@@ -1,0 +1,385 @@
+//! Many small blobs at once: received whole from a peer (a collection of
+//! many small files), checked against their hashes, written and recorded
+//! with one metadata transaction per batch and no fsync per file.
+//!
+//! The per-blob download path (`begin_download`, `receive_ranges`,
+//! completion) makes every blob durable on its own: about five fsyncs and
+//! three database commits per blob, which is the whole cost of a small
+//! file. Here a batch is written to the page cache and recorded with a
+//! non-durable commit; [`Store::sync_whole`] later makes everything written
+//! so far durable at once (`syncfs`, then one durable commit). A crash
+//! before that loses only records of blobs, never their correctness:
+//! records not made durable are rolled back on open, and the files they
+//! described are simply fetched again.
+
+use super::*;
+
+/// A small blob received whole from an untrusted peer, not yet checked.
+#[derive(Debug, Clone)]
+pub struct WholeBlob {
+    /// The hash it must have.
+    pub hash: blake3::Hash,
+    /// Its content.
+    pub data: Bytes,
+    /// Where its file goes (the parent directory must exist; an existing
+    /// file there is replaced). None keeps the content in the store.
+    pub target: Option<PathBuf>,
+}
+
+/// What [`Store::insert_whole`] did with one blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeOutcome {
+    /// Checked, written and recorded complete (and pinned).
+    Stored,
+    /// The content does not hash to the blob's hash: nothing was written.
+    Corrupt,
+    /// The store already has an entry for the hash (complete, or a partial
+    /// download): nothing was written.
+    Present,
+}
+
+impl Store {
+    /// Check each blob of `items` against its hash (all of it, before any
+    /// byte is written), write the good ones and record them complete and
+    /// pinned, with one metadata transaction for the whole batch. Durable
+    /// only after [`Store::sync_whole`]. One outcome per item, in order; an
+    /// error is local (disk full, permissions) and leaves the store
+    /// consistent: nothing of the batch is recorded.
+    pub fn insert_whole(&self, items: Vec<WholeBlob>) -> Result<Vec<WholeOutcome>, StoreError> {
+        let hashed: Vec<(blake3::Hash, Vec<u8>)> = items
+            .par_iter()
+            .map(|it| tree::hash_bytes(&it.data))
+            .collect();
+        let mut outcomes = Vec::with_capacity(items.len());
+        {
+            let st = lock(&self.inner.state);
+            for (it, (h, _)) in items.iter().zip(&hashed) {
+                outcomes.push(if *h != it.hash {
+                    WholeOutcome::Corrupt
+                } else if st.contains_key(h) {
+                    WholeOutcome::Present
+                } else {
+                    WholeOutcome::Stored
+                });
+            }
+        }
+        let mut written: Vec<Prepared> = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        let res = (|| {
+            for ((it, (_, ob)), o) in items.into_iter().zip(hashed).zip(&outcomes) {
+                if *o != WholeOutcome::Stored {
+                    continue;
+                }
+                let p = self.inner.write_whole(it, ob, &mut files)?;
+                written.push(p);
+            }
+            Ok::<(), StoreError>(())
+        })();
+        if let Err(e) = res {
+            for f in files {
+                let _ = fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        let mut st = lock(&self.inner.state);
+        let mut ops = Vec::with_capacity(written.len() * 2);
+        let mut new = Vec::with_capacity(written.len());
+        for p in written {
+            if st.contains_key(&p.hash) {
+                // Arrived meanwhile by another path: that entry stands.
+                continue;
+            }
+            let b = Blob {
+                size: Some(p.size),
+                kind: p.kind,
+                name: p.name,
+                pinned: true,
+                corrupt: false,
+                data: p.data,
+                outboard: p.outboard,
+                partial: None,
+                in_flight: false,
+            };
+            if let Some(d) = p.inline {
+                ops.push(Op::PutInline(p.hash, d));
+            }
+            ops.push(Op::Put(p.hash, record_of(&b)));
+            new.push((p.hash, b));
+        }
+        if let Some(db) = &self.inner.db
+            && let Err(e) = meta::apply(db, &ops, false)
+        {
+            drop(st);
+            for f in files {
+                let _ = fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        let hashes: Vec<blake3::Hash> = new.iter().map(|(h, _)| *h).collect();
+        st.extend(new);
+        drop(st);
+        for hash in hashes {
+            let _ = self.inner.events.send(StoreEvent::Complete { hash });
+        }
+        Ok(outcomes)
+    }
+
+    /// Make everything [`Store::insert_whole`] wrote durable: flush the
+    /// filesystems of `dirs` and of the store (`syncfs`, one call each),
+    /// then commit the metadata durably.
+    pub fn sync_whole(&self, dirs: &[&Path]) -> Result<(), StoreError> {
+        let mut seen = HashSet::new();
+        let store_dir = self.inner.dir.clone();
+        for d in dirs.iter().copied().chain(store_dir.as_deref()) {
+            let f = File::open(d).map_err(io_err("syncing", d))?;
+            let dev = f.metadata().map_err(io_err("syncing", d))?.dev();
+            if seen.insert(dev) {
+                syncfs(&f).map_err(io_err("syncing", d))?;
+            }
+        }
+        match &self.inner.db {
+            Some(db) => meta::apply(db, &[], true),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Store::relocate`] for many blobs in one transaction, for files the
+    /// caller moved itself (a directory renamed into place). The recorded
+    /// identity (inode, modification time) is kept, not re-read: a file
+    /// that is not the one recorded is refused when it is next opened.
+    /// Blobs that are not complete files referenced in place are skipped.
+    pub fn relocate_many(&self, moves: &[(blake3::Hash, PathBuf)]) -> Result<(), StoreError> {
+        let mut ops = Vec::with_capacity(moves.len());
+        {
+            let mut st = lock(&self.inner.state);
+            for (hash, new_path) in moves {
+                let Some(b) = st.get_mut(hash) else { continue };
+                if let DataRef::File {
+                    path,
+                    stamp: Some(_),
+                } = &mut b.data
+                {
+                    *path = std::path::absolute(new_path).unwrap_or_else(|_| new_path.clone());
+                    ops.push(Op::Put(*hash, record_of(b)));
+                }
+            }
+        }
+        match &self.inner.db {
+            Some(db) if !ops.is_empty() => meta::apply(db, &ops, true),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    /// Write one checked small blob where it belongs; returns what to
+    /// record. Files created are added to `files` (removed on failure).
+    fn write_whole(
+        &self,
+        it: WholeBlob,
+        ob: Vec<u8>,
+        files: &mut Vec<PathBuf>,
+    ) -> Result<Prepared, StoreError> {
+        let size = it.data.len() as u64;
+        let name = it.target.as_ref().and_then(|t| t.file_name()).map_or_else(
+            || it.hash.to_hex()[..16].to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let mut p = Prepared {
+            hash: it.hash,
+            size,
+            name,
+            kind: BlobKind::Raw,
+            data: DataRef::Db,
+            outboard: ObRef::None,
+            inline: None,
+        };
+        if let Some(target) = it.target {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&target)
+                .map_err(io_err("creating", &target))?;
+            files.push(target.clone());
+            f.write_all(&it.data).map_err(io_err("writing", &target))?;
+            let m = f.metadata().map_err(io_err("reading", &target))?;
+            p.data = DataRef::File {
+                path: std::path::absolute(&target).unwrap_or(target),
+                stamp: Some(Stamp::of(&m)),
+            };
+        } else if self.dir.is_none() {
+            p.data = DataRef::Mem(Arc::new(RwLock::new(it.data.to_vec())));
+        } else if it.data.len() <= GROUP {
+            p.inline = Some(it.data.to_vec());
+        } else {
+            let (Some(path), Some(tmp)) = (self.owned_path(&it.hash), self.tmp_path()) else {
+                return Err(StoreError::NotFound(it.hash));
+            };
+            fs::write(&tmp, &it.data).map_err(io_err("writing", &tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+            files.push(path.clone());
+            p.data = DataRef::File { path, stamp: None };
+        }
+        if self.dir.is_none() {
+            if !ob.is_empty() {
+                p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob)));
+            }
+        } else {
+            p.outboard = self.write_outboard(&it.hash, ob)?;
+            if let ObRef::File(f) = &p.outboard {
+                files.push(f.clone());
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// `syncfs(2)`: flush every dirty page and inode of the filesystem that
+/// holds `f`, in one call. std has no wrapper; fsyncing each of thousands
+/// of small files would cost a journal commit each.
+fn syncfs(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for
+    // the duration of the call.
+    let r = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Store {
+    /// The whole content of a complete blob of at most `max` bytes, checked
+    /// against its hash, for serving it whole. None if the blob is not
+    /// here complete, or is larger. Data that does not match its hash is
+    /// never returned: the blob is marked corrupt and
+    /// [`StoreError::Corrupt`] returned.
+    pub fn read_whole(&self, hash: &blake3::Hash, max: u64) -> Result<Option<Bytes>, StoreError> {
+        let src = match self.inner.source(hash) {
+            Ok(s) => s,
+            Err(StoreError::NotFound(_) | StoreError::Incomplete(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if src.verified.is_some() || src.size > max {
+            return Ok(None);
+        }
+        let n = usize::try_from(src.size).map_err(|_| StoreError::Incomplete(*hash))?;
+        let mut buf = vec![0u8; n];
+        src.data
+            .read_exact_at(0, &mut buf)
+            .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
+        if blake3::hash(&buf) != *hash {
+            tracing::warn!(
+                "blob {hash} ({}) is corrupt on disk; not serving it",
+                src.name
+            );
+            self.inner.mark_corrupt(hash);
+            return Err(StoreError::Corrupt {
+                hash: *hash,
+                name: src.name,
+            });
+        }
+        Ok(Some(buf.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn blob(len: usize, seed: u8, target: Option<PathBuf>) -> WholeBlob {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        WholeBlob {
+            hash: blake3::hash(&data),
+            data: data.into(),
+            target,
+        }
+    }
+
+    #[test]
+    fn whole_blobs_are_checked_written_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let store_dir = dir.path().join("store");
+        let good_file = blob(3000, 3, Some(out.join("a.txt")));
+        let good_inline = blob(100, 5, None);
+        let good_owned = blob(40_000, 7, None);
+        let good_outboard = blob(50_000, 11, Some(out.join("b.bin")));
+        let mut bad = blob(500, 13, Some(out.join("bad.txt")));
+        let mut flipped = bad.data.to_vec();
+        flipped[7] ^= 1;
+        bad.data = flipped.into();
+        let items = vec![
+            good_file.clone(),
+            good_inline.clone(),
+            bad.clone(),
+            good_owned.clone(),
+            good_outboard.clone(),
+        ];
+        {
+            let store = Store::open(&store_dir).unwrap();
+            let outcomes = store.insert_whole(items.clone()).unwrap();
+            use WholeOutcome::*;
+            assert_eq!(outcomes, vec![Stored, Stored, Corrupt, Stored, Stored]);
+            // Nothing of the corrupt one was written.
+            assert!(!out.join("bad.txt").exists());
+            assert!(store.info(&bad.hash).is_none());
+            assert_eq!(fs::read(out.join("a.txt")).unwrap(), good_file.data);
+            // The same again: present now.
+            let again = store.insert_whole(vec![good_inline.clone()]).unwrap();
+            assert_eq!(again, vec![Present]);
+            store.sync_whole(&[&out]).unwrap();
+        }
+        let store = Store::open(&store_dir).unwrap();
+        for b in [&good_file, &good_inline, &good_owned, &good_outboard] {
+            let info = store.info(&b.hash).unwrap();
+            assert!(info.complete && info.pinned);
+            assert_eq!(store.read_all(&b.hash).unwrap(), b.data);
+            assert!(store.verify(&b.hash).unwrap());
+        }
+        // Served whole, checked; too large is none.
+        assert_eq!(
+            store
+                .read_whole(&good_file.hash, 64 << 10)
+                .unwrap()
+                .unwrap(),
+            good_file.data
+        );
+        assert!(store.read_whole(&good_owned.hash, 1000).unwrap().is_none());
+        // A file moved by its owner is followed with relocate_many.
+        let moved = dir.path().join("moved.txt");
+        fs::rename(out.join("a.txt"), &moved).unwrap();
+        store
+            .relocate_many(&[(good_file.hash, moved.clone())])
+            .unwrap();
+        assert_eq!(store.read_all(&good_file.hash).unwrap(), good_file.data);
+        // Changed behind the store's back: never served as valid.
+        fs::write(&moved, b"something else").unwrap();
+        assert!(store.read_whole(&good_file.hash, 64 << 10).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_small_blob_on_disk_is_not_served_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let b = blob(20_000, 17, None);
+        store.insert_whole(vec![b.clone()]).unwrap();
+        let path = store.inner.owned_path(&b.hash).unwrap();
+        let mut d = fs::read(&path).unwrap();
+        d[100] ^= 0x80;
+        fs::write(&path, d).unwrap();
+        assert!(matches!(
+            store.read_whole(&b.hash, 64 << 10),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.read_whole(&b.hash, 64 << 10),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}
