@@ -678,7 +678,7 @@ fn a_batch_provider_that_lies_is_dropped_and_the_collection_is_correct() {
     std::fs::write(src.join("big.bin"), data(200 * 1024, 9)).expect("write");
     // The honest seeder is slow, so the liar (fast) is sure to be a
     // provider of the manifest and of batches.
-    let serve = seeder.serve(&["--max-upload", "200KiB/s"]);
+    let _serve = seeder.serve(&["--max-upload", "200KiB/s"]);
     let line = seeder.ok(&["add", src.to_str().expect("utf-8")]);
     let hash = line.split_whitespace().next().expect("hash").to_string();
     let rt = runtime();
@@ -688,16 +688,17 @@ fn a_batch_provider_that_lies_is_dropped_and_the_collection_is_correct() {
         .expect("import");
     assert_eq!(h.to_hex().as_str(), hash);
     let (_ep, liar_id, liar_addr) = rt.block_on(scripted_seeder(store, Lie::WrongSmallBlobs));
+    // By ticket: it says the hash is a collection (the scripted liar
+    // claims every blob is raw; a bare hash would take the first claim).
+    let ticket = seeder.ok(&["ticket", &hash]).trim().to_string();
     let d = Dir::new();
     let out = d.path().join("out");
     let o = d.run(
         &[
             "get",
-            &hash,
+            &ticket,
             "--peer",
             &format!("{liar_id}@{liar_addr}"),
-            "--peer",
-            &serve.peer_arg(),
             "--no-mdns",
             "--no-dht",
             "-o",
@@ -714,7 +715,9 @@ fn a_batch_provider_that_lies_is_dropped_and_the_collection_is_correct() {
             if e.file_type().expect("type").is_dir() {
                 continue;
             }
-            let got = std::fs::read(out.join(rel).join(e.file_name())).expect("output file");
+            let path = out.join(rel).join(e.file_name());
+            let got = std::fs::read(&path)
+                .unwrap_or_else(|err| panic!("{}: {err}; log: {stderr}", path.display()));
             assert!(
                 got == std::fs::read(e.path()).expect("input"),
                 "{:?} differs",

@@ -6,14 +6,15 @@
 //! manifest) are asked for up to 256 small blobs per `GetBlobs` exchange,
 //! two exchanges in flight per provider; each answer is checked blob by
 //! blob against its hash and stored as one batch. Whatever a provider does
-//! not have, or sends wrong, is handed back to the caller to be fetched one
-//! by one the usual way (which finds other peers); a provider that sends a
-//! blob that does not match its hash is dropped.
+//! not have, or sends wrong, goes back to the queue for the other
+//! providers, and what none delivers is handed back to the caller to be
+//! fetched one by one the usual way (which finds other peers). A provider
+//! that sends a blob that does not match its hash is dropped.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -50,43 +51,58 @@ pub(crate) fn is_small(size: u64) -> bool {
 }
 
 /// Fetches `jobs` from `providers` in batches; `done(bytes)` is called as
-/// each blob is stored. Returns the jobs that were not fetched this way,
-/// with the hashes that were stored into their targets.
+/// each blob is stored. A job a provider does not deliver right is tried
+/// with the others. Returns the jobs no provider delivered (to fetch one
+/// by one), and those stored into their targets.
 pub(crate) async fn fetch_small(
     node: &Arc<Inner>,
     providers: &[Connection],
     jobs: Vec<SmallJob>,
     done: &(dyn Fn(u64) + Sync),
 ) -> Result<(Vec<SmallJob>, Vec<SmallJob>), NodeError> {
-    let queue = std::sync::Mutex::new(VecDeque::from(jobs));
-    let leftovers = std::sync::Mutex::new(Vec::new());
-    let stored = std::sync::Mutex::new(Vec::new());
+    let shared = Shared {
+        queue: std::sync::Mutex::new(jobs.into_iter().map(|j| (j, 0u8)).collect()),
+        in_flight: AtomicUsize::new(0),
+        stored: std::sync::Mutex::new(Vec::new()),
+    };
     let providers: Vec<(&Connection, AtomicBool)> = providers
         .iter()
         .take(MAX_PROVIDERS)
         .map(|c| (c, AtomicBool::new(false)))
         .collect();
     let mut workers = Vec::new();
-    for (conn, bad) in &providers {
+    for (i, (conn, bad)) in providers.iter().enumerate() {
         for _ in 0..EXCHANGES_PER_PEER {
-            workers.push(worker(node, conn, bad, &queue, &leftovers, &stored, done));
+            workers.push(worker(node, conn, 1u8 << i, bad, &shared, done));
         }
     }
     futures::future::try_join_all(workers).await?;
-    let mut rest = lock(&leftovers).split_off(0);
-    rest.extend(lock(&queue).drain(..));
-    let stored = lock(&stored).split_off(0);
+    let rest = lock(&shared.queue).drain(..).map(|(j, _)| j).collect();
+    let stored = lock(&shared.stored).split_off(0);
     Ok((rest, stored))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the workers share: jobs with the providers that already failed
+/// them (one bit each), batches in flight, and what was stored.
+struct Shared {
+    queue: std::sync::Mutex<VecDeque<(SmallJob, u8)>>,
+    in_flight: AtomicUsize,
+    stored: std::sync::Mutex<Vec<SmallJob>>,
+}
+
+impl Shared {
+    /// Gives jobs back, marked as failed by provider `me`.
+    fn give_back(&self, jobs: impl IntoIterator<Item = (SmallJob, u8)>, me: u8) {
+        lock(&self.queue).extend(jobs.into_iter().map(|(j, t)| (j, t | me)));
+    }
+}
+
 async fn worker(
     node: &Arc<Inner>,
     conn: &Connection,
+    me: u8,
     bad: &AtomicBool,
-    queue: &std::sync::Mutex<VecDeque<SmallJob>>,
-    leftovers: &std::sync::Mutex<Vec<SmallJob>>,
-    stored: &std::sync::Mutex<Vec<SmallJob>>,
+    shared: &Shared,
     done: &(dyn Fn(u64) + Sync),
 ) -> Result<(), NodeError> {
     let peer = conn.peer_id();
@@ -94,73 +110,133 @@ async fn worker(
         if bad.load(Ordering::Relaxed) || conn.is_closed() {
             return Ok(());
         }
-        let batch = take_batch(queue);
+        let batch = take_batch(shared, me);
         if batch.is_empty() {
-            return Ok(());
-        }
-        let datas = match request(conn, &batch).await {
-            Ok(d) => d,
-            Err(e) => {
-                debug!(%peer, "batch get failed: {e}");
-                lock(leftovers).extend(batch);
+            // Batches in flight elsewhere may still give jobs back that
+            // this provider has not tried.
+            if shared.in_flight.load(Ordering::SeqCst) == 0 {
                 return Ok(());
             }
-        };
-        let received: u64 = datas.iter().flatten().map(|d| d.len() as u64).sum();
-        lock(&node.book).count_download(peer, received);
-        let mut items = Vec::new();
-        let mut asked = Vec::new();
-        for (job, data) in batch.into_iter().zip(datas) {
-            match data {
-                Some(data) => {
-                    items.push(WholeBlob {
-                        hash: job.hash,
-                        data,
-                        target: job.target.clone(),
-                    });
-                    asked.push(job);
-                }
-                None => lock(leftovers).push(job),
-            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         }
-        let store = node.store.clone();
-        let outcomes = tokio::task::spawn_blocking(move || store.insert_whole(items))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))??;
-        for (job, o) in asked.into_iter().zip(outcomes) {
-            match o {
-                WholeOutcome::Stored => {
-                    done(job.size);
-                    lock(stored).push(job);
-                }
-                WholeOutcome::Present => lock(leftovers).push(job),
-                WholeOutcome::Corrupt => {
-                    if !bad.swap(true, Ordering::Relaxed) {
-                        warn!(%peer, hash = %job.hash, "peer sent data that failed verification: dropped and disconnected");
-                        conn.close(3, b"sent corrupt data");
-                    }
-                    lock(leftovers).push(job);
-                }
+        let res = exchange(node, conn, me, bad, shared, done, batch).await;
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        match res {
+            Ok(()) => {}
+            Err(Stop::Local(e)) => return Err(e),
+            Err(Stop::Peer(e)) => {
+                debug!(%peer, "batch get failed: {e}");
+                return Ok(());
             }
         }
     }
 }
 
-/// Up to 256 jobs, at most `MAX_GET_BLOBS_BYTES` of content.
-fn take_batch(queue: &std::sync::Mutex<VecDeque<SmallJob>>) -> Vec<SmallJob> {
-    let mut q = lock(queue);
+enum Stop {
+    /// Our own store failed: the whole fetch stops.
+    Local(NodeError),
+    /// This provider is no use any more.
+    Peer(String),
+}
+
+/// One batch from one provider, stored; what it did not deliver right goes
+/// back to the queue for the others.
+async fn exchange(
+    node: &Arc<Inner>,
+    conn: &Connection,
+    me: u8,
+    bad: &AtomicBool,
+    shared: &Shared,
+    done: &(dyn Fn(u64) + Sync),
+    batch: Vec<(SmallJob, u8)>,
+) -> Result<(), Stop> {
+    let peer = conn.peer_id();
+    let jobs: Vec<SmallJob> = batch.iter().map(|(j, _)| j.clone()).collect();
+    let datas = match request(conn, &jobs).await {
+        Ok(d) => d,
+        Err(e) => {
+            shared.give_back(batch, me);
+            return Err(Stop::Peer(e));
+        }
+    };
+    let received: u64 = datas.iter().flatten().map(|d| d.len() as u64).sum();
+    lock(&node.book).count_download(peer, received);
+    let mut items = Vec::new();
+    let mut asked = Vec::new();
+    let mut back = Vec::new();
+    for ((job, tried), data) in batch.into_iter().zip(datas) {
+        match data {
+            Some(data) => {
+                items.push(WholeBlob {
+                    hash: job.hash,
+                    data,
+                    target: job.target.clone(),
+                });
+                asked.push((job, tried));
+            }
+            None => back.push((job, tried)),
+        }
+    }
+    let store = node.store.clone();
+    let outcomes = tokio::task::spawn_blocking(move || store.insert_whole(items))
+        .await
+        .map_err(|e| Stop::Local(NodeError::Internal(e.to_string())))?
+        .map_err(|e| Stop::Local(e.into()))?;
+    let mut lied = false;
+    let mut present = Vec::new();
+    for ((job, tried), o) in asked.into_iter().zip(outcomes) {
+        match o {
+            WholeOutcome::Stored => {
+                done(job.size);
+                lock(&shared.stored).push(job);
+            }
+            // Arrived by another path meanwhile: the one-by-one fetch
+            // sorts it out (it returns at once for a complete blob).
+            WholeOutcome::Present => present.push((job, u8::MAX)),
+            WholeOutcome::Corrupt => {
+                lied = true;
+                back.push((job, tried));
+            }
+        }
+    }
+    shared.give_back(back, me);
+    lock(&shared.queue).extend(present);
+    if lied {
+        if !bad.swap(true, Ordering::Relaxed) {
+            warn!(%peer, "peer sent data that failed verification: dropped and disconnected");
+            conn.close(3, b"sent corrupt data");
+        }
+        return Err(Stop::Peer("sent corrupt data".into()));
+    }
+    Ok(())
+}
+
+/// Up to 256 jobs that provider `me` has not failed, at most
+/// `MAX_GET_BLOBS_BYTES` of content; counted in flight when not empty.
+fn take_batch(shared: &Shared, me: u8) -> Vec<(SmallJob, u8)> {
+    let mut q = lock(&shared.queue);
     let mut batch = Vec::new();
     let mut bytes = 0u64;
-    while let Some(j) = q.front() {
-        if batch.len() == limits::MAX_HASHES_PER_REQUEST
-            || (!batch.is_empty() && bytes + j.size > limits::MAX_GET_BLOBS_BYTES)
-        {
+    let mut kept = VecDeque::with_capacity(q.len());
+    while let Some((j, tried)) = q.pop_front() {
+        let full = batch.len() == limits::MAX_HASHES_PER_REQUEST
+            || (!batch.is_empty() && bytes + j.size > limits::MAX_GET_BLOBS_BYTES);
+        if full {
+            kept.push_back((j, tried));
+            kept.extend(q.drain(..));
             break;
         }
-        bytes += j.size;
-        if let Some(j) = q.pop_front() {
-            batch.push(j);
+        if tried & me != 0 {
+            kept.push_back((j, tried));
+            continue;
         }
+        bytes += j.size;
+        batch.push((j, tried));
+    }
+    *q = kept;
+    if !batch.is_empty() {
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
     }
     batch
 }

@@ -131,6 +131,20 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
+impl shoal_store::ChunkSource for Counting<RecvStream> {
+    async fn take(&mut self, max: usize) -> std::io::Result<Option<bytes::Bytes>> {
+        let chunk = self
+            .inner
+            .read_chunk(max)
+            .await
+            .map_err(std::io::Error::other)?;
+        if let Some(c) = &chunk {
+            self.bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+        Ok(chunk)
+    }
+}
+
 /// Downloads one blob; returns the kind the providers claimed for it and
 /// the connections of the peers that held all of it (none if the store had
 /// it already).
@@ -661,7 +675,7 @@ async fn run_get(
     if sent.is_empty() {
         return Ok(sent);
     }
-    match store.receive_ranges(hash, &sent, &mut recv).await {
+    match store.receive_ranges_from(hash, &sent, &mut recv).await {
         Ok(_new) => Ok(sent),
         Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => {
             Err(ReqError::Corrupt(format!("peer sent bad data: {e}")))

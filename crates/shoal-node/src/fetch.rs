@@ -363,6 +363,7 @@ fn finish_tree(
         .filter(|(h, _)| batched.contains(h))
         .map(|(_, p)| p.as_str())
         .collect();
+    let created_mode = process_umask().map(|u| 0o666 & !u);
     for e in entries {
         if e.empty_dir {
             let mut p = dirs.make_parents(tmp, &format!("{}/x", e.path))?;
@@ -382,8 +383,13 @@ fn finish_tree(
             store.export_blob(&e.hash, &mut f)?;
         }
         let mode = if e.executable { 0o755 } else { 0o644 };
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-            .map_err(|err| NodeError::Write(path.clone(), err))?;
+        // A file the batch path created already has the mode new files get
+        // (0o666 less the umask); one chmod per file is skipped when that is
+        // the mode wanted.
+        if !(written.contains(e.path.as_str()) && created_mode == Some(mode)) {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|err| NodeError::Write(path.clone(), err))?;
+        }
     }
     if std::fs::symlink_metadata(dir).is_ok() {
         return Err(NodeError::OutputExists(dir.to_path_buf()));
@@ -403,6 +409,14 @@ fn finish_tree(
     }
     store.relocate_many(&moves)?;
     Ok(())
+}
+
+/// This process's umask, from `/proc/self/status` (reading it with
+/// `umask(2)` would change it, racing with other threads creating files).
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
 }
 
 /// Streams the verified bytes of `hash` to `tx` in order, as the download

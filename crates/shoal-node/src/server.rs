@@ -268,7 +268,11 @@ async fn on_get(
     if ranges.is_empty() {
         return Ok(());
     }
-    match node.store.send_ranges(&hash, &ranges, &mut *send).await {
+    match node
+        .store
+        .send_ranges_to(&hash, &ranges, &mut QuicSink(send))
+        .await
+    {
         Ok(bytes) => {
             lock(&node.book).count_upload(peer, bytes);
             Ok(())
@@ -353,6 +357,18 @@ async fn on_get_blobs(
         .map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
     lock(&node.book).count_upload(peer, bytes);
     Ok(())
+}
+
+/// The encoder's buffers go to QUIC as they are, without a copy.
+struct QuicSink<'a>(&'a mut SendStream);
+
+impl shoal_store::ChunkSink for QuicSink<'_> {
+    async fn put(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
+        self.0
+            .write_chunk(chunk)
+            .await
+            .map_err(std::io::Error::other)
+    }
 }
 
 async fn on_subscribe(

@@ -53,6 +53,7 @@
 //! - [`Store::verify_all`], [`Store::close`] and [`Store::dir`] were added.
 //! - Unix only (positional I/O, inode and executable bits).
 
+mod chunks;
 pub mod collection;
 mod error;
 mod meta;
@@ -63,6 +64,7 @@ mod tests;
 mod tree;
 
 pub use blake3::Hash;
+pub use chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 pub use error::{ReceiveError, StoreError};
 pub use shoal_proto::GroupRanges;
 pub use store::{GcReport, Store, WholeBlob, WholeOutcome};

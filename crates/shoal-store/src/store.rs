@@ -20,9 +20,10 @@ use bao_tree::iter::BaoChunk;
 use bytes::{Bytes, BytesMut};
 use rayon::prelude::*;
 use shoal_proto::{GROUP_SIZE, GroupRanges, group_count};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 use crate::collection::{self, Entry};
 use crate::error::io_err;
 use crate::meta::{self, Op, Record, loc};
@@ -217,21 +218,40 @@ fn encoded_len(tree: BaoTree, chunks: &bao_tree::ChunkRanges) -> u64 {
 }
 
 /// A `Read` fed from an async task through a channel.
+/// Buffers arrive in batches: a QUIC stream hands out one buffer per
+/// packet, and one channel hand-over per packet would cost more than the
+/// copy it saves.
 struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
-    cur: Bytes,
+    rx: mpsc::Receiver<Vec<Bytes>>,
+    cur: std::collections::VecDeque<Bytes>,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
+        loop {
+            while self.cur.front().is_some_and(Bytes::is_empty) {
+                self.cur.pop_front();
+            }
+            if !self.cur.is_empty() {
+                break;
+            }
             match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
+                Some(b) => self.cur.extend(b),
                 None => return Ok(0),
             }
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        let mut n = 0;
+        while n < buf.len() {
+            let Some(front) = self.cur.front_mut() else {
+                break;
+            };
+            let k = (buf.len() - n).min(front.len());
+            buf[n..n + k].copy_from_slice(&front.split_to(k));
+            n += k;
+            if front.is_empty() {
+                self.cur.pop_front();
+            }
+        }
         Ok(n)
     }
 }
@@ -715,23 +735,39 @@ impl Store {
     /// available here (see [`Store::available`]). Returns the bytes written.
     /// Data that does not match its hash is never sent: the blob is marked
     /// corrupt and [`StoreError::Corrupt`] returned.
-    pub async fn send_ranges<W: AsyncWrite + Unpin>(
+    pub async fn send_ranges<W: AsyncWrite + Unpin + Send>(
         &self,
         hash: &blake3::Hash,
         ranges: &GroupRanges,
-        mut w: W,
+        w: W,
+    ) -> Result<u64, StoreError> {
+        let mut sink = WriteSink(w);
+        let written = self.send_ranges_to(hash, ranges, &mut sink).await?;
+        sink.0
+            .flush()
+            .await
+            .map_err(io_err("writing to", Path::new("peer stream")))?;
+        Ok(written)
+    }
+
+    /// [`Store::send_ranges`] into a [`ChunkSink`], which gets the
+    /// encoder's buffers without another copy.
+    pub async fn send_ranges_to<S: ChunkSink>(
+        &self,
+        hash: &blake3::Hash,
+        ranges: &GroupRanges,
+        w: &mut S,
     ) -> Result<u64, StoreError> {
         let (size, have) = self
             .available(hash, ranges)
             .ok_or(StoreError::NotFound(*hash))?;
         let src = self.inner.source(hash)?;
         let sending = Path::new("peer stream");
-        w.write_all(&size.to_le_bytes())
+        w.put(Bytes::copy_from_slice(&size.to_le_bytes()))
             .await
             .map_err(io_err("writing to", sending))?;
         let mut written = 8u64;
         if have.is_empty() {
-            w.flush().await.map_err(io_err("writing to", sending))?;
             return Ok(written);
         }
         let (tx, mut rx) = mpsc::channel::<Bytes>(4);
@@ -754,11 +790,12 @@ impl Store {
         });
         let mut write_err = None;
         while let Some(b) = rx.recv().await {
-            if let Err(e) = w.write_all(&b).await {
+            let len = b.len() as u64;
+            if let Err(e) = w.put(b).await {
                 write_err = Some(e);
                 break;
             }
-            written += b.len() as u64;
+            written += len;
         }
         drop(rx);
         let res = coder.await.map_err(|e| StoreError::Task(e.to_string()))?;
@@ -789,7 +826,6 @@ impl Store {
                 ));
             }
         }
-        w.flush().await.map_err(io_err("writing to", sending))?;
         Ok(written)
     }
 
@@ -851,23 +887,40 @@ impl Store {
     /// the last group verifies. A stream whose size differs from a proven
     /// size is [`ReceiveError::SizeMismatch`]; from an unproven one, the
     /// partial blob is reset to the new size.
-    pub async fn receive_ranges<R: AsyncRead + Unpin>(
+    pub async fn receive_ranges<R: AsyncRead + Unpin + Send>(
         &self,
         hash: &blake3::Hash,
         ranges: &GroupRanges,
-        mut r: R,
+        r: R,
     ) -> Result<GroupRanges, ReceiveError> {
-        let mut hdr = [0u8; 8];
-        if let Err(e) = r.read_exact(&mut hdr).await {
-            return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
-                ReceiveError::Truncated {
-                    group: ranges.iter().next().unwrap_or(0),
+        self.receive_ranges_from(hash, ranges, &mut ReadSource(r))
+            .await
+    }
+
+    /// [`Store::receive_ranges`] from a [`ChunkSource`], whose buffers go
+    /// to the decoder without another copy. Asks the source for no more
+    /// than the stream should hold.
+    pub async fn receive_ranges_from<S: ChunkSource>(
+        &self,
+        hash: &blake3::Hash,
+        ranges: &GroupRanges,
+        r: &mut S,
+    ) -> Result<GroupRanges, ReceiveError> {
+        let mut hdr = Vec::with_capacity(8);
+        while hdr.len() < 8 {
+            match r.take(8 - hdr.len()).await {
+                Ok(Some(b)) => hdr.extend_from_slice(&b),
+                Ok(None) => {
+                    return Err(ReceiveError::Truncated {
+                        group: ranges.iter().next().unwrap_or(0),
+                    });
                 }
-            } else {
-                ReceiveError::Read(e)
-            });
+                Err(e) => return Err(ReceiveError::Read(e)),
+            }
         }
-        let size = u64::from_le_bytes(hdr);
+        let mut size_bytes = [0u8; 8];
+        size_bytes.copy_from_slice(&hdr[..8]);
+        let size = u64::from_le_bytes(size_bytes);
         let Some((partial, generation)) = self.inner.prepare_receive(hash, size)? else {
             return Ok(GroupRanges::new());
         };
@@ -878,26 +931,51 @@ impl Store {
         let tree = bao_tree(size);
         let chunks = chunk_ranges(&wanted);
         let len = encoded_len(tree, &chunks);
-        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let (tx, rx) = mpsc::channel::<Vec<Bytes>>(8);
         let inner = self.inner.clone();
         let hash2 = *hash;
         let wanted2 = wanted.clone();
         let mut decoder = tokio::task::spawn_blocking(move || {
             let reader = ChannelReader {
                 rx,
-                cur: Bytes::new(),
+                cur: std::collections::VecDeque::new(),
             };
             inner.decode_into(hash2, tree, &wanted2, partial, generation, reader)
         });
         let pump = async move {
-            let mut r = r.take(len);
-            loop {
-                let mut buf = BytesMut::with_capacity(PIPE_CHUNK);
-                let n = r.read_buf(&mut buf).await?;
-                if n == 0 || tx.send(buf.freeze()).await.is_err() {
-                    return Ok::<(), io::Error>(());
+            let mut left = len;
+            let max = |left: u64| usize::try_from(left).map_or(PIPE_CHUNK, |l| l.min(PIPE_CHUNK));
+            while left > 0 {
+                // Wait for one buffer, then take what else is there already,
+                // up to PIPE_CHUNK bytes, and hand them over together.
+                let Some(b) = r.take(max(left)).await? else {
+                    break;
+                };
+                left = left.saturating_sub(b.len() as u64);
+                let mut batch_len = b.len();
+                let mut batch = vec![b];
+                while left > 0 && batch_len < PIPE_CHUNK {
+                    match crate::chunks::now_or_never(r.take(max(left))) {
+                        Some(Ok(Some(b))) => {
+                            left = left.saturating_sub(b.len() as u64);
+                            batch_len += b.len();
+                            batch.push(b);
+                        }
+                        Some(Ok(None)) => {
+                            left = 0;
+                        }
+                        Some(Err(e)) => {
+                            let _ = tx.send(batch).await;
+                            return Err(e);
+                        }
+                        None => break,
+                    }
+                }
+                if tx.send(batch).await.is_err() {
+                    break;
                 }
             }
+            Ok::<(), io::Error>(())
         };
         let (pump_res, res) = tokio::select! {
             d = &mut decoder => (Ok(()), d),
