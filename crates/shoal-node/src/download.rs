@@ -107,6 +107,8 @@ struct PeerSlot {
 
 struct Running {
     task: JoinHandle<()>,
+    /// The groups asked for.
+    ranges: GroupRanges,
     bytes: Arc<AtomicU64>,
     seen: u64,
 }
@@ -218,16 +220,22 @@ pub(crate) async fn fetch_blob(
                             continue;
                         };
                         let bytes = Arc::new(AtomicU64::new(0));
-                        let (conn, tx, store, b) =
-                            (slot.conn.clone(), tx.clone(), store.clone(), bytes.clone());
+                        let (conn, tx, store, b, asked) = (
+                            slot.conn.clone(),
+                            tx.clone(),
+                            store.clone(),
+                            bytes.clone(),
+                            ranges.clone(),
+                        );
                         let task = tokio::spawn(async move {
-                            let result = run_get(&conn, &store, &hash, &ranges, b).await;
+                            let result = run_get(&conn, &store, &hash, &asked, b).await;
                             let _ = tx.send(Ev::Done { id, peer, result }).await;
                         });
                         running.insert(
                             id,
                             Running {
                                 task,
+                                ranges,
                                 bytes,
                                 seen: 0,
                             },
@@ -382,7 +390,7 @@ pub(crate) async fn fetch_blob(
                     }
                 }
                 Ev::Done { id, peer, result } => {
-                    running.remove(&id);
+                    let asked = running.remove(&id).map(|r| r.ranges);
                     let Some(s) = sched.as_mut() else { continue };
                     match result {
                         Ok(received) => {
@@ -390,9 +398,10 @@ pub(crate) async fn fetch_blob(
                             s.handle_request_done(id, &received, Instant::now());
                         }
                         Err(e) => {
-                            // Groups verified before the failure are kept.
-                            if let Some(info) = store.info(&hash) {
-                                s.handle_verified(&info.verified, None);
+                            // Groups verified before the failure are kept
+                            // (only those this request asked for are new).
+                            if let (Some(info), Some(asked)) = (store.info(&hash), asked) {
+                                s.handle_verified(&info.verified.intersection(&asked), None);
                             }
                             match e {
                                 ReqError::Corrupt(msg) => {
