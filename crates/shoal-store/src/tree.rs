@@ -8,12 +8,22 @@
 //! `bao_tree::io::outboard::PreOrderMemOutboard::create` computes, which a
 //! test checks.
 
+use std::fs::File;
 use std::io::Read;
 
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use rayon::prelude::*;
 use shoal_proto::{GROUP_CHUNK_LOG, GROUP_SIZE, GroupRanges};
+
+mod copy;
+#[cfg(test)]
+mod import_tests;
+mod mapped;
+
+#[cfg(test)]
+pub(crate) use copy::copy_and_hash_with;
+pub(crate) use copy::{CopyError, copy_and_hash};
 
 /// Bytes in one group, as a `usize`.
 pub(crate) const GROUP: usize = GROUP_SIZE as usize;
@@ -153,6 +163,87 @@ pub(crate) fn hash_reader(
     })
 }
 
+/// Files at least this large are hashed through a mapping (see
+/// [`mapped`]); smaller ones are read.
+pub(crate) const MAP_MIN: u64 = 16 << 20;
+
+/// What hashing a file found.
+pub(crate) enum FileHash {
+    /// Root hash, length hashed and outboard.
+    Hashed(blake3::Hash, u64, Vec<u8>),
+    /// The file shrank while it was hashed.
+    Shrank,
+}
+
+/// Hash `f`, expected to hold `size` bytes, from its start: through a
+/// mapping when it is large and that is safe, else by reading it.
+pub(crate) fn hash_file(f: &File, size: u64) -> std::io::Result<FileHash> {
+    if size >= MAP_MIN
+        && let Some(m) = mapped::hash_mapped(f, size)
+    {
+        return Ok(match m {
+            mapped::Mapped::Hashed(h, len, ob) => FileHash::Hashed(h, len, ob),
+            mapped::Mapped::Shrank => FileHash::Shrank,
+        });
+    }
+    let (h, len, ob) = hash_reader(f, |_| Ok(()))?;
+    #[cfg(test)]
+    hooks::run(hooks::At::Hashed, f);
+    Ok(FileHash::Hashed(h, len, ob))
+}
+
+#[cfg(test)]
+pub(crate) mod hooks {
+    //! Test hooks: run a closure at a given point of the import of a given
+    //! file (by inode), to make races deterministic.
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+
+    /// Where a hook runs.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(crate) enum At {
+        /// The file was just mapped, before anything is hashed.
+        Mapped,
+        /// The file (or its copy) was hashed, before its size and mtime are
+        /// checked again.
+        Hashed,
+        /// `--copy`: the first piece was copied.
+        Piece,
+    }
+
+    thread_local! {
+        /// Set: this thread maps nothing (tests of the read fallbacks).
+        pub(crate) static NO_MAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    type Hook = Box<dyn FnOnce() + Send>;
+    static HOOKS: Mutex<Vec<(At, u64, Hook)>> = Mutex::new(Vec::new());
+
+    /// Run `f` once, at `at`, during the import of the file with inode `ino`.
+    pub(crate) fn on(at: At, ino: u64, f: impl FnOnce() + Send + 'static) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((at, ino, Box::new(f)));
+    }
+
+    pub(crate) fn run(at: At, f: &File) {
+        let Ok(ino) = f.metadata().map(|m| m.ino()) else {
+            return;
+        };
+        let hook = {
+            let mut v = HOOKS.lock().unwrap_or_else(|e| e.into_inner());
+            v.iter()
+                .position(|(a, n, _)| *a == at && *n == ino)
+                .map(|i| v.swap_remove(i).2)
+        };
+        if let Some(h) = hook {
+            h();
+        }
+    }
+}
+
 /// Read until `buf` is full or the reader ends; returns the bytes read.
 pub(crate) fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -177,10 +268,23 @@ pub(crate) fn hash_bytes(data: &[u8]) -> (blake3::Hash, Vec<u8>) {
 /// Build the tree over at least two group chaining values: the root hash
 /// and the hash pairs in pre-order.
 fn build_outboard(cvs: Vec<ChainingValue>) -> (blake3::Hash, Vec<u8>) {
-    let n = cvs.len();
-    // levels[k] holds the subtrees of 2^k groups (the last may be shorter,
-    // or promoted unchanged when it has no right sibling).
-    let mut levels = vec![cvs];
+    build_outboard_from(vec![cvs])
+}
+
+/// Levels of subtrees above `groups` groups that [`build_outboard_from`]
+/// builds, at most `max`: level `k` holds subtrees of `2^k` groups, and one
+/// is built while the level below has more than two.
+fn inner_levels(groups: usize, max: usize) -> usize {
+    (1..=max)
+        .take_while(|k| groups.div_ceil(1 << (k - 1)) > 2)
+        .count()
+}
+
+/// [`build_outboard`] from the levels already built (the groups' chaining
+/// values first; each level pairs the one below, the last of an odd count
+/// promoted unchanged).
+fn build_outboard_from(mut levels: Vec<Vec<ChainingValue>>) -> (blake3::Hash, Vec<u8>) {
+    let n = levels.first().map_or(0, Vec::len);
     while let Some(prev) = levels.last().filter(|l| l.len() > 2) {
         let next: Vec<ChainingValue> = prev
             .par_chunks(2)
@@ -197,7 +301,7 @@ fn build_outboard(cvs: Vec<ChainingValue>) -> (blake3::Hash, Vec<u8>) {
         Some([l, r]) => hazmat::merge_subtrees_root(l, r, Mode::Hash),
         _ => blake3::hash(b""),
     };
-    let mut out = Vec::with_capacity((n - 1) * 64);
+    let mut out = Vec::with_capacity(n.saturating_sub(1) * 64);
     emit(&levels, top, 0, &mut out);
     (root, out)
 }
