@@ -147,14 +147,24 @@ impl shoal_store::ChunkSource for Counting<RecvStream> {
     }
 }
 
-/// Downloads one blob; returns the kind the providers claimed for it and
-/// the connections of the peers that held all of it (none if the store had
-/// it already).
+/// What [`fetch_blob`] found out.
+pub(crate) struct Fetched {
+    /// The kind: the caller's, the store's, or the first provider's claim.
+    pub(crate) kind: BlobKind,
+    /// Whether any provider claimed it is a collection (a claim only: a
+    /// caller that did not know the kind checks the content).
+    pub(crate) claimed_collection: bool,
+    /// Connections of the peers that held all of it (none if the store had
+    /// it already).
+    pub(crate) providers: Vec<Connection>,
+}
+
+/// Downloads one blob.
 pub(crate) async fn fetch_blob(
     node: Arc<Inner>,
     job: BlobJob,
     progress: watch::Sender<Progress>,
-) -> Result<(BlobKind, Vec<Connection>), NodeError> {
+) -> Result<Fetched, NodeError> {
     let hash = job.hash;
     let store = node.store.clone();
     // The download is declared to the store as soon as its kind is known
@@ -169,6 +179,7 @@ pub(crate) async fn fetch_blob(
         store.begin_download(&hash, kind, target)
     };
     let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
+    let mut claimed_collection = kind == Some(BlobKind::Collection);
     let mut begun = false;
     if let Some(k) = kind {
         begin(k)?;
@@ -180,7 +191,12 @@ pub(crate) async fn fetch_blob(
             p.verified = info.size;
             p.total = info.size;
         });
-        return Ok((job.kind.unwrap_or(info.kind), Vec::new()));
+        let kind = job.kind.unwrap_or(info.kind);
+        return Ok(Fetched {
+            kind,
+            claimed_collection: kind == BlobKind::Collection,
+            providers: Vec::new(),
+        });
     }
     let mut events = store.subscribe();
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
@@ -350,8 +366,12 @@ pub(crate) async fn fetch_blob(
                         Some(pb::availability::Have::Ranges(r)) => (GroupRanges::from_pb(r).unwrap_or_default(), false),
                         _ => (GroupRanges::new(), false),
                     };
-                    if kind.is_none() && (complete || !have.is_empty()) {
-                        kind = Some(if avail.kind == pb::BlobKind::Collection as i32 { BlobKind::Collection } else { BlobKind::Raw });
+                    let claims_collection = avail.kind == pb::BlobKind::Collection as i32;
+                    if complete || !have.is_empty() {
+                        claimed_collection |= claims_collection;
+                        if kind.is_none() {
+                            kind = Some(if claims_collection { BlobKind::Collection } else { BlobKind::Raw });
+                        }
                     }
                     if complete || !have.is_empty() {
                         lock(&node.book).saw(hash, peer);
@@ -550,7 +570,11 @@ pub(crate) async fn fetch_blob(
         p.total = info.size;
     });
     debug!(%hash, size = info.size, "download complete");
-    Ok((kind.unwrap_or(BlobKind::Raw), providers))
+    Ok(Fetched {
+        kind: kind.unwrap_or(BlobKind::Raw),
+        claimed_collection,
+        providers,
+    })
 }
 
 /// A scheduler, if the store has proven the blob's size (its last group

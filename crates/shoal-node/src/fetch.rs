@@ -13,7 +13,7 @@ use tracing::debug;
 
 use crate::Progress;
 use crate::batch::{self, SmallJob};
-use crate::download::{BlobJob, fetch_blob};
+use crate::download::{BlobJob, Fetched, fetch_blob};
 use crate::error::NodeError;
 use crate::node::{Node, PeerAddr, lock};
 
@@ -112,12 +112,58 @@ impl Node {
             peers: req.peers.clone(),
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
-        let (kind, providers) = if let FetchOutput::Stream(tx) = &req.out {
+        let fetched = if let FetchOutput::Stream(tx) = &req.out {
             let (got, ()) = tokio::try_join!(blob, stream_out(self, req.hash, tx.clone()))?;
             got
         } else {
             blob.await?
         };
+        let providers = fetched.providers;
+        let mut kind = fetched.kind;
+        if req.kind.is_none() {
+            // Providers' word on the kind is a claim, and the first one was
+            // followed: now that the content is verified, it decides. A
+            // collection is what some provider called one and what parses
+            // as a manifest; anything else is a file.
+            let store = self.store().clone();
+            let (hash, claimed) = (req.hash, fetched.claimed_collection);
+            let is_collection = tokio::task::spawn_blocking(move || {
+                claimed
+                    && store
+                        .info(&hash)
+                        .is_some_and(|i| i.size <= collection::MAX_MANIFEST_BYTES as u64)
+                    && store
+                        .read_all(&hash)
+                        .is_ok_and(|m| collection::parse_manifest(&m).is_ok())
+            })
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+            let actual = if is_collection {
+                BlobKind::Collection
+            } else {
+                BlobKind::Raw
+            };
+            if actual != kind {
+                tracing::warn!(
+                    hash = %req.hash,
+                    "a provider claimed the wrong kind: it is a {}",
+                    if is_collection { "collection" } else { "file" }
+                );
+                self.store().pin(&req.hash, actual)?;
+                if let FetchOutput::Path(p) = &req.out {
+                    // Written as a file but a collection: the manifest goes
+                    // into the store and the directory is made at p; or
+                    // the other way round.
+                    let (store, hash, p) = (self.store().clone(), req.hash, p.clone());
+                    tokio::task::spawn_blocking(move || {
+                        store.move_data(&hash, (!is_collection).then_some(p.as_path()))
+                    })
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))??;
+                }
+                kind = actual;
+            }
+        }
         let size = self.store().info(&req.hash).map_or(0, |i| i.size);
         match (kind, &req.out) {
             (BlobKind::Collection, FetchOutput::Stream(_)) => Err(NodeError::StreamCollection),
@@ -233,7 +279,7 @@ impl Node {
             // The manifest was here already: the first small member, fetched
             // the usual way, finds the providers.
             let j = small.remove(0);
-            let (_, found) = self.fetch_one(req, j.clone(), None).await?;
+            let found = self.fetch_one(req, j.clone(), None).await?.providers;
             count_done(j.size);
             providers = found;
         }
@@ -277,7 +323,7 @@ impl Node {
         req: &FetchRequest,
         job: SmallJob,
         progress: Option<watch::Sender<Progress>>,
-    ) -> Result<(BlobKind, Vec<shoal_transport::Connection>), NodeError> {
+    ) -> Result<Fetched, NodeError> {
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
         let job = BlobJob {
             hash: job.hash,

@@ -100,9 +100,19 @@ pub(crate) fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), Stor
 /// Every record in the database.
 pub(crate) fn load_all(db: &Database) -> Result<Vec<(blake3::Hash, Record)>, StoreError> {
     use prost::Message;
-    // Make sure both tables exist.
-    apply(db, &[], true)?;
     let tx = db.begin_read().map_err(StoreError::db)?;
+    let exists = |def| match tx.open_table(def) {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(StoreError::db(e)),
+    };
+    if !(exists(BLOBS)? && exists(INLINE)?) {
+        // A new database: create both tables (a durable commit, so only
+        // when they are missing: every `shoal add` opens the store).
+        drop(tx);
+        apply(db, &[], true)?;
+        return load_all(db);
+    }
     let t = tx.open_table(BLOBS).map_err(StoreError::db)?;
     let mut out = Vec::new();
     for item in t.iter().map_err(StoreError::db)? {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,7 @@ use crate::tree::{self, GROUP, bao_tree, chunk_ranges, groups_of_bytes};
 use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent};
 
 mod batch;
+mod place;
 pub use batch::{WholeBlob, WholeOutcome};
 
 /// Save a partial blob's verified groups after this many new ones...
@@ -1784,7 +1785,10 @@ impl Inner {
         match mode {
             ImportMode::InPlace => {
                 let (hash, len, ob) =
-                    tree::hash_reader(&f, |_| Ok(())).map_err(io_err("reading", path))?;
+                    match tree::hash_file(&f, s0.size).map_err(io_err("reading", path))? {
+                        tree::FileHash::Hashed(h, len, ob) => (h, len, ob),
+                        tree::FileHash::Shrank => return Err(changed()),
+                    };
                 let stamp = check(&f)?;
                 if len != s0.size {
                     return Err(changed());
@@ -1808,33 +1812,29 @@ impl Inner {
                     return Err(StoreError::Unsupported(path.to_path_buf()));
                 };
                 let res = (|| {
-                    // Copy in the kernel (copy_file_range: no byte crosses
-                    // into user space), then hash our private copy, which
+                    // Copy in the kernel and hash our private copy (which
                     // nobody else changes: the hash is of exactly the bytes
-                    // stored. Hashing while writing through user space ran
-                    // at a fifth of `cp` here.
-                    let mut out = OpenOptions::new()
+                    // stored), piece by piece, the two overlapping with the
+                    // writeback to disk (see tree/copy.rs).
+                    let out = OpenOptions::new()
                         .read(true)
                         .write(true)
                         .create(true)
                         .truncate(true)
                         .open(&tmp)
                         .map_err(io_err("creating", &tmp))?;
-                    let copied = io::copy(&mut &f, &mut out)
-                        .map_err(|e| StoreError::io("copying", path, e))?;
+                    let (hash, len, ob) = match tree::copy_and_hash(&f, &out, s0.size) {
+                        Ok(tree::FileHash::Hashed(h, len, ob)) => (h, len, ob),
+                        Ok(tree::FileHash::Shrank) => return Err(changed()),
+                        Err(tree::CopyError::Source(e)) => {
+                            return Err(StoreError::io("copying", path, e));
+                        }
+                        Err(tree::CopyError::Dest(e)) => {
+                            return Err(StoreError::io("writing", &tmp, e));
+                        }
+                    };
                     check(&f)?;
-                    if copied != s0.size {
-                        return Err(changed());
-                    }
                     out.sync_data().map_err(io_err("writing", &tmp))?;
-                    (&out)
-                        .seek(io::SeekFrom::Start(0))
-                        .map_err(io_err("reading", &tmp))?;
-                    let (hash, len, ob) =
-                        tree::hash_reader(&out, |_| Ok(())).map_err(io_err("reading", &tmp))?;
-                    if len != s0.size {
-                        return Err(changed());
-                    }
                     let dest = self.owned_path(&hash).ok_or_else(changed)?;
                     fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
                     Ok(Prepared {
