@@ -194,13 +194,6 @@ impl NetArgs {
     }
 }
 
-/// mimalloc instead of glibc's allocator: the data path allocates and frees
-/// buffers of a few hundred KiB on different threads, which glibc returned
-/// to the kernel and faulted back in (5% of the seeder's CPU in page
-/// faults).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);

@@ -1861,6 +1861,29 @@ impl Inner {
     /// Record prepared imports in one transaction (pinned). A blob already
     /// complete and usable keeps its data.
     fn commit(&self, items: Vec<Prepared>) -> Result<(), StoreError> {
+        // Outboards are written without an fsync: they are made durable
+        // here, before the records that point at them are. A few are
+        // synced one by one; many (a directory import) with one syncfs of
+        // the store's filesystem rather than one journal commit per file.
+        let outboards: Vec<&Path> = items
+            .iter()
+            .filter_map(|p| match &p.outboard {
+                ObRef::File(f) => Some(f.as_path()),
+                _ => None,
+            })
+            .collect();
+        if outboards.len() > 8
+            && let Some(d) = self.data_dir()
+        {
+            let f = File::open(&d).map_err(io_err("syncing", &d))?;
+            batch::syncfs(&f).map_err(io_err("syncing", &d))?;
+        } else {
+            for ob in outboards {
+                File::open(ob)
+                    .and_then(|f| f.sync_data())
+                    .map_err(io_err("syncing", ob))?;
+            }
+        }
         let mut st = lock(&self.state);
         let mut ops = Vec::with_capacity(items.len() * 2);
         let mut new = Vec::with_capacity(items.len());

@@ -239,6 +239,14 @@ pub(crate) mod hooks {
             .push((at, ino, Box::new(f)));
     }
 
+    /// Remove the hooks of inode `ino` that have not run.
+    pub(crate) fn forget(ino: u64) {
+        HOOKS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, n, _)| *n != ino);
+    }
+
     pub(crate) fn run(at: At, f: &File) {
         let Ok(ino) = f.metadata().map(|m| m.ino()) else {
             return;

@@ -238,7 +238,7 @@ impl Inner {
 /// `syncfs(2)`: flush every dirty page and inode of the filesystem that
 /// holds `f`, in one call. std has no wrapper; fsyncing each of thousands
 /// of small files would cost a journal commit each.
-fn syncfs(f: &File) -> io::Result<()> {
+pub(super) fn syncfs(f: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: syncfs only reads the descriptor, which `f` keeps open for
     // the duration of the call.

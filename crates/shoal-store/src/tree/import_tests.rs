@@ -58,11 +58,31 @@ fn data_files(store_dir: &Path) -> Vec<String> {
 }
 
 /// A hook that records that it ran.
-fn flag_on(at: At, p: &Path) -> Arc<AtomicBool> {
+/// Set when the hook ran. Dropping it removes a hook that did not run: its
+/// file's inode may be reused by a file of a test running at the same time.
+struct Flag {
+    ran: Arc<AtomicBool>,
+    ino: u64,
+}
+
+impl Flag {
+    fn load(&self, o: Ordering) -> bool {
+        self.ran.load(o)
+    }
+}
+
+impl Drop for Flag {
+    fn drop(&mut self) {
+        hooks::forget(self.ino);
+    }
+}
+
+fn flag_on(at: At, p: &Path) -> Flag {
     let ran = Arc::new(AtomicBool::new(false));
     let r = ran.clone();
-    hooks::on(at, ino(p), move || r.store(true, Ordering::SeqCst));
-    ran
+    let ino = ino(p);
+    hooks::on(at, ino, move || r.store(true, Ordering::SeqCst));
+    Flag { ran, ino }
 }
 
 fn assert_changed(err: StoreError, path: &Path) {
