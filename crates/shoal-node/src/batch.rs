@@ -73,7 +73,15 @@ pub(crate) async fn fetch_small(
     let mut workers = Vec::new();
     for (i, (conn, bad)) in providers.iter().enumerate() {
         for _ in 0..EXCHANGES_PER_PEER {
-            workers.push(worker(node, conn, 1u8 << i, bad, &shared, done));
+            let w = Worker {
+                node,
+                conn,
+                me: 1u8 << i,
+                bad,
+                shared: &shared,
+                done,
+            };
+            workers.push(async move { w.run().await });
         }
     }
     futures::future::try_join_all(workers).await?;
@@ -97,42 +105,7 @@ impl Shared {
     }
 }
 
-async fn worker(
-    node: &Arc<Inner>,
-    conn: &Connection,
-    me: u8,
-    bad: &AtomicBool,
-    shared: &Shared,
-    done: &(dyn Fn(u64) + Sync),
-) -> Result<(), NodeError> {
-    let peer = conn.peer_id();
-    loop {
-        if bad.load(Ordering::Relaxed) || conn.is_closed() {
-            return Ok(());
-        }
-        let batch = take_batch(shared, me);
-        if batch.is_empty() {
-            // Batches in flight elsewhere may still give jobs back that
-            // this provider has not tried.
-            if shared.in_flight.load(Ordering::SeqCst) == 0 {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        let res = exchange(node, conn, me, bad, shared, done, batch).await;
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        match res {
-            Ok(()) => {}
-            Err(Stop::Local(e)) => return Err(e),
-            Err(Stop::Peer(e)) => {
-                debug!(%peer, "batch get failed: {e}");
-                return Ok(());
-            }
-        }
-    }
-}
-
+/// Why a worker stops.
 enum Stop {
     /// Our own store failed: the whole fetch stops.
     Local(NodeError),
@@ -140,76 +113,120 @@ enum Stop {
     Peer(String),
 }
 
-/// One batch from one provider, stored; what it did not deliver right goes
-/// back to the queue for the others.
-async fn exchange(
-    node: &Arc<Inner>,
-    conn: &Connection,
+/// One exchange at a time with one provider.
+struct Worker<'a> {
+    node: &'a Arc<Inner>,
+    conn: &'a Connection,
+    /// This provider's bit in the jobs' "failed by" masks.
     me: u8,
-    bad: &AtomicBool,
-    shared: &Shared,
-    done: &(dyn Fn(u64) + Sync),
-    batch: Vec<(SmallJob, u8)>,
-) -> Result<(), Stop> {
-    let peer = conn.peer_id();
-    let jobs: Vec<SmallJob> = batch.iter().map(|(j, _)| j.clone()).collect();
-    let datas = match request(conn, &jobs).await {
-        Ok(d) => d,
-        Err(e) => {
-            shared.give_back(batch, me);
-            return Err(Stop::Peer(e));
-        }
-    };
-    let received: u64 = datas.iter().flatten().map(|d| d.len() as u64).sum();
-    lock(&node.book).count_download(peer, received);
-    let mut items = Vec::new();
-    let mut asked = Vec::new();
-    let mut back = Vec::new();
-    for ((job, tried), data) in batch.into_iter().zip(datas) {
-        match data {
-            Some(data) => {
-                items.push(WholeBlob {
-                    hash: job.hash,
-                    data,
-                    target: job.target.clone(),
-                });
-                asked.push((job, tried));
+    /// Set once the provider sent a wrong blob (shared by its workers).
+    bad: &'a AtomicBool,
+    shared: &'a Shared,
+    done: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Worker<'_> {
+    async fn run(&self) -> Result<(), NodeError> {
+        let (conn, me, bad, shared) = (self.conn, self.me, self.bad, self.shared);
+        let peer = conn.peer_id();
+        loop {
+            if bad.load(Ordering::Relaxed) || conn.is_closed() {
+                return Ok(());
             }
-            None => back.push((job, tried)),
-        }
-    }
-    let store = node.store.clone();
-    let outcomes = tokio::task::spawn_blocking(move || store.insert_whole(items))
-        .await
-        .map_err(|e| Stop::Local(NodeError::Internal(e.to_string())))?
-        .map_err(|e| Stop::Local(e.into()))?;
-    let mut lied = false;
-    let mut present = Vec::new();
-    for ((job, tried), o) in asked.into_iter().zip(outcomes) {
-        match o {
-            WholeOutcome::Stored => {
-                done(job.size);
-                lock(&shared.stored).push(job);
+            let batch = take_batch(shared, me);
+            if batch.is_empty() {
+                // Batches in flight elsewhere may still give jobs back that
+                // this provider has not tried.
+                if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
             }
-            // Arrived by another path meanwhile: the one-by-one fetch
-            // sorts it out (it returns at once for a complete blob).
-            WholeOutcome::Present => present.push((job, u8::MAX)),
-            WholeOutcome::Corrupt => {
-                lied = true;
-                back.push((job, tried));
+            let res = self.exchange(batch).await;
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            match res {
+                Ok(()) => {}
+                Err(Stop::Local(e)) => return Err(e),
+                Err(Stop::Peer(e)) => {
+                    debug!(%peer, "batch get failed: {e}");
+                    return Ok(());
+                }
             }
         }
     }
-    shared.give_back(back, me);
-    lock(&shared.queue).extend(present);
-    if lied {
-        if !bad.swap(true, Ordering::Relaxed) {
-            warn!(%peer, "peer sent data that failed verification: dropped and disconnected");
-            conn.close(3, b"sent corrupt data");
+
+    /// One batch from one provider, stored; what it did not deliver right goes
+    /// back to the queue for the others.
+    async fn exchange(&self, batch: Vec<(SmallJob, u8)>) -> Result<(), Stop> {
+        let (node, conn, me, bad, shared, done) = (
+            self.node,
+            self.conn,
+            self.me,
+            self.bad,
+            self.shared,
+            self.done,
+        );
+        let peer = conn.peer_id();
+        let jobs: Vec<SmallJob> = batch.iter().map(|(j, _)| j.clone()).collect();
+        let datas = match request(conn, &jobs).await {
+            Ok(d) => d,
+            Err(e) => {
+                shared.give_back(batch, me);
+                return Err(Stop::Peer(e));
+            }
+        };
+        let received: u64 = datas.iter().flatten().map(|d| d.len() as u64).sum();
+        lock(&node.book).count_download(peer, received);
+        let mut items = Vec::new();
+        let mut asked = Vec::new();
+        let mut back = Vec::new();
+        for ((job, tried), data) in batch.into_iter().zip(datas) {
+            match data {
+                Some(data) => {
+                    items.push(WholeBlob {
+                        hash: job.hash,
+                        data,
+                        target: job.target.clone(),
+                    });
+                    asked.push((job, tried));
+                }
+                None => back.push((job, tried)),
+            }
         }
-        return Err(Stop::Peer("sent corrupt data".into()));
+        let store = node.store.clone();
+        let outcomes = tokio::task::spawn_blocking(move || store.insert_whole(items))
+            .await
+            .map_err(|e| Stop::Local(NodeError::Internal(e.to_string())))?
+            .map_err(|e| Stop::Local(e.into()))?;
+        let mut lied = false;
+        let mut present = Vec::new();
+        for ((job, tried), o) in asked.into_iter().zip(outcomes) {
+            match o {
+                WholeOutcome::Stored => {
+                    done(job.size);
+                    lock(&shared.stored).push(job);
+                }
+                // Arrived by another path meanwhile: the one-by-one fetch
+                // sorts it out (it returns at once for a complete blob).
+                WholeOutcome::Present => present.push((job, u8::MAX)),
+                WholeOutcome::Corrupt => {
+                    lied = true;
+                    back.push((job, tried));
+                }
+            }
+        }
+        shared.give_back(back, me);
+        lock(&shared.queue).extend(present);
+        if lied {
+            if !bad.swap(true, Ordering::Relaxed) {
+                warn!(%peer, "peer sent data that failed verification: dropped and disconnected");
+                conn.close(3, b"sent corrupt data");
+            }
+            return Err(Stop::Peer("sent corrupt data".into()));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Up to 256 jobs that provider `me` has not failed, at most

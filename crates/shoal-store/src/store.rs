@@ -301,6 +301,29 @@ struct Prepared {
     inline: Option<Vec<u8>>,
 }
 
+impl Prepared {
+    /// The new complete, pinned blob this describes; the database changes
+    /// that record it are added to `ops`.
+    fn record_new(self, ops: &mut Vec<Op>) -> (blake3::Hash, Blob) {
+        let b = Blob {
+            size: Some(self.size),
+            kind: self.kind,
+            name: self.name,
+            pinned: true,
+            corrupt: false,
+            data: self.data,
+            outboard: self.outboard,
+            partial: None,
+            in_flight: false,
+        };
+        if let Some(d) = self.inline {
+            ops.push(Op::PutInline(self.hash, d));
+        }
+        ops.push(Op::Put(self.hash, record_of(&b)));
+        (self.hash, b)
+    }
+}
+
 impl Store {
     /// Open (or create) the store in `dir`. Only one process may have a
     /// store open at a time: a second open gets [`StoreError::Locked`].
@@ -1912,22 +1935,7 @@ impl Inner {
                 }
                 continue;
             }
-            let b = Blob {
-                size: Some(p.size),
-                kind: p.kind,
-                name: p.name,
-                pinned: true,
-                corrupt: false,
-                data: p.data,
-                outboard: p.outboard,
-                partial: None,
-                in_flight: false,
-            };
-            if let Some(d) = p.inline {
-                ops.push(Op::PutInline(p.hash, d));
-            }
-            ops.push(Op::Put(p.hash, record_of(&b)));
-            new.push((p.hash, b));
+            new.push(p.record_new(&mut ops));
         }
         if let Some(db) = &self.db {
             meta::apply(db, &ops, true)?;

@@ -89,22 +89,7 @@ impl Store {
                 // Arrived meanwhile by another path: that entry stands.
                 continue;
             }
-            let b = Blob {
-                size: Some(p.size),
-                kind: p.kind,
-                name: p.name,
-                pinned: true,
-                corrupt: false,
-                data: p.data,
-                outboard: p.outboard,
-                partial: None,
-                in_flight: false,
-            };
-            if let Some(d) = p.inline {
-                ops.push(Op::PutInline(p.hash, d));
-            }
-            ops.push(Op::Put(p.hash, record_of(&b)));
-            new.push((p.hash, b));
+            new.push(p.record_new(&mut ops));
         }
         if let Some(db) = &self.inner.db
             && let Err(e) = meta::apply(db, &ops, false)
