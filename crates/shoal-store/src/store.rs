@@ -829,15 +829,7 @@ impl Store {
         match res {
             Ok(()) => {}
             Err(EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_)) => {
-                tracing::warn!(
-                    "blob {hash} ({}) is corrupt on disk; not serving it",
-                    src.name
-                );
-                self.inner.mark_corrupt(hash);
-                return Err(StoreError::Corrupt {
-                    hash: *hash,
-                    name: src.name,
-                });
+                return Err(self.inner.refuse_corrupt(hash, src.name, "serving"));
             }
             Err(EncodeError::Io(e)) => {
                 return Err(StoreError::io("reading", Path::new(&src.name), e));
@@ -1095,12 +1087,7 @@ impl Store {
                 valid |= bao_tree::ChunkRanges::from(r);
             }
             if !needed_chunks(groups, src.size).is_subset(&valid) {
-                tracing::warn!("blob {hash} ({}) is corrupt; not exporting it", src.name);
-                self.inner.mark_corrupt(hash);
-                return Err(StoreError::Corrupt {
-                    hash: *hash,
-                    name: src.name,
-                });
+                return Err(self.inner.refuse_corrupt(hash, src.name, "exporting"));
             }
             w.write_all(&buf[..n])
                 .map_err(|e| StoreError::io("writing", Path::new("output"), e))?;
@@ -1605,6 +1592,15 @@ impl Inner {
             record_of(b)
         };
         self.persist(hash, rec, true)
+    }
+
+    /// Data of `hash` did not match its hash while `doing` something with
+    /// it: say so, mark the blob corrupt (never served or exported again
+    /// until re-added) and return the error.
+    fn refuse_corrupt(&self, hash: &blake3::Hash, name: String, doing: &str) -> StoreError {
+        tracing::warn!("blob {hash} ({name}) is corrupt on disk; not {doing} it");
+        self.mark_corrupt(hash);
+        StoreError::Corrupt { hash: *hash, name }
     }
 
     fn mark_corrupt(&self, hash: &blake3::Hash) {

@@ -256,15 +256,7 @@ impl Store {
             .read_exact_at(0, &mut buf)
             .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
         if blake3::hash(&buf) != *hash {
-            tracing::warn!(
-                "blob {hash} ({}) is corrupt on disk; not serving it",
-                src.name
-            );
-            self.inner.mark_corrupt(hash);
-            return Err(StoreError::Corrupt {
-                hash: *hash,
-                name: src.name,
-            });
+            return Err(self.inner.refuse_corrupt(hash, src.name, "serving"));
         }
         Ok(Some(buf.into()))
     }
