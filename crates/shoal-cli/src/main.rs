@@ -194,7 +194,27 @@ impl NetArgs {
     }
 }
 
+/// Keep freed buffers for reuse instead of returning them to the kernel.
+///
+/// A transfer allocates and frees buffers of a few hundred KiB to a few MiB
+/// all the time (encoded pieces waiting for their acknowledgement, received
+/// packets, write batches). glibc's defaults hand each freed one back
+/// (`madvise`/`munmap`) and fault its pages in again on the next allocation:
+/// 15% of a seeder's CPU in the S2 profile. With a fixed mmap threshold and
+/// a high trim threshold the freed memory is reused; peak RSS stays what the
+/// transfer needs at once (S5 measures it).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it runs before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()

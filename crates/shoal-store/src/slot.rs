@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, RwLock};
 
@@ -66,11 +67,32 @@ impl Slot {
         }
     }
 
+    /// Start writing `len` bytes at `pos` to disk now, without waiting
+    /// (advice only: the final sync reports any error). A download that
+    /// kicks off writeback as it goes leaves little for its final
+    /// `fdatasync`, which otherwise waits for the whole file at once.
+    pub(crate) fn start_writeback(&self, pos: u64, len: u64) {
+        if let Slot::File(f) = self {
+            sync_range(f, pos, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     /// Make written data durable.
     pub(crate) fn sync(&self) -> io::Result<()> {
         match self {
             Slot::File(f) => f.sync_data(),
             _ => Ok(()),
+        }
+    }
+}
+
+/// `sync_file_range` on `f` (advice only: errors are ignored, a later
+/// fdatasync reports them).
+pub(crate) fn sync_range(f: &File, off: u64, n: u64, flags: libc::c_uint) {
+    if let (Ok(off), Ok(n)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(n)) {
+        // SAFETY: a valid descriptor; errors are ignored (advice only).
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), off, n, flags);
         }
     }
 }

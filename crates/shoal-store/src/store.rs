@@ -2194,6 +2194,11 @@ impl Writer<'_> {
             .data
             .write_all_at(self.data_start, &self.data)
             .map_err(io_err("writing", ctx))?;
+        if self.data.len() >= WRITE_BATCH {
+            self.partial
+                .data
+                .start_writeback(self.data_start, self.data.len() as u64);
+        }
         self.data.clear();
         let groups = std::mem::take(&mut self.groups);
         let (fresh, size, complete, save) = {

@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{Receiver, sync_channel};
 
 use super::mapped::Mapping;
+use crate::slot::sync_range;
 use blake3::hazmat::ChainingValue;
 
 use super::{FileHash, GROUP, TreeHasher, build_outboard, group_cv};
@@ -265,13 +266,4 @@ fn copy_slow(src: &File, dst: &File, off: u64, n: u64) -> Result<u64, CopyError>
 
 fn to_off(v: u64) -> Result<libc::loff_t, CopyError> {
     libc::loff_t::try_from(v).map_err(|e| CopyError::Source(io::Error::other(e)))
-}
-
-fn sync_range(f: &File, off: u64, n: u64, flags: libc::c_uint) {
-    if let (Ok(off), Ok(n)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(n)) {
-        // SAFETY: a valid descriptor; errors are ignored (advice only).
-        unsafe {
-            libc::sync_file_range(f.as_raw_fd(), off, n, flags);
-        }
-    }
 }
