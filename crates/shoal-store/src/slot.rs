@@ -77,6 +77,22 @@ impl Slot {
         }
     }
 
+    /// Reserve disk blocks for `len` bytes at `pos` without changing the
+    /// file's size (advice only: a failure shows at the write). Writing into
+    /// reserved blocks skips ext4's per-page delayed allocation: 1 GiB of
+    /// 1 MiB writes took 0.11 s of system time instead of 0.18-1.0 s here.
+    pub(crate) fn preallocate(&self, pos: u64, len: u64) {
+        if let Slot::File(f) = self
+            && let (Ok(off), Ok(n)) = (libc::off_t::try_from(pos), libc::off_t::try_from(len))
+            && n > 0
+        {
+            // SAFETY: a valid descriptor; the result is ignored (advice only).
+            unsafe {
+                libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, n);
+            }
+        }
+    }
+
     /// Make written data durable.
     pub(crate) fn sync(&self) -> io::Result<()> {
         match self {

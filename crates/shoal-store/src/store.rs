@@ -17,7 +17,7 @@ use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::{DecodeResponseIter, ReadAt};
 use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
 use bao_tree::iter::BaoChunk;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rayon::prelude::*;
 use shoal_proto::{GROUP_SIZE, GroupRanges, group_count};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 use crate::collection::{self, Entry};
+use crate::encode;
 use crate::error::io_err;
 use crate::meta::{self, Op, Record, loc};
 use crate::slot::{MemBuf, Slot, Window};
@@ -45,6 +46,8 @@ const IMPORT_BATCH: usize = 10_000;
 const PIPE_CHUNK: usize = 256 << 10;
 /// Largest contiguous run of received data written with one call.
 const WRITE_BATCH: usize = 1 << 20;
+/// How far ahead a download reserves disk blocks.
+const PREALLOCATE: u64 = 64 << 20;
 
 /// What [`Store::gc`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -254,39 +257,6 @@ impl Read for ChannelReader {
             }
         }
         Ok(n)
-    }
-}
-
-/// A `Write` that hands full buffers to an async task through a channel.
-struct ChannelWriter {
-    tx: mpsc::Sender<Bytes>,
-    buf: BytesMut,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let b = self.buf.split().freeze();
-        self.tx
-            .blocking_send(b)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "receiver went away"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= PIPE_CHUNK {
-            self.send()?;
-            self.buf.reserve(PIPE_CHUNK);
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
     }
 }
 
@@ -794,23 +764,20 @@ impl Store {
         if have.is_empty() {
             return Ok(written);
         }
-        let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+        // Pieces of about 1 MiB: two in the channel and one being built
+        // keep the stream fed while bounding memory per stream.
+        let (tx, mut rx) = mpsc::channel::<Bytes>(2);
         let hash2 = *hash;
         let coder = tokio::task::spawn_blocking(move || {
-            let tree = bao_tree(size);
-            let ob = PreOrderOutboard {
-                root: hash2,
-                tree,
-                data: src.outboard,
-            };
-            let mut cw = ChannelWriter {
-                tx,
-                buf: BytesMut::with_capacity(PIPE_CHUNK + GROUP),
-            };
             let chunks = chunk_ranges(&have);
-            bao_tree::io::sync::encode_ranges_validated(&src.data, ob, &chunks, &mut cw)?;
-            cw.flush()?;
-            Ok::<(), EncodeError>(())
+            encode::encode_pieces(
+                &src.data,
+                &src.outboard,
+                hash2,
+                bao_tree(size),
+                &chunks,
+                |piece| tx.blocking_send(piece).is_ok(),
+            )
         });
         let mut write_err = None;
         while let Some(b) = rx.recv().await {
@@ -2046,6 +2013,7 @@ impl Inner {
             groups: GroupRanges::new(),
             received: GroupRanges::new(),
             newly: GroupRanges::new(),
+            reserved: 0..0,
         };
         let iter = DecodeResponseIter::new(hash, tree, reader, &chunks);
         for item in iter {
@@ -2175,6 +2143,8 @@ struct Writer<'a> {
     received: GroupRanges,
     /// Groups this stream verified that were not verified before.
     newly: GroupRanges,
+    /// Bytes of the data file this stream has reserved disk blocks for.
+    reserved: std::ops::Range<u64>,
 }
 
 impl Writer<'_> {
@@ -2189,6 +2159,17 @@ impl Writer<'_> {
         }
         if self.groups.is_empty() {
             return Ok(());
+        }
+        let end = self.data_start + self.data.len() as u64;
+        if self.data_start < self.reserved.start || end > self.reserved.end {
+            // Reserve blocks a window ahead, never past the claimed size, and
+            // only where verified data is about to go: a peer lying about the
+            // size makes us reserve at most one window more than it sent.
+            let size = lock(&self.partial.st).size.unwrap_or(0);
+            let start = self.data_start - self.data_start % PREALLOCATE;
+            let stop = (start + PREALLOCATE).min(size).max(end);
+            self.partial.data.preallocate(start, stop - start);
+            self.reserved = start..stop;
         }
         self.partial
             .data

@@ -346,7 +346,7 @@ fn emit(levels: &[Vec<ChainingValue>], level: usize, index: usize, out: &mut Vec
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bao_tree::io::outboard::PreOrderMemOutboard;
 
