@@ -55,15 +55,3 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadSource<R> {
         Ok((n > 0).then(|| buf.freeze()))
     }
 }
-
-/// Polls `f` once: its output if it is ready now. Dropping a pending
-/// [`ChunkSource::take`] loses nothing (both sources here are
-/// cancel-safe), so this is how the store takes what has arrived already.
-pub(crate) fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
-    let mut f = std::pin::pin!(f);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}

@@ -11,7 +11,7 @@
 //! order of the stream, and what it contains, still come from bao-tree's own
 //! traversal (`ranges_pre_order_chunks_iter_ref`), and the tests check that
 //! the bytes are the same as bao-tree's encoder gives for any size and any
-//! groups.
+//! groups. [`crate::decode`] is the other side.
 
 use std::fs::File;
 use std::io::{self, IoSliceMut};
@@ -65,12 +65,12 @@ pub(crate) fn encode_pieces(
     ranges: &ChunkRanges,
     mut emit: impl FnMut(Bytes) -> bool,
 ) -> Result<(), EncodeError> {
-    let ranges = open_last(ranges, tree.size());
+    let ranges = bao_tree::io::sync::truncate_ranges(ranges, tree.size());
     let mut stack: Vec<blake3::Hash> = vec![root];
     let mut ob = ObWindow::new(outboard);
     let mut plan = Vec::new();
     let mut len = 0;
-    for chunk in tree.ranges_pre_order_chunks_iter_ref(&ranges, 0) {
+    for chunk in tree.ranges_pre_order_chunks_iter_ref(ranges, 0) {
         match chunk {
             BaoChunk::Parent {
                 node,
@@ -117,26 +117,6 @@ pub(crate) fn encode_pieces(
         emit(piece);
     }
     Ok(())
-}
-
-/// The ranges as bao-tree's encoder sees them: a range that reaches the
-/// blob's last chunk is open at the end (groups past the end are asked for
-/// when the last group is partial).
-fn open_last(ranges: &ChunkRanges, size: u64) -> ChunkRanges {
-    let last = ChunkNum(ChunkNum::chunks(size).0.saturating_sub(1));
-    let b = ranges.boundaries();
-    let start = b.chunks(2).find_map(|r| match *r {
-        [start, end] if start <= last && last < end => Some(start),
-        [start] if start <= last => Some(start),
-        _ => None,
-    });
-    let Some(start) = start else {
-        return ranges.clone();
-    };
-    let mut out = ranges.clone();
-    out &= ChunkRanges::from(..start);
-    out |= ChunkRanges::from(start..);
-    out
 }
 
 /// Fill one piece, check it against `stack`, and freeze it.

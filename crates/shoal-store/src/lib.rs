@@ -54,6 +54,7 @@
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
+mod decode;
 mod encode;
 pub mod collection;
 mod error;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use bao_tree::BaoTree;
 use bao_tree::io::outboard::PreOrderOutboard;
-use bao_tree::io::sync::{DecodeResponseIter, ReadAt};
-use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
+use bao_tree::io::sync::ReadAt;
+use bao_tree::io::EncodeError;
 use bao_tree::iter::BaoChunk;
 use bytes::Bytes;
 use rayon::prelude::*;
@@ -25,6 +25,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 use crate::collection::{self, Entry};
+use crate::decode::{Batch, Decoder};
 use crate::encode;
 use crate::error::io_err;
 use crate::meta::{self, Op, Record, loc};
@@ -42,8 +43,8 @@ const SAVE_EVERY_GROUPS: u64 = 1024;
 const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// Files per metadata transaction when importing a directory.
 const IMPORT_BATCH: usize = 10_000;
-/// Bytes handed between the async side and the blocking coder at once.
-const PIPE_CHUNK: usize = 256 << 10;
+/// The most one read of a verified stream asks for.
+const RECV_PIECE: usize = 256 << 10;
 /// Largest contiguous run of received data written with one call.
 const WRITE_BATCH: usize = 1 << 20;
 /// How far ahead a download reserves disk blocks.
@@ -219,45 +220,6 @@ fn encoded_len(tree: BaoTree, chunks: &bao_tree::ChunkRanges) -> u64 {
             BaoChunk::Leaf { size, .. } => size as u64,
         })
         .sum()
-}
-
-/// A `Read` fed from an async task through a channel.
-/// Buffers arrive in batches: a QUIC stream hands out one buffer per
-/// packet, and one channel hand-over per packet would cost more than the
-/// copy it saves.
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<Bytes>>,
-    cur: std::collections::VecDeque<Bytes>,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            while self.cur.front().is_some_and(Bytes::is_empty) {
-                self.cur.pop_front();
-            }
-            if !self.cur.is_empty() {
-                break;
-            }
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur.extend(b),
-                None => return Ok(0),
-            }
-        }
-        let mut n = 0;
-        while n < buf.len() {
-            let Some(front) = self.cur.front_mut() else {
-                break;
-            };
-            let k = (buf.len() - n).min(front.len());
-            buf[n..n + k].copy_from_slice(&front.split_to(k));
-            n += k;
-            if front.is_empty() {
-                self.cur.pop_front();
-            }
-        }
-        Ok(n)
-    }
 }
 
 /// Something prepared for the metadata database by an import.
@@ -914,61 +876,69 @@ impl Store {
         let tree = bao_tree(size);
         let chunks = chunk_ranges(&wanted);
         let len = encoded_len(tree, &chunks);
-        let (tx, rx) = mpsc::channel::<Vec<Bytes>>(8);
+        // The stream is checked here, as it arrives; only verified batches
+        // of about WRITE_BATCH bytes cross to the writer thread.
+        let (tx, rx) = mpsc::channel::<Batch>(4);
         let inner = self.inner.clone();
         let hash2 = *hash;
-        let wanted2 = wanted.clone();
-        let mut decoder = tokio::task::spawn_blocking(move || {
-            let reader = ChannelReader {
-                rx,
-                cur: std::collections::VecDeque::new(),
-            };
-            inner.decode_into(hash2, tree, &wanted2, partial, generation, reader)
+        let writer = tokio::task::spawn_blocking(move || {
+            inner.write_batches(hash2, &partial, generation, rx)
         });
-        let pump = async move {
-            let mut left = len;
-            let max = |left: u64| usize::try_from(left).map_or(PIPE_CHUNK, |l| l.min(PIPE_CHUNK));
-            while left > 0 {
-                // Wait for one buffer, then take what else is there already,
-                // up to PIPE_CHUNK bytes, and hand them over together.
-                let Some(b) = r.take(max(left)).await? else {
-                    break;
-                };
-                left = left.saturating_sub(b.len() as u64);
-                let mut batch_len = b.len();
-                let mut batch = vec![b];
-                while left > 0 && batch_len < PIPE_CHUNK {
-                    match crate::chunks::now_or_never(r.take(max(left))) {
-                        Some(Ok(Some(b))) => {
-                            left = left.saturating_sub(b.len() as u64);
-                            batch_len += b.len();
-                            batch.push(b);
-                        }
-                        Some(Ok(None)) => {
-                            left = 0;
-                        }
-                        Some(Err(e)) => {
-                            let _ = tx.send(batch).await;
-                            return Err(e);
-                        }
-                        None => break,
+        let mut decoder = Decoder::new(*hash, tree, &chunks, WRITE_BATCH);
+        let mut received = GroupRanges::new();
+        let mut ready = Vec::new();
+        let mut left = len;
+        let mut failure = None;
+        loop {
+            // Fed once with nothing when nothing is left: an empty blob's
+            // one item has no bytes.
+            let b = if left == 0 {
+                Bytes::new()
+            } else {
+                let max = usize::try_from(left).map_or(RECV_PIECE, |l| l.min(RECV_PIECE));
+                match r.take(max).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(ReceiveError::Read(e));
+                        break;
                     }
                 }
-                if tx.send(batch).await.is_err() {
-                    break;
-                }
+            };
+            let last = left == 0;
+            left = left.saturating_sub(b.len() as u64);
+            let fed = decoder.feed(&b, |batch| ready.push(batch));
+            let mut writer_gone = false;
+            for batch in ready.drain(..) {
+                received = received.union(&batch.groups);
+                writer_gone |= tx.send(batch).await.is_err();
             }
-            Ok::<(), io::Error>(())
-        };
-        let (pump_res, res) = tokio::select! {
-            d = &mut decoder => (Ok(()), d),
-            p = pump => (p, decoder.await),
-        };
-        let res = res.map_err(|e| ReceiveError::Store(StoreError::Task(e.to_string())))?;
-        match (res, pump_res) {
-            (Err(ReceiveError::Truncated { .. }), Err(e)) => Err(ReceiveError::Read(e)),
-            (res, _) => res,
+            if let Err(m) = fed {
+                failure = Some(ReceiveError::Corrupt { group: m.group });
+                break;
+            }
+            if writer_gone || last {
+                break;
+            }
         }
+        // What verified before a failure is kept.
+        let rest = decoder.take();
+        received = received.union(&rest.groups);
+        if !rest.is_empty() {
+            let _ = tx.send(rest).await;
+        }
+        drop(tx);
+        let newly = writer
+            .await
+            .map_err(|e| ReceiveError::Store(StoreError::Task(e.to_string())))??;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if !decoder.is_finished() {
+            let group = wanted.difference(&received).iter().next().unwrap_or(0);
+            return Err(ReceiveError::Truncated { group });
+        }
+        Ok(newly)
     }
 
     // ----------------------------------------------------------- reading
@@ -1991,80 +1961,36 @@ impl Inner {
     }
 
     /// The blocking half of `receive_ranges`.
-    fn decode_into(
+    /// Write verified batches of one stream as they come, and mark their
+    /// groups; the groups that were not verified before.
+    fn write_batches(
         &self,
         hash: blake3::Hash,
-        tree: BaoTree,
-        wanted: &GroupRanges,
-        partial: Arc<Partial>,
+        partial: &Arc<Partial>,
         generation: u64,
-        reader: ChannelReader,
-    ) -> Result<GroupRanges, ReceiveError> {
-        let chunks = chunk_ranges(wanted);
+        mut rx: mpsc::Receiver<Batch>,
+    ) -> Result<GroupRanges, StoreError> {
         let mut w = Writer {
             inner: self,
             hash,
-            partial: &partial,
+            partial,
             generation,
-            data: Vec::with_capacity(WRITE_BATCH + GROUP),
+            data: Vec::new(),
             data_start: 0,
             ob: Vec::new(),
             ob_start: 0,
             groups: GroupRanges::new(),
-            received: GroupRanges::new(),
             newly: GroupRanges::new(),
             reserved: 0..0,
         };
-        let iter = DecodeResponseIter::new(hash, tree, reader, &chunks);
-        for item in iter {
-            match item {
-                Ok(BaoContentItem::Parent(p)) => {
-                    if let Some(off) = tree.pre_order_offset(p.node) {
-                        let off = off * 64;
-                        if !w.ob.is_empty() && w.ob_start + w.ob.len() as u64 != off {
-                            w.flush()?;
-                        }
-                        if w.ob.is_empty() {
-                            w.ob_start = off;
-                        }
-                        w.ob.extend_from_slice(p.pair.0.as_bytes());
-                        w.ob.extend_from_slice(p.pair.1.as_bytes());
-                    }
-                }
-                Ok(BaoContentItem::Leaf(l)) => {
-                    if !w.data.is_empty() && w.data_start + w.data.len() as u64 != l.offset {
-                        w.flush()?;
-                    }
-                    if w.data.is_empty() {
-                        w.data_start = l.offset;
-                    }
-                    w.data.extend_from_slice(&l.data);
-                    let g = groups_of_bytes(l.offset, l.offset + l.data.len() as u64);
-                    w.groups.insert(g.clone());
-                    w.received.insert(g);
-                    if w.data.len() >= WRITE_BATCH {
-                        w.flush()?;
-                    }
-                }
-                Err(e) => {
-                    w.flush()?;
-                    let group = wanted.difference(&w.received).iter().next().unwrap_or(0);
-                    return Err(match e {
-                        DecodeError::ParentHashMismatch(_) | DecodeError::LeafHashMismatch(_) => {
-                            ReceiveError::Corrupt { group }
-                        }
-                        DecodeError::ParentNotFound(_) | DecodeError::LeafNotFound(_) => {
-                            ReceiveError::Truncated { group }
-                        }
-                        DecodeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                            ReceiveError::Truncated { group }
-                        }
-                        DecodeError::Io(e) => ReceiveError::Read(e),
-                    });
-                }
-            }
+        while let Some(b) = rx.blocking_recv() {
+            w.data = b.data;
+            w.data_start = b.data_start;
+            w.ob = b.ob;
+            w.ob_start = b.ob_start;
+            w.groups = b.groups;
+            w.flush()?;
         }
-        w.flush()?;
         Ok(w.newly)
     }
 
@@ -2127,7 +2053,7 @@ impl Inner {
     }
 }
 
-/// Batches verified items of one stream and writes them.
+/// Writes the verified batches of one stream and marks their groups.
 struct Writer<'a> {
     inner: &'a Inner,
     hash: blake3::Hash,
@@ -2139,8 +2065,6 @@ struct Writer<'a> {
     ob_start: u64,
     /// Groups in `data`, not yet marked.
     groups: GroupRanges,
-    /// Every group verified from this stream.
-    received: GroupRanges,
     /// Groups this stream verified that were not verified before.
     newly: GroupRanges,
     /// Bytes of the data file this stream has reserved disk blocks for.
