@@ -426,8 +426,14 @@ mod tests {
         let (root, ob) = hash_bytes(&bytes);
         let ranges = chunk_ranges(&groups(size, &[(0, u64::MAX)]));
         let stream = encode(&bytes, root, &ob, &ranges);
-        let (_, _, verified, res) =
-            decode(root, size, &ranges, &stream[..stream.len() - 1], &[], 1 << 20);
+        let (_, _, verified, res) = decode(
+            root,
+            size,
+            &ranges,
+            &stream[..stream.len() - 1],
+            &[],
+            1 << 20,
+        );
         assert_eq!(res, Ok(false));
         assert!(verified.count() < size.div_ceil(G));
     }

@@ -20,7 +20,9 @@ use std::os::fd::AsRawFd;
 use bao_tree::io::EncodeError;
 use bao_tree::iter::BaoChunk;
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use bytes::Bytes;
 use positioned_io::ReadAt;
 
@@ -378,11 +380,21 @@ mod tests {
         out
     }
 
-    fn ours(data: &Slot, ob: &Slot, root: blake3::Hash, size: u64, ranges: &ChunkRanges) -> Result<Vec<u8>, EncodeError> {
+    fn ours(
+        data: &Slot,
+        ob: &Slot,
+        root: blake3::Hash,
+        size: u64,
+        ranges: &ChunkRanges,
+    ) -> Result<Vec<u8>, EncodeError> {
         let mut out = Vec::new();
         let mut pieces = 0;
         encode_pieces(data, ob, root, bao_tree(size), ranges, |b| {
-            assert!(b.len() < PIECE + (16 << 10) + 64, "piece of {} bytes", b.len());
+            assert!(
+                b.len() < PIECE + (16 << 10) + 64,
+                "piece of {} bytes",
+                b.len()
+            );
             out.extend_from_slice(&b);
             pieces += 1;
             true
@@ -449,7 +461,10 @@ mod tests {
         })
         .expect("encode");
         assert!(sizes.len() >= 4, "{sizes:?}");
-        assert!(sizes[..sizes.len() - 1].iter().all(|&s| s >= PIECE), "{sizes:?}");
+        assert!(
+            sizes[..sizes.len() - 1].iter().all(|&s| s >= PIECE),
+            "{sizes:?}"
+        );
         let mut got = Vec::new();
         encode_pieces(&file, &obs, root, bao_tree(size), &all, |b| {
             got.extend_from_slice(&b);
@@ -467,10 +482,17 @@ mod tests {
         let all = chunk_ranges(&all_groups(size));
         let (_f, file) = file_slot(&bytes);
         let mut calls = 0;
-        encode_pieces(&file, &Slot::Bytes(Bytes::from(ob)), root, bao_tree(size), &all, |_| {
-            calls += 1;
-            false
-        })
+        encode_pieces(
+            &file,
+            &Slot::Bytes(Bytes::from(ob)),
+            root,
+            bao_tree(size),
+            &all,
+            |_| {
+                calls += 1;
+                false
+            },
+        )
         .expect("encode");
         assert_eq!(calls, 1);
     }
@@ -489,23 +511,43 @@ mod tests {
             bad[at] ^= 1;
             let (_f, file) = file_slot(&bad);
             let mut sent = Vec::new();
-            let err = encode_pieces(&file, &Slot::Bytes(Bytes::from(ob.clone())), root, bao_tree(size), &all, |b| {
-                sent.extend_from_slice(&b);
-                true
-            })
+            let err = encode_pieces(
+                &file,
+                &Slot::Bytes(Bytes::from(ob.clone())),
+                root,
+                bao_tree(size),
+                &all,
+                |b| {
+                    sent.extend_from_slice(&b);
+                    true
+                },
+            )
             .expect_err(&format!("corrupt data at {at} must be refused"));
             assert!(matches!(err, EncodeError::LeafHashMismatch(_)), "{err:?}");
             // What went out is a clean prefix of the good stream.
-            assert!(sent.len() < good.len() && good.starts_with(&sent), "corruption at {at} sent");
+            assert!(
+                sent.len() < good.len() && good.starts_with(&sent),
+                "corruption at {at} sent"
+            );
         }
         for at in [0, 64 * 100 + 3, ob.len() - 1] {
             let mut bad = ob.clone();
             bad[at] ^= 1;
             let (_f, file) = file_slot(&bytes);
-            let err = encode_pieces(&file, &Slot::Bytes(Bytes::from(bad)), root, bao_tree(size), &all, |_| true)
-                .expect_err("corrupt outboard must be refused");
+            let err = encode_pieces(
+                &file,
+                &Slot::Bytes(Bytes::from(bad)),
+                root,
+                bao_tree(size),
+                &all,
+                |_| true,
+            )
+            .expect_err("corrupt outboard must be refused");
             assert!(
-                matches!(err, EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_)),
+                matches!(
+                    err,
+                    EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_)
+                ),
                 "{err:?}"
             );
         }
@@ -518,8 +560,15 @@ mod tests {
         let (root, ob) = hash_bytes(&bytes);
         let all = chunk_ranges(&all_groups(size));
         let (_f, file) = file_slot(&bytes[..PIECE + 100]);
-        let err = encode_pieces(&file, &Slot::Bytes(Bytes::from(ob)), root, bao_tree(size), &all, |_| true)
-            .expect_err("short file");
+        let err = encode_pieces(
+            &file,
+            &Slot::Bytes(Bytes::from(ob)),
+            root,
+            bao_tree(size),
+            &all,
+            |_| true,
+        )
+        .expect_err("short file");
         assert!(
             matches!(&err, EncodeError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
             "{err:?}"

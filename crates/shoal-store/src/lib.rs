@@ -54,9 +54,9 @@
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
+pub mod collection;
 mod decode;
 mod encode;
-pub mod collection;
 mod error;
 mod meta;
 mod slot;

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bao_tree::BaoTree;
+use bao_tree::io::EncodeError;
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::ReadAt;
-use bao_tree::io::EncodeError;
 use bao_tree::iter::BaoChunk;
 use bytes::Bytes;
 use rayon::prelude::*;
