@@ -38,6 +38,9 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 12 << 20;
 /// How much a connection buffers for sending ahead of acknowledgements.
 pub const SEND_WINDOW: u64 = 12 << 20;
+/// Bounds of how long [`Endpoint::close`] waits for its close frames.
+const CLOSE_WAIT_MIN: Duration = Duration::from_millis(10);
+const CLOSE_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// The congestion controller of every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -569,6 +572,11 @@ impl Endpoint {
         let inner = &self.inner;
         inner.cancel.cancel();
         let conns: Vec<Connection> = lock(&inner.conns).drain().flat_map(|(_, v)| v).collect();
+        let rtt = conns
+            .iter()
+            .map(|c| c.inner.rtt())
+            .max()
+            .unwrap_or_default();
         for conn in conns {
             conn.close(CLOSE_SHUTDOWN, b"endpoint closed");
         }
@@ -577,8 +585,14 @@ impl Endpoint {
                 .quic
                 .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"endpoint closed");
         }
+        // The close frames go out at once; waiting for the whole draining
+        // period (three probe timeouts: ~80 ms even on loopback, where a
+        // `get` of 16 KiB takes 10 ms) only helps when they are lost, and
+        // then the peer's idle timeout cleans up anyway. Wait long enough
+        // for the frames to leave and an answer to come back.
+        let wait = (rtt * 4).clamp(CLOSE_WAIT_MIN, CLOSE_WAIT_MAX);
         for socket in &inner.sockets {
-            let _ = tokio::time::timeout(Duration::from_secs(1), socket.quic.wait_idle()).await;
+            let _ = tokio::time::timeout(wait, socket.quic.wait_idle()).await;
         }
     }
 }
