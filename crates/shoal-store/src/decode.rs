@@ -17,10 +17,9 @@
 use bao_tree::io::sync::truncate_ranges;
 use bao_tree::iter::{BaoChunk, PreOrderPartialChunkIterRef};
 use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
-use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
 use shoal_proto::{GROUP_SIZE, GroupRanges};
 
-use crate::encode::{leaf_hash, pair_at};
+use crate::encode::Verifier;
 use crate::tree::groups_of_bytes;
 
 /// Verified bytes ready to be written: one contiguous run of data and one
@@ -74,8 +73,7 @@ enum Cur {
 pub(crate) struct Decoder<'a> {
     tree: BaoTree,
     items: PreOrderPartialChunkIterRef<'a>,
-    /// Hashes vouched for and not used yet; the next item's is on top.
-    stack: Vec<blake3::Hash>,
+    verifier: Verifier,
     cur: Option<Cur>,
     finished: bool,
     batch: Batch,
@@ -96,7 +94,7 @@ impl<'a> Decoder<'a> {
         Self {
             tree,
             items: tree.ranges_pre_order_chunks_iter_ref(ranges, 0),
-            stack: vec![root],
+            verifier: Verifier::new(root),
             cur: None,
             finished: false,
             batch: Batch::default(),
@@ -228,20 +226,8 @@ impl<'a> Decoder<'a> {
                 pair,
                 ..
             }) => {
-                let (l, r) = pair_at(&pair, 0);
-                let actual = if is_root {
-                    merge_subtrees_root(&l, &r, Mode::Hash)
-                } else {
-                    blake3::Hash::from(merge_subtrees_non_root(&l, &r, Mode::Hash))
-                };
-                if self.stack.pop() != Some(actual) {
+                if !self.verifier.parent(&pair, is_root, left, right) {
                     return Err(Mismatch { group });
-                }
-                if right {
-                    self.stack.push(blake3::Hash::from(r));
-                }
-                if left {
-                    self.stack.push(blake3::Hash::from(l));
                 }
                 // Nodes past the end of a partial tree are not stored.
                 if let Some(off) = self.tree.pre_order_offset(node) {
@@ -262,8 +248,10 @@ impl<'a> Decoder<'a> {
                 is_root,
                 at,
             }) => {
-                let actual = leaf_hash(start, &self.batch.data[at..at + size], is_root);
-                if self.stack.pop() != Some(actual) {
+                if !self
+                    .verifier
+                    .leaf(start, &self.batch.data[at..at + size], is_root)
+                {
                     self.batch.data.truncate(at);
                     return Err(Mismatch { group });
                 }
@@ -284,34 +272,11 @@ impl<'a> Decoder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encode::tests::{all_groups, groups, reference as encode};
     use crate::tree::{bao_tree, chunk_ranges, hash_bytes, tests::data};
-    use bao_tree::io::outboard::PreOrderOutboard;
     use proptest::prelude::*;
 
     const G: u64 = 16 << 10;
-
-    fn encode(bytes: &[u8], root: blake3::Hash, ob: &[u8], ranges: &ChunkRanges) -> Vec<u8> {
-        let tree = bao_tree(bytes.len() as u64);
-        let outboard = PreOrderOutboard {
-            root,
-            tree,
-            data: ob,
-        };
-        let mut out = Vec::new();
-        bao_tree::io::sync::encode_ranges_validated(bytes, outboard, ranges, &mut out)
-            .expect("reference encode");
-        out
-    }
-
-    fn groups(size: u64, picks: &[(u64, u64)]) -> GroupRanges {
-        let n = size.div_ceil(G).max(1);
-        let mut g = GroupRanges::new();
-        for &(a, b) in picks {
-            let (a, b) = (a % n, b % n);
-            g.insert(a.min(b)..a.max(b) + 1);
-        }
-        g
-    }
 
     /// Decode `stream` fed in pieces cut at `cuts`; the written image of
     /// the blob, the outboard bytes by offset, and the groups verified.
@@ -402,9 +367,7 @@ mod tests {
         ) {
             let bytes = data(size as usize, seed);
             let (root, ob) = hash_bytes(&bytes);
-            let mut wanted = GroupRanges::new();
-            wanted.insert(groups_of_bytes(0, size));
-            let ranges = chunk_ranges(&wanted);
+            let ranges = chunk_ranges(&all_groups(size));
             let mut stream = encode(&bytes, root, &ob, &ranges);
             prop_assume!(!stream.is_empty());
             let at = flip % stream.len();
@@ -424,7 +387,7 @@ mod tests {
         let size = 200_000u64;
         let bytes = data(size as usize, 3);
         let (root, ob) = hash_bytes(&bytes);
-        let ranges = chunk_ranges(&groups(size, &[(0, u64::MAX)]));
+        let ranges = chunk_ranges(&all_groups(size));
         let stream = encode(&bytes, root, &ob, &ranges);
         let (_, _, verified, res) = decode(
             root,

@@ -68,7 +68,7 @@ pub(crate) fn encode_pieces(
     mut emit: impl FnMut(Bytes) -> bool,
 ) -> Result<(), EncodeError> {
     let ranges = bao_tree::io::sync::truncate_ranges(ranges, tree.size());
-    let mut stack: Vec<blake3::Hash> = vec![root];
+    let mut verifier = Verifier::new(root);
     let mut ob = ObWindow::new(outboard);
     let mut plan = Vec::new();
     let mut len = 0;
@@ -106,7 +106,7 @@ pub(crate) fn encode_pieces(
             }
         }
         if len >= PIECE {
-            let piece = build(data, &mut ob, tree, &plan, len, &mut stack)?;
+            let piece = build(data, &mut ob, tree, &plan, len, &mut verifier)?;
             if !emit(piece) {
                 return Ok(());
             }
@@ -115,7 +115,7 @@ pub(crate) fn encode_pieces(
         }
     }
     if !plan.is_empty() {
-        let piece = build(data, &mut ob, tree, &plan, len, &mut stack)?;
+        let piece = build(data, &mut ob, tree, &plan, len, &mut verifier)?;
         emit(piece);
     }
     Ok(())
@@ -128,11 +128,11 @@ fn build(
     tree: BaoTree,
     plan: &[Item],
     len: usize,
-    stack: &mut Vec<blake3::Hash>,
+    verifier: &mut Verifier,
 ) -> Result<Bytes, EncodeError> {
     let mut buf = vec![0u8; len];
     fill(data, ob, tree, plan, &mut buf)?;
-    check(plan, &buf, stack)?;
+    check(plan, &buf, verifier)?;
     Ok(Bytes::from(buf))
 }
 
@@ -245,8 +245,8 @@ fn preadv_exact(f: &File, mut pos: u64, bufs: &mut [IoSliceMut<'_>]) -> io::Resu
 }
 
 /// Check every item of a filled piece against the hashes the stream so far
-/// has vouched for (`stack`, the root first).
-fn check(plan: &[Item], buf: &[u8], stack: &mut Vec<blake3::Hash>) -> Result<(), EncodeError> {
+/// has vouched for.
+fn check(plan: &[Item], buf: &[u8], v: &mut Verifier) -> Result<(), EncodeError> {
     for item in plan {
         match *item {
             Item::Parent {
@@ -256,20 +256,8 @@ fn check(plan: &[Item], buf: &[u8], stack: &mut Vec<blake3::Hash>) -> Result<(),
                 right,
                 at,
             } => {
-                let (l, r) = pair_at(buf, at);
-                let actual = if is_root {
-                    merge_subtrees_root(&l, &r, Mode::Hash)
-                } else {
-                    blake3::Hash::from(merge_subtrees_non_root(&l, &r, Mode::Hash))
-                };
-                if stack.pop() != Some(actual) {
+                if !v.parent(&buf[at..at + 64], is_root, left, right) {
                     return Err(EncodeError::ParentHashMismatch(node));
-                }
-                if right {
-                    stack.push(blake3::Hash::from(r));
-                }
-                if left {
-                    stack.push(blake3::Hash::from(l));
                 }
             }
             Item::Leaf {
@@ -278,8 +266,7 @@ fn check(plan: &[Item], buf: &[u8], stack: &mut Vec<blake3::Hash>) -> Result<(),
                 is_root,
                 at,
             } => {
-                let actual = leaf_hash(start, &buf[at..at + size], is_root);
-                if stack.pop() != Some(actual) {
+                if !v.leaf(start, &buf[at..at + size], is_root) {
                     return Err(EncodeError::LeafHashMismatch(start));
                 }
             }
@@ -288,25 +275,56 @@ fn check(plan: &[Item], buf: &[u8], stack: &mut Vec<blake3::Hash>) -> Result<(),
     Ok(())
 }
 
-/// The two chaining values of the parent pair at `at`.
-pub(crate) fn pair_at(buf: &[u8], at: usize) -> (ChainingValue, ChainingValue) {
-    let mut l = [0u8; 32];
-    let mut r = [0u8; 32];
-    l.copy_from_slice(&buf[at..at + 32]);
-    r.copy_from_slice(&buf[at + 32..at + 64]);
-    (l, r)
+/// The checks of a verified stream, shared by both ends: the hashes vouched
+/// for and not used yet, the next item's on top (the root first). Items must
+/// come in bao-tree's pre-order.
+pub(crate) struct Verifier {
+    stack: Vec<blake3::Hash>,
 }
 
-/// The hash of one group starting at chunk `start` (the root hash when it
-/// is the whole blob).
-pub(crate) fn leaf_hash(start: ChunkNum, data: &[u8], is_root: bool) -> blake3::Hash {
-    if is_root {
-        blake3::hash(data)
-    } else {
-        let mut h = blake3::Hasher::new();
-        h.set_input_offset(start.to_bytes());
-        h.update(data);
-        blake3::Hash::from(h.finalize_non_root())
+impl Verifier {
+    pub(crate) fn new(root: blake3::Hash) -> Self {
+        Self { stack: vec![root] }
+    }
+
+    /// Check a parent pair (64 bytes); on success, vouch for the children
+    /// the stream will still send.
+    pub(crate) fn parent(&mut self, pair: &[u8], is_root: bool, left: bool, right: bool) -> bool {
+        let (Ok(l), Ok(r)) = (
+            ChainingValue::try_from(&pair[..32]),
+            ChainingValue::try_from(&pair[32..64]),
+        ) else {
+            return false;
+        };
+        let actual = if is_root {
+            merge_subtrees_root(&l, &r, Mode::Hash)
+        } else {
+            blake3::Hash::from(merge_subtrees_non_root(&l, &r, Mode::Hash))
+        };
+        if self.stack.pop() != Some(actual) {
+            return false;
+        }
+        if right {
+            self.stack.push(blake3::Hash::from(r));
+        }
+        if left {
+            self.stack.push(blake3::Hash::from(l));
+        }
+        true
+    }
+
+    /// Check one group starting at chunk `start` (the whole blob when
+    /// `is_root`).
+    pub(crate) fn leaf(&mut self, start: ChunkNum, data: &[u8], is_root: bool) -> bool {
+        let actual = if is_root {
+            blake3::hash(data)
+        } else {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(start.to_bytes());
+            h.update(data);
+            blake3::Hash::from(h.finalize_non_root())
+        };
+        self.stack.pop() == Some(actual)
     }
 }
 
@@ -355,7 +373,7 @@ impl<'a> ObWindow<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -367,7 +385,12 @@ mod tests {
     const G: u64 = 16 << 10;
 
     /// What bao-tree's own encoder gives.
-    fn reference(bytes: &[u8], root: blake3::Hash, ob: &[u8], ranges: &ChunkRanges) -> Vec<u8> {
+    pub(crate) fn reference(
+        bytes: &[u8],
+        root: blake3::Hash,
+        ob: &[u8],
+        ranges: &ChunkRanges,
+    ) -> Vec<u8> {
         let tree = bao_tree(bytes.len() as u64);
         let outboard = PreOrderOutboard {
             root,
@@ -409,7 +432,8 @@ mod tests {
         (f, Slot::File(Arc::new(file)))
     }
 
-    fn groups(size: u64, picks: &[(u64, u64)]) -> GroupRanges {
+    /// Groups of a blob of `size` bytes: one run per pick, wrapped into range.
+    pub(crate) fn groups(size: u64, picks: &[(u64, u64)]) -> GroupRanges {
         let n = size.div_ceil(G).max(1);
         let mut g = GroupRanges::new();
         for &(a, b) in picks {
@@ -420,7 +444,7 @@ mod tests {
         g
     }
 
-    fn all_groups(size: u64) -> GroupRanges {
+    pub(crate) fn all_groups(size: u64) -> GroupRanges {
         let mut g = GroupRanges::new();
         g.insert(0..size.div_ceil(G).max(1));
         g
