@@ -200,7 +200,7 @@ impl NetArgs {
 /// all the time (encoded pieces waiting for their acknowledgement, received
 /// packets, write batches). glibc's defaults hand each freed one back
 /// (`madvise`/`munmap`) and fault its pages in again on the next allocation:
-/// 15% of a seeder's CPU in the S2 profile. With a fixed mmap threshold and
+/// 13% of a seeder's CPU in the S2 profile. With a fixed mmap threshold and
 /// a high trim threshold the freed memory is reused; peak RSS stays what the
 /// transfer needs at once (S5 measures it).
 fn tune_allocator() {
