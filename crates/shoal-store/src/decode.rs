@@ -158,14 +158,19 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// Take what is verified and not handed out yet.
+    /// End the stream: take what is verified and not handed out yet. The
+    /// bytes of a group still being assembled are dropped, never written.
     pub(crate) fn take(&mut self) -> Batch {
+        if let Some(Cur::Leaf { at, .. }) = self.cur.take() {
+            self.batch.data.truncate(at);
+        }
         std::mem::take(&mut self.batch)
     }
 
+    /// Hand out the batch (only between items: no group is half there).
     fn hand_out(&mut self, ready: &mut impl FnMut(Batch)) {
         if !self.batch.is_empty() {
-            ready(self.take());
+            ready(std::mem::take(&mut self.batch));
         }
     }
 
@@ -389,16 +394,27 @@ mod tests {
         let (root, ob) = hash_bytes(&bytes);
         let ranges = chunk_ranges(&all_groups(size));
         let stream = encode(&bytes, root, &ob, &ranges);
-        let (_, _, verified, res) = decode(
-            root,
-            size,
-            &ranges,
-            &stream[..stream.len() - 1],
-            &[],
-            1 << 20,
-        );
-        assert_eq!(res, Ok(false));
-        assert!(verified.count() < size.div_ceil(G));
+        // Cut inside the last group, and inside the first (nothing verified).
+        for cut in [stream.len() - 1, 64 * 8 + 100] {
+            let (image, _, verified, res) =
+                decode(root, size, &ranges, &stream[..cut], &[], 1 << 20);
+            assert_eq!(res, Ok(false));
+            assert!(verified.count() < size.div_ceil(G));
+            // The group being assembled when the stream ended is not handed
+            // out: only verified groups reach the image.
+            for g in 0..size.div_ceil(G) {
+                let s = (g * G) as usize;
+                let e = ((g + 1) * G).min(size) as usize;
+                if verified.contains(g) {
+                    assert_eq!(&image[s..e], &bytes[s..e]);
+                } else {
+                    assert!(
+                        image[s..e].iter().all(|&b| b == 0),
+                        "unverified group {g} written"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
