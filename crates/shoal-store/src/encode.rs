@@ -157,9 +157,15 @@ fn fill(
                 let (pair, tail) = tail.split_at_mut(64);
                 rest = tail;
                 taken = at + 64;
-                let off = tree
-                    .pre_order_offset(node)
-                    .ok_or(EncodeError::ParentHashMismatch(node))?;
+                // A traversal of stored ranges only yields stored parents;
+                // if not, it is a missing record, not corrupt data (which
+                // would mark the blob corrupt).
+                let off = tree.pre_order_offset(node).ok_or_else(|| {
+                    EncodeError::Io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the outboard has no hash pair for node {node:?}"),
+                    ))
+                })?;
                 ob.read(off * 64, pair).map_err(EncodeError::Io)?;
             }
             Item::Leaf {
