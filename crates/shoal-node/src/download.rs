@@ -8,7 +8,7 @@
 //! runs as its own task whose verified groups land in the store straight
 //! away (and are served to others from there).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use shoal_discovery::{AddressBook, Candidate, SelfFilter, Source};
 use shoal_proto::{GROUP_SIZE, GroupRanges, Limit, group_count, hash_from_bytes, limits, pb};
 use shoal_store::{BlobKind, Hash, ReceiveError};
@@ -117,7 +118,23 @@ struct Running {
 struct Counting<R> {
     inner: R,
     bytes: Arc<AtomicU64>,
+    /// Pieces read ahead by [`RecvStream::read_chunks`], not handed out yet.
+    queue: VecDeque<Bytes>,
 }
+
+impl<R> Counting<R> {
+    fn new(inner: R, bytes: Arc<AtomicU64>) -> Self {
+        Counting {
+            inner,
+            bytes,
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+/// Most pieces one read takes from the stream: a piece is one packet's
+/// data in a bulk transfer, so this is ~40 KB per lock of the connection.
+const READ_AHEAD: usize = 32;
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     fn poll_read(
@@ -125,6 +142,16 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        // Pieces read ahead come first (none are, in the order the frames
+        // are read now: the answer's header before its data).
+        if let Some(front) = self.queue.front_mut() {
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front.split_to(n));
+            if front.is_empty() {
+                self.queue.pop_front();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -134,16 +161,29 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 }
 
 impl shoal_store::ChunkSource for Counting<RecvStream> {
-    async fn take(&mut self, max: usize) -> std::io::Result<Option<bytes::Bytes>> {
-        let chunk = self
-            .inner
-            .read_chunk(max)
-            .await
-            .map_err(std::io::Error::other)?;
-        if let Some(c) = &chunk {
-            self.bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
+    async fn take(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
+        if self.queue.is_empty() {
+            let mut bufs: [Bytes; READ_AHEAD] = std::array::from_fn(|_| Bytes::new());
+            let Some(n) = self
+                .inner
+                .read_chunks(&mut bufs)
+                .await
+                .map_err(std::io::Error::other)?
+            else {
+                return Ok(None);
+            };
+            let got = bufs[..n].iter().map(Bytes::len).sum::<usize>();
+            self.bytes.fetch_add(got as u64, Ordering::Relaxed);
+            self.queue.extend(bufs.into_iter().take(n));
         }
-        Ok(chunk)
+        let Some(front) = self.queue.front_mut() else {
+            // A read of no pieces (not the end): the caller asks again.
+            return Ok(Some(Bytes::new()));
+        };
+        if front.len() > max {
+            return Ok(Some(front.split_to(max)));
+        }
+        Ok(self.queue.pop_front())
     }
 }
 
@@ -674,7 +714,7 @@ async fn run_get(
     };
     write_frame(&mut send, &req).await.map_err(|e| failed(&e))?;
     let _ = send.finish();
-    let mut recv = Counting { inner: recv, bytes };
+    let mut recv = Counting::new(recv, bytes);
     let resp: pb::Response =
         tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
             .await
