@@ -20,14 +20,17 @@ use bao_tree::{BaoTree, ChunkNum, ChunkRanges};
 use shoal_proto::{GROUP_SIZE, GroupRanges};
 
 use crate::encode::Verifier;
+use crate::slot::AlignedBuf;
 use crate::tree::groups_of_bytes;
 
 /// Verified bytes ready to be written: one contiguous run of data and one
 /// of outboard (pre-order parent pairs), and the groups the data completes.
+/// The data is aligned in memory (and, being whole groups, on disk) so the
+/// writer can hand it to the disk with `O_DIRECT`.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub(crate) data_start: u64,
-    pub(crate) data: Vec<u8>,
+    pub(crate) data: AlignedBuf,
     pub(crate) ob_start: u64,
     pub(crate) ob: Vec<u8>,
     pub(crate) groups: GroupRanges,
