@@ -152,8 +152,99 @@ async fn tcp(size: u64) -> (Duration, Duration) {
     (t0.elapsed(), cpu_time() - cpu0)
 }
 
+/// The receiving side of the two-process stream: bind, print the address,
+/// take one stream, then print the CPU this process spent from the stream's
+/// first byte to its end.
+async fn recv_child(size: u64) {
+    let b = Endpoint::bind(
+        SecretKey::generate(),
+        EndpointConfig {
+            listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("bind");
+    println!("{}", b.local_addrs()[0]);
+    let conn = b.accept().await.expect("accept");
+    let (_send, mut recv) = conn.accept_bi().await.expect("accept stream");
+    let cpu0 = cpu_time();
+    let mut got = 0u64;
+    while let Some(chunk) = recv.read_chunk(BUF).await.expect("read") {
+        got += chunk.len() as u64;
+    }
+    assert_eq!(got, size);
+    println!("{}", (cpu_time() - cpu0).as_secs_f64());
+    b.close().await;
+}
+
+/// One QUIC stream between two processes, each with its own default
+/// runtime, as a seeder and a downloader run.
+async fn quic_two_processes(size: u64) -> (Duration, Duration) {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("own path");
+    let mut child = std::process::Command::new(exe)
+        .args(["--recv", &size.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the receiver");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr: SocketAddr = lines
+        .next()
+        .expect("receiver address")
+        .expect("read")
+        .parse()
+        .expect("address");
+    let a = Endpoint::bind(
+        SecretKey::generate(),
+        EndpointConfig {
+            listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("bind");
+    let conn = a.connect(addr, None).await.expect("connect");
+    let (cpu0, t0) = (cpu_time(), Instant::now());
+    let (mut send, _recv) = conn.open_bi().await.expect("open");
+    let block = Bytes::from(vec![0x5a; BUF]);
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(BUF as u64) as usize;
+        send.write_chunk(block.slice(..n)).await.expect("write");
+        left -= n as u64;
+    }
+    send.finish().expect("finish");
+    let child_cpu = tokio::task::spawn_blocking(move || {
+        let line = lines.next().expect("receiver's CPU").expect("read");
+        let _ = child.wait();
+        line
+    })
+    .await
+    .expect("join");
+    let wall = t0.elapsed();
+    let child_cpu: f64 = child_cpu.trim().parse().expect("seconds");
+    let sender_cpu = cpu_time() - cpu0;
+    println!(
+        "  (sender {:.2} s CPU, receiver {child_cpu:.2} s CPU)",
+        sender_cpu.as_secs_f64()
+    );
+    a.close().await;
+    (wall, sender_cpu + Duration::from_secs_f64(child_cpu))
+}
+
 fn main() {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--recv") {
+        let size = args
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("--recv SIZE");
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(recv_child(size));
+        return;
+    }
     let size = args
         .next()
         .map(|s| parse_size(&s).expect("size: bytes, or with KiB/MiB/GiB"))
@@ -164,13 +255,19 @@ fn main() {
         Some("newreno") => Congestion::NewReno,
         Some(other) => panic!("unknown congestion controller {other}"),
     };
+    // The two-process stream runs first, each process with the runtime
+    // `shoal` itself builds (one worker per core).
+    let (wall, cpu) = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(quic_two_processes(size));
+    println!("{} MiB over loopback, {congestion:?}", size >> 20);
+    report("quic stream, two processes", size, wall, cpu);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        println!("{} MiB over loopback, {congestion:?}", size >> 20);
         let (wall, cpu) = quic(size, congestion, true).await;
         report("quic stream (write_chunk)", size, wall, cpu);
         let (wall, cpu) = quic(size, congestion, false).await;
