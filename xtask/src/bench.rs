@@ -924,6 +924,13 @@ else:
 "#;
 
 /// Parses a line of the bulk example: (MiB/s, CPU s/GiB).
+/// The `bulk` example's line for one QUIC stream between two processes
+/// (the S2 target's baseline: shoal's seeder and downloader are two
+/// processes too).
+const BARE_TWO: &str = "quic stream, two processes";
+/// Its line for both ends in one process, on one shared runtime.
+const BARE_ONE: &str = "quic stream (write_chunk)";
+
 fn bulk_line(out: &str, name: &str) -> Option<(f64, f64)> {
     let l = out.lines().find(|l| l.starts_with(name))?;
     let w: Vec<&str> = l[name.len()..].split_whitespace().collect();
@@ -1050,6 +1057,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
 
     let (mut sh_rate, mut sh_cpu, mut sh_rss) = (vec![], vec![], vec![]);
     let (mut q_rate, mut q_cpu, mut tcp_bulk) = (vec![], vec![], vec![]);
+    let (mut q1_rate, mut q1_cpu) = (vec![], vec![]);
     let (mut lt_rate, mut lt_cpu, mut sm_rate, mut tcp) = (vec![], vec![], vec![], vec![]);
     let mut lt_err = None;
     for i in 0..cx.o.runs {
@@ -1071,11 +1079,16 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         sh_rss.push(r.usage.rss_mib);
         rm(&dd);
         rm(&out);
-        // bare quinn stream (and TCP from the same example)
+        // bare quinn stream, between two processes as shoal's two ends,
+        // and in one process; TCP from the same example
         let r = run_ok(Command::new(&cx.bulk).arg(size.to_string()))?;
-        if let Some((m, c)) = bulk_line(&r.stdout, "quic stream (write_chunk)") {
+        if let Some((m, c)) = bulk_line(&r.stdout, BARE_TWO) {
             q_rate.push(m);
             q_cpu.push(c);
+        }
+        if let Some((m, c)) = bulk_line(&r.stdout, BARE_ONE) {
+            q1_rate.push(m);
+            q1_cpu.push(c);
         }
         if let Some((m, _)) = bulk_line(&r.stdout, "tcp stream") {
             tcp_bulk.push(m);
@@ -1135,9 +1148,15 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     cx.rows.push(
         Row::new("S2", "get, 1 seeder -> 1 downloader", "MiB/s")
             .shoal(median(&sh_rate))
-            .base("bare quinn stream", median(&q_rate))
+            .base("bare quinn stream, two processes", median(&q_rate))
             .target(">= 0.8x")
-            .note(note.clone()),
+            .note(format!("{note}; each end in its own process, as shoal's")),
+    );
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("bare quinn stream, one process", median(&q1_rate))
+            .note("reference: both ends share one runtime of 2 workers"),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
@@ -1179,7 +1198,13 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
-            .base("bare quinn stream", median(&q_cpu))
+            .base("bare quinn stream, two processes", median(&q_cpu))
+            .note("lower is better"),
+    );
+    cx.rows.push(
+        Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
+            .shoal(median(&sh_cpu))
+            .base("bare quinn stream, one process", median(&q1_cpu))
             .note("lower is better"),
     );
     cx.rows.push(
@@ -1923,10 +1948,10 @@ mod tests {
 
     #[test]
     fn bulk_lines() {
-        let out = "quic stream (write_chunk)         423 MiB/s    2.10 CPU s/GiB   (2.4 s wall, 5.0 s CPU)\n";
-        assert_eq!(
-            bulk_line(out, "quic stream (write_chunk)"),
-            Some((423.0, 2.10))
-        );
+        let out = "  (sender 1.08 s CPU, receiver 0.99 s CPU)\n\
+                   quic stream, two processes        923 MiB/s    2.07 CPU s/GiB   (1.11 s wall, 2.07 s CPU)\n\
+                   quic stream (write_chunk)         423 MiB/s    2.10 CPU s/GiB   (2.4 s wall, 5.0 s CPU)\n";
+        assert_eq!(bulk_line(out, BARE_ONE), Some((423.0, 2.10)));
+        assert_eq!(bulk_line(out, BARE_TWO), Some((923.0, 2.07)));
     }
 }
