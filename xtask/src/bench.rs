@@ -930,6 +930,9 @@ else:
 const BARE_TWO: &str = "quic stream, two processes";
 /// Its line for both ends in one process, on one shared runtime.
 const BARE_ONE: &str = "quic stream (write_chunk)";
+/// Its line for two processes sending from a 64 MiB pool of distinct
+/// buffers (not in the CPU cache when QUIC copies them, as a file's bytes).
+const BARE_UNCACHED: &str = "quic stream, uncached data";
 
 fn bulk_line(out: &str, name: &str) -> Option<(f64, f64)> {
     let l = out.lines().find(|l| l.starts_with(name))?;
@@ -1058,6 +1061,9 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     let (mut sh_rate, mut sh_cpu, mut sh_rss) = (vec![], vec![], vec![]);
     let (mut q_rate, mut q_cpu, mut tcp_bulk) = (vec![], vec![], vec![]);
     let (mut q1_rate, mut q1_cpu) = (vec![], vec![]);
+    let (mut qu_rate, mut qu_cpu) = (vec![], vec![]);
+    // shoal over the two-process stream, run by run (adjacent in time)
+    let mut pair_ratio = vec![];
     let (mut lt_rate, mut lt_cpu, mut sm_rate, mut tcp) = (vec![], vec![], vec![], vec![]);
     let mut lt_err = None;
     for i in 0..cx.o.runs {
@@ -1085,6 +1091,13 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         if let Some((m, c)) = bulk_line(&r.stdout, BARE_TWO) {
             q_rate.push(m);
             q_cpu.push(c);
+            if let Some(sh) = sh_rate.last() {
+                pair_ratio.push(sh / m);
+            }
+        }
+        if let Some((m, c)) = bulk_line(&r.stdout, BARE_UNCACHED) {
+            qu_rate.push(m);
+            qu_cpu.push(c);
         }
         if let Some((m, c)) = bulk_line(&r.stdout, BARE_ONE) {
             q1_rate.push(m);
@@ -1150,7 +1163,20 @@ fn s2(cx: &mut Ctx) -> Result<()> {
             .shoal(median(&sh_rate))
             .base("bare quinn stream, two processes", median(&q_rate))
             .target(">= 0.8x")
-            .note(format!("{note}; each end in its own process, as shoal's")),
+            .note(format!(
+                "{note}; each end in its own process, as shoal's; one 1 MiB buffer sent over and over; per-run ratios {}",
+                pair_ratio
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+    );
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("bare quinn stream, uncached data", median(&qu_rate))
+            .note("reference: two processes, the sender cycling through 64 MiB of distinct buffers (not in cache, as a file's bytes are)"),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
@@ -1199,6 +1225,12 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, two processes", median(&q_cpu))
+            .note("lower is better"),
+    );
+    cx.rows.push(
+        Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
+            .shoal(median(&sh_cpu))
+            .base("bare quinn stream, uncached data", median(&qu_cpu))
             .note("lower is better"),
     );
     cx.rows.push(
@@ -1953,5 +1985,11 @@ mod tests {
                    quic stream (write_chunk)         423 MiB/s    2.10 CPU s/GiB   (2.4 s wall, 5.0 s CPU)\n";
         assert_eq!(bulk_line(out, BARE_ONE), Some((423.0, 2.10)));
         assert_eq!(bulk_line(out, BARE_TWO), Some((923.0, 2.07)));
+        assert_eq!(bulk_line(out, BARE_UNCACHED), None);
+        let out = format!(
+            "{out}quic stream, uncached data        760 MiB/s    2.41 CPU s/GiB   (1.35 s wall, 2.41 s CPU)\n"
+        );
+        assert_eq!(bulk_line(&out, BARE_UNCACHED), Some((760.0, 2.41)));
+        assert_eq!(bulk_line(&out, BARE_TWO), Some((923.0, 2.07)));
     }
 }

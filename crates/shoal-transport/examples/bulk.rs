@@ -2,6 +2,11 @@
 //! (through the crate's stream wrappers, with the zero-copy chunk API and
 //! with AsyncRead/AsyncWrite), and a plain TCP stream for reference.
 //!
+//! The two-process stream runs twice: sending one 1 MiB buffer over and
+//! over (which stays in the sender's CPU cache), and sending from a pool of
+//! [`POOL`] of distinct buffers, larger than the caches, as the bytes of a
+//! real file are when QUIC copies them into packets.
+//!
 //! `cargo run --release -p shoal-transport --example bulk -- [SIZE] [cubic|bbr|newreno]`
 //! where SIZE is in bytes or with a unit (`1GiB`, `256MiB`); default 1 GiB.
 
@@ -13,6 +18,8 @@ use shoal_transport::{Congestion, Endpoint, EndpointConfig, SecretKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BUF: usize = 1 << 20;
+/// Buffers of [`BUF`] bytes in the pool of the uncached stream (64 MiB).
+const POOL: usize = 64;
 
 fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we pass.
@@ -179,8 +186,9 @@ async fn recv_child(size: u64) {
 }
 
 /// One QUIC stream between two processes, each with its own default
-/// runtime, as a seeder and a downloader run.
-async fn quic_two_processes(size: u64) -> (Duration, Duration) {
+/// runtime, as a seeder and a downloader run. The sender cycles through
+/// `pool` distinct buffers of [`BUF`] bytes.
+async fn quic_two_processes(size: u64, pool: usize) -> (Duration, Duration) {
     use std::io::BufRead;
     let exe = std::env::current_exe().expect("own path");
     let mut child = std::process::Command::new(exe)
@@ -207,9 +215,15 @@ async fn quic_two_processes(size: u64) -> (Duration, Duration) {
     let conn = a.connect(addr, None).await.expect("connect");
     let (cpu0, t0) = (cpu_time(), Instant::now());
     let (mut send, _recv) = conn.open_bi().await.expect("open");
-    let block = Bytes::from(vec![0x5a; BUF]);
+    // Distinct non-zero bytes in each buffer, so every page is its own.
+    let blocks: Vec<Bytes> = (0..pool)
+        .map(|i| Bytes::from(vec![0x5a ^ (i as u8 | 1); BUF]))
+        .collect();
     let mut left = size;
-    while left > 0 {
+    for block in blocks.iter().cycle() {
+        if left == 0 {
+            break;
+        }
         let n = left.min(BUF as u64) as usize;
         send.write_chunk(block.slice(..n)).await.expect("write");
         left -= n as u64;
@@ -255,13 +269,17 @@ fn main() {
         Some("newreno") => Congestion::NewReno,
         Some(other) => panic!("unknown congestion controller {other}"),
     };
-    // The two-process stream runs first, each process with the runtime
+    // The two-process streams run first, each process with the runtime
     // `shoal` itself builds (one worker per core).
     let (wall, cpu) = tokio::runtime::Runtime::new()
         .expect("runtime")
-        .block_on(quic_two_processes(size));
+        .block_on(quic_two_processes(size, 1));
+    let (wall_pool, cpu_pool) = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(quic_two_processes(size, POOL));
     println!("{} MiB over loopback, {congestion:?}", size >> 20);
     report("quic stream, two processes", size, wall, cpu);
+    report("quic stream, uncached data", size, wall_pool, cpu_pool);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
