@@ -491,7 +491,8 @@ impl Shoal {
         c
     }
 
-    /// `shoal add` with no node running (the store directly); the hash.
+    /// `shoal add` (the store directly, or through the control socket of a
+    /// node running on `dir`); the hash.
     fn add(&self, dir: &Path, path: &Path, copy: bool) -> Result<(String, Ran)> {
         let mut c = self.cmd(dir, None);
         c.arg("add").arg(path);
@@ -818,6 +819,7 @@ fn s1(cx: &mut Ctx) -> Result<()> {
     // Warm the page cache.
     std::io::copy(&mut std::fs::File::open(&input)?, &mut std::io::sink())?;
     let (mut inplace, mut copy, mut b3s, mut cps) = (vec![], vec![], vec![], vec![]);
+    let mut via_node = vec![];
     let mib = size as f64 / MIB;
     for i in 0..cx.o.runs {
         eprintln!("  S1 run {}/{}", i + 1, cx.o.runs);
@@ -828,6 +830,13 @@ fn s1(cx: &mut Ctx) -> Result<()> {
             let r = run_ok(Command::new("b3sum").arg("--no-names").arg(&input))?;
             b3s.push(mib / r.secs);
         }
+        // The same add into a running node's store (started untimed): no
+        // database to open and close.
+        rm(&data);
+        let node = cx.shoal.serve(&data, None, "127.0.0.1:0", &[])?;
+        let (_, r) = cx.shoal.add(&data, &input, false)?;
+        via_node.push(mib / r.secs);
+        node.stop();
         rm(&data);
         let (_, r) = cx.shoal.add(&data, &input, true)?;
         copy.push(mib / r.secs);
@@ -856,6 +865,12 @@ fn s1(cx: &mut Ctx) -> Result<()> {
             } else {
                 NOT_INSTALLED.into()
             }),
+    );
+    cx.rows.push(
+        Row::new("S1", "add, in place, to a running node", "MiB/s")
+            .shoal(median(&via_node))
+            .base("b3sum (all cores)", median(&b3s))
+            .note("reference: `shoal add` through the control socket of `shoal serve`, whose store is open already"),
     );
     cx.rows.push(
         Row::new("S1", "add --copy", "MiB/s")
