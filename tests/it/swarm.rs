@@ -428,3 +428,44 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// `shoal demo` (the README's first command) swarms: with the seeder's
+/// upload capped, the downloaders send each other most of the data, and
+/// every copy verifies.
+#[test]
+fn demo_swarms_and_verifies() {
+    let dir = Dir::new();
+    let out = dir.ok(&[
+        "--json",
+        "demo",
+        "--size-mib",
+        "8",
+        "--downloaders",
+        "3",
+        "--seeder-rate",
+        "2MiB/s",
+    ]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let size = 8u64 << 20;
+    let last = lines.last().expect("a summary line");
+    assert_eq!(last["verified"], true, "{out}");
+    assert_eq!(last["bytes"], size);
+    let uploaded = |node: &str| {
+        lines
+            .iter()
+            .find(|l| l["node"] == node)
+            .and_then(|l| l["uploaded"].as_u64())
+            .unwrap_or_else(|| panic!("no row for {node}: {out}"))
+    };
+    let seeder = uploaded("seeder");
+    let peers: u64 = (1..=3).map(|i| uploaded(&format!("downloader {i}"))).sum();
+    // Without a swarm the seeder would send three copies.
+    assert!(seeder < 2 * size, "seeder sent {seeder} bytes: {out}");
+    assert!(
+        peers > size / 2,
+        "downloaders sent each other {peers} bytes: {out}"
+    );
+}

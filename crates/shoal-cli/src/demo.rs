@@ -17,6 +17,12 @@ pub(crate) struct DemoArgs {
     /// Number of downloaders.
     #[arg(long, default_value_t = 4)]
     downloaders: usize,
+    /// Upload cap of the seeder (`0`: none). Uncapped on loopback, the
+    /// seeder alone feeds every downloader in about a second and there is
+    /// no swarm to see; capped, as a home uplink is, the downloaders get
+    /// most of the data from each other.
+    #[arg(long, value_name = "RATE", default_value = "50MiB/s", value_parser = crate::parse_rate)]
+    seeder_rate: u64,
 }
 
 /// Fast, deterministic filler (xorshift64*), so the demo needs no input.
@@ -49,7 +55,11 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     let data = generate(size);
     let expected = blake3::hash(&data);
 
-    let seeder = Node::spawn(loopback()).await?;
+    let seeder = Node::spawn(NodeConfig {
+        upload_limit: (args.seeder_rate > 0).then_some(args.seeder_rate),
+        ..loopback()
+    })
+    .await?;
     let t = Instant::now();
     let hash = seeder.add_bytes(data, "demo.bin").await?;
     let import = t.elapsed();
@@ -62,8 +72,16 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         seeder.peer_id(),
         import.as_secs_f64()
     );
+    let cap = if args.seeder_rate > 0 {
+        format!(
+            "the seeder's upload capped at {}/s",
+            human(args.seeder_rate)
+        )
+    } else {
+        "the seeder's upload not capped".to_string()
+    };
     eprintln!(
-        "starting {} downloaders, each given only the seeder's ticket; they find each other by peer exchange",
+        "starting {} downloaders, each given only the seeder's ticket; they find each other by peer exchange ({cap})",
         args.downloaders
     );
 
@@ -179,8 +197,9 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
             );
         }
         let seeder_copies = rows[0].3 as f64 / size as f64;
+        let peer_copies = rows[1..].iter().map(|r| r.3).sum::<u64>() as f64 / size as f64;
         println!(
-            "all done in {:.2}s ({:.0} MiB/s aggregate); the seeder sent {seeder_copies:.2} copies, the downloaders sent each other the rest",
+            "all done in {:.2}s ({:.0} MiB/s aggregate); the seeder sent {seeder_copies:.2} copies, the downloaders sent each other {peer_copies:.2}",
             total.as_secs_f64(),
             mb * args.downloaders as f64 / total.as_secs_f64().max(1e-3)
         );

@@ -268,13 +268,19 @@ async fn on_get(
     if ranges.is_empty() {
         return Ok(());
     }
-    match node
-        .store
-        .send_ranges_to(&hash, &ranges, &mut QuicSink(send))
-        .await
-    {
+    let mut sink = QuicSink {
+        send,
+        write_failed: false,
+    };
+    match node.store.send_ranges_to(&hash, &ranges, &mut sink).await {
         Ok(bytes) => {
             lock(&node.book).count_upload(peer, bytes);
+            Ok(())
+        }
+        Err(e) if sink.write_failed => {
+            // The peer stopped the answer (it got those groups elsewhere,
+            // as in end-game) or the connection went: nothing is wrong here.
+            debug!(%peer, hash = %hash, "answer not finished: {e}");
             Ok(())
         }
         Err(e) => {
@@ -360,14 +366,18 @@ async fn on_get_blobs(
 }
 
 /// The encoder's buffers go to QUIC as they are, without a copy.
-struct QuicSink<'a>(&'a mut SendStream);
+/// The answer stream of a `Get`, as the store's sink; remembers whether a
+/// write failed (the peer's doing) as opposed to the store's reads.
+struct QuicSink<'a> {
+    send: &'a mut SendStream,
+    write_failed: bool,
+}
 
 impl shoal_store::ChunkSink for QuicSink<'_> {
     async fn put(&mut self, chunk: bytes::Bytes) -> std::io::Result<()> {
-        self.0
-            .write_chunk(chunk)
-            .await
-            .map_err(std::io::Error::other)
+        let r = self.send.write_chunk(chunk).await;
+        self.write_failed |= r.is_err();
+        r.map_err(std::io::Error::other)
     }
 }
 
