@@ -134,9 +134,11 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         r.context("a downloader failed")?;
         finish_times.push(at.duration_since(started));
     }
+    // When the last downloader finished (the progress printer may still
+    // sleep up to half a second before it sees `done`).
+    let total = started.elapsed();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = printer.await;
-    let total = started.elapsed();
 
     // Verify every copy independently of the store's own checks.
     let mut all_ok = true;
