@@ -365,9 +365,9 @@ async fn on_get_blobs(
     Ok(())
 }
 
-/// The encoder's buffers go to QUIC as they are, without a copy.
-/// The answer stream of a `Get`, as the store's sink; remembers whether a
-/// write failed (the peer's doing) as opposed to the store's reads.
+/// The answer stream of a `Get`, as the store's sink: the encoder's buffers
+/// go to QUIC as they are, without a copy. Remembers whether a write failed
+/// (the peer's doing), as opposed to the store's reads.
 struct QuicSink<'a> {
     send: &'a mut SendStream,
     write_failed: bool,

@@ -215,10 +215,9 @@ async fn quic_two_processes(size: u64, pool: usize) -> (Duration, Duration) {
     let conn = a.connect(addr, None).await.expect("connect");
     let (cpu0, t0) = (cpu_time(), Instant::now());
     let (mut send, _recv) = conn.open_bi().await.expect("open");
-    // Distinct non-zero bytes in each buffer, so every page is its own.
-    let blocks: Vec<Bytes> = (0..pool)
-        .map(|i| Bytes::from(vec![0x5a ^ (i as u8 | 1); BUF]))
-        .collect();
+    // Each buffer its own memory; non-zero, so every page is written
+    // (a zeroed allocation could map one shared zero page).
+    let blocks: Vec<Bytes> = (0..pool).map(|_| Bytes::from(vec![0x5a; BUF])).collect();
     let mut left = size;
     for block in blocks.iter().cycle() {
         if left == 0 {
