@@ -81,3 +81,38 @@ fn commands_go_through_a_running_node() {
     // An in-place file is never deleted by gc.
     assert!(f.exists());
 }
+
+#[test]
+fn a_large_file_added_in_place_is_hashed_while_the_store_opens() {
+    // Above the CLI's overlap threshold (32 MiB): the file is hashed on one
+    // thread while the store opens on another, then recorded.
+    let d = Dir::new();
+    let f = d.path().join("large.bin");
+    let mut bytes = vec![0u8; 40 << 20];
+    for (i, chunk) in bytes.chunks_mut(1 << 20).enumerate() {
+        chunk[..4096].copy_from_slice(&data(4096, i as u64));
+    }
+    std::fs::write(&f, &bytes).unwrap();
+    let out = d.ok(&["add", f.to_str().unwrap()]);
+    let hash = out.split_whitespace().next().unwrap().to_string();
+    assert_eq!(hash, blake3::hash(&bytes).to_hex().as_str());
+    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
+    assert_eq!(ls["hash"], hash.as_str());
+    assert_eq!(ls["complete"], true);
+    assert_eq!(ls["size"], 40u64 << 20);
+    assert!(d.ok(&["verify"]).contains(&format!("{hash}  ok")));
+
+    // A store that cannot open is the error reported, not a hash.
+    let d2 = Dir::new();
+    std::fs::create_dir_all(d2.path().join("node")).unwrap();
+    std::fs::write(d2.path().join("node/store"), b"not a directory").unwrap();
+    let o = d2.run(&["add", f.to_str().unwrap()], Duration::from_secs(60));
+    assert!(!o.status.success());
+    assert!(
+        o.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("opening the store"), "{stderr}");
+}

@@ -276,6 +276,74 @@ impl Prepared {
     }
 }
 
+/// A file hashed to be added in place, not yet recorded in any store: the
+/// first half of an [`ImportMode::InPlace`] [`Store::import_file`], which
+/// needs no store. A caller can hash while [`Store::open`] runs on another
+/// thread (opening and closing redb costs several `fdatasync`s, a fixed
+/// cost that would otherwise come on top of the hashing), then record it
+/// with [`Store::import_hashed`].
+#[derive(Debug)]
+pub struct HashedFile {
+    hash: blake3::Hash,
+    size: u64,
+    name: String,
+    /// Canonical path.
+    path: PathBuf,
+    stamp: Stamp,
+    outboard: Vec<u8>,
+}
+
+impl HashedFile {
+    /// Hash the regular file at `path` (with every core).
+    pub fn new(path: &Path) -> Result<HashedFile, StoreError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let f = File::open(path).map_err(io_err("opening", path))?;
+        let m0 = f.metadata().map_err(io_err("reading", path))?;
+        if !m0.is_file() {
+            return Err(StoreError::Unsupported(path.to_path_buf()));
+        }
+        HashedFile::hash_open(f, path, Stamp::of(&m0), name)
+    }
+
+    /// Hash `f`, open at `path` with stamp `s0`; fails if the file changes
+    /// while it is hashed.
+    fn hash_open(f: File, path: &Path, s0: Stamp, name: String) -> Result<Self, StoreError> {
+        let changed = || StoreError::ChangedDuringImport(path.to_path_buf());
+        let (hash, len, outboard) =
+            match tree::hash_file(&f, s0.size).map_err(io_err("reading", path))? {
+                tree::FileHash::Hashed(h, len, ob) => (h, len, ob),
+                tree::FileHash::Shrank => return Err(changed()),
+            };
+        let s1 = Stamp::of(&f.metadata().map_err(io_err("reading", path))?);
+        let s2 = Stamp::of(&fs::metadata(path).map_err(io_err("reading", path))?);
+        if s1 != s0 || s2 != s0 || len != s0.size {
+            return Err(changed());
+        }
+        let path = fs::canonicalize(path).map_err(io_err("resolving", path))?;
+        Ok(HashedFile {
+            hash,
+            size: len,
+            name,
+            path,
+            stamp: s0,
+            outboard,
+        })
+    }
+
+    /// The file's BLAKE3 hash.
+    pub fn hash(&self) -> blake3::Hash {
+        self.hash
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 impl Store {
     /// Open (or create) the store in `dir`. Only one process may have a
     /// store open at a time: a second open gets [`StoreError::Locked`].
@@ -366,6 +434,29 @@ impl Store {
         let p = self.inner.prepare_file(path, mode, name)?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
+        Ok(hash)
+    }
+
+    /// Record a file hashed by [`HashedFile::new`] (in place, pinned, named
+    /// after the file name). Fails if the file changed since it was hashed.
+    pub fn import_hashed(&self, h: HashedFile) -> Result<blake3::Hash, StoreError> {
+        if !stamp_matches(&h.path, h.stamp) {
+            return Err(StoreError::ChangedDuringImport(h.path));
+        }
+        let hash = h.hash;
+        let outboard = self.inner.write_outboard(&hash, h.outboard)?;
+        self.inner.commit(vec![Prepared {
+            hash,
+            size: h.size,
+            name: h.name,
+            kind: BlobKind::Raw,
+            data: DataRef::File {
+                path: h.path,
+                stamp: Some(h.stamp),
+            },
+            outboard,
+            inline: None,
+        }])?;
         Ok(hash)
     }
 
@@ -1762,26 +1853,18 @@ impl Inner {
         }
         match mode {
             ImportMode::InPlace => {
-                let (hash, len, ob) =
-                    match tree::hash_file(&f, s0.size).map_err(io_err("reading", path))? {
-                        tree::FileHash::Hashed(h, len, ob) => (h, len, ob),
-                        tree::FileHash::Shrank => return Err(changed()),
-                    };
-                let stamp = check(&f)?;
-                if len != s0.size {
-                    return Err(changed());
-                }
-                let abs = fs::canonicalize(path).map_err(io_err("resolving", path))?;
+                let h = HashedFile::hash_open(f, path, s0, name)?;
+                let outboard = self.write_outboard(&h.hash, h.outboard)?;
                 Ok(Prepared {
-                    hash,
-                    size: len,
-                    name,
+                    hash: h.hash,
+                    size: h.size,
+                    name: h.name,
                     kind: BlobKind::Raw,
                     data: DataRef::File {
-                        path: abs,
-                        stamp: Some(stamp),
+                        path: h.path,
+                        stamp: Some(h.stamp),
                     },
-                    outboard: self.write_outboard(&hash, ob)?,
+                    outboard,
                     inline: None,
                 })
             }

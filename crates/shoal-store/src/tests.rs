@@ -576,6 +576,51 @@ fn in_place_file_changed_after_import_is_not_served() {
 }
 
 #[test]
+fn a_file_hashed_before_the_store_opens_is_recorded_as_by_import_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.bin");
+    let d = data(1_000_000, 21);
+    fs::write(&path, &d).unwrap();
+    // Hashed with no store open yet, then recorded.
+    let hashed = crate::HashedFile::new(&path).unwrap();
+    assert_eq!(hashed.hash(), blake3::hash(&d));
+    assert_eq!(hashed.size(), d.len() as u64);
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let hash = store.import_hashed(hashed).unwrap();
+    assert_eq!(hash, blake3::hash(&d));
+    let info = store.info(&hash).unwrap();
+    assert!(info.complete && info.pinned);
+    assert_eq!(info.name, "big.bin");
+    assert_eq!(store.read_all(&hash).unwrap(), d);
+    // The outboard was written: a range in the middle streams and verifies.
+    let mid = GroupRanges::from_range(20..30);
+    let (have, bytes) = encode(&store, &hash, &mid);
+    assert_eq!(have, mid);
+    let other = Store::in_memory();
+    assert_eq!(receive(&other, &hash, &mid, &bytes).unwrap(), mid);
+    // It survives a reopen like any in-place import.
+    drop(store);
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    assert!(store.verify(&hash).unwrap());
+
+    // A file changed between hashing and recording is refused, and
+    // nothing is recorded.
+    let path2 = dir.path().join("moving.bin");
+    fs::write(&path2, data(300_000, 22)).unwrap();
+    let hashed = crate::HashedFile::new(&path2).unwrap();
+    let h2 = hashed.hash();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&path2, data(300_001, 22)).unwrap();
+    let err = store.import_hashed(hashed).unwrap_err();
+    assert!(matches!(err, StoreError::ChangedDuringImport(_)), "{err}");
+    assert!(store.info(&h2).is_none());
+
+    // Only regular files.
+    let err = crate::HashedFile::new(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+}
+
+#[test]
 fn directories_round_trip_as_collections() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s")).unwrap();
