@@ -443,20 +443,9 @@ impl Store {
         if !stamp_matches(&h.path, h.stamp) {
             return Err(StoreError::ChangedDuringImport(h.path));
         }
-        let hash = h.hash;
-        let outboard = self.inner.write_outboard(&hash, h.outboard)?;
-        self.inner.commit(vec![Prepared {
-            hash,
-            size: h.size,
-            name: h.name,
-            kind: BlobKind::Raw,
-            data: DataRef::File {
-                path: h.path,
-                stamp: Some(h.stamp),
-            },
-            outboard,
-            inline: None,
-        }])?;
+        let p = self.inner.prepare_hashed(h)?;
+        let hash = p.hash;
+        self.inner.commit(vec![p])?;
         Ok(hash)
     }
 
@@ -1781,6 +1770,23 @@ impl Inner {
         Ok(ObRef::File(path))
     }
 
+    /// A file hashed in place, its outboard written.
+    fn prepare_hashed(&self, h: HashedFile) -> Result<Prepared, StoreError> {
+        let outboard = self.write_outboard(&h.hash, h.outboard)?;
+        Ok(Prepared {
+            hash: h.hash,
+            size: h.size,
+            name: h.name,
+            kind: BlobKind::Raw,
+            data: DataRef::File {
+                path: h.path,
+                stamp: Some(h.stamp),
+            },
+            outboard,
+            inline: None,
+        })
+    }
+
     fn prepare_bytes(
         &self,
         data: &[u8],
@@ -1852,22 +1858,7 @@ impl Inner {
             return self.prepare_bytes(&data, name, BlobKind::Raw);
         }
         match mode {
-            ImportMode::InPlace => {
-                let h = HashedFile::hash_open(f, path, s0, name)?;
-                let outboard = self.write_outboard(&h.hash, h.outboard)?;
-                Ok(Prepared {
-                    hash: h.hash,
-                    size: h.size,
-                    name: h.name,
-                    kind: BlobKind::Raw,
-                    data: DataRef::File {
-                        path: h.path,
-                        stamp: Some(h.stamp),
-                    },
-                    outboard,
-                    inline: None,
-                })
-            }
+            ImportMode::InPlace => self.prepare_hashed(HashedFile::hash_open(f, path, s0, name)?),
             ImportMode::Copy => {
                 let Some(tmp) = self.tmp_path() else {
                     return Err(StoreError::Unsupported(path.to_path_buf()));
