@@ -885,11 +885,18 @@ fn s1(cx: &mut Ctx) -> Result<()> {
             .base("b3sum (all cores)", median(&b3s))
             .note("reference: `shoal add` through the control socket of `shoal serve`, whose store is open already"),
     );
+    // Each run's pair, since the disk's speed swings from run to run.
+    let pairs = copy
+        .iter()
+        .zip(&cps)
+        .map(|(s, c)| format!("{s:.0}/{c:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     cx.rows.push(
         Row::new("S1", "add --copy", "MiB/s")
             .shoal(median(&copy))
             .base("cp + fsync", median(&cps))
-            .note(note),
+            .note(format!("{note}; per run, shoal/cp: {pairs}")),
     );
     // Many small files: a directory of 4 KiB files added in place (one
     // collection), against the rate issue 3 asks for.
