@@ -627,11 +627,12 @@ fn write_random(path: &Path, len: u64, seed: u64) -> Result<()> {
 }
 
 /// Flush what earlier steps left to the disk before a step that writes and
-/// syncs a GiB is timed. The deletion of the last GiB written is the worst
-/// of it where the filesystem is mounted with `discard` (this machine's
-/// root is): its discards go out with the next journal commit, and when
-/// that fell inside `add --copy`'s sync the row read 0.25x of cp + fsync,
-/// where synced rounds alternating by hand gave 1.35x.
+/// syncs a GiB is timed, so that neither side pays for the other's
+/// writeback. Where the filesystem is mounted with `discard` (this
+/// machine's root is), that includes the discards of the GiB just deleted,
+/// which go out with the next journal commit. (It did not explain the
+/// 0.24-0.50x `--copy` runs of 2026-11-29: those came with a slow disk and
+/// went with it; see BENCHMARKS.md.)
 fn settle() -> Result<()> {
     run_ok(&mut Command::new("sync"))?;
     Ok(())

@@ -19,8 +19,9 @@ pub(crate) struct DemoArgs {
     downloaders: usize,
     /// Upload cap of the seeder (`0`: none). Uncapped on loopback, the
     /// seeder alone feeds every downloader within a couple of seconds,
-    /// before they learn of each other, and there is no swarm to see; capped, as a home uplink is, the downloaders get
-    /// most of the data from each other.
+    /// before they learn of each other, and there is no swarm to see;
+    /// capped, as a home uplink is, the downloaders get most of the data
+    /// from each other.
     #[arg(long, value_name = "RATE", default_value = "50MiB/s", value_parser = crate::parse_rate)]
     seeder_rate: u64,
 }

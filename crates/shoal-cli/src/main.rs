@@ -532,28 +532,26 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
         }
         _ => None,
     };
-    let mut first = None;
-    let store = if let Some(abs) = overlap {
+    // `first` is the first path's hash, when it was computed here.
+    let (store, mut first) = if let Some(abs) = overlap {
         let opening = tokio::task::spawn_blocking({
             let dir = dir.to_path_buf();
             move || open_store(&dir)
         });
-        first = Some(tokio::task::spawn_blocking(move || HashedFile::new(&abs)).await?);
+        let hashed = tokio::task::spawn_blocking(move || HashedFile::new(&abs)).await?;
         // A store that cannot open is the error to report, before any
         // about the file.
-        opening.await??
+        (opening.await??, Some(hashed))
     } else {
-        open_store(dir)?
+        (open_store(dir)?, None)
     };
     let mode = if copy {
         ImportMode::Copy
     } else {
         ImportMode::InPlace
     };
-    for (i, p) in paths.iter().enumerate() {
-        if i == 0
-            && let Some(hashed) = first.take()
-        {
+    for p in paths {
+        if let Some(hashed) = first.take() {
             let hashed = hashed.with_context(|| format!("adding {}", p.display()))?;
             let store = store.clone();
             let hash = tokio::task::spawn_blocking(move || store.import_hashed(hashed))

@@ -296,16 +296,8 @@ pub struct HashedFile {
 impl HashedFile {
     /// Hash the regular file at `path` (with every core).
     pub fn new(path: &Path) -> Result<HashedFile, StoreError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let f = File::open(path).map_err(io_err("opening", path))?;
-        let m0 = f.metadata().map_err(io_err("reading", path))?;
-        if !m0.is_file() {
-            return Err(StoreError::Unsupported(path.to_path_buf()));
-        }
-        HashedFile::hash_open(f, path, Stamp::of(&m0), name)
+        let (f, s0) = open_regular(path)?;
+        HashedFile::hash_open(f, path, s0, file_name(path))
     }
 
     /// Hash `f`, open at `path` with stamp `s0`; fails if the file changes
@@ -317,9 +309,8 @@ impl HashedFile {
                 tree::FileHash::Hashed(h, len, ob) => (h, len, ob),
                 tree::FileHash::Shrank => return Err(changed()),
             };
-        let s1 = Stamp::of(&f.metadata().map_err(io_err("reading", path))?);
-        let s2 = Stamp::of(&fs::metadata(path).map_err(io_err("reading", path))?);
-        if s1 != s0 || s2 != s0 || len != s0.size {
+        unchanged(&f, path, s0)?;
+        if len != s0.size {
             return Err(changed());
         }
         let path = fs::canonicalize(path).map_err(io_err("resolving", path))?;
@@ -427,11 +418,7 @@ impl Store {
     /// Add a file (blocking, hashes with every core). Pinned; named after
     /// the file name.
     pub fn import_file(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let p = self.inner.prepare_file(path, mode, name)?;
+        let p = self.inner.prepare_file(path, mode, file_name(path))?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
         Ok(hash)
@@ -506,13 +493,9 @@ impl Store {
         let manifest = collection::encode_manifest(&entries);
         // Refuse to create what we would refuse to read (odd names).
         collection::parse_manifest(&manifest)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let p = self
             .inner
-            .prepare_bytes(&manifest, name, BlobKind::Collection)?;
+            .prepare_bytes(&manifest, file_name(path), BlobKind::Collection)?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
         Ok(hash)
@@ -1317,6 +1300,34 @@ fn record_of(b: &Blob) -> Record {
     r
 }
 
+/// Open `path`, a regular file, and take its stamp.
+fn open_regular(path: &Path) -> Result<(File, Stamp), StoreError> {
+    let f = File::open(path).map_err(io_err("opening", path))?;
+    let m = f.metadata().map_err(io_err("reading", path))?;
+    if !m.is_file() {
+        return Err(StoreError::Unsupported(path.to_path_buf()));
+    }
+    Ok((f, Stamp::of(&m)))
+}
+
+/// Fails unless `f`, opened at `path` with stamp `s0`, and whatever `path`
+/// names now both still have that stamp.
+fn unchanged(f: &File, path: &Path, s0: Stamp) -> Result<(), StoreError> {
+    let s1 = Stamp::of(&f.metadata().map_err(io_err("reading", path))?);
+    let s2 = Stamp::of(&fs::metadata(path).map_err(io_err("reading", path))?);
+    if s1 != s0 || s2 != s0 {
+        return Err(StoreError::ChangedDuringImport(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// The name a blob (or collection) added from `path` gets: its file name.
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn stamp_matches(path: &Path, stamp: Stamp) -> bool {
     match fs::metadata(path) {
         Ok(m) => Stamp::of(&m) == stamp,
@@ -1831,27 +1842,14 @@ impl Inner {
         mode: ImportMode,
         name: String,
     ) -> Result<Prepared, StoreError> {
-        let f = File::open(path).map_err(io_err("opening", path))?;
-        let m0 = f.metadata().map_err(io_err("reading", path))?;
-        if !m0.is_file() {
-            return Err(StoreError::Unsupported(path.to_path_buf()));
-        }
-        let s0 = Stamp::of(&m0);
+        let (f, s0) = open_regular(path)?;
         let changed = || StoreError::ChangedDuringImport(path.to_path_buf());
-        let check = |f: &File| -> Result<Stamp, StoreError> {
-            let s1 = Stamp::of(&f.metadata().map_err(io_err("reading", path))?);
-            let s2 = Stamp::of(&fs::metadata(path).map_err(io_err("reading", path))?);
-            if s1 != s0 || s2 != s0 {
-                return Err(changed());
-            }
-            Ok(s0)
-        };
         let copy_small = mode == ImportMode::Copy && (self.dir.is_none() || s0.size <= GROUP_SIZE);
         if copy_small {
             let mut data = Vec::with_capacity(usize::try_from(s0.size).unwrap_or(0));
             (&f).read_to_end(&mut data)
                 .map_err(io_err("reading", path))?;
-            check(&f)?;
+            unchanged(&f, path, s0)?;
             if data.len() as u64 != s0.size {
                 return Err(changed());
             }
@@ -1885,7 +1883,7 @@ impl Inner {
                             return Err(StoreError::io("writing", &tmp, e));
                         }
                     };
-                    check(&f)?;
+                    unchanged(&f, path, s0)?;
                     out.sync_data().map_err(io_err("writing", &tmp))?;
                     let dest = self.owned_path(&hash).ok_or_else(changed)?;
                     fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
