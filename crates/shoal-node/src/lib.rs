@@ -31,6 +31,7 @@ mod error;
 mod fetch;
 mod node;
 mod peerbook;
+mod picker;
 pub mod scheduler;
 mod server;
 pub mod wire;

@@ -14,7 +14,10 @@
 //! - Rarest first: a peer is given the wanted, unrequested block it holds
 //!   that the fewest known peers hold, ties broken pseudo-randomly (so that
 //!   downloaders hold different blocks and can trade); in sequential mode
-//!   (streaming to stdout) the lowest block first.
+//!   (streaming to stdout) the lowest block first. The open blocks are
+//!   kept bucketed by availability (the crate's `picker` module), so a
+//!   pick and a pass cost what they look at, not the blob's size (a 1 TiB
+//!   blob has 8 million blocks).
 //! - Pipelining: each peer keeps up to `max_requests_per_peer` requests in
 //!   flight, each sized to about `target_request_time` of its measured rate.
 //! - A request that makes no progress within its deadline is a stall: the
@@ -31,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use fixedbitset::FixedBitSet;
 use shoal_proto::{GROUP_SIZE, GroupRanges};
+
+use crate::picker::Picker;
 
 /// Chunk groups per scheduling block (8 x 16 KiB = 128 KiB).
 pub const BLOCK_GROUPS: u64 = 8;
@@ -134,6 +139,8 @@ struct PeerState {
     groups: GroupRanges,
     /// Blocks the peer holds entirely.
     blocks: FixedBitSet,
+    /// How many (the ones in `blocks`).
+    held: u64,
     inflight: usize,
     /// Measured goodput in bytes per second (EWMA), once known.
     rate: Option<f64>,
@@ -163,6 +170,8 @@ pub struct SchedulerStats {
     pub cancels: u64,
     /// Requests that stalled.
     pub stalls: u64,
+    /// Blocks looked at while picking fresh blocks (what picking costs).
+    pub examined: u64,
 }
 
 /// The scheduler for one blob download.
@@ -177,8 +186,20 @@ pub struct Scheduler<P> {
     block_missing: Vec<u32>,
     /// Requests in flight per block.
     block_requests: Vec<u16>,
-    /// Peers holding each block.
-    avail: Vec<u32>,
+    /// The open blocks (wanted, no request in flight) by how many peers
+    /// hold them, rarest first: kept as they change, as a pass over every
+    /// block of a 1 TiB blob is 8 million steps.
+    picker: Picker,
+    /// No block below this one is wanted (sequential mode's start).
+    first_wanted: u64,
+    /// Where walks start in a bucket, advanced by every pick (seeded by
+    /// the config).
+    ties: u64,
+    /// Peers holding at most this many blocks are scanned rather than
+    /// walked ([`PICK_WALK`]; tests lower it to walk small blobs).
+    scan_below: u64,
+    /// Candidates a walk compares ([`SAMPLE`]; tests lower it).
+    sample: usize,
     peers: BTreeMap<P, PeerState>,
     dropped: BTreeSet<P>,
     requests: BTreeMap<RequestId, Request<P>>,
@@ -186,6 +207,14 @@ pub struct Scheduler<P> {
     next_id: RequestId,
     stats: SchedulerStats,
 }
+
+/// Blocks of the rarest-first order [`Scheduler::pick_fresh`] walks before
+/// it scans the peer's own blocks instead; also the most blocks a peer may
+/// hold for a scan to be tried first.
+const PICK_WALK: usize = 4096;
+
+/// Candidates a walk of [`Scheduler::pick_fresh`] compares.
+const SAMPLE: usize = 256;
 
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser: a cheap, deterministic tie-breaker.
@@ -198,9 +227,13 @@ fn mix(mut x: u64) -> u64 {
 impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// A scheduler for a blob of `groups` chunk groups, of which `have` are
     /// already verified locally.
+    ///
+    /// A blob has at most `u32::MAX - 1` blocks (512 TiB; downloads stop at
+    /// 1 TiB); `groups` is clamped to that.
     pub fn new(groups: u64, have: &GroupRanges, cfg: SchedulerConfig) -> Self {
-        let groups = groups.max(1);
+        let groups = groups.clamp(1, (u64::from(u32::MAX) - 1) * BLOCK_GROUPS);
         let blocks = groups.div_ceil(BLOCK_GROUPS);
+        let ties = cfg.seed;
         let mut s = Self {
             cfg,
             groups,
@@ -211,7 +244,11 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 .map(|b| Self::block_len(groups, b) as u32)
                 .collect(),
             block_requests: vec![0; blocks as usize],
-            avail: vec![0; blocks as usize],
+            picker: Picker::new(blocks as u32),
+            first_wanted: 0,
+            ties,
+            scan_below: PICK_WALK as u64,
+            sample: SAMPLE,
             peers: BTreeMap::new(),
             dropped: BTreeSet::new(),
             requests: BTreeMap::new(),
@@ -293,6 +330,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             PeerState {
                 groups: GroupRanges::new(),
                 blocks: FixedBitSet::with_capacity(self.blocks as usize),
+                held: 0,
                 inflight: 0,
                 rate: None,
                 strikes: 0,
@@ -326,7 +364,8 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 let range = b * BLOCK_GROUPS..(b * BLOCK_GROUPS + Self::block_len(groups, b));
                 if !state.blocks.contains(b as usize) && state.groups.contains_range(range) {
                     state.blocks.insert(b as usize);
-                    self.avail[b as usize] += 1;
+                    state.held += 1;
+                    self.picker.inc(b as u32);
                 }
             }
         }
@@ -338,7 +377,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             return;
         };
         for b in state.blocks.ones() {
-            self.avail[b] -= 1;
+            self.picker.dec(b as u32);
         }
         let ids: Vec<RequestId> = self
             .requests
@@ -497,6 +536,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 self.block_missing[b as usize] -= 1;
                 if self.block_missing[b as usize] == 0 {
                     completed.push(b);
+                    self.picker.remove(b as u32);
                 }
             }
         }
@@ -512,7 +552,8 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS).min(self.blocks) {
                 if state.blocks.contains(b as usize) {
                     state.blocks.set(b as usize, false);
-                    self.avail[b as usize] -= 1;
+                    state.held -= 1;
+                    self.picker.dec(b as u32);
                 }
             }
         }
@@ -532,7 +573,20 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     fn release_blocks(&mut self, r: &Request<P>) {
         for b in &r.blocks {
             self.block_requests[*b as usize] -= 1;
+            if self.block_requests[*b as usize] == 0 && self.wanted(*b) {
+                self.picker.insert(*b as u32);
+            }
         }
+    }
+
+    /// A request for `b` goes out.
+    fn claim_block(&mut self, b: u64) {
+        self.picker.remove(b as u32);
+        self.block_requests[b as usize] += 1;
+    }
+
+    fn is_open(&self, b: u64) -> bool {
+        self.picker.contains(b as u32)
     }
 
     fn wanted(&self, b: u64) -> bool {
@@ -559,18 +613,79 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     }
 
     /// The best new block for `p`: rarest first (or lowest in sequential
-    /// mode), wanted, unrequested, held by `p`.
-    fn pick_fresh(&self, p: &PeerState) -> Option<u64> {
-        let mut best: Option<(u64, u32, u64)> = None;
-        for b in p.blocks.ones() {
-            let b = b as u64;
-            if !self.wanted(b) || self.block_requests[b as usize] > 0 {
-                continue;
+    /// mode), wanted, unrequested, held by `p`. Adds what it looked at to
+    /// `examined`.
+    ///
+    /// Among equally rare blocks, each downloader prefers its own
+    /// pseudo-random order (`mix(block ^ seed)`). In the simulated swarm of
+    /// fifty downloaders this matters: with one seed set, the seeder sent
+    /// 6.7 copies of the file, and 7.7 to 9.9 when every pick chose afresh.
+    ///
+    /// A peer that holds at most `scan_below` blocks has them all scanned.
+    /// For one that holds more, the picker's buckets are walked from the
+    /// rarest, starting where `tie` says, and the preferred one of the
+    /// first `sample` blocks it holds, in the first bucket where it holds
+    /// any, is taken: a complete peer costs `sample` steps, not one per
+    /// block of the blob. (Forced to walk with 16 candidates, the same
+    /// swarm had the seeder send 8.2 copies on average over eight seed
+    /// sets, against 7.9 for the scan.) After [`PICK_WALK`] steps the walk
+    /// gives up and scans.
+    fn pick_fresh(&self, p: &PeerState, tie: u64, examined: &mut u64) -> Option<u64> {
+        if self.cfg.sequential {
+            for b in self.first_wanted..self.blocks {
+                *examined += 1;
+                if p.blocks.contains(b as usize) && self.is_open(b) {
+                    return Some(b);
+                }
             }
-            if self.cfg.sequential {
+            return None;
+        }
+        if p.held <= self.scan_below {
+            return self.scan_fresh(p, examined);
+        }
+        let key = |b: u64| mix(b ^ self.cfg.seed);
+        let mut walked = 0;
+        for bucket in self.picker.buckets() {
+            let (head, tail) = bucket.split_at((tie % bucket.len() as u64) as usize);
+            let mut best: Option<(u64, u64)> = None;
+            let mut found = 0;
+            for &b in tail.iter().chain(head) {
+                if walked == PICK_WALK {
+                    break;
+                }
+                walked += 1;
+                *examined += 1;
+                let b = u64::from(b);
+                if p.blocks.contains(b as usize) {
+                    if best.is_none_or(|(_, k)| key(b) < k) {
+                        best = Some((b, key(b)));
+                    }
+                    found += 1;
+                    if found == self.sample {
+                        break;
+                    }
+                }
+            }
+            if let Some((b, _)) = best {
                 return Some(b);
             }
-            let key = (self.avail[b as usize], mix(b ^ self.cfg.seed));
+            if walked == PICK_WALK {
+                return self.scan_fresh(p, examined);
+            }
+        }
+        None
+    }
+
+    /// [`Self::pick_fresh`] by a pass over the blocks `p` holds.
+    fn scan_fresh(&self, p: &PeerState, examined: &mut u64) -> Option<u64> {
+        let mut best: Option<(u64, u32, u64)> = None;
+        for b in p.blocks.ones() {
+            *examined += 1;
+            let b = b as u64;
+            if !self.is_open(b) {
+                continue;
+            }
+            let key = (self.picker.avail(b as u32), mix(b ^ self.cfg.seed));
             if best.is_none_or(|(_, a, t)| key < (a, t)) {
                 best = Some((b, key.0, key.1));
             }
@@ -609,20 +724,28 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         best.map(|(b, _, _)| b)
     }
 
+    /// Walk the picker for every peer, comparing `sample` candidates
+    /// (tests: small blobs would otherwise always be scanned).
+    #[cfg(test)]
+    fn walk_always(&mut self, sample: usize) {
+        self.scan_below = 0;
+        self.sample = sample;
+    }
+
     fn all_wanted_requested(&self) -> bool {
-        (0..self.blocks).all(|b| !self.wanted(b) || self.block_requests[b as usize] > 0)
+        self.picker.len() == 0
     }
 
     fn schedule(&mut self, now: Instant) {
         if self.is_complete() {
             return;
         }
+        while self.first_wanted < self.blocks && !self.wanted(self.first_wanted) {
+            self.first_wanted += 1;
+        }
         // No request may take more than a fair share of what is left, so
         // that every peer keeps getting work until the end.
-        let unrequested = (0..self.blocks)
-            .filter(|b| self.wanted(*b) && self.block_requests[*b as usize] == 0)
-            .count() as u64;
-        let fair = (unrequested / (2 * self.peers.len().max(1) as u64)).max(1);
+        let fair = (self.picker.len() as u64 / (2 * self.peers.len().max(1) as u64)).max(1);
         // Fastest peers first, so that they get the rarest blocks.
         let mut order: Vec<(P, f64)> = self
             .peers
@@ -635,7 +758,11 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 if p.inflight >= self.cfg.max_requests_per_peer {
                     break;
                 }
-                let (blocks, endgame) = if let Some(first) = self.pick_fresh(p) {
+                let mut examined = 0;
+                self.ties = mix(self.ties);
+                let fresh = self.pick_fresh(p, self.ties, &mut examined);
+                self.stats.examined += examined;
+                let (blocks, endgame) = if let Some(first) = fresh {
                     let want = self.request_blocks(p).min(fair);
                     let mut blocks = vec![first];
                     let mut next = first + 1;
@@ -667,7 +794,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 }
                 let deadline = self.deadline(p, blocks.len() as u64);
                 for &b in &blocks {
-                    self.block_requests[b as usize] += 1;
+                    self.claim_block(b);
                 }
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.inflight += 1;
@@ -1006,6 +1133,17 @@ mod tests {
 
     #[test]
     fn fifty_downloaders_with_different_rates_all_finish() {
+        fifty_downloaders(None);
+    }
+
+    /// The same swarm with every pick made by walking the picker (the way
+    /// of peers that hold more than [`PICK_WALK`] blocks of larger blobs).
+    #[test]
+    fn fifty_downloaders_walking_the_picker_all_finish() {
+        fifty_downloaders(Some(16));
+    }
+
+    fn fifty_downloaders(walk_sample: Option<usize>) {
         // 16 MiB file, one seeder at 10 MB/s, 50 downloaders at 1..5 MB/s.
         let groups = 1024;
         let mut rates = vec![10e6];
@@ -1014,6 +1152,11 @@ mod tests {
             seed: i as u64,
             ..Default::default()
         });
+        if let Some(sample) = walk_sample {
+            for s in sim.scheds.iter_mut().flatten() {
+                s.walk_always(sample);
+            }
+        }
         let took = sim.run(Duration::from_millis(20), Duration::from_secs(3600));
         assert_eq!(
             sim.violations, 0,
@@ -1037,6 +1180,66 @@ mod tests {
             took.as_secs_f64() < 4.0 * bound,
             "took {took:?}, bound {bound:.1}s"
         );
+    }
+
+    /// Picking costs the blocks it looks at, not a pass over the blob:
+    /// 64 GiB (524,288 blocks) from two complete peers, requests completed
+    /// out of order, some failed and handed back. Before the picker, every
+    /// pick scanned all the blocks a peer held (and every pass counted all
+    /// the blob's blocks): over 500,000 steps a pick here.
+    #[test]
+    fn picking_on_a_large_blob_looks_at_few_blocks() {
+        let now = t0();
+        let groups = (64u64 << 30) / GROUP_SIZE;
+        let mut s = Scheduler::new(groups, &GroupRanges::new(), SchedulerConfig::default());
+        for peer in [1u8, 2] {
+            s.handle_peer_added(peer);
+            s.handle_peer_complete(&peer);
+        }
+        let mut inflight: Vec<(RequestId, GroupRanges)> = Vec::new();
+        let mut asked = GroupRanges::new();
+        for round in 0..300u64 {
+            for a in drain(&mut s, now) {
+                match a {
+                    Action::Request { id, ranges, .. } => {
+                        assert!(
+                            ranges.intersection(&asked).is_empty(),
+                            "a block was asked twice while its first request ran"
+                        );
+                        asked = asked.union(&ranges);
+                        inflight.push((id, ranges));
+                    }
+                    Action::Cancel { id, .. } => {
+                        if let Some(i) = inflight.iter().position(|r| r.0 == id) {
+                            asked = asked.difference(&inflight.remove(i).1);
+                        }
+                    }
+                    Action::DropPeer { .. } => {}
+                }
+            }
+            // Complete one from the middle; every seventh fails instead (the
+            // peer is removed, its requests cancelled, and it comes back).
+            let (id, ranges) = inflight.remove(inflight.len() / 2);
+            if round % 7 == 0 {
+                s.handle_request_failed(id, Failure::Error);
+                asked = asked.difference(&ranges);
+                for peer in [1u8, 2] {
+                    s.handle_peer_added(peer);
+                    s.handle_peer_complete(&peer);
+                }
+            } else {
+                s.handle_request_done(id, &ranges, now);
+            }
+        }
+        let st = s.stats();
+        assert!(st.requests >= 300, "{st:?}");
+        assert!(
+            st.examined <= (SAMPLE as u64 + 64) * st.requests,
+            "{} blocks looked at for {} requests",
+            st.examined,
+            st.requests
+        );
+        assert!(s.verified_groups() > 0);
     }
 
     #[test]
