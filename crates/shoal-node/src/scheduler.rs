@@ -724,6 +724,40 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         best.map(|(b, _, _)| b)
     }
 
+    /// Check that the incrementally kept state agrees with what it caches
+    /// (tests): the picker holds exactly the open blocks, each with the
+    /// number of peers that hold it; request counts match the requests.
+    #[cfg(test)]
+    fn check(&self) {
+        let mut requested = vec![0u16; self.blocks as usize];
+        for r in self.requests.values() {
+            for &b in &r.blocks {
+                requested[b as usize] += 1;
+            }
+        }
+        for b in 0..self.blocks {
+            let holders = self
+                .peers
+                .values()
+                .filter(|p| p.blocks.contains(b as usize))
+                .count() as u32;
+            assert_eq!(self.picker.avail(b as u32), holders, "holders of {b}");
+            assert_eq!(self.block_requests[b as usize], requested[b as usize]);
+            assert_eq!(
+                self.picker.contains(b as u32),
+                self.wanted(b) && requested[b as usize] == 0,
+                "block {b} open"
+            );
+            if b < self.first_wanted {
+                assert!(!self.wanted(b));
+            }
+        }
+        for p in self.peers.values() {
+            assert_eq!(p.held, p.blocks.count_ones(..) as u64);
+        }
+        self.picker.check();
+    }
+
     /// Walk the picker for every peer, comparing `sample` candidates
     /// (tests: small blobs would otherwise always be scanned).
     #[cfg(test)]
@@ -829,6 +863,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::collections::HashMap;
 
     fn t0() -> Instant {
@@ -1240,6 +1275,115 @@ mod tests {
             st.requests
         );
         assert!(s.verified_groups() > 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Add(u8),
+        Have(u8, u64, u64),
+        Complete(u8),
+        Remove(u8),
+        Poll,
+        /// Finish the nth request in flight, with this share of its
+        /// groups received (in eighths).
+        Done(usize, u8),
+        Fail(usize, bool),
+        Verified(u64, u64),
+        Timeout(u64),
+    }
+
+    fn ev(groups: u64) -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (0u8..4).prop_map(Ev::Add),
+            (0u8..4, 0..groups, 1..groups).prop_map(|(p, a, n)| Ev::Have(p, a, n)),
+            (0u8..4).prop_map(Ev::Complete),
+            (0u8..4).prop_map(Ev::Remove),
+            Just(Ev::Poll),
+            Just(Ev::Poll),
+            (0usize..8, 0u8..=8).prop_map(|(i, k)| Ev::Done(i, k)),
+            (0usize..8, any::<bool>()).prop_map(|(i, c)| Ev::Fail(i, c)),
+            (0..groups, 1..groups).prop_map(|(a, n)| Ev::Verified(a, n)),
+            (0u64..120).prop_map(Ev::Timeout),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+        /// Whatever happens, in any order, the state the scheduler keeps
+        /// as it goes (the picker, request counts, held counts) agrees with
+        /// what it stands for, and no peer is asked for what it lacks.
+        #[test]
+        fn bookkeeping_survives_any_events(
+            (groups, evs) in (2u64..200).prop_flat_map(|g| (Just(g), prop::collection::vec(ev(g), 0..120))),
+            sequential in any::<bool>(),
+            walk in any::<bool>(),
+        ) {
+            let start = t0();
+            let mut s = Scheduler::new(groups, &GroupRanges::from_range(0..groups / 3), SchedulerConfig {
+                sequential,
+                max_request_blocks: 4,
+                ..Default::default()
+            });
+            if walk {
+                s.walk_always(3);
+            }
+            let mut holds: HashMap<u8, GroupRanges> = HashMap::new();
+            let mut inflight: Vec<(RequestId, GroupRanges)> = Vec::new();
+            for e in evs {
+                let now = start + Duration::from_secs(match e { Ev::Timeout(t) => t, _ => 0 });
+                match e {
+                    Ev::Add(p) => s.handle_peer_added(p),
+                    Ev::Have(p, a, n) => {
+                        let r = GroupRanges::from_range(a..(a + n).min(groups));
+                        if s.peers.contains_key(&p) {
+                            holds.entry(p).or_default().insert(a..(a + n).min(groups));
+                        }
+                        s.handle_have(&p, &r);
+                    }
+                    Ev::Complete(p) => {
+                        if s.peers.contains_key(&p) {
+                            holds.insert(p, GroupRanges::from_range(0..groups));
+                        }
+                        s.handle_peer_complete(&p);
+                    }
+                    Ev::Remove(p) => {
+                        holds.remove(&p);
+                        s.handle_peer_removed(&p);
+                    }
+                    Ev::Poll | Ev::Timeout(_) => {
+                        if matches!(e, Ev::Timeout(_)) {
+                            s.handle_timeout(now);
+                        }
+                        for a in drain(&mut s, now) {
+                            match a {
+                                Action::Request { peer, id, ranges } => {
+                                    let h = holds.get(&peer).cloned().unwrap_or_default();
+                                    prop_assert!(ranges.difference(&h).is_empty(), "{peer} lacks {ranges:?}");
+                                    inflight.push((id, ranges));
+                                }
+                                Action::Cancel { id, .. } => inflight.retain(|r| r.0 != id),
+                                Action::DropPeer { peer, .. } => { holds.remove(&peer); }
+                            }
+                        }
+                    }
+                    Ev::Done(i, k) if !inflight.is_empty() => {
+                        let (id, ranges) = inflight.remove(i % inflight.len());
+                        let keep = (ranges.count() * u64::from(k)).div_ceil(8) as usize;
+                        let got = GroupRanges::from_groups(ranges.iter().take(keep));
+                        s.handle_request_done(id, &got, now);
+                    }
+                    Ev::Fail(i, corrupt) if !inflight.is_empty() => {
+                        let (id, _) = inflight.remove(i % inflight.len());
+                        s.handle_request_failed(id, if corrupt { Failure::Corrupt } else { Failure::Error });
+                    }
+                    Ev::Done(..) | Ev::Fail(..) => {}
+                    Ev::Verified(a, n) => {
+                        s.handle_verified(&GroupRanges::from_range(a..(a + n).min(groups)), None);
+                    }
+                }
+                s.check();
+            }
+        }
     }
 
     #[test]
