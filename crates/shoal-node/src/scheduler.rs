@@ -28,7 +28,7 @@
 //!   `endgame_duplicates` requests per block); when a block completes, the
 //!   other requests that covered only completed blocks are cancelled.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,8 @@ use crate::picker::Picker;
 
 /// Chunk groups per scheduling block (8 x 16 KiB = 128 KiB).
 pub const BLOCK_GROUPS: u64 = 8;
+// A peer's groups of a block it holds in part are one byte's bits.
+const _: () = assert!(BLOCK_GROUPS <= 8);
 const BLOCK_BYTES: f64 = (BLOCK_GROUPS * GROUP_SIZE) as f64;
 
 /// Tuning knobs of the scheduler.
@@ -135,10 +137,14 @@ pub enum Failure {
 
 #[derive(Debug)]
 struct PeerState {
-    /// Groups the peer says it holds.
-    groups: GroupRanges,
     /// Blocks the peer holds entirely.
     blocks: FixedBitSet,
+    /// The groups it holds of blocks it holds in part (bit `i`: the
+    /// block's group `i`), never empty nor whole. With `blocks`, all it
+    /// says it holds, kept so that an announcement costs the blocks it
+    /// touches: a list of runs would be merged whole at each one, and a
+    /// peer fetching rarest first holds a run per request it made.
+    partial: HashMap<u64, u8>,
     /// How many (the ones in `blocks`).
     held: u64,
     inflight: usize,
@@ -328,8 +334,8 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         self.peers.insert(
             peer,
             PeerState {
-                groups: GroupRanges::new(),
                 blocks: FixedBitSet::with_capacity(self.blocks as usize),
+                partial: HashMap::new(),
                 held: 0,
                 inflight: 0,
                 rate: None,
@@ -347,25 +353,26 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// `peer` announced that it holds `ranges` (in addition to what it had).
     pub fn handle_have(&mut self, peer: &P, ranges: &GroupRanges) {
         let groups = self.groups;
-        let ranges = ranges.intersection(&GroupRanges::from_range(0..groups));
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
-        let new = ranges.difference(&state.groups);
-        if new.is_empty() {
-            return;
-        }
-        state.groups = state.groups.union(&new);
         // Block by block along the runs, without collecting them (a
-        // complete peer of a 1 TiB blob has 8 million blocks); a block two
-        // runs touch is counted once.
-        for r in new.runs() {
+        // complete peer of a 1 TiB blob has 8 million blocks).
+        for r in ranges.runs() {
+            let r = r.start..r.end.min(groups);
             for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS) {
-                let range = b * BLOCK_GROUPS..(b * BLOCK_GROUPS + Self::block_len(groups, b));
-                if !state.blocks.contains(b as usize) && state.groups.contains_range(range) {
+                if state.blocks.contains(b as usize) {
+                    continue;
+                }
+                let full = Self::block_mask(groups, b, 0..groups);
+                let have =
+                    state.partial.remove(&b).unwrap_or(0) | Self::block_mask(groups, b, r.clone());
+                if have == full {
                     state.blocks.insert(b as usize);
                     state.held += 1;
                     self.picker.inc(b as u32);
+                } else if have != 0 {
+                    state.partial.insert(b, have);
                 }
             }
         }
@@ -544,19 +551,40 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     }
 
     fn forget_groups(&mut self, peer: &P, groups: &GroupRanges) {
+        let n = self.groups;
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
-        state.groups = state.groups.difference(groups);
         for r in groups.runs() {
-            for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS).min(self.blocks) {
-                if state.blocks.contains(b as usize) {
+            let r = r.start..r.end.min(n);
+            for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS) {
+                let gone = Self::block_mask(n, b, r.clone());
+                let had = if state.blocks.contains(b as usize) {
                     state.blocks.set(b as usize, false);
                     state.held -= 1;
                     self.picker.dec(b as u32);
+                    Self::block_mask(n, b, 0..n)
+                } else {
+                    state.partial.remove(&b).unwrap_or(0)
+                };
+                if had & !gone != 0 {
+                    state.partial.insert(b, had & !gone);
                 }
             }
         }
+    }
+
+    /// The groups of block `b` that lie in `range`, as a mask (bit `i`:
+    /// the block's group `i`).
+    fn block_mask(groups: u64, b: u64, range: std::ops::Range<u64>) -> u8 {
+        let start = b * BLOCK_GROUPS;
+        let lo = range.start.max(start);
+        let hi = range.end.min(start + Self::block_len(groups, b));
+        if lo >= hi {
+            return 0;
+        }
+        let bits = ((1u16 << (hi - lo)) - 1) << (lo - start);
+        bits as u8
     }
 
     fn drop_peer(&mut self, peer: &P, reason: DropReason) {
@@ -754,6 +782,13 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         }
         for p in self.peers.values() {
             assert_eq!(p.held, p.blocks.count_ones(..) as u64);
+            for (b, m) in &p.partial {
+                assert!(*m != 0 && *m != Self::block_mask(self.groups, *b, 0..self.groups));
+                assert!(
+                    !p.blocks.contains(*b as usize),
+                    "block {b} whole and in part"
+                );
+            }
         }
         self.picker.check();
     }
@@ -1039,6 +1074,73 @@ mod tests {
         // It is not asked again for what it failed to send.
         assert!(drain(&mut s, now).is_empty());
         assert_eq!(s.verified_groups(), 2);
+    }
+
+    #[test]
+    fn a_block_announced_in_pieces_is_asked_for_once_all_of_it_is_there() {
+        let now = t0();
+        // Blocks 0 and 1 of 8 groups, block 2 of 4 (the blob's short end).
+        let groups = 2 * BLOCK_GROUPS + 4;
+        let mut s = Scheduler::new(groups, &GroupRanges::new(), SchedulerConfig::default());
+        s.handle_peer_added(1u8);
+        let asked = |s: &mut Scheduler<u8>| -> GroupRanges {
+            let mut all = GroupRanges::new();
+            for a in drain(s, now) {
+                if let Action::Request { ranges, .. } = a {
+                    all = all.union(&ranges);
+                }
+            }
+            all
+        };
+        s.handle_have(&1, &GroupRanges::from_range(0..3));
+        s.handle_have(&1, &GroupRanges::from_range(17..19));
+        assert!(asked(&mut s).is_empty(), "no block is whole yet");
+        s.handle_have(&1, &GroupRanges::from_range(3..8));
+        s.handle_have(&1, &GroupRanges::from_range(16..17));
+        s.handle_have(&1, &GroupRanges::from_range(19..100));
+        s.check();
+        assert_eq!(
+            asked(&mut s),
+            GroupRanges::from_range(0..8).union(&GroupRanges::from_range(16..20))
+        );
+    }
+
+    #[test]
+    fn groups_a_peer_did_not_send_are_forgotten_until_announced_again() {
+        let now = t0();
+        let mut s = Scheduler::new(
+            2 * BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig::default(),
+        );
+        s.handle_peer_added(1u8);
+        s.handle_peer_complete(&1);
+        let mut ids = Vec::new();
+        for a in drain(&mut s, now) {
+            if let Action::Request { id, .. } = a {
+                ids.push(id);
+            }
+        }
+        // It sends groups 0..5 and 8..16 only: 5, 6 and 7 are forgotten.
+        for id in ids {
+            let got = GroupRanges::from_range(0..5).union(&GroupRanges::from_range(8..16));
+            s.handle_request_done(id, &got, now);
+        }
+        s.check();
+        let requests = |s: &mut Scheduler<u8>| -> Vec<GroupRanges> {
+            drain(s, now)
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Request { ranges, .. } => Some(ranges),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(requests(&mut s), vec![], "asked again for what it lacks");
+        s.handle_have(&1, &GroupRanges::from_range(5..7));
+        assert_eq!(requests(&mut s), vec![], "group 7 is still missing");
+        s.handle_have(&1, &GroupRanges::from_range(7..8));
+        assert_eq!(requests(&mut s), vec![GroupRanges::from_range(5..8)]);
     }
 
     /// A simulated swarm: every node uploads at its own rate, shared equally
