@@ -40,6 +40,22 @@ pub enum RangesError {
     BadHash(usize),
 }
 
+/// The first index from `from` on whose run does not satisfy `before`
+/// (true for a prefix of `runs`), found by doubling steps and then a binary
+/// search: O(log skipped) rather than a step per run, so that an operation
+/// between a few runs and many (a batch against what a download has) costs
+/// the few.
+fn gallop(runs: &[Range<u64>], from: usize, before: impl Fn(&Range<u64>) -> bool) -> usize {
+    let mut lo = from;
+    let mut step = 1;
+    while lo + step < runs.len() && before(&runs[lo + step]) {
+        lo += step;
+        step *= 2;
+    }
+    let hi = (lo + step).min(runs.len());
+    lo + runs[lo.min(hi)..hi].partition_point(&before)
+}
+
 impl GroupRanges {
     /// The empty set.
     pub fn new() -> Self {
@@ -124,10 +140,25 @@ impl GroupRanges {
     /// The union of two sets.
     pub fn union(&self, other: &GroupRanges) -> GroupRanges {
         let mut out = self.clone();
-        for r in &other.runs {
-            out.insert(r.clone());
-        }
+        out.union_with(other);
         out
+    }
+
+    /// Add every group of `other` (in place: no copy of `self`, which is
+    /// the large one where a download adds a batch to what it has).
+    pub fn union_with(&mut self, other: &GroupRanges) {
+        for r in &other.runs {
+            self.insert(r.clone());
+        }
+    }
+
+    /// True if the set is exactly the groups of `range`.
+    pub fn is_exactly(&self, range: Range<u64>) -> bool {
+        match self.runs.as_slice() {
+            [] => range.is_empty(),
+            [r] => *r == range,
+            _ => false,
+        }
     }
 
     /// The groups of `self` that are not in `other`.
@@ -136,9 +167,7 @@ impl GroupRanges {
         let mut j = 0;
         for r in &self.runs {
             let mut start = r.start;
-            while j < other.runs.len() && other.runs[j].end <= start {
-                j += 1;
-            }
+            j = gallop(&other.runs, j, |o| o.end <= start);
             let mut k = j;
             while start < r.end {
                 match other.runs.get(k) {
@@ -165,6 +194,14 @@ impl GroupRanges {
         let (mut i, mut j) = (0, 0);
         while i < self.runs.len() && j < other.runs.len() {
             let (a, b) = (&self.runs[i], &other.runs[j]);
+            if a.end <= b.start {
+                i = gallop(&self.runs, i, |r| r.end <= b.start);
+                continue;
+            }
+            if b.end <= a.start {
+                j = gallop(&other.runs, j, |r| r.end <= a.start);
+                continue;
+            }
             let start = a.start.max(b.start);
             let end = a.end.min(b.end);
             if start < end {
@@ -285,6 +322,26 @@ mod tests {
                 prop_assert!(w[0].end < w[1].start);
             }
             prop_assert_eq!(GroupRanges::from_pb(&sa.to_pb()).unwrap(), sa);
+        }
+
+        /// A few runs against many, both ways round (the galloping paths).
+        #[test]
+        fn a_few_runs_against_many_match_btreeset(
+            a in proptest::collection::btree_set(0u64..2000, 0..4),
+            b in proptest::collection::btree_set(0u64..2000, 0..1500),
+        ) {
+            let (sa, sb) = (set(&a), set(&b));
+            for (x, y, sx, sy) in [(&a, &b, &sa, &sb), (&b, &a, &sb, &sa)] {
+                prop_assert_eq!(sx.difference(sy).iter().collect::<BTreeSet<_>>(), x - y);
+                prop_assert_eq!(sx.intersection(sy).iter().collect::<BTreeSet<_>>(), x & y);
+                let mut u = sx.clone();
+                u.union_with(sy);
+                prop_assert_eq!(u.iter().collect::<BTreeSet<_>>(), x | y);
+            }
+            let all = GroupRanges::from_range(0..2000);
+            prop_assert_eq!(sb.is_exactly(0..2000), b.len() == 2000);
+            prop_assert!(all.is_exactly(0..2000));
+            prop_assert!(GroupRanges::new().is_exactly(5..5));
         }
 
         #[test]

@@ -2233,10 +2233,12 @@ impl Writer<'_> {
                 return Ok(());
             }
             let fresh = groups.difference(&s.verified);
-            s.verified = s.verified.union(&fresh);
+            // In place, and no count over every run: what a download has
+            // may be many runs (fetched rarest first), a batch a few.
+            s.verified.union_with(&fresh);
             s.unsaved += fresh.count();
             let size = s.size.unwrap_or(0);
-            let complete = !s.done && s.verified.count() == group_count(size);
+            let complete = !s.done && s.verified.is_exactly(0..group_count(size));
             if complete {
                 s.done = true;
             }
@@ -2246,7 +2248,7 @@ impl Writer<'_> {
         if fresh.is_empty() {
             return Ok(());
         }
-        self.newly = self.newly.union(&fresh);
+        self.newly.union_with(&fresh);
         let _ = self.inner.events.send(StoreEvent::Verified {
             hash: self.hash,
             groups: fresh,
