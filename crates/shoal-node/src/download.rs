@@ -431,7 +431,7 @@ pub(crate) async fn fetch_blob(
                 Ev::Have { peer, size, added, complete } => {
                     let Some(slot) = peers.get_mut(&peer) else { continue };
                     if slot.size == 0 { slot.size = size; }
-                    slot.have = slot.have.union(&added);
+                    slot.have.union_with(&added);
                     slot.complete |= complete;
                     if complete || !slot.have.is_empty() {
                         lock(&node.book).saw(hash, peer);
