@@ -909,6 +909,17 @@ mod tests {
         std::iter::from_fn(|| s.poll_action(now)).collect()
     }
 
+    /// The groups of each request `s` makes now (other actions dropped).
+    fn requested<P: Clone + Ord + Debug>(s: &mut Scheduler<P>, now: Instant) -> Vec<GroupRanges> {
+        drain(s, now)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Request { ranges, .. } => Some(ranges),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn asks_only_what_a_peer_has_and_rarest_first() {
         let now = t0();
@@ -1083,14 +1094,10 @@ mod tests {
         let groups = 2 * BLOCK_GROUPS + 4;
         let mut s = Scheduler::new(groups, &GroupRanges::new(), SchedulerConfig::default());
         s.handle_peer_added(1u8);
-        let asked = |s: &mut Scheduler<u8>| -> GroupRanges {
-            let mut all = GroupRanges::new();
-            for a in drain(s, now) {
-                if let Action::Request { ranges, .. } = a {
-                    all = all.union(&ranges);
-                }
-            }
-            all
+        let asked = |s: &mut Scheduler<u8>| {
+            requested(s, now)
+                .iter()
+                .fold(GroupRanges::new(), |all, r| all.union(r))
         };
         s.handle_have(&1, &GroupRanges::from_range(0..3));
         s.handle_have(&1, &GroupRanges::from_range(17..19));
@@ -1127,20 +1134,15 @@ mod tests {
             s.handle_request_done(id, &got, now);
         }
         s.check();
-        let requests = |s: &mut Scheduler<u8>| -> Vec<GroupRanges> {
-            drain(s, now)
-                .into_iter()
-                .filter_map(|a| match a {
-                    Action::Request { ranges, .. } => Some(ranges),
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(requests(&mut s), vec![], "asked again for what it lacks");
+        assert_eq!(
+            requested(&mut s, now),
+            vec![],
+            "asked again for what it lacks"
+        );
         s.handle_have(&1, &GroupRanges::from_range(5..7));
-        assert_eq!(requests(&mut s), vec![], "group 7 is still missing");
+        assert_eq!(requested(&mut s, now), vec![], "group 7 is still missing");
         s.handle_have(&1, &GroupRanges::from_range(7..8));
-        assert_eq!(requests(&mut s), vec![GroupRanges::from_range(5..8)]);
+        assert_eq!(requested(&mut s, now), vec![GroupRanges::from_range(5..8)]);
     }
 
     /// A simulated swarm: every node uploads at its own rate, shared equally
