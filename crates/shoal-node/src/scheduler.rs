@@ -28,7 +28,7 @@
 //!   `endgame_duplicates` requests per block); when a block completes, the
 //!   other requests that covered only completed blocks are cancelled.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
@@ -724,6 +724,14 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// End-game: an outstanding block `p` holds and is not already fetching,
     /// with the fewest requests, oldest first.
     fn pick_endgame(&self, peer: &P, p: &PeerState) -> Option<u64> {
+        // What `peer` is fetching already, gathered once (not a pass over
+        // every request for every candidate block).
+        let mine: HashSet<u64> = self
+            .requests
+            .values()
+            .filter(|q| &q.peer == peer)
+            .flat_map(|q| q.blocks.iter().copied())
+            .collect();
         let mut best: Option<(u64, u16, Instant)> = None;
         for r in self.requests.values() {
             if &r.peer == peer {
@@ -737,11 +745,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 {
                     continue;
                 }
-                let mine = self
-                    .requests
-                    .values()
-                    .any(|q| &q.peer == peer && q.blocks.contains(&b));
-                if mine {
+                if mine.contains(&b) {
                     continue;
                 }
                 if best.is_none_or(|(_, bn, at)| (n, r.sent_at) < (bn, at)) {
