@@ -61,11 +61,12 @@ impl Picker {
         self.pos[b as usize] != GONE
     }
 
-    /// The open blocks, bucket by bucket, rarest first (in no order inside
-    /// a bucket).
-    pub(crate) fn buckets(&self) -> impl Iterator<Item = &[u32]> + '_ {
+    /// The open blocks held by at least `min` peers, bucket by bucket,
+    /// rarest first (in no order inside a bucket).
+    pub(crate) fn buckets_from(&self, min: usize) -> impl Iterator<Item = &[u32]> + '_ {
         self.start
             .windows(2)
+            .skip(min)
             .map(|w| &self.order[w[0] as usize..w[1] as usize])
             .filter(|b| !b.is_empty())
     }
@@ -73,7 +74,7 @@ impl Picker {
     /// The open blocks, rarest first.
     #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.buckets().flatten().copied()
+        self.buckets_from(0).flatten().copied()
     }
 
     fn swap(&mut self, i: u32, j: u32) {
@@ -231,7 +232,7 @@ mod tests {
                 p.check();
             }
             let got: Vec<u32> = p.iter().collect();
-            let per_bucket: Vec<u32> = p.buckets().map(|b| avail[b[0] as usize]).collect();
+            let per_bucket: Vec<u32> = p.buckets_from(0).map(|b| avail[b[0] as usize]).collect();
             prop_assert!(per_bucket.windows(2).all(|w| w[0] < w[1]), "buckets {:?}", per_bucket);
             let mut want: Vec<u32> = (0..blocks).filter(|b| !gone[*b as usize]).collect();
             prop_assert_eq!(got.len(), want.len());

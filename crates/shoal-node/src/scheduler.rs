@@ -28,7 +28,7 @@
 //!   `endgame_duplicates` requests per block); when a block completes, the
 //!   other requests that covered only completed blocks are cancelled.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,9 @@ pub struct Scheduler<P> {
     scan_below: u64,
     /// Candidates a walk compares ([`SAMPLE`]; tests lower it).
     sample: usize,
+    /// Steps a walk takes before it scans instead ([`PICK_WALK`]; tests
+    /// lower it).
+    walk_limit: usize,
     peers: BTreeMap<P, PeerState>,
     dropped: BTreeSet<P>,
     requests: BTreeMap<RequestId, Request<P>>,
@@ -221,6 +224,9 @@ const PICK_WALK: usize = 4096;
 
 /// Candidates a walk of [`Scheduler::pick_fresh`] compares.
 const SAMPLE: usize = 256;
+
+/// Blocks skipped at once where a bitset says none of them matters.
+const SKIP: u64 = 64;
 
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser: a cheap, deterministic tie-breaker.
@@ -255,6 +261,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             ties,
             scan_below: PICK_WALK as u64,
             sample: SAMPLE,
+            walk_limit: PICK_WALK,
             peers: BTreeMap::new(),
             dropped: BTreeSet::new(),
             requests: BTreeMap::new(),
@@ -352,28 +359,47 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
 
     /// `peer` announced that it holds `ranges` (in addition to what it had).
     pub fn handle_have(&mut self, peer: &P, ranges: &GroupRanges) {
-        let groups = self.groups;
+        let (groups, blocks) = (self.groups, self.blocks);
         let Some(state) = self.peers.get_mut(peer) else {
             return;
         };
+        if state.held == blocks {
+            return;
+        }
         // Block by block along the runs, without collecting them (a
-        // complete peer of a 1 TiB blob has 8 million blocks).
+        // complete peer of a 1 TiB blob has 8 million blocks); stretches
+        // it holds already are skipped [`SKIP`] blocks at a time, as a peer
+        // may repeat an announcement as often as it likes.
         for r in ranges.runs() {
             let r = r.start..r.end.min(groups);
-            for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS) {
-                if state.blocks.contains(b as usize) {
-                    continue;
+            if r.is_empty() {
+                continue;
+            }
+            let end = r.end.div_ceil(BLOCK_GROUPS);
+            let mut from = r.start / BLOCK_GROUPS;
+            while from < end {
+                let to = ((from / SKIP + 1) * SKIP).min(end);
+                if !state
+                    .blocks
+                    .contains_all_in_range(from as usize..to as usize)
+                {
+                    for b in from..to {
+                        if state.blocks.contains(b as usize) {
+                            continue;
+                        }
+                        let full = Self::block_mask(groups, b, 0..groups);
+                        let have = state.partial.remove(&b).unwrap_or(0)
+                            | Self::block_mask(groups, b, r.clone());
+                        if have == full {
+                            state.blocks.insert(b as usize);
+                            state.held += 1;
+                            self.picker.inc(b as u32);
+                        } else if have != 0 {
+                            state.partial.insert(b, have);
+                        }
+                    }
                 }
-                let full = Self::block_mask(groups, b, 0..groups);
-                let have =
-                    state.partial.remove(&b).unwrap_or(0) | Self::block_mask(groups, b, r.clone());
-                if have == full {
-                    state.blocks.insert(b as usize);
-                    state.held += 1;
-                    self.picker.inc(b as u32);
-                } else if have != 0 {
-                    state.partial.insert(b, have);
-                }
+                from = to;
             }
         }
     }
@@ -557,6 +583,9 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         };
         for r in groups.runs() {
             let r = r.start..r.end.min(n);
+            if r.is_empty() {
+                continue;
+            }
             for b in (r.start / BLOCK_GROUPS)..r.end.div_ceil(BLOCK_GROUPS) {
                 let gone = Self::block_mask(n, b, r.clone());
                 let had = if state.blocks.contains(b as usize) {
@@ -659,12 +688,25 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// sets, against 7.9 for the scan.) After [`PICK_WALK`] steps the walk
     /// gives up and scans.
     fn pick_fresh(&self, p: &PeerState, tie: u64, examined: &mut u64) -> Option<u64> {
+        if p.held == 0 || self.picker.len() == 0 {
+            return None;
+        }
         if self.cfg.sequential {
-            for b in self.first_wanted..self.blocks {
+            // Stretches where `p` holds nothing are skipped [`SKIP`] blocks
+            // at a time.
+            let mut from = self.first_wanted;
+            while from < self.blocks {
+                let to = ((from / SKIP + 1) * SKIP).min(self.blocks);
                 *examined += 1;
-                if p.blocks.contains(b as usize) && self.is_open(b) {
-                    return Some(b);
+                if p.blocks.contains_any_in_range(from as usize..to as usize) {
+                    for b in from..to {
+                        *examined += 1;
+                        if p.blocks.contains(b as usize) && self.is_open(b) {
+                            return Some(b);
+                        }
+                    }
                 }
+                from = to;
             }
             return None;
         }
@@ -673,12 +715,13 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         }
         let key = |b: u64| mix(b ^ self.cfg.seed);
         let mut walked = 0;
-        for bucket in self.picker.buckets() {
+        // Blocks no peer holds (bucket 0) cannot be `p`'s.
+        for bucket in self.picker.buckets_from(1) {
             let (head, tail) = bucket.split_at((tie % bucket.len() as u64) as usize);
             let mut best: Option<(u64, u64)> = None;
             let mut found = 0;
             for &b in tail.iter().chain(head) {
-                if walked == PICK_WALK {
+                if walked == self.walk_limit {
                     break;
                 }
                 walked += 1;
@@ -697,7 +740,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             if let Some((b, _)) = best {
                 return Some(b);
             }
-            if walked == PICK_WALK {
+            if walked == self.walk_limit {
                 return self.scan_fresh(p, examined);
             }
         }
@@ -724,14 +767,9 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// End-game: an outstanding block `p` holds and is not already fetching,
     /// with the fewest requests, oldest first.
     fn pick_endgame(&self, peer: &P, p: &PeerState) -> Option<u64> {
-        // What `peer` is fetching already, gathered once (not a pass over
-        // every request for every candidate block).
-        let mine: HashSet<u64> = self
-            .requests
-            .values()
-            .filter(|q| &q.peer == peer)
-            .flat_map(|q| q.blocks.iter().copied())
-            .collect();
+        // Only an idle peer is asked (the caller checks), so no candidate
+        // can be one it is fetching already.
+        debug_assert_eq!(p.inflight, 0);
         let mut best: Option<(u64, u16, Instant)> = None;
         for r in self.requests.values() {
             if &r.peer == peer {
@@ -743,9 +781,6 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                     || n as usize >= self.cfg.endgame_duplicates
                     || !p.blocks.contains(b as usize)
                 {
-                    continue;
-                }
-                if mine.contains(&b) {
                     continue;
                 }
                 if best.is_none_or(|(_, bn, at)| (n, r.sent_at) < (bn, at)) {
@@ -800,9 +835,10 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// Walk the picker for every peer, comparing `sample` candidates
     /// (tests: small blobs would otherwise always be scanned).
     #[cfg(test)]
-    fn walk_always(&mut self, sample: usize) {
+    fn walk_always(&mut self, sample: usize, limit: usize) {
         self.scan_below = 0;
         self.sample = sample;
+        self.walk_limit = limit;
     }
 
     fn all_wanted_requested(&self) -> bool {
@@ -1297,7 +1333,7 @@ mod tests {
         });
         if let Some(sample) = walk_sample {
             for s in sim.scheds.iter_mut().flatten() {
-                s.walk_always(sample);
+                s.walk_always(sample, PICK_WALK);
             }
         }
         let took = sim.run(Duration::from_millis(20), Duration::from_secs(3600));
@@ -1403,7 +1439,8 @@ mod tests {
     fn ev(groups: u64) -> impl Strategy<Value = Ev> {
         prop_oneof![
             (0u8..4).prop_map(Ev::Add),
-            (0u8..4, 0..groups, 1..groups).prop_map(|(p, a, n)| Ev::Have(p, a, n)),
+            // Ranges may run past the blob's end, as a peer's may.
+            (0u8..4, 0..groups + 20, 1..groups + 20).prop_map(|(p, a, n)| Ev::Have(p, a, n)),
             (0u8..4).prop_map(Ev::Complete),
             (0u8..4).prop_map(Ev::Remove),
             Just(Ev::Poll),
@@ -1433,20 +1470,20 @@ mod tests {
                 ..Default::default()
             });
             if walk {
-                s.walk_always(3);
+                s.walk_always(3, 4);
             }
+            // What each peer has announced and not been found to lack.
             let mut holds: HashMap<u8, GroupRanges> = HashMap::new();
-            let mut inflight: Vec<(RequestId, GroupRanges)> = Vec::new();
+            let mut inflight: Vec<(RequestId, u8, GroupRanges)> = Vec::new();
             for e in evs {
                 let now = start + Duration::from_secs(match e { Ev::Timeout(t) => t, _ => 0 });
                 match e {
                     Ev::Add(p) => s.handle_peer_added(p),
                     Ev::Have(p, a, n) => {
-                        let r = GroupRanges::from_range(a..(a + n).min(groups));
                         if s.peers.contains_key(&p) {
-                            holds.entry(p).or_default().insert(a..(a + n).min(groups));
+                            holds.entry(p).or_default().insert(a.min(groups)..(a + n).min(groups));
                         }
-                        s.handle_have(&p, &r);
+                        s.handle_have(&p, &GroupRanges::from_range(a..a + n));
                     }
                     Ev::Complete(p) => {
                         if s.peers.contains_key(&p) {
@@ -1467,7 +1504,7 @@ mod tests {
                                 Action::Request { peer, id, ranges } => {
                                     let h = holds.get(&peer).cloned().unwrap_or_default();
                                     prop_assert!(ranges.difference(&h).is_empty(), "{peer} lacks {ranges:?}");
-                                    inflight.push((id, ranges));
+                                    inflight.push((id, peer, ranges));
                                 }
                                 Action::Cancel { id, .. } => inflight.retain(|r| r.0 != id),
                                 Action::DropPeer { peer, .. } => { holds.remove(&peer); }
@@ -1475,13 +1512,26 @@ mod tests {
                         }
                     }
                     Ev::Done(i, k) if !inflight.is_empty() => {
-                        let (id, ranges) = inflight.remove(i % inflight.len());
+                        let (id, peer, ranges) = inflight.remove(i % inflight.len());
                         let keep = (ranges.count() * u64::from(k)).div_ceil(8) as usize;
                         let got = GroupRanges::from_groups(ranges.iter().take(keep));
+                        if s.requests.contains_key(&id) {
+                            // What it claimed and did not send (and was not
+                            // verified meanwhile) is no longer believed.
+                            let had = GroupRanges::from_groups(ranges.iter().filter(|g| s.have.contains(*g as usize)));
+                            let lacks = ranges.difference(&got).difference(&had);
+                            if let Some(h) = holds.get_mut(&peer) {
+                                *h = h.difference(&lacks);
+                            }
+                        }
                         s.handle_request_done(id, &got, now);
                     }
                     Ev::Fail(i, corrupt) if !inflight.is_empty() => {
-                        let (id, _) = inflight.remove(i % inflight.len());
+                        let (id, peer, _) = inflight.remove(i % inflight.len());
+                        if s.requests.contains_key(&id) {
+                            // Either way the peer is gone.
+                            holds.remove(&peer);
+                        }
                         s.handle_request_failed(id, if corrupt { Failure::Corrupt } else { Failure::Error });
                     }
                     Ev::Done(..) | Ev::Fail(..) => {}
@@ -1490,6 +1540,20 @@ mod tests {
                     }
                 }
                 s.check();
+                // Every peer's whole and partial blocks are what it
+                // announced, less what it was found to lack.
+                for (peer, h) in &holds {
+                    let Some(st) = s.peers.get(peer) else { continue };
+                    for b in 0..s.blocks {
+                        let range = s.block_range(b);
+                        let mask = range.clone().filter(|g| h.contains(*g))
+                            .fold(0u8, |m, g| m | 1 << (g - range.start));
+                        let whole = h.contains_range(range);
+                        prop_assert_eq!(st.blocks.contains(b as usize), whole, "peer {} block {}", peer, b);
+                        let part = st.partial.get(&b).copied().unwrap_or(0);
+                        prop_assert_eq!(part, if whole { 0 } else { mask }, "peer {} block {}", peer, b);
+                    }
+                }
             }
         }
     }
