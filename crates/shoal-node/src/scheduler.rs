@@ -439,7 +439,14 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// cancelled (end-game duplicates).
     pub fn handle_verified(&mut self, groups: &GroupRanges, source: Option<RequestId>) {
         let completed = self.mark_have(groups);
-        if completed.is_empty() {
+        // Only a request that covers a block completed just now can have
+        // become obsolete; most of the time none does (the source's own
+        // blocks are released before this is called), and then the
+        // requests are not searched.
+        if completed
+            .iter()
+            .all(|b| self.block_requests[*b as usize] == 0)
+        {
             return;
         }
         let obsolete: Vec<RequestId> = self
