@@ -388,8 +388,12 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                             continue;
                         }
                         let full = Self::block_mask(groups, b, 0..groups);
-                        let have = state.partial.remove(&b).unwrap_or(0)
-                            | Self::block_mask(groups, b, r.clone());
+                        let had = if state.partial.is_empty() {
+                            0
+                        } else {
+                            state.partial.remove(&b).unwrap_or(0)
+                        };
+                        let have = had | Self::block_mask(groups, b, r.clone());
                         if have == full {
                             state.blocks.insert(b as usize);
                             state.held += 1;
