@@ -338,10 +338,19 @@ mod tests {
                 u.union_with(sy);
                 prop_assert_eq!(u.iter().collect::<BTreeSet<_>>(), x | y);
             }
-            let all = GroupRanges::from_range(0..2000);
-            prop_assert_eq!(sb.is_exactly(0..2000), b.len() == 2000);
-            prop_assert!(all.is_exactly(0..2000));
             prop_assert!(GroupRanges::new().is_exactly(5..5));
+        }
+
+        /// `is_exactly` holds for the set of one range and for no other.
+        #[test]
+        fn is_exactly_one_range(
+            a in proptest::collection::btree_set(0u64..64, 0..64),
+            lo in 0u64..64,
+            len in 0u64..64,
+        ) {
+            let want: BTreeSet<u64> = (lo..lo + len).collect();
+            prop_assert_eq!(set(&a).is_exactly(lo..lo + len), a == want);
+            prop_assert!(set(&want).is_exactly(lo..lo + len));
         }
 
         #[test]
