@@ -290,7 +290,7 @@ pub struct HashedFile {
     /// Canonical path.
     path: PathBuf,
     stamp: Stamp,
-    outboard: Vec<u8>,
+    outboard: tree::Outboard,
 }
 
 impl HashedFile {
@@ -681,7 +681,8 @@ impl Store {
                 break;
             }
         }
-        let (root, ob) = h.finish();
+        let ob = h.finish();
+        let (root, ob) = (ob.0, ob.1.to_vec());
         let stored_ob = read_ob(&outboard)
             .map_err(|e| StoreError::io("reading outboard of", Path::new(&name), e))?;
         let ok = root == *hash && pos == size && ob == stored_ob;
@@ -1769,14 +1770,18 @@ impl Inner {
 
     // ------------------------------------------------------------ import
 
-    fn write_outboard(&self, hash: &blake3::Hash, ob: Vec<u8>) -> Result<ObRef, StoreError> {
+    fn write_outboard(&self, hash: &blake3::Hash, ob: tree::Outboard) -> Result<ObRef, StoreError> {
         if ob.is_empty() {
             return Ok(ObRef::None);
         }
         let (Some(path), Some(tmp)) = (self.ob_path(hash), self.tmp_path()) else {
-            return Ok(ObRef::Mem(Arc::new(RwLock::new(ob))));
+            return Ok(ObRef::Mem(Arc::new(RwLock::new(ob.to_vec()))));
         };
-        fs::write(&tmp, &ob).map_err(io_err("writing", &tmp))?;
+        let res = File::create(&tmp).and_then(|mut f| ob.write_to(&mut f));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("writing", &tmp, e));
+        }
         fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
         Ok(ObRef::File(path))
     }
@@ -1804,7 +1809,7 @@ impl Inner {
         name: String,
         kind: BlobKind,
     ) -> Result<Prepared, StoreError> {
-        let (hash, ob) = tree::hash_bytes(data);
+        let (hash, ob) = tree::hash_tree(data);
         let size = data.len() as u64;
         let mut p = Prepared {
             hash,
@@ -1817,7 +1822,7 @@ impl Inner {
         };
         if self.dir.is_none() {
             p.data = DataRef::Mem(Arc::new(RwLock::new(data.to_vec())));
-            p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob)));
+            p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob.to_vec())));
             return Ok(p);
         }
         if data.len() <= GROUP {

@@ -113,12 +113,12 @@ impl TreeHasher {
         self.len += buf.len() as u64;
     }
 
-    /// The root hash and the pre-order outboard (empty for one group).
-    pub(crate) fn finish(self) -> (blake3::Hash, Vec<u8>) {
+    /// The root hash and the tree, whose outboard is empty for one group.
+    pub(crate) fn finish(self) -> (blake3::Hash, Outboard) {
         if self.len <= GROUP_SIZE {
-            return (blake3::hash(&self.first), Vec::new());
+            return (blake3::hash(&self.first), Outboard::none());
         }
-        build_outboard(self.cvs)
+        build_tree(vec![self.cvs])
     }
 }
 
@@ -127,7 +127,7 @@ impl TreeHasher {
 pub(crate) fn hash_reader(
     mut r: impl Read + Send,
     mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<(blake3::Hash, u64, Vec<u8>)> {
+) -> std::io::Result<(blake3::Hash, u64, Outboard)> {
     use std::sync::mpsc::sync_channel;
     // Read the next batch on a thread of its own while this one is hashed:
     // a read is a copy out of the page cache on one core, and with the
@@ -169,8 +169,8 @@ pub(crate) const MAP_MIN: u64 = 16 << 20;
 
 /// What hashing a file found.
 pub(crate) enum FileHash {
-    /// Root hash, length hashed and outboard.
-    Hashed(blake3::Hash, u64, Vec<u8>),
+    /// Root hash, length hashed and the tree.
+    Hashed(blake3::Hash, u64, Outboard),
     /// The file shrank while it was hashed.
     Shrank,
 }
@@ -193,7 +193,7 @@ pub(crate) fn hash_file(f: &File, size: u64) -> std::io::Result<FileHash> {
         // so that a file that grew shows in the length.
         let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0) + 1);
         f.take(size + 1).read_to_end(&mut buf)?;
-        let (h, ob) = hash_bytes(&buf);
+        let (h, ob) = hash_tree(&buf);
         (h, buf.len() as u64, ob)
     } else {
         hash_reader(f, |_| Ok(()))?
@@ -277,22 +277,23 @@ pub(crate) fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> 
     Ok(n)
 }
 
-/// Hash and outboard of an in-memory blob.
+/// Hash and pre-order outboard of an in-memory blob.
+#[cfg(test)]
 pub(crate) fn hash_bytes(data: &[u8]) -> (blake3::Hash, Vec<u8>) {
+    let (hash, tree) = hash_tree(data);
+    (hash, tree.to_vec())
+}
+
+/// Hash and tree of an in-memory blob.
+pub(crate) fn hash_tree(data: &[u8]) -> (blake3::Hash, Outboard) {
     let mut h = TreeHasher::new();
     h.update(data);
     h.finish()
 }
 
-/// Build the tree over at least two group chaining values: the root hash
-/// and the hash pairs in pre-order.
-fn build_outboard(cvs: Vec<ChainingValue>) -> (blake3::Hash, Vec<u8>) {
-    build_outboard_from(vec![cvs])
-}
-
-/// Levels of subtrees above `groups` groups that [`build_outboard_from`]
-/// builds, at most `max`: level `k` holds subtrees of `2^k` groups, and one
-/// is built while the level below has more than two.
+/// Levels of subtrees above `groups` groups that [`build_tree`] builds, at
+/// most `max`: level `k` holds subtrees of `2^k` groups, and one is built
+/// while the level below has more than two.
 fn inner_levels(groups: usize, max: usize) -> usize {
     (1..=max)
         .take_while(|k| groups.div_ceil(1 << (k - 1)) > 2)
@@ -302,19 +303,15 @@ fn inner_levels(groups: usize, max: usize) -> usize {
 /// Levels at least this long are merged on every core.
 const PAR_MERGE_MIN: usize = 1 << 14;
 
-/// [`build_outboard`] from the levels already built (the groups' chaining
-/// values first; each level pairs the one below, the last of an odd count
-/// promoted unchanged).
-fn build_outboard_from(levels: Vec<Vec<ChainingValue>>) -> (blake3::Hash, Vec<u8>) {
-    build_outboard_par(levels, PAR_MERGE_MIN)
+/// The tree over at least two groups, from the levels already built (the
+/// groups' chaining values first; each level pairs the one below, the last
+/// of an odd count promoted unchanged): the root hash, and every level.
+fn build_tree(levels: Vec<Vec<ChainingValue>>) -> (blake3::Hash, Outboard) {
+    build_tree_par(levels, PAR_MERGE_MIN)
 }
 
-/// [`build_outboard_from`], merging levels of at least `par_min` on every core.
-fn build_outboard_par(
-    mut levels: Vec<Vec<ChainingValue>>,
-    par_min: usize,
-) -> (blake3::Hash, Vec<u8>) {
-    let n = levels.first().map_or(0, Vec::len);
+/// [`build_tree`], merging levels of at least `par_min` on every core.
+fn build_tree_par(mut levels: Vec<Vec<ChainingValue>>, par_min: usize) -> (blake3::Hash, Outboard) {
     let merge = |p: &[ChainingValue]| match p {
         [l, r] => hazmat::merge_subtrees_non_root(l, r, Mode::Hash),
         [single] => *single,
@@ -331,27 +328,102 @@ fn build_outboard_par(
         };
         levels.push(next);
     }
-    let top = levels.len();
     let root = match levels.last().map(Vec::as_slice) {
         Some([l, r]) => hazmat::merge_subtrees_root(l, r, Mode::Hash),
         _ => blake3::hash(b""),
     };
-    let mut out = Vec::with_capacity(n.saturating_sub(1) * 64);
-    emit(&levels, top, 0, &mut out);
-    (root, out)
+    (root, Outboard { levels })
 }
 
-/// Append, in pre-order, the hash pairs of node `index` at `level` (whose
-/// children are in `levels[level - 1]`) and of the nodes below it.
-fn emit(levels: &[Vec<ChainingValue>], level: usize, index: usize, out: &mut Vec<u8>) {
+/// A blob's hash tree: every level of chaining values above its groups,
+/// from which its pre-order outboard (64 bytes per pair of children) is
+/// written out.
+///
+/// The outboard is streamed to its file rather than built whole in memory
+/// first: for a 1 GiB file that was a 4 MiB buffer whose page faults, and
+/// its copy into the page cache, added ~2 ms to the end of `shoal add`,
+/// when only one core is working (and it doubled the memory an import of
+/// a huge file needs).
+pub(crate) struct Outboard {
+    /// Empty for a blob of one group (no outboard).
+    levels: Vec<Vec<ChainingValue>>,
+}
+
+impl std::fmt::Debug for Outboard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Outboard({} bytes)", self.len())
+    }
+}
+
+/// Bytes gathered before each write of a streamed outboard.
+const EMIT_BUF: usize = 256 << 10;
+
+impl Outboard {
+    /// The tree of a blob of at most one group: no outboard.
+    pub(crate) fn none() -> Self {
+        Outboard { levels: Vec::new() }
+    }
+
+    /// Length of the outboard in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        let groups = self.levels.first().map_or(0, Vec::len) as u64;
+        groups.saturating_sub(1) * 64
+    }
+
+    /// Whether there is no outboard (one group or none).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The outboard, whole, in memory.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
+        self.emit(&mut |l, r| {
+            out.extend_from_slice(l);
+            out.extend_from_slice(r);
+        });
+        out
+    }
+
+    /// Write the outboard to `w` in pieces of [`EMIT_BUF`] bytes.
+    pub(crate) fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(EMIT_BUF);
+        let mut res = Ok(());
+        self.emit(&mut |l, r| {
+            buf.extend_from_slice(l);
+            buf.extend_from_slice(r);
+            if buf.len() >= EMIT_BUF && res.is_ok() {
+                res = w.write_all(&buf);
+                buf.clear();
+            }
+        });
+        res?;
+        w.write_all(&buf)
+    }
+
+    /// Hand every pair of children to `out`, in pre-order.
+    fn emit(&self, out: &mut dyn FnMut(&ChainingValue, &ChainingValue)) {
+        if !self.is_empty() {
+            emit(&self.levels, self.levels.len(), 0, out);
+        }
+    }
+}
+
+/// Hand `out`, in pre-order, the children of node `index` at `level`
+/// (which are in `levels[level - 1]`) and the pairs below them.
+fn emit(
+    levels: &[Vec<ChainingValue>],
+    level: usize,
+    index: usize,
+    out: &mut dyn FnMut(&ChainingValue, &ChainingValue),
+) {
     let Some(children) = level.checked_sub(1).and_then(|l| levels.get(l)) else {
         return;
     };
     let (l, r) = (2 * index, 2 * index + 1);
     match (children.get(l), children.get(r)) {
         (Some(left), Some(right)) => {
-            out.extend_from_slice(left);
-            out.extend_from_slice(right);
+            out(left, right);
             emit(levels, level - 1, l, out);
             emit(levels, level - 1, r, out);
         }
@@ -383,11 +455,65 @@ pub(crate) mod tests {
         let cvs: Vec<ChainingValue> = (0..40_001u32)
             .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
             .collect();
-        let one = build_outboard_par(vec![cvs.clone()], usize::MAX);
-        let all = build_outboard_par(vec![cvs], 2);
+        let one = build_tree_par(vec![cvs.clone()], usize::MAX);
+        let all = build_tree_par(vec![cvs], 2);
         assert_eq!(one.0, all.0);
-        assert_eq!(one.1.len(), 40_000 * 64);
-        assert!(one.1 == all.1, "the outboards differ");
+        let (one, all) = (one.1.to_vec(), all.1.to_vec());
+        assert_eq!(one.len(), 40_000 * 64);
+        assert!(one == all, "the outboards differ");
+    }
+
+    /// The outboard as [`Outboard::write_to`] streams it.
+    pub(crate) fn written(ob: &Outboard) -> Vec<u8> {
+        let mut w = Vec::new();
+        ob.write_to(&mut w).unwrap();
+        w
+    }
+
+    #[test]
+    fn streamed_outboard_equals_the_one_in_memory() {
+        // 40,001 groups: a 2.5 MiB outboard, written in several pieces.
+        for n in [2usize, 3, 4096, 4097, 40_001] {
+            let cvs: Vec<ChainingValue> = (0..n as u32)
+                .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+                .collect();
+            let (_, ob) = build_tree(vec![cvs]);
+            let mem = ob.to_vec();
+            assert_eq!(mem.len() as u64, ob.len());
+            assert_eq!(mem.len(), (n - 1) * 64);
+            assert!(
+                written(&ob) == mem,
+                "{n} groups: the streamed outboard differs"
+            );
+        }
+        assert!(written(&Outboard::none()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_of_the_outboard_is_reported() {
+        struct Full(usize);
+        impl std::io::Write for Full {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                if self.0 < buf.len() {
+                    return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                self.0 -= buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let cvs: Vec<ChainingValue> = (0..20_000u32)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        let (_, ob) = build_tree(vec![cvs]);
+        // Room for the first piece only, then for all but the last bytes.
+        for room in [EMIT_BUF, ob.len() as usize - 1] {
+            let err = ob.write_to(&mut Full(room)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "room {room}");
+        }
+        assert!(ob.write_to(&mut Full(ob.len() as usize)).is_ok());
     }
 
     #[test]
@@ -424,7 +550,7 @@ pub(crate) mod tests {
         let (h, len, ob) = hash_reader(&d[..], |_| Ok(())).unwrap();
         assert_eq!(len, d.len() as u64);
         assert_eq!(h, blake3::hash(&d));
-        assert_eq!(ob, hash_bytes(&d).1);
+        assert_eq!(ob.to_vec(), hash_bytes(&d).1);
     }
 
     #[test]

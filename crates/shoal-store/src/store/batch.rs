@@ -46,9 +46,9 @@ impl Store {
     /// error is local (disk full, permissions) and leaves the store
     /// consistent: nothing of the batch is recorded.
     pub fn insert_whole(&self, items: Vec<WholeBlob>) -> Result<Vec<WholeOutcome>, StoreError> {
-        let hashed: Vec<(blake3::Hash, Vec<u8>)> = items
+        let hashed: Vec<(blake3::Hash, tree::Outboard)> = items
             .par_iter()
-            .map(|it| tree::hash_bytes(&it.data))
+            .map(|it| tree::hash_tree(&it.data))
             .collect();
         let mut outcomes = Vec::with_capacity(items.len());
         {
@@ -162,7 +162,7 @@ impl Inner {
     fn write_whole(
         &self,
         it: WholeBlob,
-        ob: Vec<u8>,
+        ob: tree::Outboard,
         files: &mut Vec<PathBuf>,
     ) -> Result<Prepared, StoreError> {
         let size = it.data.len() as u64;
@@ -208,7 +208,7 @@ impl Inner {
         }
         if self.dir.is_none() {
             if !ob.is_empty() {
-                p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob)));
+                p.outboard = ObRef::Mem(Arc::new(RwLock::new(ob.to_vec())));
             }
         } else {
             p.outboard = self.write_outboard(&it.hash, ob)?;

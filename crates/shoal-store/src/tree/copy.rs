@@ -19,7 +19,7 @@ use super::mapped::Mapping;
 use crate::slot::sync_range;
 use blake3::hazmat::ChainingValue;
 
-use super::{FileHash, GROUP, TreeHasher, build_outboard, group_cv};
+use super::{FileHash, GROUP, Outboard, TreeHasher, build_tree, group_cv};
 
 /// Bytes copied, written back and hashed at a time (a multiple of the
 /// group size and of the page size).
@@ -142,11 +142,13 @@ impl Hasher {
         }
     }
 
-    fn finish(self) -> (blake3::Hash, Vec<u8>) {
+    fn finish(self) -> (blake3::Hash, Outboard) {
         match self {
             Hasher::Parallel(h) => h.finish(),
-            Hasher::Serial(cvs, first) if cvs.len() <= 1 => (blake3::hash(&first), Vec::new()),
-            Hasher::Serial(cvs, _) => build_outboard(cvs),
+            Hasher::Serial(cvs, first) if cvs.len() <= 1 => {
+                (blake3::hash(&first), Outboard::none())
+            }
+            Hasher::Serial(cvs, _) => build_tree(vec![cvs]),
         }
     }
 }

@@ -42,7 +42,7 @@ use std::time::Instant;
 
 use blake3::hazmat::{self, ChainingValue, Mode};
 
-use super::{GROUP, build_outboard_from, group_cv, inner_levels};
+use super::{GROUP, Outboard, build_tree, group_cv, inner_levels};
 
 /// Mappings that can be registered at once.
 const SLOTS: usize = 64;
@@ -309,8 +309,8 @@ impl Drop for Mapping {
 
 /// What hashing through a mapping found.
 pub(crate) enum Mapped {
-    /// Root hash, length and outboard.
-    Hashed(blake3::Hash, u64, Vec<u8>),
+    /// Root hash, length and tree.
+    Hashed(blake3::Hash, u64, Outboard),
     /// A page vanished while it was hashed: the file shrank.
     Shrank,
 }
@@ -360,7 +360,7 @@ pub(crate) fn hash_mapping(map: &Mapping) -> Mapped {
     };
     // The groups' chaining values and, as each chunk is a whole subtree,
     // the levels above them inside a chunk, built by the thread that
-    // hashed it; what is above the chunks is left to build_outboard_from.
+    // hashed it; what is above the chunks is left to build_tree.
     let depth = inner_levels(groups, per_chunk.trailing_zeros() as usize);
     let mut levels: Vec<Vec<ChainingValue>> = (0..=depth)
         .map(|k| vec![[0; 32]; groups.div_ceil(1 << k)])
@@ -410,7 +410,7 @@ pub(crate) fn hash_mapping(map: &Mapping) -> Mapped {
     if map.faulted() {
         return Mapped::Shrank;
     }
-    let (hash, ob) = build_outboard_from(levels);
+    let (hash, ob) = build_tree(levels);
     Mapped::Hashed(hash, data.len() as u64, ob)
 }
 
