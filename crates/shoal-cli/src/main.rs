@@ -228,8 +228,19 @@ fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(run(cli));
-    // Do not wait for stray blocking tasks (a stalled disk read, say).
-    rt.shutdown_timeout(Duration::from_secs(2));
+    if rt.metrics().num_alive_tasks() == 0 {
+        // Nothing is left to drop (the command awaited all it started):
+        // exit without joining the runtime's idle threads, which took
+        // ~1.5 ms at the end of every `shoal add` (10 alternating rounds
+        // of a 1 GiB add: 93.0 -> 91.1 ms). A stray blocking task would
+        // be cut short, which the store survives as it survives a kill.
+        rt.shutdown_background();
+    } else {
+        // Let dropped tasks finish their destructors (a store saving its
+        // partial downloads), but do not wait for stray blocking tasks (a
+        // stalled disk read, say).
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
