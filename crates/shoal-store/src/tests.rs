@@ -741,3 +741,36 @@ fn many_small_files_import_in_batches() {
     store.export_collection(&col, &out).unwrap();
     assert_eq!(fs::read(out.join("f0042")).unwrap(), data(4096, 42));
 }
+
+#[test]
+fn a_store_in_redbs_v2_format_is_upgraded_and_keeps_its_blobs() {
+    use crate::store::{CREATE_V2, open_db};
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("store");
+    let d = data(100_000, 3);
+    CREATE_V2.set(true);
+    let hash = {
+        let store = Store::open(&at).unwrap();
+        store.import_bytes(&d, "old").unwrap()
+    };
+    // Still v2: opening it as such upgrades nothing.
+    let (db, upgraded) = open_db(&at, &at.join("meta.redb")).unwrap();
+    assert!(!upgraded);
+    drop(db);
+    CREATE_V2.set(false);
+    let (db, upgraded) = open_db(&at, &at.join("meta.redb")).unwrap();
+    assert!(upgraded, "a v2 database is upgraded");
+    drop(db);
+    let (db, upgraded) = open_db(&at, &at.join("meta.redb")).unwrap();
+    assert!(!upgraded, "and only once");
+    drop(db);
+    let store = Store::open(&at).unwrap();
+    assert_eq!(store.read_all(&hash).unwrap(), d);
+    // And it takes new blobs after the upgrade, which outlive a reopen.
+    let d2 = data(50_000, 4);
+    let h2 = store.import_bytes(&d2, "new").unwrap();
+    drop(store);
+    let store = Store::open(&at).unwrap();
+    assert_eq!(store.read_all(&hash).unwrap(), d);
+    assert_eq!(store.read_all(&h2).unwrap(), d2);
+}
