@@ -130,7 +130,9 @@ impl<'a> WriteBack<'a> {
 impl io::Write for WriteBack<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write_at(buf, self.pos)?;
-        sync_range(self.file, self.pos, n as u64, libc::SYNC_FILE_RANGE_WRITE);
+        if n > 0 {
+            sync_range(self.file, self.pos, n as u64, libc::SYNC_FILE_RANGE_WRITE);
+        }
         self.pos += n as u64;
         Ok(n)
     }

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,28 @@ struct Inner {
     /// Cleared by tests to simulate a crash (no flush on drop).
     flush_on_drop: AtomicBool,
     tmp_counter: AtomicU64,
+    /// Counts this store in [`Store::open_count`] until everything above
+    /// has been dropped (the database closed): declared last, dropped last.
+    _open: Option<OpenGuard>,
+}
+
+/// Stores on disk opened and not yet wholly closed, in this process.
+static OPEN_STORES: AtomicUsize = AtomicUsize::new(0);
+
+/// One store on disk in [`OPEN_STORES`].
+struct OpenGuard;
+
+impl OpenGuard {
+    fn new() -> Self {
+        OPEN_STORES.fetch_add(1, Ordering::SeqCst);
+        OpenGuard
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        OPEN_STORES.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A file's identity when it was hashed.
@@ -342,13 +364,18 @@ thread_local! {
     pub(crate) static CREATE_V2: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Outboards at least this long (those of files of 64 MiB and more) are
+/// sent to disk as they are written (see [`WriteBack`]).
+const OB_WRITEBACK_MIN: u64 = 256 << 10;
+
 /// Open (or create) the store's database at `db_path`, in redb's file
 /// format v3; a database in the older v2 format is upgraded (true).
 ///
-/// v3 because closing a v2 database also writes out its page allocator's
-/// state, with two more `fdatasync`s: ~1.5 ms of every `shoal add` here
-/// (10 alternating rounds: 89.7 -> 88.2 ms for 1 GiB). redb 3 and later
-/// read only v3, so this is also the way to them.
+/// v3 because closing a v2 database also rewrites its region tracker's
+/// pages before the final syncs: ~1.5 ms of every `shoal add` here (12
+/// alternating rounds: 89.7 -> 88.2 ms for 1 GiB). redb 3 and later read
+/// only v3, so this is also the way to them. The upgrade is one way: a
+/// shoal built on redb older than 2.6 cannot open the store afterwards.
 pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, bool), StoreError> {
     #[cfg(test)]
     let v3 = !CREATE_V2.get();
@@ -373,7 +400,13 @@ pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, boo
     }
     // The store makes no savepoints, and nothing else has the database
     // open yet: the upgrade's preconditions hold.
-    let upgraded = db.upgrade().map_err(StoreError::db)?;
+    let upgraded = match db.upgrade() {
+        Ok(u) => u,
+        Err(redb::UpgradeError::Storage(redb::StorageError::Io(e))) => {
+            return Err(StoreError::io("upgrading", db_path, e));
+        }
+        Err(e) => return Err(StoreError::db(e)),
+    };
     if upgraded {
         tracing::info!("upgraded {} to redb's file format v3", db_path.display());
     }
@@ -395,6 +428,7 @@ impl Store {
             events: broadcast::channel(1024).0,
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
+            _open: Some(OpenGuard::new()),
         };
         inner.remove_tmp_files();
         let mut blobs = HashMap::with_capacity(records.len());
@@ -423,8 +457,18 @@ impl Store {
                 events: broadcast::channel(1024).0,
                 flush_on_drop: AtomicBool::new(true),
                 tmp_counter: AtomicU64::new(0),
+                _open: None,
             }),
         }
+    }
+
+    /// Stores on disk that this process has open, or is still closing: a
+    /// store's last clone may live on in a task that outlived its caller,
+    /// and its drop saves partial downloads and closes the database. A
+    /// process that exits without waiting for its threads checks that this
+    /// is 0 first.
+    pub fn open_count() -> usize {
+        OPEN_STORES.load(Ordering::SeqCst)
     }
 
     /// The store's directory (None in memory).
@@ -717,8 +761,8 @@ impl Store {
                 break;
             }
         }
-        let ob = h.finish();
-        let (root, ob) = (ob.0, ob.1.to_vec());
+        let (root, tree) = h.finish();
+        let ob = tree.to_vec();
         let stored_ob = read_ob(&outboard)
             .map_err(|e| StoreError::io("reading outboard of", Path::new(&name), e))?;
         let ok = root == *hash && pos == size && ob == stored_ob;
@@ -1813,7 +1857,14 @@ impl Inner {
         let (Some(path), Some(tmp)) = (self.ob_path(hash), self.tmp_path()) else {
             return Ok(ObRef::Mem(Arc::new(RwLock::new(ob.to_vec()))));
         };
-        let res = File::create(&tmp).and_then(|f| ob.write_to(&mut WriteBack::new(&f, ob.len())));
+        let res = File::create(&tmp).and_then(|mut f| {
+            if ob.len() >= OB_WRITEBACK_MIN {
+                ob.write_to(&mut WriteBack::new(&f, ob.len()))
+            } else {
+                // Small: written plainly, left to the one sync of a batch.
+                ob.write_to(&mut f)
+            }
+        });
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::io("writing", &tmp, e));

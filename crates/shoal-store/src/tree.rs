@@ -390,9 +390,12 @@ impl Outboard {
         let mut buf = Vec::with_capacity(EMIT_BUF);
         let mut res = Ok(());
         self.emit(&mut |l, r| {
+            if res.is_err() {
+                return;
+            }
             buf.extend_from_slice(l);
             buf.extend_from_slice(r);
-            if buf.len() >= EMIT_BUF && res.is_ok() {
+            if buf.len() >= EMIT_BUF {
                 res = w.write_all(&buf);
                 buf.clear();
             }
@@ -490,30 +493,54 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_failed_write_of_the_outboard_is_reported() {
-        struct Full(usize);
-        impl std::io::Write for Full {
+    fn a_failed_write_of_the_outboard_is_reported_and_ends_it() {
+        /// Fails its `fail`-th write only; counts the calls.
+        struct Flaky {
+            fail: usize,
+            calls: usize,
+            written: usize,
+        }
+        impl std::io::Write for Flaky {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                if self.0 < buf.len() {
+                self.calls += 1;
+                if self.calls == self.fail {
                     return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
                 }
-                self.0 -= buf.len();
+                self.written += buf.len();
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
+        // 20,000 groups: 1.2 MiB of outboard, in five writes.
         let cvs: Vec<ChainingValue> = (0..20_000u32)
             .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
             .collect();
         let (_, ob) = build_tree(vec![cvs]);
-        // Room for the first piece only, then for all but the last bytes.
-        for room in [EMIT_BUF, ob.len() as usize - 1] {
-            let err = ob.write_to(&mut Full(room)).unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "room {room}");
+        let pieces = (ob.len() as usize).div_ceil(EMIT_BUF);
+        assert_eq!(pieces, 5);
+        for fail in 1..=pieces {
+            let mut w = Flaky {
+                fail,
+                calls: 0,
+                written: 0,
+            };
+            let err = ob.write_to(&mut w).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "write {fail}");
+            assert_eq!(
+                w.calls, fail,
+                "nothing is written after the failed write {fail}"
+            );
+            assert_eq!(w.written, (fail - 1) * EMIT_BUF);
         }
-        assert!(ob.write_to(&mut Full(ob.len() as usize)).is_ok());
+        let mut w = Flaky {
+            fail: 0,
+            calls: 0,
+            written: 0,
+        };
+        ob.write_to(&mut w).unwrap();
+        assert_eq!((w.calls, w.written as u64), (pieces, ob.len()));
     }
 
     #[test]
