@@ -17,7 +17,8 @@
 //!
 //! - `meta.redb`: one record per blob (size, kind, name, pin, where the data
 //!   is, verified groups of a partial blob) and the content of small blobs
-//!   (one group or less) imported with [`ImportMode::Copy`].
+//!   (one group or less) imported with [`ImportMode::Copy`]. redb's file
+//!   format v3 (a v2 database from before 2026-11-30 is upgraded on open).
 //! - `data/<hex>.data`: a private copy, or a download without a target.
 //! - `data/<hex>.obao`: the pre-order outboard (hash pairs, about 0.4% of
 //!   the data), computed once at import; absent for blobs of one group.
