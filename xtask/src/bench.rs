@@ -1117,9 +1117,13 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     let mut lt_err = None;
     for i in 0..cx.o.runs {
         eprintln!("  S2 run {}/{}", i + 1, cx.o.runs);
-        // shoal
+        // shoal. Each tool that writes the file to disk starts with the
+        // disk idle: the one before it (the seeder's add and sendme's
+        // import at first) may have left a gigabyte of dirty pages, whose
+        // writeback would otherwise slow this one's writes down.
         rm(&dd);
         rm(&out);
+        settle()?;
         let c0 = seeder.proc.cpu_now();
         let r = run_ok(
             cx.shoal
@@ -1159,6 +1163,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         if lt && lt_err.is_none() {
             rm(&lt_dir);
             std::fs::create_dir_all(&lt_dir)?;
+            settle()?;
             let r = run(Command::new(PY)
                 .arg(&lt_script)
                 .arg("run")
@@ -1187,6 +1192,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
             let cwd = cx.work.join("s2-sendme-recv");
             rm(&cwd);
             std::fs::create_dir_all(&cwd)?;
+            settle()?;
             match run(Command::new("sendme")
                 .args(["receive", t])
                 .current_dir(&cwd))
