@@ -1,6 +1,8 @@
 //! A full disk during a download: the downloader's data dir and output sit
 //! on a small tmpfs. The download fails with a clear error, the store stays
 //! consistent, and once space is freed the download resumes and completes.
+//! And a full disk during an add: the outboard does not fit, the add fails
+//! clearly, leaves no temporary file, and succeeds once there is room.
 //!
 //! Needs root to mount the tmpfs: skipped with a reason otherwise, but under
 //! `CI=true` it fails rather than skip.
@@ -113,4 +115,113 @@ fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
     );
     assert_eq!(b3sum(&out), hash);
     verify();
+}
+
+/// Bytes free on the filesystem of `at` (`stat -f`: free blocks for
+/// unprivileged users times the block size).
+fn free_bytes(at: &Path) -> u64 {
+    let o = Command::new("stat")
+        .args(["-f", "-c", "%a %S"])
+        .arg(at)
+        .output()
+        .expect("stat -f");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut w = text
+        .split_whitespace()
+        .map(|x| x.parse::<u64>().expect("a number"));
+    let (blocks, size) = (w.next().expect("blocks"), w.next().expect("block size"));
+    blocks * size
+}
+
+/// Files under `dir` whose name starts with `tmp-`, at any depth.
+fn tmp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if e.file_name().to_string_lossy().starts_with("tmp-") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let holder = tempfile::tempdir().expect("tempdir");
+    let mnt = holder.path().join("small");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let _mount = match mount_tmpfs(&mnt, "8m") {
+        Ok(m) => m,
+        Err(e) if ci => panic!("CI=true and the tmpfs cannot be mounted: {e}"),
+        Err(e) => {
+            eprintln!("skipping the full-disk add test: {e} (needs root)");
+            return;
+        }
+    };
+    // The file stays outside (added in place); its outboard, ~380 KiB,
+    // goes to the store on the tmpfs, streamed to disk as it is written.
+    let s = Dir::new();
+    let input = s.path().join("big.bin");
+    std::fs::write(&input, data(96 << 20, 9)).expect("write");
+    let small = s.path().join("small.bin");
+    std::fs::write(&small, data(40_000, 10)).expect("write");
+    let node = mnt.join("node");
+    let add = |path: &Path| {
+        let mut c = Command::new(bin());
+        c.arg("--data-dir").arg(&node).arg("add").arg(path);
+        run_bounded(c, Duration::from_secs(60))
+    };
+    // The store exists; then all but 64 KiB of the tmpfs is taken.
+    let first = add(&small);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let filler = mnt.join("filler");
+    let room = free_bytes(&mnt).saturating_sub(64 << 10);
+    std::fs::write(&filler, vec![1u8; room as usize]).expect("filler");
+    let full = add(&input);
+    let err = String::from_utf8_lossy(&full.stderr);
+    assert_eq!(full.status.code(), Some(1), "a full disk must fail: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ") && last.contains("disk full"),
+        "unclear error for a full disk: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        tmp_files(&node),
+        Vec::<PathBuf>::new(),
+        "a failed add left files"
+    );
+    // Room again: the same add succeeds, and the store still has the first
+    // blob.
+    std::fs::remove_file(&filler).expect("rm filler");
+    let again = add(&input);
+    assert!(
+        again.status.success(),
+        "the add after freeing space failed: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(out.starts_with(&b3sum(&input)), "{out}");
+    let mut c = Command::new(bin());
+    c.arg("--data-dir").arg(&node).arg("verify");
+    let v = run_bounded(c, Duration::from_secs(60));
+    assert!(
+        v.status.success(),
+        "store inconsistent after the full disk: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
 }
