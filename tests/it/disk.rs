@@ -36,20 +36,41 @@ fn mount_tmpfs(at: &Path, size: &str) -> Result<Mount, String> {
     Ok(Mount(at.to_path_buf()))
 }
 
-#[test]
-fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
+/// A small tmpfs in a temporary directory; unmounted, then removed, when
+/// dropped (fields drop in order).
+struct Small {
+    _mount: Mount,
+    _holder: tempfile::TempDir,
+    path: PathBuf,
+}
+
+/// A tmpfs of `size`, or None (the reason printed) where it cannot be
+/// mounted; under `CI=true` that fails instead.
+fn small_tmpfs(size: &str) -> Option<Small> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let holder = tempfile::tempdir().expect("tempdir");
-    let mnt = holder.path().join("small");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let _mount = match mount_tmpfs(&mnt, "12m") {
-        Ok(m) => m,
+    let path = holder.path().join("small");
+    std::fs::create_dir(&path).expect("mkdir");
+    match mount_tmpfs(&path, size) {
+        Ok(m) => Some(Small {
+            _mount: m,
+            _holder: holder,
+            path,
+        }),
         Err(e) if ci => panic!("CI=true and the tmpfs cannot be mounted: {e}"),
         Err(e) => {
-            eprintln!("skipping the full-disk test: {e} (needs root)");
-            return;
+            eprintln!("skipping a full-disk test: {e} (needs root)");
+            None
         }
+    }
+}
+
+#[test]
+fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
+    let Some(small) = small_tmpfs("12m") else {
+        return;
     };
+    let mnt = small.path.clone();
     let s = Dir::new();
     let input = s.path().join("blob.bin");
     std::fs::write(&input, data(10 << 20, 5)).expect("write");
@@ -155,18 +176,10 @@ fn tmp_files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let holder = tempfile::tempdir().expect("tempdir");
-    let mnt = holder.path().join("small");
-    std::fs::create_dir(&mnt).expect("mkdir");
-    let _mount = match mount_tmpfs(&mnt, "8m") {
-        Ok(m) => m,
-        Err(e) if ci => panic!("CI=true and the tmpfs cannot be mounted: {e}"),
-        Err(e) => {
-            eprintln!("skipping the full-disk add test: {e} (needs root)");
-            return;
-        }
+    let Some(small) = small_tmpfs("8m") else {
+        return;
     };
+    let mnt = small.path.clone();
     // The file stays outside (added in place); its outboard, ~380 KiB,
     // goes to the store on the tmpfs, streamed to disk as it is written.
     let s = Dir::new();
