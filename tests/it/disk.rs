@@ -65,6 +65,33 @@ fn small_tmpfs(size: &str) -> Option<Small> {
     }
 }
 
+/// `o` failed as a full disk should: exit code 1, a last line that says
+/// so, no panic.
+fn assert_failed_disk_full(o: &std::process::Output) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "a full disk must fail: {err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: ")
+            && (last.contains("disk full") || last.contains("No space left")),
+        "unclear error for a full disk: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `shoal verify` of the store in `node` passes.
+fn assert_verifies(node: &Path) {
+    let mut c = Command::new(bin());
+    c.arg("--data-dir").arg(node).arg("verify");
+    let o = run_bounded(c, Duration::from_secs(60));
+    assert!(
+        o.status.success(),
+        "store inconsistent after the full disk: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
     let Some(small) = small_tmpfs("12m") else {
@@ -97,27 +124,8 @@ fn a_full_disk_fails_clearly_and_the_download_resumes_after_space_is_freed() {
         ]);
         run_bounded(c, Duration::from_secs(60))
     };
-    let verify = || {
-        let mut c = Command::new(bin());
-        c.arg("--data-dir").arg(mnt.join("node")).arg("verify");
-        let o = run_bounded(c, Duration::from_secs(60));
-        assert!(
-            o.status.success(),
-            "store inconsistent after the full disk: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let full = get();
-    let err = String::from_utf8_lossy(&full.stderr);
-    assert_eq!(full.status.code(), Some(1), "a full disk must fail: {err}");
-    let last = err.lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: ")
-            && (last.contains("disk full") || last.contains("No space left")),
-        "unclear error for a full disk: {err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    let verify = || assert_verifies(&mnt.join("node"));
+    assert_failed_disk_full(&get());
     verify();
     // Free the space; the download resumes and completes.
     std::fs::remove_file(&filler).expect("rm filler");
@@ -185,8 +193,8 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     let s = Dir::new();
     let input = s.path().join("big.bin");
     std::fs::write(&input, data(96 << 20, 9)).expect("write");
-    let small = s.path().join("small.bin");
-    std::fs::write(&small, data(40_000, 10)).expect("write");
+    let tiny = s.path().join("tiny.bin");
+    std::fs::write(&tiny, data(40_000, 10)).expect("write");
     let node = mnt.join("node");
     let add = |path: &Path| {
         let mut c = Command::new(bin());
@@ -194,7 +202,7 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
         run_bounded(c, Duration::from_secs(60))
     };
     // The store exists; then all but 64 KiB of the tmpfs is taken.
-    let first = add(&small);
+    let first = add(&tiny);
     assert!(
         first.status.success(),
         "{}",
@@ -203,22 +211,13 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     let filler = mnt.join("filler");
     let room = free_bytes(&mnt).saturating_sub(64 << 10);
     std::fs::write(&filler, vec![1u8; room as usize]).expect("filler");
-    let full = add(&input);
-    let err = String::from_utf8_lossy(&full.stderr);
-    assert_eq!(full.status.code(), Some(1), "a full disk must fail: {err}");
-    let last = err.lines().last().unwrap_or("");
-    assert!(
-        last.starts_with("error: ") && last.contains("disk full"),
-        "unclear error for a full disk: {err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    assert_failed_disk_full(&add(&input));
     assert_eq!(
         tmp_files(&node),
         Vec::<PathBuf>::new(),
         "a failed add left files"
     );
-    // Room again: the same add succeeds, and the store still has the first
-    // blob.
+    // Room again: the same add succeeds.
     std::fs::remove_file(&filler).expect("rm filler");
     let again = add(&input);
     assert!(
@@ -228,13 +227,11 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     );
     let out = String::from_utf8_lossy(&again.stdout);
     assert!(out.starts_with(&b3sum(&input)), "{out}");
+    // The first blob is still there, and every blob checks out.
     let mut c = Command::new(bin());
-    c.arg("--data-dir").arg(&node).arg("verify");
-    let v = run_bounded(c, Duration::from_secs(60));
-    assert!(
-        v.status.success(),
-        "store inconsistent after the full disk: {}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    c.arg("--data-dir").arg(&node).arg("ls");
+    let ls = run_bounded(c, Duration::from_secs(60));
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.contains(&b3sum(&tiny)), "the first blob is gone: {ls}");
+    assert_verifies(&node);
 }
