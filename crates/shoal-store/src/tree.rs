@@ -2,9 +2,10 @@
 //! (bao-tree's layout, block size 16 KiB) built from the groups' chaining
 //! values.
 //!
-//! Every group is hashed on its own (`blake3::hazmat` with the group's input
-//! offset), in parallel with rayon; the tree above the groups is then built
-//! level by level. The result is bit-for-bit the outboard that
+//! Runs of groups are hashed in parallel (rayon, or the mapped path's own
+//! threads), each run wide, every chunk and parent of it in SIMD passes
+//! ([`wide`]); the tree above the groups is then built level by level. The
+//! result is bit-for-bit the outboard that
 //! `bao_tree::io::outboard::PreOrderMemOutboard::create` computes, which a
 //! test checks.
 
@@ -20,6 +21,7 @@ mod copy;
 #[cfg(test)]
 mod import_tests;
 mod mapped;
+mod wide;
 
 #[cfg(test)]
 pub(crate) use copy::copy_and_hash_with;
@@ -69,6 +71,10 @@ fn group_cv(index: u64, data: &[u8]) -> ChainingValue {
     h.finalize_non_root()
 }
 
+/// Buffers up to this long are hashed on the calling thread; longer ones
+/// in pieces of this length on every core.
+const PAR_HASH_MIN: usize = 64 * GROUP;
+
 /// Hashes a blob fed in order, in batches that are multiples of [`GROUP`]
 /// (only the last may be shorter).
 #[derive(Default)]
@@ -96,19 +102,17 @@ impl TreeHasher {
             self.first = buf[..buf.len().min(GROUP)].to_vec();
         }
         let base = self.len / GROUP_SIZE;
-        if buf.len() <= 4 * GROUP {
-            self.cvs.extend(
-                buf.chunks(GROUP)
-                    .enumerate()
-                    .map(|(i, c)| group_cv(base + i as u64, c)),
-            );
+        let start = self.cvs.len();
+        self.cvs.resize(start + buf.len().div_ceil(GROUP), [0; 32]);
+        let out = &mut self.cvs[start..];
+        if buf.len() <= PAR_HASH_MIN {
+            wide::group_cvs(buf, base, out);
         } else {
-            let cvs: Vec<ChainingValue> = buf
-                .par_chunks(GROUP)
+            let per = PAR_HASH_MIN / GROUP;
+            buf.par_chunks(PAR_HASH_MIN)
+                .zip(out.par_chunks_mut(per))
                 .enumerate()
-                .map(|(i, c)| group_cv(base + i as u64, c))
-                .collect();
-            self.cvs.extend(cvs);
+                .for_each(|(i, (b, o))| wide::group_cvs(b, base + (i * per) as u64, o));
         }
         self.len += buf.len() as u64;
     }
@@ -312,20 +316,19 @@ fn build_tree(levels: Vec<Vec<ChainingValue>>) -> (blake3::Hash, Outboard) {
 
 /// [`build_tree`], merging levels of at least `par_min` on every core.
 fn build_tree_par(mut levels: Vec<Vec<ChainingValue>>, par_min: usize) -> (blake3::Hash, Outboard) {
-    let merge = |p: &[ChainingValue]| match p {
-        [l, r] => hazmat::merge_subtrees_non_root(l, r, Mode::Hash),
-        [single] => *single,
-        _ => [0; 32],
-    };
     while let Some(prev) = levels.last().filter(|l| l.len() > 2) {
         // A short level is merged on this thread: a 1 GiB file mapped has
         // 1,024 chunks left here, ~0.1 ms of merging, and in a fresh
         // `shoal add` process rayon's pool would first have to start.
-        let next: Vec<ChainingValue> = if prev.len() >= par_min {
-            prev.par_chunks(2).map(merge).collect()
+        let mut next = vec![[0; 32]; prev.len().div_ceil(2)];
+        if prev.len() >= par_min {
+            let per = (par_min / 4).max(1);
+            prev.par_chunks(2 * per)
+                .zip(next.par_chunks_mut(per))
+                .for_each(|(b, o)| wide::merge_level(b, o));
         } else {
-            prev.chunks(2).map(merge).collect()
-        };
+            wide::merge_level(prev, &mut next);
+        }
         levels.push(next);
     }
     let root = match levels.last().map(Vec::as_slice) {

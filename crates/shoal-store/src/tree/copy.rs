@@ -19,7 +19,7 @@ use super::mapped::Mapping;
 use crate::slot::sync_range;
 use blake3::hazmat::ChainingValue;
 
-use super::{FileHash, GROUP, Outboard, TreeHasher, build_tree, group_cv};
+use super::{FileHash, GROUP, Outboard, TreeHasher, build_tree, wide};
 
 /// Bytes copied, written back and hashed at a time (a multiple of the
 /// group size and of the page size).
@@ -131,13 +131,9 @@ impl Hasher {
                 if offset == 0 {
                     first.extend_from_slice(&bytes[..bytes.len().min(GROUP)]);
                 }
-                let base = offset / GROUP as u64;
-                cvs.extend(
-                    bytes
-                        .chunks(GROUP)
-                        .enumerate()
-                        .map(|(i, g)| group_cv(base + i as u64, g)),
-                );
+                let start = cvs.len();
+                cvs.resize(start + bytes.len().div_ceil(GROUP), [0; 32]);
+                wide::group_cvs(bytes, offset / GROUP as u64, &mut cvs[start..]);
             }
         }
     }

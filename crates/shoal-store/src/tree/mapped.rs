@@ -40,9 +40,9 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use blake3::hazmat::{self, ChainingValue, Mode};
+use blake3::hazmat::ChainingValue;
 
-use super::{GROUP, Outboard, build_tree, group_cv, inner_levels};
+use super::{GROUP, Outboard, build_tree, inner_levels, wide};
 
 /// Mappings that can be registered at once.
 const SLOTS: usize = 64;
@@ -474,20 +474,12 @@ fn hash_chunk(data: &[u8], first: usize, out: &mut [&mut [ChainingValue]]) {
     let Some((cvs, above)) = out.split_first_mut() else {
         return;
     };
-    for (i, cv) in cvs.iter_mut().enumerate() {
-        let start = (first + i) * GROUP;
-        let end = (start + GROUP).min(data.len());
-        *cv = group_cv((first + i) as u64, &data[start..end]);
-    }
+    let start = first * GROUP;
+    let end = ((first + cvs.len()) * GROUP).min(data.len());
+    wide::group_cvs(&data[start..end], first as u64, cvs);
     let mut below: &[ChainingValue] = cvs;
     for level in above.iter_mut() {
-        for (node, pair) in level.iter_mut().zip(below.chunks(2)) {
-            *node = match pair {
-                [l, r] => hazmat::merge_subtrees_non_root(l, r, Mode::Hash),
-                [single] => *single,
-                _ => [0; 32],
-            };
-        }
+        wide::merge_level(below, level);
         below = level;
     }
 }
