@@ -63,6 +63,20 @@ pub(crate) enum Op {
 
 /// Apply `ops` in one transaction.
 pub(crate) fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), StoreError> {
+    apply_after(db, ops, durable, || Ok(()))
+}
+
+/// [`apply`], calling `before_commit` inside the transaction just before it
+/// commits (an error aborts it). redb runs one write transaction at a
+/// time, so whatever `before_commit` makes durable precedes every record
+/// this commit makes durable, those of earlier non-durable commits
+/// included.
+pub(crate) fn apply_after(
+    db: &Database,
+    ops: &[Op],
+    durable: bool,
+    before_commit: impl FnOnce() -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     use prost::Message;
     let mut tx = db.begin_write().map_err(StoreError::db)?;
     if !durable {
@@ -94,6 +108,7 @@ pub(crate) fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), Stor
             }
         }
     }
+    before_commit()?;
     tx.commit().map_err(StoreError::db)
 }
 

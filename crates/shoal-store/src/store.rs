@@ -88,6 +88,15 @@ struct Inner {
     /// Cleared by tests to simulate a crash (no flush on drop).
     flush_on_drop: AtomicBool,
     tmp_counter: AtomicU64,
+    /// Directories holding files of blobs recorded by a non-durable commit
+    /// ([`Store::insert_whole`]) and not yet synced. Any durable commit
+    /// makes those records durable too, so it syncs these filesystems
+    /// first ([`Inner::apply`]): a record must never outlive a power loss
+    /// that its file does not.
+    unsynced: Mutex<HashSet<PathBuf>>,
+    /// Filesystem syncs made for [`Inner::unsynced`] (tests).
+    #[cfg(test)]
+    fs_syncs: AtomicUsize,
     /// Counts this store in [`Store::open_count`] until everything above
     /// has been dropped (the database closed): declared last, dropped last.
     _open: Option<OpenGuard>,
@@ -428,6 +437,9 @@ impl Store {
             events: broadcast::channel(1024).0,
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
+            unsynced: Mutex::new(HashSet::new()),
+            #[cfg(test)]
+            fs_syncs: AtomicUsize::new(0),
             _open: Some(OpenGuard::new()),
         };
         inner.remove_tmp_files();
@@ -457,6 +469,9 @@ impl Store {
                 events: broadcast::channel(1024).0,
                 flush_on_drop: AtomicBool::new(true),
                 tmp_counter: AtomicU64::new(0),
+                unsynced: Mutex::new(HashSet::new()),
+                #[cfg(test)]
+                fs_syncs: AtomicUsize::new(0),
                 _open: None,
             }),
         }
@@ -652,7 +667,7 @@ impl Store {
             }
             if let Some(db) = &self.inner.db {
                 let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
-                if let Err(e) = meta::apply(db, &ops, true) {
+                if let Err(e) = self.inner.apply(db, &ops, true) {
                     // Put them back: nothing was deleted.
                     for (h, b) in removed {
                         st.insert(h, b);
@@ -1710,7 +1725,7 @@ impl Inner {
 
     fn persist(&self, hash: &blake3::Hash, rec: Record, durable: bool) -> Result<(), StoreError> {
         match &self.db {
-            Some(db) => meta::apply(db, &[Op::Put(*hash, rec)], durable),
+            Some(db) => self.apply(db, &[Op::Put(*hash, rec)], durable),
             None => Ok(()),
         }
     }
@@ -1778,7 +1793,7 @@ impl Inner {
         if ops.is_empty() {
             return Ok(());
         }
-        meta::apply(db, &ops, true)
+        self.apply(db, &ops, true)
     }
 
     /// Open a blob for reading; checks in-place files.
@@ -2057,7 +2072,7 @@ impl Inner {
             new.push(p.record_new(&mut ops));
         }
         if let Some(db) = &self.db {
-            meta::apply(db, &ops, true)?;
+            self.apply(db, &ops, true)?;
         }
         for (h, b) in new {
             st.insert(h, b);

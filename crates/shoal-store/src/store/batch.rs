@@ -10,7 +10,10 @@
 //! so far durable at once (`syncfs`, then one durable commit). A crash
 //! before that loses only records of blobs, never their correctness:
 //! records not made durable are rolled back on open, and the files they
-//! described are simply fetched again.
+//! described are simply fetched again. Any other durable commit in the
+//! meantime would make those records durable too, so it syncs their
+//! filesystems first (`Inner::apply`): a record never survives a power
+//! loss that its file did not.
 
 use super::*;
 
@@ -91,6 +94,9 @@ impl Store {
             }
             new.push(p.record_new(&mut ops));
         }
+        // Before the commit: a durable commit of another thread that
+        // follows this one must find these files among those to sync.
+        lock(&self.inner.unsynced).extend(files.iter().map(|f| parent_dir(f)));
         if let Some(db) = &self.inner.db
             && let Err(e) = meta::apply(db, &ops, false)
         {
@@ -113,18 +119,10 @@ impl Store {
     /// filesystems of `dirs` and of the store (`syncfs`, one call each),
     /// then commit the metadata durably.
     pub fn sync_whole(&self, dirs: &[&Path]) -> Result<(), StoreError> {
-        let mut seen = HashSet::new();
-        let store_dir = self.inner.dir.clone();
-        for d in dirs.iter().copied().chain(store_dir.as_deref()) {
-            let f = File::open(d).map_err(io_err("syncing", d))?;
-            let dev = f.metadata().map_err(io_err("syncing", d))?.dev();
-            if seen.insert(dev) {
-                syncfs(&f).map_err(io_err("syncing", d))?;
-            }
-        }
+        lock(&self.inner.unsynced).extend(dirs.iter().map(|d| d.to_path_buf()));
         match &self.inner.db {
-            Some(db) => meta::apply(db, &[], true),
-            None => Ok(()),
+            Some(db) => self.inner.apply(db, &[], true),
+            None => self.inner.sync_unsynced(),
         }
     }
 
@@ -150,13 +148,66 @@ impl Store {
             }
         }
         match &self.inner.db {
-            Some(db) if !ops.is_empty() => meta::apply(db, &ops, true),
+            Some(db) if !ops.is_empty() => self.inner.apply(db, &ops, true),
             _ => Ok(()),
         }
     }
 }
 
+/// The directory `file` is in ("." for a bare file name).
+fn parent_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 impl Inner {
+    /// Apply `ops` to `db` in one transaction. A durable commit also makes
+    /// durable the records of earlier non-durable ones, so it first syncs
+    /// the filesystems that hold their files ([`Inner::unsynced`]).
+    pub(super) fn apply(
+        &self,
+        db: &redb::Database,
+        ops: &[Op],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        if durable {
+            meta::apply_after(db, ops, true, || self.sync_unsynced())
+        } else {
+            meta::apply(db, ops, false)
+        }
+    }
+
+    /// Sync (`syncfs`, once per filesystem) the filesystems of
+    /// [`Inner::unsynced`] and of the store itself, if there are any of the
+    /// former; on failure they stay to be synced.
+    pub(super) fn sync_unsynced(&self) -> Result<(), StoreError> {
+        let dirs = std::mem::take(&mut *lock(&self.unsynced));
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        self.fs_syncs.fetch_add(1, Ordering::SeqCst);
+        let mut seen = HashSet::new();
+        let res = dirs
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(self.dir.as_deref())
+            .try_for_each(|d| {
+                let f = File::open(d).map_err(io_err("syncing", d))?;
+                let dev = f.metadata().map_err(io_err("syncing", d))?.dev();
+                if seen.insert(dev) {
+                    syncfs(&f).map_err(io_err("syncing", d))?;
+                }
+                Ok(())
+            });
+        if res.is_err() {
+            lock(&self.unsynced).extend(dirs);
+        }
+        res
+    }
+
     /// Write one checked small blob where it belongs; returns what to
     /// record. Files created are added to `files` (removed on failure).
     fn write_whole(
@@ -338,6 +389,51 @@ mod tests {
         // Changed behind the store's back: never served as valid.
         fs::write(&moved, b"something else").unwrap();
         assert!(store.read_whole(&good_file.hash, 64 << 10).is_err());
+    }
+
+    #[test]
+    fn a_durable_commit_first_syncs_the_files_of_unsynced_whole_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let syncs = || store.inner.fs_syncs.load(Ordering::SeqCst);
+        // Nothing unsynced: a durable commit syncs no filesystem.
+        store.import_bytes(b"first", "first").unwrap();
+        assert_eq!(syncs(), 0);
+        // A batch is recorded without a sync...
+        let b = blob(50_000, 3, Some(out.join("b.bin")));
+        let outcomes = store.insert_whole(vec![b.clone()]).unwrap();
+        assert_eq!(outcomes, vec![WholeOutcome::Stored]);
+        assert_eq!(syncs(), 0);
+        assert!(lock(&store.inner.unsynced).contains(&out));
+        // ...and the next durable commit, which makes its record durable
+        // too, syncs its file's filesystem first, once.
+        store.import_bytes(b"second", "second").unwrap();
+        assert_eq!(syncs(), 1);
+        assert!(lock(&store.inner.unsynced).is_empty());
+        store.unpin(&b.hash).unwrap();
+        assert_eq!(syncs(), 1);
+        // sync_whole syncs what it is asked to.
+        store.sync_whole(&[&out]).unwrap();
+        assert_eq!(syncs(), 2);
+    }
+
+    #[test]
+    fn a_failed_sync_aborts_the_durable_commit_and_keeps_the_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let gone = dir.path().join("gone");
+        lock(&store.inner.unsynced).insert(gone.clone());
+        // The directory cannot be opened to sync it: the commit fails and
+        // records nothing.
+        let err = store.import_bytes(b"data", "data").unwrap_err();
+        assert!(err.to_string().contains("syncing"), "{err}");
+        assert!(store.list().is_empty());
+        assert!(lock(&store.inner.unsynced).contains(&gone));
+        lock(&store.inner.unsynced).clear();
+        store.import_bytes(b"data", "data").unwrap();
+        assert_eq!(store.list().len(), 1);
     }
 
     #[test]
