@@ -462,11 +462,18 @@ pub(crate) mod tests {
             .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
             .collect();
         let one = build_tree_par(vec![cvs.clone()], usize::MAX);
-        let all = build_tree_par(vec![cvs], 2);
-        assert_eq!(one.0, all.0);
-        let (one, all) = (one.1.to_vec(), all.1.to_vec());
-        assert_eq!(one.len(), 40_000 * 64);
-        assert!(one == all, "the outboards differ");
+        let one_ob = one.1.to_vec();
+        assert_eq!(one_ob.len(), 40_000 * 64);
+        // Pieces of one pair per task, and of three pairs (levels of odd
+        // lengths split into pieces that end mid-level).
+        for par_min in [2, 12] {
+            let all = build_tree_par(vec![cvs.clone()], par_min);
+            assert_eq!(one.0, all.0, "par_min {par_min}");
+            assert!(
+                one_ob == all.1.to_vec(),
+                "the outboards differ, par_min {par_min}"
+            );
+        }
     }
 
     /// The outboard as [`Outboard::write_to`] streams it.
@@ -559,8 +566,11 @@ pub(crate) mod tests {
             3 * GROUP + 5,
             5 * GROUP,
             7 * GROUP - 1,
+            64 * GROUP - 1,
+            64 * GROUP,
             64 * GROUP + 1,
             (1 << 20) + 7,
+            128 * GROUP,
             5_000_000,
         ];
         for size in sizes {
