@@ -88,12 +88,14 @@ struct Inner {
     /// Cleared by tests to simulate a crash (no flush on drop).
     flush_on_drop: AtomicBool,
     tmp_counter: AtomicU64,
-    /// Directories holding files of blobs recorded by a non-durable commit
-    /// ([`Store::insert_whole`]) and not yet synced. Any durable commit
-    /// makes those records durable too, so it syncs these filesystems
-    /// first ([`Inner::apply`]): a record must never outlive a power loss
-    /// that its file does not.
-    unsynced: Mutex<HashSet<PathBuf>>,
+    /// Filesystems holding files of blobs recorded by a non-durable commit
+    /// ([`Store::insert_whole`]) and not yet synced: by device, a directory
+    /// on it (held open, so that it can be synced even once it is renamed
+    /// or removed) and its path (for errors). Any durable commit, redb's
+    /// own on close included, makes those records durable too, so these
+    /// are synced first ([`Inner::apply`], [`Inner::sync_before_close`]):
+    /// a record must never outlive a power loss that its file does not.
+    unsynced: Mutex<HashMap<u64, (PathBuf, File)>>,
     /// Filesystem syncs made for [`Inner::unsynced`] (tests).
     #[cfg(test)]
     fs_syncs: AtomicUsize,
@@ -437,7 +439,7 @@ impl Store {
             events: broadcast::channel(1024).0,
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
-            unsynced: Mutex::new(HashSet::new()),
+            unsynced: Mutex::new(HashMap::new()),
             #[cfg(test)]
             fs_syncs: AtomicUsize::new(0),
             _open: Some(OpenGuard::new()),
@@ -469,7 +471,7 @@ impl Store {
                 events: broadcast::channel(1024).0,
                 flush_on_drop: AtomicBool::new(true),
                 tmp_counter: AtomicU64::new(0),
-                unsynced: Mutex::new(HashSet::new()),
+                unsynced: Mutex::new(HashMap::new()),
                 #[cfg(test)]
                 fs_syncs: AtomicUsize::new(0),
                 _open: None,
@@ -494,7 +496,8 @@ impl Store {
     /// Persist partial state now and drop this handle (the store closes
     /// when the last clone is dropped; dropping does the same).
     pub fn close(self) -> Result<(), StoreError> {
-        self.inner.save_all_partials()
+        self.inner.save_all_partials()?;
+        self.inner.sync_unsynced()
     }
 
     /// Simulate a crash: this handle is dropped without persisting anything.
@@ -1884,7 +1887,10 @@ impl Inner {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::io("writing", &tmp, e));
         }
-        fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("renaming", &path, e));
+        }
         Ok(ObRef::File(path))
     }
 
@@ -1934,10 +1940,17 @@ impl Inner {
         let (Some(path), Some(tmp)) = (self.owned_path(&hash), self.tmp_path()) else {
             return Err(StoreError::NotFound(hash));
         };
-        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        f.write_all(data).map_err(io_err("writing", &tmp))?;
-        f.sync_data().map_err(io_err("writing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+        let res = File::create(&tmp)
+            .map_err(io_err("creating", &tmp))
+            .and_then(|mut f| {
+                f.write_all(data).map_err(io_err("writing", &tmp))?;
+                f.sync_data().map_err(io_err("writing", &tmp))
+            })
+            .and_then(|()| fs::rename(&tmp, &path).map_err(io_err("renaming", &path)));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         p.data = DataRef::File { path, stamp: None };
         p.outboard = self.write_outboard(&hash, ob)?;
         Ok(p)
@@ -2379,5 +2392,6 @@ impl Drop for Inner {
         {
             tracing::warn!("saving partial downloads on close failed: {e}");
         }
+        self.sync_before_close();
     }
 }

@@ -770,3 +770,59 @@ fn a_store_in_redbs_v2_format_is_upgraded_and_keeps_its_blobs() {
     assert_eq!(store.read_all(&hash).unwrap(), d);
     assert_eq!(store.read_all(&h2).unwrap(), d2);
 }
+
+/// Names in the store's data directory that start with "tmp-".
+fn tmp_names(store_dir: &Path) -> Vec<String> {
+    fs::read_dir(store_dir.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tmp-"))
+        .collect()
+}
+
+#[test]
+fn a_failed_rename_into_the_store_leaves_no_temporary_file() {
+    use crate::WholeBlob;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let data_dir = dir.path().join("data");
+    // A directory (not empty) where a blob's file or outboard goes makes
+    // the rename into place fail.
+    let block = |name: String| {
+        let d = data_dir.join(name);
+        fs::create_dir_all(d.join("x")).unwrap();
+    };
+    // import_bytes: its data file.
+    let a = data(100_000, 1);
+    let ha = blake3::hash(&a);
+    block(format!("{}.data", ha.to_hex()));
+    let err = store.import_bytes(&a, "a").unwrap_err();
+    assert!(err.to_string().contains("renaming"), "{err}");
+    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    assert!(store.info(&ha).is_none());
+    // import_bytes: its outboard.
+    let b = data(100_000, 2);
+    let hb = blake3::hash(&b);
+    block(format!("{}.obao", hb.to_hex()));
+    let err = store.import_bytes(&b, "b").unwrap_err();
+    assert!(err.to_string().contains("renaming"), "{err}");
+    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    // insert_whole: a store-owned file.
+    let c = data(50_000, 3);
+    let hc = blake3::hash(&c);
+    block(format!("{}.data", hc.to_hex()));
+    let err = store
+        .insert_whole(vec![WholeBlob {
+            hash: hc,
+            data: c.into(),
+            target: None,
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("renaming"), "{err}");
+    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    assert!(store.info(&hc).is_none());
+    // The store goes on working.
+    let d = data(100_000, 4);
+    let hd = store.import_bytes(&d, "d").unwrap();
+    assert_eq!(store.read_all(&hd).unwrap(), d);
+}

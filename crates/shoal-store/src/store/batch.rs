@@ -96,10 +96,13 @@ impl Store {
         }
         // Before the commit: a durable commit of another thread that
         // follows this one must find these files among those to sync.
-        lock(&self.inner.unsynced).extend(files.iter().map(|f| parent_dir(f)));
-        if let Some(db) = &self.inner.db
-            && let Err(e) = meta::apply(db, &ops, false)
-        {
+        let noted = self
+            .inner
+            .note_unsynced(files.iter().map(|f| parent_dir(f)));
+        if let Err(e) = noted.and_then(|()| match &self.inner.db {
+            Some(db) => meta::apply(db, &ops, false),
+            None => Ok(()),
+        }) {
             drop(st);
             for f in files {
                 let _ = fs::remove_file(f);
@@ -116,10 +119,11 @@ impl Store {
     }
 
     /// Make everything [`Store::insert_whole`] wrote durable: flush the
-    /// filesystems of `dirs` and of the store (`syncfs`, one call each),
-    /// then commit the metadata durably.
+    /// filesystems of `dirs` and of the files it wrote (`syncfs`, one call
+    /// each), then commit the metadata durably.
     pub fn sync_whole(&self, dirs: &[&Path]) -> Result<(), StoreError> {
-        lock(&self.inner.unsynced).extend(dirs.iter().map(|d| d.to_path_buf()));
+        self.inner
+            .note_unsynced(dirs.iter().map(|d| d.to_path_buf()))?;
         match &self.inner.db {
             Some(db) => self.inner.apply(db, &[], true),
             None => self.inner.sync_unsynced(),
@@ -165,7 +169,11 @@ fn parent_dir(file: &Path) -> PathBuf {
 impl Inner {
     /// Apply `ops` to `db` in one transaction. A durable commit also makes
     /// durable the records of earlier non-durable ones, so it first syncs
-    /// the filesystems that hold their files ([`Inner::unsynced`]).
+    /// the filesystems that hold their files ([`Inner::unsynced`]): before
+    /// the transaction, and inside it again for any batch recorded in
+    /// between (usually none), so that redb's write lock is not held for
+    /// the long sync. Callers that hold the state lock still hold it
+    /// through the sync, which only happens while a batch is unsynced.
     pub(super) fn apply(
         &self,
         db: &redb::Database,
@@ -173,39 +181,71 @@ impl Inner {
         durable: bool,
     ) -> Result<(), StoreError> {
         if durable {
+            self.sync_unsynced()?;
             meta::apply_after(db, ops, true, || self.sync_unsynced())
         } else {
             meta::apply(db, ops, false)
         }
     }
 
-    /// Sync (`syncfs`, once per filesystem) the filesystems of
-    /// [`Inner::unsynced`] and of the store itself, if there are any of the
-    /// former; on failure they stay to be synced.
+    /// Add the filesystems of `dirs` to [`Inner::unsynced`], opening one
+    /// directory on each that is not there yet.
+    pub(super) fn note_unsynced(
+        &self,
+        dirs: impl IntoIterator<Item = PathBuf>,
+    ) -> Result<(), StoreError> {
+        for d in dirs {
+            let f = File::open(&d).map_err(io_err("opening", &d))?;
+            let dev = f.metadata().map_err(io_err("reading", &d))?.dev();
+            lock(&self.unsynced).entry(dev).or_insert((d, f));
+        }
+        Ok(())
+    }
+
+    /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]; those not
+    /// synced, on failure, stay to be synced.
     pub(super) fn sync_unsynced(&self) -> Result<(), StoreError> {
-        let dirs = std::mem::take(&mut *lock(&self.unsynced));
-        if dirs.is_empty() {
+        let pending = std::mem::take(&mut *lock(&self.unsynced));
+        if pending.is_empty() {
             return Ok(());
         }
         #[cfg(test)]
         self.fs_syncs.fetch_add(1, Ordering::SeqCst);
-        let mut seen = HashSet::new();
-        let res = dirs
-            .iter()
-            .map(PathBuf::as_path)
-            .chain(self.dir.as_deref())
-            .try_for_each(|d| {
-                let f = File::open(d).map_err(io_err("syncing", d))?;
-                let dev = f.metadata().map_err(io_err("syncing", d))?.dev();
-                if seen.insert(dev) {
-                    syncfs(&f).map_err(io_err("syncing", d))?;
-                }
-                Ok(())
-            });
-        if res.is_err() {
-            lock(&self.unsynced).extend(dirs);
+        let mut failed: Option<StoreError> = None;
+        let mut left = Vec::new();
+        for (dev, (path, f)) in pending {
+            if failed.is_none()
+                && let Err(e) = syncfs(&f)
+            {
+                failed = Some(StoreError::io("syncing", &path, e));
+            }
+            if failed.is_some() {
+                left.push((dev, (path, f)));
+            }
         }
-        res
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                let mut u = lock(&self.unsynced);
+                for (dev, v) in left {
+                    u.entry(dev).or_insert(v);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Before the database closes, which commits durably: sync what is
+    /// unsynced, or, if that fails, leave the database unclosed, so that
+    /// its next open rolls back to the last durable commit (dropping the
+    /// records whose files were not synced; they are fetched again).
+    pub(super) fn sync_before_close(&mut self) {
+        if let Err(e) = self.sync_unsynced() {
+            tracing::warn!("{e}; closing the database without its final commit");
+            if let Some(db) = self.db.take() {
+                std::mem::forget(db);
+            }
+        }
     }
 
     /// Write one checked small blob where it belongs; returns what to
@@ -252,8 +292,14 @@ impl Inner {
             let (Some(path), Some(tmp)) = (self.owned_path(&it.hash), self.tmp_path()) else {
                 return Err(StoreError::NotFound(it.hash));
             };
-            fs::write(&tmp, &it.data).map_err(io_err("writing", &tmp))?;
-            fs::rename(&tmp, &path).map_err(io_err("renaming", &path))?;
+            if let Err(e) = fs::write(&tmp, &it.data) {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io("writing", &tmp, e));
+            }
+            if let Err(e) = fs::rename(&tmp, &path) {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io("renaming", &path, e));
+            }
             files.push(path.clone());
             p.data = DataRef::File { path, stamp: None };
         }
@@ -406,7 +452,7 @@ mod tests {
         let outcomes = store.insert_whole(vec![b.clone()]).unwrap();
         assert_eq!(outcomes, vec![WholeOutcome::Stored]);
         assert_eq!(syncs(), 0);
-        assert!(lock(&store.inner.unsynced).contains(&out));
+        assert!(lock(&store.inner.unsynced).values().any(|(p, _)| *p == out));
         // ...and the next durable commit, which makes its record durable
         // too, syncs its file's filesystem first, once.
         store.import_bytes(b"second", "second").unwrap();
@@ -420,20 +466,33 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_sync_aborts_the_durable_commit_and_keeps_the_directories() {
+    fn a_directory_removed_after_its_batch_does_not_block_later_commits() {
         let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
-        let gone = dir.path().join("gone");
-        lock(&store.inner.unsynced).insert(gone.clone());
-        // The directory cannot be opened to sync it: the commit fails and
-        // records nothing.
-        let err = store.import_bytes(b"data", "data").unwrap_err();
-        assert!(err.to_string().contains("syncing"), "{err}");
-        assert!(store.list().is_empty());
-        assert!(lock(&store.inner.unsynced).contains(&gone));
-        lock(&store.inner.unsynced).clear();
+        let b = blob(3000, 5, Some(out.join("a.txt")));
+        store.insert_whole(vec![b]).unwrap();
+        // The fetch gave up and its temporary directory went away.
+        fs::remove_dir_all(&out).unwrap();
         store.import_bytes(b"data", "data").unwrap();
-        assert_eq!(store.list().len(), 1);
+        assert_eq!(store.inner.fs_syncs.load(Ordering::SeqCst), 1);
+        assert!(lock(&store.inner.unsynced).is_empty());
+    }
+
+    #[test]
+    fn closing_the_store_syncs_what_is_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let other = store.clone();
+        let b = blob(3000, 7, Some(out.join("a.txt")));
+        store.insert_whole(vec![b]).unwrap();
+        assert_eq!(other.inner.fs_syncs.load(Ordering::SeqCst), 0);
+        store.close().unwrap();
+        assert_eq!(other.inner.fs_syncs.load(Ordering::SeqCst), 1);
+        assert!(lock(&other.inner.unsynced).is_empty());
     }
 
     #[test]
