@@ -792,21 +792,18 @@ fn a_failed_rename_into_the_store_leaves_no_temporary_file() {
         let d = data_dir.join(name);
         fs::create_dir_all(d.join("x")).unwrap();
     };
-    // import_bytes: its data file.
-    let a = data(100_000, 1);
-    let ha = blake3::hash(&a);
-    block(format!("{}.data", ha.to_hex()));
-    let err = store.import_bytes(&a, "a").unwrap_err();
-    assert!(err.to_string().contains("renaming"), "{err}");
-    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
-    assert!(store.info(&ha).is_none());
-    // import_bytes: its outboard.
-    let b = data(100_000, 2);
-    let hb = blake3::hash(&b);
-    block(format!("{}.obao", hb.to_hex()));
-    let err = store.import_bytes(&b, "b").unwrap_err();
-    assert!(err.to_string().contains("renaming"), "{err}");
-    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    let refused = |err: StoreError| {
+        assert!(err.to_string().contains("renaming"), "{err}");
+        assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    };
+    // import_bytes: its data file, then its outboard.
+    for (seed, ext) in [(1, "data"), (2, "obao")] {
+        let a = data(100_000, seed);
+        let h = blake3::hash(&a);
+        block(format!("{}.{ext}", h.to_hex()));
+        refused(store.import_bytes(&a, "a").unwrap_err());
+        assert!(store.info(&h).is_none());
+    }
     // insert_whole: a store-owned file.
     let c = data(50_000, 3);
     let hc = blake3::hash(&c);
@@ -818,8 +815,7 @@ fn a_failed_rename_into_the_store_leaves_no_temporary_file() {
             target: None,
         }])
         .unwrap_err();
-    assert!(err.to_string().contains("renaming"), "{err}");
-    assert_eq!(tmp_names(dir.path()), Vec::<String>::new());
+    refused(err);
     assert!(store.info(&hc).is_none());
     // The store goes on working.
     let d = data(100_000, 4);

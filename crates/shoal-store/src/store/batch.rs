@@ -437,12 +437,18 @@ mod tests {
         assert!(store.read_whole(&good_file.hash, 64 << 10).is_err());
     }
 
-    #[test]
-    fn a_durable_commit_first_syncs_the_files_of_unsynced_whole_blobs() {
+    /// A temporary directory with a store and an empty "out" directory.
+    fn store_and_out() -> (tempfile::TempDir, PathBuf, Store) {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         fs::create_dir(&out).unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
+        (dir, out, store)
+    }
+
+    #[test]
+    fn a_durable_commit_first_syncs_the_files_of_unsynced_whole_blobs() {
+        let (_dir, out, store) = store_and_out();
         let syncs = || store.inner.fs_syncs.load(Ordering::SeqCst);
         // Nothing unsynced: a durable commit syncs no filesystem.
         store.import_bytes(b"first", "first").unwrap();
@@ -467,10 +473,7 @@ mod tests {
 
     #[test]
     fn a_directory_removed_after_its_batch_does_not_block_later_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        fs::create_dir(&out).unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (_dir, out, store) = store_and_out();
         let b = blob(3000, 5, Some(out.join("a.txt")));
         store.insert_whole(vec![b]).unwrap();
         // The fetch gave up and its temporary directory went away.
@@ -482,10 +485,7 @@ mod tests {
 
     #[test]
     fn closing_the_store_syncs_what_is_unsynced() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        fs::create_dir(&out).unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (_dir, out, store) = store_and_out();
         let other = store.clone();
         let b = blob(3000, 7, Some(out.join("a.txt")));
         store.insert_whole(vec![b]).unwrap();
