@@ -292,6 +292,7 @@ impl Node {
         let single_path = self.fetch_each(req, single, &count_done);
         let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
         self.fetch_each(req, rest, &count_done).await?;
+        tracing::debug!(files = files.len(), "members fetched");
         let dirs_to_sync: Vec<&Path> = tmp.as_deref().into_iter().collect();
         {
             let store = store.clone();
@@ -303,6 +304,7 @@ impl Node {
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
+        tracing::debug!("members synced");
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
             let dir = dir.to_path_buf();
             let entries = entries.clone();

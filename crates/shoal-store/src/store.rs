@@ -35,6 +35,7 @@ use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent
 
 mod batch;
 mod place;
+use batch::Unsynced;
 pub use batch::{WholeBlob, WholeOutcome};
 
 /// Save a partial blob's verified groups after this many new ones...
@@ -95,7 +96,7 @@ struct Inner {
     /// own on close included, makes those records durable too, so these
     /// are synced first ([`Inner::apply`], [`Inner::sync_before_close`]):
     /// a record must never outlive a power loss that its file does not.
-    unsynced: Mutex<HashMap<u64, (PathBuf, File)>>,
+    unsynced: Mutex<Unsynced>,
     /// Filesystem syncs made for [`Inner::unsynced`] (tests).
     #[cfg(test)]
     fs_syncs: AtomicUsize,
@@ -439,7 +440,7 @@ impl Store {
             events: broadcast::channel(1024).0,
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
-            unsynced: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(Unsynced::default()),
             #[cfg(test)]
             fs_syncs: AtomicUsize::new(0),
             _open: Some(OpenGuard::new()),
@@ -471,7 +472,7 @@ impl Store {
                 events: broadcast::channel(1024).0,
                 flush_on_drop: AtomicBool::new(true),
                 tmp_counter: AtomicU64::new(0),
-                unsynced: Mutex::new(HashMap::new()),
+                unsynced: Mutex::new(Unsynced::default()),
                 #[cfg(test)]
                 fs_syncs: AtomicUsize::new(0),
                 _open: None,

@@ -96,9 +96,8 @@ impl Store {
         }
         // Before the commit: a durable commit of another thread that
         // follows this one must find these files among those to sync.
-        let noted = self
-            .inner
-            .note_unsynced(files.iter().map(|f| parent_dir(f)));
+        let dirs: HashSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
+        let noted = self.inner.note_unsynced(dirs);
         if let Err(e) = noted.and_then(|()| match &self.inner.db {
             Some(db) => meta::apply(db, &ops, false),
             None => Ok(()),
@@ -158,6 +157,23 @@ impl Store {
     }
 }
 
+/// Filesystems to sync before the next durable commit (see
+/// `Inner::unsynced`).
+#[derive(Default)]
+pub(super) struct Unsynced {
+    /// By device: a directory on it, held open, and its path.
+    by_dev: HashMap<u64, (PathBuf, File)>,
+    /// Every directory noted since the last sync (each is opened once).
+    noted: HashSet<PathBuf>,
+}
+
+impl Unsynced {
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_dev.is_empty()
+    }
+}
+
 /// The directory `file` is in ("." for a bare file name).
 fn parent_dir(file: &Path) -> PathBuf {
     match file.parent() {
@@ -195,9 +211,14 @@ impl Inner {
         dirs: impl IntoIterator<Item = PathBuf>,
     ) -> Result<(), StoreError> {
         for d in dirs {
+            if lock(&self.unsynced).noted.contains(&d) {
+                continue;
+            }
             let f = File::open(&d).map_err(io_err("opening", &d))?;
             let dev = f.metadata().map_err(io_err("reading", &d))?.dev();
-            lock(&self.unsynced).entry(dev).or_insert((d, f));
+            let mut u = lock(&self.unsynced);
+            u.noted.insert(d.clone());
+            u.by_dev.entry(dev).or_insert((d, f));
         }
         Ok(())
     }
@@ -205,7 +226,7 @@ impl Inner {
     /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]; those not
     /// synced, on failure, stay to be synced.
     pub(super) fn sync_unsynced(&self) -> Result<(), StoreError> {
-        let pending = std::mem::take(&mut *lock(&self.unsynced));
+        let pending = std::mem::take(&mut *lock(&self.unsynced)).by_dev;
         if pending.is_empty() {
             return Ok(());
         }
@@ -227,8 +248,9 @@ impl Inner {
             None => Ok(()),
             Some(e) => {
                 let mut u = lock(&self.unsynced);
-                for (dev, v) in left {
-                    u.entry(dev).or_insert(v);
+                for (dev, (path, f)) in left {
+                    u.noted.insert(path.clone());
+                    u.by_dev.entry(dev).or_insert((path, f));
                 }
                 Err(e)
             }
@@ -458,7 +480,7 @@ mod tests {
         let outcomes = store.insert_whole(vec![b.clone()]).unwrap();
         assert_eq!(outcomes, vec![WholeOutcome::Stored]);
         assert_eq!(syncs(), 0);
-        assert!(lock(&store.inner.unsynced).values().any(|(p, _)| *p == out));
+        assert!(lock(&store.inner.unsynced).noted.contains(&out));
         // ...and the next durable commit, which makes its record durable
         // too, syncs its file's filesystem first, once.
         store.import_bytes(b"second", "second").unwrap();
