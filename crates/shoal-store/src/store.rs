@@ -97,9 +97,14 @@ struct Inner {
     /// are synced first ([`Inner::apply`], [`Inner::sync_before_close`]):
     /// a record must never outlive a power loss that its file does not.
     unsynced: Mutex<Unsynced>,
+    /// A background writeback of [`Inner::unsynced`] is running.
+    writeback_busy: Arc<AtomicBool>,
     /// Filesystem syncs made for [`Inner::unsynced`] (tests).
     #[cfg(test)]
     fs_syncs: AtomicUsize,
+    /// Background writebacks started (tests).
+    #[cfg(test)]
+    writebacks: AtomicUsize,
     /// Counts this store in [`Store::open_count`] until everything above
     /// has been dropped (the database closed): declared last, dropped last.
     _open: Option<OpenGuard>,
@@ -441,8 +446,11 @@ impl Store {
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
             unsynced: Mutex::new(Unsynced::default()),
+            writeback_busy: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             fs_syncs: AtomicUsize::new(0),
+            #[cfg(test)]
+            writebacks: AtomicUsize::new(0),
             _open: Some(OpenGuard::new()),
         };
         inner.remove_tmp_files();
@@ -473,8 +481,11 @@ impl Store {
                 flush_on_drop: AtomicBool::new(true),
                 tmp_counter: AtomicU64::new(0),
                 unsynced: Mutex::new(Unsynced::default()),
+                writeback_busy: Arc::new(AtomicBool::new(false)),
                 #[cfg(test)]
                 fs_syncs: AtomicUsize::new(0),
+                #[cfg(test)]
+                writebacks: AtomicUsize::new(0),
                 _open: None,
             }),
         }

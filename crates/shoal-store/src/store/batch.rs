@@ -111,6 +111,7 @@ impl Store {
         let hashes: Vec<blake3::Hash> = new.iter().map(|(h, _)| *h).collect();
         st.extend(new);
         drop(st);
+        self.inner.start_writeback();
         for hash in hashes {
             let _ = self.inner.events.send(StoreEvent::Complete { hash });
         }
@@ -221,6 +222,33 @@ impl Inner {
             u.by_dev.entry(dev).or_insert((d, f));
         }
         Ok(())
+    }
+
+    /// Start writing back, on a thread of its own, the filesystems of
+    /// [`Inner::unsynced`] (one such thread at a time per store), so
+    /// that the sync that makes a batch durable finds little left to write.
+    /// A hint only: errors are left to that sync. A 10,000-file get, 6
+    /// rounds: 479 -> 435 ms; writing back each file as it was written
+    /// (`sync_file_range`) had made it slower (544 -> 591 ms): the writer
+    /// waited for each submission.
+    pub(super) fn start_writeback(&self) {
+        let busy = Arc::clone(&self.writeback_busy);
+        let files: Vec<File> = lock(&self.unsynced)
+            .by_dev
+            .values()
+            .filter_map(|(_, f)| f.try_clone().ok())
+            .collect();
+        if files.is_empty() || busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        #[cfg(test)]
+        self.writebacks.fetch_add(1, Ordering::SeqCst);
+        std::thread::spawn(move || {
+            for f in files {
+                let _ = syncfs(&f);
+            }
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]; those not
@@ -481,6 +509,8 @@ mod tests {
         assert_eq!(outcomes, vec![WholeOutcome::Stored]);
         assert_eq!(syncs(), 0);
         assert!(lock(&store.inner.unsynced).noted.contains(&out));
+        // Its writeback was started at once, in the background.
+        assert_eq!(store.inner.writebacks.load(Ordering::SeqCst), 1);
         // ...and the next durable commit, which makes its record durable
         // too, syncs its file's filesystem first, once.
         store.import_bytes(b"second", "second").unwrap();
