@@ -105,6 +105,9 @@ struct Inner {
     /// Background writebacks started (tests).
     #[cfg(test)]
     writebacks: AtomicUsize,
+    /// Set: every `syncfs` of [`Inner::unsynced`] fails (tests).
+    #[cfg(test)]
+    fail_syncs: AtomicBool,
     /// Counts this store in [`Store::open_count`] until everything above
     /// has been dropped (the database closed): declared last, dropped last.
     _open: Option<OpenGuard>,
@@ -451,6 +454,8 @@ impl Store {
             fs_syncs: AtomicUsize::new(0),
             #[cfg(test)]
             writebacks: AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
             _open: Some(OpenGuard::new()),
         };
         inner.remove_tmp_files();
@@ -486,6 +491,8 @@ impl Store {
                 fs_syncs: AtomicUsize::new(0),
                 #[cfg(test)]
                 writebacks: AtomicUsize::new(0),
+                #[cfg(test)]
+                fail_syncs: AtomicBool::new(false),
                 _open: None,
             }),
         }

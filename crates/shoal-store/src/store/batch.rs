@@ -166,6 +166,12 @@ pub(super) struct Unsynced {
     by_dev: HashMap<u64, (PathBuf, File)>,
     /// Every directory noted since the last sync (each is opened once).
     noted: HashSet<PathBuf>,
+    /// A sync that failed: the files of records already committed
+    /// non-durably may be lost, so no durable commit may follow (it would
+    /// make those records durable), and the database is not closed
+    /// cleanly. Sticky: a second `syncfs` on the same open file would not
+    /// report the error again.
+    failed: Option<(PathBuf, io::ErrorKind, String)>,
 }
 
 impl Unsynced {
@@ -231,64 +237,92 @@ impl Inner {
     /// rounds: 479 -> 435 ms; writing back each file as it was written
     /// (`sync_file_range`) had made it slower (544 -> 591 ms): the writer
     /// waited for each submission.
+    ///
+    /// The thread opens each directory afresh: an error that `syncfs`
+    /// reports goes to one open file only (Linux tracks it per open
+    /// file), and it must reach the sync that guards the commit, through
+    /// the descriptor held in [`Inner::unsynced`].
     pub(super) fn start_writeback(&self) {
         let busy = Arc::clone(&self.writeback_busy);
-        let files: Vec<File> = lock(&self.unsynced)
-            .by_dev
-            .values()
-            .filter_map(|(_, f)| f.try_clone().ok())
-            .collect();
-        if files.is_empty() || busy.swap(true, Ordering::AcqRel) {
+        if busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return;
         }
-        #[cfg(test)]
-        self.writebacks.fetch_add(1, Ordering::SeqCst);
-        std::thread::spawn(move || {
-            for f in files {
-                let _ = syncfs(&f);
-            }
+        let dirs: Vec<PathBuf> = lock(&self.unsynced)
+            .by_dev
+            .values()
+            .map(|(p, _)| p.clone())
+            .collect();
+        if dirs.is_empty() {
             busy.store(false, Ordering::Release);
-        });
+            return;
+        }
+        let flag = Arc::clone(&busy);
+        let spawned = std::thread::Builder::new()
+            .name("shoal-writeback".into())
+            .spawn(move || {
+                for d in dirs {
+                    if let Ok(f) = File::open(&d) {
+                        let _ = syncfs(&f);
+                    }
+                }
+                flag.store(false, Ordering::Release);
+            });
+        match spawned {
+            Ok(_) => {
+                #[cfg(test)]
+                self.writebacks.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(_) => busy.store(false, Ordering::Release),
+        }
     }
 
-    /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]; those not
-    /// synced, on failure, stay to be synced.
+    /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]. A failure
+    /// is returned by this call and by every later one (see
+    /// `Unsynced::failed`).
     pub(super) fn sync_unsynced(&self) -> Result<(), StoreError> {
-        let pending = std::mem::take(&mut *lock(&self.unsynced)).by_dev;
+        let failed = |(path, kind, msg): &(PathBuf, io::ErrorKind, String)| {
+            StoreError::io("syncing", path, io::Error::new(*kind, msg.clone()))
+        };
+        let pending = {
+            let mut u = lock(&self.unsynced);
+            if let Some(f) = &u.failed {
+                return Err(failed(f));
+            }
+            u.noted.clear();
+            std::mem::take(&mut u.by_dev)
+        };
         if pending.is_empty() {
             return Ok(());
         }
         #[cfg(test)]
         self.fs_syncs.fetch_add(1, Ordering::SeqCst);
-        let mut failed: Option<StoreError> = None;
-        let mut left = Vec::new();
-        for (dev, (path, f)) in pending {
-            if failed.is_none()
-                && let Err(e) = syncfs(&f)
-            {
-                failed = Some(StoreError::io("syncing", &path, e));
-            }
-            if failed.is_some() {
-                left.push((dev, (path, f)));
-            }
-        }
-        match failed {
-            None => Ok(()),
-            Some(e) => {
-                let mut u = lock(&self.unsynced);
-                for (dev, (path, f)) in left {
-                    u.noted.insert(path.clone());
-                    u.by_dev.entry(dev).or_insert((path, f));
-                }
-                Err(e)
+        for (path, f) in pending.into_values() {
+            #[cfg(test)]
+            let res = if self.fail_syncs.load(Ordering::SeqCst) {
+                Err(io::Error::other("injected"))
+            } else {
+                syncfs(&f)
+            };
+            #[cfg(not(test))]
+            let res = syncfs(&f);
+            if let Err(e) = res {
+                let f = (path, e.kind(), e.to_string());
+                let err = failed(&f);
+                lock(&self.unsynced).failed = Some(f);
+                return Err(err);
             }
         }
+        Ok(())
     }
 
     /// Before the database closes, which commits durably: sync what is
-    /// unsynced, or, if that fails, leave the database unclosed, so that
-    /// its next open rolls back to the last durable commit (dropping the
-    /// records whose files were not synced; they are fetched again).
+    /// unsynced, or, if that fails (now or before), leave the database
+    /// unclosed, so that its next open rolls back to the last durable
+    /// commit (dropping the records whose files were not synced; they are
+    /// fetched again).
     pub(super) fn sync_before_close(&mut self) {
         if let Err(e) = self.sync_unsynced() {
             tracing::warn!("{e}; closing the database without its final commit");
@@ -508,7 +542,12 @@ mod tests {
         let outcomes = store.insert_whole(vec![b.clone()]).unwrap();
         assert_eq!(outcomes, vec![WholeOutcome::Stored]);
         assert_eq!(syncs(), 0);
-        assert!(lock(&store.inner.unsynced).noted.contains(&out));
+        {
+            let u = lock(&store.inner.unsynced);
+            assert!(u.noted.contains(&out));
+            let dev = fs::metadata(&out).unwrap().dev();
+            assert!(u.by_dev.contains_key(&dev));
+        }
         // Its writeback was started at once, in the background.
         assert_eq!(store.inner.writebacks.load(Ordering::SeqCst), 1);
         // ...and the next durable commit, which makes its record durable
@@ -521,6 +560,23 @@ mod tests {
         // sync_whole syncs what it is asked to.
         store.sync_whole(&[&out]).unwrap();
         assert_eq!(syncs(), 2);
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_durable_commit() {
+        let (_dir, out, store) = store_and_out();
+        let b = blob(3000, 9, Some(out.join("a.txt")));
+        store.insert_whole(vec![b]).unwrap();
+        store.inner.fail_syncs.store(true, Ordering::SeqCst);
+        let err = store.import_bytes(b"one", "one").unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        // The disk may be fine again: the batch's files may not be, and
+        // its records must not become durable.
+        store.inner.fail_syncs.store(false, Ordering::SeqCst);
+        let err = store.import_bytes(b"two", "two").unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(store.sync_whole(&[&out]).is_err());
+        assert!(store.info(&blake3::hash(b"two")).is_none());
     }
 
     #[test]
