@@ -132,6 +132,31 @@ impl Drop for OpenGuard {
     }
 }
 
+impl Inner {
+    /// A store's state, empty; on disk when `dir` and `db` are given (and
+    /// then counted in [`Store::open_count`]).
+    fn new(dir: Option<PathBuf>, db: Option<redb::Database>) -> Inner {
+        let on_disk = db.is_some();
+        Inner {
+            dir,
+            db,
+            state: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1024).0,
+            flush_on_drop: AtomicBool::new(true),
+            tmp_counter: AtomicU64::new(0),
+            unsynced: Mutex::new(Unsynced::default()),
+            writeback_busy: Arc::new(AtomicBool::new(false)),
+            #[cfg(test)]
+            fs_syncs: AtomicUsize::new(0),
+            #[cfg(test)]
+            writebacks: AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_syncs: AtomicBool::new(false),
+            _open: on_disk.then(OpenGuard::new),
+        }
+    }
+}
+
 /// A file's identity when it was hashed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
@@ -441,23 +466,7 @@ impl Store {
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
         let records = meta::load_all(&db)?;
-        let inner = Inner {
-            dir: Some(dir.to_path_buf()),
-            db: Some(db),
-            state: Mutex::new(HashMap::new()),
-            events: broadcast::channel(1024).0,
-            flush_on_drop: AtomicBool::new(true),
-            tmp_counter: AtomicU64::new(0),
-            unsynced: Mutex::new(Unsynced::default()),
-            writeback_busy: Arc::new(AtomicBool::new(false)),
-            #[cfg(test)]
-            fs_syncs: AtomicUsize::new(0),
-            #[cfg(test)]
-            writebacks: AtomicUsize::new(0),
-            #[cfg(test)]
-            fail_syncs: AtomicBool::new(false),
-            _open: Some(OpenGuard::new()),
-        };
+        let inner = Inner::new(Some(dir.to_path_buf()), Some(db));
         inner.remove_tmp_files();
         let mut blobs = HashMap::with_capacity(records.len());
         for (hash, r) in records {
@@ -478,23 +487,7 @@ impl Store {
     /// referenced in place, and download targets are still written).
     pub fn in_memory() -> Store {
         Store {
-            inner: Arc::new(Inner {
-                dir: None,
-                db: None,
-                state: Mutex::new(HashMap::new()),
-                events: broadcast::channel(1024).0,
-                flush_on_drop: AtomicBool::new(true),
-                tmp_counter: AtomicU64::new(0),
-                unsynced: Mutex::new(Unsynced::default()),
-                writeback_busy: Arc::new(AtomicBool::new(false)),
-                #[cfg(test)]
-                fs_syncs: AtomicUsize::new(0),
-                #[cfg(test)]
-                writebacks: AtomicUsize::new(0),
-                #[cfg(test)]
-                fail_syncs: AtomicBool::new(false),
-                _open: None,
-            }),
+            inner: Arc::new(Inner::new(None, None)),
         }
     }
 
