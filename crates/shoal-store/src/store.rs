@@ -97,6 +97,8 @@ struct Inner {
     /// are synced first ([`Inner::apply`], [`Inner::sync_before_close`]):
     /// a record must never outlive a power loss that its file does not.
     unsynced: Mutex<Unsynced>,
+    /// Held through a sync of [`Inner::unsynced`] (one at a time).
+    sync_one: Mutex<()>,
     /// A background writeback of [`Inner::unsynced`] is running.
     writeback_busy: Arc<AtomicBool>,
     /// Filesystem syncs made for [`Inner::unsynced`] (tests).
@@ -145,6 +147,7 @@ impl Inner {
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
             unsynced: Mutex::new(Unsynced::default()),
+            sync_one: Mutex::new(()),
             writeback_busy: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             fs_syncs: AtomicUsize::new(0),

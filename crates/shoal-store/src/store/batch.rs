@@ -66,6 +66,17 @@ impl Store {
                 });
             }
         }
+        // The directories the files go to are noted before they are
+        // written: a directory opened later would not see an error in
+        // writing back what was written before it was opened.
+        let dirs: HashSet<PathBuf> = items
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == WholeOutcome::Stored)
+            .filter_map(|(it, _)| it.target.as_deref().map(parent_dir))
+            .chain(self.inner.data_dir())
+            .collect();
+        self.inner.note_unsynced(dirs, true)?;
         let mut written: Vec<Prepared> = Vec::new();
         let mut files: Vec<PathBuf> = Vec::new();
         let res = (|| {
@@ -94,14 +105,12 @@ impl Store {
             }
             new.push(p.record_new(&mut ops));
         }
-        // Before the commit: a durable commit of another thread that
-        // follows this one must find these files among those to sync.
-        let dirs: HashSet<PathBuf> = files.iter().map(|f| parent_dir(f)).collect();
-        let noted = self.inner.note_unsynced(dirs);
-        if let Err(e) = noted.and_then(|()| match &self.inner.db {
+        // The directories were noted before the commit: a durable commit
+        // of another thread that follows this one finds them to sync.
+        if let Err(e) = match &self.inner.db {
             Some(db) => meta::apply(db, &ops, false),
             None => Ok(()),
-        }) {
+        } {
             drop(st);
             for f in files {
                 let _ = fs::remove_file(f);
@@ -123,7 +132,7 @@ impl Store {
     /// each), then commit the metadata durably.
     pub fn sync_whole(&self, dirs: &[&Path]) -> Result<(), StoreError> {
         self.inner
-            .note_unsynced(dirs.iter().map(|d| d.to_path_buf()))?;
+            .note_unsynced(dirs.iter().map(|d| d.to_path_buf()), false)?;
         match &self.inner.db {
             Some(db) => self.inner.apply(db, &[], true),
             None => self.inner.sync_unsynced(),
@@ -166,11 +175,14 @@ pub(super) struct Unsynced {
     by_dev: HashMap<u64, (PathBuf, File)>,
     /// Every directory noted since the last sync (each is opened once).
     noted: HashSet<PathBuf>,
-    /// A sync that failed: the files of records already committed
-    /// non-durably may be lost, so no durable commit may follow (it would
-    /// make those records durable), and the database is not closed
-    /// cleanly. Sticky: a second `syncfs` on the same open file would not
-    /// report the error again.
+    /// Noted by `insert_whole`: records committed non-durably may depend
+    /// on these filesystems (else, only a caller's `sync_whole` asked).
+    batches: bool,
+    /// A sync that failed while records depended on it: their files may
+    /// be lost, so no durable commit may follow (it would make those
+    /// records durable), and the database is not closed cleanly. Sticky:
+    /// a second `syncfs` on the same open file would not report the error
+    /// again.
     failed: Option<(PathBuf, io::ErrorKind, String)>,
 }
 
@@ -212,11 +224,16 @@ impl Inner {
     }
 
     /// Add the filesystems of `dirs` to [`Inner::unsynced`], opening one
-    /// directory on each that is not there yet.
+    /// directory on each that is not there yet; `batch`: for the files of
+    /// an `insert_whole` batch.
     pub(super) fn note_unsynced(
         &self,
         dirs: impl IntoIterator<Item = PathBuf>,
+        batch: bool,
     ) -> Result<(), StoreError> {
+        if batch {
+            lock(&self.unsynced).batches = true;
+        }
         for d in dirs {
             if lock(&self.unsynced).noted.contains(&d) {
                 continue;
@@ -238,10 +255,11 @@ impl Inner {
     /// (`sync_file_range`) had made it slower (544 -> 591 ms): the writer
     /// waited for each submission.
     ///
-    /// The thread opens each directory afresh: an error that `syncfs`
-    /// reports goes to one open file only (Linux tracks it per open
-    /// file), and it must reach the sync that guards the commit, through
-    /// the descriptor held in [`Inner::unsynced`].
+    /// The thread opens each directory afresh. Linux reports a writeback
+    /// error once to each open file that existed when it happened; a
+    /// `dup` of the descriptor held in [`Inner::unsynced`] would share
+    /// its open file and use up the error that the sync guarding the
+    /// commit must see.
     pub(super) fn start_writeback(&self) {
         let busy = Arc::clone(&self.writeback_busy);
         if busy
@@ -280,19 +298,30 @@ impl Inner {
     }
 
     /// Sync (`syncfs`) every filesystem of [`Inner::unsynced`]. A failure
-    /// is returned by this call and by every later one (see
-    /// `Unsynced::failed`).
+    /// that records depended on is returned by this call and by every
+    /// later one (see `Unsynced::failed`). One sync at a time: a durable
+    /// commit must not find the set empty while another thread is still
+    /// syncing what it took.
     pub(super) fn sync_unsynced(&self) -> Result<(), StoreError> {
-        let failed = |(path, kind, msg): &(PathBuf, io::ErrorKind, String)| {
-            StoreError::io("syncing", path, io::Error::new(*kind, msg.clone()))
-        };
-        let pending = {
+        let _one = lock(&self.sync_one);
+        let (pending, batches) = {
             let mut u = lock(&self.unsynced);
-            if let Some(f) = &u.failed {
-                return Err(failed(f));
+            if let Some((path, kind, msg)) = &u.failed {
+                return Err(StoreError::io(
+                    "syncing",
+                    path,
+                    io::Error::new(
+                        *kind,
+                        format!(
+                            "an earlier sync failed ({msg}); files fetched before it may be \
+                             lost, so nothing more is recorded durably until the store is reopened"
+                        ),
+                    ),
+                ));
             }
             u.noted.clear();
-            std::mem::take(&mut u.by_dev)
+            let batches = std::mem::take(&mut u.batches);
+            (std::mem::take(&mut u.by_dev), batches)
         };
         if pending.is_empty() {
             return Ok(());
@@ -309,9 +338,10 @@ impl Inner {
             #[cfg(not(test))]
             let res = syncfs(&f);
             if let Err(e) = res {
-                let f = (path, e.kind(), e.to_string());
-                let err = failed(&f);
-                lock(&self.unsynced).failed = Some(f);
+                let err = StoreError::io("syncing", &path, io::Error::new(e.kind(), e.to_string()));
+                if batches {
+                    lock(&self.unsynced).failed = Some((path, e.kind(), e.to_string()));
+                }
                 return Err(err);
             }
         }
@@ -577,6 +607,16 @@ mod tests {
         assert!(err.to_string().contains("injected"), "{err}");
         assert!(store.sync_whole(&[&out]).is_err());
         assert!(store.info(&blake3::hash(b"two")).is_none());
+    }
+
+    #[test]
+    fn a_failed_sync_that_no_batch_depended_on_blocks_nothing() {
+        let (_dir, out, store) = store_and_out();
+        store.inner.fail_syncs.store(true, Ordering::SeqCst);
+        assert!(store.sync_whole(&[&out]).is_err());
+        store.inner.fail_syncs.store(false, Ordering::SeqCst);
+        store.import_bytes(b"one", "one").unwrap();
+        store.sync_whole(&[&out]).unwrap();
     }
 
     #[test]
