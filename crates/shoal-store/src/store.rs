@@ -1275,10 +1275,7 @@ impl Store {
         if fs::symlink_metadata(out_dir).is_ok() {
             return Err(StoreError::Exists(out_dir.to_path_buf()));
         }
-        let parent = match out_dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = batch::parent_dir(out_dir);
         let base = out_dir
             .file_name()
             .ok_or_else(|| StoreError::Unsupported(out_dir.to_path_buf()))?;

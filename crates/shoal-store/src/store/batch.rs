@@ -194,7 +194,7 @@ impl Unsynced {
 }
 
 /// The directory `file` is in ("." for a bare file name).
-fn parent_dir(file: &Path) -> PathBuf {
+pub(super) fn parent_dir(file: &Path) -> PathBuf {
     match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -338,11 +338,10 @@ impl Inner {
             #[cfg(not(test))]
             let res = syncfs(&f);
             if let Err(e) = res {
-                let err = StoreError::io("syncing", &path, io::Error::new(e.kind(), e.to_string()));
                 if batches {
-                    lock(&self.unsynced).failed = Some((path, e.kind(), e.to_string()));
+                    lock(&self.unsynced).failed = Some((path.clone(), e.kind(), e.to_string()));
                 }
-                return Err(err);
+                return Err(StoreError::io("syncing", &path, e));
             }
         }
         Ok(())
