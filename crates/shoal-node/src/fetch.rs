@@ -293,18 +293,6 @@ impl Node {
         let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
         self.fetch_each(req, rest, &count_done).await?;
         tracing::debug!(files = files.len(), "members fetched");
-        let dirs_to_sync: Vec<&Path> = tmp.as_deref().into_iter().collect();
-        {
-            let store = store.clone();
-            let dirs_to_sync: Vec<PathBuf> = dirs_to_sync.iter().map(|p| p.to_path_buf()).collect();
-            tokio::task::spawn_blocking(move || {
-                let refs: Vec<&Path> = dirs_to_sync.iter().map(PathBuf::as_path).collect();
-                store.sync_whole(&refs)
-            })
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))??;
-        }
-        tracing::debug!("members synced");
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
             let dir = dir.to_path_buf();
             let entries = entries.clone();
@@ -315,7 +303,14 @@ impl Node {
             })
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))??;
+        } else {
+            // The records of the batches, held in memory by the store, are
+            // committed now (`finish_tree` does it with the files' places).
+            tokio::task::spawn_blocking(move || store.flush())
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
+        tracing::debug!("members recorded");
         Ok((total_bytes, files.len() as u64))
     }
 

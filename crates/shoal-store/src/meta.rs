@@ -52,6 +52,12 @@ pub(crate) struct Record {
     pub(crate) verified: Vec<u64>,
     #[prost(bool, tag = "11")]
     pub(crate) corrupt: bool,
+    /// Set for a file written without being synced (a small blob fetched in
+    /// a batch): the boot it was written in (`boot_id`, empty if unknown).
+    /// After a reboot, which may have been a power loss, its content is
+    /// checked again at open before it is trusted.
+    #[prost(bytes = "vec", optional, tag = "12")]
+    pub(crate) unsynced_boot: Option<Vec<u8>>,
 }
 
 /// One change to apply in a batch.
@@ -61,54 +67,72 @@ pub(crate) enum Op {
     Delete(blake3::Hash),
 }
 
-/// Apply `ops` in one transaction.
-pub(crate) fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), StoreError> {
-    apply_after(db, ops, durable, || Ok(()))
+/// The tables of one write transaction.
+pub(crate) struct Tables<'t> {
+    blobs: redb::Table<'t, &'static [u8], &'static [u8]>,
+    inline: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
-/// [`apply`], calling `before_commit` inside the transaction just before it
-/// commits (an error aborts it). redb runs one write transaction at a
-/// time, so whatever `before_commit` makes durable precedes every record
-/// this commit makes durable, those of earlier non-durable commits
-/// included.
-pub(crate) fn apply_after(
-    db: &Database,
-    ops: &[Op],
-    durable: bool,
-    before_commit: impl FnOnce() -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    use prost::Message;
-    let mut tx = db.begin_write().map_err(StoreError::db)?;
-    if !durable {
-        tx.set_durability(Durability::None);
+impl Tables<'_> {
+    pub(crate) fn put(&mut self, h: &blake3::Hash, r: &Record) -> Result<(), StoreError> {
+        use prost::Message;
+        self.blobs
+            .insert(h.as_bytes().as_slice(), r.encode_to_vec().as_slice())
+            .map_err(StoreError::db)?;
+        Ok(())
     }
-    {
-        let mut blobs = tx.open_table(BLOBS).map_err(StoreError::db)?;
-        let mut inline = tx.open_table(INLINE).map_err(StoreError::db)?;
+
+    pub(crate) fn put_inline(&mut self, h: &blake3::Hash, d: &[u8]) -> Result<(), StoreError> {
+        self.inline
+            .insert(h.as_bytes().as_slice(), d)
+            .map_err(StoreError::db)?;
+        Ok(())
+    }
+
+    pub(crate) fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         for op in ops {
             match op {
-                Op::Put(h, r) => {
-                    blobs
-                        .insert(h.as_bytes().as_slice(), r.encode_to_vec().as_slice())
-                        .map_err(StoreError::db)?;
-                }
-                Op::PutInline(h, d) => {
-                    inline
-                        .insert(h.as_bytes().as_slice(), d.as_slice())
-                        .map_err(StoreError::db)?;
-                }
+                Op::Put(h, r) => self.put(h, r)?,
+                Op::PutInline(h, d) => self.put_inline(h, d)?,
                 Op::Delete(h) => {
-                    blobs
+                    self.blobs
                         .remove(h.as_bytes().as_slice())
                         .map_err(StoreError::db)?;
-                    inline
+                    self.inline
                         .remove(h.as_bytes().as_slice())
                         .map_err(StoreError::db)?;
                 }
             }
         }
+        Ok(())
     }
-    before_commit()?;
+}
+
+/// Apply `ops` in one transaction.
+pub(crate) fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), StoreError> {
+    write(db, durable, |t| t.apply(ops))
+}
+
+/// One write transaction: `f` writes into its tables, then it commits (an
+/// error from `f` aborts it). redb runs one write transaction at a time,
+/// so what `f` reads from elsewhere when it runs (the store's records
+/// held in memory) is ordered with every other commit.
+pub(crate) fn write(
+    db: &Database,
+    durable: bool,
+    f: impl FnOnce(&mut Tables<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(StoreError::db)?;
+    if !durable {
+        tx.set_durability(Durability::None);
+    }
+    {
+        let mut t = Tables {
+            blobs: tx.open_table(BLOBS).map_err(StoreError::db)?,
+            inline: tx.open_table(INLINE).map_err(StoreError::db)?,
+        };
+        f(&mut t)?;
+    }
     tx.commit().map_err(StoreError::db)
 }
 

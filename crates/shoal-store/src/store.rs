@@ -35,7 +35,7 @@ use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent
 
 mod batch;
 mod place;
-use batch::Unsynced;
+use batch::Pending;
 pub use batch::{WholeBlob, WholeOutcome};
 
 /// Save a partial blob's verified groups after this many new ones...
@@ -89,27 +89,14 @@ struct Inner {
     /// Cleared by tests to simulate a crash (no flush on drop).
     flush_on_drop: AtomicBool,
     tmp_counter: AtomicU64,
-    /// Filesystems holding files of blobs recorded by a non-durable commit
-    /// ([`Store::insert_whole`]) and not yet synced: by device, a directory
-    /// on it (held open, so that it can be synced even once it is renamed
-    /// or removed) and its path (for errors). Any durable commit, redb's
-    /// own on close included, makes those records durable too, so these
-    /// are synced first ([`Inner::apply`], [`Inner::sync_before_close`]):
-    /// a record must never outlive a power loss that its file does not.
-    unsynced: Mutex<Unsynced>,
-    /// Held through a sync of [`Inner::unsynced`] (one at a time).
-    sync_one: Mutex<()>,
-    /// A background writeback of [`Inner::unsynced`] is running.
-    writeback_busy: Arc<AtomicBool>,
-    /// Filesystem syncs made for [`Inner::unsynced`] (tests).
+    /// Records not committed yet (see `batch`), written by the next
+    /// commit ([`Inner::apply`]).
+    pending: Mutex<Pending>,
+    /// This boot (`boot_id`), marked on files written unsynced.
+    boot: Arc<[u8]>,
+    /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
-    fs_syncs: AtomicUsize,
-    /// Background writebacks started (tests).
-    #[cfg(test)]
-    writebacks: AtomicUsize,
-    /// Set: every `syncfs` of [`Inner::unsynced`] fails (tests).
-    #[cfg(test)]
-    fail_syncs: AtomicBool,
+    rechecks: AtomicUsize,
     /// Counts this store in [`Store::open_count`] until everything above
     /// has been dropped (the database closed): declared last, dropped last.
     _open: Option<OpenGuard>,
@@ -137,7 +124,7 @@ impl Drop for OpenGuard {
 impl Inner {
     /// A store's state, empty; on disk when `dir` and `db` are given (and
     /// then counted in [`Store::open_count`]).
-    fn new(dir: Option<PathBuf>, db: Option<redb::Database>) -> Inner {
+    fn new(dir: Option<PathBuf>, db: Option<redb::Database>, boot: Arc<[u8]>) -> Inner {
         let on_disk = db.is_some();
         Inner {
             dir,
@@ -146,15 +133,10 @@ impl Inner {
             events: broadcast::channel(1024).0,
             flush_on_drop: AtomicBool::new(true),
             tmp_counter: AtomicU64::new(0),
-            unsynced: Mutex::new(Unsynced::default()),
-            sync_one: Mutex::new(()),
-            writeback_busy: Arc::new(AtomicBool::new(false)),
+            pending: Mutex::new(Pending::default()),
+            boot,
             #[cfg(test)]
-            fs_syncs: AtomicUsize::new(0),
-            #[cfg(test)]
-            writebacks: AtomicUsize::new(0),
-            #[cfg(test)]
-            fail_syncs: AtomicBool::new(false),
+            rechecks: AtomicUsize::new(0),
             _open: on_disk.then(OpenGuard::new),
         }
     }
@@ -212,6 +194,8 @@ struct Blob {
     partial: Option<Arc<Partial>>,
     /// A download is writing it (gc keeps it).
     in_flight: bool,
+    /// Its file was written without a sync, in this boot (see `batch`).
+    unsynced: Option<Arc<[u8]>>,
 }
 
 /// A blob being downloaded.
@@ -321,6 +305,8 @@ struct Prepared {
     data: DataRef,
     outboard: ObRef,
     inline: Option<Vec<u8>>,
+    /// The file was written without a sync, in this boot (see `batch`).
+    unsynced: Option<Arc<[u8]>>,
 }
 
 impl Prepared {
@@ -337,6 +323,7 @@ impl Prepared {
             outboard: self.outboard,
             partial: None,
             in_flight: false,
+            unsynced: self.unsynced,
         };
         if let Some(d) = self.inline {
             ops.push(Op::PutInline(self.hash, d));
@@ -465,11 +452,16 @@ impl Store {
     /// Open (or create) the store in `dir`. Only one process may have a
     /// store open at a time: a second open gets [`StoreError::Locked`].
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_in_boot(dir, boot_id())
+    }
+
+    /// [`Store::open`], as if in the boot `boot` (tests fake a reboot).
+    fn open_in_boot(dir: &Path, boot: Arc<[u8]>) -> Result<Store, StoreError> {
         fs::create_dir_all(dir.join("data")).map_err(io_err("creating", dir))?;
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
         let records = meta::load_all(&db)?;
-        let inner = Inner::new(Some(dir.to_path_buf()), Some(db));
+        let inner = Inner::new(Some(dir.to_path_buf()), Some(db), boot);
         inner.remove_tmp_files();
         let mut blobs = HashMap::with_capacity(records.len());
         for (hash, r) in records {
@@ -480,6 +472,7 @@ impl Store {
                 Err(e) => tracing::warn!("dropping blob {hash} from the store: {e}"),
             }
         }
+        inner.recheck_after_reboot(&mut blobs);
         *lock(&inner.state) = blobs;
         Ok(Store {
             inner: Arc::new(inner),
@@ -490,7 +483,7 @@ impl Store {
     /// referenced in place, and download targets are still written).
     pub fn in_memory() -> Store {
         Store {
-            inner: Arc::new(Inner::new(None, None)),
+            inner: Arc::new(Inner::new(None, None, boot_id())),
         }
     }
 
@@ -512,7 +505,7 @@ impl Store {
     /// when the last clone is dropped; dropping does the same).
     pub fn close(self) -> Result<(), StoreError> {
         self.inner.save_all_partials()?;
-        self.inner.sync_unsynced()
+        self.flush()
     }
 
     /// Simulate a crash: this handle is dropped without persisting anything.
@@ -1383,6 +1376,7 @@ fn record_of(b: &Blob) -> Record {
         name: b.name.clone(),
         pinned: b.pinned,
         corrupt: b.corrupt,
+        unsynced_boot: b.unsynced.as_deref().map(<[u8]>::to_vec),
         ..Default::default()
     };
     if let Some(p) = &b.partial {
@@ -1586,6 +1580,9 @@ impl Inner {
 
     fn inline_bytes(&self, hash: &blake3::Hash) -> Result<Bytes, StoreError> {
         let db = self.db.as_ref().ok_or(StoreError::NotFound(*hash))?;
+        if let Some(d) = lock(&self.pending).inline(hash) {
+            return Ok(d);
+        }
         meta::load_inline(db, hash)?
             .map(Bytes::from)
             .ok_or(StoreError::NotFound(*hash))
@@ -1605,6 +1602,7 @@ impl Inner {
             outboard: ObRef::None,
             partial: None,
             in_flight: false,
+            unsynced: r.unsynced_boot.as_deref().map(Arc::from),
         };
         if r.complete {
             let size = r.size.unwrap_or(0);
@@ -1735,6 +1733,7 @@ impl Inner {
             outboard: ObRef::None,
             partial: Some(Arc::new(p)),
             in_flight: true,
+            unsynced: None,
         })
     }
 
@@ -1920,6 +1919,7 @@ impl Inner {
             },
             outboard,
             inline: None,
+            unsynced: None,
         })
     }
 
@@ -1939,6 +1939,7 @@ impl Inner {
             data: DataRef::Db,
             outboard: ObRef::None,
             inline: None,
+            unsynced: None,
         };
         if self.dir.is_none() {
             p.data = DataRef::Mem(Arc::new(RwLock::new(data.to_vec())));
@@ -2030,6 +2031,7 @@ impl Inner {
                         },
                         outboard: self.write_outboard(&hash, ob)?,
                         inline: None,
+                        unsynced: None,
                     })
                 })();
                 if res.is_err() {
@@ -2404,6 +2406,25 @@ impl Drop for Inner {
         {
             tracing::warn!("saving partial downloads on close failed: {e}");
         }
-        self.sync_before_close();
+        if self.flush_on_drop.load(Ordering::SeqCst)
+            && let Some(db) = &self.db
+            && !lock(&self.pending).is_empty()
+            && let Err(e) = self.apply(db, &[], true)
+        {
+            tracing::warn!("recording fetched files on close failed: {e}");
+        }
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), read once; empty
+/// where there is none, and then files written unsynced are checked again
+/// at every open.
+fn boot_id() -> Arc<[u8]> {
+    static BOOT: OnceLock<Arc<[u8]>> = OnceLock::new();
+    BOOT.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| Arc::from(s.trim().as_bytes()))
+            .unwrap_or_else(|_| Arc::from(&[][..]))
+    })
+    .clone()
 }
