@@ -1322,9 +1322,8 @@ fn last_line(s: &str) -> String {
 // S4: many small files.
 
 /// Seconds to move `src` into `dst` with tar through a TCP connection over
-/// loopback; with `then_sync`, until `dst`'s filesystem is synced too (as
-/// `shoal get` syncs what it wrote before it exits).
-fn tar_over_tcp(src: &Path, dst: &Path, then_sync: bool) -> Result<f64> {
+/// loopback (neither tar nor `shoal get` syncs what it wrote).
+fn tar_over_tcp(src: &Path, dst: &Path) -> Result<f64> {
     std::fs::create_dir_all(dst)?;
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let addr = listener.local_addr()?;
@@ -1368,11 +1367,13 @@ fn tar_over_tcp(src: &Path, dst: &Path, then_sync: bool) -> Result<f64> {
     if !(ok1 && ok2) {
         bail!("tar pipeline failed");
     }
-    if then_sync {
-        run_ok(Command::new("sync").arg("-f").arg(dst))?;
-    }
     Ok(t.elapsed().as_secs_f64())
 }
+
+/// How long ext4 keeps a deleted inode from reuse once its inode table
+/// block is written back (`recently_deleted` in fs/ext4/ialloc.c: 60 s),
+/// with a margin.
+const EXT4_REUSE_WAIT: Duration = Duration::from_secs(65);
 
 fn s4(cx: &mut Ctx) -> Result<()> {
     let n = cx.o.files;
@@ -1385,7 +1386,8 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     let sd = cx.work.join("s4-seeder");
     // Every step writes into directories of its own, and all are deleted
     // only once the scenario is over: ext4 does not reuse an inode within
-    // ~30 s of its deletion, and creating a file scans past every such
+    // 60 s of its deletion (360 s while the inode's table block is dirty
+    // in memory, hence the sync first), and creating a file scans past every such
     // inode in its group (`recently_deleted`, 75% of the samples). tar
     // extracting the 10,000 files took 0.27 s into a fresh directory and
     // 5-8 s right after another 10,000 had been deleted, so deleting
@@ -1403,22 +1405,23 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         for p in &leftovers {
             rm(p);
         }
-        eprintln!("bench: removed an earlier run's S4 files; waiting 35 s for ext4 to reuse them");
-        std::thread::sleep(Duration::from_secs(35));
+        eprintln!("bench: removed an earlier run's S4 files; waiting 65 s for ext4 to reuse them");
+        settle()?;
+        std::thread::sleep(EXT4_REUSE_WAIT);
     }
     let runs = cx.o.runs;
     let place = |what: &str, i: usize| cx.work.join(format!("s4-{what}-{i}"));
-    let (mut sh, mut tar, mut tar_sync) = (vec![], vec![], vec![]);
+    let (mut sh, mut tar) = (vec![], vec![]);
     let res = (|| -> Result<()> {
         let (hash, _) = cx.shoal.add(&sd, &tree, false)?;
         let seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
         let ticket = cx.shoal.ticket(&seeder, &hash)?;
         for i in 0..runs {
             eprintln!("  S4 run {}/{}", i + 1, runs);
-            // The three steps in turn, the order reversed every other run;
+            // The two steps in turn, the order reversed every other run;
             // each starts with the disk synced, so that none pays for the
             // writeback of the one before.
-            let mut steps = [0, 1, 2];
+            let mut steps = [0, 1];
             if i % 2 == 1 {
                 steps.reverse();
             }
@@ -1435,8 +1438,7 @@ fn s4(cx: &mut Ctx) -> Result<()> {
                         )?;
                         sh.push(r.secs);
                     }
-                    1 => tar.push(tar_over_tcp(&tree, &place("out-tar", i), false)?),
-                    _ => tar_sync.push(tar_over_tcp(&tree, &place("out-tar-sync", i), true)?),
+                    _ => tar.push(tar_over_tcp(&tree, &place("out-tar", i))?),
                 }
             }
         }
@@ -1444,23 +1446,23 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Ok(())
     })();
     for i in 0..runs {
-        for what in ["downloader", "out-shoal", "out-tar", "out-tar-sync"] {
+        for what in ["downloader", "out-shoal", "out-tar"] {
             rm(&place(what, i));
         }
     }
     rm(&sd);
     // What runs next (another S4 right away) must not pay for these
     // deletions either.
-    eprintln!("bench: waiting 35 s for ext4 to reuse the deleted S4 files");
-    std::thread::sleep(Duration::from_secs(35));
+    eprintln!("bench: waiting 65 s for ext4 to reuse the deleted S4 files");
+    settle()?;
+    std::thread::sleep(EXT4_REUSE_WAIT);
     res?;
     let files_s = |v: &[f64]| median(v).map(|s| n as f64 / s);
     let mib_s = |v: &[f64]| median(v).map(|s| mib / s);
     let per_run = sh
         .iter()
         .zip(&tar)
-        .zip(&tar_sync)
-        .map(|((a, b), c)| format!("{:.0}/{:.0}/{:.0}", a * 1e3, b * 1e3, c * 1e3))
+        .map(|(a, b)| format!("{:.0}/{:.0}", a * 1e3, b * 1e3))
         .collect::<Vec<_>>()
         .join(", ");
     cx.rows.push(
@@ -1469,19 +1471,13 @@ fn s4(cx: &mut Ctx) -> Result<()> {
             .base("tar over TCP (loopback)", files_s(&tar))
             .target(">= 1x")
             .note(format!(
-                "fresh directories; per run, ms for shoal/tar/tar + sync: {per_run}"
+                "fresh directories; per run, ms for shoal/tar: {per_run}"
             )),
     );
     cx.rows.push(
         Row::new("S4", &format!("{n} files of 4 KiB"), "MiB/s")
             .shoal(mib_s(&sh))
             .base("tar over TCP (loopback)", mib_s(&tar)),
-    );
-    cx.rows.push(
-        Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
-            .shoal(files_s(&sh))
-            .base("tar over TCP, then sync", files_s(&tar_sync))
-            .note("reference: tar's files made durable, as shoal's are before `get` exits (`sync -f` of the target's filesystem)"),
     );
     Ok(())
 }
