@@ -315,6 +315,22 @@ fn a_collection_round_trips_with_names_and_modes() {
             .all(|n| !n.to_string_lossy().contains("shoal-tmp")),
         "{names:?}"
     );
+    // The user deletes one copy and edits a file of another: the store,
+    // which referenced those files in place, fetches what is gone again
+    // rather than refusing it as changed.
+    std::fs::remove_dir_all(&out).unwrap();
+    let again = d.path().join("again");
+    d.ok(&["get", &t, "-o", again.to_str().unwrap(), NET[0], NET[1]]);
+    std::fs::write(again.join("a/one.txt"), b"edited").unwrap();
+    let third = d.path().join("third");
+    d.ok(&["get", &t, "-o", third.to_str().unwrap(), NET[0], NET[1]]);
+    for f in ["zero.bin", "a/one.txt", "a/b/c/big.bin", "a/b/run.sh"] {
+        assert_eq!(
+            std::fs::read(root.join(f)).unwrap(),
+            std::fs::read(third.join(f)).unwrap(),
+            "{f} differs after a refetch"
+        );
+    }
 }
 
 #[test]

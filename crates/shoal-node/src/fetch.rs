@@ -104,6 +104,8 @@ impl Node {
         if req.kind == Some(BlobKind::Collection) && streaming {
             return Err(NodeError::StreamCollection);
         }
+        // Fetched before into a file that is gone now: fetched again.
+        self.store().forget_vanished(&[req.hash])?;
         let job = BlobJob {
             hash: req.hash,
             kind: req.kind,
@@ -248,6 +250,15 @@ impl Node {
                 p.files_done = f;
             });
         };
+        // Members fetched before into files that are gone now (an output
+        // directory deleted) are fetched again.
+        {
+            let store = store.clone();
+            let hashes: Vec<Hash> = first.keys().copied().collect();
+            tokio::task::spawn_blocking(move || store.forget_vanished(&hashes))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
         // Complete blobs need nothing; small ones the store has never seen
         // go in batches; the rest one by one.
         let mut dirs = DirCache::default();

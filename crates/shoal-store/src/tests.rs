@@ -822,3 +822,40 @@ fn a_failed_rename_into_the_store_leaves_no_temporary_file() {
     let hd = store.import_bytes(&d, "d").unwrap();
     assert_eq!(store.read_all(&hd).unwrap(), d);
 }
+
+#[test]
+fn blobs_whose_files_vanished_or_changed_are_forgotten_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let kept = dir.path().join("kept.bin");
+    let gone = dir.path().join("gone.bin");
+    let edited = dir.path().join("edited.bin");
+    for (i, p) in [&kept, &gone, &edited].into_iter().enumerate() {
+        fs::write(p, data(50_000, i as u64 + 1)).unwrap();
+    }
+    let hashes = {
+        let store = Store::open(&sdir).unwrap();
+        let hashes: Vec<blake3::Hash> = [&kept, &gone, &edited]
+            .into_iter()
+            .map(|p| store.import_file(p, ImportMode::InPlace).unwrap())
+            .collect();
+        let owned = store.import_bytes(&data(40_000, 9), "owned").unwrap();
+        fs::remove_file(&gone).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&edited, data(50_000, 7)).unwrap();
+        let mut all = hashes.clone();
+        all.push(owned);
+        let forgotten = store.forget_vanished(&all).unwrap();
+        assert_eq!(forgotten.len(), 2, "{forgotten:?}");
+        assert!(forgotten.contains(&hashes[1]) && forgotten.contains(&hashes[2]));
+        assert!(store.info(&hashes[0]).unwrap().complete);
+        assert!(store.info(&owned).unwrap().complete);
+        // Asked again: nothing more to forget.
+        assert!(store.forget_vanished(&all).unwrap().is_empty());
+        hashes
+    };
+    // For good: gone after reopening too.
+    let store = Store::open(&sdir).unwrap();
+    assert!(store.info(&hashes[0]).is_some());
+    assert!(store.info(&hashes[1]).is_none() && store.info(&hashes[2]).is_none());
+}
