@@ -315,25 +315,37 @@ async fn on_get_blobs(
     let store = node.store.clone();
     let blobs = tokio::task::spawn_blocking(move || {
         let mut budget = limits::MAX_GET_BLOBS_BYTES;
-        hashes
+        let wanted: Vec<bool> = hashes
             .iter()
             .map(|h| {
-                let fits = store
+                let size = store
                     .info(h)
-                    .is_some_and(|i| i.complete && i.size <= limits::MAX_SMALL_BLOB.min(budget));
-                if !fits {
-                    return None;
+                    .filter(|i| i.complete && i.size <= limits::MAX_SMALL_BLOB.min(budget))
+                    .map(|i| i.size);
+                if let Some(s) = size {
+                    budget -= s;
                 }
-                match store.read_whole(h, limits::MAX_SMALL_BLOB) {
-                    Ok(Some(b)) => {
-                        budget -= b.len() as u64;
-                        Some(b)
-                    }
-                    Ok(None) => None,
-                    Err(e) => {
-                        warn!(hash = %h, "could not serve: {e}");
-                        None
-                    }
+                size.is_some()
+            })
+            .collect();
+        let to_read: Vec<Hash> = hashes
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, w)| **w)
+            .map(|(h, _)| *h)
+            .collect();
+        // Read, then checked all together (wide hashing).
+        let mut read = store
+            .read_whole_many(&to_read, limits::MAX_SMALL_BLOB)
+            .into_iter();
+        hashes
+            .iter()
+            .zip(wanted)
+            .map(|(h, w)| match w.then(|| read.next()).flatten()? {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(hash = %h, "could not serve: {e}");
+                    None
                 }
             })
             .collect::<Vec<Option<bytes::Bytes>>>()

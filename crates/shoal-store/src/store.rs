@@ -1228,6 +1228,75 @@ impl Store {
         Ok(pos)
     }
 
+    /// Forget those of `hashes` that are complete but whose file is gone
+    /// or not the one recorded (a fetched directory the user deleted or
+    /// edited, a store-owned file lost), so that they are fetched again
+    /// rather than refused as changed. One stat per file; one commit.
+    /// Returns the blobs forgotten.
+    pub fn forget_vanished(
+        &self,
+        hashes: &[blake3::Hash],
+    ) -> Result<Vec<blake3::Hash>, StoreError> {
+        let files: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = {
+            let st = lock(&self.inner.state);
+            hashes
+                .iter()
+                .filter_map(|h| {
+                    let b = st.get(h).filter(|b| b.partial.is_none())?;
+                    match &b.data {
+                        DataRef::File { path, stamp } => Some((*h, path.clone(), *stamp)),
+                        _ => None,
+                    }
+                })
+                .collect()
+        };
+        let gone: Vec<(blake3::Hash, Option<Stamp>)> = files
+            .into_iter()
+            .filter(|(_, path, stamp)| match stamp {
+                Some(s) => !stamp_matches(path, *s),
+                None => fs::metadata(path).is_err(),
+            })
+            .map(|(h, _, s)| (h, s))
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut removed = Vec::new();
+        let mut st = lock(&self.inner.state);
+        for (h, stamp) in gone {
+            // Still the entry that was checked (not replaced meanwhile).
+            let same = st.get(&h).is_some_and(|b| {
+                b.partial.is_none()
+                    && matches!(&b.data, DataRef::File { stamp: s, .. } if *s == stamp)
+            });
+            if same && let Some(b) = st.remove(&h) {
+                removed.push((h, b));
+            }
+        }
+        if let Some(db) = &self.inner.db {
+            let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
+            if let Err(e) = self.inner.apply(db, &ops, true) {
+                for (h, b) in removed {
+                    st.insert(h, b);
+                }
+                return Err(e);
+            }
+        }
+        // Under the state lock: a download of the same blob starting now
+        // would write a new outboard there.
+        tracing::info!(
+            "{} blob(s) whose files are gone or changed forgotten, to be fetched again",
+            removed.len()
+        );
+        for (_, b) in &removed {
+            if let ObRef::File(p) = &b.outboard {
+                let _ = fs::remove_file(p);
+            }
+        }
+        drop(st);
+        Ok(removed.into_iter().map(|(h, _)| h).collect())
+    }
+
     /// The file a complete blob is referenced at in place moved from where
     /// the store knows it (a collection's temporary directory renamed into
     /// place): record the new path. The file must be the same one (same

@@ -26,6 +26,7 @@ mod wide;
 #[cfg(test)]
 pub(crate) use copy::copy_and_hash_with;
 pub(crate) use copy::{CopyError, copy_and_hash};
+pub(crate) use wide::hash_small_many;
 
 /// Bytes in one group, as a `usize`.
 pub(crate) const GROUP: usize = GROUP_SIZE as usize;

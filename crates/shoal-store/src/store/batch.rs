@@ -62,10 +62,7 @@ impl Store {
     /// documentation). One outcome per item, in order; an error is local
     /// (disk full, permissions) and leaves the store consistent.
     pub fn insert_whole(&self, items: Vec<WholeBlob>) -> Result<Vec<WholeOutcome>, StoreError> {
-        let hashed: Vec<(blake3::Hash, tree::Outboard)> = items
-            .par_iter()
-            .map(|it| tree::hash_tree(&it.data))
-            .collect();
+        let hashed = hash_all(&items);
         let mut outcomes = Vec::with_capacity(items.len());
         {
             let st = lock(&self.inner.state);
@@ -468,6 +465,51 @@ impl Store {
     /// never returned: the blob is marked corrupt and
     /// [`StoreError::Corrupt`] returned.
     pub fn read_whole(&self, hash: &blake3::Hash, max: u64) -> Result<Option<Bytes>, StoreError> {
+        self.read_whole_many(std::slice::from_ref(hash), max)
+            .pop()
+            .unwrap_or(Ok(None))
+    }
+
+    /// [`Store::read_whole`] for many blobs, checked together (see
+    /// `tree::hash_small_many`): one outcome per hash, in order.
+    pub fn read_whole_many(
+        &self,
+        hashes: &[blake3::Hash],
+        max: u64,
+    ) -> Vec<Result<Option<Bytes>, StoreError>> {
+        let read: Vec<Result<Option<(Bytes, String)>, StoreError>> =
+            hashes.iter().map(|h| self.read_unchecked(h, max)).collect();
+        let datas: Vec<&[u8]> = read
+            .iter()
+            .filter_map(|r| match r {
+                Ok(Some((b, _))) => Some(&b[..]),
+                _ => None,
+            })
+            .collect();
+        let mut got = tree::hash_small_many(&datas).into_iter();
+        hashes
+            .iter()
+            .zip(read)
+            .map(|(hash, r)| match r? {
+                Some((b, name)) => {
+                    if got.next() == Some(*hash) {
+                        Ok(Some(b))
+                    } else {
+                        Err(self.inner.refuse_corrupt(hash, name, "serving"))
+                    }
+                }
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    /// The whole content of a complete blob of at most `max` bytes, not
+    /// checked yet, and its name.
+    fn read_unchecked(
+        &self,
+        hash: &blake3::Hash,
+        max: u64,
+    ) -> Result<Option<(Bytes, String)>, StoreError> {
         let src = match self.inner.source(hash) {
             Ok(s) => s,
             Err(StoreError::NotFound(_) | StoreError::Incomplete(_)) => return Ok(None),
@@ -481,11 +523,35 @@ impl Store {
         src.data
             .read_exact_at(0, &mut buf)
             .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
-        if blake3::hash(&buf) != *hash {
-            return Err(self.inner.refuse_corrupt(hash, src.name, "serving"));
-        }
-        Ok(Some(buf.into()))
+        Ok(Some((buf.into(), src.name)))
     }
+}
+
+/// The hash and outboard of each blob of `items`: those of one group at
+/// most (no outboard) all together, wide; the others on every core.
+fn hash_all(items: &[WholeBlob]) -> Vec<(blake3::Hash, tree::Outboard)> {
+    let small: Vec<&[u8]> = items
+        .iter()
+        .filter(|it| it.data.len() <= GROUP)
+        .map(|it| &it.data[..])
+        .collect();
+    let mut small = tree::hash_small_many(&small).into_iter();
+    let large: Vec<(blake3::Hash, tree::Outboard)> = items
+        .par_iter()
+        .filter(|it| it.data.len() > GROUP)
+        .map(|it| tree::hash_tree(&it.data))
+        .collect();
+    let mut large = large.into_iter();
+    items
+        .iter()
+        .filter_map(|it| {
+            if it.data.len() <= GROUP {
+                small.next().map(|h| (h, tree::Outboard::none()))
+            } else {
+                large.next()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
