@@ -198,7 +198,8 @@ const GROUP_CHUNKS: usize = 1 << GROUP_CHUNK_LOG;
 /// [`hash_small_many`], wide.
 fn wide_small_many(platform: Platform, inputs: &[&[u8]]) -> Vec<blake3::Hash> {
     let wide = |d: &[u8]| d.len() > CHUNK_LEN && d.len() <= GROUP;
-    let mut cvs: Vec<[ChainingValue; GROUP_CHUNKS]> = vec![[[0; 32]; GROUP_CHUNKS]; inputs.len()];
+    // Input i's chunk c at i * GROUP_CHUNKS + c.
+    let mut cvs: Vec<ChainingValue> = vec![[0; 32]; inputs.len() * GROUP_CHUNKS];
     let mut chunks: Vec<&[u8; CHUNK_LEN]> = Vec::with_capacity(inputs.len());
     let mut whose: Vec<usize> = Vec::with_capacity(inputs.len());
     let mut out = vec![0u8; inputs.len() * 32];
@@ -230,12 +231,12 @@ fn wide_small_many(platform: Platform, inputs: &[&[u8]]) -> Vec<blake3::Hash> {
             &mut out[..chunks.len() * 32],
         );
         for (cv, &i) in out.as_chunks::<32>().0.iter().zip(&whose) {
-            cvs[i][c] = *cv;
+            cvs[i * GROUP_CHUNKS + c] = *cv;
         }
     }
     inputs
         .iter()
-        .zip(&mut cvs)
+        .zip(cvs.chunks_mut(GROUP_CHUNKS))
         .map(|(d, cvs)| {
             if !wide(d) {
                 return blake3::hash(d);
