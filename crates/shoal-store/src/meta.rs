@@ -2,7 +2,9 @@
 //!
 //! Records are protobuf (`prost`) messages so fields can be added later.
 
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use std::collections::{HashMap, HashSet};
+
+use redb::{Database, Durability, ReadableTable, TableDefinition, TableHandle};
 
 use crate::StoreError;
 
@@ -10,6 +12,49 @@ use crate::StoreError;
 pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs-v1");
 /// hash (32 bytes) -> content of a small complete blob.
 pub(crate) const INLINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("inline-v1");
+/// group id -> encoded [`RecordGroup`]: the records of many blobs new to
+/// the store, written as one entry (redb costs ~1.4 us per entry: 10,000
+/// records one by one took 14 ms to insert, as one entry 1.4 ms). A
+/// record in `BLOBS` overrides one in a group.
+pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups-v1");
+
+/// The records of a group.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct RecordGroup {
+    /// The blobs' hashes, 32 bytes each, in the order of `records`.
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) hashes: Vec<u8>,
+    #[prost(message, repeated, tag = "2")]
+    pub(crate) records: Vec<Record>,
+}
+
+impl RecordGroup {
+    /// Its entries; none if the hashes and records do not pair up.
+    fn entries(self) -> Vec<(blake3::Hash, Record)> {
+        if self.hashes.len() != 32 * self.records.len() {
+            tracing::warn!("skipping a malformed group of metadata records");
+            return Vec::new();
+        }
+        self.hashes
+            .as_chunks::<32>()
+            .0
+            .iter()
+            .map(|h| blake3::Hash::from_bytes(*h))
+            .zip(self.records)
+            .collect()
+    }
+}
+
+/// The encoded [`RecordGroup`] of `entries` (without copying the records).
+pub(crate) fn encode_group(entries: &[(&blake3::Hash, &Record)]) -> Vec<u8> {
+    let hashes: Vec<u8> = entries.iter().flat_map(|(h, _)| *h.as_bytes()).collect();
+    let mut buf = Vec::with_capacity(hashes.len() + entries.len() * 160);
+    prost::encoding::bytes::encode(1, &hashes, &mut buf);
+    for (_, r) in entries {
+        prost::encoding::message::encode(2, *r, &mut buf);
+    }
+    buf
+}
 
 /// Where a blob's data is, as persisted.
 pub(crate) mod loc {
@@ -71,9 +116,48 @@ pub(crate) enum Op {
 pub(crate) struct Tables<'t> {
     blobs: redb::Table<'t, &'static [u8], &'static [u8]>,
     inline: redb::Table<'t, &'static [u8], &'static [u8]>,
+    groups: redb::Table<'t, u64, &'static [u8]>,
 }
 
 impl Tables<'_> {
+    /// Write the group `id` (see [`encode_group`]).
+    pub(crate) fn put_group(&mut self, id: u64, encoded: &[u8]) -> Result<(), StoreError> {
+        self.groups.insert(id, encoded).map_err(StoreError::db)?;
+        Ok(())
+    }
+
+    /// Take the given blobs out of their groups (a group left empty goes).
+    pub(crate) fn remove_from_groups(
+        &mut self,
+        which: &HashMap<u64, HashSet<blake3::Hash>>,
+    ) -> Result<(), StoreError> {
+        use prost::Message;
+        for (id, gone) in which {
+            let Some(v) = self
+                .groups
+                .get(*id)
+                .map_err(StoreError::db)?
+                .map(|v| v.value().to_vec())
+            else {
+                continue;
+            };
+            let kept: Vec<(blake3::Hash, Record)> = RecordGroup::decode(v.as_slice())
+                .map(RecordGroup::entries)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(h, _)| !gone.contains(h))
+                .collect();
+            if kept.is_empty() {
+                self.groups.remove(*id).map_err(StoreError::db)?;
+            } else {
+                let refs: Vec<(&blake3::Hash, &Record)> =
+                    kept.iter().map(|(h, r)| (h, r)).collect();
+                self.put_group(*id, &encode_group(&refs))?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn put(&mut self, h: &blake3::Hash, r: &Record) -> Result<(), StoreError> {
         use prost::Message;
         self.blobs
@@ -130,30 +214,39 @@ pub(crate) fn write(
         let mut t = Tables {
             blobs: tx.open_table(BLOBS).map_err(StoreError::db)?,
             inline: tx.open_table(INLINE).map_err(StoreError::db)?,
+            groups: tx.open_table(GROUPS).map_err(StoreError::db)?,
         };
         f(&mut t)?;
     }
     tx.commit().map_err(StoreError::db)
 }
 
-/// Every record in the database.
-pub(crate) fn load_all(db: &Database) -> Result<Vec<(blake3::Hash, Record)>, StoreError> {
+/// A record loaded, and the group holding an entry for its blob.
+pub(crate) type Loaded = (blake3::Hash, Record, Option<u64>);
+
+/// Every record in the database (one in `BLOBS` overrides one in a
+/// group), with the group that holds an entry for the blob, if any
+/// (overridden or not: a deletion must take it out); and the next group
+/// id.
+pub(crate) fn load_all(
+    db: &Database,
+) -> Result<(Vec<Loaded>, u64), StoreError> {
     use prost::Message;
     let tx = db.begin_read().map_err(StoreError::db)?;
-    let exists = |def| match tx.open_table(def) {
-        Ok(_) => Ok(true),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+    let exists = |name| match tx.list_tables() {
+        Ok(mut names) => Ok(names.any(|t| t.name() == name)),
         Err(e) => Err(StoreError::db(e)),
     };
-    if !(exists(BLOBS)? && exists(INLINE)?) {
-        // A new database: create both tables (a durable commit, so only
-        // when they are missing: every `shoal add` opens the store).
+    if !(exists(BLOBS.name())? && exists(INLINE.name())? && exists(GROUPS.name())?) {
+        // A new database (or one from before groups): create the tables (a
+        // durable commit, so only when one is missing: every `shoal add`
+        // opens the store).
         drop(tx);
         apply(db, &[], true)?;
         return load_all(db);
     }
     let t = tx.open_table(BLOBS).map_err(StoreError::db)?;
-    let mut out = Vec::new();
+    let mut single: HashMap<blake3::Hash, Record> = HashMap::new();
     for item in t.iter().map_err(StoreError::db)? {
         let (k, v) = item.map_err(StoreError::db)?;
         let Ok(hash) = <[u8; 32]>::try_from(k.value()) else {
@@ -161,11 +254,35 @@ pub(crate) fn load_all(db: &Database) -> Result<Vec<(blake3::Hash, Record)>, Sto
             continue;
         };
         match Record::decode(v.value()) {
-            Ok(r) => out.push((blake3::Hash::from_bytes(hash), r)),
+            Ok(r) => {
+                single.insert(blake3::Hash::from_bytes(hash), r);
+            }
             Err(e) => tracing::warn!("skipping an unreadable metadata record: {e}"),
         }
     }
-    Ok(out)
+    let g = tx.open_table(GROUPS).map_err(StoreError::db)?;
+    let mut grouped: HashMap<blake3::Hash, (u64, Record)> = HashMap::new();
+    let mut next = 0;
+    for item in g.iter().map_err(StoreError::db)? {
+        let (k, v) = item.map_err(StoreError::db)?;
+        let id = k.value();
+        next = id.saturating_add(1);
+        match RecordGroup::decode(v.value()) {
+            Ok(group) => {
+                for (h, r) in group.entries() {
+                    grouped.insert(h, (id, r));
+                }
+            }
+            Err(e) => tracing::warn!("skipping an unreadable group of metadata records: {e}"),
+        }
+    }
+    let mut out: Vec<Loaded> = Vec::with_capacity(grouped.len());
+    for (h, (id, r)) in grouped {
+        let r = single.remove(&h).unwrap_or(r);
+        out.push((h, r, Some(id)));
+    }
+    out.extend(single.into_iter().map(|(h, r)| (h, r, None)));
+    Ok((out, next))
 }
 
 /// The content of an inline blob.

@@ -94,6 +94,10 @@ struct Inner {
     pending: Mutex<Pending>,
     /// This boot (`boot_id`), marked on files written unsynced.
     boot: Arc<[u8]>,
+    /// Blobs whose records are in a group (`meta::GROUPS`), and which.
+    grouped: Mutex<HashMap<blake3::Hash, u64>>,
+    /// The id of the next group.
+    next_group: AtomicU64,
     /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
     rechecks: AtomicUsize,
@@ -135,6 +139,8 @@ impl Inner {
             tmp_counter: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             boot,
+            grouped: Mutex::new(HashMap::new()),
+            next_group: AtomicU64::new(0),
             #[cfg(test)]
             rechecks: AtomicUsize::new(0),
             _open: on_disk.then(OpenGuard::new),
@@ -460,17 +466,33 @@ impl Store {
         fs::create_dir_all(dir.join("data")).map_err(io_err("creating", dir))?;
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
-        let records = meta::load_all(&db)?;
+        let (records, next_group) = meta::load_all(&db)?;
         let inner = Inner::new(Some(dir.to_path_buf()), Some(db), boot);
         inner.remove_tmp_files();
+        inner.next_group.store(next_group, Ordering::SeqCst);
         let mut blobs = HashMap::with_capacity(records.len());
-        for (hash, r) in records {
+        let mut grouped = HashMap::new();
+        let mut dropped = Vec::new();
+        for (hash, r, group) in records {
             match inner.blob_from_record(&hash, &r) {
                 Ok(b) => {
                     blobs.insert(hash, b);
                 }
-                Err(e) => tracing::warn!("dropping blob {hash} from the store: {e}"),
+                Err(e) => {
+                    tracing::warn!("dropping blob {hash} from the store: {e}");
+                    dropped.push(Op::Delete(hash));
+                }
             }
+            if let Some(id) = group {
+                grouped.insert(hash, id);
+            }
+        }
+        *lock(&inner.grouped) = grouped;
+        if let Some(db) = &inner.db
+            && !dropped.is_empty()
+            && let Err(e) = inner.apply(db, &dropped, true)
+        {
+            tracing::warn!("removing the records of dropped blobs failed: {e}");
         }
         inner.recheck_after_reboot(&mut blobs);
         *lock(&inner.state) = blobs;

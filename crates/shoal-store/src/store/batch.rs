@@ -111,7 +111,7 @@ impl Store {
             for op in ops {
                 match op {
                     Op::Put(h, r) => {
-                        pending.records.insert(h, r);
+                        pending.new.insert(h, r);
                     }
                     Op::PutInline(h, d) => pending.put_inline(h, d.into()),
                     // `record_new` only adds.
@@ -172,8 +172,18 @@ impl Store {
                     stamp: Some(_),
                 } = &mut b.data
                 {
-                    *path = std::path::absolute(new_path).unwrap_or_else(|_| new_path.clone());
-                    pending.records.insert(*hash, record_of(b));
+                    if !new_path.is_absolute() {
+                        *path = std::path::absolute(new_path).unwrap_or_else(|_| new_path.clone());
+                    } else {
+                        path.clone_from(new_path);
+                    }
+                    // A record not written yet only takes the new path.
+                    match pending.new.get_mut(hash) {
+                        Some(r) => r.path = path.as_os_str().as_bytes().to_vec(),
+                        None => {
+                            pending.changed.insert(*hash, record_of(b));
+                        }
+                    }
                 }
             }
         }
@@ -186,14 +196,22 @@ impl Store {
 /// meanwhile.
 #[derive(Default)]
 pub(super) struct Pending {
-    records: HashMap<blake3::Hash, Record>,
+    /// Of blobs new to the store: written together, as one group (see
+    /// `meta::GROUPS`) when there are enough.
+    new: HashMap<blake3::Hash, Record>,
+    /// Of blobs recorded before: written one by one, over their old
+    /// records (which may be in a group).
+    changed: HashMap<blake3::Hash, Record>,
     inline: HashMap<blake3::Hash, Bytes>,
     inline_bytes: usize,
 }
 
+/// New records fewer than this are written one by one, not as a group.
+const GROUP_MIN: usize = 32;
+
 impl Pending {
     pub(super) fn is_empty(&self) -> bool {
-        self.records.is_empty() && self.inline.is_empty()
+        self.new.is_empty() && self.changed.is_empty() && self.inline.is_empty()
     }
 
     fn put_inline(&mut self, h: blake3::Hash, d: Bytes) {
@@ -204,7 +222,8 @@ impl Pending {
     }
 
     fn full(&self) -> bool {
-        self.records.len() >= PENDING_RECORDS_MAX || self.inline_bytes >= PENDING_INLINE_MAX
+        self.new.len() + self.changed.len() >= PENDING_RECORDS_MAX
+            || self.inline_bytes >= PENDING_INLINE_MAX
     }
 
     /// The content of a pending inline blob.
@@ -212,26 +231,53 @@ impl Pending {
         self.inline.get(h).cloned()
     }
 
-    /// Write everything into `t`, in key order (fewer pages touched out of
-    /// turn than in the maps' random order).
-    fn write_to(&self, t: &mut meta::Tables<'_>) -> Result<(), StoreError> {
+    /// Write everything into `t` but the new records of `deleted` blobs
+    /// (deleted in the same transaction: a group would keep them): the
+    /// new records as the group `next_id()` if there are enough, else
+    /// one by one, then the changed ones over them. Returns the group
+    /// written, with its blobs.
+    fn write_to(
+        &self,
+        t: &mut meta::Tables<'_>,
+        deleted: &HashSet<blake3::Hash>,
+        next_id: impl FnOnce() -> u64,
+    ) -> Result<Option<(u64, Vec<blake3::Hash>)>, StoreError> {
         let mut inline: Vec<(&blake3::Hash, &Bytes)> = self.inline.iter().collect();
-        inline.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        inline.sort_unstable_by_key(|(h, _)| *h.as_bytes());
         for (h, d) in inline {
             t.put_inline(h, d)?;
         }
-        let mut records: Vec<(&blake3::Hash, &Record)> = self.records.iter().collect();
-        records.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        for (h, r) in records {
+        let mut new: Vec<(&blake3::Hash, &Record)> = self
+            .new
+            .iter()
+            .filter(|(h, _)| !deleted.contains(*h))
+            .collect();
+        let mut group = None;
+        if new.len() >= GROUP_MIN {
+            let id = next_id();
+            t.put_group(id, &meta::encode_group(&new))?;
+            group = Some((id, new.iter().map(|(h, _)| **h).collect()));
+        } else {
+            new.sort_unstable_by_key(|(h, _)| *h.as_bytes());
+            for (h, r) in new {
+                t.put(h, r)?;
+            }
+        }
+        let mut changed: Vec<(&blake3::Hash, &Record)> = self.changed.iter().collect();
+        changed.sort_unstable_by_key(|(h, _)| *h.as_bytes());
+        for (h, r) in changed {
             t.put(h, r)?;
         }
-        Ok(())
+        Ok(group)
     }
 
     /// Put back what a failed commit took, under anything newer.
     fn restore(&mut self, older: Pending) {
-        for (h, r) in older.records {
-            self.records.entry(h).or_insert(r);
+        for (h, r) in older.new {
+            self.new.entry(h).or_insert(r);
+        }
+        for (h, r) in older.changed {
+            self.changed.entry(h).or_insert(r);
         }
         for (h, d) in older.inline {
             if !self.inline.contains_key(&h) {
@@ -253,7 +299,8 @@ impl Inner {
     /// Apply `ops` to `db` in one transaction, after the records held in
     /// memory ([`Inner::pending`]), which are taken inside the transaction:
     /// redb runs one at a time, so they are written in the order they
-    /// were made. If the commit fails, they are held again.
+    /// were made. Blobs deleted are taken out of their groups too. If the
+    /// commit fails, the records are held again.
     pub(super) fn apply(
         &self,
         db: &redb::Database,
@@ -261,15 +308,54 @@ impl Inner {
         durable: bool,
     ) -> Result<(), StoreError> {
         let mut taken: Option<Pending> = None;
+        // Changes to `grouped`, undone if the commit fails: (blob, group
+        // it was in before).
+        let mut undo: Vec<(blake3::Hash, Option<u64>)> = Vec::new();
         let res = meta::write(db, durable, |t| {
             let p = taken.insert(std::mem::take(&mut *lock(&self.pending)));
-            p.write_to(t)?;
-            t.apply(ops)
+            let deleted: HashSet<blake3::Hash> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Delete(h) => Some(*h),
+                    _ => None,
+                })
+                .collect();
+            let mut grouped = lock(&self.grouped);
+            let mut from_groups: HashMap<u64, HashSet<blake3::Hash>> = HashMap::new();
+            for h in &deleted {
+                if let Some(id) = grouped.get(h) {
+                    from_groups.entry(*id).or_default().insert(*h);
+                }
+            }
+            t.remove_from_groups(&from_groups)?;
+            let group = p.write_to(t, &deleted, || {
+                self.next_group.fetch_add(1, Ordering::SeqCst)
+            })?;
+            t.apply(ops)?;
+            for h in &deleted {
+                if let Some(id) = grouped.remove(h) {
+                    undo.push((*h, Some(id)));
+                }
+            }
+            if let Some((id, hashes)) = group {
+                for h in hashes {
+                    undo.push((h, grouped.insert(h, id)));
+                }
+            }
+            Ok(())
         });
-        if res.is_err()
-            && let Some(p) = taken
-        {
-            lock(&self.pending).restore(p);
+        if res.is_err() {
+            let mut grouped = lock(&self.grouped);
+            for (h, before) in undo.into_iter().rev() {
+                match before {
+                    Some(id) => grouped.insert(h, id),
+                    None => grouped.remove(&h),
+                };
+            }
+            drop(grouped);
+            if let Some(p) = taken {
+                lock(&self.pending).restore(p);
+            }
         }
         res
     }
@@ -313,7 +399,7 @@ impl Inner {
             }
         }
         if let Some(db) = &self.db
-            && let Err(e) = meta::apply(db, &ops, true)
+            && let Err(e) = self.apply(db, &ops, true)
         {
             // Left as they were on disk: checked again at the next open.
             tracing::warn!("recording the check of files written before a reboot failed: {e}");
@@ -646,9 +732,104 @@ mod tests {
         let db = store.inner.db.as_ref().unwrap();
         meta::load_all(db)
             .unwrap()
+            .0
             .into_iter()
-            .map(|(h, _)| h)
+            .map(|(h, _, _)| h)
             .collect()
+    }
+
+    /// Each record in the database, with the group it is in.
+    fn groups_of(store: &Store) -> HashMap<blake3::Hash, Option<u64>> {
+        let db = store.inner.db.as_ref().unwrap();
+        meta::load_all(db)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|(h, _, g)| (h, g))
+            .collect()
+    }
+
+    /// `n` blobs of 3000 bytes bound for `out/f<i>`.
+    fn many(out: &Path, n: usize) -> Vec<WholeBlob> {
+        (0..n)
+            .map(|i| {
+                let mut b = blob(3000, 3, Some(out.join(format!("f{i}"))));
+                let mut d = b.data.to_vec();
+                d[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                b.hash = blake3::hash(&d);
+                b.data = d.into();
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_one_group_and_later_changes_override_or_leave_it() {
+        let (dir, out, store) = store_and_out();
+        let items = many(&out, 40);
+        let hashes: Vec<blake3::Hash> = items.iter().map(|b| b.hash).collect();
+        store.insert_whole(items.clone()).unwrap();
+        store.flush().unwrap();
+        // One entry for all 40.
+        let groups = groups_of(&store);
+        assert_eq!(groups.len(), 40);
+        let id = groups[&hashes[0]].expect("in a group");
+        assert!(hashes.iter().all(|h| groups[h] == Some(id)));
+        // Two files deleted by the user: forgotten, and out of the group.
+        fs::remove_file(out.join("f1")).unwrap();
+        fs::remove_file(out.join("f2")).unwrap();
+        assert_eq!(store.forget_vanished(&hashes).unwrap().len(), 2);
+        // One moved: recorded on its own, over its record in the group.
+        let moved = dir.path().join("moved");
+        fs::rename(out.join("f5"), &moved).unwrap();
+        store.relocate_many(&[(hashes[5], moved.clone())]).unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        assert_eq!(store.list().len(), 38);
+        assert!(store.info(&hashes[1]).is_none() && store.info(&hashes[2]).is_none());
+        assert_eq!(store.read_all(&hashes[5]).unwrap(), items[5].data);
+        assert_eq!(store.read_all(&hashes[7]).unwrap(), items[7].data);
+        let groups = groups_of(&store);
+        assert_eq!(groups[&hashes[7]], Some(id));
+        assert!(!groups.contains_key(&hashes[1]));
+        {
+            // The moved one has its own record (its entry in the group,
+            // overridden, stays until it is deleted).
+            let db = store.inner.db.as_ref().unwrap();
+            let tx = db.begin_read().unwrap();
+            let t = tx.open_table(meta::BLOBS).unwrap();
+            assert!(t.get(hashes[5].as_bytes().as_slice()).unwrap().is_some());
+            assert!(t.get(hashes[7].as_bytes().as_slice()).unwrap().is_none());
+        }
+        // The last of a group deleted: the group goes.
+        drop(store);
+        fs::remove_dir_all(&out).unwrap();
+        fs::remove_file(&moved).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        assert_eq!(store.forget_vanished(&hashes).unwrap().len(), 38);
+        let left = groups_of(&store);
+        assert!(left.is_empty(), "{left:?}");
+        let db = store.inner.db.as_ref().unwrap();
+        let tx = db.begin_read().unwrap();
+        let t = tx.open_table(meta::GROUPS).unwrap();
+        assert_eq!(redb::ReadableTableMetadata::len(&t).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_blob_deleted_before_its_group_is_written_stays_out_of_it() {
+        let (dir, out, store) = store_and_out();
+        let items = many(&out, 40);
+        let gone = items[3].hash;
+        store.insert_whole(items).unwrap();
+        // Still held in memory when it is forgotten: the same commit
+        // writes the group and the deletion.
+        assert!(!lock(&store.inner.pending).is_empty());
+        fs::remove_file(out.join("f3")).unwrap();
+        assert_eq!(store.forget_vanished(&[gone]).unwrap(), vec![gone]);
+        drop(store);
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        assert_eq!(store.list().len(), 39);
+        assert!(store.info(&gone).is_none());
     }
 
     #[test]
@@ -676,7 +857,12 @@ mod tests {
         assert_eq!(store.read_all(&inline.hash).unwrap(), inline.data);
         // Marked as written unsynced in this boot, the inline one not.
         let db = store.inner.db.as_ref().unwrap();
-        let all: HashMap<blake3::Hash, Record> = meta::load_all(db).unwrap().into_iter().collect();
+        let all: HashMap<blake3::Hash, Record> = meta::load_all(db)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|(h, r, _)| (h, r))
+            .collect();
         assert_eq!(
             all[&file.hash].unsynced_boot.as_deref(),
             Some(&*store.inner.boot)
