@@ -38,6 +38,8 @@ const EXCHANGES_PER_PEER: usize = 4;
 const EXCHANGES_IN_FLIGHT: usize = 8;
 /// Providers used at once.
 const MAX_PROVIDERS: usize = 4;
+/// Jobs in each worker's first exchange.
+const FIRST_BATCH: usize = 32;
 /// Time a provider gets to answer, and between two pieces of an answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +71,7 @@ pub(crate) async fn fetch_small(
     let shared = Shared {
         queue: std::sync::Mutex::new(jobs.into_iter().map(|j| (j, 0u8)).collect()),
         in_flight: AtomicUsize::new(0),
+        ended: tokio::sync::Notify::new(),
         stored: std::sync::Mutex::new(Vec::new()),
     };
     let providers: Vec<(&Connection, AtomicBool)> = providers
@@ -98,10 +101,12 @@ pub(crate) async fn fetch_small(
 }
 
 /// What the workers share: jobs with the providers that already failed
-/// them (one bit each), batches in flight, and what was stored.
+/// them (one bit each), batches in flight (and the end of each, announced),
+/// and what was stored.
 struct Shared {
     queue: std::sync::Mutex<VecDeque<(SmallJob, u8)>>,
     in_flight: AtomicUsize,
+    ended: tokio::sync::Notify,
     stored: std::sync::Mutex<Vec<SmallJob>>,
 }
 
@@ -136,22 +141,38 @@ impl Worker<'_> {
     async fn run(&self) -> Result<(), NodeError> {
         let (conn, me, bad, shared) = (self.conn, self.me, self.bad, self.shared);
         let peer = conn.peer_id();
+        // The first exchange is short, so that the first answers arrive
+        // (and the disk gets work) while the provider still reads the
+        // larger ones: with eight exchanges of 256 at once, a 10,000-file
+        // get waited ~6 ms for its first answer.
+        let mut most = FIRST_BATCH;
         loop {
             if bad.load(Ordering::Relaxed) || conn.is_closed() {
                 return Ok(());
             }
-            let batch = take_batch(shared, me);
+            let batch = take_batch(shared, me, most);
+            most = limits::MAX_HASHES_PER_REQUEST;
             if batch.is_empty() {
                 // Batches in flight elsewhere may still give jobs back that
-                // this provider has not tried.
+                // this provider has not tried: wait for one to end. (A
+                // fixed 20 ms sleep here ended a 10,000-file get up to
+                // 20 ms after its last batch.)
                 if shared.in_flight.load(Ordering::SeqCst) == 0 {
                     return Ok(());
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                let ended = shared.ended.notified();
+                tokio::pin!(ended);
+                ended.as_mut().enable();
+                if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                    continue;
+                }
+                // Bounded, though every batch's end is announced.
+                let _ = tokio::time::timeout(Duration::from_millis(200), ended).await;
                 continue;
             }
             let res = self.exchange(batch).await;
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            shared.ended.notify_waiters();
             match res {
                 Ok(()) => {}
                 Err(Stop::Local(e)) => return Err(e),
@@ -236,15 +257,16 @@ impl Worker<'_> {
     }
 }
 
-/// Up to 256 jobs that provider `me` has not failed, at most
-/// `MAX_GET_BLOBS_BYTES` of content; counted in flight when not empty.
-fn take_batch(shared: &Shared, me: u8) -> Vec<(SmallJob, u8)> {
+/// Up to `most` jobs (at most 256) that provider `me` has not failed, at
+/// most `MAX_GET_BLOBS_BYTES` of content; counted in flight when not empty.
+fn take_batch(shared: &Shared, me: u8, most: usize) -> Vec<(SmallJob, u8)> {
+    let most = most.clamp(1, limits::MAX_HASHES_PER_REQUEST);
     let mut q = lock(&shared.queue);
     let mut batch = Vec::new();
     let mut bytes = 0u64;
     let mut kept = VecDeque::with_capacity(q.len());
     while let Some((j, tried)) = q.pop_front() {
-        let full = batch.len() == limits::MAX_HASHES_PER_REQUEST
+        let full = batch.len() == most
             || (!batch.is_empty() && bytes + j.size > limits::MAX_GET_BLOBS_BYTES);
         if full {
             kept.push_back((j, tried));

@@ -370,6 +370,11 @@ impl Node {
 #[derive(Default)]
 struct DirCache {
     known: std::collections::HashSet<PathBuf>,
+    /// The root of `done`, and the parent directories (as the manifest
+    /// names them) made under it: most files share one with the file
+    /// before, which then costs one lookup of a short string.
+    root: Option<PathBuf>,
+    done: std::collections::HashSet<String>,
 }
 
 impl DirCache {
@@ -378,6 +383,14 @@ impl DirCache {
     /// out of the tree); returns the full path. `rel` was checked by
     /// `parse_manifest`.
     fn make_parents(&mut self, root: &Path, rel: &str) -> Result<PathBuf, NodeError> {
+        if self.root.as_deref() != Some(root) {
+            self.root = Some(root.to_path_buf());
+            self.done.clear();
+        }
+        let parent = rel.rsplit_once('/').map(|(p, _)| p);
+        if parent.is_some_and(|p| self.done.contains(p)) {
+            return Ok(root.join(rel));
+        }
         let comps: Vec<&str> = rel.split('/').collect();
         let mut dir = root.to_path_buf();
         for c in &comps[..comps.len().saturating_sub(1)] {
@@ -393,6 +406,9 @@ impl DirCache {
                 }
             }
             self.known.insert(dir.clone());
+        }
+        if let Some(p) = parent {
+            self.done.insert(p.to_string());
         }
         Ok(root.join(rel))
     }

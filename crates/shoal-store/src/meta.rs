@@ -228,9 +228,7 @@ pub(crate) type Loaded = (blake3::Hash, Record, Option<u64>);
 /// group), with the group that holds an entry for the blob, if any
 /// (overridden or not: a deletion must take it out); and the next group
 /// id.
-pub(crate) fn load_all(
-    db: &Database,
-) -> Result<(Vec<Loaded>, u64), StoreError> {
+pub(crate) fn load_all(db: &Database) -> Result<(Vec<Loaded>, u64), StoreError> {
     use prost::Message;
     let tx = db.begin_read().map_err(StoreError::db)?;
     let exists = |name| match tx.list_tables() {
