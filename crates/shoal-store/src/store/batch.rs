@@ -208,6 +208,8 @@ pub(super) struct Pending {
 
 /// New records fewer than this are written one by one, not as a group.
 const GROUP_MIN: usize = 32;
+/// Records in one group at most.
+const GROUP_MAX: usize = 8192;
 
 impl Pending {
     pub(super) fn is_empty(&self) -> bool {
@@ -233,15 +235,15 @@ impl Pending {
 
     /// Write everything into `t` but the new records of `deleted` blobs
     /// (deleted in the same transaction: a group would keep them): the
-    /// new records as the group `next_id()` if there are enough, else
-    /// one by one, then the changed ones over them. Returns the group
-    /// written, with its blobs.
+    /// new records as groups (ids from `next_id`) if there are enough,
+    /// else one by one, then the changed ones over them. Returns the
+    /// groups written, with their blobs.
     fn write_to(
         &self,
         t: &mut meta::Tables<'_>,
         deleted: &HashSet<blake3::Hash>,
-        next_id: impl FnOnce() -> u64,
-    ) -> Result<Option<(u64, Vec<blake3::Hash>)>, StoreError> {
+        mut next_id: impl FnMut() -> u64,
+    ) -> Result<Vec<(u64, Vec<blake3::Hash>)>, StoreError> {
         let mut inline: Vec<(&blake3::Hash, &Bytes)> = self.inline.iter().collect();
         inline.sort_unstable_by_key(|(h, _)| *h.as_bytes());
         for (h, d) in inline {
@@ -252,11 +254,15 @@ impl Pending {
             .iter()
             .filter(|(h, _)| !deleted.contains(*h))
             .collect();
-        let mut group = None;
+        let mut groups = Vec::new();
         if new.len() >= GROUP_MIN {
-            let id = next_id();
-            t.put_group(id, &meta::encode_group(&new))?;
-            group = Some((id, new.iter().map(|(h, _)| **h).collect()));
+            // Groups of a bounded size: deleting one blob rewrites its
+            // group (~1.6 MB at most).
+            for part in new.chunks(GROUP_MAX) {
+                let id = next_id();
+                t.put_group(id, &meta::encode_group(part))?;
+                groups.push((id, part.iter().map(|(h, _)| **h).collect()));
+            }
         } else {
             new.sort_unstable_by_key(|(h, _)| *h.as_bytes());
             for (h, r) in new {
@@ -268,7 +274,7 @@ impl Pending {
         for (h, r) in changed {
             t.put(h, r)?;
         }
-        Ok(group)
+        Ok(groups)
     }
 
     /// Put back what a failed commit took, under anything newer.
@@ -328,7 +334,7 @@ impl Inner {
                 }
             }
             t.remove_from_groups(&from_groups)?;
-            let group = p.write_to(t, &deleted, || {
+            let groups = p.write_to(t, &deleted, || {
                 self.next_group.fetch_add(1, Ordering::SeqCst)
             })?;
             t.apply(ops)?;
@@ -337,7 +343,7 @@ impl Inner {
                     undo.push((*h, Some(id)));
                 }
             }
-            if let Some((id, hashes)) = group {
+            for (id, hashes) in groups {
                 for h in hashes {
                     undo.push((h, grouped.insert(h, id)));
                 }
@@ -813,6 +819,35 @@ mod tests {
         let tx = db.begin_read().unwrap();
         let t = tx.open_table(meta::GROUPS).unwrap();
         assert_eq!(redb::ReadableTableMetadata::len(&t).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_large_batch_is_split_into_bounded_groups() {
+        let (dir, _out, store) = store_and_out();
+        let n = GROUP_MAX + 10;
+        let items: Vec<WholeBlob> = (0..n)
+            .map(|i| {
+                let d = (i as u64).to_le_bytes().to_vec();
+                WholeBlob {
+                    hash: blake3::hash(&d),
+                    data: d.into(),
+                    target: None,
+                }
+            })
+            .collect();
+        let last = items[n - 1].clone();
+        store.insert_whole(items).unwrap();
+        store.flush().unwrap();
+        {
+            let db = store.inner.db.as_ref().unwrap();
+            let tx = db.begin_read().unwrap();
+            let t = tx.open_table(meta::GROUPS).unwrap();
+            assert_eq!(redb::ReadableTableMetadata::len(&t).unwrap(), 2);
+        }
+        drop(store);
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        assert_eq!(store.list().len(), n);
+        assert_eq!(store.read_all(&last.hash).unwrap(), last.data);
     }
 
     #[test]
