@@ -71,6 +71,7 @@ pub(crate) async fn fetch_small(
     let shared = Shared {
         queue: std::sync::Mutex::new(jobs.into_iter().map(|j| (j, 0u8)).collect()),
         in_flight: AtomicUsize::new(0),
+        ends: AtomicUsize::new(0),
         ended: tokio::sync::Notify::new(),
         stored: std::sync::Mutex::new(Vec::new()),
     };
@@ -106,6 +107,8 @@ pub(crate) async fn fetch_small(
 struct Shared {
     queue: std::sync::Mutex<VecDeque<(SmallJob, u8)>>,
     in_flight: AtomicUsize,
+    /// Batches ended so far, and each end announced.
+    ends: AtomicUsize,
     ended: tokio::sync::Notify,
     stored: std::sync::Mutex<Vec<SmallJob>>,
 }
@@ -150,6 +153,7 @@ impl Worker<'_> {
             if bad.load(Ordering::Relaxed) || conn.is_closed() {
                 return Ok(());
             }
+            let ends = shared.ends.load(Ordering::SeqCst);
             let batch = take_batch(shared, me, most);
             most = limits::MAX_HASHES_PER_REQUEST;
             if batch.is_empty() {
@@ -163,7 +167,11 @@ impl Worker<'_> {
                 let ended = shared.ended.notified();
                 tokio::pin!(ended);
                 ended.as_mut().enable();
-                if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                // A batch that ended since `take_batch` may have given
+                // jobs back: look again rather than wait.
+                if shared.in_flight.load(Ordering::SeqCst) == 0
+                    || shared.ends.load(Ordering::SeqCst) != ends
+                {
                     continue;
                 }
                 // Bounded, though every batch's end is announced.
@@ -172,6 +180,7 @@ impl Worker<'_> {
             }
             let res = self.exchange(batch).await;
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            shared.ends.fetch_add(1, Ordering::SeqCst);
             shared.ended.notify_waiters();
             match res {
                 Ok(()) => {}

@@ -105,7 +105,12 @@ impl Node {
             return Err(NodeError::StreamCollection);
         }
         // Fetched before into a file that is gone now: fetched again.
-        self.store().forget_vanished(&[req.hash])?;
+        {
+            let (store, hash) = (self.store().clone(), req.hash);
+            tokio::task::spawn_blocking(move || store.forget_vanished(&[hash]))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
         let job = BlobJob {
             hash: req.hash,
             kind: req.kind,

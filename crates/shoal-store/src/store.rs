@@ -94,6 +94,20 @@ struct Inner {
     pending: Mutex<Pending>,
     /// This boot (`boot_id`), marked on files written unsynced.
     boot: Arc<[u8]>,
+    /// The content of the inline blobs of `pending` that a commit took and
+    /// has not finished writing (readers find them here meanwhile).
+    committing: Mutex<HashMap<blake3::Hash, Bytes>>,
+    /// One [`Inner::apply`] at a time, its undo after a failed commit
+    /// included (redb alone would let another commit in between).
+    apply_one: Mutex<()>,
+    /// A non-durable commit was made since the last durable one
+    /// ([`Store::flush`] then commits durably even with nothing pending).
+    undurable: AtomicBool,
+    /// Blobs whose records failed to load at open (a partial download on
+    /// an unmounted disk, say): left in the database, so a new record for
+    /// one is written on its own, over the old (not in a group, which the
+    /// old record would override).
+    unloaded: Mutex<HashSet<blake3::Hash>>,
     /// Blobs whose records are in a group (`meta::GROUPS`), and which.
     grouped: Mutex<HashMap<blake3::Hash, u64>>,
     /// The id of the next group.
@@ -139,6 +153,10 @@ impl Inner {
             tmp_counter: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             boot,
+            committing: Mutex::new(HashMap::new()),
+            apply_one: Mutex::new(()),
+            undurable: AtomicBool::new(false),
+            unloaded: Mutex::new(HashSet::new()),
             grouped: Mutex::new(HashMap::new()),
             next_group: AtomicU64::new(0),
             #[cfg(test)]
@@ -472,15 +490,17 @@ impl Store {
         inner.next_group.store(next_group, Ordering::SeqCst);
         let mut blobs = HashMap::with_capacity(records.len());
         let mut grouped = HashMap::new();
-        let mut dropped = Vec::new();
+        let mut unloaded = HashSet::new();
         for (hash, r, group) in records {
             match inner.blob_from_record(&hash, &r) {
                 Ok(b) => {
                     blobs.insert(hash, b);
                 }
                 Err(e) => {
-                    tracing::warn!("dropping blob {hash} from the store: {e}");
-                    dropped.push(Op::Delete(hash));
+                    // Left in the database: the cause may pass (a disk
+                    // not mounted yet).
+                    tracing::warn!("leaving blob {hash} out of the store: {e}");
+                    unloaded.insert(hash);
                 }
             }
             if let Some(id) = group {
@@ -488,12 +508,7 @@ impl Store {
             }
         }
         *lock(&inner.grouped) = grouped;
-        if let Some(db) = &inner.db
-            && !dropped.is_empty()
-            && let Err(e) = inner.apply(db, &dropped, true)
-        {
-            tracing::warn!("removing the records of dropped blobs failed: {e}");
-        }
+        *lock(&inner.unloaded) = unloaded;
         inner.recheck_after_reboot(&mut blobs);
         *lock(&inner.state) = blobs;
         Ok(Store {
@@ -1272,24 +1287,24 @@ impl Store {
                 })
                 .collect()
         };
-        let gone: Vec<(blake3::Hash, Option<Stamp>)> = files
+        let gone: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = files
             .into_iter()
             .filter(|(_, path, stamp)| match stamp {
                 Some(s) => !stamp_matches(path, *s),
                 None => fs::metadata(path).is_err(),
             })
-            .map(|(h, _, s)| (h, s))
             .collect();
         if gone.is_empty() {
             return Ok(Vec::new());
         }
         let mut removed = Vec::new();
         let mut st = lock(&self.inner.state);
-        for (h, stamp) in gone {
-            // Still the entry that was checked (not replaced meanwhile).
+        for (h, path, stamp) in gone {
+            // Still the entry that was checked (not replaced or moved
+            // meanwhile).
             let same = st.get(&h).is_some_and(|b| {
                 b.partial.is_none()
-                    && matches!(&b.data, DataRef::File { stamp: s, .. } if *s == stamp)
+                    && matches!(&b.data, DataRef::File { stamp: s, path: p } if *s == stamp && *p == path)
             });
             if same && let Some(b) = st.remove(&h) {
                 removed.push((h, b));
@@ -1674,6 +1689,10 @@ impl Inner {
         if let Some(d) = lock(&self.pending).inline(hash) {
             return Ok(d);
         }
+        // Taken out of `pending` by a commit not finished yet.
+        if let Some(d) = lock(&self.committing).get(hash) {
+            return Ok(d.clone());
+        }
         meta::load_inline(db, hash)?
             .map(Bytes::from)
             .ok_or(StoreError::NotFound(*hash))
@@ -1836,12 +1855,13 @@ impl Inner {
     }
 
     fn update(&self, hash: &blake3::Hash, f: impl FnOnce(&mut Blob)) -> Result<(), StoreError> {
-        let rec = {
-            let mut st = lock(&self.state);
-            let b = st.get_mut(hash).ok_or(StoreError::NotFound(*hash))?;
-            f(b);
-            record_of(b)
-        };
+        // The state lock is held through the commit: a record of the blob
+        // made meanwhile (a move, held in `pending`) would otherwise be
+        // written first and then overwritten by this older one.
+        let mut st = lock(&self.state);
+        let b = st.get_mut(hash).ok_or(StoreError::NotFound(*hash))?;
+        f(b);
+        let rec = record_of(b);
         self.persist(hash, rec, true)
     }
 

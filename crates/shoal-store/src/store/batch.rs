@@ -27,6 +27,8 @@ use super::*;
 /// Records held in memory at most before a (non-durable) commit: they
 /// cost ~200 bytes each, inline blobs their content too.
 const PENDING_RECORDS_MAX: usize = 65_536;
+/// The largest file checked again after a reboot (read whole).
+const RECHECK_MAX: u64 = 64 << 20;
 /// Content of inline blobs held in memory at most before a commit.
 const PENDING_INLINE_MAX: usize = 16 << 20;
 
@@ -108,8 +110,14 @@ impl Store {
         // other change made under it.
         let full = self.inner.db.is_some() && {
             let mut pending = lock(&self.inner.pending);
+            let mut unloaded = lock(&self.inner.unloaded);
             for op in ops {
                 match op {
+                    // An old record of the blob, not loaded at open, is
+                    // still there: this one goes on its own, over it.
+                    Op::Put(h, r) if unloaded.remove(&h) => {
+                        pending.changed.insert(h, r);
+                    }
                     Op::Put(h, r) => {
                         pending.new.insert(h, r);
                     }
@@ -133,11 +141,17 @@ impl Store {
     }
 
     /// Commit durably the records [`Store::insert_whole`] holds in memory
-    /// (any commit writes them; this one forces it). Their files are not
-    /// synced: see the module documentation.
+    /// (any commit writes them; this one forces it), and those a
+    /// non-durable commit wrote. Their files are not synced: see the
+    /// module documentation.
     pub fn flush(&self) -> Result<(), StoreError> {
         match &self.inner.db {
-            Some(db) if !lock(&self.inner.pending).is_empty() => self.inner.apply(db, &[], true),
+            Some(db)
+                if !lock(&self.inner.pending).is_empty()
+                    || self.inner.undurable.load(Ordering::SeqCst) =>
+            {
+                self.inner.apply(db, &[], true)
+            }
             _ => Ok(()),
         }
     }
@@ -313,12 +327,23 @@ impl Inner {
         ops: &[Op],
         durable: bool,
     ) -> Result<(), StoreError> {
+        let _one = lock(&self.apply_one);
         let mut taken: Option<Pending> = None;
         // Changes to `grouped`, undone if the commit fails: (blob, group
         // it was in before).
         let mut undo: Vec<(blake3::Hash, Option<u64>)> = Vec::new();
         let res = meta::write(db, durable, |t| {
-            let p = taken.insert(std::mem::take(&mut *lock(&self.pending)));
+            let p = {
+                let mut pending = lock(&self.pending);
+                let p = std::mem::take(&mut *pending);
+                // Readable until the commit ends (set before `pending`
+                // is let go, so that a reader finds them in one or the
+                // other).
+                if !p.inline.is_empty() {
+                    *lock(&self.committing) = p.inline.clone();
+                }
+                taken.insert(p)
+            };
             let deleted: HashSet<blake3::Hash> = ops
                 .iter()
                 .filter_map(|op| match op {
@@ -362,7 +387,10 @@ impl Inner {
             if let Some(p) = taken {
                 lock(&self.pending).restore(p);
             }
+        } else {
+            self.undurable.store(!durable, Ordering::SeqCst);
         }
+        lock(&self.committing).clear();
         res
     }
 
@@ -395,7 +423,13 @@ impl Inner {
         let mut dropped = Vec::new();
         for (h, ok) in verdicts {
             if ok {
-                if let Some(b) = blobs.get_mut(&h) {
+                // Without a boot id there is no telling whether what was
+                // read came from the disk or from the page cache of the
+                // same boot: the mark stays, and the check is made again
+                // at every open.
+                if !self.boot.is_empty()
+                    && let Some(b) = blobs.get_mut(&h)
+                {
                     b.unsynced = None;
                     ops.push(Op::Put(h, record_of(b)));
                 }
@@ -405,6 +439,7 @@ impl Inner {
             }
         }
         if let Some(db) = &self.db
+            && !ops.is_empty()
             && let Err(e) = self.apply(db, &ops, true)
         {
             // Left as they were on disk: checked again at the next open.
@@ -503,13 +538,14 @@ impl Inner {
 
 /// Whether the file of a complete blob holds exactly its content (and its
 /// outboard file the right outboard), read from disk. Files in place must
-/// also still be the ones recorded. Only small blobs are recorded unsynced.
+/// also still be the ones recorded. Only small blobs are recorded unsynced
+/// (a `GetBlobs` answer holds 4 MiB at most); a larger one is refused.
 fn content_matches(hash: &blake3::Hash, b: &Blob) -> bool {
     let DataRef::File { path, stamp } = &b.data else {
         // In the database: as durable as its record.
         return true;
     };
-    let Some(size) = b.size.filter(|s| *s <= shoal_proto::limits::MAX_SMALL_BLOB) else {
+    let Some(size) = b.size.filter(|s| *s <= RECHECK_MAX) else {
         return false;
     };
     let Ok(f) = File::open(path) else {
@@ -906,6 +942,23 @@ mod tests {
     }
 
     #[test]
+    fn inline_blobs_stay_readable_while_a_commit_writes_them() {
+        let (_dir, _out, store) = store_and_out();
+        let inline = blob(100, 5, None);
+        store.insert_whole(vec![inline.clone()]).unwrap();
+        // What `Inner::apply` does before it commits: the content moves
+        // from `pending` to `committing`, not yet in the database.
+        {
+            let mut pending = lock(&store.inner.pending);
+            let p = std::mem::take(&mut *pending);
+            *lock(&store.inner.committing) = p.inline.clone();
+        }
+        assert_eq!(store.read_all(&inline.hash).unwrap(), inline.data);
+        lock(&store.inner.committing).clear();
+        assert!(store.read_all(&inline.hash).is_err());
+    }
+
+    #[test]
     fn a_crash_before_any_commit_loses_only_the_records() {
         let (dir, out, store) = store_and_out();
         let file = blob(3000, 7, Some(out.join("a.txt")));
@@ -990,12 +1043,16 @@ mod tests {
         }
         // What a power loss might leave (the file in place keeps its
         // inode and time: only its content was lost).
+        // Same size, time and inode: only hashing it again tells.
         let cut_path = out.join("cut.txt");
         let m = fs::metadata(&cut_path).unwrap();
-        let f = OpenOptions::new().write(true).open(&cut_path).unwrap();
-        f.set_len(0).unwrap();
+        let mut f = OpenOptions::new().write(true).open(&cut_path).unwrap();
+        f.write_all(&[0u8; 1000]).unwrap();
         f.set_modified(m.modified().unwrap()).unwrap();
         drop(f);
+        let m2 = fs::metadata(&cut_path).unwrap();
+        assert_eq!((m2.len(), m2.ino()), (m.len(), m.ino()));
+        assert_eq!(m2.modified().unwrap(), m.modified().unwrap());
         fs::remove_file(out.join("gone.txt")).unwrap();
         let spoiled_path = sdir
             .join("data")
@@ -1041,9 +1098,11 @@ mod tests {
             .unwrap()
             .insert_whole(vec![file.clone()])
             .unwrap();
-        let store = Store::open_in_boot(&sdir, none()).unwrap();
-        assert_eq!(store.inner.rechecks.load(Ordering::SeqCst), 1);
-        assert!(store.info(&file.hash).unwrap().complete);
+        for _ in 0..2 {
+            let store = Store::open_in_boot(&sdir, none()).unwrap();
+            assert_eq!(store.inner.rechecks.load(Ordering::SeqCst), 1);
+            assert!(store.info(&file.hash).unwrap().complete);
+        }
     }
 
     #[test]
