@@ -42,6 +42,10 @@
 //!   and outboard on disk, and only those that still verify are kept: this
 //!   covers both a kill -9 (claims lag behind data) and a power cut (data may
 //!   lag behind claims).
+//! - Small blobs stored in batches ([`Store::insert_whole`]) are written
+//!   without a sync, as tar would; their records carry the boot they were
+//!   written in, and after a reboot each such file is hashed again at open
+//!   before its record is trusted (those that do not match are dropped).
 //!
 //! # Changes to the requested API
 //!
@@ -52,6 +56,9 @@
 //! - [`Store::end_download`] was added: it clears the in-flight mark that
 //!   [`Store::begin_download`] sets (downloads stay pinned).
 //! - [`Store::verify_all`], [`Store::close`] and [`Store::dir`] were added.
+//! - [`Store::insert_whole`], [`Store::flush`], [`Store::relocate_many`],
+//!   [`Store::read_whole_many`] and [`Store::forget_vanished`] were added
+//!   for collections of many small files.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
