@@ -700,30 +700,15 @@ impl Store {
                 Err(e) => tracing::warn!("gc: collection {c} has a bad manifest: {e}"),
             }
         }
-        let mut removed = Vec::new();
-        {
+        let removed = {
             let mut st = lock(&self.inner.state);
             let dead: Vec<blake3::Hash> = st
                 .iter()
                 .filter(|(h, b)| !b.pinned && !b.in_flight && !live.contains(*h))
                 .map(|(h, _)| *h)
                 .collect();
-            for h in dead {
-                if let Some(b) = st.remove(&h) {
-                    removed.push((h, b));
-                }
-            }
-            if let Some(db) = &self.inner.db {
-                let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
-                if let Err(e) = self.inner.apply(db, &ops, true) {
-                    // Put them back: nothing was deleted.
-                    for (h, b) in removed {
-                        st.insert(h, b);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+            self.inner.remove_blobs(&mut st, dead)?
+        };
         let mut report = GcReport::default();
         for (_, b) in &removed {
             report.blobs += 1;
@@ -1297,28 +1282,20 @@ impl Store {
         if gone.is_empty() {
             return Ok(Vec::new());
         }
-        let mut removed = Vec::new();
         let mut st = lock(&self.inner.state);
-        for (h, path, stamp) in gone {
-            // Still the entry that was checked (not replaced or moved
-            // meanwhile).
-            let same = st.get(&h).is_some_and(|b| {
-                b.partial.is_none()
-                    && matches!(&b.data, DataRef::File { stamp: s, path: p } if *s == stamp && *p == path)
-            });
-            if same && let Some(b) = st.remove(&h) {
-                removed.push((h, b));
-            }
-        }
-        if let Some(db) = &self.inner.db {
-            let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
-            if let Err(e) = self.inner.apply(db, &ops, true) {
-                for (h, b) in removed {
-                    st.insert(h, b);
-                }
-                return Err(e);
-            }
-        }
+        // Those still the entry that was checked (not replaced or moved
+        // meanwhile).
+        let same: Vec<blake3::Hash> = gone
+            .into_iter()
+            .filter(|(h, path, stamp)| {
+                st.get(h).is_some_and(|b| {
+                    b.partial.is_none()
+                        && matches!(&b.data, DataRef::File { stamp: s, path: p } if s == stamp && p == path)
+                })
+            })
+            .map(|(h, _, _)| h)
+            .collect();
+        let removed = self.inner.remove_blobs(&mut st, same)?;
         // Under the state lock: a download of the same blob starting now
         // would write a new outboard there.
         tracing::info!(
@@ -1845,6 +1822,30 @@ impl Inner {
             in_flight: true,
             unsynced: None,
         })
+    }
+
+    /// Take `hashes` out of `st` (the state, locked by the caller) and
+    /// delete their records in one durable commit; if that fails, they
+    /// are put back and nothing is deleted. The blobs taken out.
+    fn remove_blobs(
+        &self,
+        st: &mut HashMap<blake3::Hash, Blob>,
+        hashes: Vec<blake3::Hash>,
+    ) -> Result<Vec<(blake3::Hash, Blob)>, StoreError> {
+        let removed: Vec<(blake3::Hash, Blob)> = hashes
+            .into_iter()
+            .filter_map(|h| st.remove(&h).map(|b| (h, b)))
+            .collect();
+        if let Some(db) = &self.db {
+            let ops: Vec<Op> = removed.iter().map(|(h, _)| Op::Delete(*h)).collect();
+            if let Err(e) = self.apply(db, &ops, true) {
+                for (h, b) in removed {
+                    st.insert(h, b);
+                }
+                return Err(e);
+            }
+        }
+        Ok(removed)
     }
 
     fn persist(&self, hash: &blake3::Hash, rec: Record, durable: bool) -> Result<(), StoreError> {
