@@ -115,6 +115,9 @@ struct Inner {
     /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
     rechecks: AtomicUsize,
+    /// Set: every commit fails, after writing into its transaction (tests).
+    #[cfg(test)]
+    fail_commits: AtomicBool,
     /// Counts this store in [`Store::open_count`] until everything above
     /// has been dropped (the database closed): declared last, dropped last.
     _open: Option<OpenGuard>,
@@ -161,6 +164,8 @@ impl Inner {
             next_group: AtomicU64::new(0),
             #[cfg(test)]
             rechecks: AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_commits: AtomicBool::new(false),
             _open: on_disk.then(OpenGuard::new),
         }
     }

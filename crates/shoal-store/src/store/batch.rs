@@ -376,6 +376,14 @@ impl Inner {
                     undo.push((h, grouped.insert(h, id)));
                 }
             }
+            #[cfg(test)]
+            if self.fail_commits.load(Ordering::SeqCst) {
+                return Err(StoreError::io(
+                    "committing",
+                    Path::new("meta.redb"),
+                    io::Error::other("injected"),
+                ));
+            }
             Ok(())
         });
         if res.is_err() {
@@ -887,6 +895,37 @@ mod tests {
         let store = Store::open(&dir.path().join("store")).unwrap();
         assert_eq!(store.list().len(), n);
         assert_eq!(store.read_all(&last.hash).unwrap(), last.data);
+    }
+
+    #[test]
+    fn a_failed_commit_loses_nothing_and_changes_nothing() {
+        let (dir, out, store) = store_and_out();
+        let items = many(&out, 40);
+        let hashes: Vec<blake3::Hash> = items.iter().map(|b| b.hash).collect();
+        store.insert_whole(items).unwrap();
+        store.inner.fail_commits.store(true, Ordering::SeqCst);
+        // The batch's records go back to memory, no group is counted.
+        assert!(store.flush().is_err());
+        assert!(!lock(&store.inner.pending).is_empty());
+        assert!(lock(&store.inner.grouped).is_empty());
+        assert!(lock(&store.inner.committing).is_empty());
+        // A deletion that fails leaves the blob where it was.
+        fs::remove_file(out.join("f0")).unwrap();
+        assert!(store.forget_vanished(&hashes[..1]).is_err());
+        assert!(store.info(&hashes[0]).is_some());
+        // The disk is back: everything is written, once.
+        store.inner.fail_commits.store(false, Ordering::SeqCst);
+        assert_eq!(
+            store.forget_vanished(&hashes[..1]).unwrap(),
+            vec![hashes[0]]
+        );
+        store.flush().unwrap();
+        drop(store);
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        assert_eq!(store.list().len(), 39);
+        assert!(store.info(&hashes[0]).is_none());
+        let groups = groups_of(&store);
+        assert!(hashes[1..].iter().all(|h| groups[h].is_some()));
     }
 
     #[test]
