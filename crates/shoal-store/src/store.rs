@@ -2007,7 +2007,9 @@ impl Inner {
             if ob.len() >= OB_WRITEBACK_MIN {
                 ob.write_to(&mut WriteBack::new(&f, ob.len()))
             } else {
-                // Small: written plainly, left to the one sync of a batch.
+                // Small: written plainly. An import syncs it with the rest
+                // of its batch (one syncfs); one written for a blob fetched
+                // whole is checked again after a reboot (`store/batch.rs`).
                 ob.write_to(&mut f)
             }
         });
