@@ -205,8 +205,7 @@ impl Worker<'_> {
             self.done,
         );
         let peer = conn.peer_id();
-        let jobs: Vec<SmallJob> = batch.iter().map(|(j, _)| j.clone()).collect();
-        let datas = match request(conn, &jobs).await {
+        let datas = match request(conn, &batch).await {
             Ok(d) => d,
             Err(e) => {
                 shared.give_back(batch, me);
@@ -273,23 +272,28 @@ fn take_batch(shared: &Shared, me: u8, most: usize) -> Vec<(SmallJob, u8)> {
     let mut q = lock(&shared.queue);
     let mut batch = Vec::new();
     let mut bytes = 0u64;
-    let mut kept = VecDeque::with_capacity(q.len());
-    while let Some((j, tried)) = q.pop_front() {
-        let full = batch.len() == most
-            || (!batch.is_empty() && bytes + j.size > limits::MAX_GET_BLOBS_BYTES);
-        if full {
-            kept.push_back((j, tried));
-            kept.extend(q.drain(..));
+    // Jobs this provider failed, passed over: they go back to the front in
+    // their order. (Only the jobs taken are moved: rebuilding the whole
+    // queue at every batch copied ~13 MB in a 10,000-file get.)
+    let mut skipped = Vec::new();
+    while batch.len() < most {
+        let Some((j, tried)) = q.pop_front() else {
             break;
-        }
+        };
         if tried & me != 0 {
-            kept.push_back((j, tried));
+            skipped.push((j, tried));
             continue;
+        }
+        if !batch.is_empty() && bytes + j.size > limits::MAX_GET_BLOBS_BYTES {
+            q.push_front((j, tried));
+            break;
         }
         bytes += j.size;
         batch.push((j, tried));
     }
-    *q = kept;
+    for s in skipped.into_iter().rev() {
+        q.push_front(s);
+    }
     if !batch.is_empty() {
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
     }
@@ -298,13 +302,17 @@ fn take_batch(shared: &Shared, me: u8, most: usize) -> Vec<(SmallJob, u8)> {
 
 /// One `GetBlobs` exchange: the content of each job the provider has
 /// (unchecked: the store checks it), None for the others.
-async fn request(conn: &Connection, batch: &[SmallJob]) -> Result<Vec<Option<Bytes>>, String> {
+async fn request(
+    conn: &Connection,
+    batch: &[(SmallJob, u8)],
+) -> Result<Vec<Option<Bytes>>, String> {
+    let batch: Vec<(Hash, u64)> = batch.iter().map(|(j, _)| (j.hash, j.size)).collect();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let req = pb::Request {
         kind: Some(pb::request::Kind::GetBlobs(pb::GetBlobs {
             hashes: batch
                 .iter()
-                .map(|j| j.hash.as_bytes().to_vec().into())
+                .map(|(h, _)| h.as_bytes().to_vec().into())
                 .collect(),
         })),
     };
@@ -333,23 +341,23 @@ async fn request(conn: &Connection, batch: &[SmallJob]) -> Result<Vec<Option<Byt
     }
     // Sizes come from the verified manifest: a provider that announces
     // another size is wrong, and nothing more is read from it.
-    for (job, b) in batch.iter().zip(&header.blobs) {
-        if b.found && b.size != job.size {
+    for ((_, size), b) in batch.iter().zip(&header.blobs) {
+        if b.found && b.size != *size {
             return Err(format!(
                 "provider announced {} bytes for a blob of {}",
-                b.size, job.size
+                b.size, size
             ));
         }
     }
     let mut out = Vec::with_capacity(batch.len());
     let mut pending = Bytes::new();
-    for (job, b) in batch.iter().zip(&header.blobs) {
+    for ((_, size), b) in batch.iter().zip(&header.blobs) {
         if !b.found {
             out.push(None);
             continue;
         }
         // Bounded: at most MAX_SMALL_BLOB, checked by `is_small` upstream.
-        let want = usize::try_from(job.size.min(limits::MAX_SMALL_BLOB)).unwrap_or(0);
+        let want = usize::try_from((*size).min(limits::MAX_SMALL_BLOB)).unwrap_or(0);
         let mut buf = BytesMut::with_capacity(want);
         while buf.len() < want {
             if pending.is_empty() {
@@ -367,4 +375,77 @@ async fn request(conn: &Connection, batch: &[SmallJob]) -> Result<Vec<Option<Byt
         out.push(Some(buf.freeze()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn shared(jobs: Vec<(SmallJob, u8)>) -> Shared {
+        Shared {
+            queue: std::sync::Mutex::new(jobs.into_iter().collect()),
+            in_flight: AtomicUsize::new(0),
+            ends: AtomicUsize::new(0),
+            ended: tokio::sync::Notify::new(),
+            stored: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn job(i: u8, size: u64) -> SmallJob {
+        SmallJob {
+            hash: Hash::from_bytes([i; 32]),
+            size,
+            target: None,
+        }
+    }
+
+    fn ids(jobs: &[(SmallJob, u8)]) -> Vec<u8> {
+        jobs.iter().map(|(j, _)| j.hash.as_bytes()[0]).collect()
+    }
+
+    fn queued(s: &Shared) -> Vec<u8> {
+        let q = lock(&s.queue);
+        q.iter().map(|(j, _)| j.hash.as_bytes()[0]).collect()
+    }
+
+    #[test]
+    fn a_batch_takes_jobs_in_order_and_passes_over_those_the_provider_failed() {
+        // Provider 1 (bit 0b01) failed jobs 1 and 3; provider 2 none.
+        let jobs = (0..8u8)
+            .map(|i| (job(i, 100), if i == 1 || i == 3 { 0b01 } else { 0 }))
+            .collect();
+        let s = shared(jobs);
+        let b = take_batch(&s, 0b01, 3);
+        assert_eq!(ids(&b), [0, 2, 4]);
+        // What was passed over stays at the front, in order.
+        assert_eq!(queued(&s), [1, 3, 5, 6, 7]);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 1);
+        let b = take_batch(&s, 0b10, 2);
+        assert_eq!(ids(&b), [1, 3]);
+        assert_eq!(queued(&s), [5, 6, 7]);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 2);
+        // Nothing this provider may take: an empty batch, not counted.
+        let s = shared(vec![(job(9, 100), 0b01)]);
+        assert!(take_batch(&s, 0b01, 8).is_empty());
+        assert_eq!(queued(&s), [9]);
+        assert_eq!(s.in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_budget_but_always_takes_one_job() {
+        let big = limits::MAX_GET_BLOBS_BYTES / 2 + 1;
+        let s = shared((0..4u8).map(|i| (job(i, big), 0)).collect());
+        let b = take_batch(&s, 0b01, 256);
+        assert_eq!(ids(&b), [0]);
+        assert_eq!(queued(&s), [1, 2, 3]);
+        // At most 256 hashes, whatever is asked.
+        let s = shared((0..=255u8).chain(0..10).map(|i| (job(i, 1), 0)).collect());
+        assert_eq!(
+            take_batch(&s, 0b01, 10_000).len(),
+            limits::MAX_HASHES_PER_REQUEST
+        );
+        assert_eq!(lock(&s.queue).len(), 266 - limits::MAX_HASHES_PER_REQUEST);
+    }
 }

@@ -237,7 +237,7 @@ impl Node {
             None => None,
         };
         let mut first: std::collections::HashMap<Hash, (String, u64)> =
-            std::collections::HashMap::new();
+            std::collections::HashMap::with_capacity(files.len());
         for e in &files {
             first
                 .entry(e.hash)
@@ -291,6 +291,7 @@ impl Node {
             }
         }
         let mut providers = providers;
+        store.reserve(small.len() + single.len());
         if providers.is_empty() && !small.is_empty() {
             // The manifest was here already: the first small member, fetched
             // the usual way, finds the providers.
@@ -308,10 +309,10 @@ impl Node {
         let single_path = self.fetch_each(req, single, &count_done);
         let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
         self.fetch_each(req, rest, &count_done).await?;
-        tracing::debug!(files = files.len(), "members fetched");
+        let files = files.len() as u64;
+        tracing::debug!(files, "members fetched");
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
             let dir = dir.to_path_buf();
-            let entries = entries.clone();
             let batched: std::collections::HashSet<Hash> = batched.iter().map(|j| j.hash).collect();
             let first: Vec<(Hash, String)> = first.into_iter().map(|(h, (p, _))| (h, p)).collect();
             tokio::task::spawn_blocking(move || {
@@ -327,7 +328,7 @@ impl Node {
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
         tracing::debug!("members recorded");
-        Ok((total_bytes, files.len() as u64))
+        Ok((total_bytes, files))
     }
 
     /// One member the usual way (finding peers, swarming).
@@ -473,10 +474,10 @@ fn finish_tree(
     }
     std::fs::rename(tmp, dir).map_err(|e| NodeError::Write(dir.to_path_buf(), e))?;
     let base = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mut moves = Vec::new();
+    let mut moves = Vec::with_capacity(batched.len());
     for (hash, rel) in first {
         if batched.contains(hash) {
-            moves.push((*hash, base.join(rel)));
+            moves.push((*hash, rel.as_str()));
         } else {
             // Blobs that were in the store before live elsewhere; only
             // those downloaded into the tree move with it (relocate checks
@@ -484,7 +485,7 @@ fn finish_tree(
             let _ = store.relocate(hash, &base.join(rel));
         }
     }
-    store.relocate_many(&moves)?;
+    store.relocate_many(&base, &moves)?;
     Ok(())
 }
 

@@ -101,8 +101,8 @@ pub(crate) struct Record {
     /// a batch): the boot it was written in (`boot_id`, empty if unknown).
     /// After a reboot, which may have been a power loss, its content is
     /// checked again at open before it is trusted.
-    #[prost(bytes = "vec", optional, tag = "12")]
-    pub(crate) unsynced_boot: Option<Vec<u8>>,
+    #[prost(bytes = "bytes", optional, tag = "12")]
+    pub(crate) unsynced_boot: Option<bytes::Bytes>,
 }
 
 /// One change to apply in a batch.

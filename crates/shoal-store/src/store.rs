@@ -93,7 +93,7 @@ struct Inner {
     /// commit ([`Inner::apply`]).
     pending: Mutex<Pending>,
     /// This boot (`boot_id`), marked on files written unsynced.
-    boot: Arc<[u8]>,
+    boot: Bytes,
     /// The content of the inline blobs of `pending` that a commit took and
     /// has not finished writing (readers find them here meanwhile).
     committing: Mutex<HashMap<blake3::Hash, Bytes>>,
@@ -145,7 +145,7 @@ impl Drop for OpenGuard {
 impl Inner {
     /// A store's state, empty; on disk when `dir` and `db` are given (and
     /// then counted in [`Store::open_count`]).
-    fn new(dir: Option<PathBuf>, db: Option<redb::Database>, boot: Arc<[u8]>) -> Inner {
+    fn new(dir: Option<PathBuf>, db: Option<redb::Database>, boot: Bytes) -> Inner {
         let on_disk = db.is_some();
         Inner {
             dir,
@@ -224,7 +224,7 @@ struct Blob {
     /// A download is writing it (gc keeps it).
     in_flight: bool,
     /// Its file was written without a sync, in this boot (see `batch`).
-    unsynced: Option<Arc<[u8]>>,
+    unsynced: Option<Bytes>,
 }
 
 /// A blob being downloaded.
@@ -335,7 +335,7 @@ struct Prepared {
     outboard: ObRef,
     inline: Option<Vec<u8>>,
     /// The file was written without a sync, in this boot (see `batch`).
-    unsynced: Option<Arc<[u8]>>,
+    unsynced: Option<Bytes>,
 }
 
 impl Prepared {
@@ -485,7 +485,7 @@ impl Store {
     }
 
     /// [`Store::open`], as if in the boot `boot` (tests fake a reboot).
-    fn open_in_boot(dir: &Path, boot: Arc<[u8]>) -> Result<Store, StoreError> {
+    fn open_in_boot(dir: &Path, boot: Bytes) -> Result<Store, StoreError> {
         fs::create_dir_all(dir.join("data")).map_err(io_err("creating", dir))?;
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
@@ -1464,7 +1464,7 @@ fn record_of(b: &Blob) -> Record {
         name: b.name.clone(),
         pinned: b.pinned,
         corrupt: b.corrupt,
-        unsynced_boot: b.unsynced.as_deref().map(<[u8]>::to_vec),
+        unsynced_boot: b.unsynced.clone(),
         ..Default::default()
     };
     if let Some(p) = &b.partial {
@@ -1694,7 +1694,7 @@ impl Inner {
             outboard: ObRef::None,
             partial: None,
             in_flight: false,
-            unsynced: r.unsynced_boot.as_deref().map(Arc::from),
+            unsynced: r.unsynced_boot.clone(),
         };
         if r.complete {
             let size = r.size.unwrap_or(0);
@@ -2538,12 +2538,12 @@ impl Drop for Inner {
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), read once; empty
 /// where there is none, and then files written unsynced are checked again
 /// at every open.
-fn boot_id() -> Arc<[u8]> {
-    static BOOT: OnceLock<Arc<[u8]>> = OnceLock::new();
+fn boot_id() -> Bytes {
+    static BOOT: OnceLock<Bytes> = OnceLock::new();
     BOOT.get_or_init(|| {
         fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| Arc::from(s.trim().as_bytes()))
-            .unwrap_or_else(|_| Arc::from(&[][..]))
+            .map(|s| Bytes::from(s.trim().as_bytes().to_vec()))
+            .unwrap_or_default()
     })
     .clone()
 }
