@@ -315,13 +315,11 @@ async fn on_get_blobs(
     let store = node.store.clone();
     let blobs = tokio::task::spawn_blocking(move || {
         let mut budget = limits::MAX_GET_BLOBS_BYTES;
-        let wanted: Vec<bool> = hashes
-            .iter()
-            .map(|h| {
-                let size = store
-                    .info(h)
-                    .filter(|i| i.complete && i.size <= limits::MAX_SMALL_BLOB.min(budget))
-                    .map(|i| i.size);
+        let wanted: Vec<bool> = store
+            .complete_sizes(&hashes)
+            .into_iter()
+            .map(|size| {
+                let size = size.filter(|s| *s <= limits::MAX_SMALL_BLOB.min(budget));
                 if let Some(s) = size {
                     budget -= s;
                 }

@@ -859,3 +859,27 @@ fn blobs_whose_files_vanished_or_changed_are_forgotten_not_refused() {
     assert!(store.info(&hashes[0]).is_some());
     assert!(store.info(&hashes[1]).is_none() && store.info(&hashes[2]).is_none());
 }
+
+#[test]
+fn complete_sizes_answers_like_info_for_complete_partial_and_unknown_blobs() {
+    let from = Store::in_memory();
+    let big = data(40 * GROUP_SIZE as usize, 21);
+    let small = data(3000, 22);
+    let partial = from.import_bytes(&big, "big").unwrap();
+    let to = Store::in_memory();
+    let complete = to.import_bytes(&small, "small").unwrap();
+    to.begin_download(&partial, BlobKind::Raw, None).unwrap();
+    let some = GroupRanges::from_groups([0, 3]);
+    let (_, bytes) = encode(&from, &partial, &some);
+    receive(&to, &partial, &some, &bytes).unwrap();
+    let unknown = blake3::hash(b"not here");
+    let hashes = [complete, partial, unknown, complete];
+    assert_eq!(
+        to.complete_sizes(&hashes),
+        [Some(3000), None, None, Some(3000)]
+    );
+    for (h, s) in hashes.iter().zip(to.complete_sizes(&hashes)) {
+        let from_info = to.info(h).filter(|i| i.complete).map(|i| i.size);
+        assert_eq!(s, from_info);
+    }
+}
