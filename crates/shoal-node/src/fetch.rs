@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use shoal_proto::{GROUP_SIZE, group_count};
-use shoal_store::{BlobKind, Hash, StoreEvent, collection};
+use shoal_store::{BlobKind, Hash, Presence, StoreEvent, collection};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
@@ -205,6 +205,7 @@ impl Node {
         progress: &watch::Sender<Progress>,
     ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
+        tracing::debug!("reading the manifest");
         let manifest = store.read_all(&req.hash)?;
         let entries = collection::parse_manifest(&manifest)?;
         self.store().pin(&req.hash, BlobKind::Collection)?;
@@ -269,9 +270,12 @@ impl Node {
         let mut dirs = DirCache::default();
         let mut small = Vec::new();
         let mut single = Vec::new();
-        for (hash, (path, size)) in &first {
-            let info = store.info(hash);
-            if info.as_ref().is_some_and(|i| i.complete) {
+        let hashes: Vec<Hash> = first.keys().copied().collect();
+        for (hash, presence) in hashes.iter().zip(store.presence(&hashes)) {
+            let Some((path, size)) = first.get(hash) else {
+                continue;
+            };
+            if let Presence::Complete(_) = presence {
                 count_done(*size);
                 continue;
             }
@@ -284,7 +288,7 @@ impl Node {
                 size: *size,
                 target,
             };
-            if info.is_none() && batch::is_small(*size) {
+            if presence == Presence::Absent && batch::is_small(*size) {
                 small.push(job);
             } else {
                 single.push(job);
@@ -292,6 +296,11 @@ impl Node {
         }
         let mut providers = providers;
         store.reserve(small.len() + single.len());
+        tracing::debug!(
+            small = small.len(),
+            single = single.len(),
+            "members planned"
+        );
         if providers.is_empty() && !small.is_empty() {
             // The manifest was here already: the first small member, fetched
             // the usual way, finds the providers.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use shoal_proto::{
     GroupRanges, Limit, PROTOCOL_VERSION, error_response, hash_from_bytes, limits, pb,
 };
-use shoal_store::{Hash, StoreEvent};
+use shoal_store::{Hash, Presence, StoreEvent};
 use shoal_transport::{Connection, PeerId, RecvStream, SendStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -316,10 +316,13 @@ async fn on_get_blobs(
     let blobs = tokio::task::spawn_blocking(move || {
         let mut budget = limits::MAX_GET_BLOBS_BYTES;
         let wanted: Vec<bool> = store
-            .complete_sizes(&hashes)
+            .presence(&hashes)
             .into_iter()
-            .map(|size| {
-                let size = size.filter(|s| *s <= limits::MAX_SMALL_BLOB.min(budget));
+            .map(|p| {
+                let size = match p {
+                    Presence::Complete(s) if s <= limits::MAX_SMALL_BLOB.min(budget) => Some(s),
+                    _ => None,
+                };
                 if let Some(s) = size {
                     budget -= s;
                 }

@@ -145,15 +145,20 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Entry>, ManifestError> {
                 return Err(ManifestError::FileIsDir(parent.to_owned()));
             }
         }
-        let entry = match &e.kind {
+        if e.kind.is_none() {
+            return Err(ManifestError::NoKind(e.path.clone()));
+        }
+    }
+    drop(seen);
+    // All checked: the paths move into the entries (not copied).
+    for e in m.entries {
+        let entry = match e.kind {
             Some(pb::manifest_entry::Kind::File(f)) => {
-                let hash: [u8; 32] = f
-                    .hash
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| ManifestError::BadHash(e.path.clone()))?;
+                let Ok(hash) = <[u8; 32]>::try_from(f.hash.as_ref()) else {
+                    return Err(ManifestError::BadHash(e.path));
+                };
                 Entry {
-                    path: e.path.clone(),
+                    path: e.path,
                     size: f.size,
                     hash: blake3::Hash::from_bytes(hash),
                     executable: f.executable,
@@ -161,13 +166,13 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Entry>, ManifestError> {
                 }
             }
             Some(pb::manifest_entry::Kind::EmptyDir(_)) => Entry {
-                path: e.path.clone(),
+                path: e.path,
                 size: 0,
                 hash: blake3::hash(b""),
                 executable: false,
                 empty_dir: true,
             },
-            None => return Err(ManifestError::NoKind(e.path.clone())),
+            None => return Err(ManifestError::NoKind(e.path)),
         };
         out.push(entry);
     }

@@ -77,7 +77,7 @@ pub use blake3::Hash;
 pub use chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 pub use error::{ReceiveError, StoreError};
 pub use shoal_proto::GroupRanges;
-pub use store::{GcReport, HashedFile, Store, WholeBlob, WholeOutcome};
+pub use store::{GcReport, HashedFile, Presence, Store, WholeBlob, WholeOutcome};
 
 /// How a file is added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

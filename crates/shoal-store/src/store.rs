@@ -38,6 +38,17 @@ mod place;
 use batch::Pending;
 pub use batch::{WholeBlob, WholeOutcome};
 
+/// Whether a blob is in the store ([`Store::presence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Not known here.
+    Absent,
+    /// Being downloaded: some of it (maybe nothing yet) is here.
+    Partial,
+    /// Here whole, of this size.
+    Complete(u64),
+}
+
 /// Save a partial blob's verified groups after this many new ones...
 const SAVE_EVERY_GROUPS: u64 = 1024;
 /// ...or after this long.
@@ -651,17 +662,19 @@ impl Store {
 
     // ------------------------------------------------------------ queries
 
-    /// The size of each of `hashes` that is here complete (None for the
-    /// others): [`Store::info`]'s answer to that one question, for many
-    /// blobs under one lock and without copying anything else.
-    pub fn complete_sizes(&self, hashes: &[blake3::Hash]) -> Vec<Option<u64>> {
+    /// Whether each of `hashes` is here, in part or complete (and then its
+    /// size): [`Store::info`]'s answer to that one question, for many
+    /// blobs under one lock and without copying anything else (info()
+    /// copies each blob's name and builds its range set: ~3% of a seeder's
+    /// CPU serving 10,000 small files).
+    pub fn presence(&self, hashes: &[blake3::Hash]) -> Vec<Presence> {
         let st = lock(&self.inner.state);
         hashes
             .iter()
-            .map(|h| {
-                st.get(h)
-                    .filter(|b| b.partial.is_none())
-                    .map(|b| b.size.unwrap_or(0))
+            .map(|h| match st.get(h) {
+                None => Presence::Absent,
+                Some(b) if b.partial.is_some() => Presence::Partial,
+                Some(b) => Presence::Complete(b.size.unwrap_or(0)),
             })
             .collect()
     }

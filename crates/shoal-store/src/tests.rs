@@ -8,7 +8,7 @@ use std::path::Path;
 use proptest::prelude::*;
 use shoal_proto::{GROUP_SIZE, GroupRanges, group_count};
 
-use crate::{BlobKind, ImportMode, ReceiveError, Store, StoreError, StoreEvent};
+use crate::{BlobKind, ImportMode, Presence, ReceiveError, Store, StoreError, StoreEvent};
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -861,7 +861,7 @@ fn blobs_whose_files_vanished_or_changed_are_forgotten_not_refused() {
 }
 
 #[test]
-fn complete_sizes_answers_like_info_for_complete_partial_and_unknown_blobs() {
+fn presence_answers_like_info_for_complete_partial_and_unknown_blobs() {
     let from = Store::in_memory();
     let big = data(40 * GROUP_SIZE as usize, 21);
     let small = data(3000, 22);
@@ -875,11 +875,20 @@ fn complete_sizes_answers_like_info_for_complete_partial_and_unknown_blobs() {
     let unknown = blake3::hash(b"not here");
     let hashes = [complete, partial, unknown, complete];
     assert_eq!(
-        to.complete_sizes(&hashes),
-        [Some(3000), None, None, Some(3000)]
+        to.presence(&hashes),
+        [
+            Presence::Complete(3000),
+            Presence::Partial,
+            Presence::Absent,
+            Presence::Complete(3000)
+        ]
     );
-    for (h, s) in hashes.iter().zip(to.complete_sizes(&hashes)) {
-        let from_info = to.info(h).filter(|i| i.complete).map(|i| i.size);
-        assert_eq!(s, from_info);
+    for (h, p) in hashes.iter().zip(to.presence(&hashes)) {
+        let from_info = match to.info(h) {
+            None => Presence::Absent,
+            Some(i) if !i.complete => Presence::Partial,
+            Some(i) => Presence::Complete(i.size),
+        };
+        assert_eq!(p, from_info);
     }
 }
