@@ -57,8 +57,9 @@
 //!   [`Store::begin_download`] sets (downloads stay pinned).
 //! - [`Store::verify_all`], [`Store::close`] and [`Store::dir`] were added.
 //! - [`Store::insert_whole`], [`Store::flush`], [`Store::relocate_many`],
-//!   [`Store::read_whole_many`] and [`Store::forget_vanished`] were added
-//!   for collections of many small files.
+//!   [`Store::read_whole_many`], [`Store::forget_vanished`],
+//!   [`Store::presence`] and [`Store::reserve`] were added for collections
+//!   of many small files.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
