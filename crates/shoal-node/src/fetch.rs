@@ -258,9 +258,10 @@ impl Node {
         };
         // Members fetched before into files that are gone now (an output
         // directory deleted) are fetched again.
+        let hashes: Vec<Hash> = first.keys().copied().collect();
         {
             let store = store.clone();
-            let hashes: Vec<Hash> = first.keys().copied().collect();
+            let hashes = hashes.clone();
             tokio::task::spawn_blocking(move || store.forget_vanished(&hashes))
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
@@ -270,11 +271,9 @@ impl Node {
         let mut dirs = DirCache::default();
         let mut small = Vec::new();
         let mut single = Vec::new();
-        let hashes: Vec<Hash> = first.keys().copied().collect();
-        for (hash, presence) in hashes.iter().zip(store.presence(&hashes)) {
-            let Some((path, size)) = first.get(hash) else {
-                continue;
-            };
+        // `first` is not changed meanwhile: it iterates in the order of
+        // `hashes`.
+        for ((hash, (path, size)), presence) in first.iter().zip(store.presence(&hashes)) {
             if let Presence::Complete(_) = presence {
                 count_done(*size);
                 continue;

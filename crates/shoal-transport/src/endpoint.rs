@@ -595,7 +595,7 @@ impl Endpoint {
                 "closing connection"
             );
             if conn.inner.close_reason().is_none() {
-                open.push((conn.inner.clone(), conn.inner.stats().udp_tx.datagrams));
+                open.push((conn.inner.clone(), s.udp_tx.datagrams));
             }
             conn.close(CLOSE_SHUTDOWN, b"endpoint closed");
         }

@@ -194,8 +194,7 @@ impl Store {
                 } = &mut b.data
                 {
                     // Into the buffers already there: no allocation for a
-                    // path no longer than the old one (a 10,000-file get
-                    // spent ~4 ms here allocating).
+                    // path no longer than the old one.
                     let os = path.as_mut_os_string();
                     os.clear();
                     os.push(base.as_os_str());
