@@ -46,6 +46,10 @@
 //!   without a sync, as tar would; their records carry the boot they were
 //!   written in, and after a reboot each such file is hashed again at open
 //!   before its record is trusted (those that do not match are dropped).
+//! - Small blobs served whole ([`Store::read_whole_many`]) are hashed after
+//!   they are read; those served lately are kept in memory, checked, up to
+//!   a budget ([`Store::set_served_cache`], 64 MiB by default), and served
+//!   from there only while the store holds them complete and not corrupt.
 //!
 //! # Changes to the requested API
 //!
@@ -58,8 +62,9 @@
 //! - [`Store::verify_all`], [`Store::close`] and [`Store::dir`] were added.
 //! - [`Store::insert_whole`], [`Store::flush`], [`Store::relocate_many`],
 //!   [`Store::read_whole_many`], [`Store::forget_vanished`],
-//!   [`Store::presence`] and [`Store::reserve`] were added for collections
-//!   of many small files.
+//!   [`Store::presence`], [`Store::reserve`], [`Store::set_served_cache`]
+//!   and [`Store::served_cache_usage`] were added for collections of many
+//!   small files.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;

@@ -35,6 +35,7 @@ use crate::{BlobInfo, BlobKind, ImportMode, ReceiveError, StoreError, StoreEvent
 
 mod batch;
 mod place;
+mod served;
 use batch::Pending;
 pub use batch::{WholeBlob, WholeOutcome};
 
@@ -123,6 +124,9 @@ struct Inner {
     grouped: Mutex<HashMap<blake3::Hash, u64>>,
     /// The id of the next group.
     next_group: AtomicU64,
+    /// Small blobs served lately (`store/served.rs`). Locked after
+    /// `state` when both are.
+    served: Mutex<served::Served>,
     /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
     rechecks: AtomicUsize,
@@ -173,6 +177,7 @@ impl Inner {
             unloaded: Mutex::new(HashSet::new()),
             grouped: Mutex::new(HashMap::new()),
             next_group: AtomicU64::new(0),
+            served: Mutex::new(served::Served::new(served::DEFAULT_BUDGET)),
             #[cfg(test)]
             rechecks: AtomicUsize::new(0),
             #[cfg(test)]
@@ -1877,6 +1882,10 @@ impl Inner {
                 }
                 return Err(e);
             }
+        }
+        let mut served = lock(&self.served);
+        for (h, _) in &removed {
+            served.remove(h);
         }
         Ok(removed)
     }

@@ -621,36 +621,77 @@ impl Store {
     }
 
     /// [`Store::read_whole`] for many blobs, checked together (see
-    /// `tree::hash_small_many`): one outcome per hash, in order.
+    /// `tree::hash_small_many`): one outcome per hash, in order. Blobs
+    /// served lately come from memory (`store/served.rs`), the others are
+    /// read, checked and kept there.
     pub fn read_whole_many(
         &self,
         hashes: &[blake3::Hash],
         max: u64,
     ) -> Vec<Result<Option<Bytes>, StoreError>> {
-        let read: Vec<Result<Option<(Bytes, String)>, StoreError>> =
-            hashes.iter().map(|h| self.read_unchecked(h, max)).collect();
+        let mut out: Vec<Option<Result<Option<Bytes>, StoreError>>> = {
+            let st = lock(&self.inner.state);
+            let mut served = lock(&self.inner.served);
+            hashes
+                .iter()
+                .map(|h| {
+                    let b = st.get(h)?;
+                    if b.partial.is_some() || b.corrupt || b.size.unwrap_or(0) > max {
+                        return None;
+                    }
+                    served.get(h).map(|d| Ok(Some(d)))
+                })
+                .collect()
+        };
+        let read: Vec<(usize, Unchecked)> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.is_none())
+            .map(|(i, _)| (i, self.read_unchecked(&hashes[i], max)))
+            .collect();
         let datas: Vec<&[u8]> = read
             .iter()
-            .filter_map(|r| match r {
+            .filter_map(|(_, r)| match r {
                 Ok(Some((b, _))) => Some(&b[..]),
                 _ => None,
             })
             .collect();
         let mut got = tree::hash_small_many(&datas).into_iter();
-        hashes
-            .iter()
-            .zip(read)
-            .map(|(hash, r)| match r? {
-                Some((b, name)) => {
+        let mut checked = Vec::new();
+        for (i, r) in read {
+            let hash = &hashes[i];
+            out[i] = Some(match r {
+                Ok(Some((b, name))) => {
                     if got.next() == Some(*hash) {
+                        checked.push((*hash, b.clone()));
                         Ok(Some(b))
                     } else {
                         Err(self.inner.refuse_corrupt(hash, name, "serving"))
                     }
                 }
-                None => Ok(None),
-            })
-            .collect()
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            });
+        }
+        if !checked.is_empty() {
+            let mut served = lock(&self.inner.served);
+            for (h, b) in checked {
+                served.put(h, b);
+            }
+        }
+        out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect()
+    }
+
+    /// The memory that small blobs served lately may keep (see
+    /// [`Store::read_whole_many`]; 64 MiB unless set); 0 keeps none.
+    pub fn set_served_cache(&self, bytes: usize) {
+        lock(&self.inner.served).set_budget(bytes);
+    }
+
+    /// Small blobs kept in memory after serving them, and the memory they
+    /// take.
+    pub fn served_cache_usage(&self) -> (usize, usize) {
+        lock(&self.inner.served).usage()
     }
 
     /// The whole content of a complete blob of at most `max` bytes, not
@@ -676,6 +717,9 @@ impl Store {
         Ok(Some((buf.into(), src.name)))
     }
 }
+
+/// What `read_unchecked` gives: content and name, if served whole.
+type Unchecked = Result<Option<(Bytes, String)>, StoreError>;
 
 /// The hash and outboard of each blob of `items`: those of one group at
 /// most (no outboard) all together, wide; the others on every core.
@@ -1185,5 +1229,46 @@ mod tests {
             store.read_whole(&b.hash, 64 << 10),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn blobs_served_lately_come_from_memory_while_the_store_holds_them() {
+        let (_dir, out, store) = store_and_out();
+        let blobs = many(&out, 3);
+        let hashes: Vec<blake3::Hash> = blobs.iter().map(|b| b.hash).collect();
+        store.insert_whole(blobs.clone()).unwrap();
+        for (r, b) in store
+            .read_whole_many(&hashes, 64 << 10)
+            .into_iter()
+            .zip(&blobs)
+        {
+            assert_eq!(r.unwrap().unwrap(), b.data);
+        }
+        assert_eq!(store.served_cache_usage().0, 3);
+        // The first one's file changes: the content checked before is
+        // still what the hash names, and is served from memory.
+        fs::write(out.join("f0"), b"changed").unwrap();
+        let again = store.read_whole(&hashes[0], 64 << 10).unwrap().unwrap();
+        assert_eq!(again, blobs[0].data);
+        // Without the cache the change is found, and nothing is served.
+        store.set_served_cache(0);
+        assert_eq!(store.served_cache_usage(), (0, 0));
+        assert!(store.read_whole(&hashes[0], 64 << 10).is_err());
+        store.set_served_cache(1 << 20);
+        for h in &hashes[1..] {
+            assert!(store.read_whole(h, 64 << 10).unwrap().is_some());
+        }
+        assert_eq!(store.served_cache_usage().0, 2);
+        // A blob taken out of the store is no longer served, nor kept.
+        store.unpin(&hashes[1]).unwrap();
+        assert_eq!(store.gc().unwrap().blobs, 1);
+        assert_eq!(store.served_cache_usage().0, 1);
+        assert!(store.read_whole(&hashes[1], 64 << 10).unwrap().is_none());
+        // Nor is one larger than asked for.
+        assert!(store.read_whole(&hashes[2], 100).unwrap().is_none());
+        assert_eq!(
+            store.read_whole(&hashes[2], 64 << 10).unwrap().unwrap(),
+            blobs[2].data
+        );
     }
 }
