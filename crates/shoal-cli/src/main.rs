@@ -213,14 +213,34 @@ fn tune_allocator() {
     }
 }
 
+/// Async worker threads for `cmd`, if not tokio's default (one per core):
+/// a one-shot `get` or `cat` leaves a core to its blocking work (checking
+/// and writing what arrives), which otherwise competes with a worker for
+/// it. A 1 GiB get on 2 cores, 6 alternating rounds: 1336 -> 1233 ms, the
+/// downloader's CPU 1.18 -> 1.06 s (the bare QUIC stream with a receiver of
+/// one worker: +3%). `TOKIO_WORKER_THREADS`, when set, decides instead.
+fn worker_threads(cmd: &Command) -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    match cmd {
+        Command::Get { .. } | Command::Cat { .. } => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Some(cores.saturating_sub(1).max(1))
+        }
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads(&cli.command) {
+        builder.worker_threads(n);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -185,8 +185,9 @@ async fn recv_child(size: u64) {
     b.close().await;
 }
 
-/// One QUIC stream between two processes, each with its own default
-/// runtime, as a seeder and a downloader run. The sender cycles through
+/// One QUIC stream between two processes, each with the runtime of the
+/// `shoal` command it stands for (`serve`: a worker per core; `get`: a
+/// worker per core but one). The sender cycles through
 /// `pool` distinct buffers of [`BUF`] bytes.
 async fn quic_two_processes(size: u64, pool: usize) -> (Duration, Duration) {
     use std::io::BufRead;
@@ -253,7 +254,13 @@ fn main() {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .expect("--recv SIZE");
-        tokio::runtime::Runtime::new()
+        // The runtime `shoal get` builds: a worker per core but one (see
+        // `worker_threads` in shoal-cli's main.rs).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cores.saturating_sub(1).max(1))
+            .enable_all()
+            .build()
             .expect("runtime")
             .block_on(recv_child(size));
         return;
@@ -269,7 +276,7 @@ fn main() {
         Some(other) => panic!("unknown congestion controller {other}"),
     };
     // The two-process streams run first, each process with the runtime
-    // `shoal` itself builds (one worker per core).
+    // `shoal` itself builds (see `quic_two_processes`).
     let (wall, cpu) = tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(quic_two_processes(size, 1));

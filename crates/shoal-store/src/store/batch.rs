@@ -674,9 +674,14 @@ impl Store {
             });
         }
         if !checked.is_empty() {
+            // Under the state lock, as `remove_blobs` takes blobs out of
+            // both: one removed meanwhile is not kept.
+            let st = lock(&self.inner.state);
             let mut served = lock(&self.inner.served);
             for (h, b) in checked {
-                served.put(h, b);
+                if st.contains_key(&h) {
+                    served.put(h, b);
+                }
             }
         }
         out.into_iter().map(|o| o.unwrap_or(Ok(None))).collect()
