@@ -833,8 +833,15 @@ mod tests {
             .relocate_many(Path::new(""), &[(good_file.hash, moved.clone())])
             .unwrap();
         assert_eq!(store.read_all(&good_file.hash).unwrap(), good_file.data);
-        // Changed behind the store's back: never served as valid.
+        // Changed behind the store's back: never served as valid. The
+        // content checked when it was served above is still served, from
+        // memory; the new bytes never are.
         fs::write(&moved, b"something else").unwrap();
+        assert_eq!(
+            store.read_whole(&good_file.hash, 64 << 10).unwrap(),
+            Some(good_file.data.clone())
+        );
+        store.set_served_cache(0);
         assert!(store.read_whole(&good_file.hash, 64 << 10).is_err());
     }
 
