@@ -1966,6 +1966,15 @@ impl Inner {
 
     /// Open a blob for reading; checks in-place files.
     fn source(&self, hash: &blake3::Hash) -> Result<Source, StoreError> {
+        self.source_with(hash, &mut |p| File::open(p))
+    }
+
+    /// [`Inner::source`], opening a blob's data file with `open`.
+    fn source_with(
+        &self,
+        hash: &blake3::Hash,
+        open: &mut dyn FnMut(&Path) -> io::Result<File>,
+    ) -> Result<Source, StoreError> {
         let (size, name, data, outboard, partial, corrupt) = {
             let st = lock(&self.state);
             let b = st.get(hash).ok_or(StoreError::NotFound(*hash))?;
@@ -1997,7 +2006,7 @@ impl Inner {
             DataRef::Mem(m) => Slot::Mem(m),
             DataRef::Db => Slot::Bytes(self.inline_bytes(hash)?),
             DataRef::File { path, stamp } => {
-                let f = match File::open(&path) {
+                let f = match open(&path) {
                     Ok(f) => f,
                     Err(e) if stamp.is_some() && e.kind() == io::ErrorKind::NotFound => {
                         return Err(StoreError::SourceChanged(path));

@@ -25,6 +25,10 @@
 //! Records lost before any commit (a crash) only mean those files are
 //! fetched again.
 
+use std::os::fd::OwnedFd;
+
+use rustix::fs::{Mode, OFlags};
+
 use super::*;
 
 /// Records held in memory at most before a (non-durable) commit: they
@@ -643,11 +647,12 @@ impl Store {
                 })
                 .collect()
         };
+        let mut dirs = DirOpener::default();
         let read: Vec<(usize, Unchecked)> = out
             .iter()
             .enumerate()
             .filter(|(_, o)| o.is_none())
-            .map(|(i, _)| (i, self.read_unchecked(&hashes[i], max)))
+            .map(|(i, _)| (i, self.read_unchecked(&hashes[i], max, &mut dirs)))
             .collect();
         let datas: Vec<&[u8]> = read
             .iter()
@@ -705,8 +710,9 @@ impl Store {
         &self,
         hash: &blake3::Hash,
         max: u64,
+        dirs: &mut DirOpener,
     ) -> Result<Option<(Bytes, String)>, StoreError> {
-        let src = match self.inner.source(hash) {
+        let src = match self.inner.source_with(hash, &mut |p| dirs.open(p)) {
             Ok(s) => s,
             Err(StoreError::NotFound(_) | StoreError::Incomplete(_)) => return Ok(None),
             Err(e) => return Err(e),
@@ -725,6 +731,44 @@ impl Store {
 
 /// What `read_unchecked` gives: content and name, if served whole.
 type Unchecked = Result<Option<(Bytes, String)>, StoreError>;
+
+/// Opens files relative to their directory, the last one kept open.
+///
+/// The members of a collection come in the manifest's order, a directory's
+/// files together, and each absolute path costs the kernel a lookup per
+/// component. A fresh seeder's first get of 10,000 small files spent ~13%
+/// of its samples in `openat`, most of it walking the same directories
+/// again. What is opened is still checked as before (the stamp of a file
+/// added in place, then the content against its hash), so a directory
+/// renamed meanwhile cannot make it serve the wrong bytes.
+#[derive(Default)]
+struct DirOpener {
+    dir: Option<(PathBuf, OwnedFd)>,
+}
+
+impl DirOpener {
+    fn open(&mut self, path: &Path) -> io::Result<File> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return File::open(path);
+        };
+        if parent.as_os_str().is_empty() {
+            return File::open(path);
+        }
+        let dir = match &self.dir {
+            Some((p, fd)) if p == parent => fd,
+            _ => {
+                let fd = rustix::fs::open(
+                    parent,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                &self.dir.insert((parent.to_path_buf(), fd)).1
+            }
+        };
+        let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(File::from(fd))
+    }
+}
 
 /// The hash and outboard of each blob of `items`: those of one group at
 /// most (no outboard) all together, wide; the others on every core.
@@ -1221,6 +1265,66 @@ mod tests {
             assert_eq!(store.inner.rechecks.load(Ordering::SeqCst), 1);
             assert!(store.info(&file.hash).unwrap().complete);
         }
+    }
+
+    #[test]
+    fn whole_blobs_are_read_from_files_in_many_directories() {
+        let (_dir, out, store) = store_and_out();
+        let dirs: Vec<PathBuf> = (0..3)
+            .map(|i| {
+                let d = out.join(format!("d{i}"));
+                fs::create_dir(&d).unwrap();
+                d
+            })
+            .collect();
+        let mut blobs = many(&out, 9);
+        for (i, b) in blobs.iter_mut().enumerate() {
+            b.target = Some(dirs[i % 3].join(format!("f{i}")));
+        }
+        store.insert_whole(blobs.clone()).unwrap();
+        // From the files every time, not from memory.
+        store.set_served_cache(0);
+        fs::remove_file(blobs[4].target.as_ref().unwrap()).unwrap();
+        // Out of order, so that the directory kept open changes often.
+        let order = [0, 3, 1, 4, 7, 2, 5, 8, 6, 0];
+        let hashes: Vec<blake3::Hash> = order.iter().map(|&i| blobs[i].hash).collect();
+        let got = store.read_whole_many(&hashes, 64 << 10);
+        for (r, &i) in got.iter().zip(&order) {
+            if i == 4 {
+                assert!(r.is_err(), "blob {i}: its file is gone");
+            } else {
+                assert_eq!(r.as_ref().unwrap().as_deref(), Some(&blobs[i].data[..]), "blob {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_directory_opener_switches_directories_and_keeps_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("x"), b"ax").unwrap();
+        fs::write(a.join("y"), b"ay").unwrap();
+        fs::write(b.join("x"), b"bx").unwrap();
+        let mut dirs = DirOpener::default();
+        let read = |dirs: &mut DirOpener, p: &Path| {
+            let mut s = String::new();
+            dirs.open(p).unwrap().read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(read(&mut dirs, &a.join("x")), "ax");
+        assert_eq!(read(&mut dirs, &a.join("y")), "ay");
+        assert_eq!(read(&mut dirs, &b.join("x")), "bx");
+        assert_eq!(read(&mut dirs, &a.join("x")), "ax");
+        // A missing file is NotFound, as `File::open` says (the store
+        // tells a vanished in-place file by it).
+        let e = dirs.open(&a.join("nope")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let e = dirs.open(&dir.path().join("gone").join("x")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        // A directory is opened, not read, as `File::open` would.
+        assert!(dirs.open(&b).is_ok());
     }
 
     #[test]
