@@ -1293,7 +1293,11 @@ mod tests {
             if i == 4 {
                 assert!(r.is_err(), "blob {i}: its file is gone");
             } else {
-                assert_eq!(r.as_ref().unwrap().as_deref(), Some(&blobs[i].data[..]), "blob {i}");
+                assert_eq!(
+                    r.as_ref().unwrap().as_deref(),
+                    Some(&blobs[i].data[..]),
+                    "blob {i}"
+                );
             }
         }
     }
