@@ -1427,12 +1427,12 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     }
     let runs = cx.o.runs;
     let place = |what: &str, i: usize| cx.work.join(format!("s4-{what}-{i}"));
-    let (mut sh, mut tar) = (vec![], vec![]);
+    let (mut sh, mut tar, mut fresh) = (vec![], vec![], vec![]);
     let mut warm_up = None;
     let res = (|| -> Result<()> {
         let (hash, _) = cx.shoal.add(&sd, &tree, false)?;
-        let seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
-        let ticket = cx.shoal.ticket(&seeder, &hash)?;
+        let mut seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
+        let mut ticket = cx.shoal.ticket(&seeder, &hash)?;
         // One untimed run of each first, as hyperfine's --warmup: the
         // first get of an invocation was its slowest every time (300-358
         // ms against ~260, the downloader's kernel time 0.31 s against
@@ -1453,25 +1453,38 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         warm_up = Some((cold.secs, tar_first));
         for i in 0..runs {
             eprintln!("  S4 run {}/{}", i + 1, runs);
-            // The two steps in turn, the order reversed every other run;
-            // each starts with the disk synced, so that none pays for the
-            // writeback of the one before.
-            let mut steps = [0, 1];
+            // The steps in turn, the order reversed every other run; each
+            // starts with the disk synced, so that none pays for the
+            // writeback of the one before. Step 2 restarts the seeder and
+            // times its first get, served from its files; it runs before
+            // step 0 or after it, so step 0's seeder has always served
+            // the collection before (from memory, `store/served.rs`).
+            let mut steps = [2, 0, 1];
             if i % 2 == 1 {
                 steps.reverse();
             }
             for step in steps {
+                if step == 2 {
+                    seeder.stop();
+                    seeder = cx.shoal.serve(&sd, None, "127.0.0.1:0", &[])?;
+                    ticket = cx.shoal.ticket(&seeder, &hash)?;
+                }
                 settle()?;
                 match step {
-                    0 => {
+                    0 | 2 => {
+                        let what = if step == 0 { "" } else { "-fresh" };
                         let r = run_ok(
                             cx.shoal
-                                .cmd(&place("downloader", i), None)
+                                .cmd(&place(&format!("downloader{what}"), i), None)
                                 .args(["get", &ticket, "-o"])
-                                .arg(place("out-shoal", i))
+                                .arg(place(&format!("out-shoal{what}"), i))
                                 .args(["--no-mdns", "--no-dht"]),
                         )?;
-                        sh.push(r.secs);
+                        if step == 0 {
+                            sh.push(r.secs)
+                        } else {
+                            fresh.push(r.secs)
+                        }
                     }
                     _ => tar.push(tar_over_tcp(&tree, &place("out-tar", i))?),
                 }
@@ -1482,7 +1495,13 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     })();
     // The runs' directories and the warm-up's (numbered `runs`).
     for i in 0..=runs {
-        for what in ["downloader", "out-shoal", "out-tar"] {
+        for what in [
+            "downloader",
+            "out-shoal",
+            "downloader-fresh",
+            "out-shoal-fresh",
+            "out-tar",
+        ] {
             rm(&place(what, i));
         }
     }
@@ -1519,6 +1538,22 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Row::new("S4", &format!("{n} files of 4 KiB"), "MiB/s")
             .shoal(mib_s(&sh))
             .base("tar over TCP (loopback)", mib_s(&tar)),
+    );
+    let per_run = fresh
+        .iter()
+        .zip(&tar)
+        .map(|(a, b)| format!("{:.0}/{:.0}", a * 1e3, b * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    cx.rows.push(
+        Row::new("S4", "the same, from a seeder just started", "files/s")
+            .shoal(files_s(&fresh))
+            .base("tar over TCP (loopback)", files_s(&tar))
+            .note(format!(
+                "reference: the seeder restarted before each of these gets, which it \
+                 serves from its files, not from its memory of the small blobs it served \
+                 lately; per run, ms for shoal/tar: {per_run}"
+            )),
     );
     Ok(())
 }
