@@ -1438,8 +1438,9 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         // ms against ~260, the downloader's kernel time 0.31 s against
         // ~0.2), and tar's first run is not free of such effects either.
         // The seeder keeps the small blobs it served lately in memory
-        // (`store/served.rs`), so the warm-up is also the one get served
-        // from files: its time is reported beside the others.
+        // (`store/served.rs`), so the warm-up is also served from files
+        // (as each run's step 2 below): its time is reported beside the
+        // others.
         settle()?;
         let cold = run_ok(
             cx.shoal
@@ -1514,12 +1515,15 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     res?;
     let files_s = |v: &[f64]| median(v).map(|s| n as f64 / s);
     let mib_s = |v: &[f64]| median(v).map(|s| mib / s);
-    let per_run = sh
-        .iter()
-        .zip(&tar)
-        .map(|(a, b)| format!("{:.0}/{:.0}", a * 1e3, b * 1e3))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // Each run's pair, in ms: "shoal/tar, ...".
+    let pairs = |ours: &[f64]| {
+        ours.iter()
+            .zip(&tar)
+            .map(|(a, b)| format!("{:.0}/{:.0}", a * 1e3, b * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let per_run = pairs(&sh);
     cx.rows.push(
         Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
             .shoal(files_s(&sh))
@@ -1539,12 +1543,7 @@ fn s4(cx: &mut Ctx) -> Result<()> {
             .shoal(mib_s(&sh))
             .base("tar over TCP (loopback)", mib_s(&tar)),
     );
-    let per_run = fresh
-        .iter()
-        .zip(&tar)
-        .map(|(a, b)| format!("{:.0}/{:.0}", a * 1e3, b * 1e3))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let per_run = pairs(&fresh);
     cx.rows.push(
         Row::new("S4", "the same, from a seeder just started", "files/s")
             .shoal(files_s(&fresh))
