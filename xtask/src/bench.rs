@@ -1441,14 +1441,19 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         // (`store/served.rs`), so the warm-up is also served from files
         // (as each run's step 2 below): its time is reported beside the
         // others.
+        // A get into directories of its own: `what` names the kind of
+        // run ("" or "-fresh"), `i` the run.
+        let get = |ticket: &str, what: &str, i: usize| {
+            run_ok(
+                cx.shoal
+                    .cmd(&place(&format!("downloader{what}"), i), None)
+                    .args(["get", ticket, "-o"])
+                    .arg(place(&format!("out-shoal{what}"), i))
+                    .args(["--no-mdns", "--no-dht"]),
+            )
+        };
         settle()?;
-        let cold = run_ok(
-            cx.shoal
-                .cmd(&place("downloader", runs), None)
-                .args(["get", &ticket, "-o"])
-                .arg(place("out-shoal", runs))
-                .args(["--no-mdns", "--no-dht"]),
-        )?;
+        let cold = get(&ticket, "", runs)?;
         settle()?;
         let tar_first = tar_over_tcp(&tree, &place("out-tar", runs))?;
         warm_up = Some((cold.secs, tar_first));
@@ -1472,21 +1477,8 @@ fn s4(cx: &mut Ctx) -> Result<()> {
                 }
                 settle()?;
                 match step {
-                    0 | 2 => {
-                        let what = if step == 0 { "" } else { "-fresh" };
-                        let r = run_ok(
-                            cx.shoal
-                                .cmd(&place(&format!("downloader{what}"), i), None)
-                                .args(["get", &ticket, "-o"])
-                                .arg(place(&format!("out-shoal{what}"), i))
-                                .args(["--no-mdns", "--no-dht"]),
-                        )?;
-                        if step == 0 {
-                            sh.push(r.secs)
-                        } else {
-                            fresh.push(r.secs)
-                        }
-                    }
+                    0 => sh.push(get(&ticket, "", i)?.secs),
+                    2 => fresh.push(get(&ticket, "-fresh", i)?.secs),
                     _ => tar.push(tar_over_tcp(&tree, &place("out-tar", i))?),
                 }
             }
