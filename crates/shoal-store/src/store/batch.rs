@@ -738,10 +738,11 @@ type Unchecked = Result<Option<(Bytes, String)>, StoreError>;
 /// files together, and each absolute path costs the kernel a lookup per
 /// component. A fresh seeder's first get of 10,000 small files spent ~13%
 /// of its samples in `openat`, much of it walking the same directories
-/// again; relative opens took its CPU 138 -> 134 ms (8 alternating rounds,
-/// a fresh seeder each). What is opened is still checked as before (the stamp of a file
-/// added in place, then the content against its hash), so a directory
-/// renamed meanwhile cannot make it serve the wrong bytes.
+/// again; relative opens took its CPU 138 -> 134 ms (8 alternating
+/// rounds, a fresh seeder each). What is opened is still checked as
+/// before (the stamp of a file added in place, then the content against
+/// its hash), so a directory renamed meanwhile cannot make it serve the
+/// wrong bytes.
 #[derive(Default)]
 struct DirOpener {
     dir: Option<(PathBuf, OwnedFd)>,

@@ -2,7 +2,7 @@
 //!
 //! A node answering `GetBlobs` opens, reads and hashes again every small
 //! blob it sends (see [`Store::read_whole_many`]): for a file of 4 KiB
-//! that is four system calls and a path walk, about 5 us of CPU here,
+//! that is four system calls and a lookup, about 5 us of CPU here,
 //! as much as QUIC spends sending it. The peers of a swarm ask for the same
 //! blobs again and again, so the content last served is kept here, up to
 //! a byte budget, the least recently served evicted first, and served
