@@ -83,6 +83,48 @@ fn commands_go_through_a_running_node() {
 }
 
 #[test]
+fn status_shows_the_small_blobs_a_node_keeps_after_serving_them() {
+    let seeder = Dir::new();
+    let tree = seeder.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    for i in 0..5u64 {
+        std::fs::write(tree.join(format!("f{i}")), data(4096, 100 + i)).unwrap();
+    }
+    let out = seeder.ok(&["add", tree.to_str().unwrap()]);
+    let hash = out.split_whitespace().next().unwrap().to_string();
+    let _node = seeder.serve(&[]);
+    let cache = || -> serde_json::Value {
+        let s: serde_json::Value =
+            serde_json::from_str(seeder.ok(&["--json", "status"]).trim()).unwrap();
+        s["served_cache"].clone()
+    };
+    let before = cache();
+    assert_eq!(before["blobs"], 0, "{before}");
+    assert_eq!(before["bytes"], 0, "{before}");
+    assert_eq!(before["budget"], 64u64 << 20, "{before}");
+
+    let ticket = seeder.ok(&["ticket", &hash]).trim().to_string();
+    let downloader = Dir::new();
+    let got = downloader.path().join("got");
+    downloader.ok(&[
+        "get",
+        &ticket,
+        "-o",
+        got.to_str().unwrap(),
+        "--no-mdns",
+        "--no-dht",
+    ]);
+    assert_eq!(std::fs::read(got.join("f3")).unwrap(), data(4096, 103));
+    // The five files went out whole and checked, and stay in memory.
+    let after = cache();
+    assert!(after["blobs"].as_u64().unwrap() >= 5, "{after}");
+    assert!(after["bytes"].as_u64().unwrap() >= 5 * 4096, "{after}");
+    assert_eq!(after["budget"], 64u64 << 20, "{after}");
+    let text = seeder.ok(&["status"]);
+    assert!(text.contains("small blobs served lately"), "{text}");
+}
+
+#[test]
 fn a_large_file_added_in_place_is_hashed_while_the_store_opens() {
     // Above the CLI's overlap threshold (32 MiB): the file is hashed on one
     // thread while the store opens on another, then recorded.

@@ -220,7 +220,7 @@ impl Out {
                 .map(|t| json!({ "hash": hex(&t.hash), "verified": t.verified, "total": t.total, "peers": t.peers, "rate": t.rate }))
                 .collect();
             return line(
-                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers })
+                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers, "served_cache": { "blobs": s.served_cache_blobs, "bytes": s.served_cache_bytes, "budget": s.served_cache_budget } })
                     .to_string(),
             );
         }
@@ -228,6 +228,12 @@ impl Out {
         line(&format!("listening   {}", s.listen_addrs.join(" ")))?;
         line(&format!("uploaded    {}", human(s.uploaded)))?;
         line(&format!("downloaded  {}", human(s.downloaded)))?;
+        line(&format!(
+            "cache       {} small blobs served lately, {} of {} in memory",
+            s.served_cache_blobs,
+            human(s.served_cache_bytes),
+            human(s.served_cache_budget)
+        ))?;
         if s.transfers.is_empty() {
             line("transfers   none")?;
         }

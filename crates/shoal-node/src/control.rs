@@ -191,6 +191,7 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
             }
             Req::Status(_) => {
                 let stats = node.endpoint().stats();
+                let (cached_blobs, cached_bytes) = node.store().served_cache_usage();
                 let status = pb::NodeStatus {
                     peer_id: node.peer_id().to_string(),
                     listen_addrs: node.addrs().iter().map(|a| a.to_string()).collect(),
@@ -207,6 +208,9 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                         .collect(),
                     uploaded: stats.bytes_sent,
                     downloaded: stats.bytes_received,
+                    served_cache_blobs: cached_blobs as u64,
+                    served_cache_bytes: cached_bytes as u64,
+                    served_cache_budget: node.store().served_cache_budget() as u64,
                 };
                 write_frame(&mut stream, &resp(Resp::Status(status))).await?;
             }

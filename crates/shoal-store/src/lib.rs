@@ -64,7 +64,7 @@
 //!   [`Store::read_whole_many`], [`Store::forget_vanished`],
 //!   [`Store::presence`], [`Store::reserve`], [`Store::set_served_cache`]
 //!   and [`Store::served_cache_usage`] were added for collections of many
-//!   small files.
+//!   small files; [`Store::served_cache_budget`] for `shoal status`.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;

@@ -704,6 +704,12 @@ impl Store {
         lock(&self.inner.served).usage()
     }
 
+    /// The memory small blobs served lately may keep (see
+    /// [`Store::set_served_cache`]).
+    pub fn served_cache_budget(&self) -> usize {
+        lock(&self.inner.served).budget()
+    }
+
     /// The whole content of a complete blob of at most `max` bytes, not
     /// checked yet, and its name.
     fn read_unchecked(
@@ -1367,6 +1373,7 @@ mod tests {
             assert_eq!(r.unwrap().unwrap(), b.data);
         }
         assert_eq!(store.served_cache_usage().0, 3);
+        assert_eq!(store.served_cache_budget(), 64 << 20);
         // The first one's file changes: the content checked before is
         // still what the hash names, and is served from memory.
         fs::write(out.join("f0"), b"changed").unwrap();
@@ -1375,8 +1382,10 @@ mod tests {
         // Without the cache the change is found, and nothing is served.
         store.set_served_cache(0);
         assert_eq!(store.served_cache_usage(), (0, 0));
+        assert_eq!(store.served_cache_budget(), 0);
         assert!(store.read_whole(&hashes[0], 64 << 10).is_err());
         store.set_served_cache(1 << 20);
+        assert_eq!(store.served_cache_budget(), 1 << 20);
         for h in &hashes[1..] {
             assert!(store.read_whole(h, 64 << 10).unwrap().is_some());
         }

@@ -86,6 +86,10 @@ impl Served {
     pub(super) fn usage(&self) -> (usize, usize) {
         (self.lru.len(), self.bytes)
     }
+
+    pub(super) fn budget(&self) -> usize {
+        self.budget
+    }
 }
 
 #[cfg(test)]
