@@ -87,6 +87,7 @@ impl Served {
         (self.lru.len(), self.bytes)
     }
 
+    /// The most memory the entries may count for.
     pub(super) fn budget(&self) -> usize {
         self.budget
     }
