@@ -321,6 +321,7 @@ fn sample_have() -> pb::HaveUpdate {
         size: 99_999,
         added: Some(sample_ranges()),
         complete: false,
+        fetching: Some(sample_ranges()),
     }
 }
 

@@ -515,6 +515,7 @@ async fn seeder_stream(
                         size: info.size,
                         added: None,
                         complete: true,
+                        fetching: None,
                     };
                     let _ = write_frame(&mut send, &up).await;
                 }

@@ -82,6 +82,8 @@ enum Ev {
         size: u64,
         added: GroupRanges,
         complete: bool,
+        /// Groups the peer is fetching (a hint for the picking).
+        fetching: GroupRanges,
     },
     SubEnded {
         peer: PeerId,
@@ -277,6 +279,9 @@ pub(crate) async fn fetch_blob(
                             s.handle_request_failed(id, Failure::Error);
                             continue;
                         };
+                        // Tell the peers subscribed to our have updates
+                        // (none may be: then nothing is sent).
+                        let _ = node.fetching.send((hash, ranges.clone()));
                         let bytes = Arc::new(AtomicU64::new(0));
                         let (conn, tx, store, b, asked) = (
                             slot.conn.clone(),
@@ -430,7 +435,10 @@ pub(crate) async fn fetch_blob(
                     book.record_failure(addr, Instant::now());
                     debug!(%addr, "could not use candidate: {err}");
                 }
-                Ev::Have { peer, size, added, complete } => {
+                Ev::Have { peer, size, added, complete, fetching } => {
+                    if let Some(s) = sched.as_mut() && !fetching.is_empty() {
+                        s.handle_fetching(&fetching);
+                    }
                     let Some(slot) = peers.get_mut(&peer) else { continue };
                     if slot.size == 0 { slot.size = size; }
                     slot.have.union_with(&added);
@@ -818,12 +826,15 @@ async fn run_subscription(
         }
         let added = GroupRanges::from_opt_pb(up.added.as_ref())
             .map_err(|e| NodeError::Protocol(e.to_string()))?;
+        let fetching = GroupRanges::from_opt_pb(up.fetching.as_ref())
+            .map_err(|e| NodeError::Protocol(e.to_string()))?;
         if tx
             .send(Ev::Have {
                 peer,
                 size: up.size,
                 added,
                 complete: up.complete,
+                fetching,
             })
             .await
             .is_err()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shoal_discovery::{Candidate, Discovery, DiscoveryConfig, Source};
-use shoal_proto::{PROTOCOL_VERSION, limits, pb};
+use shoal_proto::{GroupRanges, PROTOCOL_VERSION, limits, pb};
 use shoal_store::{BlobKind, Hash, ImportMode, Store, StoreEvent};
 use shoal_transport::{
     Connection, Endpoint, EndpointConfig, PeerId, SecretKey, Ticket, TicketKind,
@@ -114,6 +114,10 @@ pub struct Node {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Requests told to subscribers that a slow one may fall behind by; it
+/// then misses some (they are hints).
+const FETCHING_BACKLOG: usize = 256;
+
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) endpoint: Endpoint,
@@ -121,6 +125,9 @@ pub(crate) struct Inner {
     pub(crate) config: NodeConfig,
     pub(crate) book: Mutex<PeerBook>,
     pub(crate) transfers: Mutex<HashMap<Hash, watch::Receiver<Progress>>>,
+    /// The groups this node's downloads have just asked peers for, told to
+    /// the peers subscribed to its have updates (`server::on_subscribe`).
+    pub(crate) fetching: tokio::sync::broadcast::Sender<(Hash, GroupRanges)>,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
     pub(crate) cancel: CancellationToken,
@@ -186,6 +193,7 @@ impl Node {
             config,
             book: Mutex::new(PeerBook::default()),
             transfers: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),

@@ -13,7 +13,9 @@
 //!   inside them are asked for.
 //! - Rarest first: a peer is given the wanted, unrequested block it holds
 //!   that the fewest known peers hold, ties broken pseudo-randomly (so that
-//!   downloaders hold different blocks and can trade); in sequential mode
+//!   downloaders hold different blocks and can trade), and among equally
+//!   rare blocks those no other downloader has said it is fetching
+//!   ([`Scheduler::handle_fetching`]) first; in sequential mode
 //!   (streaming to stdout) the lowest block first. The open blocks are
 //!   kept bucketed by availability (the crate's `picker` module), so a
 //!   pick and a pass cost what they look at, not the blob's size (a 1 TiB
@@ -187,6 +189,10 @@ pub struct Scheduler<P> {
     groups: u64,
     blocks: u64,
     have: FixedBitSet,
+    /// Blocks another downloader has said it is fetching: picked after
+    /// equally rare ones nobody is (a hint only; never cleared, as a block
+    /// someone fetched is soon held by more peers anyway).
+    fetching: FixedBitSet,
     have_count: u64,
     /// Missing groups per block.
     block_missing: Vec<u32>,
@@ -251,6 +257,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
             groups,
             blocks,
             have: FixedBitSet::with_capacity(groups as usize),
+            fetching: FixedBitSet::with_capacity(blocks as usize),
             have_count: 0,
             block_missing: (0..blocks)
                 .map(|b| Self::block_len(groups, b) as u32)
@@ -355,6 +362,21 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     /// `peer` holds the whole blob.
     pub fn handle_peer_complete(&mut self, peer: &P) {
         self.handle_have(peer, &GroupRanges::from_range(0..self.groups));
+    }
+
+    /// Another downloader is fetching `ranges` (from any peer). Until they
+    /// arrive there, the others cannot know of them; among equally rare
+    /// blocks, those are then picked last, so that two downloaders do not
+    /// ask a seeder for the same block at once. In the simulated swarm of
+    /// one seeder and eight downloaders with equal uploads, the seeder's
+    /// duplicate uploads fell from 9.4% to 3.1% of the file.
+    pub fn handle_fetching(&mut self, ranges: &GroupRanges) {
+        for r in ranges.runs() {
+            let end = r.end.min(self.groups).div_ceil(BLOCK_GROUPS);
+            let start = (r.start / BLOCK_GROUPS).min(end);
+            // Word by word: a peer may name the whole blob.
+            self.fetching.insert_range(start as usize..end as usize);
+        }
     }
 
     /// `peer` announced that it holds `ranges` (in addition to what it had).
@@ -724,12 +746,12 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         if p.held <= self.scan_below {
             return self.scan_fresh(p, examined);
         }
-        let key = |b: u64| mix(b ^ self.cfg.seed);
+        let key = |b: u64| self.tie_key(b);
         let mut walked = 0;
         // Blocks no peer holds (bucket 0) cannot be `p`'s.
         for bucket in self.picker.buckets_from(1) {
             let (head, tail) = bucket.split_at((tie % bucket.len() as u64) as usize);
-            let mut best: Option<(u64, u64)> = None;
+            let mut best: Option<(u64, (bool, u64))> = None;
             let mut found = 0;
             for &b in tail.iter().chain(head) {
                 if walked == self.walk_limit {
@@ -758,16 +780,22 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         None
     }
 
+    /// How equally rare blocks are ordered: those no other downloader is
+    /// fetching first, then this downloader's own pseudo-random order.
+    fn tie_key(&self, b: u64) -> (bool, u64) {
+        (self.fetching.contains(b as usize), mix(b ^ self.cfg.seed))
+    }
+
     /// [`Self::pick_fresh`] by a pass over the blocks `p` holds.
     fn scan_fresh(&self, p: &PeerState, examined: &mut u64) -> Option<u64> {
-        let mut best: Option<(u64, u32, u64)> = None;
+        let mut best: Option<(u64, u32, (bool, u64))> = None;
         for b in p.blocks.ones() {
             *examined += 1;
             let b = b as u64;
             if !self.is_open(b) {
                 continue;
             }
-            let key = (self.picker.avail(b as u32), mix(b ^ self.cfg.seed));
+            let key = (self.picker.avail(b as u32), self.tie_key(b));
             if best.is_none_or(|(_, a, t)| key < (a, t)) {
                 best = Some((b, key.0, key.1));
             }
@@ -1006,6 +1034,38 @@ mod tests {
     }
 
     #[test]
+    fn blocks_others_fetch_are_asked_for_after_equally_rare_ones() {
+        let now = t0();
+        // 16 blocks, one peer holding all: every block equally rare. Other
+        // downloaders are fetching all but blocks 5 and 11.
+        let mut s = Scheduler::new(
+            16 * BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig {
+                max_requests_per_peer: 2,
+                initial_request_blocks: 1,
+                ..Default::default()
+            },
+        );
+        s.handle_peer_added(1u32);
+        s.handle_peer_complete(&1);
+        let mut others = GroupRanges::from_range(0..16 * BLOCK_GROUPS);
+        for b in [5, 11] {
+            others = others.difference(&GroupRanges::from_range(
+                b * BLOCK_GROUPS..(b + 1) * BLOCK_GROUPS,
+            ));
+        }
+        s.handle_fetching(&others);
+        let asked = requested(&mut s, now)
+            .iter()
+            .fold(GroupRanges::new(), |a, r| a.union(r));
+        let expect = GroupRanges::from_range(5 * BLOCK_GROUPS..6 * BLOCK_GROUPS).union(
+            &GroupRanges::from_range(11 * BLOCK_GROUPS..12 * BLOCK_GROUPS),
+        );
+        assert_eq!(asked, expect);
+    }
+
+    #[test]
     fn resumes_without_asking_for_verified_groups() {
         let now = t0();
         let have = GroupRanges::from_range(0..100);
@@ -1208,6 +1268,8 @@ mod tests {
         uploaded: Vec<f64>,
         violations: usize,
         cancels: usize,
+        /// Whether downloaders tell each other what they fetch.
+        tell_fetching: bool,
     }
 
     impl Sim {
@@ -1245,6 +1307,7 @@ mod tests {
                 uploaded: vec![0.0; n],
                 violations: 0,
                 cancels: 0,
+                tell_fetching: true,
             }
         }
 
@@ -1252,11 +1315,17 @@ mod tests {
             let Some(s) = self.scheds[i].as_mut() else {
                 return;
             };
+            // Each request is told to the other downloaders, as the have
+            // updates of the real ones do.
+            let mut fetching = Vec::new();
             while let Some(a) = s.poll_action(now) {
                 match a {
                     Action::Request { peer, id, ranges } => {
                         if !ranges.difference(&self.holdings[peer]).is_empty() {
                             self.violations += 1;
+                        }
+                        if self.tell_fetching {
+                            fetching.push(ranges.clone());
                         }
                         let bytes = (ranges.count() * GROUP_SIZE) as f64;
                         self.inflight.push((i, id, peer, ranges, bytes));
@@ -1266,6 +1335,15 @@ mod tests {
                         self.inflight.retain(|r| !(r.0 == i && r.1 == id));
                     }
                     Action::DropPeer { .. } => {}
+                }
+            }
+            for r in fetching {
+                for (j, t) in self.scheds.iter_mut().enumerate() {
+                    if let Some(t) = t.as_mut()
+                        && j != i
+                    {
+                        t.handle_fetching(&r);
+                    }
                 }
             }
         }
@@ -1323,11 +1401,10 @@ mod tests {
 
     /// The shape of bench S3 (one seeder and eight downloaders, every
     /// upload the same): the seeder's upload is the bound, so what it
-    /// sends twice is what the swarm loses. In this simulation (no
-    /// latency) it sent 1.09 copies and took 1.10 of the bound when this
-    /// test was written; the lab's figures are in BENCHMARKS.md.
-    #[test]
-    fn a_seeder_bound_swarm_gets_most_blocks_from_the_seeder_once() {
+    /// sends twice is what the swarm loses. Returns the seeder's copies
+    /// and the time over the bound (one copy at the seeder's rate; eight
+    /// copies over the upload of all nine peers is less).
+    fn seeder_bound_swarm(tell_fetching: bool) -> (f64, f64) {
         let groups = 8192; // 128 MiB
         let mut rates = vec![6e6];
         rates.extend((0..8).map(|_| 6e6));
@@ -1335,19 +1412,29 @@ mod tests {
             seed: i as u64,
             ..Default::default()
         });
+        sim.tell_fetching = tell_fetching;
         let took = sim.run(Duration::from_millis(10), Duration::from_secs(3600));
         assert_eq!(sim.violations, 0);
         for h in &sim.holdings {
             assert_eq!(h.count(), groups);
         }
         let file = (groups * GROUP_SIZE) as f64;
-        let copies = sim.uploaded[0] / file;
-        // The bound: one copy at the seeder's rate (8 copies over the
-        // total upload of 9 peers is less).
-        let bound = file / 6e6;
-        let ratio = took.as_secs_f64() / bound;
-        assert!(copies < 1.15, "the seeder sent {copies:.3} copies");
-        assert!(ratio < 1.2, "took {ratio:.3} of the bound");
+        (sim.uploaded[0] / file, took.as_secs_f64() / (file / 6e6))
+    }
+
+    /// Told what the others fetch, the downloaders ask the seeder for
+    /// different blocks: when this was written, 1.031 copies and 1.037 of
+    /// the bound, against 1.094 and 1.095 untold.
+    #[test]
+    fn a_seeder_bound_swarm_gets_most_blocks_from_the_seeder_once() {
+        let (copies, ratio) = seeder_bound_swarm(true);
+        let (untold_copies, untold_ratio) = seeder_bound_swarm(false);
+        assert!(copies < 1.06, "the seeder sent {copies:.3} copies");
+        assert!(ratio < 1.08, "took {ratio:.3} of the bound");
+        assert!(
+            copies < untold_copies && ratio < untold_ratio,
+            "told {copies:.3} copies, {ratio:.3} of the bound; untold {untold_copies:.3}, {untold_ratio:.3}"
+        );
     }
 
     #[test]

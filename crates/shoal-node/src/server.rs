@@ -415,6 +415,7 @@ async fn on_subscribe(
     // Subscribe to the store before reading the current state, so that no
     // group verified in between is missed.
     let mut events = node.store.subscribe();
+    let mut fetching = node.fetching.subscribe();
     reply(
         send,
         &pb::Response {
@@ -430,7 +431,7 @@ async fn on_subscribe(
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(StoreEvent::Verified { hash, groups, size }) if hashes.contains(&hash) => {
-                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb()), complete: false };
+                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb()), complete: false, fetching: None };
                     write_frame(send, &up).await?;
                 }
                 Ok(StoreEvent::Complete { hash }) if hashes.contains(&hash) => send_full_state(node, send, &hash).await?,
@@ -440,6 +441,15 @@ async fn on_subscribe(
                         send_full_state(node, send, hash).await?;
                     }
                 }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            f = fetching.recv() => match f {
+                Ok((hash, groups)) if hashes.contains(&hash) => {
+                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size: 0, added: None, complete: false, fetching: Some(groups.to_pb()) };
+                    write_frame(send, &up).await?;
+                }
+                // Hints: one missed, or none to come, changes nothing.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             },
             // The subscriber closes its side (or the stream dies) to stop.
@@ -464,6 +474,7 @@ async fn send_full_state(
         size: info.size,
         added: (!info.complete).then(|| info.verified.to_pb()),
         complete: info.complete,
+        fetching: None,
     };
     write_frame(send, &up).await
 }
