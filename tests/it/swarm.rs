@@ -485,3 +485,88 @@ fn demo_swarms_and_verifies() {
         "downloaders sent each other {peers} bytes: {out}"
     );
 }
+
+/// A downloading node tells the peers subscribed to its have updates which
+/// groups it has just asked for (`HaveUpdate.fetching`), so that other
+/// downloaders ask their sources for other groups first. Here the
+/// subscriber is a scripted peer.
+#[test]
+fn a_downloading_node_tells_its_subscribers_what_it_fetches() {
+    use shoal_node::wire::{read_frame, write_frame};
+    use shoal_proto::{GroupRanges, Limit, pb};
+    use shoal_transport::PeerId;
+
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    let size = 4 * 1024 * 1024;
+    write(&input, &data(size, 31));
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+
+    let d = Dir::new();
+    let node = d.serve(&[]);
+    let id: PeerId = node.peer_id.parse().expect("peer id");
+    let addr: std::net::SocketAddr = node.addrs[0].parse().expect("addr");
+    let hash_bytes = blake3::Hash::from_hex(&hash)
+        .expect("hex")
+        .as_bytes()
+        .to_vec();
+
+    let rt = crate::hostile::runtime();
+    // Subscribe before the node holds any of the blob.
+    let (_ep, _send, mut recv) = rt.block_on(async {
+        let ep = crate::hostile::endpoint().await;
+        let conn = ep.connect(addr, Some(id)).await.expect("dialing the node");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let sub = pb::Request {
+            kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
+                hashes: vec![hash_bytes.clone().into()],
+            })),
+        };
+        write_frame(&mut send, &sub).await.expect("subscribing");
+        let r: pb::Response = read_frame(&mut recv, Limit::Response)
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(r.kind, Some(pb::response::Kind::Subscribe(_))),
+            "{r:?}"
+        );
+        (ep, send, recv)
+    });
+
+    // The download, through the node's control socket.
+    let out = d.path().join("got.bin");
+    let getter = std::thread::spawn(move || {
+        d.ok(&[
+            "get",
+            &t,
+            "-o",
+            out.to_str().expect("utf-8"),
+            NET[0],
+            NET[1],
+        ]);
+        d
+    });
+    let groups = (size as u64).div_ceil(16 * 1024);
+    let fetching = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let up: pb::HaveUpdate = read_frame(&mut recv, Limit::HaveUpdate)
+                    .await
+                    .expect("a have update");
+                assert_eq!(up.hash.as_ref(), hash_bytes.as_slice());
+                let f = GroupRanges::from_opt_pb(up.fetching.as_ref()).expect("ranges");
+                if !f.is_empty() {
+                    break f;
+                }
+            }
+        })
+        .await
+        .expect("no update said what the node fetches")
+    });
+    assert!(fetching.iter().all(|g| g < groups), "{fetching:?}");
+    let d = getter.join().expect("the get");
+    assert_eq!(b3sum(&d.path().join("got.bin")), hash);
+    drop(node);
+}
