@@ -761,8 +761,9 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 *examined += 1;
                 let b = u64::from(b);
                 if p.blocks.contains(b as usize) {
-                    if best.is_none_or(|(_, k)| key(b) < k) {
-                        best = Some((b, key(b)));
+                    let k = key(b);
+                    if best.is_none_or(|(_, best_k)| k < best_k) {
+                        best = Some((b, k));
                     }
                     found += 1;
                     if found == self.sample {
