@@ -56,6 +56,17 @@ fn add_ls_rm_gc_verify() {
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains(&hashes[1]), "{stderr}");
+    // ls says so too, and what to do about it.
+    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
+    assert_eq!(ls["corrupt"], true, "{ls}");
+    let o = d.run(&["ls"], Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let row = stdout.lines().find(|l| l.starts_with(&hashes[1])).unwrap();
+    assert!(row.contains(" corrupt "), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("1 blob(s) not served"),
+        "{o:?}"
+    );
 }
 
 #[test]
@@ -70,6 +81,26 @@ fn commands_go_through_a_running_node() {
     let hash = out.split_whitespace().next().unwrap().to_string();
     assert!(d.ok(&["ls"]).contains(&hash));
     assert!(d.ok(&["verify"]).contains("ok"));
+    // The file in place touched: listed as changed (not served) until
+    // verify finds its bytes unchanged.
+    let file = std::fs::File::options().write(true).open(&f).unwrap();
+    file.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(file);
+    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
+    assert_eq!(
+        (&ls["changed"], &ls["corrupt"]),
+        (&true.into(), &false.into()),
+        "{ls}"
+    );
+    assert!(d.ok(&["ls"]).contains(" changed "));
+    assert!(d.ok(&["verify"]).contains(&format!("{hash}  ok")));
+    let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
+    assert_eq!(
+        (&ls["changed"], &ls["complete"]),
+        (&false.into(), &true.into()),
+        "{ls}"
+    );
     let t = d.ok(&["ticket", &hash]);
     assert!(t.starts_with("shoal"));
     let status: serde_json::Value =

@@ -361,7 +361,7 @@ async fn run(cli: Cli) -> Result<()> {
                 let items: Vec<pb::StoreItem> = store
                     .list()
                     .into_iter()
-                    .map(output::item_from_info)
+                    .map(|b| shoal_node::control::store_item(&store, b))
                     .collect();
                 out.list(&items)?;
             }

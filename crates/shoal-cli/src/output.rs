@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde_json::json;
 use shoal_node::{FetchReport, Hash, Node, Progress};
 use shoal_proto::pb;
-use shoal_store::{BlobInfo, BlobKind};
+use shoal_store::BlobKind;
 
 pub(crate) struct Out {
     pub(crate) json: bool,
@@ -50,26 +50,6 @@ fn hex(b: &[u8]) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-pub(crate) fn item_from_info(b: BlobInfo) -> pb::StoreItem {
-    pb::StoreItem {
-        hash: b.hash.as_bytes().to_vec().into(),
-        size: b.size,
-        complete: b.complete,
-        verified: if b.complete {
-            b.size
-        } else {
-            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
-        },
-        kind: if b.kind == BlobKind::Collection {
-            pb::BlobKind::Collection as i32
-        } else {
-            pb::BlobKind::Raw as i32
-        },
-        name: b.name,
-        pinned: b.pinned,
-    }
-}
-
 impl Out {
     pub(crate) fn new(json: bool) -> Self {
         Out { json }
@@ -99,6 +79,7 @@ impl Out {
                     &json!({
                         "hash": hex(&i.hash), "size": i.size, "complete": i.complete, "verified": i.verified,
                         "kind": kind_name(i.kind), "name": i.name, "pinned": i.pinned,
+                        "corrupt": i.corrupt, "changed": i.changed,
                     })
                     .to_string(),
                 )?;
@@ -114,7 +95,12 @@ impl Out {
             "HASH", "SIZE", "STATE", "KIND"
         ))?;
         for i in items {
-            let state = if i.complete {
+            // Not served, whatever it holds: say so first.
+            let state = if i.corrupt {
+                "corrupt".to_string()
+            } else if i.changed {
+                "changed".to_string()
+            } else if i.complete {
                 "complete".to_string()
             } else {
                 format!(
@@ -135,6 +121,13 @@ impl Out {
                 kind_name(i.kind),
                 i.name
             ))?;
+        }
+        let unserved = items.iter().filter(|i| i.corrupt || i.changed).count();
+        if unserved > 0 {
+            eprintln!(
+                "{unserved} blob(s) not served: `shoal verify HASH` re-hashes one (a file in place that was \
+                 only touched is served again); `shoal add PATH` shares a file's new content"
+            );
         }
         Ok(())
     }
@@ -262,10 +255,11 @@ impl Out {
             )
         } else {
             eprintln!(
-                "fetched {} ({}, {} files) in {secs:.2}s, {}/s",
+                "fetched {} ({}, {} file{}) in {secs:.2}s, {}/s",
                 r.hash,
                 human(r.bytes),
                 r.files,
+                if r.files == 1 { "" } else { "s" },
                 human((r.bytes as f64 / secs) as u64)
             );
             Ok(())

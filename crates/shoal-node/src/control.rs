@@ -96,6 +96,27 @@ pub(crate) fn kind_to_pb(k: BlobKind) -> i32 {
     }
 }
 
+/// One blob as `shoal ls` lists it, whether it comes from a running node
+/// or from the store opened directly. Costs a `stat` for a file in place
+/// (to tell whether it changed since it was added).
+pub fn store_item(store: &shoal_store::Store, b: shoal_store::BlobInfo) -> pb::StoreItem {
+    pb::StoreItem {
+        hash: b.hash.as_bytes().to_vec().into(),
+        size: b.size,
+        complete: b.complete,
+        verified: if b.complete {
+            b.size
+        } else {
+            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
+        },
+        kind: kind_to_pb(b.kind),
+        changed: !b.corrupt && store.source_changed(&b.hash),
+        corrupt: b.corrupt,
+        name: b.name,
+        pinned: b.pinned,
+    }
+}
+
 fn kind_from_pb(k: i32) -> BlobKind {
     if k == pb::BlobKind::Collection as i32 {
         BlobKind::Collection
@@ -130,20 +151,9 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 }
             }
             Req::List(_) => {
-                for b in node.store().list() {
-                    let item = pb::StoreItem {
-                        hash: b.hash.as_bytes().to_vec().into(),
-                        size: b.size,
-                        complete: b.complete,
-                        verified: if b.complete {
-                            b.size
-                        } else {
-                            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
-                        },
-                        kind: kind_to_pb(b.kind),
-                        name: b.name.clone(),
-                        pinned: b.pinned,
-                    };
+                let store = node.store();
+                for b in store.list() {
+                    let item = store_item(store, b);
                     write_frame(&mut stream, &resp(Resp::Item(item))).await?;
                 }
             }

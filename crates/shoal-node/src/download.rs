@@ -493,7 +493,7 @@ pub(crate) async fn fetch_blob(
                 Ev::Probe { peer, result } => {
                     probe = None;
                     match result {
-                        Ok(_) => {
+                        Ok(sent) => {
                             // A proven size can still be absurd (a blob of
                             // zeros has a cheap hash at any size): refuse
                             // before the scheduler sizes its tables by it.
@@ -516,7 +516,13 @@ pub(crate) async fn fetch_blob(
                                     last_progress = Instant::now();
                                 }
                                 None => {
-                                    warn!(%peer, "peer did not prove the size it claimed: dropped");
+                                    if sent.is_empty() {
+                                        // It said it held the blob, then answered "not here"
+                                        // (an older peer whose copy went corrupt or changed).
+                                        warn!(%peer, "peer claimed the blob but would not serve its last group: dropped");
+                                    } else {
+                                        warn!(%peer, "peer did not prove the size it claimed: dropped");
+                                    }
                                     banned.insert(peer);
                                     peers.remove(&peer);
                                 }

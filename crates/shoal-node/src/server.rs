@@ -201,6 +201,12 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
     if let Some(info) = node.store.info(hash) {
         a.size = info.size;
         a.kind = crate::control::kind_to_pb(info.kind);
+        // Claim only what a get would be answered with now: not a blob
+        // marked corrupt, nor one whose file in place changed (a peer told
+        // "complete" and then answered "not here" would drop us as a liar).
+        if !node.store.can_serve(hash) {
+            return a;
+        }
         if info.complete {
             a.have = Some(Have::Complete(true));
         } else if !info.verified.is_empty() {
@@ -466,7 +472,7 @@ async fn send_full_state(
     send: &mut SendStream,
     hash: &Hash,
 ) -> Result<(), WireError> {
-    let Some(info) = node.store.info(hash) else {
+    let Some(info) = node.store.info(hash).filter(|_| node.store.can_serve(hash)) else {
         return Ok(());
     };
     let up = pb::HaveUpdate {

@@ -310,3 +310,86 @@ async fn get_blobs_sends_small_complete_blobs_whole_and_marks_the_rest() {
     assert_eq!(error_code(&r), Some(pb::ErrorCode::BadRequest));
     node.shutdown().await;
 }
+
+/// What a Who answer says `hash` is held as.
+async fn who_says(conn: &Connection, hash: &blake3::Hash) -> pb::availability::Have {
+    let r = ask(
+        conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Who(pb::Who {
+                hashes: vec![hash.as_bytes().to_vec().into()],
+            })),
+        },
+    )
+    .await;
+    let Some(pb::response::Kind::Who(w)) = r.kind else {
+        panic!("unexpected answer {r:?}");
+    };
+    w.entries[0].have.clone().unwrap()
+}
+
+#[tokio::test]
+async fn a_file_in_place_that_changed_is_not_claimed_until_verified_again() {
+    use pb::availability::Have;
+    let (node, _ep, conn) = node_and_client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.bin");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let (hash, _) = node
+        .add_path(&path, shoal_node::ImportMode::InPlace)
+        .await
+        .unwrap();
+    assert_eq!(who_says(&conn, &hash).await, Have::Complete(true));
+
+    // Touched (same bytes, a new modification time): not claimed, not
+    // served, and not listed as servable, until verified again.
+    let f = std::fs::File::options().write(true).open(&path).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    assert_eq!(who_says(&conn, &hash).await, Have::Nothing(true));
+    assert!(node.store().source_changed(&hash));
+    assert!(!node.store().can_serve(&hash));
+    let get = ask(
+        &conn,
+        pb::Request {
+            kind: Some(pb::request::Kind::Get(pb::Get {
+                hash: hash.as_bytes().to_vec().into(),
+                ranges: Some(GroupRanges::from_range(0..1).to_pb()),
+            })),
+        },
+    )
+    .await;
+    assert_eq!(error_code(&get), Some(pb::ErrorCode::NotFound));
+    // A subscriber is told nothing about it either.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let sub = pb::Request {
+        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
+            hashes: vec![hash.as_bytes().to_vec().into()],
+        })),
+    };
+    write_frame(&mut send, &sub).await.unwrap();
+    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
+    assert!(matches!(r.kind, Some(pb::response::Kind::Subscribe(_))));
+    let update = tokio::time::timeout(
+        Duration::from_millis(300),
+        read_frame::<pb::HaveUpdate, _>(&mut recv, Limit::HaveUpdate),
+    )
+    .await;
+    assert!(update.is_err(), "a subscriber was told {update:?}");
+
+    // Verified: the bytes still match, so it is served again.
+    assert!(node.store().verify(&hash).unwrap());
+    assert!(!node.store().source_changed(&hash));
+    assert_eq!(who_says(&conn, &hash).await, Have::Complete(true));
+
+    // Its content changed: verify marks it corrupt; still not claimed.
+    let mut changed = data.clone();
+    changed[100] ^= 1;
+    std::fs::write(&path, &changed).unwrap();
+    assert!(!node.store().verify(&hash).unwrap());
+    assert!(node.store().info(&hash).unwrap().corrupt);
+    assert_eq!(who_says(&conn, &hash).await, Have::Nothing(true));
+    node.shutdown().await;
+}

@@ -64,7 +64,10 @@
 //!   [`Store::read_whole_many`], [`Store::forget_vanished`],
 //!   [`Store::presence`], [`Store::reserve`], [`Store::set_served_cache`]
 //!   and [`Store::served_cache_usage`] were added for collections of many
-//!   small files; [`Store::served_cache_budget`] for `shoal status`.
+//!   small files; [`Store::served_cache_budget`] for `shoal status`;
+//!   [`Store::can_serve`], [`Store::source_changed`] and
+//!   [`BlobInfo::corrupt`] so that what a node claims and lists agrees
+//!   with what it serves.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
@@ -123,6 +126,10 @@ pub struct BlobInfo {
     pub name: String,
     /// Whether gc must keep it.
     pub pinned: bool,
+    /// Marked corrupt: its data failed a check (when served, exported or
+    /// verified), or its file in place vanished. It is not served or
+    /// exported until [`Store::verify`] finds it whole again.
+    pub corrupt: bool,
 }
 
 /// Announcements for subscribers (have updates, progress).

@@ -678,6 +678,8 @@ impl Store {
             .iter()
             .map(|h| match st.get(h) {
                 None => Presence::Absent,
+                // Never served (a request for it would find it absent).
+                Some(b) if b.corrupt => Presence::Absent,
                 Some(b) if b.partial.is_some() => Presence::Partial,
                 Some(b) => Presence::Complete(b.size.unwrap_or(0)),
             })
@@ -934,6 +936,33 @@ impl Store {
             .intersection(&verified)
             .intersection(&all_groups(size));
         Some((size, have))
+    }
+
+    /// Whether this store would serve any of `hash` now: it holds it, not
+    /// marked corrupt, its size known, and its file in place (if it is
+    /// one) unchanged since it was added. What a peer is told it holds
+    /// must agree with what a request for it is answered with.
+    pub fn can_serve(&self, hash: &blake3::Hash) -> bool {
+        self.available(hash, &GroupRanges::new()).is_some()
+    }
+
+    /// Whether `hash` is referenced in place and its file changed (size,
+    /// modification time or inode) or vanished since it was added: then
+    /// it is not served. [`Store::verify`] accepts a file that was only
+    /// touched again; one whose content changed is marked corrupt. One
+    /// `stat` for a file in place; false for anything else.
+    pub fn source_changed(&self, hash: &blake3::Hash) -> bool {
+        let check = {
+            let st = lock(&self.inner.state);
+            match st.get(hash).map(|b| &b.data) {
+                Some(DataRef::File {
+                    path,
+                    stamp: Some(s),
+                }) => Some((path.clone(), *s)),
+                _ => None,
+            }
+        };
+        check.is_some_and(|(path, stamp)| !stamp_matches(&path, stamp))
     }
 
     /// Write the verified stream (8-byte little-endian size, then bao-tree
@@ -1487,6 +1516,7 @@ fn info_of(hash: &blake3::Hash, b: &Blob) -> BlobInfo {
         kind: b.kind,
         name: b.name.clone(),
         pinned: b.pinned,
+        corrupt: b.corrupt,
     }
 }
 

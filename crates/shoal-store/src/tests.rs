@@ -515,6 +515,15 @@ fn flipped_byte_on_disk_is_reported_and_not_served() {
     // Nothing from the bad group (12) was sent.
     assert!(out.len() < 8 + 12 * GROUP_SIZE as usize + 64 * 20);
     assert!(store.available(&hash, &all).is_none());
+    // Marked: listed as corrupt, not claimed to peers asking for blobs
+    // whole, not servable; not a changed file in place (it is owned).
+    assert!(store.info(&hash).unwrap().corrupt);
+    assert!(!store.can_serve(&hash));
+    assert!(!store.source_changed(&hash));
+    assert!(matches!(
+        store.presence(&[hash])[..],
+        [crate::Presence::Absent]
+    ));
     assert!(!store.verify(&hash).unwrap());
     assert_eq!(
         store.verify_all().unwrap(),
@@ -540,11 +549,15 @@ fn in_place_file_changed_after_import_is_not_served() {
     );
     let all = GroupRanges::from_range(0..group_count(d.len() as u64));
     assert!(store.available(&hash, &all).is_some());
+    assert!(store.can_serve(&hash) && !store.source_changed(&hash));
     std::thread::sleep(std::time::Duration::from_millis(20));
     let mut changed = d.clone();
     changed[5] ^= 1;
     fs::write(&path, &changed).unwrap();
     assert!(store.available(&hash, &all).is_none());
+    assert!(!store.can_serve(&hash) && store.source_changed(&hash));
+    // Changed is not corrupt (yet): nothing has read the new bytes.
+    assert!(!store.info(&hash).unwrap().corrupt);
     let err = rt()
         .block_on(store.send_ranges(&hash, &all, Vec::new()))
         .unwrap_err();
