@@ -40,6 +40,11 @@ const PEX_INTERVAL: Duration = Duration::from_secs(3);
 const MAX_DIALS: usize = 16;
 /// Peers used at once for one blob.
 const MAX_PEERS: usize = 64;
+/// Addresses a download remembers to dial again (see [`Known`]).
+const MAX_KNOWN: usize = 256;
+/// The shortest time between two dials of one remembered address, on top
+/// of the address book's backoff after failures (which starts at 1 s).
+const REDIAL_MIN: Duration = Duration::from_secs(2);
 /// The largest blob a download accepts (1 TiB): the scheduler's tables grow
 /// with the size, ~18 bytes per 128 KiB block (~150 MiB at 1 TiB: missing
 /// groups, requests, the picker's order, positions and holder counts) plus
@@ -108,6 +113,30 @@ struct PeerSlot {
     have: GroupRanges,
     complete: bool,
     sub: Option<JoinHandle<()>>,
+}
+
+/// An address this download was given or found. One that could not be
+/// reached, or whose peer left, is dialled again (with the address book's
+/// backoff) for as long as the download waits: a seeder that restarts, or
+/// that was not up yet, is picked up again instead of the download
+/// failing once the stall timeout passes.
+struct Known {
+    cand: Candidate,
+    /// The peer it led to, once one answered there.
+    peer: Option<PeerId>,
+    /// Not dialled again before this.
+    next: Instant,
+}
+
+/// Remember `c` to dial again later (up to [`MAX_KNOWN`] addresses).
+fn remember(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: Instant) {
+    if known.len() < MAX_KNOWN || known.contains_key(&c.addr) {
+        known.entry(c.addr).or_insert_with(|| Known {
+            cand: c.clone(),
+            peer: c.id,
+            next: now + REDIAL_MIN,
+        });
+    }
 }
 
 struct Running {
@@ -252,6 +281,7 @@ pub(crate) async fn fetch_blob(
     ));
     let mut dialing: HashSet<SocketAddr> = HashSet::new();
     let mut queued: Vec<Candidate> = Vec::new();
+    let mut known: HashMap<SocketAddr, Known> = HashMap::new();
     let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
     let mut banned: HashSet<PeerId> = HashSet::new();
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
@@ -397,6 +427,7 @@ pub(crate) async fn fetch_blob(
             c = candidates.recv(), if candidates_open => match c {
                 Some(c) => {
                     debug!(addr = %c.addr, source = ?c.source, "candidate");
+                    remember(&mut known, &c, Instant::now());
                     if !queued.contains(&c) { queued.push(c) }
                 }
                 None => candidates_open = false,
@@ -405,6 +436,9 @@ pub(crate) async fn fetch_blob(
                 Ev::PeerUp { peer, conn, avail, addr } => {
                     dialing.remove(&addr);
                     book.record_success(addr);
+                    if let Some(k) = known.get_mut(&addr) {
+                        k.peer = Some(peer);
+                    }
                     if banned.contains(&peer) || peers.contains_key(&peer) {
                         continue;
                     }
@@ -482,9 +516,16 @@ pub(crate) async fn fetch_blob(
                                 ReqError::Failed(msg) => {
                                     debug!(%peer, "request failed: {msg}");
                                     s.handle_request_failed(id, Failure::Error);
+                                    // Its connection is gone: forget it here and in the
+                                    // scheduler (which would otherwise count its requests
+                                    // as strikes and drop it for good); its address is
+                                    // dialled again.
                                     if peers.get(&peer).is_some_and(|p| p.conn.is_closed())
                                         && let Some(slot) = peers.remove(&peer)
-                                            && let Some(t) = slot.sub { t.abort() }
+                                    {
+                                        s.handle_peer_removed(&peer);
+                                        if let Some(t) = slot.sub { t.abort() }
+                                    }
                                 }
                             }
                         }
@@ -528,21 +569,44 @@ pub(crate) async fn fetch_blob(
                                 }
                             }
                         }
-                        Err(e) => {
-                            warn!(%peer, "could not prove the size: {e:?}; dropped");
+                        Err(ReqError::Local(e)) => break Err(NodeError::Store(e)),
+                        Err(ReqError::Corrupt(msg)) => {
+                            warn!(%peer, "could not prove the size: {msg}; dropped");
                             banned.insert(peer);
+                            if let Some(slot) = peers.remove(&peer) && let Some(t) = slot.sub { t.abort() }
+                        }
+                        Err(ReqError::Failed(msg)) => {
+                            // A connection that went, a timeout: not a lie. The
+                            // peer may be asked again (its address is redialled).
+                            debug!(%peer, "could not prove the size: {msg}");
                             if let Some(slot) = peers.remove(&peer) && let Some(t) = slot.sub { t.abort() }
                         }
                     }
                 }
                 Ev::More(list) => {
                     for c in list {
+                        remember(&mut known, &c, Instant::now());
                         if !queued.contains(&c) { queued.push(c) }
                     }
                 }
             },
             _ = tick.tick() => {
                 let now = Instant::now();
+                // Dial again the remembered addresses that have no peer in
+                // use, are not being dialled, and are past their backoff.
+                for (addr, k) in &mut known {
+                    if now < k.next
+                        || dialing.contains(addr)
+                        || k.peer.is_some_and(|p| peers.contains_key(&p) || banned.contains(&p))
+                        || peers.values().any(|p| p.addr == *addr)
+                        || queued.iter().any(|c| c.addr == *addr)
+                        || !book.should_dial(*addr, now)
+                    {
+                        continue;
+                    }
+                    k.next = now + REDIAL_MIN;
+                    queued.push(k.cand.clone());
+                }
                 if let Some(s) = sched.as_mut() {
                     for (id, r) in running.iter_mut() {
                         let b = r.bytes.load(Ordering::Relaxed);

@@ -1,0 +1,149 @@
+//! A download outlives its seeder going away for a while: the address it
+//! was given is dialled again (with backoff) until the stall timeout, so a
+//! seeder that restarts, or that is not up at the first dial, is used.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig, PeerAddr};
+
+fn seeder_config(dir: &Path, listen: SocketAddr, upload_limit: Option<u64>) -> NodeConfig {
+    NodeConfig {
+        data_dir: Some(dir.to_path_buf()),
+        listen: vec![listen],
+        upload_limit,
+        control_socket: false,
+        ..NodeConfig::default()
+    }
+}
+
+fn downloader() -> NodeConfig {
+    NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        stall_timeout: Duration::from_secs(40),
+        ..NodeConfig::default()
+    }
+}
+
+fn content(len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while v.len() < len {
+        v.extend_from_slice(blake3::hash(&i.to_le_bytes()).as_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_goes_on_after_its_only_seeder_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(12 << 20);
+    // Slow enough that the restart falls in the middle of the download.
+    let s = Node::spawn(seeder_config(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        Some(3 << 20),
+    ))
+    .await
+    .unwrap();
+    let addr = s.addrs()[0];
+    let hash = s.add_bytes(data.clone(), "x").await.unwrap();
+    let ticket = s.ticket(&hash).unwrap();
+    let d = Node::spawn(downloader()).await.unwrap();
+    let fetch = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            d.fetch(FetchRequest::from_ticket(&ticket, FetchOutput::Store), None)
+                .await
+        })
+    };
+    // Some of it arrives; then the seeder goes away.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while d
+            .store()
+            .info(&hash)
+            .is_none_or(|i| i.verified.count() < 16)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no progress from the seeder");
+    s.shutdown().await;
+    drop(s);
+    let before = d.store().info(&hash).unwrap();
+    assert!(!before.complete, "finished before the seeder went away");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The same node (data dir, identity, port) comes back.
+    let s = Node::spawn(seeder_config(dir.path(), addr, None))
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("the download did not finish after the seeder came back")
+        .unwrap()
+        .expect("the download failed");
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(300_000);
+    // Another node holds the port first: dialling the seeder's id there
+    // fails at once (wrong key), as a dial to a node not up yet would.
+    let other = Node::spawn(downloader()).await.unwrap();
+    let addr = other.addrs()[0];
+    let seeder_id = {
+        let s = Node::spawn(seeder_config(
+            dir.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+        ))
+        .await
+        .unwrap();
+        let id = s.peer_id();
+        s.add_bytes(data.clone(), "late").await.unwrap();
+        s.shutdown().await;
+        id
+    };
+    let hash = blake3::hash(&data);
+    let d = Node::spawn(downloader()).await.unwrap();
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: vec![PeerAddr {
+            id: Some(seeder_id),
+            addr,
+        }],
+        out: FetchOutput::Store,
+    };
+    let fetch = {
+        let d = d.clone();
+        tokio::spawn(async move { d.fetch(req, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.shutdown().await;
+    drop(other);
+    let s = Node::spawn(seeder_config(dir.path(), addr, None))
+        .await
+        .unwrap();
+    assert_eq!(s.peer_id(), seeder_id);
+    let report = tokio::time::timeout(Duration::from_secs(30), fetch)
+        .await
+        .expect("the seeder was not dialled again")
+        .unwrap()
+        .expect("the download failed");
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    s.shutdown().await;
+    d.shutdown().await;
+}
