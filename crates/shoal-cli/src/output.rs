@@ -237,9 +237,10 @@ impl Out {
                 100.0 * t.verified as f64 / t.total as f64
             };
             line(&format!(
-                "transfer    {}  {pct:.0}%  {} peers  {}/s",
+                "transfer    {}  {pct:.0}%  {} peer{}  {}/s",
                 hex(&t.hash),
                 t.peers,
+                if t.peers == 1 { "" } else { "s" },
                 human(t.rate)
             ))?;
         }

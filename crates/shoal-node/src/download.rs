@@ -24,7 +24,7 @@ use shoal_transport::{Connection, PeerId, RecvStream};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::Progress;
 use crate::error::NodeError;
@@ -467,7 +467,14 @@ pub(crate) async fn fetch_blob(
                 Ev::DialFailed { addr, err } => {
                     dialing.remove(&addr);
                     book.record_failure(addr, Instant::now());
-                    debug!(%addr, "could not use candidate: {err}");
+                    // Say it once per address given up front (a ticket's,
+                    // --peer): the user named it. Discovered ones are many.
+                    let named = known.get(&addr).is_some_and(|k| k.cand.source == Source::Static);
+                    if named && book.failures(addr) == 1 {
+                        info!(%addr, "{err}; dialling it again while the download waits (up to {stall:?} without progress)");
+                    } else {
+                        debug!(%addr, "could not use candidate: {err}");
+                    }
                 }
                 Ev::Have { peer, size, added, complete, fetching } => {
                     if let Some(s) = sched.as_mut() && !fetching.is_empty() {
