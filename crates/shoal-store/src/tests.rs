@@ -520,10 +520,7 @@ fn flipped_byte_on_disk_is_reported_and_not_served() {
     assert!(store.info(&hash).unwrap().corrupt);
     assert!(!store.can_serve(&hash));
     assert!(!store.source_changed(&hash));
-    assert!(matches!(
-        store.presence(&[hash])[..],
-        [crate::Presence::Absent]
-    ));
+    assert!(matches!(store.presence(&[hash])[..], [Presence::Absent]));
     assert!(!store.verify(&hash).unwrap());
     assert_eq!(
         store.verify_all().unwrap(),
