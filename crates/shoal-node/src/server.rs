@@ -440,7 +440,7 @@ async fn on_subscribe(
                     let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb()), complete: false, fetching: None };
                     write_frame(send, &up).await?;
                 }
-                Ok(StoreEvent::Complete { hash }) if hashes.contains(&hash) => send_full_state(node, send, &hash).await?,
+                Ok(StoreEvent::Complete { hash } | StoreEvent::Added { hash }) if hashes.contains(&hash) => send_full_state(node, send, &hash).await?,
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     for hash in &hashes {

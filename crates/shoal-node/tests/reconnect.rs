@@ -1,6 +1,7 @@
-//! A download outlives its seeder going away for a while: the address it
-//! was given is dialled again (with backoff) until the stall timeout, so a
-//! seeder that restarts, or that is not up at the first dial, is used.
+//! A download waits for what it cannot have yet, up to its stall timeout:
+//! the address it was given is dialled again (with backoff), so a seeder
+//! that restarts, or that is not up at the first dial, is used; and a
+//! connected peer that adds the blob later says so to the downloader.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
@@ -140,6 +141,49 @@ async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
     let report = tokio::time::timeout(Duration::from_secs(30), fetch)
         .await
         .expect("the seeder was not dialled again")
+        .unwrap()
+        .expect("the download failed");
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
+    // The peer is connected and holds nothing yet; when its user adds the
+    // file, the have subscription says so and the download goes on.
+    let s = Node::spawn(downloader()).await.unwrap();
+    let data = content(500_000);
+    let hash = blake3::hash(&data);
+    let d = Node::spawn(downloader()).await.unwrap();
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: vec![PeerAddr {
+            id: Some(s.peer_id()),
+            addr: s.addrs()[0],
+        }],
+        out: FetchOutput::Store,
+    };
+    let fetch = {
+        let d = d.clone();
+        tokio::spawn(async move { d.fetch(req, None).await })
+    };
+    // Connected, asked, told "nothing" (the peer is listed, no bytes yet).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while d.peers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the downloader never connected");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!fetch.is_finished());
+    s.add_bytes(data.clone(), "later").await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), fetch)
+        .await
+        .expect("the download never learnt that the peer added it")
         .unwrap()
         .expect("the download failed");
     assert_eq!(report.bytes, data.len() as u64);

@@ -150,4 +150,12 @@ pub enum StoreEvent {
         /// The blob.
         hash: Hash,
     },
+    /// `hash` was imported (added here, not downloaded): complete, and new
+    /// to the store. Subscribers tell peers waiting for it; it is not a
+    /// download finishing (a node announces what it adds by itself, and
+    /// every member of a directory would be many announcements).
+    Added {
+        /// The blob.
+        hash: Hash,
+    },
 }

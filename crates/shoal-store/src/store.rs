@@ -2296,8 +2296,13 @@ impl Inner {
         if let Some(db) = &self.db {
             self.apply(db, &ops, true)?;
         }
+        let added: Vec<blake3::Hash> = new.iter().map(|(h, _)| *h).collect();
         for (h, b) in new {
             st.insert(h, b);
+        }
+        drop(st);
+        for hash in added {
+            let _ = self.events.send(StoreEvent::Added { hash });
         }
         Ok(())
     }

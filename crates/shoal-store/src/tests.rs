@@ -322,6 +322,7 @@ fn concurrent_receivers_with_disjoint_ranges() {
         match e {
             StoreEvent::Verified { groups, .. } => verified += groups.count(),
             StoreEvent::Complete { hash: h } => complete = h == hash,
+            StoreEvent::Added { hash: h } => assert_ne!(h, hash, "a download told as an import"),
         }
     }
     assert_eq!(verified, 101);
@@ -901,4 +902,35 @@ fn presence_answers_like_info_for_complete_partial_and_unknown_blobs() {
         };
         assert_eq!(p, from_info);
     }
+}
+
+#[test]
+fn imports_are_told_to_subscribers_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let mut events = store.subscribe();
+    let a = store.import_bytes(&data(70_000, 31), "a").unwrap();
+    let src = dir.path().join("tree");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("x"), data(1000, 32)).unwrap();
+    fs::write(src.join("sub/y"), data(2000, 33)).unwrap();
+    let col = store.import_dir(&src, ImportMode::InPlace).unwrap();
+    // Adding what is here already is not news.
+    store.import_bytes(&data(70_000, 31), "a again").unwrap();
+    let mut added = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        match e {
+            StoreEvent::Added { hash } => added.push(hash),
+            other => panic!("an import sent {other:?}"),
+        }
+    }
+    let mut want = vec![
+        a,
+        blake3::hash(&data(1000, 32)),
+        blake3::hash(&data(2000, 33)),
+        col,
+    ];
+    want.sort_by_key(|h| *h.as_bytes());
+    added.sort_by_key(|h| *h.as_bytes());
+    assert_eq!(added, want);
 }
