@@ -151,7 +151,9 @@ pub enum StoreEvent {
         hash: Hash,
     },
     /// `hash` was imported (added here, not downloaded): complete, and new
-    /// to the store. Subscribers tell peers waiting for it; it is not a
+    /// to the store; or [`Store::verify`] found a blob whole that was not
+    /// served (marked corrupt, or a file in place that was touched).
+    /// Subscribers tell peers waiting for it; it is not a
     /// download finishing (a node announces what it adds by itself, and
     /// every member of a directory would be many announcements).
     Added {

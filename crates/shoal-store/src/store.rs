@@ -787,7 +787,7 @@ impl Store {
     /// A file referenced in place that was touched but still matches is
     /// accepted again.
     pub fn verify(&self, hash: &blake3::Hash) -> Result<bool, StoreError> {
-        let (size, name, data, outboard, partial) = {
+        let (size, name, data, outboard, partial, was_corrupt) = {
             let st = lock(&self.inner.state);
             let b = st.get(hash).ok_or(StoreError::NotFound(*hash))?;
             (
@@ -796,6 +796,7 @@ impl Store {
                 b.data.clone(),
                 b.outboard.clone(),
                 b.partial.clone(),
+                b.corrupt,
             )
         };
         if let Some(p) = partial {
@@ -838,7 +839,17 @@ impl Store {
             _ => None,
         };
         let mut h = tree::TreeHasher::new();
-        let mut buf = vec![0u8; tree::BATCH];
+        // No larger than the blob (+1, to see its end in one read): zeroing
+        // a whole batch per small blob was 80% of verifying a collection
+        // of 4 KiB files.
+        let mut buf = vec![
+            0u8;
+            tree::BATCH.min(
+                usize::try_from(size)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1)
+            )
+        ];
         let mut pos = 0u64;
         loop {
             let n = read_full_at(&data_slot, pos, &mut buf)
@@ -877,9 +888,15 @@ impl Store {
                 };
                 b.corrupt = false;
             })?;
-        } else {
+        } else if was_corrupt {
             self.inner.update(hash, |b| b.corrupt = false)?;
+        } else {
+            // Nothing to record (no durable commit per blob of a large
+            // collection).
+            return Ok(true);
         }
+        // Servable again: peers waiting for it are told, as of an import.
+        let _ = self.inner.events.send(StoreEvent::Added { hash: *hash });
         Ok(true)
     }
 

@@ -933,4 +933,18 @@ fn imports_are_told_to_subscribers_once_each() {
     want.sort_by_key(|h| *h.as_bytes());
     added.sort_by_key(|h| *h.as_bytes());
     assert_eq!(added, want);
+
+    // verify: a blob that was whole already is no news; a file in place
+    // that was touched (so not served) and found whole is.
+    assert!(store.verify(&a).unwrap());
+    let x = blake3::hash(&data(1000, 32));
+    let f = fs::File::options().write(true).open(src.join("x")).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    assert!(!store.can_serve(&x));
+    assert!(store.verify(&x).unwrap());
+    assert!(store.can_serve(&x));
+    let told: Vec<StoreEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert_eq!(told, vec![StoreEvent::Added { hash: x }]);
 }
