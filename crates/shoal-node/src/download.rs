@@ -40,6 +40,9 @@ const PEX_INTERVAL: Duration = Duration::from_secs(3);
 const MAX_DIALS: usize = 16;
 /// Peers used at once for one blob.
 const MAX_PEERS: usize = 64;
+/// Probes (the size proof) a peer may fail for want of a connection or an
+/// answer before it is dropped from the download.
+const MAX_PROBE_FAILURES: u32 = 3;
 /// Addresses a download remembers to dial again (see [`Known`]).
 const MAX_KNOWN: usize = 256;
 /// The shortest time between two dials of one remembered address, on top
@@ -284,6 +287,11 @@ pub(crate) async fn fetch_blob(
     let mut known: HashMap<SocketAddr, Known> = HashMap::new();
     let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
     let mut banned: HashSet<PeerId> = HashSet::new();
+    // Probes that failed for want of a connection or an answer, per peer:
+    // the peer with fewest is asked first, and one that fails
+    // `MAX_PROBE_FAILURES` times is dropped for good (a peer that stalls
+    // every probe must not hold the download up one timeout at a time).
+    let mut probe_failures: HashMap<PeerId, u32> = HashMap::new();
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
     let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
     let mut running: HashMap<RequestId, Running> = HashMap::new();
@@ -364,7 +372,8 @@ pub(crate) async fn fetch_blob(
             // Prove the size: fetch the last group from a peer that has it.
             let pick = peers
                 .iter()
-                .find(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1))
+                .filter(|(_, s)| s.complete || s.have.contains(group_count(s.size) - 1))
+                .min_by_key(|(p, _)| probe_failures.get(*p).copied().unwrap_or(0))
                 .map(|(p, s)| (*p, s.conn.clone(), s.size));
             if let Some((peer, conn, size)) = pick {
                 if !begun {
@@ -584,8 +593,16 @@ pub(crate) async fn fetch_blob(
                         }
                         Err(ReqError::Failed(msg)) => {
                             // A connection that went, a timeout: not a lie. The
-                            // peer may be asked again (its address is redialled).
-                            debug!(%peer, "could not prove the size: {msg}");
+                            // peer may be asked again (its address is redialled),
+                            // a few times.
+                            let n = probe_failures.entry(peer).or_insert(0);
+                            *n += 1;
+                            if *n >= MAX_PROBE_FAILURES {
+                                warn!(%peer, "could not prove the size {n} times: {msg}; dropped");
+                                banned.insert(peer);
+                            } else {
+                                debug!(%peer, "could not prove the size: {msg}");
+                            }
                             if let Some(slot) = peers.remove(&peer) && let Some(t) = slot.sub { t.abort() }
                         }
                     }
