@@ -65,7 +65,7 @@ async fn dial(ep: &Endpoint, node: &Target) -> Connection {
 
 /// One request on its own stream; the answer, or None if the node reset
 /// the stream or closed the connection.
-async fn ask(conn: &Connection, req: &pb::Request) -> Option<pb::Response> {
+pub(crate) async fn ask(conn: &Connection, req: &pb::Request) -> Option<pb::Response> {
     let (mut send, mut recv) = conn.open_bi().await.ok()?;
     write_frame(&mut send, req).await.ok()?;
     let _ = send.finish();

@@ -3,7 +3,36 @@
 
 use std::time::Duration;
 
-use crate::harness::{Dir, data};
+use shoal_proto::pb;
+
+use crate::harness::{Dir, Serve, data};
+
+/// What `node` answers a peer's `Who` for `hash` with.
+fn who(node: &Serve, hash: &str) -> Option<pb::availability::Have> {
+    let rt = crate::hostile::runtime();
+    rt.block_on(async {
+        let ep = crate::hostile::endpoint().await;
+        let conn = ep
+            .connect(
+                node.addrs[0].parse().expect("addr"),
+                Some(node.peer_id.parse().expect("peer id")),
+            )
+            .await
+            .expect("dialing the node");
+        let hash = blake3::Hash::from_hex(hash).expect("hash");
+        let req = pb::Request {
+            kind: Some(pb::request::Kind::Who(pb::Who {
+                hashes: vec![hash.as_bytes().to_vec().into()],
+            })),
+        };
+        match crate::hostile::ask(&conn, &req).await {
+            Some(pb::Response {
+                kind: Some(pb::response::Kind::Who(w)),
+            }) => w.entries.first().and_then(|e| e.have.clone()),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    })
+}
 
 #[test]
 fn add_ls_rm_gc_verify() {
@@ -74,7 +103,7 @@ fn commands_go_through_a_running_node() {
     let d = Dir::new();
     let f = d.path().join("f.bin");
     std::fs::write(&f, data(100_000, 13)).unwrap();
-    let _node = d.serve(&[]);
+    let node = d.serve(&[]);
     // With the node running, the store is the node's: commands use its
     // control socket instead of failing on the store lock.
     let out = d.ok(&["add", f.to_str().unwrap()]);
@@ -94,6 +123,24 @@ fn commands_go_through_a_running_node() {
         "{ls}"
     );
     assert!(d.ok(&["ls"]).contains(" changed "));
+    // A peer asking for it is told nothing, and the node's user is told
+    // why (once).
+    let have = who(&node, &hash);
+    assert_eq!(have, Some(pb::availability::Have::Nothing(true)));
+    who(&node, &hash);
+    // The log is read from the node's stderr by a thread: give it time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !node.log().contains("its file changed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = node.log();
+    assert_eq!(
+        log.matches(&format!("not serving {hash}")).count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("its file changed since it was added"), "{log}");
     assert!(d.ok(&["verify"]).contains(&format!("{hash}  ok")));
     let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
     assert_eq!(

@@ -128,6 +128,9 @@ pub(crate) struct Inner {
     /// The groups this node's downloads have just asked peers for, told to
     /// the peers subscribed to its have updates (`server::on_subscribe`).
     pub(crate) fetching: tokio::sync::broadcast::Sender<(Hash, GroupRanges)>,
+    /// Blobs this node has said it no longer serves because their file in
+    /// place changed (said once per blob, when a peer first asks).
+    pub(crate) told_changed: Mutex<std::collections::HashSet<Hash>>,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
     pub(crate) cancel: CancellationToken,
@@ -194,6 +197,7 @@ impl Node {
             book: Mutex::new(PeerBook::default()),
             transfers: Mutex::new(HashMap::new()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
+            told_changed: Mutex::default(),
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),

@@ -205,6 +205,15 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
         // marked corrupt, nor one whose file in place changed (a peer told
         // "complete" and then answered "not here" would drop us as a liar).
         if !node.store.can_serve(hash) {
+            // The user shared a file in place and then changed it: say so
+            // (once), since peers now ask in vain.
+            if node.store.source_changed(hash) && lock(&node.told_changed).insert(*hash) {
+                warn!(
+                    "not serving {hash} ({}): its file changed since it was added; \
+                     `shoal verify {hash}` serves it again if only touched, `shoal add` shares the new content",
+                    info.name
+                );
+            }
             return a;
         }
         if info.complete {
