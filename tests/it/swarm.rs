@@ -570,3 +570,61 @@ fn a_downloading_node_tells_its_subscribers_what_it_fetches() {
     assert_eq!(b3sum(&d.path().join("got.bin")), hash);
     drop(node);
 }
+
+/// Two `shoal get`s on one data dir at once, with no `shoal serve`: the
+/// second goes through the control socket of the first one's short-lived
+/// node, which must not stop under it when its own download is done. Both
+/// outputs are complete and correct.
+#[test]
+fn two_gets_on_one_data_dir_both_finish() {
+    let s = Dir::new();
+    let (a, b) = (s.path().join("a.bin"), s.path().join("b.bin"));
+    let (abytes, bbytes) = (data(3 << 20, 41), data(8 << 20, 42));
+    write(&a, &abytes);
+    write(&b, &bbytes);
+    // Slow enough that the first get is still running when the second
+    // starts, and finishes well before it.
+    let _seeder = s.serve(&["--max-upload", "4MB/s"]);
+    let (ha, hb) = (add(&s, &a), add(&s, &b));
+    let (ta, tb) = (ticket(&s, &ha), ticket(&s, &hb));
+    let d = Dir::new();
+    let (oa, ob) = (d.path().join("oa.bin"), d.path().join("ob.bin"));
+    let mut first = d.cmd();
+    first
+        .args(["get", &ta, "-o", oa.to_str().unwrap(), NET[0], NET[1]])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = Reaped(first.spawn().expect("spawning the first get"));
+    eventually(
+        Duration::from_secs(30),
+        "the first get's control socket",
+        || d.path().join("node/control.sock").exists(),
+    );
+    let second = d.run(
+        &["get", &tb, "-o", ob.to_str().unwrap(), NET[0], NET[1]],
+        Duration::from_secs(60),
+    );
+    let mut status = None;
+    eventually(Duration::from_secs(30), "the first get to exit", || {
+        status = child.0.try_wait().expect("waiting for the first get");
+        status.is_some()
+    });
+    assert!(
+        second.status.success(),
+        "the second get failed: {}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(status.is_some_and(|s| s.success()), "the first get failed");
+    assert_eq!(b3sum(&oa), ha);
+    assert_eq!(b3sum(&ob), hb);
+}
+
+/// A child process killed and reaped when the test ends, passed or not.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

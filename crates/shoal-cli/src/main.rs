@@ -797,15 +797,29 @@ async fn get(
         }
     };
     bar.finish();
-    node.shutdown().await;
-    let report = res
-        .context("download task failed")?
-        .with_context(|| format!("fetching {hash}"))?;
-    writer.await.context("stdout writer")??;
-    if !to_stdout {
-        out.fetched(&report)?;
+    let finish = async {
+        let report = res
+            .context("download task failed")?
+            .with_context(|| format!("fetching {hash}"))?;
+        writer.await.context("stdout writer")??;
+        if !to_stdout {
+            out.fetched(&report)?;
+        }
+        anyhow::Ok(())
     }
-    Ok(())
+    .await;
+    // Another `get` on this data dir went through this node's control
+    // socket: it would fail if the node stopped now.
+    let others = node.control_gets();
+    if others > 0 {
+        tracing::info!("waiting for {others} other download(s) on this data dir to finish");
+        tokio::select! {
+            () = node.control_gets_done() => {}
+            s = wait_for_signal() => s?,
+        }
+    }
+    node.shutdown().await;
+    finish
 }
 
 async fn wait_for_signal() -> Result<()> {

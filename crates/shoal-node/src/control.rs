@@ -68,6 +68,18 @@ pub(crate) async fn serve(node: Node, listener: UnixListener) {
     }
 }
 
+/// Counts a control-socket get down when dropped.
+struct GetGuard<'a>(&'a Node);
+
+impl Drop for GetGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .inner
+            .control_gets
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 fn resp(kind: pb::control_response::Kind) -> pb::ControlResponse {
     pb::ControlResponse { kind: Some(kind) }
 }
@@ -236,7 +248,13 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     write_frame(&mut stream, &resp(Resp::Peer(ps))).await?;
                 }
             }
-            Req::Get(g) => get(&node, &mut stream, g).await?,
+            Req::Get(g) => {
+                node.inner.control_gets.send_modify(|n| *n += 1);
+                // Counted down however the get ends (an error, the
+                // client going away).
+                let _done = GetGuard(&node);
+                get(&node, &mut stream, g).await?
+            }
         }
         Ok(())
     }

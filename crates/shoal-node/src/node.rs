@@ -128,6 +128,9 @@ pub(crate) struct Inner {
     /// The groups this node's downloads have just asked peers for, told to
     /// the peers subscribed to its have updates (`server::on_subscribe`).
     pub(crate) fetching: tokio::sync::broadcast::Sender<(Hash, GroupRanges)>,
+    /// Downloads asked for through the control socket and not finished
+    /// (see [`Node::control_gets_done`]).
+    pub(crate) control_gets: watch::Sender<usize>,
     /// Blobs this node has said it no longer serves because their file in
     /// place changed (said once per blob, when a peer first asks).
     pub(crate) told_changed: Mutex<std::collections::HashSet<Hash>>,
@@ -198,6 +201,7 @@ impl Node {
             transfers: Mutex::new(HashMap::new()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             told_changed: Mutex::default(),
+            control_gets: watch::channel(0).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
@@ -410,6 +414,21 @@ impl Node {
         if let Some(dir) = &self.inner.config.data_dir {
             let _ = std::fs::remove_file(dir.join(crate::control::SOCKET_NAME));
         }
+    }
+
+    /// The downloads other commands asked this node for through its
+    /// control socket and that have not finished yet.
+    pub fn control_gets(&self) -> usize {
+        *self.inner.control_gets.borrow()
+    }
+
+    /// Resolves once no download asked for through the control socket is
+    /// running: a short-lived node (`shoal get`) waits for this before it
+    /// stops, so that a second `get` on the same data dir, which went
+    /// through its socket, is not cut short.
+    pub async fn control_gets_done(&self) {
+        let mut rx = self.inner.control_gets.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Resolves when the node is shutting down.
