@@ -59,6 +59,28 @@ fn error_code(r: &pb::Response) -> Option<pb::ErrorCode> {
     }
 }
 
+/// Subscribes to the have updates of `hash`; the accepted answer is read.
+/// The send side is returned to be held: closing or dropping it ends the
+/// subscription.
+async fn subscribe(
+    conn: &Connection,
+    hash: &blake3::Hash,
+) -> (shoal_transport::SendStream, shoal_transport::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let sub = pb::Request {
+        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
+            hashes: vec![hash.as_bytes().to_vec().into()],
+        })),
+    };
+    write_frame(&mut send, &sub).await.unwrap();
+    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
+    assert!(
+        matches!(r.kind, Some(pb::response::Kind::Subscribe(_))),
+        "{r:?}"
+    );
+    (send, recv)
+}
+
 #[tokio::test]
 async fn unknown_and_malformed_requests_get_errors_and_the_connection_stays() {
     let (node, _ep, conn) = node_and_client().await;
@@ -199,18 +221,7 @@ async fn a_subscription_reports_groups_as_they_verify() {
     .await
     .unwrap();
     let conn = ep.connect(d.addrs()[0], Some(d.peer_id())).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let sub = pb::Request {
-        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
-            hashes: vec![hash.as_bytes().to_vec().into()],
-        })),
-    };
-    write_frame(&mut send, &sub).await.unwrap();
-    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
-    assert!(
-        matches!(r.kind, Some(pb::response::Kind::Subscribe(_))),
-        "{r:?}"
-    );
+    let (_send, mut recv) = subscribe(&conn, &hash).await;
     let ticket = s.ticket(&hash).unwrap();
     let fetch = d.fetch(
         shoal_node::FetchRequest::from_ticket(&ticket, shoal_node::FetchOutput::Store),
@@ -363,15 +374,7 @@ async fn a_file_in_place_that_changed_is_not_claimed_until_verified_again() {
     .await;
     assert_eq!(error_code(&get), Some(pb::ErrorCode::NotFound));
     // A subscriber is told nothing about it either.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let sub = pb::Request {
-        kind: Some(pb::request::Kind::Subscribe(pb::Subscribe {
-            hashes: vec![hash.as_bytes().to_vec().into()],
-        })),
-    };
-    write_frame(&mut send, &sub).await.unwrap();
-    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
-    assert!(matches!(r.kind, Some(pb::response::Kind::Subscribe(_))));
+    let (_send, mut recv) = subscribe(&conn, &hash).await;
     let update = tokio::time::timeout(
         Duration::from_millis(300),
         read_frame::<pb::HaveUpdate, _>(&mut recv, Limit::HaveUpdate),

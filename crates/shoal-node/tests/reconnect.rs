@@ -40,6 +40,40 @@ fn content(len: usize) -> Vec<u8> {
     v
 }
 
+/// `d` fetches `hash` from `peer` (into its store), in a task of its own.
+fn spawn_fetch(
+    d: &Node,
+    hash: blake3::Hash,
+    peer: PeerAddr,
+) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
+    let d = d.clone();
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: vec![peer],
+        out: FetchOutput::Store,
+    };
+    tokio::spawn(async move { d.fetch(req, None).await })
+}
+
+/// The fetch finishes within `limit` (else: `what` went wrong) and `d`
+/// holds `data`, whole.
+async fn fetched(
+    fetch: tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>>,
+    limit: Duration,
+    what: &str,
+    d: &Node,
+    data: &[u8],
+) {
+    let report = tokio::time::timeout(limit, fetch)
+        .await
+        .expect(what)
+        .unwrap()
+        .expect("the download failed");
+    assert_eq!(report.bytes, data.len() as u64);
+    assert_eq!(d.store().read_all(&blake3::hash(data)).unwrap(), data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_goes_on_after_its_only_seeder_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,13 +118,14 @@ async fn a_download_goes_on_after_its_only_seeder_restarts() {
     let s = Node::spawn(seeder_config(dir.path(), addr, None))
         .await
         .unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(60), fetch)
-        .await
-        .expect("the download did not finish after the seeder came back")
-        .unwrap()
-        .expect("the download failed");
-    assert_eq!(report.bytes, data.len() as u64);
-    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    fetched(
+        fetch,
+        Duration::from_secs(60),
+        "the download did not finish after the seeder came back",
+        &d,
+        &data,
+    )
+    .await;
     s.shutdown().await;
     d.shutdown().await;
 }
@@ -118,19 +153,14 @@ async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
     };
     let hash = blake3::hash(&data);
     let d = Node::spawn(downloader()).await.unwrap();
-    let req = FetchRequest {
+    let fetch = spawn_fetch(
+        &d,
         hash,
-        kind: None,
-        peers: vec![PeerAddr {
+        PeerAddr {
             id: Some(seeder_id),
             addr,
-        }],
-        out: FetchOutput::Store,
-    };
-    let fetch = {
-        let d = d.clone();
-        tokio::spawn(async move { d.fetch(req, None).await })
-    };
+        },
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     other.shutdown().await;
     drop(other);
@@ -138,13 +168,14 @@ async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
         .await
         .unwrap();
     assert_eq!(s.peer_id(), seeder_id);
-    let report = tokio::time::timeout(Duration::from_secs(30), fetch)
-        .await
-        .expect("the seeder was not dialled again")
-        .unwrap()
-        .expect("the download failed");
-    assert_eq!(report.bytes, data.len() as u64);
-    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    fetched(
+        fetch,
+        Duration::from_secs(30),
+        "the seeder was not dialled again",
+        &d,
+        &data,
+    )
+    .await;
     s.shutdown().await;
     d.shutdown().await;
 }
@@ -157,19 +188,14 @@ async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
     let data = content(500_000);
     let hash = blake3::hash(&data);
     let d = Node::spawn(downloader()).await.unwrap();
-    let req = FetchRequest {
+    let fetch = spawn_fetch(
+        &d,
         hash,
-        kind: None,
-        peers: vec![PeerAddr {
+        PeerAddr {
             id: Some(s.peer_id()),
             addr: s.addrs()[0],
-        }],
-        out: FetchOutput::Store,
-    };
-    let fetch = {
-        let d = d.clone();
-        tokio::spawn(async move { d.fetch(req, None).await })
-    };
+        },
+    );
     // Connected, asked, told "nothing" (the peer is listed, no bytes yet).
     tokio::time::timeout(Duration::from_secs(20), async {
         while d.peers().is_empty() {
@@ -181,13 +207,14 @@ async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!fetch.is_finished());
     s.add_bytes(data.clone(), "later").await.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(30), fetch)
-        .await
-        .expect("the download never learnt that the peer added it")
-        .unwrap()
-        .expect("the download failed");
-    assert_eq!(report.bytes, data.len() as u64);
-    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    fetched(
+        fetch,
+        Duration::from_secs(30),
+        "the download never learnt that the peer added it",
+        &d,
+        &data,
+    )
+    .await;
     s.shutdown().await;
     d.shutdown().await;
 }
