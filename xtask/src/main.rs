@@ -51,12 +51,16 @@ fn project_root() -> PathBuf {
 /// Runs a command, failing with its name when it fails.
 pub(crate) fn sh(step: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {step}: {cmd:?}");
+    let started = std::time::Instant::now();
     let status = cmd
         .status()
         .with_context(|| format!("{step}: could not start {cmd:?}"))?;
+    let took = started.elapsed().as_secs_f64();
     if !status.success() {
-        bail!("step `{step}` failed ({status})");
+        bail!("step `{step}` failed ({status}) after {took:.1} s");
     }
+    // The time of each step, so a slow CI run says where its time went.
+    eprintln!("<== {step}: {took:.1} s");
     Ok(())
 }
 
@@ -112,6 +116,7 @@ fn ci(args: &[String]) -> Result<()> {
         .map(|w| w[1].as_str())
         .collect();
     let step = |name: &str| !skip.contains(&name);
+    let started = std::time::Instant::now();
 
     // Setup: what the tests and checks need on a fresh machine.
     apt_install(&[("b3sum", "b3sum"), ("ip", "iproute2")])?;
@@ -174,7 +179,10 @@ fn ci(args: &[String]) -> Result<()> {
     if step("fuzz") {
         fuzz::smoke()?;
     }
-    eprintln!("==> ci: all steps passed");
+    eprintln!(
+        "==> ci: all steps passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
