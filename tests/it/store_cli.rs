@@ -110,8 +110,8 @@ fn commands_go_through_a_running_node() {
     let hash = out.split_whitespace().next().unwrap().to_string();
     assert!(d.ok(&["ls"]).contains(&hash));
     assert!(d.ok(&["verify"]).contains("ok"));
-    // The file in place touched: listed as changed (not served) until
-    // verify finds its bytes unchanged.
+    // The file in place touched: listed as changed (not served) until its
+    // bytes are found unchanged.
     let file = std::fs::File::options().write(true).open(&f).unwrap();
     file.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
         .unwrap();
@@ -123,31 +123,47 @@ fn commands_go_through_a_running_node() {
         "{ls}"
     );
     assert!(d.ok(&["ls"]).contains(" changed "));
-    // A peer asking for it is told nothing, and the node's user is told
-    // why (once).
+    // The first peer to ask is told nothing, and the node hashes the file
+    // again (saying so, once): its bytes are unchanged, so it is served
+    // again without the user's `verify`.
     let have = who(&node, &hash);
     assert_eq!(have, Some(pb::availability::Have::Nothing(true)));
-    who(&node, &hash);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut have = have;
+    while have != Some(pb::availability::Have::Complete(true)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served again: {have:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        have = who(&node, &hash);
+    }
     // The log is read from the node's stderr by a thread: give it time.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !node.log().contains("its file changed") && std::time::Instant::now() < deadline {
+    while !node.log().contains("serving it again") && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(200));
     let log = node.log();
     assert_eq!(
-        log.matches(&format!("not serving {hash}")).count(),
+        log.matches(&format!(
+            "{hash} (f.bin): its file changed since it was added"
+        ))
+        .count(),
         1,
         "{log}"
     );
-    assert!(log.contains("its file changed since it was added"), "{log}");
-    assert!(d.ok(&["verify"]).contains(&format!("{hash}  ok")));
+    assert!(
+        log.contains("its bytes are unchanged; serving it again"),
+        "{log}"
+    );
     let ls: serde_json::Value = serde_json::from_str(d.ok(&["--json", "ls"]).trim()).unwrap();
     assert_eq!(
         (&ls["changed"], &ls["complete"]),
         (&false.into(), &true.into()),
         "{ls}"
     );
+    assert!(d.ok(&["verify"]).contains(&format!("{hash}  ok")));
     let t = d.ok(&["ticket", &hash]);
     assert!(t.starts_with("shoal"));
     let status: serde_json::Value =

@@ -126,7 +126,8 @@ impl Out {
         if unserved > 0 {
             eprintln!(
                 "{unserved} blob(s) not served: `shoal verify HASH` re-hashes one (a file in place that was \
-                 only touched is served again); `shoal add PATH` shares a file's new content"
+                 only touched is served again; a running node does that by itself when a peer asks for \
+                 it); `shoal add PATH` shares a file's new content"
             );
         }
         Ok(())

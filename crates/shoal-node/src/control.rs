@@ -199,6 +199,12 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     let ok = tokio::task::spawn_blocking(move || store.verify(&h))
                         .await
                         .map_err(|e| NodeError::Internal(e.to_string()))??;
+                    if ok {
+                        // Whatever the node's own re-hash of it said before
+                        // (see `server::recheck`), the next change of its
+                        // file is re-hashed again.
+                        crate::node::lock(&node.inner.rechecking).remove(&h);
+                    }
                     let item = pb::VerifyItem {
                         hash: h.as_bytes().to_vec().into(),
                         ok,

@@ -131,9 +131,13 @@ pub(crate) struct Inner {
     /// Downloads asked for through the control socket and not finished
     /// (see [`Node::control_gets_done`]).
     pub(crate) control_gets: watch::Sender<usize>,
-    /// Blobs this node has said it no longer serves because their file in
-    /// place changed (said once per blob, when a peer first asks).
-    pub(crate) told_changed: Mutex<std::collections::HashSet<Hash>>,
+    /// Blobs whose file in place changed since it was added and that are
+    /// being hashed again (see `server::recheck`), so each is re-hashed
+    /// once per change, however many peers ask.
+    pub(crate) rechecking: Arc<Mutex<std::collections::HashSet<Hash>>>,
+    /// One re-hash at a time: a directory of touched files is re-read one
+    /// file after another, not all at once.
+    pub(crate) recheck_slot: Arc<tokio::sync::Semaphore>,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
     pub(crate) cancel: CancellationToken,
@@ -200,7 +204,8 @@ impl Node {
             book: Mutex::new(PeerBook::default()),
             transfers: Mutex::new(HashMap::new()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
-            told_changed: Mutex::default(),
+            rechecking: Arc::default(),
+            recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             control_gets: watch::channel(0).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),

@@ -16,7 +16,7 @@ use shoal_proto::{
 use shoal_store::{Hash, Presence, StoreEvent};
 use shoal_transport::{Connection, PeerId, RecvStream, SendStream};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::node::{Inner, dialable, lock};
 use crate::wire::{WireError, read_frame, write_frame};
@@ -205,15 +205,7 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
         // marked corrupt, nor one whose file in place changed (a peer told
         // "complete" and then answered "not here" would drop us as a liar).
         if !node.store.can_serve(hash) {
-            // The user shared a file in place and then changed it: say so
-            // (once), since peers now ask in vain.
-            if node.store.source_changed(hash) && lock(&node.told_changed).insert(*hash) {
-                warn!(
-                    "not serving {hash} ({}): its file changed since it was added; \
-                     `shoal verify {hash}` serves it again if only touched, `shoal add` shares the new content",
-                    info.name
-                );
-            }
+            recheck(node, hash, &info);
             return a;
         }
         if info.complete {
@@ -223,6 +215,69 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
         }
     }
     a
+}
+
+/// A peer asked for a blob we hold but do not serve. If that is because
+/// its file in place changed since it was added (a new modification time,
+/// size or inode), hash the file again in the background, as a BitTorrent
+/// client rechecks a torrent whose files were touched: if only touched, it
+/// is served again (and subscribers told, by the store's `Added` event);
+/// if its bytes changed, the store marks it corrupt and the user is told
+/// to add the new content. Once per change: a blob being re-hashed, or
+/// marked corrupt, is not re-hashed again however many peers ask.
+fn recheck(node: &Inner, hash: &Hash, info: &shoal_store::BlobInfo) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if info.corrupt || !node.store.source_changed(hash) || !lock(&node.rechecking).insert(*hash) {
+        return;
+    }
+    info!(
+        "{hash} ({}): its file changed since it was added; hashing it again before serving it",
+        info.name
+    );
+    let (store, rechecking, slot) = (
+        node.store.clone(),
+        node.rechecking.clone(),
+        node.recheck_slot.clone(),
+    );
+    let (hash, name) = (*hash, info.name.clone());
+    rt.spawn(async move {
+        // The semaphore is never closed: acquiring fails only if it were.
+        let Ok(_permit) = slot.acquire_owned().await else {
+            return;
+        };
+        let s = store.clone();
+        let outcome = tokio::task::spawn_blocking(move || s.verify(&hash)).await;
+        let failed = match outcome {
+            Ok(Ok(true)) => {
+                info!("{hash} ({name}): its bytes are unchanged; serving it again");
+                false
+            }
+            Ok(Ok(false)) => {
+                // Marked corrupt by the store: not re-hashed again.
+                warn!(
+                    "not serving {hash} ({name}): its file no longer holds the bytes that were \
+                     added (changed or removed); `shoal add` shares the new content"
+                );
+                false
+            }
+            Ok(Err(e)) => {
+                warn!("not serving {hash} ({name}): could not hash its file again: {e}; `shoal verify {hash}` tries again");
+                true
+            }
+            Err(e) => {
+                warn!("not serving {hash} ({name}): hashing its file again failed: {e}; `shoal verify {hash}` tries again");
+                true
+            }
+        };
+        // After an error (unreadable file, say) the blob stays in the set:
+        // re-hashed again only when the user asks (`shoal verify`), not at
+        // every peer's question, each with the same warning.
+        if !failed {
+            lock(&rechecking).remove(&hash);
+        }
+    });
 }
 
 async fn on_who(
@@ -481,9 +536,13 @@ async fn send_full_state(
     send: &mut SendStream,
     hash: &Hash,
 ) -> Result<(), WireError> {
-    let Some(info) = node.store.info(hash).filter(|_| node.store.can_serve(hash)) else {
+    let Some(info) = node.store.info(hash) else {
         return Ok(());
     };
+    if !node.store.can_serve(hash) {
+        recheck(node, hash, &info);
+        return Ok(());
+    }
     let up = pb::HaveUpdate {
         hash: hash.as_bytes().to_vec().into(),
         size: info.size,
