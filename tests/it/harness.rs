@@ -18,7 +18,28 @@ pub(crate) fn bin() -> PathBuf {
             .parent()
             .expect("workspace root")
             .to_path_buf();
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        // Not the variables cargo set for this test binary: ring's build
+        // script tracks CARGO_MANIFEST_DIR, so a build that saw this
+        // package's rebuilt ring, quinn, rustls and all above them, and the
+        // next `cargo build` from a shell rebuilt them again.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+                || matches!(
+                    &*k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                cargo.env_remove(&*k);
+            }
+        }
+        let status = cargo
             .args(["build", "-q", "-p", "shoal-cli"])
             .current_dir(&root)
             .status()
