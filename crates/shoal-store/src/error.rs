@@ -81,6 +81,14 @@ pub enum StoreError {
     /// Something that is not a regular file or directory.
     #[error("{0} is not a regular file or directory")]
     Unsupported(PathBuf),
+    /// A file that reads as more or fewer bytes than its size says, though
+    /// it did not change: a pseudo-file (`/proc`, `/sys`), whose content
+    /// is made as it is read. Its hash would name nothing stable.
+    #[error(
+        "{0}: its size says {1} bytes but reading it gives another count, though the file did \
+         not change (a /proc or /sys file?); copy it to an ordinary file and add the copy"
+    )]
+    SizeUntrue(PathBuf, u64),
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),

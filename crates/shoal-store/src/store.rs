@@ -413,7 +413,7 @@ impl HashedFile {
             };
         unchanged(&f, path, s0)?;
         if len != s0.size {
-            return Err(changed());
+            return Err(StoreError::SizeUntrue(path.to_path_buf(), s0.size));
         }
         let path = fs::canonicalize(path).map_err(io_err("resolving", path))?;
         Ok(HashedFile {
@@ -2196,7 +2196,9 @@ impl Inner {
                 .map_err(io_err("reading", path))?;
             unchanged(&f, path, s0)?;
             if data.len() as u64 != s0.size {
-                return Err(changed());
+                // Same size and time before and after: not a change but a
+                // pseudo-file.
+                return Err(StoreError::SizeUntrue(path.to_path_buf(), s0.size));
             }
             return self.prepare_bytes(&data, name, BlobKind::Raw);
         }

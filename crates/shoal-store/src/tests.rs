@@ -632,6 +632,27 @@ fn a_file_hashed_before_the_store_opens_is_recorded_as_by_import_file() {
 }
 
 #[test]
+fn a_pseudo_file_is_refused_as_one_not_as_a_changed_file() {
+    // procfs says its files are empty and then gives bytes: not a file
+    // that changed (its size and time held), and nothing is recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let status = Path::new("/proc/self/status");
+    assert_eq!(fs::metadata(status).unwrap().len(), 0);
+    for mode in [ImportMode::InPlace, ImportMode::Copy] {
+        let err = store.import_file(status, mode).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SizeUntrue(_, 0)),
+            "{mode:?}: {err}"
+        );
+        assert!(err.to_string().contains("/proc or /sys"), "{err}");
+    }
+    let err = crate::HashedFile::new(status).unwrap_err();
+    assert!(matches!(err, StoreError::SizeUntrue(_, 0)), "{err}");
+    assert!(store.list().is_empty());
+}
+
+#[test]
 fn directories_round_trip_as_collections() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s")).unwrap();
