@@ -287,9 +287,23 @@ fn a_collection_round_trips_with_names_and_modes() {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
-    let _seeder = s.serve(&[]);
+    let seeder = s.serve(&[]);
     let hash = add(&s, &root);
     let t = ticket(&s, &hash);
+    // A directory cannot go to stdout: `cat` says so and writes nothing,
+    // also given a bare hash, where it learns the kind from the seeder and
+    // the content (it used to write the manifest's bytes, then fail).
+    let c = Dir::new();
+    for what in [&t, &hash] {
+        let o = c.run(
+            &["cat", what, "--peer", &seeder.peer_arg(), NET[0], NET[1]],
+            Duration::from_secs(60),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(o.stdout.is_empty(), "{} bytes out; {err}", o.stdout.len());
+        assert!(err.contains("a collection cannot be streamed"), "{err}");
+    }
     let d = Dir::new();
     let out = d.path().join("copy");
     d.ok(&["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]]);

@@ -119,11 +119,17 @@ impl Node {
             peers: req.peers.clone(),
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
-        let fetched = if let FetchOutput::Stream(tx) = &req.out {
-            let (got, ()) = tokio::try_join!(blob, stream_out(self, req.hash, tx.clone()))?;
-            got
+        // Given a bare hash, a blob a provider calls a collection is not
+        // streamed until its content says whether it is one: `cat` of a
+        // directory must fail before it writes a byte, not after its
+        // manifest.
+        let hold_collection = req.kind.is_none();
+        let (fetched, mut streamed) = if let FetchOutput::Stream(tx) = &req.out {
+            let out = stream_out(self, req.hash, tx.clone(), hold_collection);
+            let (got, streamed) = tokio::try_join!(blob, out)?;
+            (got, streamed)
         } else {
-            blob.await?
+            (blob.await?, Streamed::Held)
         };
         let providers = fetched.providers;
         let mut kind = fetched.kind;
@@ -172,7 +178,17 @@ impl Node {
             }
         }
         let size = self.store().info(&req.hash).map_or(0, |i| i.size);
+        if let (BlobKind::Raw, FetchOutput::Stream(tx), Streamed::Held) = (kind, &req.out, streamed)
+        {
+            // Held back, and a file after all: out it goes, whole now.
+            streamed = stream_out(self, req.hash, tx.clone(), false).await?;
+        }
         match (kind, &req.out) {
+            // Every byte is out already (the first provider called it a
+            // file): the user has what was asked for.
+            (BlobKind::Collection, FetchOutput::Stream(_)) if streamed == Streamed::All => {
+                Ok((kind, size, 1))
+            }
             (BlobKind::Collection, FetchOutput::Stream(_)) => Err(NodeError::StreamCollection),
             (BlobKind::Collection, out) => {
                 let dir = match out {
@@ -509,9 +525,25 @@ fn process_umask() -> Option<u32> {
     u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
 }
 
+/// What [`stream_out`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Streamed {
+    /// Every byte went out.
+    All,
+    /// None did: the blob is declared a collection and the caller asked
+    /// to hold such a blob back.
+    Held,
+}
+
 /// Streams the verified bytes of `hash` to `tx` in order, as the download
-/// verifies them.
-async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<(), NodeError> {
+/// verifies them; with `hold_collection`, nothing if the blob is declared
+/// a collection.
+async fn stream_out(
+    node: &Node,
+    hash: Hash,
+    tx: mpsc::Sender<Bytes>,
+    hold_collection: bool,
+) -> Result<Streamed, NodeError> {
     let store = node.store().clone();
     let mut events = store.subscribe();
     let mut offset = 0u64;
@@ -530,6 +562,9 @@ async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<
                     end_group += 1;
                 }
                 let end = (end_group * GROUP_SIZE).min(info.size);
+                if hold_collection && offset == 0 && info.kind == BlobKind::Collection {
+                    return Ok(Streamed::Held);
+                }
                 while offset < end {
                     let len = ((end - offset) as usize).min(STREAM_PIECE);
                     let data = store.read_at(&hash, offset, len)?;
@@ -542,7 +577,7 @@ async fn stream_out(node: &Node, hash: Hash, tx: mpsc::Sender<Bytes>) -> Result<
                     }
                 }
                 if offset >= info.size {
-                    return Ok(());
+                    return Ok(Streamed::All);
                 }
             }
         }
