@@ -427,6 +427,10 @@ pub(crate) async fn fetch_blob(
         if now.duration_since(last_progress) > stall {
             break Err(if peers.is_empty() {
                 NodeError::NoProviders(hash)
+            } else if peers.values().all(|p| !p.complete && p.have.is_empty()) {
+                // Reached, asked, and none has a byte of it: say that,
+                // not that the download stalled.
+                NodeError::NotHeld(hash, peers.len())
             } else {
                 NodeError::Stalled(hash, stall)
             });

@@ -45,6 +45,9 @@ pub enum NodeError {
     /// No peer could be found or reached for a hash.
     #[error("no peer with {0} could be found or reached")]
     NoProviders(Hash),
+    /// Peers were reached, and none of them holds any of the hash.
+    #[error("no peer reached holds {0} ({1} asked)")]
+    NotHeld(Hash, usize),
     /// Peers were found but nothing was verified for too long.
     #[error("download of {0} made no progress for {1:?}")]
     Stalled(Hash, Duration),

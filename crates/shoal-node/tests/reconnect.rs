@@ -1,7 +1,8 @@
 //! A download waits for what it cannot have yet, up to its stall timeout:
 //! the address it was given is dialled again (with backoff), so a seeder
-//! that restarts, or that is not up at the first dial, is used; and a
-//! connected peer that adds the blob later says so to the downloader.
+//! that restarts, or that is not up at the first dial, is used; a
+//! connected peer that adds the blob later says so to the downloader; and
+//! a download that gives up says whether anyone held the blob.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
@@ -215,6 +216,39 @@ async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
         &data,
     )
     .await;
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_no_peer_holds_says_so_when_it_gives_up() {
+    // Reached and asked, the only peer holds nothing: the error says that,
+    // not that the download stalled (nor that no peer could be reached).
+    let s = Node::spawn(downloader()).await.unwrap();
+    let hash = blake3::hash(b"nobody has this");
+    let d = Node::spawn(NodeConfig {
+        stall_timeout: Duration::from_secs(2),
+        ..downloader()
+    })
+    .await
+    .unwrap();
+    let peer = PeerAddr {
+        id: Some(s.peer_id()),
+        addr: s.addrs()[0],
+    };
+    let err = tokio::time::timeout(Duration::from_secs(30), spawn_fetch(&d, hash, peer))
+        .await
+        .expect("the download never gave up")
+        .unwrap()
+        .expect_err("fetched what nobody has");
+    assert!(
+        matches!(err, shoal_node::NodeError::NotHeld(h, 1) if h == hash),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("no peer reached holds {hash} (1 asked)")
+    );
     s.shutdown().await;
     d.shutdown().await;
 }
