@@ -615,7 +615,15 @@ fn two_gets_on_one_data_dir_both_finish() {
         || d.path().join("node/control.sock").exists(),
     );
     let second = d.run(
-        &["get", &tb, "-o", ob.to_str().unwrap(), NET[0], NET[1]],
+        &[
+            "--json",
+            "get",
+            &tb,
+            "-o",
+            ob.to_str().unwrap(),
+            NET[0],
+            NET[1],
+        ],
         Duration::from_secs(60),
     );
     let mut status = None;
@@ -631,6 +639,14 @@ fn two_gets_on_one_data_dir_both_finish() {
     assert!(status.is_some_and(|s| s.success()), "the first get failed");
     assert_eq!(b3sum(&oa), ha);
     assert_eq!(b3sum(&ob), hb);
+    // Through the other get's node, the second reports what it fetched as
+    // a get of its own would (it used to print nothing).
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&second.stdout).trim())
+            .expect("one JSON line on stdout");
+    assert_eq!(report["hash"], hb.as_str());
+    assert_eq!(report["bytes"], 8 << 20);
+    assert_eq!(report["files"], 1);
 }
 
 /// A child process killed and reaped when the test ends, passed or not.

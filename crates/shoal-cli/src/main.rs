@@ -730,9 +730,24 @@ async fn get(
         };
         c.send(pb::control_request::Kind::Get(req)).await?;
         let mut stdout = std::io::stdout().lock();
+        let mut report = None;
         while let Some(k) = c.next().await? {
             match k {
                 pb::control_response::Kind::Data(d) => stdout.write_all(&d)?,
+                pb::control_response::Kind::Fetched(r) => {
+                    report = Some(shoal_node::FetchReport {
+                        hash: Hash::from_bytes(shoal_proto::hash_from_bytes(&r.hash)?),
+                        kind: if r.kind == pb::BlobKind::Collection as i32 {
+                            shoal_store::BlobKind::Collection
+                        } else {
+                            shoal_store::BlobKind::Raw
+                        },
+                        bytes: r.bytes,
+                        files: r.files,
+                        elapsed: Duration::from_micros(r.micros),
+                        received: r.received,
+                    });
+                }
                 pb::control_response::Kind::Progress(p) => bar.update(&Progress {
                     verified: p.verified,
                     total: p.total,
@@ -746,6 +761,11 @@ async fn get(
         }
         stdout.flush()?;
         bar.finish();
+        // As a get without a running node says it (a node older than the
+        // report says nothing).
+        if let Some(r) = report.filter(|_| !to_stdout) {
+            out.fetched(&r)?;
+        }
         return Ok(());
     }
     // No node: run a short-lived one on the data dir.

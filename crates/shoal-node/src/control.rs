@@ -324,7 +324,22 @@ async fn get(node: &Node, stream: &mut UnixStream, g: pb::GetRequest) -> Result<
                     if !client_gone && write_frame(stream, &resp(Resp::Data(d))).await.is_err() { client_gone = true }
                 }
                 return match r {
-                    Ok(Ok(_)) => Ok(()),
+                    Ok(Ok(report)) => {
+                        let fetched = pb::FetchedReport {
+                            hash: report.hash.as_bytes().to_vec().into(),
+                            kind: kind_to_pb(report.kind),
+                            bytes: report.bytes,
+                            files: report.files,
+                            micros: u64::try_from(report.elapsed.as_micros()).unwrap_or(u64::MAX),
+                            received: report.received,
+                        };
+                        if !client_gone {
+                            // The client may have gone meanwhile: the
+                            // download is done all the same.
+                            let _ = write_frame(stream, &resp(Resp::Fetched(fetched))).await;
+                        }
+                        Ok(())
+                    }
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(NodeError::Internal(e.to_string())),
                 };
