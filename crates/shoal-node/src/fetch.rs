@@ -562,7 +562,13 @@ async fn stream_out(
                     end_group += 1;
                 }
                 let end = (end_group * GROUP_SIZE).min(info.size);
-                if hold_collection && offset == 0 && info.kind == BlobKind::Collection {
+                // (Larger than any manifest, it is a file whatever it was
+                // called.)
+                if hold_collection
+                    && offset == 0
+                    && info.kind == BlobKind::Collection
+                    && info.size <= collection::MAX_MANIFEST_BYTES as u64
+                {
                     return Ok(Streamed::Held);
                 }
                 while offset < end {
