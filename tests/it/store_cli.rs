@@ -104,6 +104,17 @@ fn commands_go_through_a_running_node() {
     let f = d.path().join("f.bin");
     std::fs::write(&f, data(100_000, 13)).unwrap();
     let node = d.serve(&[]);
+    // A second node on the same data dir is refused, saying why.
+    let second = d.run(
+        &["serve", "--listen", "127.0.0.1:0", "--no-mdns", "--no-dht"],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a node is already running on data dir"),
+        "{err}"
+    );
     // With the node running, the store is the node's: commands use its
     // control socket instead of failing on the store lock.
     let out = d.ok(&["add", f.to_str().unwrap()]);

@@ -274,10 +274,30 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, as `{:#}` writes them, but
+/// without a cause the line already holds: the store's errors name their
+/// I/O cause in their own message, which `{:#}` then printed twice
+/// ("... No such file or directory (os error 2): No such file or directory
+/// (os error 2)").
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -406,6 +426,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify { hashes } => verify(&dir, &out, hashes).await?,
         Command::Serve { net, listen } => {
+            if ControlClient::connect(&dir).await.is_some() {
+                bail!(
+                    "a node is already running on data dir {} (`shoal status` shows it); stop it \
+                     first, or give this one another --data-dir",
+                    dir.display()
+                );
+            }
             let node = Node::spawn(net.node_config(&dir, listen))
                 .await
                 .context("starting the node")?;
@@ -850,4 +877,41 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {},
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+    use anyhow::Context;
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let store = shoal_store::Store::in_memory()
+            .import_file(
+                std::path::Path::new("/nonexistent/x"),
+                shoal_store::ImportMode::Copy,
+            )
+            .unwrap_err();
+        // The store's message holds its cause; anyhow's chain holds it too.
+        let err = Err::<(), _>(store).context("adding x").unwrap_err();
+        let line = one_line(&err);
+        let cause = std::error::Error::source(err.chain().nth(1).unwrap())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(!cause.is_empty(), "{line}");
+        assert_eq!(line.matches(&cause).count(), 1, "{line}");
+        assert!(line.starts_with("adding x: "), "{line}");
+        // Causes that add something are all kept, in order.
+        let err = anyhow::Error::new(io)
+            .context("reading y")
+            .context("fetching z");
+        assert_eq!(
+            one_line(&err),
+            format!(
+                "fetching z: reading y: {}",
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            )
+        );
+    }
 }
