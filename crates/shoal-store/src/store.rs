@@ -1122,7 +1122,8 @@ impl Store {
     /// [`ReceiveError::Corrupt`] (groups before it are kept). Reads exactly
     /// the encoded length, never past it. Returns the groups newly verified;
     /// when all are verified the blob becomes complete (renamed into its
-    /// target, pinned) and [`StoreEvent::Complete`] is sent.
+    /// target; pinned, unless unpinned since the download began) and
+    /// [`StoreEvent::Complete`] is sent.
     ///
     /// Size: the first stream sets the (unproven) size; it is proven once
     /// the last group verifies. A stream whose size differs from a proven
@@ -2486,7 +2487,9 @@ impl Inner {
             b.data = data;
             b.outboard = outboard;
             b.partial = None;
-            b.pinned = true;
+            // Pinned by `begin_download`; a user who unpinned it since
+            // (`shoal rm` while it downloads) is not overruled: gc frees
+            // it.
             b.in_flight = false;
             b.size = Some(size);
             if b.name.is_empty() {

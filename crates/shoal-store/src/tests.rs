@@ -969,3 +969,38 @@ fn imports_are_told_to_subscribers_once_each() {
     let told: Vec<StoreEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
     assert_eq!(told, vec![StoreEvent::Added { hash: x }]);
 }
+
+#[test]
+fn a_blob_unpinned_while_it_downloads_stays_unpinned_and_gc_frees_it() {
+    // `shoal rm` during a download: the user's word stands when the
+    // download completes (it used to pin the blob again).
+    let from = Store::in_memory();
+    let d = data(40 * GROUP_SIZE as usize, 14);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let to = Store::open(dir.path()).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+    assert!(to.info(&hash).unwrap().pinned);
+    let first = GroupRanges::from_range(0..10);
+    let (_, bytes) = encode(&from, &hash, &first);
+    receive(&to, &hash, &first, &bytes).unwrap();
+    to.unpin(&hash).unwrap();
+    // In flight: gc keeps it.
+    assert_eq!(to.gc().unwrap().blobs, 0);
+    let rest = GroupRanges::from_range(10..40);
+    let (_, bytes) = encode(&from, &hash, &rest);
+    receive(&to, &hash, &rest, &bytes).unwrap();
+    let info = to.info(&hash).unwrap();
+    assert!(info.complete && !info.pinned, "{info:?}");
+    to.end_download(&hash);
+    assert_eq!(to.gc().unwrap().blobs, 1);
+    assert!(to.info(&hash).is_none());
+    // A download never unpinned is kept.
+    to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+    let all = GroupRanges::from_range(0..40);
+    let (_, bytes) = encode(&from, &hash, &all);
+    receive(&to, &hash, &all, &bytes).unwrap();
+    to.end_download(&hash);
+    assert!(to.info(&hash).unwrap().pinned);
+    assert_eq!(to.gc().unwrap().blobs, 0);
+}
