@@ -345,6 +345,22 @@ fn a_collection_round_trips_with_names_and_modes() {
             "{f} differs after a refetch"
         );
     }
+    // `rm` of the collection, then gc, frees the members too (each used to
+    // stay pinned on its own); files written out are never deleted.
+    let ls = d.ok(&["--json", "ls"]);
+    assert!(
+        ls.lines().all(|l| l.contains("\"pinned\":true")),
+        "members are kept by their collection: {ls}"
+    );
+    d.ok(&["rm", &hash]);
+    let gc: serde_json::Value =
+        serde_json::from_str(d.ok(&["--json", "gc"]).trim()).expect("gc's JSON line");
+    assert_eq!(gc["blobs"], 5, "the manifest and four members: {gc}");
+    assert_eq!(d.ok(&["ls"]).trim(), "");
+    assert_eq!(
+        std::fs::read(third.join("a/b/c/big.bin")).unwrap(),
+        data(300_000, 6)
+    );
 }
 
 #[test]

@@ -378,10 +378,11 @@ async fn run(cli: Cli) -> Result<()> {
                 out.list(&items)?;
             } else {
                 let store = open_store(&dir)?;
+                let kept = store.kept_by_collections();
                 let items: Vec<pb::StoreItem> = store
                     .list()
                     .into_iter()
-                    .map(|b| shoal_node::control::store_item(&store, b))
+                    .map(|b| shoal_node::control::store_item(&store, &kept, b))
                     .collect();
                 out.list(&items)?;
             }

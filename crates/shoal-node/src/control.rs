@@ -110,8 +110,14 @@ pub(crate) fn kind_to_pb(k: BlobKind) -> i32 {
 
 /// One blob as `shoal ls` lists it, whether it comes from a running node
 /// or from the store opened directly. Costs a `stat` for a file in place
-/// (to tell whether it changed since it was added).
-pub fn store_item(store: &shoal_store::Store, b: shoal_store::BlobInfo) -> pb::StoreItem {
+/// (to tell whether it changed since it was added). `kept`: what the
+/// store's pinned collections name ([`shoal_store::Store::kept_by_collections`]),
+/// listed as pinned since gc keeps it.
+pub fn store_item(
+    store: &shoal_store::Store,
+    kept: &std::collections::HashSet<Hash>,
+    b: shoal_store::BlobInfo,
+) -> pb::StoreItem {
     pb::StoreItem {
         hash: b.hash.as_bytes().to_vec().into(),
         size: b.size,
@@ -124,8 +130,9 @@ pub fn store_item(store: &shoal_store::Store, b: shoal_store::BlobInfo) -> pb::S
         kind: kind_to_pb(b.kind),
         changed: !b.corrupt && store.source_changed(&b.hash),
         corrupt: b.corrupt,
+        // What gc keeps: pinned itself, or named by a pinned collection.
+        pinned: b.pinned || kept.contains(&b.hash),
         name: b.name,
-        pinned: b.pinned,
     }
 }
 
@@ -164,8 +171,9 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
             }
             Req::List(_) => {
                 let store = node.store();
+                let kept = store.kept_by_collections();
                 for b in store.list() {
-                    let item = store_item(store, b);
+                    let item = store_item(store, &kept, b);
                     write_frame(&mut stream, &resp(Resp::Item(item))).await?;
                 }
             }

@@ -285,6 +285,14 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
+        // A member is kept by its collection (pinned above): one this fetch
+        // pins (every download does) and that was not pinned before is
+        // unpinned at the end, so that `rm` of the collection frees it.
+        let unpinned_before: Vec<Hash> = hashes
+            .iter()
+            .filter(|h| !store.is_pinned(h))
+            .copied()
+            .collect();
         // Complete blobs need nothing; small ones the store has never seen
         // go in batches; the rest one by one.
         let mut dirs = DirCache::default();
@@ -355,6 +363,10 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
+        let store = self.store().clone();
+        tokio::task::spawn_blocking(move || store.unpin_many(&unpinned_before))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))??;
         tracing::debug!("members recorded");
         Ok((total_bytes, files))
     }

@@ -620,6 +620,10 @@ impl Store {
         walk(path, "", &mut files, &mut empty_dirs)?;
         files.sort();
         let mut entries = Vec::with_capacity(files.len() + empty_dirs.len());
+        // Members not pinned before this import: pinned while it runs (a
+        // gc meanwhile must not take them), unpinned once the manifest,
+        // which keeps them, is recorded.
+        let mut ours: HashSet<blake3::Hash> = HashSet::new();
         for batch in files.chunks(IMPORT_BATCH) {
             let prepared: Vec<Result<(Prepared, bool), StoreError>> = batch
                 .par_iter()
@@ -634,6 +638,9 @@ impl Store {
             let mut ok = Vec::with_capacity(prepared.len());
             for (rel, p) in batch.iter().zip(prepared) {
                 let (p, executable) = p?;
+                if !ours.contains(&p.hash) && !self.is_pinned(&p.hash) {
+                    ours.insert(p.hash);
+                }
                 entries.push(Entry {
                     path: rel.clone(),
                     size: p.size,
@@ -662,6 +669,8 @@ impl Store {
             .prepare_bytes(&manifest, file_name(path), BlobKind::Collection)?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
+        let ours: Vec<blake3::Hash> = ours.into_iter().filter(|h| *h != hash).collect();
+        self.unpin_many(&ours)?;
         Ok(hash)
     }
 
@@ -713,10 +722,34 @@ impl Store {
         self.inner.update(hash, |b| b.pinned = false)
     }
 
-    /// Remove every blob that no pin needs: pinned blobs, members of pinned
-    /// complete collections and downloads in flight are kept. Files
-    /// referenced in place are never deleted.
-    pub fn gc(&self) -> Result<GcReport, StoreError> {
+    /// Unpin many blobs in one commit (unknown ones are skipped): the
+    /// members of a collection just imported or fetched, which their
+    /// collection keeps, so that `rm` of the collection frees them.
+    pub fn unpin_many(&self, hashes: &[blake3::Hash]) -> Result<(), StoreError> {
+        let mut st = lock(&self.inner.state);
+        let mut ops = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            if let Some(b) = st.get_mut(h)
+                && b.pinned
+            {
+                b.pinned = false;
+                ops.push(Op::Put(*h, record_of(b)));
+            }
+        }
+        match &self.inner.db {
+            Some(db) if !ops.is_empty() => self.inner.apply(db, &ops, true),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `hash` is here and pinned.
+    pub fn is_pinned(&self, hash: &blake3::Hash) -> bool {
+        lock(&self.inner.state).get(hash).is_some_and(|b| b.pinned)
+    }
+
+    /// Every blob a pinned, complete collection names: gc keeps them
+    /// whether or not they are pinned themselves.
+    pub fn kept_by_collections(&self) -> HashSet<blake3::Hash> {
         let (collections, candidates) = {
             let st = lock(&self.inner.state);
             let cols: Vec<blake3::Hash> = st
@@ -740,6 +773,14 @@ impl Store {
                 Err(e) => tracing::warn!("gc: collection {c} has a bad manifest: {e}"),
             }
         }
+        live
+    }
+
+    /// Remove every blob that no pin needs: pinned blobs, members of pinned
+    /// complete collections and downloads in flight are kept. Files
+    /// referenced in place are never deleted.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let live = self.kept_by_collections();
         let removed = {
             let mut st = lock(&self.inner.state);
             let dead: Vec<blake3::Hash> = st

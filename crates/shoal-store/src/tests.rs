@@ -1004,3 +1004,40 @@ fn a_blob_unpinned_while_it_downloads_stays_unpinned_and_gc_frees_it() {
     assert!(to.info(&hash).unwrap().pinned);
     assert_eq!(to.gc().unwrap().blobs, 0);
 }
+
+#[test]
+fn rm_of_a_collection_lets_gc_free_its_members_but_not_a_file_added_alone() {
+    // Members are kept by their collection, not pinned one by one: `rm`
+    // of the collection, then gc, frees them (it freed only the manifest).
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("a.bin"), data(70_000, 31)).unwrap();
+    fs::write(tree.join("sub/b.bin"), data(80_000, 32)).unwrap();
+    fs::write(tree.join("sub/same.bin"), data(80_000, 32)).unwrap();
+    fs::write(tree.join("alone.bin"), data(90_000, 33)).unwrap();
+    // One file was added on its own first: that pin is the user's.
+    let alone = store
+        .import_file(&tree.join("alone.bin"), ImportMode::Copy)
+        .unwrap();
+    let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+    let (a, b) = (
+        blake3::hash(&data(70_000, 31)),
+        blake3::hash(&data(80_000, 32)),
+    );
+    assert!(store.info(&col).unwrap().pinned);
+    assert!(!store.info(&a).unwrap().pinned && !store.info(&b).unwrap().pinned);
+    assert!(store.info(&alone).unwrap().pinned);
+    let kept = store.kept_by_collections();
+    assert!(kept.contains(&a) && kept.contains(&b) && kept.contains(&alone));
+    // Kept while the collection is pinned.
+    assert_eq!(store.gc().unwrap().blobs, 0);
+    store.unpin(&col).unwrap();
+    assert!(store.kept_by_collections().is_empty());
+    let report = store.gc().unwrap();
+    assert_eq!(report.blobs, 3, "{report:?}");
+    assert!(report.bytes >= 150_000, "{report:?}");
+    let left: Vec<_> = store.list().into_iter().map(|i| i.hash).collect();
+    assert_eq!(left, vec![alone]);
+}
