@@ -247,8 +247,7 @@ fn recheck(node: &Inner, hash: &Hash, info: &shoal_store::BlobInfo) {
         let Ok(_permit) = slot.acquire_owned().await else {
             return;
         };
-        let s = store.clone();
-        let outcome = tokio::task::spawn_blocking(move || s.verify(&hash)).await;
+        let outcome = tokio::task::spawn_blocking(move || store.verify(&hash)).await;
         let failed = match outcome {
             Ok(Ok(true)) => {
                 info!("{hash} ({name}): its bytes are unchanged; serving it again");

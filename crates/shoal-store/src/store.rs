@@ -764,13 +764,15 @@ impl Store {
             let bytes = match self.read_all(&c) {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!("gc: cannot read collection {c}: {e}");
+                    tracing::warn!("cannot read collection {c} to see what it keeps: {e}");
                     continue;
                 }
             };
             match collection::parse_manifest(&bytes) {
                 Ok(entries) => live.extend(entries.iter().filter(|e| !e.empty_dir).map(|e| e.hash)),
-                Err(e) => tracing::warn!("gc: collection {c} has a bad manifest: {e}"),
+                Err(e) => tracing::warn!(
+                    "collection {c} has a bad manifest; what it names is not kept: {e}"
+                ),
             }
         }
         live
