@@ -224,6 +224,8 @@ impl Worker<'_> {
                         hash: job.hash,
                         data,
                         target: job.target.clone(),
+                        // Members: their collection keeps them.
+                        pin: false,
                     });
                     asked.push((job, tried));
                 }

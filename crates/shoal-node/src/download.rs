@@ -61,6 +61,9 @@ pub(crate) struct BlobJob {
     pub(crate) target: Option<std::path::PathBuf>,
     pub(crate) sequential: bool,
     pub(crate) peers: Vec<PeerAddr>,
+    /// Pin the blob (not a collection's members: the collection keeps
+    /// them).
+    pub(crate) pin: bool,
 }
 
 #[derive(Debug)]
@@ -252,7 +255,7 @@ pub(crate) async fn fetch_blob(
         } else {
             None
         };
-        store.begin_download(&hash, kind, target)
+        store.begin_download(&hash, kind, target, job.pin)
     };
     let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
     let mut claimed_collection = kind == Some(BlobKind::Collection);

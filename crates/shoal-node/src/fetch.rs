@@ -117,6 +117,7 @@ impl Node {
             target: target.clone(),
             sequential: streaming,
             peers: req.peers.clone(),
+            pin: true,
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
         // Given a bare hash, a blob a provider calls a collection is not
@@ -285,14 +286,6 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
-        // A member is kept by its collection (pinned above): one this fetch
-        // pins (every download does) and that was not pinned before is
-        // unpinned at the end, so that `rm` of the collection frees it.
-        let unpinned_before: Vec<Hash> = hashes
-            .iter()
-            .filter(|h| !store.is_pinned(h))
-            .copied()
-            .collect();
         // Complete blobs need nothing; small ones the store has never seen
         // go in batches; the rest one by one.
         let mut dirs = DirCache::default();
@@ -363,10 +356,6 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
-        let store = self.store().clone();
-        tokio::task::spawn_blocking(move || store.unpin_many(&unpinned_before))
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))??;
         tracing::debug!("members recorded");
         Ok((total_bytes, files))
     }
@@ -385,6 +374,10 @@ impl Node {
             target: job.target,
             sequential: false,
             peers: req.peers.clone(),
+            // Kept by its collection, pinned before its members are
+            // fetched: `rm` of the collection lets gc free it, and a pin
+            // the user gives it meanwhile stays.
+            pin: false,
         };
         fetch_blob(self.inner.clone(), job, progress).await
     }

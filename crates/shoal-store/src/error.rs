@@ -89,6 +89,16 @@ pub enum StoreError {
          not change (a /proc or /sys file?); copy it to an ordinary file and add the copy"
     )]
     SizeUntrue(PathBuf, u64),
+    /// gc could not read a pinned collection's manifest, so it cannot know
+    /// what the collection keeps: nothing was removed.
+    #[error(
+        "cannot read collection {0} to see what it keeps ({1}); nothing was removed (`shoal \
+         verify {0}` checks it)"
+    )]
+    CollectionUnreadable(blake3::Hash, Box<StoreError>),
+    /// Collections kept being recorded while gc read what they keep.
+    #[error("collections kept being added while gc ran; nothing was removed, run it again")]
+    Busy,
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),

@@ -58,7 +58,8 @@
 //!   must compute first (and the receiver must ask [`Store::receive_ranges`]
 //!   for exactly those).
 //! - [`Store::end_download`] was added: it clears the in-flight mark that
-//!   [`Store::begin_download`] sets (downloads stay pinned).
+//!   [`Store::begin_download`] sets (downloads stay pinned, unless begun
+//!   with `pin` false: a collection's members, which it keeps).
 //! - [`Store::verify_all`], [`Store::close`] and [`Store::dir`] were added.
 //! - [`Store::insert_whole`], [`Store::flush`], [`Store::relocate_many`],
 //!   [`Store::read_whole_many`], [`Store::forget_vanished`],

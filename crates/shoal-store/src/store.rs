@@ -56,6 +56,9 @@ const SAVE_EVERY_GROUPS: u64 = 1024;
 const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// Files per metadata transaction when importing a directory.
 const IMPORT_BATCH: usize = 10_000;
+/// How many times gc reads the collections again when one was recorded
+/// while it read them, before it gives up.
+const GC_TRIES: u32 = 8;
 /// The most one read of a verified stream asks for.
 const RECV_PIECE: usize = 256 << 10;
 /// Largest contiguous run of received data written with one call.
@@ -127,6 +130,11 @@ struct Inner {
     /// Small blobs served lately (`store/served.rs`). Locked after
     /// `state` when both are.
     served: Mutex<served::Served>,
+    /// Blobs gc keeps for now though nothing pins them: the members of a
+    /// directory being imported, until the manifest that keeps them is
+    /// recorded. A count per blob (two imports may share files). Locked
+    /// after `state` when both are.
+    held: Mutex<HashMap<blake3::Hash, usize>>,
     /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
     rechecks: AtomicUsize,
@@ -178,6 +186,7 @@ impl Inner {
             grouped: Mutex::new(HashMap::new()),
             next_group: AtomicU64::new(0),
             served: Mutex::new(served::Served::new(served::DEFAULT_BUDGET)),
+            held: Mutex::new(HashMap::new()),
             #[cfg(test)]
             rechecks: AtomicUsize::new(0),
             #[cfg(test)]
@@ -302,6 +311,52 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The pinned, complete collections of `st`: what gc must read to know
+/// what they keep.
+fn pinned_collections(st: &HashMap<blake3::Hash, Blob>) -> HashSet<blake3::Hash> {
+    st.iter()
+        .filter(|(_, b)| b.pinned && b.kind == BlobKind::Collection && b.partial.is_none())
+        .map(|(h, _)| *h)
+        .collect()
+}
+
+/// Blobs held from gc (see `Inner::held`) until this is dropped.
+struct Hold<'a> {
+    inner: &'a Inner,
+    hashes: Vec<blake3::Hash>,
+}
+
+impl<'a> Hold<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        Hold {
+            inner,
+            hashes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, hashes: impl IntoIterator<Item = blake3::Hash>) {
+        let mut held = lock(&self.inner.held);
+        for h in hashes {
+            *held.entry(h).or_insert(0) += 1;
+            self.hashes.push(h);
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut held = lock(&self.inner.held);
+        for h in &self.hashes {
+            if let Some(n) = held.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(h);
+                }
+            }
+        }
+    }
+}
+
 fn kind_to_u32(k: BlobKind) -> u32 {
     match k {
         BlobKind::Raw => 0,
@@ -352,17 +407,19 @@ struct Prepared {
     inline: Option<Vec<u8>>,
     /// The file was written without a sync, in this boot (see `batch`).
     unsynced: Option<Bytes>,
+    /// Pin it (else something else keeps it: a collection naming it).
+    pin: bool,
 }
 
 impl Prepared {
-    /// The new complete, pinned blob this describes; the database changes
-    /// that record it are added to `ops`.
+    /// The new complete blob this describes (pinned if `pin`); the
+    /// database changes that record it are added to `ops`.
     fn record_new(self, ops: &mut Vec<Op>) -> (blake3::Hash, Blob) {
         let b = Blob {
             size: Some(self.size),
             kind: self.kind,
             name: self.name,
-            pinned: true,
+            pinned: self.pin,
             corrupt: false,
             data: self.data,
             outboard: self.outboard,
@@ -620,10 +677,11 @@ impl Store {
         walk(path, "", &mut files, &mut empty_dirs)?;
         files.sort();
         let mut entries = Vec::with_capacity(files.len() + empty_dirs.len());
-        // Members not pinned before this import: pinned while it runs (a
-        // gc meanwhile must not take them), unpinned once the manifest,
-        // which keeps them, is recorded.
-        let mut ours: HashSet<blake3::Hash> = HashSet::new();
+        // The members are recorded unpinned (the manifest keeps them, so
+        // that `rm` of the collection frees them), and held from gc until
+        // the manifest is recorded. A member pinned already (added on its
+        // own) keeps its pin.
+        let mut hold = Hold::new(&self.inner);
         for batch in files.chunks(IMPORT_BATCH) {
             let prepared: Vec<Result<(Prepared, bool), StoreError>> = batch
                 .par_iter()
@@ -637,10 +695,8 @@ impl Store {
                 .collect();
             let mut ok = Vec::with_capacity(prepared.len());
             for (rel, p) in batch.iter().zip(prepared) {
-                let (p, executable) = p?;
-                if !ours.contains(&p.hash) && !self.is_pinned(&p.hash) {
-                    ours.insert(p.hash);
-                }
+                let (mut p, executable) = p?;
+                p.pin = false;
                 entries.push(Entry {
                     path: rel.clone(),
                     size: p.size,
@@ -650,6 +706,7 @@ impl Store {
                 });
                 ok.push(p);
             }
+            hold.add(ok.iter().map(|p| p.hash));
             self.inner.commit(ok)?;
         }
         for d in empty_dirs {
@@ -669,8 +726,7 @@ impl Store {
             .prepare_bytes(&manifest, file_name(path), BlobKind::Collection)?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
-        let ours: Vec<blake3::Hash> = ours.into_iter().filter(|h| *h != hash).collect();
-        self.unpin_many(&ours)?;
+        drop(hold);
         Ok(hash)
     }
 
@@ -722,47 +778,36 @@ impl Store {
         self.inner.update(hash, |b| b.pinned = false)
     }
 
-    /// Unpin many blobs in one commit (unknown ones are skipped): the
-    /// members of a collection just imported or fetched, which their
-    /// collection keeps, so that `rm` of the collection frees them.
-    pub fn unpin_many(&self, hashes: &[blake3::Hash]) -> Result<(), StoreError> {
-        let mut st = lock(&self.inner.state);
-        let mut ops = Vec::with_capacity(hashes.len());
-        for h in hashes {
-            if let Some(b) = st.get_mut(h)
-                && b.pinned
-            {
-                b.pinned = false;
-                ops.push(Op::Put(*h, record_of(b)));
-            }
-        }
-        match &self.inner.db {
-            Some(db) if !ops.is_empty() => self.inner.apply(db, &ops, true),
-            _ => Ok(()),
-        }
-    }
-
     /// Whether `hash` is here and pinned.
     pub fn is_pinned(&self, hash: &blake3::Hash) -> bool {
         lock(&self.inner.state).get(hash).is_some_and(|b| b.pinned)
     }
 
     /// Every blob a pinned, complete collection names: gc keeps them
-    /// whether or not they are pinned themselves.
+    /// whether or not they are pinned themselves. A collection whose
+    /// manifest cannot be read is skipped with a warning (gc, which must
+    /// not guess, stops instead).
     pub fn kept_by_collections(&self) -> HashSet<blake3::Hash> {
+        let (_, live) = self.kept(false).unwrap_or_default();
+        live
+    }
+
+    /// The pinned, complete collections and every blob they name. With
+    /// `strict`, a manifest that cannot be read is an error rather than a
+    /// warning.
+    fn kept(
+        &self,
+        strict: bool,
+    ) -> Result<(HashSet<blake3::Hash>, HashSet<blake3::Hash>), StoreError> {
         let (collections, candidates) = {
             let st = lock(&self.inner.state);
-            let cols: Vec<blake3::Hash> = st
-                .iter()
-                .filter(|(_, b)| b.pinned && b.kind == BlobKind::Collection && b.partial.is_none())
-                .map(|(h, _)| *h)
-                .collect();
-            (cols, st.len())
+            (pinned_collections(&st), st.len())
         };
         let mut live: HashSet<blake3::Hash> = HashSet::with_capacity(candidates);
-        for c in collections {
-            let bytes = match self.read_all(&c) {
+        for c in &collections {
+            let bytes = match self.read_all(c) {
                 Ok(b) => b,
+                Err(e) if strict => return Err(StoreError::CollectionUnreadable(*c, Box::new(e))),
                 Err(e) => {
                     tracing::warn!("cannot read collection {c} to see what it keeps: {e}");
                     continue;
@@ -775,22 +820,39 @@ impl Store {
                 ),
             }
         }
-        live
+        Ok((collections, live))
     }
 
     /// Remove every blob that no pin needs: pinned blobs, members of pinned
     /// complete collections and downloads in flight are kept. Files
     /// referenced in place are never deleted.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let live = self.kept_by_collections();
-        let removed = {
+        // The manifests are read without the state's lock; a collection
+        // pinned meanwhile (an import or a fetch recording its manifest,
+        // then letting its members go) would leave its members unkept, so
+        // the reading is done again until no collection came in between.
+        let mut tries = 0;
+        let removed = loop {
+            let (seen, live) = self.kept(true)?;
             let mut st = lock(&self.inner.state);
+            if !pinned_collections(&st).is_subset(&seen) {
+                drop(st);
+                tries += 1;
+                if tries == GC_TRIES {
+                    return Err(StoreError::Busy);
+                }
+                continue;
+            }
+            let held = lock(&self.inner.held);
             let dead: Vec<blake3::Hash> = st
                 .iter()
-                .filter(|(h, b)| !b.pinned && !b.in_flight && !live.contains(*h))
+                .filter(|(h, b)| {
+                    !b.pinned && !b.in_flight && !live.contains(*h) && !held.contains_key(*h)
+                })
                 .map(|(h, _)| *h)
                 .collect();
-            self.inner.remove_blobs(&mut st, dead)?
+            drop(held);
+            break self.inner.remove_blobs(&mut st, dead)?;
         };
         let mut report = GcReport::default();
         for (_, b) in &removed {
@@ -1117,35 +1179,43 @@ impl Store {
 
     /// Declare that a download of `hash` starts (idempotent: a second call
     /// resumes). With a `target`, data goes to `<target>.shoal-partial` and
-    /// is renamed to `<target>` on completion. The blob is pinned and
-    /// marked in flight (gc keeps it) until [`Store::end_download`].
+    /// is renamed to `<target>` on completion. The blob is marked in
+    /// flight (gc keeps it) until [`Store::end_download`], and pinned if
+    /// `pin` (a collection's members are not: the pinned collection keeps
+    /// them, and `rm` of it frees them; a pin already there stays).
     pub fn begin_download(
         &self,
         hash: &blake3::Hash,
         kind: BlobKind,
         target: Option<&Path>,
+        pin: bool,
     ) -> Result<(), StoreError> {
-        {
-            let mut st = lock(&self.inner.state);
-            if let Some(b) = st.get_mut(hash) {
+        let existing = |st: &mut HashMap<blake3::Hash, Blob>| {
+            st.get_mut(hash).map(|b| {
                 b.in_flight = true;
-                b.pinned = true;
+                b.pinned |= pin;
                 b.kind = kind;
-                let rec = record_of(b);
-                drop(st);
-                return self.inner.persist(hash, rec, true);
-            }
+                record_of(b)
+            })
+        };
+        let rec = existing(&mut lock(&self.inner.state));
+        if let Some(rec) = rec {
+            return self.inner.persist(hash, rec, true);
         }
-        let b = self
+        let mut b = self
             .inner
             .new_partial(hash, kind, target.map(Path::to_path_buf))?;
-        let rec = record_of(&b);
+        b.pinned = pin;
         let mut st = lock(&self.inner.state);
-        if let Some(existing) = st.get_mut(hash) {
-            existing.in_flight = true;
-            return Ok(());
-        }
-        st.insert(*hash, b);
+        // Begun meanwhile by another caller: that entry stands.
+        let rec = match existing(&mut st) {
+            Some(rec) => rec,
+            None => {
+                let rec = record_of(&b);
+                st.insert(*hash, b);
+                rec
+            }
+        };
         drop(st);
         self.inner.persist(hash, rec, true)
     }
@@ -2176,6 +2246,7 @@ impl Inner {
             outboard,
             inline: None,
             unsynced: None,
+            pin: true,
         })
     }
 
@@ -2196,6 +2267,7 @@ impl Inner {
             outboard: ObRef::None,
             inline: None,
             unsynced: None,
+            pin: true,
         };
         if self.dir.is_none() {
             p.data = DataRef::Mem(Arc::new(RwLock::new(data.to_vec())));
@@ -2290,6 +2362,7 @@ impl Inner {
                         outboard: self.write_outboard(&hash, ob)?,
                         inline: None,
                         unsynced: None,
+                        pin: true,
                     })
                 })();
                 if res.is_err() {
@@ -2300,8 +2373,9 @@ impl Inner {
         }
     }
 
-    /// Record prepared imports in one transaction (pinned). A blob already
-    /// complete and usable keeps its data.
+    /// Record prepared imports in one transaction (pinned if they say so;
+    /// a pin already there stays). A blob already complete and usable
+    /// keeps its data.
     fn commit(&self, items: Vec<Prepared>) -> Result<(), StoreError> {
         // Outboards are written without an fsync: they are made durable
         // here, before the records that point at them are. A few are
@@ -2329,7 +2403,7 @@ impl Inner {
         let mut st = lock(&self.state);
         let mut ops = Vec::with_capacity(items.len() * 2);
         let mut new = Vec::with_capacity(items.len());
-        for p in items {
+        for mut p in items {
             let keep = st.get(&p.hash).is_some_and(|b| {
                 b.partial.is_none()
                     && !b.corrupt
@@ -2343,7 +2417,7 @@ impl Inner {
             });
             if keep {
                 if let Some(b) = st.get_mut(&p.hash) {
-                    b.pinned = true;
+                    b.pinned |= p.pin;
                     if p.kind == BlobKind::Collection {
                         b.kind = p.kind;
                     }
@@ -2354,6 +2428,7 @@ impl Inner {
                 }
                 continue;
             }
+            p.pin |= st.get(&p.hash).is_some_and(|b| b.pinned);
             new.push(p.record_new(&mut ops));
         }
         if let Some(db) = &self.db {

@@ -292,7 +292,7 @@ fn concurrent_receivers_with_disjoint_ranges() {
     let dir = tempfile::tempdir().unwrap();
     let to = Store::open(dir.path()).unwrap();
     let target = dir.path().join("out.bin");
-    to.begin_download(&hash, BlobKind::Raw, Some(&target))
+    to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
         .unwrap();
     let mut events = to.subscribe();
     let parts: Vec<GroupRanges> = (0..4)
@@ -345,7 +345,7 @@ fn large_runs_to_a_file_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let to = Store::open(dir.path()).unwrap();
     let target = dir.path().join("big.bin");
-    to.begin_download(&hash, BlobKind::Raw, Some(&target))
+    to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
         .unwrap();
     let groups = (size as u64).div_ceil(GROUP_SIZE);
     let cuts = [0, 37, 200, groups];
@@ -381,7 +381,7 @@ fn partial_survives(crash: bool) {
     let some = GroupRanges::from_groups([0, 1, 2, 17, 39]);
     {
         let to = Store::open(dir.path()).unwrap();
-        to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+        to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
         let (_, bytes) = encode(&from, &hash, &some);
         receive(&to, &hash, &some, &bytes).unwrap();
         if crash {
@@ -465,7 +465,7 @@ fn gc_keeps_pinned_and_frees_the_rest() {
     store.unpin(&drop_small).unwrap();
     let in_flight = blake3::hash(b"in flight");
     store
-        .begin_download(&in_flight, BlobKind::Raw, None)
+        .begin_download(&in_flight, BlobKind::Raw, None, true)
         .unwrap();
     store.unpin(&in_flight).unwrap();
     let report = store.gc().unwrap();
@@ -845,6 +845,7 @@ fn a_failed_rename_into_the_store_leaves_no_temporary_file() {
             hash: hc,
             data: c.into(),
             target: None,
+            pin: true,
         }])
         .unwrap_err();
     refused(err);
@@ -900,7 +901,8 @@ fn presence_answers_like_info_for_complete_partial_and_unknown_blobs() {
     let partial = from.import_bytes(&big, "big").unwrap();
     let to = Store::in_memory();
     let complete = to.import_bytes(&small, "small").unwrap();
-    to.begin_download(&partial, BlobKind::Raw, None).unwrap();
+    to.begin_download(&partial, BlobKind::Raw, None, true)
+        .unwrap();
     let some = GroupRanges::from_groups([0, 3]);
     let (_, bytes) = encode(&from, &partial, &some);
     receive(&to, &partial, &some, &bytes).unwrap();
@@ -979,7 +981,7 @@ fn a_blob_unpinned_while_it_downloads_stays_unpinned_and_gc_frees_it() {
     let hash = from.import_bytes(&d, "x").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let to = Store::open(dir.path()).unwrap();
-    to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
     assert!(to.info(&hash).unwrap().pinned);
     let first = GroupRanges::from_range(0..10);
     let (_, bytes) = encode(&from, &hash, &first);
@@ -996,7 +998,7 @@ fn a_blob_unpinned_while_it_downloads_stays_unpinned_and_gc_frees_it() {
     assert_eq!(to.gc().unwrap().blobs, 1);
     assert!(to.info(&hash).is_none());
     // A download never unpinned is kept.
-    to.begin_download(&hash, BlobKind::Raw, None).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
     let all = GroupRanges::from_range(0..40);
     let (_, bytes) = encode(&from, &hash, &all);
     receive(&to, &hash, &all, &bytes).unwrap();
@@ -1040,4 +1042,137 @@ fn rm_of_a_collection_lets_gc_free_its_members_but_not_a_file_added_alone() {
     assert!(report.bytes >= 150_000, "{report:?}");
     let left: Vec<_> = store.list().into_iter().map(|i| i.hash).collect();
     assert_eq!(left, vec![alone]);
+}
+
+#[test]
+fn a_members_download_is_not_pinned_and_a_users_pin_of_it_stays() {
+    // A collection's fetch downloads its members unpinned (the pinned
+    // collection keeps them); the user's own get of one pins it, and the
+    // collection's download of it does not take that pin away.
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 41);
+    let hash = from.import_bytes(&d, "m").unwrap();
+    let to = Store::in_memory();
+    to.begin_download(&hash, BlobKind::Raw, None, false)
+        .unwrap();
+    assert!(!to.info(&hash).unwrap().pinned);
+    // The user's get of the same blob, meanwhile.
+    to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
+    assert!(to.info(&hash).unwrap().pinned);
+    // The collection's fetch again (a resume): the pin stays.
+    to.begin_download(&hash, BlobKind::Raw, None, false)
+        .unwrap();
+    let all = GroupRanges::from_range(0..8);
+    let (_, bytes) = encode(&from, &hash, &all);
+    receive(&to, &hash, &all, &bytes).unwrap();
+    to.end_download(&hash);
+    let info = to.info(&hash).unwrap();
+    assert!(info.complete && info.pinned, "{info:?}");
+    // Small members stored whole: unpinned unless asked.
+    let (a, b) = (data(3_000, 42), data(3_000, 43));
+    let outcomes = to
+        .insert_whole(vec![
+            crate::WholeBlob {
+                hash: blake3::hash(&a),
+                data: a.clone().into(),
+                target: None,
+                pin: false,
+            },
+            crate::WholeBlob {
+                hash: blake3::hash(&b),
+                data: b.clone().into(),
+                target: None,
+                pin: true,
+            },
+        ])
+        .unwrap();
+    assert_eq!(outcomes, vec![crate::WholeOutcome::Stored; 2]);
+    assert!(!to.info(&blake3::hash(&a)).unwrap().pinned);
+    assert!(to.info(&blake3::hash(&b)).unwrap().pinned);
+    // Nothing keeps the unpinned one: gc frees it, and only it.
+    assert_eq!(to.gc().unwrap().blobs, 1);
+    assert!(to.info(&blake3::hash(&a)).is_none());
+    assert!(to.info(&hash).is_some() && to.info(&blake3::hash(&b)).is_some());
+}
+
+#[test]
+fn a_file_added_on_its_own_keeps_its_pin_when_a_directory_holding_it_is_imported() {
+    // The import records members unpinned, but does not take away a pin
+    // the file has already, complete or partial.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("a.bin"), data(70_000, 51)).unwrap();
+    fs::write(tree.join("b.bin"), data(70_000, 52)).unwrap();
+    let a = store
+        .import_file(&tree.join("a.bin"), ImportMode::Copy)
+        .unwrap();
+    // b: a download of it was begun (pinned), not finished.
+    let b = blake3::hash(&data(70_000, 52));
+    store.begin_download(&b, BlobKind::Raw, None, true).unwrap();
+    store.end_download(&b);
+    let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+    let (ia, ib) = (store.info(&a).unwrap(), store.info(&b).unwrap());
+    assert!(ia.pinned && ib.pinned && ib.complete, "{ia:?} {ib:?}");
+    store.unpin(&col).unwrap();
+    assert_eq!(store.gc().unwrap().blobs, 1);
+    assert!(store.info(&a).is_some() && store.info(&b).is_some());
+}
+
+#[test]
+fn gc_running_beside_imports_never_takes_the_members_of_an_import() {
+    // gc reads the collections' manifests without the store's lock; an
+    // import that records its manifest meanwhile (and then lets its
+    // members go: the manifest keeps them) must not lose its members to
+    // that gc. Imports in copy mode, so a member gc took is gone for good.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    /// Stops the gc thread when dropped: also when an assertion fails
+    /// (the scope waits for the thread before it passes the panic on).
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let gcs = s.spawn(|| {
+            let mut runs = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match store.gc() {
+                    Ok(_) | Err(StoreError::Busy) => runs += 1,
+                    Err(e) => panic!("gc failed: {e}"),
+                }
+            }
+            runs
+        });
+        let stopper = Stop(&stop);
+        for round in 0..150u64 {
+            let tree = dir.path().join(format!("tree{round}"));
+            fs::create_dir_all(&tree).unwrap();
+            let mut members = Vec::new();
+            for i in 0..6u64 {
+                let d = data(2_000 + i as usize, round * 100 + i + 1000);
+                members.push(blake3::hash(&d));
+                fs::write(tree.join(format!("f{i}")), d).unwrap();
+            }
+            let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+            for m in &members {
+                let info = store.info(m);
+                assert!(
+                    info.as_ref().is_some_and(|i| i.complete),
+                    "round {round}: member {m} of {col} was taken: {info:?}"
+                );
+                assert!(
+                    store.read_all(m).is_ok(),
+                    "round {round}: member {m} unreadable"
+                );
+            }
+        }
+        drop(stopper);
+        let runs = gcs.join().unwrap();
+        assert!(runs > 0);
+    });
 }

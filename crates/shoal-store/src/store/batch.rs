@@ -49,12 +49,16 @@ pub struct WholeBlob {
     /// Where its file goes (the parent directory must exist; an existing
     /// file there is replaced). None keeps the content in the store.
     pub target: Option<PathBuf>,
+    /// Pin it. False for a collection's members, which the pinned
+    /// collection keeps (so that `rm` of it frees them); a pin already
+    /// there stays.
+    pub pin: bool,
 }
 
 /// What [`Store::insert_whole`] did with one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WholeOutcome {
-    /// Checked, written and recorded complete (and pinned).
+    /// Checked, written and recorded complete (and pinned if asked).
     Stored,
     /// The content does not hash to the blob's hash: nothing was written.
     Corrupt,
@@ -65,8 +69,8 @@ pub enum WholeOutcome {
 
 impl Store {
     /// Check each blob of `items` against its hash (all of it, before any
-    /// byte is written), write the good ones and record them complete and
-    /// pinned. The records are held in memory until the next commit (see
+    /// byte is written), write the good ones and record them complete (and
+    /// pinned, those that ask for it). The records are held in memory until the next commit (see
     /// [`Store::flush`]); their files are not synced (see the module
     /// documentation). One outcome per item, in order; an error is local
     /// (disk full, permissions) and leaves the store consistent.
@@ -512,6 +516,7 @@ impl Inner {
             outboard: ObRef::None,
             inline: None,
             unsynced: None,
+            pin: it.pin,
         };
         if let Some(target) = it.target {
             let mut f = OpenOptions::new()
@@ -824,6 +829,7 @@ mod tests {
             hash: blake3::hash(&data),
             data: data.into(),
             target,
+            pin: true,
         }
     }
 
@@ -1007,6 +1013,7 @@ mod tests {
                     hash: blake3::hash(&d),
                     data: d.into(),
                     target: None,
+                    pin: true,
                 }
             })
             .collect();
@@ -1165,6 +1172,7 @@ mod tests {
                     hash: blake3::hash(&d),
                     data: d.into(),
                     target: None,
+                    pin: true,
                 }
             })
             .collect();

@@ -1,0 +1,191 @@
+//! What a collection's fetch pins: the collection, not its members (the
+//! pinned collection keeps them, so `rm` of it lets gc free them), also
+//! when the fetch fails half way; and a pin the user gives a member while
+//! the collection's fetch runs stays.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig, PeerAddr};
+use shoal_store::BlobKind;
+use shoal_store::collection::{Entry, encode_manifest};
+
+fn config(upload_limit: Option<u64>, stall: Duration) -> NodeConfig {
+    NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        upload_limit,
+        stall_timeout: stall,
+        ..NodeConfig::default()
+    }
+}
+
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while v.len() < len {
+        v.extend_from_slice(
+            blake3::hash(&[seed.to_le_bytes(), i.to_le_bytes()].concat()).as_bytes(),
+        );
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn entry(path: &str, size: usize, hash: blake3::Hash) -> Entry {
+    Entry {
+        path: path.into(),
+        size: size as u64,
+        hash,
+        executable: false,
+        empty_dir: false,
+    }
+}
+
+/// `s` holds a collection of `members` (path, content); those with no
+/// content are named by the manifest but not held. Returns its hash.
+async fn share_collection(s: &Node, members: &[(&str, usize, Option<Vec<u8>>)]) -> blake3::Hash {
+    let mut entries = Vec::new();
+    for (path, size, data) in members {
+        let hash = match data {
+            Some(d) => s.add_bytes(d.clone(), path).await.unwrap(),
+            None => blake3::hash(path.as_bytes()),
+        };
+        entries.push(entry(path, *size, hash));
+    }
+    let manifest = encode_manifest(&entries);
+    let col = s.store().import_bytes(&manifest, "dir").unwrap();
+    s.store().pin(&col, BlobKind::Collection).unwrap();
+    col
+}
+
+fn fetch(
+    d: &Node,
+    hash: blake3::Hash,
+    kind: Option<BlobKind>,
+    s: &Node,
+) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
+    let d = d.clone();
+    let req = FetchRequest {
+        hash,
+        kind,
+        peers: vec![PeerAddr {
+            id: Some(s.peer_id()),
+            addr: s.addrs()[0],
+        }],
+        out: FetchOutput::Store,
+    };
+    tokio::spawn(async move { d.fetch(req, None).await })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_fetch_that_fails_leaves_its_members_to_the_collection() {
+    // One member is large (downloaded on its own), one small (in a
+    // batch), one held by nobody: the fetch fails on it. What it got is
+    // kept by the pinned collection, not pinned: `rm` and gc free it all.
+    let s = Node::spawn(config(None, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let (big, small) = (content(300_000, 1), content(3_000, 2));
+    let col = share_collection(
+        &s,
+        &[
+            ("a.bin", big.len(), Some(big.clone())),
+            ("b.bin", small.len(), Some(small.clone())),
+            ("c.bin", 5_000, None),
+        ],
+    )
+    .await;
+    let d = Node::spawn(config(None, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), fetch(&d, col, None, &s))
+        .await
+        .expect("the fetch never gave up")
+        .unwrap()
+        .expect_err("fetched a member nobody holds");
+    assert!(matches!(err, shoal_node::NodeError::NotHeld(..)), "{err}");
+    let store = d.store();
+    let info = |h: &blake3::Hash| store.info(h);
+    let ic = info(&col).unwrap();
+    assert!(ic.complete && ic.pinned, "{ic:?}");
+    for (name, h) in [
+        ("large", blake3::hash(&big)),
+        ("small", blake3::hash(&small)),
+    ] {
+        let i = info(&h).unwrap_or_else(|| panic!("the {name} member was not fetched"));
+        assert!(i.complete && !i.pinned, "the {name} member: {i:?}");
+    }
+    let missing = blake3::hash(b"c.bin");
+    assert!(info(&missing).is_none_or(|i| !i.pinned && !i.complete));
+    // Kept while the collection is pinned (a later fetch resumes).
+    assert_eq!(store.gc().unwrap().blobs, 0);
+    store.unpin(&col).unwrap();
+    let report = store.gc().unwrap();
+    assert!(report.blobs >= 3, "{report:?}");
+    assert!(store.list().is_empty(), "{:?}", store.list());
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_the_user_gets_while_its_collection_downloads_stays_pinned() {
+    // The seeder sends 1 MB/s: the collection's 2 MB member takes ~2 s.
+    // Meanwhile the user gets another member on its own; when the
+    // collection's fetch ends, that member is still pinned (the fetch used
+    // to unpin, at its end, every member it found unpinned at its start).
+    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (big, other) = (content(2 << 20, 3), content(200_000, 4));
+    let (hbig, hother) = (blake3::hash(&big), blake3::hash(&other));
+    let col = share_collection(
+        &s,
+        &[
+            ("big.bin", big.len(), Some(big.clone())),
+            ("other.bin", other.len(), Some(other.clone())),
+        ],
+    )
+    .await;
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let whole = fetch(&d, col, None, &s);
+    // The collection's fetch has begun its members.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while d.store().info(&hbig).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the collection's members never began");
+    let one = tokio::time::timeout(
+        Duration::from_secs(30),
+        fetch(&d, hother, Some(BlobKind::Raw), &s),
+    )
+    .await
+    .expect("the member's own get never ended")
+    .unwrap()
+    .unwrap();
+    assert_eq!(one.bytes, other.len() as u64);
+    assert!(
+        !whole.is_finished(),
+        "the collection's fetch ended first: the test did not overlap them"
+    );
+    tokio::time::timeout(Duration::from_secs(60), whole)
+        .await
+        .expect("the collection's fetch never ended")
+        .unwrap()
+        .unwrap();
+    let store = d.store();
+    let (ib, io) = (store.info(&hbig).unwrap(), store.info(&hother).unwrap());
+    assert!(ib.complete && !ib.pinned, "{ib:?}");
+    assert!(io.complete && io.pinned, "the user's pin was taken: {io:?}");
+    // `rm` of the collection frees what only it kept.
+    store.unpin(&col).unwrap();
+    assert_eq!(store.gc().unwrap().blobs, 2);
+    assert_eq!(store.read_all(&hother).unwrap(), other);
+    s.shutdown().await;
+    d.shutdown().await;
+}
