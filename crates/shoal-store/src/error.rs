@@ -92,8 +92,8 @@ pub enum StoreError {
     /// gc could not read a pinned collection's manifest, so it cannot know
     /// what the collection keeps: nothing was removed.
     #[error(
-        "cannot read collection {0} to see what it keeps ({1}); nothing was removed (`shoal \
-         verify {0}` checks it)"
+        "cannot read collection {0} to see what it keeps ({1}); nothing was removed: fetch it \
+         again, or `shoal rm {0}` to let gc free what only it kept"
     )]
     CollectionUnreadable(blake3::Hash, Box<StoreError>),
     /// Collections kept being recorded while gc read what they keep.

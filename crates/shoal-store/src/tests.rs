@@ -1176,3 +1176,46 @@ fn gc_running_beside_imports_never_takes_the_members_of_an_import() {
         assert!(runs > 0);
     });
 }
+
+#[test]
+fn gc_stops_when_a_collections_manifest_cannot_be_read() {
+    // gc cannot know what such a collection keeps: removing its members
+    // on a passing read error would lose them. It removes nothing and
+    // says which collection; `ls` still lists (with a warning).
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let store = Store::open(&sdir).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    // Enough long names that the manifest is a file of its own, not inline.
+    for i in 0..300u64 {
+        fs::write(
+            tree.join(format!(
+                "a-rather-long-file-name-to-fill-the-manifest-{i:04}.bin"
+            )),
+            data(100, i + 7000),
+        )
+        .unwrap();
+    }
+    let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+    let loose = store.import_bytes(&data(5_000, 61), "loose").unwrap();
+    store.unpin(&loose).unwrap();
+    let manifest = sdir.join("data").join(format!("{}.data", col.to_hex()));
+    assert!(
+        manifest.exists(),
+        "the manifest was stored inline: make it larger"
+    );
+    fs::remove_file(&manifest).unwrap();
+    let before = store.list().len();
+    let err = store.gc().unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CollectionUnreadable(h, _) if *h == col),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nothing was removed"), "{err}");
+    assert_eq!(store.list().len(), before);
+    assert_eq!(
+        store.read_all(&blake3::hash(&data(100, 7000))).unwrap(),
+        data(100, 7000)
+    );
+}
