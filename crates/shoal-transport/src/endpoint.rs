@@ -569,6 +569,16 @@ impl Endpoint {
         self.inner.shared.counters.stats()
     }
 
+    /// Bytes the download limit granted in all (tests).
+    #[cfg(test)]
+    pub(crate) fn download_drawn(&self) -> u64 {
+        self.inner
+            .shared
+            .download
+            .as_ref()
+            .map_or(0, |l| l.drawn.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Close all connections and sockets; waits (up to a second) for the
     /// peers to be told.
     pub async fn close(&self) {

@@ -223,6 +223,14 @@ impl AsyncWrite for SendStream {
     }
 }
 
+impl Drop for SendStream {
+    fn drop(&mut self) {
+        if let Some(limiter) = self.acct.shared.upload.as_ref() {
+            limiter.give_back(self.credit.bytes);
+        }
+    }
+}
+
 /// The receiving half of a stream: tokio [`AsyncRead`], rate-limited by the
 /// endpoint's download limit and counted.
 #[derive(Debug)]
@@ -333,5 +341,13 @@ impl AsyncRead for RecvStream {
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for RecvStream {
+    fn drop(&mut self) {
+        if let Some(limiter) = self.acct.shared.download.as_ref() {
+            limiter.give_back(self.credit.bytes);
+        }
     }
 }
