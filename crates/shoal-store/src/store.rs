@@ -2003,11 +2003,12 @@ impl Inner {
         kind: BlobKind,
         target: Option<PathBuf>,
     ) -> Result<Blob, StoreError> {
-        let name = target
-            .as_ref()
-            .and_then(|t| t.file_name())
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        // Named as it will be once complete (`ls` showed an empty name for
+        // a download by bare hash until then).
+        let name = target.as_ref().and_then(|t| t.file_name()).map_or_else(
+            || hash.to_hex()[..16].to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let p = self.open_partial(hash, target)?;
         Ok(Blob {
             size: None,

@@ -1055,7 +1055,10 @@ fn a_members_download_is_not_pinned_and_a_users_pin_of_it_stays() {
     let to = Store::in_memory();
     to.begin_download(&hash, BlobKind::Raw, None, false)
         .unwrap();
-    assert!(!to.info(&hash).unwrap().pinned);
+    let begun = to.info(&hash).unwrap();
+    assert!(!begun.pinned);
+    // Named from the start as it will be once complete (`ls`).
+    assert_eq!(begun.name, hash.to_hex()[..16]);
     // The user's get of the same blob, meanwhile.
     to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
     assert!(to.info(&hash).unwrap().pinned);
