@@ -796,7 +796,14 @@ async fn get(
         }
         return Ok(());
     }
-    // No node: run a short-lived one on the data dir.
+    // No node: run a short-lived one on the data dir. With no ticket, no
+    // peer and no discovery, it could only wait for its timeout.
+    if ticket.is_none() && net.peers.is_empty() && net.no_mdns && net.no_dht {
+        bail!(
+            "nowhere to look for {hash}: give a ticket or --peer ADDR, or drop --no-mdns / \
+             --no-dht to let discovery find peers"
+        );
+    }
     let mut config = net.node_config(dir, &[]);
     config.discovery.announce = false;
     let node = Node::spawn(config)
