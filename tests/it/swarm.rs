@@ -487,6 +487,59 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     assert!(status.success(), "{status}");
 }
 
+#[test]
+fn an_interrupted_get_through_a_node_says_the_node_goes_on_and_it_does() {
+    // A get on a data dir whose node runs hands the download to the node;
+    // Ctrl-C on the get said nothing (the process just died) while the
+    // node went on. Now it says so, and the node does finish.
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    let bytes = data(3_000_000, 9);
+    write(&input, &bytes);
+    let _seeder = s.serve(&["--max-upload", "1MB/s"]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+    let d = Dir::new();
+    let _node = d.serve(&[]);
+    let out = d.path().join("out.bin");
+    let mut get = d
+        .cmd()
+        .args(["get", &t, "-o", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The node has begun it.
+    eventually(Duration::from_secs(30), "the download to begin", || {
+        d.ok(&["--json", "status"]).contains(&hash)
+    });
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe {
+        libc::kill(get.id() as i32, libc::SIGINT);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = get.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "get did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut get.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: interrupted; the node running on") && err.contains("goes on"),
+        "{err}"
+    );
+    eventually(Duration::from_secs(60), "the node to finish it", || {
+        std::fs::read(&out).is_ok_and(|b| b == bytes)
+    });
+}
+
 /// `shoal demo` (the README's first command) swarms: with the seeder's
 /// upload capped, the downloaders send each other most of the data, and
 /// every copy verifies.

@@ -759,7 +759,24 @@ async fn get(
         c.send(pb::control_request::Kind::Get(req)).await?;
         let mut stdout = std::io::stdout().lock();
         let mut report = None;
-        while let Some(k) = c.next().await? {
+        let signal = wait_for_signal();
+        tokio::pin!(signal);
+        loop {
+            let k = tokio::select! {
+                k = c.next() => k?,
+                s = &mut signal => {
+                    s?;
+                    bar.finish();
+                    // The download is the node's: it goes on (as a
+                    // daemon's does when its remote client quits).
+                    bail!(
+                        "interrupted; the node running on {} goes on with the download \
+                         (`shoal status` shows it)",
+                        dir.display()
+                    );
+                }
+            };
+            let Some(k) = k else { break };
             match k {
                 pb::control_response::Kind::Data(d) => stdout.write_all(&d)?,
                 pb::control_response::Kind::Fetched(r) => {
