@@ -279,7 +279,7 @@ impl ProgressBar {
         let bar = show.then(|| {
             let b = indicatif::ProgressBar::new(0);
             let style = indicatif::ProgressStyle::with_template(
-                "{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                "{bar:40.cyan/blue} {bytes}/{total_bytes} {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             b.set_style(style);
@@ -293,16 +293,7 @@ impl ProgressBar {
         if let Some(b) = &self.bar {
             b.set_length(p.total);
             b.set_position(p.verified);
-            let files = if p.files_total > 0 {
-                format!(", {}/{} files", p.files_done, p.files_total)
-            } else {
-                String::new()
-            };
-            b.set_message(format!(
-                "{} peer{}{files}",
-                p.peers,
-                if p.peers == 1 { "" } else { "s" }
-            ));
+            b.set_message(progress_message(p));
         }
     }
 
@@ -310,5 +301,70 @@ impl ProgressBar {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+/// The bar's text after the byte counts: the node's recent rate, the time
+/// left at that rate, the peers and files. The rate is the node's (a
+/// moving average over the last second or so), not indicatif's own, which
+/// averages over a long window and read half the real rate for most of a
+/// five-second get.
+fn progress_message(p: &Progress) -> String {
+    let eta = match p.total.saturating_sub(p.verified) {
+        0 => "0s".to_string(),
+        _ if p.rate == 0 => "?".to_string(),
+        left => {
+            let secs = left.div_ceil(p.rate);
+            match secs {
+                0..60 => format!("{secs}s"),
+                60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
+                _ => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
+            }
+        }
+    };
+    let files = if p.files_total > 0 {
+        format!(", {}/{} files", p.files_done, p.files_total)
+    } else {
+        String::new()
+    };
+    format!(
+        "{}/s eta {eta} {} peer{}{files}",
+        human(p.rate),
+        p.peers,
+        if p.peers == 1 { "" } else { "s" }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_says_the_nodes_rate_and_the_time_left_at_it() {
+        let p = |verified, total, rate, peers| Progress {
+            verified,
+            total,
+            rate,
+            peers,
+            ..Progress::default()
+        };
+        assert_eq!(
+            progress_message(&p(0, 20 << 20, 4 << 20, 1)),
+            "4.0 MiB/s eta 5s 1 peer"
+        );
+        assert_eq!(
+            progress_message(&p(1 << 20, 600 << 20, 1 << 20, 3)),
+            "1.0 MiB/s eta 9m 59s 3 peers"
+        );
+        assert_eq!(
+            progress_message(&p(0, 10 << 30, 1 << 20, 2)),
+            "1.0 MiB/s eta 2h 50m 2 peers"
+        );
+        assert_eq!(progress_message(&p(0, 100, 0, 0)), "0 B/s eta ? 0 peers");
+        assert_eq!(progress_message(&p(100, 100, 0, 1)), "0 B/s eta 0s 1 peer");
+        let mut files = p(5, 10, 1, 2);
+        files.files_done = 1;
+        files.files_total = 4;
+        assert_eq!(progress_message(&files), "1 B/s eta 5s 2 peers, 1/4 files");
     }
 }

@@ -1,7 +1,7 @@
-//! What a collection's fetch pins: the collection, not its members (the
-//! pinned collection keeps them, so `rm` of it lets gc free them), also
-//! when the fetch fails half way; and a pin the user gives a member while
-//! the collection's fetch runs stays.
+//! A collection's fetch: what it pins (the collection, not its members:
+//! the pinned collection keeps them, so `rm` of it lets gc free them),
+//! also when it fails half way; a pin the user gives a member while the
+//! fetch runs stays; and what its progress reports.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
@@ -186,6 +186,56 @@ async fn a_member_the_user_gets_while_its_collection_downloads_stays_pinned() {
     store.unpin(&col).unwrap();
     assert_eq!(store.gc().unwrap().blobs, 2);
     assert_eq!(store.read_all(&hother).unwrap(), other);
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collections_progress_reports_its_rate_and_peers() {
+    // The bar of a directory's get showed "0 B/s" and "0 peers" (only a
+    // single blob's download reported them).
+    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let members: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("f{i}.bin"), content(400_000, 10 + i)))
+        .collect();
+    let spec: Vec<(&str, usize, Option<Vec<u8>>)> = members
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.len(), Some(d.clone())))
+        .collect();
+    let col = share_collection(&s, &spec).await;
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let req = FetchRequest {
+        hash: col,
+        kind: None,
+        peers: vec![PeerAddr {
+            id: Some(s.peer_id()),
+            addr: s.addrs()[0],
+        }],
+        out: FetchOutput::Store,
+    };
+    let dd = d.clone();
+    let task = tokio::spawn(async move { dd.fetch(req, Some(ptx)).await });
+    // 3.2 MB at 2 MiB/s: well over a second, so several samples.
+    let (mut rate, mut peers) = (0, 0);
+    while prx.changed().await.is_ok() {
+        let p = prx.borrow_and_update().clone();
+        rate = rate.max(p.rate);
+        peers = peers.max(p.peers);
+    }
+    let report = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the fetch never ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.files, 8);
+    assert_eq!(peers, 1);
+    // Within a factor of the limit, whatever the machine's pace.
+    assert!(rate > 200_000 && rate < 20 << 20, "rate {rate}");
     s.shutdown().await;
     d.shutdown().await;
 }
