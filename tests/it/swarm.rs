@@ -364,6 +364,13 @@ fn a_collection_round_trips_with_names_and_modes() {
         ls.lines().all(|l| l.contains("\"pinned\":true")),
         "members are kept by their collection: {ls}"
     );
+    // The collection is named after the directory it was first fetched
+    // into (a ticket carries no name; `ls` showed the hash's digits).
+    let col = ls
+        .lines()
+        .find(|l| l.contains(&hash))
+        .expect("the collection is listed");
+    assert!(col.contains("\"name\":\"copy\""), "{col}");
     d.ok(&["rm", &hash]);
     let gc: serde_json::Value =
         serde_json::from_str(d.ok(&["--json", "gc"]).trim()).expect("gc's JSON line");

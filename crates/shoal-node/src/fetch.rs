@@ -226,6 +226,11 @@ impl Node {
         let manifest = store.read_all(&req.hash)?;
         let entries = collection::parse_manifest(&manifest)?;
         self.store().pin(&req.hash, BlobKind::Collection)?;
+        // Named after the directory it goes to (a ticket carries no name),
+        // as a file is after its output.
+        if let Some(name) = dir.and_then(Path::file_name) {
+            store.name_if_unnamed(&req.hash, &name.to_string_lossy())?;
+        }
         let files: Vec<&collection::Entry> = entries.iter().filter(|e| !e.empty_dir).collect();
         let total_bytes: u64 = files.iter().map(|e| e.size).sum();
         let total_files = files.len() as u32;

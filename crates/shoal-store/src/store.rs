@@ -773,6 +773,25 @@ impl Store {
         })
     }
 
+    /// Name a blob that has no name of its own yet (only its hash's first
+    /// 16 digits, as a download by hash is named): a collection fetched
+    /// into a directory takes the directory's name.
+    pub fn name_if_unnamed(&self, hash: &blake3::Hash, name: &str) -> Result<(), StoreError> {
+        let default = &hash.to_hex()[..16];
+        {
+            let st = lock(&self.inner.state);
+            match st.get(hash) {
+                Some(b) if b.name.is_empty() || b.name == default => {}
+                _ => return Ok(()),
+            }
+        }
+        self.inner.update(hash, |b| {
+            if b.name.is_empty() || b.name == default {
+                b.name = name.to_string();
+            }
+        })
+    }
+
     /// Unpin a blob: gc may remove it unless a pinned collection needs it.
     pub fn unpin(&self, hash: &blake3::Hash) -> Result<(), StoreError> {
         self.inner.update(hash, |b| b.pinned = false)
