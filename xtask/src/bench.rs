@@ -1374,14 +1374,21 @@ fn tar_over_tcp(src: &Path, dst: &Path) -> Result<f64> {
         .take()
         .ok_or_else(|| anyhow!("tar stdout"))?;
     let mut sock = TcpStream::connect(addr)?;
-    std::io::copy(&mut out, &mut sock)?;
+    // Both ends are waited for and reported: a failed run once said only
+    // "Broken pipe", the sending side's error, which hid the other's.
+    let sent = std::io::copy(&mut out, &mut sock);
     drop(sock);
+    drop(out);
     let ok1 = tar.wait().ok;
-    recv.join()
-        .map_err(|_| anyhow!("receiver thread panicked"))??;
+    let received = recv
+        .join()
+        .map_err(|_| anyhow!("receiver thread panicked"))?;
     let ok2 = untar.wait().ok;
-    if !(ok1 && ok2) {
-        bail!("tar pipeline failed");
+    if sent.is_err() || received.is_err() || !(ok1 && ok2) {
+        bail!(
+            "tar pipeline failed: sending tar -c's output: {sent:?}, tar -c ok: {ok1}; \
+             receiving into tar -x: {received:?}, tar -x ok: {ok2}"
+        );
     }
     Ok(t.elapsed().as_secs_f64())
 }
