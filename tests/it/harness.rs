@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -232,19 +232,27 @@ impl Serve {
     }
 
     /// SIGTERM, and wait for a clean exit.
-    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we own and a valid signal number.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
+        signal_and_wait(&mut self.child, libc::SIGTERM, "shoal serve")
+    }
+}
+
+/// Sends `signal` to `child` and waits (up to 15 s) for it to exit.
+pub(crate) fn signal_and_wait(child: &mut Child, signal: i32, what: &str) -> ExitStatus {
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not stop on signal {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{Dir, b3sum, data, eventually, run_bounded, uploaded};
+use crate::harness::{Dir, b3sum, data, eventually, run_bounded, signal_and_wait, uploaded};
 
 const NET: [&str; 2] = ["--no-mdns", "--no-dht"];
 
@@ -476,21 +476,7 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     d.ok(&["get", ticket, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
     assert!(std::fs::read(&out).unwrap() == bytes);
     // SIGINT stops it cleanly.
-    // SAFETY: kill(2) on our own child with a valid signal.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "send did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = signal_and_wait(&mut child, libc::SIGINT, "send");
     assert!(status.success(), "{status}");
 }
 
@@ -520,21 +506,7 @@ fn an_interrupted_get_through_a_node_says_the_node_goes_on_and_it_does() {
     eventually(Duration::from_secs(30), "the download to begin", || {
         d.ok(&["--json", "status"]).contains(&hash)
     });
-    // SAFETY: kill(2) on our own child with a valid signal.
-    unsafe {
-        libc::kill(get.id() as i32, libc::SIGINT);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = get.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "get did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = signal_and_wait(&mut get, libc::SIGINT, "get");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut get.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");

@@ -66,6 +66,18 @@ fn fetch(
     kind: Option<BlobKind>,
     s: &Node,
 ) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
+    fetch_reporting(d, hash, kind, s, None)
+}
+
+/// `d` fetches `hash` (of `kind`, if known) from `s` into its store, in a
+/// task of its own, telling `progress`.
+fn fetch_reporting(
+    d: &Node,
+    hash: blake3::Hash,
+    kind: Option<BlobKind>,
+    s: &Node,
+    progress: Option<tokio::sync::watch::Sender<shoal_node::Progress>>,
+) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
     let d = d.clone();
     let req = FetchRequest {
         hash,
@@ -76,7 +88,7 @@ fn fetch(
         }],
         out: FetchOutput::Store,
     };
-    tokio::spawn(async move { d.fetch(req, None).await })
+    tokio::spawn(async move { d.fetch(req, progress).await })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,17 +221,7 @@ async fn a_collections_progress_reports_its_rate_and_peers() {
         .await
         .unwrap();
     let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
-    let req = FetchRequest {
-        hash: col,
-        kind: None,
-        peers: vec![PeerAddr {
-            id: Some(s.peer_id()),
-            addr: s.addrs()[0],
-        }],
-        out: FetchOutput::Store,
-    };
-    let dd = d.clone();
-    let task = tokio::spawn(async move { dd.fetch(req, Some(ptx)).await });
+    let task = fetch_reporting(&d, col, None, &s, Some(ptx));
     // 3.2 MB at 2 MiB/s: well over a second, so several samples.
     let (mut rate, mut peers) = (0, 0);
     while prx.changed().await.is_ok() {
