@@ -302,8 +302,7 @@ pub(crate) async fn fetch_blob(
     let mut pex_tick = tokio::time::interval(PEX_INTERVAL);
     let mut last_progress = Instant::now();
     let mut last_verified = 0u64;
-    let mut rate = 0f64;
-    let mut rate_at = (Instant::now(), 0u64);
+    let mut rate = crate::RateMeter::new(Duration::from_secs(1));
     let stall = node.config.stall_timeout;
     let mut candidates_open = true;
 
@@ -652,15 +651,10 @@ pub(crate) async fn fetch_blob(
                         last_verified = verified;
                         last_progress = now;
                     }
-                    let dt = now.duration_since(rate_at.0).as_secs_f64();
-                    if dt >= 1.0 {
-                        let sample = verified.saturating_sub(rate_at.1) as f64 / dt;
-                        rate = if rate == 0.0 { sample } else { 0.5 * rate + 0.5 * sample };
-                        rate_at = (now, verified);
-                    }
+                    let rate = rate.update(now, verified);
                     let total = store.info(&hash).map_or(0, |i| i.size);
                     let npeers = peers.len() as u32;
-                    progress.send_modify(|p| { p.verified = verified; p.total = total; p.peers = npeers; p.rate = rate as u64; });
+                    progress.send_modify(|p| { p.verified = verified; p.total = total; p.peers = npeers; p.rate = rate; });
                 } else if !peers.is_empty() || probe.is_some() {
                     // Connected and proving: not stalled yet.
                     let npeers = peers.len() as u32;

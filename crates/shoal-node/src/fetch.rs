@@ -273,26 +273,13 @@ impl Node {
             std::sync::atomic::AtomicU64::new(0),
             std::sync::atomic::AtomicU32::new(0),
         ));
-        // The recent rate, as a blob's download reports it: a moving
-        // average of samples a quarter of a second or more apart.
-        let sampled = std::sync::Mutex::new((Instant::now(), 0u64, 0f64));
+        // The recent rate, as a blob's download reports it (sampled more
+        // often: it moves only as whole members complete).
+        let meter = std::sync::Mutex::new(crate::RateMeter::new(Duration::from_millis(250)));
         let count_done = |size: u64| {
             let b = done.0.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
             let f = done.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            let rate = {
-                let mut s = lock(&sampled);
-                let dt = s.0.elapsed().as_secs_f64();
-                if dt >= 0.25 {
-                    let sample = b.saturating_sub(s.1) as f64 / dt;
-                    s.2 = if s.2 == 0.0 {
-                        sample
-                    } else {
-                        0.5 * s.2 + 0.5 * sample
-                    };
-                    *s = (Instant::now(), b, s.2);
-                }
-                s.2 as u64
-            };
+            let rate = lock(&meter).update(Instant::now(), b);
             progress.send_modify(|p| {
                 p.verified = b;
                 p.files_done = f;

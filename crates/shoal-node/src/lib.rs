@@ -61,6 +61,42 @@ pub struct Progress {
     pub files_total: u32,
 }
 
+/// A transfer's recent rate ([`Progress::rate`]): a moving average of
+/// samples taken at least `every` apart, each weighing half.
+#[derive(Debug)]
+pub(crate) struct RateMeter {
+    every: std::time::Duration,
+    at: std::time::Instant,
+    bytes: u64,
+    rate: f64,
+}
+
+impl RateMeter {
+    pub(crate) fn new(every: std::time::Duration) -> Self {
+        RateMeter {
+            every,
+            at: std::time::Instant::now(),
+            bytes: 0,
+            rate: 0.0,
+        }
+    }
+
+    /// `bytes` done in all by `now`: the rate, in bytes per second.
+    pub(crate) fn update(&mut self, now: std::time::Instant, bytes: u64) -> u64 {
+        let dt = now.duration_since(self.at);
+        if dt >= self.every {
+            let sample = bytes.saturating_sub(self.bytes) as f64 / dt.as_secs_f64();
+            self.rate = if self.rate == 0.0 {
+                sample
+            } else {
+                0.5 * self.rate + 0.5 * sample
+            };
+            (self.at, self.bytes) = (now, bytes);
+        }
+        self.rate as u64
+    }
+}
+
 impl FetchRequest {
     /// A request for what `ticket` names, from the providers it names.
     pub fn from_ticket(ticket: &Ticket, out: FetchOutput) -> Self {
@@ -82,5 +118,26 @@ impl FetchRequest {
             peers,
             out,
         }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use std::time::Duration;
+
+    use super::RateMeter;
+
+    #[test]
+    fn the_rate_is_a_moving_average_of_samples_at_least_a_period_apart() {
+        let mut m = RateMeter::new(Duration::from_secs(1));
+        let t0 = m.at;
+        // Too soon for a sample.
+        assert_eq!(m.update(t0 + Duration::from_millis(500), 100), 0);
+        // The first sample is the rate.
+        assert_eq!(m.update(t0 + Duration::from_secs(2), 2_000), 1_000);
+        // Nothing for two seconds: half the old rate.
+        assert_eq!(m.update(t0 + Duration::from_secs(4), 2_000), 500);
+        // 3,000 in one second: (500 + 3,000) / 2.
+        assert_eq!(m.update(t0 + Duration::from_secs(5), 5_000), 1_750);
     }
 }

@@ -844,7 +844,9 @@ impl Store {
 
     /// Remove every blob that no pin needs: pinned blobs, members of pinned
     /// complete collections and downloads in flight are kept. Files
-    /// referenced in place are never deleted.
+    /// referenced in place are never deleted. Removes nothing, and says
+    /// which, if a pinned collection's manifest cannot be read
+    /// ([`StoreError::CollectionUnreadable`]): what it keeps is unknown.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         // The manifests are read without the state's lock; a collection
         // pinned meanwhile (an import or a fetch recording its manifest,
