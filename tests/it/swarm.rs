@@ -63,18 +63,30 @@ fn one_seeder_one_downloader() {
     );
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).starts_with("error: "));
-    // A bare hash with no peer and discovery off: nowhere to look, said at
-    // once (it waited for its timeout, 60 s by default, and then said no
-    // peer could be found). The bound is below that timeout.
+    // A bare hash with no peer and discovery off: from the store when it
+    // holds it; else nowhere to look, said at once (it waited for its
+    // timeout, 60 s by default, and then said no peer could be found).
+    // The bound is below that timeout.
     let other = d.path().join("other.bin");
-    let lost = d.run(
-        &["get", &hash, "-o", other.to_str().unwrap(), NET[0], NET[1]],
+    d.ok(&["get", &hash, "-o", other.to_str().unwrap(), NET[0], NET[1]]);
+    assert_eq!(b3sum(&other), hash);
+    let e = Dir::new();
+    let nowhere = e.path().join("nowhere.bin");
+    let lost = e.run(
+        &[
+            "get",
+            &hash,
+            "-o",
+            nowhere.to_str().unwrap(),
+            NET[0],
+            NET[1],
+        ],
         Duration::from_secs(50),
     );
     assert_eq!(lost.status.code(), Some(1));
     let err = String::from_utf8_lossy(&lost.stderr);
     assert!(err.contains("error: nowhere to look for"), "{err}");
-    assert!(!other.exists());
+    assert!(!nowhere.exists());
 }
 
 #[test]

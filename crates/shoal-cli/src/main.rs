@@ -813,19 +813,26 @@ async fn get(
         }
         return Ok(());
     }
-    // No node: run a short-lived one on the data dir. With no ticket, no
-    // peer and no discovery, it could only wait for its timeout.
-    if ticket.is_none() && net.peers.is_empty() && net.no_mdns && net.no_dht {
-        bail!(
-            "nowhere to look for {hash}: give a ticket or --peer ADDR, or drop --no-mdns / \
-             --no-dht to let discovery find peers"
-        );
-    }
+    // No node: run a short-lived one on the data dir.
     let mut config = net.node_config(dir, &[]);
     config.discovery.announce = false;
     let node = Node::spawn(config)
         .await
         .context("starting a node for the download")?;
+    // With no ticket, no peer and no discovery, what the store does not
+    // hold could only be waited for until the timeout.
+    if ticket.is_none()
+        && net.peers.is_empty()
+        && net.no_mdns
+        && net.no_dht
+        && !node.store().info(&hash).is_some_and(|i| i.complete)
+    {
+        node.shutdown().await;
+        bail!(
+            "nowhere to look for {hash}: give a ticket or --peer ADDR, or drop --no-mdns / \
+             --no-dht to let discovery find peers"
+        );
+    }
     let mut req = match &ticket {
         Some(t) => FetchRequest::from_ticket(t, FetchOutput::Store),
         None => FetchRequest {
