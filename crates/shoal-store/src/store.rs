@@ -315,9 +315,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// what they keep.
 fn pinned_collections(st: &HashMap<blake3::Hash, Blob>) -> HashSet<blake3::Hash> {
     st.iter()
-        .filter(|(_, b)| b.pinned && b.kind == BlobKind::Collection && b.partial.is_none())
+        .filter(|(_, b)| is_pinned_collection(b))
         .map(|(h, _)| *h)
         .collect()
+}
+
+/// A pinned, complete collection: gc keeps what it names.
+fn is_pinned_collection(b: &Blob) -> bool {
+    b.pinned && b.kind == BlobKind::Collection && b.partial.is_none()
 }
 
 /// Blobs held from gc (see `Inner::held`) until this is dropped.
@@ -826,6 +831,14 @@ impl Store {
         for c in &collections {
             let bytes = match self.read_all(c) {
                 Ok(b) => b,
+                // Unpinned or removed since it was listed: keeps nothing.
+                Err(_)
+                    if !lock(&self.inner.state)
+                        .get(c)
+                        .is_some_and(is_pinned_collection) =>
+                {
+                    continue;
+                }
                 Err(e) if strict => return Err(StoreError::CollectionUnreadable(*c, Box::new(e))),
                 Err(e) => {
                     tracing::warn!("cannot read collection {c} to see what it keeps: {e}");

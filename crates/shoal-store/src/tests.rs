@@ -1221,4 +1221,9 @@ fn gc_stops_when_a_collections_manifest_cannot_be_read() {
         store.read_all(&blake3::hash(&data(100, 7000))).unwrap(),
         data(100, 7000)
     );
+    // The way out the error gives: `rm` of the collection, then gc frees
+    // it, its members and the loose blob.
+    store.unpin(&col).unwrap();
+    assert_eq!(store.gc().unwrap().blobs, 302);
+    assert!(store.list().is_empty());
 }
