@@ -395,6 +395,57 @@ fn a_collection_round_trips_with_names_and_modes() {
 }
 
 #[test]
+fn a_get_fetches_again_what_the_store_holds_corrupt() {
+    // A copy in the store damaged on disk and found corrupt (`verify`):
+    // a get of its directory from a good seeder used to take it as
+    // complete and write a truncated file out (exit 0: the failed export
+    // of a first try was left in the tree, and the next try trusted it).
+    let s = Dir::new();
+    let root = s.path().join("tree");
+    std::fs::create_dir_all(&root).unwrap();
+    write(&root.join("large.bin"), &data(900_000, 21));
+    write(&root.join("small.txt"), b"small");
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &root);
+    let t = ticket(&s, &hash);
+    let large = b3sum(&root.join("large.bin"));
+    let d = Dir::new();
+    d.ok(&["add", "--copy", root.to_str().unwrap()]);
+    let copy = d
+        .path()
+        .join("node/store/data")
+        .join(format!("{large}.data"));
+    let mut bytes = std::fs::read(&copy).expect("the store's copy");
+    bytes[500_000] ^= 1;
+    write(&copy, &bytes);
+    let v = d.run(&["verify"], Duration::from_secs(60));
+    assert_eq!(v.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&v.stdout).contains(&format!("{large}  corrupt")));
+    // With no peer: it fails (after its timeout) and writes nothing.
+    let out = d.path().join("out");
+    let alone = d.run(
+        &[
+            "get",
+            &hash,
+            "-o",
+            out.to_str().unwrap(),
+            NET[0],
+            NET[1],
+            "--timeout",
+            "2",
+        ],
+        Duration::from_secs(40),
+    );
+    assert_eq!(alone.status.code(), Some(1));
+    assert!(!out.exists());
+    // From the seeder: fetched again, and right.
+    d.ok(&["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
+    assert_eq!(b3sum(&out.join("large.bin")), large);
+    assert_eq!(std::fs::read(out.join("small.txt")).unwrap(), b"small");
+    d.ok(&["verify"]);
+}
+
+#[test]
 fn cat_streams_into_b3sum() {
     let s = Dir::new();
     let input = s.path().join("input.bin");

@@ -504,12 +504,25 @@ fn finish_tree(
         }
         let path = dirs.make_parents(tmp, &e.path)?;
         if !was_written && std::fs::symlink_metadata(&path).is_err() {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|err| NodeError::Write(path.clone(), err))?;
-            store.export_blob(&e.hash, &mut f)?;
+            // Written aside and renamed when whole: a file at `path` is
+            // trusted by a resumed fetch, and an export that failed half
+            // way (a blob found corrupt on disk, a full disk) left one.
+            // Outside the tree, where no name in the manifest can be.
+            let part = tmp.with_file_name(format!(
+                "{}.export",
+                tmp.file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            ));
+            let exported = (|| {
+                let mut f = std::fs::File::create(&part)
+                    .map_err(|err| NodeError::Write(part.clone(), err))?;
+                store.export_blob(&e.hash, &mut f)?;
+                std::fs::rename(&part, &path).map_err(|err| NodeError::Write(path.clone(), err))
+            })();
+            if exported.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            exported?;
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|err| NodeError::Write(path.clone(), err))?;

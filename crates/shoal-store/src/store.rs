@@ -1484,26 +1484,29 @@ impl Store {
 
     /// Forget those of `hashes` that are complete but whose file is gone
     /// or not the one recorded (a fetched directory the user deleted or
-    /// edited, a store-owned file lost), so that they are fetched again
-    /// rather than refused as changed. One stat per file; one commit.
-    /// Returns the blobs forgotten.
+    /// edited, a store-owned file lost), or that were found corrupt (a
+    /// store-owned copy damaged on disk: its file is deleted), so that
+    /// they are fetched again rather than refused as changed or corrupt.
+    /// One stat per file; one commit. Returns the blobs forgotten.
     pub fn forget_vanished(
         &self,
         hashes: &[blake3::Hash],
     ) -> Result<Vec<blake3::Hash>, StoreError> {
-        let files: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = {
+        let mut files: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = Vec::new();
+        let mut corrupt: Vec<blake3::Hash> = Vec::new();
+        {
             let st = lock(&self.inner.state);
-            hashes
-                .iter()
-                .filter_map(|h| {
-                    let b = st.get(h).filter(|b| b.partial.is_none())?;
-                    match &b.data {
-                        DataRef::File { path, stamp } => Some((*h, path.clone(), *stamp)),
-                        _ => None,
-                    }
-                })
-                .collect()
-        };
+            for h in hashes {
+                let Some(b) = st.get(h).filter(|b| b.partial.is_none()) else {
+                    continue;
+                };
+                if b.corrupt {
+                    corrupt.push(*h);
+                } else if let DataRef::File { path, stamp } = &b.data {
+                    files.push((*h, path.clone(), *stamp));
+                }
+            }
+        }
         let gone: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = files
             .into_iter()
             .filter(|(_, path, stamp)| match stamp {
@@ -1511,32 +1514,42 @@ impl Store {
                 None => fs::metadata(path).is_err(),
             })
             .collect();
-        if gone.is_empty() {
+        if gone.is_empty() && corrupt.is_empty() {
             return Ok(Vec::new());
         }
         let mut st = lock(&self.inner.state);
         // Those still the entry that was checked (not replaced or moved
         // meanwhile).
-        let same: Vec<blake3::Hash> = gone
+        let mut same: Vec<blake3::Hash> = gone
             .into_iter()
             .filter(|(h, path, stamp)| {
                 st.get(h).is_some_and(|b| {
                     b.partial.is_none()
+                        && !b.corrupt
                         && matches!(&b.data, DataRef::File { stamp: s, path: p } if s == stamp && p == path)
                 })
             })
             .map(|(h, _, _)| h)
             .collect();
+        same.extend(
+            corrupt
+                .into_iter()
+                .filter(|h| st.get(h).is_some_and(|b| b.partial.is_none() && b.corrupt)),
+        );
         let removed = self.inner.remove_blobs(&mut st, same)?;
         // Under the state lock: a download of the same blob starting now
-        // would write a new outboard there.
+        // would write a new outboard (or data file) there.
         tracing::info!(
-            "{} blob(s) whose files are gone or changed forgotten, to be fetched again",
+            "{} blob(s) whose files are gone, changed or corrupt forgotten, to be fetched again",
             removed.len()
         );
         for (_, b) in &removed {
             if let ObRef::File(p) = &b.outboard {
                 let _ = fs::remove_file(p);
+            }
+            // A store-owned copy (never a file in place) found corrupt.
+            if let (true, DataRef::File { path, stamp: None }) = (b.corrupt, &b.data) {
+                let _ = fs::remove_file(path);
             }
         }
         drop(st);

@@ -894,6 +894,44 @@ fn blobs_whose_files_vanished_or_changed_are_forgotten_not_refused() {
 }
 
 #[test]
+fn blobs_found_corrupt_are_forgotten_so_a_get_fetches_them_again() {
+    // A store-owned copy damaged on disk, once found corrupt, stays so
+    // (never served); a get used to take it as complete and fail. Now it
+    // is forgotten, its damaged file deleted, and fetched again. A file in
+    // place is forgotten too, but never deleted: it is the user's.
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let store = Store::open(&sdir).unwrap();
+    let placed = dir.path().join("placed.bin");
+    fs::write(&placed, data(80_000, 71)).unwrap();
+    let copy_src = dir.path().join("copy.bin");
+    fs::write(&copy_src, data(80_000, 72)).unwrap();
+    let in_place = store.import_file(&placed, ImportMode::InPlace).unwrap();
+    let copied = store.import_file(&copy_src, ImportMode::Copy).unwrap();
+    let fine = store.import_bytes(&data(40_000, 73), "fine").unwrap();
+    let copy_file = sdir.join("data").join(format!("{}.data", copied.to_hex()));
+    for f in [&placed, &copy_file] {
+        let mut b = fs::read(f).unwrap();
+        b[100] ^= 1;
+        // Same size and time: only a re-hash sees it.
+        let m = fs::metadata(f).unwrap();
+        fs::write(f, b).unwrap();
+        let f = fs::File::options().write(true).open(f).unwrap();
+        f.set_modified(m.modified().unwrap()).unwrap();
+    }
+    for h in [&in_place, &copied] {
+        assert!(!store.verify(h).unwrap());
+        assert!(store.info(h).unwrap().corrupt);
+    }
+    let forgotten = store.forget_vanished(&[in_place, copied, fine]).unwrap();
+    assert_eq!(forgotten.len(), 2, "{forgotten:?}");
+    assert!(store.info(&in_place).is_none() && store.info(&copied).is_none());
+    assert!(store.info(&fine).unwrap().complete);
+    assert!(!copy_file.exists(), "the damaged copy is deleted");
+    assert!(placed.exists(), "the user's file is never deleted");
+}
+
+#[test]
 fn presence_answers_like_info_for_complete_partial_and_unknown_blobs() {
     let from = Store::in_memory();
     let big = data(40 * GROUP_SIZE as usize, 21);
