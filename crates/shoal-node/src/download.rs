@@ -86,7 +86,12 @@ enum Ev {
     },
     DialFailed {
         addr: SocketAddr,
+        /// The id the candidate named, if any.
+        id: Option<PeerId>,
         err: String,
+        /// Dialling that address again cannot help: the peer there is not
+        /// the one named, or it is this node.
+        hopeless: bool,
     },
     Have {
         peer: PeerId,
@@ -279,7 +284,13 @@ pub(crate) async fn fetch_blob(
     }
     let mut events = store.subscribe();
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
-    let mut candidates = node.candidates(&hash, &job.peers);
+    let (initial, mut candidates) = node.candidates(&hash, &job.peers);
+    // With discovery off, the addresses given are all there is (peer
+    // exchange needs a peer first): once every one of them is hopeless the
+    // download fails at once instead of waiting out the stall timeout.
+    let discovery_off = candidates.is_none();
+    // Addresses found hopeless, and why.
+    let mut hopeless: Vec<(SocketAddr, String)> = Vec::new();
     let mut book = AddressBook::new(SelfFilter::new(
         node.endpoint.peer_id(),
         &node.endpoint.local_addrs(),
@@ -304,7 +315,13 @@ pub(crate) async fn fetch_blob(
     let mut last_verified = 0u64;
     let mut rate = crate::RateMeter::new(Duration::from_secs(1));
     let stall = node.config.stall_timeout;
-    let mut candidates_open = true;
+    let mut candidates_open = !discovery_off;
+    for c in initial {
+        remember(&mut known, &c, Instant::now());
+        if !queued.contains(&c) {
+            queued.push(c);
+        }
+    }
 
     let result = loop {
         let now = Instant::now();
@@ -420,6 +437,8 @@ pub(crate) async fn fetch_blob(
                     },
                     Err(e) => Ev::DialFailed {
                         addr: c.addr,
+                        id: c.id,
+                        hopeless: e.is_hopeless_dial(),
                         err: e.to_string(),
                     },
                 };
@@ -439,7 +458,7 @@ pub(crate) async fn fetch_blob(
         }
 
         tokio::select! {
-            c = candidates.recv(), if candidates_open => match c {
+            c = next_candidate(&mut candidates), if candidates_open => match c {
                 Some(c) => {
                     debug!(addr = %c.addr, source = ?c.source, "candidate");
                     remember(&mut known, &c, Instant::now());
@@ -479,7 +498,33 @@ pub(crate) async fn fetch_blob(
                         add_to_scheduler(s, &peer, &peers[&peer]);
                     }
                 }
-                Ev::DialFailed { addr, err } => {
+                Ev::DialFailed { addr, id, err, hopeless: true } => {
+                    dialing.remove(&addr);
+                    if discovery_off {
+                        // The error says it if nothing else is left.
+                        debug!(%addr, "{err}: not dialled again");
+                    } else {
+                        info!(%addr, "{err}: not dialled again");
+                    }
+                    // Only what named the same peer there is hopeless (an
+                    // address that is this node's own fails for any id).
+                    let same = |c: &Candidate| c.addr == addr && (c.id == id || id.is_none());
+                    if known.get(&addr).is_some_and(|k| same(&k.cand)) {
+                        known.remove(&addr);
+                    }
+                    queued.retain(|c| !same(c));
+                    hopeless.push((addr, err));
+                    if discovery_off
+                        && known.is_empty()
+                        && queued.is_empty()
+                        && dialing.is_empty()
+                        && peers.is_empty()
+                    {
+                        let why: Vec<String> = hopeless.iter().map(|(_, e)| e.clone()).collect();
+                        break Err(NodeError::NowhereLeft(hash, why.join("; ")));
+                    }
+                }
+                Ev::DialFailed { addr, err, hopeless: false, .. } => {
                     dialing.remove(&addr);
                     book.record_failure(addr, Instant::now());
                     // Say it once per address given up front (a ticket's,
@@ -758,6 +803,14 @@ fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
         s.handle_peer_complete(id);
     } else {
         s.handle_have(id, &slot.have);
+    }
+}
+
+/// The next candidate discovery found; never, with discovery off.
+async fn next_candidate(rx: &mut Option<mpsc::Receiver<Candidate>>) -> Option<Candidate> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

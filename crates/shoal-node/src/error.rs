@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shoal_store::Hash;
+use shoal_transport::PeerId;
 
 /// What can go wrong in a node.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,14 @@ pub enum NodeError {
     /// An attempt to dial ourselves.
     #[error("that address is this node itself")]
     SelfDial,
+    /// A peer named by this node's own id.
+    #[error("{0} is this node's own id")]
+    OwnId(PeerId),
+    /// Every address given turned out hopeless and discovery is off.
+    #[error(
+        "no address given leads to a peer to ask ({1}); with discovery off there is nowhere else to look"
+    )]
+    NowhereLeft(Hash, String),
     /// A peer did not answer in time.
     #[error("timed out {0}")]
     Timeout(String),
@@ -84,4 +93,22 @@ pub enum NodeError {
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl NodeError {
+    /// Whether a failed dial says that dialling the same address again
+    /// cannot help: the peer there proved another key than the one named,
+    /// or it is this node (a restart keeps a node's key, so a peer that
+    /// comes back at that address is still the wrong one).
+    pub(crate) fn is_hopeless_dial(&self) -> bool {
+        matches!(
+            self,
+            NodeError::SelfDial
+                | NodeError::OwnId(_)
+                | NodeError::Transport(
+                    shoal_transport::TransportError::WrongPeer { .. }
+                        | shoal_transport::TransportError::SelfConnect { .. }
+                )
+        )
+    }
 }

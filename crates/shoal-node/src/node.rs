@@ -489,7 +489,7 @@ impl Inner {
     ) -> Result<Connection, NodeError> {
         if let Some(id) = id {
             if id == self.endpoint.peer_id() {
-                return Err(NodeError::SelfDial);
+                return Err(NodeError::OwnId(id));
             }
             if let Some(c) = self.endpoint.connection(&id).filter(|c| !c.is_closed()) {
                 return Ok(c);
@@ -568,14 +568,18 @@ impl Inner {
         lock(&self.book).add_addrs(peer, addrs);
     }
 
-    /// Candidates for `hash`: static peers, discovery, and the peers we are
-    /// connected to (neighbours are asked directly).
+    /// Candidates for `hash`: the static peers and the peers we are
+    /// connected to (neighbours are asked directly), returned at once, and
+    /// a channel for those discovery finds (`None` with discovery off:
+    /// then nothing but peer exchange can add to the first list).
     pub(crate) fn candidates(
         self: &Arc<Self>,
         hash: &Hash,
         extra: &[PeerAddr],
-    ) -> tokio::sync::mpsc::Receiver<Candidate> {
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
+    ) -> (
+        Vec<Candidate>,
+        Option<tokio::sync::mpsc::Receiver<Candidate>>,
+    ) {
         let mut initial: Vec<Candidate> = extra
             .iter()
             .chain(self.config.peers.iter())
@@ -594,24 +598,17 @@ impl Inner {
                 });
             }
         }
-        let disc = self.discovery.as_ref().map(|d| d.find(*hash.as_bytes()));
+        let Some(mut disc) = self.discovery.as_ref().map(|d| d.find(*hash.as_bytes())) else {
+            return (initial, None);
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
-            for c in initial {
-                if tx.send(c).await.is_err() {
-                    return;
-                }
-            }
-            let Some(mut disc) = disc else {
-                // Keep the channel open: peer exchange may still add peers.
-                tokio::select! { () = tx.closed() => {}, () = cancel.cancelled() => {} }
-                return;
-            };
             loop {
                 tokio::select! {
                     c = disc.recv() => match c {
                         Some(c) => if tx.send(c).await.is_err() { return },
-                        None => { tokio::select! { () = tx.closed() => {}, () = cancel.cancelled() => {} } return }
+                        None => return,
                     },
                     // The download is over: drop `disc`, which ends the
                     // discovery lookup (no more DHT queries for it).
@@ -620,7 +617,7 @@ impl Inner {
                 }
             }
         });
-        rx
+        (initial, Some(rx))
     }
 }
 

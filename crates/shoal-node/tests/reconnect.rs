@@ -135,10 +135,11 @@ async fn a_download_goes_on_after_its_only_seeder_restarts() {
 async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
     let dir = tempfile::tempdir().unwrap();
     let data = content(300_000);
-    // Another node holds the port first: dialling the seeder's id there
-    // fails at once (wrong key), as a dial to a node not up yet would.
-    let other = Node::spawn(downloader()).await.unwrap();
-    let addr = other.addrs()[0];
+    // A socket that never answers holds the port first, as when the
+    // seeder is not up yet: the first dial runs out (after the node's 10 s
+    // connect timeout) and the address is dialled again.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
     let seeder_id = {
         let s = Node::spawn(seeder_config(
             dir.path(),
@@ -162,9 +163,8 @@ async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
             addr,
         },
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    other.shutdown().await;
-    drop(other);
+    tokio::time::sleep(Duration::from_millis(11_000)).await;
+    drop(silent);
     let s = Node::spawn(seeder_config(dir.path(), addr, None))
         .await
         .unwrap();
@@ -250,5 +250,87 @@ async fn a_download_no_peer_holds_says_so_when_it_gives_up() {
         format!("no peer reached holds {hash} (1 asked)")
     );
     s.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_that_cannot_lead_to_the_named_peer_fail_at_once_with_discovery_off() {
+    // Dialling again cannot help an address whose peer proves another key
+    // than the one named, nor a peer named by this node's own key: with
+    // discovery off and no other address, the download says so at once
+    // instead of redialling until its stall timeout (40 s here).
+    let dir = tempfile::tempdir().unwrap();
+    let s = Node::spawn(seeder_config(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        None,
+    ))
+    .await
+    .unwrap();
+    let data = content(300_000);
+    let hash = s.add_bytes(data.clone(), "f").await.unwrap();
+    let stranger = Node::spawn(downloader()).await.unwrap();
+    let d = Node::spawn(downloader()).await.unwrap();
+    let wrong_key = PeerAddr {
+        id: Some(stranger.peer_id()),
+        addr: s.addrs()[0],
+    };
+    let own_key = PeerAddr {
+        id: Some(d.peer_id()),
+        addr: stranger.addrs()[0],
+    };
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: vec![wrong_key, own_key],
+        out: FetchOutput::Store,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(15), d.fetch(req, None))
+        .await
+        .expect("the download waited for addresses that cannot serve it")
+        .expect_err("fetched from a peer that is not the one named");
+    assert!(
+        matches!(err, shoal_node::NodeError::NowhereLeft(h, _) if h == hash),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "has id {}, expected {}",
+            s.peer_id(),
+            stranger.peer_id()
+        )),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("{} is this node's own id", d.peer_id())),
+        "{msg}"
+    );
+    assert!(!d.store().info(&hash).is_some_and(|i| i.complete));
+
+    // Beside an address that leads to the right peer, such an address is
+    // only skipped, also when it is the same address named with the wrong
+    // key (dialled first: the last given is dialled first).
+    let right = PeerAddr {
+        id: Some(s.peer_id()),
+        addr: s.addrs()[0],
+    };
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: vec![right, wrong_key, own_key],
+        out: FetchOutput::Store,
+    };
+    let d2 = d.clone();
+    fetched(
+        tokio::spawn(async move { d2.fetch(req, None).await }),
+        Duration::from_secs(30),
+        "the download did not use the right address",
+        &d,
+        &data,
+    )
+    .await;
+    s.shutdown().await;
+    stranger.shutdown().await;
     d.shutdown().await;
 }
