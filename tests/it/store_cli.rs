@@ -35,6 +35,39 @@ fn who(node: &Serve, hash: &str) -> Option<pb::availability::Have> {
 }
 
 #[test]
+fn add_prints_what_b3sum_prints_also_for_names_it_escapes() {
+    // b3sum writes a name holding a newline or a backslash escaped, on a
+    // line that starts with a backslash: one line per entry.
+    let d = Dir::new();
+    let names = [
+        "plain.txt",
+        "with space",
+        "new\nline",
+        "back\\slash",
+        "cr\rname",
+    ];
+    let paths: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let p = d.path().join(n);
+            std::fs::write(&p, data(1000 + i, i as u64)).unwrap();
+            p.to_str().unwrap().to_string()
+        })
+        .collect();
+    let mut args = vec!["add"];
+    args.extend(paths.iter().map(String::as_str));
+    let ours = d.ok(&args);
+    let theirs = std::process::Command::new("b3sum")
+        .args(&paths)
+        .output()
+        .expect("b3sum is installed (apt-get install b3sum)");
+    assert!(theirs.status.success());
+    assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap());
+    assert_eq!(ours.lines().count(), names.len(), "{ours}");
+}
+
+#[test]
 fn add_ls_rm_gc_verify() {
     let d = Dir::new();
     let a = d.path().join("a.bin");

@@ -68,7 +68,7 @@ impl Out {
         if self.json {
             line(&json!({ "hash": hash.to_hex().as_str(), "path": path.to_string_lossy(), "kind": if collection { "collection" } else { "blob" } }).to_string())
         } else {
-            line(&format!("{}  {}", hash.to_hex(), path.display()))
+            line(&b3sum_line(hash, path))
         }
     }
 
@@ -335,9 +335,39 @@ fn progress_message(p: &Progress) -> String {
     )
 }
 
+/// `b3sum`'s line for `path`: `<hash>  <path>`, where a path holding a
+/// backslash or a newline is written with both escaped (`\\`, `\n`) and
+/// the line starts with a backslash, so that every line is one entry and
+/// `b3sum --check` can read it back.
+fn b3sum_line(hash: &Hash, path: &Path) -> String {
+    let name = path.to_string_lossy();
+    if name.contains(['\\', '\n']) {
+        let escaped = name.replace('\\', "\\\\").replace('\n', "\\n");
+        format!("\\{}  {escaped}", hash.to_hex())
+    } else {
+        format!("{}  {name}", hash.to_hex())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_lines_escape_paths_as_b3sum_does() {
+        let h = blake3::hash(b"x");
+        let hex = h.to_hex();
+        assert_eq!(
+            b3sum_line(&h, Path::new("dir/a b.txt")),
+            format!("{hex}  dir/a b.txt")
+        );
+        assert_eq!(b3sum_line(&h, Path::new("a\nb")), format!("\\{hex}  a\\nb"));
+        assert_eq!(
+            b3sum_line(&h, Path::new("c\\d")),
+            format!("\\{hex}  c\\\\d")
+        );
+        assert_eq!(b3sum_line(&h, Path::new("a\rb")), format!("{hex}  a\rb"));
+    }
 
     #[test]
     fn the_bar_says_the_nodes_rate_and_the_time_left_at_it() {
