@@ -442,6 +442,9 @@ pub(crate) enum Lie {
     /// Says it has everything, then never answers a get (holds the stream
     /// open, silent).
     NeverAnswers,
+    /// Says it has everything, answers a get with a true header, then
+    /// sends nothing (holds the stream open, silent).
+    FallsSilentAfterTheHeader,
 }
 
 /// A scripted seeder: answers hello, who, subscribe and get for the blobs of
@@ -526,6 +529,22 @@ async fn seeder_stream(
             // Stay subscribed until the peer goes.
             let mut b = [0u8; 1];
             let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
+        }
+        Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentAfterTheHeader) => {
+            let Some(hash) = hash_of(&g.hash) else { return };
+            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            let Some((size, ranges)) = store.available(&hash, &wanted) else {
+                return;
+            };
+            let header = pb::GetHeader {
+                size,
+                ranges: Some(ranges.to_pb()),
+            };
+            let _ = write_frame(&mut send, &resp(Resp::Get(header))).await;
+            let mut b = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
+            let _ = send.stopped().await;
+            return;
         }
         Some(Req::Get(_)) if matches!(lie, Lie::NeverAnswers) => {
             // Silent until the asker gives up and stops the stream.
@@ -682,6 +701,71 @@ fn a_seeder_claiming_what_it_has_not_is_dropped() {
 #[test]
 fn a_seeder_that_never_answers_does_not_hold_the_download() {
     get_past(Lie::NeverAnswers);
+}
+
+/// A peer that answers the size proof's get with its header and then
+/// falls silent held the whole download up until its stall timeout: the
+/// proof waited on it with no timeout, and nothing else runs before the
+/// size is proven. Four downloaders at once, each given the liar and an
+/// honest seeder: each picks one of the two to prove the size with (its
+/// choice; with the old code each that picked the liar hung), and every
+/// one finishes, correct, well within its 60 s stall timeout.
+#[test]
+fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
+    let rt = runtime();
+    rt.block_on(async {
+        let data = data(2 * 1024 * 1024 + 99, 31);
+        let store = Store::in_memory();
+        let hash = store.import_bytes(&data, "blob").expect("import");
+        let (_ep, liar_id, liar_addr) =
+            scripted_seeder(store, Lie::FallsSilentAfterTheHeader).await;
+        let node = |stall| shoal_node::NodeConfig {
+            listen: vec!["127.0.0.1:0".parse().expect("addr")],
+            stall_timeout: stall,
+            ..shoal_node::NodeConfig::default()
+        };
+        let honest = shoal_node::Node::spawn(node(Duration::from_secs(60)))
+            .await
+            .expect("honest seeder");
+        honest.add_bytes(data.clone(), "blob").await.expect("add");
+        let peers = vec![
+            shoal_node::PeerAddr {
+                id: Some(honest.peer_id()),
+                addr: honest.addrs()[0],
+            },
+            shoal_node::PeerAddr {
+                id: Some(liar_id),
+                addr: liar_addr,
+            },
+        ];
+        let mut fetches = Vec::new();
+        for _ in 0..4 {
+            let d = shoal_node::Node::spawn(node(Duration::from_secs(60)))
+                .await
+                .expect("downloader");
+            let req = shoal_node::FetchRequest {
+                hash,
+                kind: None,
+                peers: peers.clone(),
+                out: shoal_node::FetchOutput::Store,
+            };
+            let d2 = d.clone();
+            fetches.push((d, tokio::spawn(async move { d2.fetch(req, None).await })));
+        }
+        for (d, f) in fetches {
+            tokio::time::timeout(Duration::from_secs(45), f)
+                .await
+                .expect("a download waited on the silent peer")
+                .expect("task")
+                .expect("the download failed");
+            assert!(
+                d.store().read_all(&hash).expect("read") == data,
+                "wrong bytes"
+            );
+            d.shutdown().await;
+        }
+        honest.shutdown().await;
+    });
 }
 
 /// A collection of many small files, fetched in batches from two

@@ -45,6 +45,9 @@ const MAX_PEERS: usize = 64;
 const MAX_PROBE_FAILURES: u32 = 3;
 /// Addresses a download remembers to dial again (see [`Known`]).
 const MAX_KNOWN: usize = 256;
+/// Most runs kept of what one peer has (a blob of 1 TiB half held in
+/// every other group would need 2^25; real ones need a few thousand).
+const MAX_PEER_RUNS: usize = 1 << 16;
 /// The shortest time between two dials of one remembered address, on top
 /// of the address book's backoff after failures (which starts at 1 s).
 const REDIAL_MIN: Duration = Duration::from_secs(2);
@@ -404,8 +407,9 @@ pub(crate) async fn fetch_blob(
                 let (tx, store) = (tx.clone(), store.clone());
                 let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
                 let task = tokio::spawn(async move {
-                    let result =
-                        run_get(&conn, &store, &hash, &last, Arc::new(AtomicU64::new(0))).await;
+                    let bytes = Arc::new(AtomicU64::new(0));
+                    let get = run_get(&conn, &store, &hash, &last, bytes.clone());
+                    let result = unless_silent(get, &bytes, ANSWER_TIMEOUT).await;
                     let _ = tx.send(Ev::Probe { peer, result }).await;
                 });
                 probe = Some((peer, task));
@@ -478,7 +482,9 @@ pub(crate) async fn fetch_blob(
                     }
                     let (have, complete) = match &avail.have {
                         Some(pb::availability::Have::Complete(true)) => (GroupRanges::from_range(0..group_count(avail.size)), true),
-                        Some(pb::availability::Have::Ranges(r)) => (GroupRanges::from_pb(r).unwrap_or_default(), false),
+                        // Only groups of the blob it says it is (a claim
+                        // beyond it would grow the map for nothing).
+                        Some(pb::availability::Have::Ranges(r)) => (GroupRanges::from_pb(r).unwrap_or_default().clipped(group_count(avail.size)), false),
                         _ => (GroupRanges::new(), false),
                     };
                     let claims_collection = avail.kind == pb::BlobKind::Collection as i32;
@@ -542,7 +548,15 @@ pub(crate) async fn fetch_blob(
                     }
                     let Some(slot) = peers.get_mut(&peer) else { continue };
                     if slot.size == 0 { slot.size = size; }
-                    slot.have.union_with(&added);
+                    // Clipped to the blob (its proven size once there is
+                    // one, else the peer's claim), and at most
+                    // `MAX_PEER_RUNS` runs kept: runs beyond it, update
+                    // after update, would grow the map without bound.
+                    // Knowing less of a peer than it has is safe.
+                    let groups = group_count(if sched.is_some() { store.info(&hash).map_or(slot.size, |i| i.size) } else { slot.size });
+                    if slot.have.runs().len() < MAX_PEER_RUNS {
+                        slot.have.union_with(&added.clipped(groups));
+                    }
                     slot.complete |= complete;
                     if complete || !slot.have.is_empty() {
                         lock(&node.book).saw(hash, peer);
@@ -803,6 +817,33 @@ fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
         s.handle_peer_complete(id);
     } else {
         s.handle_have(id, &slot.have);
+    }
+}
+
+/// `get`, failed once no byte of it has come for `limit`. For the size
+/// proof, which nothing else watches (the scheduler times out its own
+/// requests): a peer that answered the header and then fell silent held
+/// the whole download until its stall timeout.
+async fn unless_silent(
+    get: impl Future<Output = Result<GroupRanges, ReqError>>,
+    bytes: &AtomicU64,
+    limit: Duration,
+) -> Result<GroupRanges, ReqError> {
+    tokio::pin!(get);
+    let (mut seen, mut since) = (0, Instant::now());
+    let mut tick = tokio::time::interval(limit / 10);
+    loop {
+        tokio::select! {
+            result = &mut get => return result,
+            _ = tick.tick() => {
+                let b = bytes.load(Ordering::Relaxed);
+                if b != seen {
+                    (seen, since) = (b, Instant::now());
+                } else if since.elapsed() >= limit {
+                    return Err(ReqError::Failed(format!("no data for {limit:?} while proving the size")));
+                }
+            }
+        }
     }
 }
 

@@ -211,7 +211,7 @@ pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
         if info.complete {
             a.have = Some(Have::Complete(true));
         } else if !info.verified.is_empty() {
-            a.have = Some(Have::Ranges(info.verified.to_pb()));
+            a.have = Some(Have::Ranges(info.verified.to_pb_claim()));
         }
     }
     a
@@ -500,7 +500,7 @@ async fn on_subscribe(
         tokio::select! {
             ev = events.recv() => match ev {
                 Ok(StoreEvent::Verified { hash, groups, size }) if hashes.contains(&hash) => {
-                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb()), complete: false, fetching: None };
+                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size, added: Some(groups.to_pb_claim()), complete: false, fetching: None };
                     write_frame(send, &up).await?;
                 }
                 Ok(StoreEvent::Complete { hash } | StoreEvent::Added { hash }) if hashes.contains(&hash) => send_full_state(node, send, &hash).await?,
@@ -514,7 +514,7 @@ async fn on_subscribe(
             },
             f = fetching.recv() => match f {
                 Ok((hash, groups)) if hashes.contains(&hash) => {
-                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size: 0, added: None, complete: false, fetching: Some(groups.to_pb()) };
+                    let up = pb::HaveUpdate { hash: hash.as_bytes().to_vec().into(), size: 0, added: None, complete: false, fetching: Some(groups.to_pb_claim()) };
                     write_frame(send, &up).await?;
                 }
                 // Hints: one missed, or none to come, changes nothing.
@@ -545,7 +545,7 @@ async fn send_full_state(
     let up = pb::HaveUpdate {
         hash: hash.as_bytes().to_vec().into(),
         size: info.size,
-        added: (!info.complete).then(|| info.verified.to_pb()),
+        added: (!info.complete).then(|| info.verified.to_pb_claim()),
         complete: info.complete,
         fetching: None,
     };

@@ -435,3 +435,57 @@ async fn a_touched_file_in_place_is_hashed_again_and_served_again_an_edited_one_
     assert!(!node.store().can_serve(&hash));
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_seeder_holding_more_runs_than_the_wire_takes_still_says_what_it_has() {
+    // Every other group of a 4097-group blob: 2049 runs, one more than a
+    // range set on the wire may carry (a real download holds whole blocks
+    // of 8 groups: a 512 MiB blob half held in every other block). Its Who
+    // answer and its subscription's state must still decode, as a subset
+    // of what it holds that keeps the last group (a downloader proves the
+    // size with it); they did not, and a downloader took it for a peer
+    // with nothing.
+    let groups = 2 * 2048 + 1;
+    let data: Vec<u8> = (0..groups * shoal_proto::GROUP_SIZE)
+        .map(|i| (i % 251) as u8 ^ (i >> 14) as u8)
+        .collect();
+    let src = shoal_store::Store::in_memory();
+    let hash = src.import_bytes(&data, "x").unwrap();
+    let held = GroupRanges::from_groups((0..groups).step_by(2));
+    assert_eq!(held.runs().len(), 2049);
+    let (_, have) = src.available(&hash, &held).unwrap();
+    let mut bytes = Vec::new();
+    src.send_ranges(&hash, &have, &mut bytes).await.unwrap();
+    let (p, ep, conn) = node_and_client().await;
+    p.store()
+        .begin_download(&hash, shoal_store::BlobKind::Raw, None, true)
+        .unwrap();
+    let got = p
+        .store()
+        .receive_ranges(&hash, &held, &bytes[..])
+        .await
+        .unwrap();
+    assert!(got == held, "the partial seeder did not take its groups");
+    p.store().end_download(&hash);
+
+    let pb::availability::Have::Ranges(r) = who_says(&conn, &hash).await else {
+        panic!("the partial seeder did not answer with ranges");
+    };
+    let claimed = GroupRanges::from_pb(&r).expect("its Who answer decodes");
+    assert_eq!(claimed.runs().len(), 2048);
+    assert!(
+        claimed.intersection(&held) == claimed,
+        "claims more than it holds"
+    );
+    assert!(
+        claimed.contains(groups - 1),
+        "the last group is not claimed"
+    );
+    let (_send, mut recv) = subscribe(&conn, &hash).await;
+    let up: pb::HaveUpdate = read_frame(&mut recv, Limit::HaveUpdate).await.unwrap();
+    let state = GroupRanges::from_opt_pb(up.added.as_ref()).expect("its state decodes");
+    assert!(state == claimed, "the subscription says another set");
+
+    p.shutdown().await;
+    drop(ep);
+}

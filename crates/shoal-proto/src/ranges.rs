@@ -228,6 +228,40 @@ impl GroupRanges {
         pb::GroupRanges { deltas }
     }
 
+    /// The wire form of a claim: these groups if they fit the wire's
+    /// limit of runs, else the last run and the longest others, up to
+    /// [`MAX_BOUNDARIES`]` / 2` runs (a subset, so the claim stays true; a
+    /// peer told less asks for less). For what a node says it has: a
+    /// partial download picked rarest first can hold more runs than a peer
+    /// would accept. The last run is kept because it may hold the blob's
+    /// last group, which a downloader fetches first to prove the size.
+    pub fn to_pb_claim(&self) -> pb::GroupRanges {
+        let max = MAX_BOUNDARIES / 2;
+        let Some((last, others)) = self.runs.split_last().filter(|_| self.runs.len() > max) else {
+            return self.to_pb();
+        };
+        let mut longest: Vec<&Range<u64>> = others.iter().collect();
+        // Longest first; among equals, the earliest.
+        longest.sort_by_key(|r| (std::cmp::Reverse(r.end - r.start), r.start));
+        longest.truncate(max - 1);
+        longest.push(last);
+        longest.sort_by_key(|r| r.start);
+        GroupRanges {
+            runs: longest.into_iter().cloned().collect(),
+        }
+        .to_pb()
+    }
+
+    /// Only the groups below `end` (a peer's claim clipped to the blob).
+    pub fn clipped(&self, end: u64) -> GroupRanges {
+        let n = self.runs.partition_point(|r| r.end <= end);
+        let mut runs = self.runs[..n].to_vec();
+        if let Some(r) = self.runs.get(n).filter(|r| r.start < end) {
+            runs.push(r.start..end);
+        }
+        GroupRanges { runs }
+    }
+
     /// Parse the wire form, refusing anything malformed.
     pub fn from_pb(p: &pb::GroupRanges) -> Result<Self, RangesError> {
         let d = &p.deltas;
@@ -351,6 +385,42 @@ mod tests {
             let want: BTreeSet<u64> = (lo..lo + len).collect();
             prop_assert_eq!(set(&a).is_exactly(lo..lo + len), a == want);
             prop_assert!(set(&want).is_exactly(lo..lo + len));
+        }
+
+        #[test]
+        fn a_claim_always_fits_the_wire_and_is_a_subset(
+            runs in proptest::collection::vec((0u64..5, 1u64..4), 0..5000),
+        ) {
+            let mut set = GroupRanges::new();
+            let mut pos = 0;
+            for (gap, len) in runs {
+                pos += gap + 1;
+                set.insert(pos..pos + len);
+                pos += len;
+            }
+            let claim = GroupRanges::from_pb(&set.to_pb_claim()).expect("a claim decodes");
+            prop_assert!(claim.runs().len() <= MAX_BOUNDARIES / 2);
+            prop_assert_eq!(claim.intersection(&set), claim.clone());
+            if set.runs().len() <= MAX_BOUNDARIES / 2 {
+                prop_assert_eq!(&claim, &set);
+            } else {
+                // The last run and the longest others are kept: none left
+                // out is longer than the shortest other kept.
+                prop_assert_eq!(claim.runs().last(), set.runs().last());
+                let others = &claim.runs()[..claim.runs().len() - 1];
+                let shortest = others.iter().map(|r| r.end - r.start).min().unwrap();
+                let left = set.difference(&claim);
+                prop_assert!(left.runs().iter().all(|r| r.end - r.start <= shortest));
+            }
+        }
+
+        #[test]
+        fn clipped_matches_btreeset(
+            groups in proptest::collection::btree_set(0u64..300, 0..200),
+            end in 0u64..320,
+        ) {
+            let want: BTreeSet<u64> = groups.iter().copied().filter(|g| *g < end).collect();
+            prop_assert_eq!(set(&groups).clipped(end), set(&want));
         }
 
         #[test]
