@@ -445,6 +445,72 @@ pub(crate) enum Lie {
     /// Says it has everything, answers a get with a true header, then
     /// sends nothing (holds the stream open, silent).
     FallsSilentAfterTheHeader,
+    /// Serves [`absurd_blob`] besides its store: only the last group of a
+    /// blob of [`ABSURD_SIZE`] bytes, with a size proof that verifies.
+    AbsurdSize,
+}
+
+/// The size [`Lie::AbsurdSize`] proves: just over the 1 TiB a download
+/// accepts.
+const ABSURD_SIZE: u64 = (1 << 41) + 777;
+
+/// A blob of `size` bytes no one holds: its hash and the verified stream
+/// of its last group (the 8-byte size, the parent pairs from the root
+/// down, the group's bytes). Built from the bottom up with made-up
+/// siblings, so it costs the same at any size: a size proof shows only
+/// that someone chose the size, which is why a proven size must still be
+/// bounded.
+fn absurd_blob(size: u64) -> (blake3::Hash, Vec<u8>) {
+    use bao_tree::iter::BaoChunk;
+    use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+    use blake3::hazmat::{
+        ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+    };
+    let tree = BaoTree::new(size, BlockSize::from_chunk_log(4));
+    let groups = shoal_proto::group_count(size);
+    let ranges = ChunkRanges::from(ChunkNum((groups - 1) * 16)..ChunkNum(groups * 16));
+    // (is_root, right child on the path) per parent, top down; the leaf.
+    let mut parents = Vec::new();
+    let mut leaf = None;
+    for c in tree.ranges_pre_order_chunks_iter_ref(&ranges, 0) {
+        match c {
+            BaoChunk::Parent {
+                is_root,
+                right,
+                left,
+                ..
+            } => {
+                assert!(right && !left, "the last group is on the right");
+                parents.push(is_root);
+            }
+            BaoChunk::Leaf {
+                start_chunk, size, ..
+            } => leaf = Some((start_chunk, size)),
+        }
+    }
+    let (start, len) = leaf.expect("a leaf");
+    let data = vec![0x5a; len];
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(start.to_bytes());
+    h.update(&data);
+    let mut cv: ChainingValue = h.finalize_non_root();
+    let mut pairs = Vec::new();
+    let mut root = None;
+    for (i, is_root) in parents.iter().enumerate().rev() {
+        let left: ChainingValue = *blake3::hash(&i.to_le_bytes()).as_bytes();
+        pairs.push([left, cv].concat());
+        if *is_root {
+            root = Some(merge_subtrees_root(&left, &cv, Mode::Hash));
+        } else {
+            cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+        }
+    }
+    let mut stream = size.to_le_bytes().to_vec();
+    for p in pairs.iter().rev() {
+        stream.extend_from_slice(p);
+    }
+    stream.extend_from_slice(&data);
+    (root.expect("a root"), stream)
 }
 
 /// A scripted seeder: answers hello, who, subscribe and get for the blobs of
@@ -498,6 +564,16 @@ async fn seeder_stream(
                 .hashes
                 .iter()
                 .map(|h| {
+                    if matches!(lie, Lie::AbsurdSize)
+                        && hash_of(h) == Some(absurd_blob(ABSURD_SIZE).0)
+                    {
+                        return pb::Availability {
+                            hash: h.clone(),
+                            size: ABSURD_SIZE,
+                            have: Some(pb::availability::Have::Complete(true)),
+                            kind: 0,
+                        };
+                    }
                     let info = hash_of(h).and_then(|h| store.info(&h));
                     pb::Availability {
                         hash: h.clone(),
@@ -529,6 +605,27 @@ async fn seeder_stream(
             // Stay subscribed until the peer goes.
             let mut b = [0u8; 1];
             let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
+        }
+        Some(Req::Get(g)) if matches!(lie, Lie::AbsurdSize) => {
+            let (hash, stream) = absurd_blob(ABSURD_SIZE);
+            let groups = shoal_proto::group_count(ABSURD_SIZE);
+            let last = GroupRanges::from_range(groups - 1..groups);
+            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            if hash_of(&g.hash) != Some(hash) || wanted.intersection(&last).is_empty() {
+                let nf = shoal_proto::error_response(pb::ErrorCode::NotFound, "gone");
+                let _ = write_frame(&mut send, &nf).await;
+            } else {
+                let header = pb::GetHeader {
+                    size: ABSURD_SIZE,
+                    ranges: Some(last.to_pb()),
+                };
+                if write_frame(&mut send, &resp(Resp::Get(header)))
+                    .await
+                    .is_ok()
+                {
+                    let _ = send.write_all(&stream).await;
+                }
+            }
         }
         Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentAfterTheHeader) => {
             let Some(hash) = hash_of(&g.hash) else { return };
@@ -766,6 +863,44 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
         }
         honest.shutdown().await;
     });
+}
+
+/// A peer can prove any size for a hash it made up (see [`absurd_blob`]):
+/// a download refuses a proven size over 1 TiB, with a clear error, and
+/// so does the next try, which found the size already proven in the store
+/// and sized its tables by it (the memory of an 8 TiB blob's, unchecked).
+#[test]
+fn a_proven_absurd_size_is_refused_also_on_the_next_try() {
+    let rt = runtime();
+    let (_ep, liar_id, liar_addr) =
+        rt.block_on(scripted_seeder(Store::in_memory(), Lie::AbsurdSize));
+    let hash = absurd_blob(ABSURD_SIZE).0.to_hex().to_string();
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    for attempt in ["first", "second"] {
+        let o = d.run(
+            &[
+                "get",
+                &hash,
+                "--peer",
+                &format!("{liar_id}@{liar_addr}"),
+                "--no-mdns",
+                "--no-dht",
+                "-o",
+                out.to_str().expect("utf-8"),
+            ],
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{attempt} try: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "{ABSURD_SIZE} bytes, more than the 1 TiB a download accepts"
+            )),
+            "{attempt} try: {stderr}"
+        );
+        assert!(!out.exists(), "{attempt} try wrote an output");
+    }
 }
 
 /// A collection of many small files, fetched in batches from two

@@ -309,6 +309,16 @@ pub(crate) async fn fetch_blob(
     // `MAX_PROBE_FAILURES` times is dropped for good (a peer that stalls
     // every probe must not hold the download up one timeout at a time).
     let mut probe_failures: HashMap<PeerId, u32> = HashMap::new();
+    if let Some(size) = store
+        .info(&hash)
+        .map(|i| i.size)
+        .filter(|s| *s > MAX_BLOB_SIZE)
+    {
+        if begun {
+            store.end_download(&hash);
+        }
+        return Err(NodeError::TooLarge(hash, size));
+    }
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
     let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
     let mut running: HashMap<RequestId, Running> = HashMap::new();
@@ -786,7 +796,10 @@ pub(crate) async fn fetch_blob(
 fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Scheduler<PeerId>> {
     let info = node.store.info(hash)?;
     let groups = group_count(info.size);
-    if !info.complete && !info.verified.contains(groups - 1) {
+    // Never sized past the limit (its tables would not fit in memory): a
+    // size proven by an earlier try that stopped with `TooLarge` stays in
+    // the store.
+    if info.size > MAX_BLOB_SIZE || (!info.complete && !info.verified.contains(groups - 1)) {
         return None;
     }
     let have = if info.complete {
