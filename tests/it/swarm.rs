@@ -781,3 +781,69 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `args` on `dir` with stdout piped, reads `n` bytes of it, closes
+/// the pipe (as `| head -c N` does) and waits at most a minute for the
+/// command to end; returns its exit status and stderr.
+fn read_then_close(dir: &Dir, args: &[&str], n: usize) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = dir
+        .cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shoal");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut head = vec![0u8; n];
+    stdout.read_exact(&mut head).expect("the first bytes");
+    drop(stdout);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shoal {args:?} went on after its reader left");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    (status, err)
+}
+
+/// A reader that leaves early (`shoal cat ... | head -c 10`, `shoal demo |
+/// head -1`) ends the command quietly with exit 0, as `cat` ends: `cat`
+/// on a short-lived node said "error: ... output closed" with exit 1,
+/// and `demo` panicked.
+#[test]
+fn a_reader_that_leaves_early_ends_cat_and_demo_quietly() {
+    let s = Dir::new();
+    let input = s.path().join("big.bin");
+    write(&input, &data(8 * 1024 * 1024, 41));
+    let seeder = s.serve(&[]);
+    let hash = add(&s, &input);
+    let d = Dir::new();
+    let (status, err) = read_then_close(
+        &d,
+        &["cat", &hash, "--peer", &seeder.peer_arg(), NET[0], NET[1]],
+        10,
+    );
+    assert!(status.success(), "cat: {status}: {err}");
+    assert!(!err.contains("error"), "cat: {err}");
+    let (status, err) = read_then_close(
+        &d,
+        &["demo", "--size-mib", "2", "--downloaders", "1"],
+        // Closed before its first line, so that every line meets it.
+        0,
+    );
+    assert!(status.success(), "demo: {status}: {err}");
+    assert!(!err.contains("panicked"), "demo: {err}");
+}

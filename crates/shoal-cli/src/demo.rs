@@ -11,12 +11,12 @@ use crate::output::{Out, human};
 
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
-    /// Size of the generated file, in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Size of the generated file, in MiB (every node holds it in memory).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
     size_mib: u64,
     /// Number of downloaders.
-    #[arg(long, default_value_t = 4)]
-    downloaders: usize,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
+    downloaders: u16,
     /// Upload cap of the seeder (`0`: none). Uncapped on loopback, the
     /// seeder alone feeds every downloader within a couple of seconds,
     /// before they learn of each other, and there is no swarm to see;
@@ -40,6 +40,14 @@ fn generate(size: usize) -> Vec<u8> {
     v
 }
 
+/// A line of the report on stdout; a reader gone (`| head`) is an error
+/// the caller ends quietly on, where `println!` panicked.
+macro_rules! say {
+    ($($t:tt)*) => {
+        crate::output::line(&format!($($t)*))?
+    };
+}
+
 fn loopback() -> NodeConfig {
     NodeConfig {
         listen: vec!["127.0.0.1:0".parse().expect("literal address")],
@@ -48,10 +56,8 @@ fn loopback() -> NodeConfig {
 }
 
 pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
-    if args.downloaders == 0 || args.downloaders > 32 {
-        bail!("--downloaders must be between 1 and 32");
-    }
-    let size = usize::try_from(args.size_mib.max(1) * 1024 * 1024).context("size too large")?;
+    // Bounded by clap: 1..=4096 MiB, 1..=32 downloaders.
+    let size = usize::try_from(args.size_mib << 20).context("size too large")?;
     eprintln!("generating {} of data ...", human(size as u64));
     let data = generate(size);
     let expected = blake3::hash(&data);
@@ -106,8 +112,10 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     // Live progress.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = done.clone();
+    // Only to a terminal, as progress bars are (the report says it all).
+    let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let printer = tokio::spawn(async move {
-        while !d.load(std::sync::atomic::Ordering::Relaxed) {
+        while live && !d.load(std::sync::atomic::Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let line: Vec<String> = watches
                 .iter()
@@ -169,28 +177,32 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     }
     if out.json {
         for r in &rows {
-            println!(
+            say!(
                 "{}",
                 serde_json::json!({ "node": r.0, "finished": r.1, "rate": r.2, "uploaded": r.3, "downloaded": r.4 })
             );
         }
-        println!(
+        say!(
             "{}",
             serde_json::json!({ "hash": hash.to_hex().as_str(), "bytes": size, "seconds": total.as_secs_f64(), "verified": all_ok })
         );
     } else {
-        println!(
+        say!(
             "shoal demo: {} to {} downloaders over loopback",
             human(size as u64),
             args.downloaders
         );
-        println!("hash {hash}");
-        println!(
+        say!("hash {hash}");
+        say!(
             "{:<14} {:>9} {:>11} {:>12} {:>12}",
-            "node", "finished", "rate", "uploaded", "downloaded"
+            "node",
+            "finished",
+            "rate",
+            "uploaded",
+            "downloaded"
         );
         for r in &rows {
-            println!(
+            say!(
                 "{:<14} {:>9} {:>11} {:>12} {:>12}",
                 r.0,
                 r.1,
@@ -201,12 +213,12 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         }
         let seeder_copies = rows[0].3 as f64 / size as f64;
         let peer_copies = rows[1..].iter().map(|r| r.3).sum::<u64>() as f64 / size as f64;
-        println!(
+        say!(
             "all done in {:.2}s ({:.0} MiB/s aggregate); the seeder sent {seeder_copies:.2} copies, the downloaders sent each other {peer_copies:.2}",
             total.as_secs_f64(),
             mb * args.downloaders as f64 / total.as_secs_f64().max(1e-3)
         );
-        println!(
+        say!(
             "verification: {}",
             if all_ok {
                 "every copy has the right BLAKE3 hash"

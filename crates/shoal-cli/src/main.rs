@@ -877,10 +877,11 @@ async fn get(
     };
     bar.finish();
     let finish = async {
-        let report = res
-            .context("download task failed")?
-            .with_context(|| format!("fetching {hash}"))?;
+        let fetched = res.context("download task failed")?;
+        // A writer that failed is why the fetch stopped ("output closed"):
+        // its error comes first, and a broken pipe (`| head`) ends quietly.
         writer.await.context("stdout writer")??;
+        let report = fetched.with_context(|| format!("fetching {hash}"))?;
         if !to_stdout {
             out.fetched(&report)?;
         }

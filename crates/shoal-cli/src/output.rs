@@ -14,7 +14,7 @@ pub(crate) struct Out {
     pub(crate) json: bool,
 }
 
-fn line(s: &str) -> Result<()> {
+pub(crate) fn line(s: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
     writeln!(o, "{s}")?;
     o.flush()?;
