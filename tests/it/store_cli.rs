@@ -68,6 +68,40 @@ fn add_prints_what_b3sum_prints_also_for_names_it_escapes() {
 }
 
 #[test]
+fn add_goes_on_past_a_path_it_cannot_add_as_b3sum_does() {
+    // b3sum names the bad path, prints the others' lines and exits 1;
+    // add stopped at the first bad path. Without a node and through one.
+    let d = Dir::new();
+    let (a, b) = (d.path().join("a.txt"), d.path().join("b.txt"));
+    std::fs::write(&a, b"a").unwrap();
+    std::fs::write(&b, b"b").unwrap();
+    let missing = d.path().join("missing");
+    let args = [
+        a.to_str().unwrap(),
+        missing.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ];
+    let theirs = std::process::Command::new("b3sum")
+        .args(args)
+        .output()
+        .expect("b3sum is installed (apt-get install b3sum)");
+    assert_eq!(theirs.status.code(), Some(1));
+    for through_node in [false, true] {
+        let _node = through_node.then(|| d.serve(&[]));
+        let o = d.run(&["add", args[0], args[1], args[2]], Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(o.stdout, theirs.stdout, "node: {through_node}; {err}");
+        assert!(err.contains(&format!("shoal: {}: ", args[1])), "{err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert_eq!(
+            last,
+            "error: 1 of 3 paths could not be added (each is named above)"
+        );
+    }
+}
+
+#[test]
 fn add_ls_rm_gc_verify() {
     let d = Dir::new();
     let a = d.path().join("a.bin");

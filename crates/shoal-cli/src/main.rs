@@ -573,19 +573,21 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
             copy,
         }))
         .await?;
-        let mut i = 0;
+        let (mut i, mut failed) = (0, 0);
         while let Some(k) = c.next().await? {
             if let pb::control_response::Kind::Added(a) = k {
-                let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
-                out.added(
-                    &hash,
-                    &paths[i.min(paths.len() - 1)],
-                    a.kind == pb::BlobKind::Collection as i32,
-                )?;
+                let path = &paths[i.min(paths.len() - 1)];
                 i += 1;
+                if !a.error.is_empty() {
+                    add_failed(paths, path, &a.error)?;
+                    failed += 1;
+                    continue;
+                }
+                let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
+                out.added(&hash, path, a.kind == pb::BlobKind::Collection as i32)?;
             }
         }
-        return Ok(());
+        return some_not_added(failed, paths.len());
     }
     // The store opens on another thread while the first file to be added
     // in place is hashed, if that takes long enough to hide redb's open (a
@@ -618,29 +620,59 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     } else {
         ImportMode::InPlace
     };
+    let mut failed = 0;
     for p in paths {
-        if let Some(hashed) = first.take() {
-            let hashed = hashed.with_context(|| format!("adding {}", p.display()))?;
-            let store = store.clone();
-            let hash = tokio::task::spawn_blocking(move || store.import_hashed(hashed))
-                .await?
-                .with_context(|| format!("adding {}", p.display()))?;
-            out.added(&hash, p, false)?;
-            continue;
-        }
-        let abs = absolute(p)?;
-        let meta = std::fs::metadata(&abs).with_context(|| format!("reading {}", p.display()))?;
-        let store = store.clone();
-        let (hash, coll) = tokio::task::spawn_blocking(move || -> Result<(Hash, bool)> {
-            if meta.is_dir() {
-                Ok((store.import_dir(&abs, mode)?, true))
-            } else {
-                Ok((store.import_file(&abs, mode)?, false))
+        let added = if let Some(hashed) = first.take() {
+            match hashed {
+                Ok(hashed) => {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || store.import_hashed(hashed))
+                        .await?
+                        .map(|h| (h, false))
+                        .map_err(anyhow::Error::from)
+                }
+                Err(e) => Err(e.into()),
             }
-        })
-        .await?
-        .with_context(|| format!("adding {}", p.display()))?;
-        out.added(&hash, p, coll)?;
+        } else {
+            let store = store.clone();
+            let p = p.clone();
+            tokio::task::spawn_blocking(move || -> Result<(Hash, bool)> {
+                let abs = absolute(&p)?;
+                let meta = std::fs::metadata(&abs)?;
+                if meta.is_dir() {
+                    Ok((store.import_dir(&abs, mode)?, true))
+                } else {
+                    Ok((store.import_file(&abs, mode)?, false))
+                }
+            })
+            .await?
+        };
+        match added {
+            Ok((hash, coll)) => out.added(&hash, p, coll)?,
+            Err(e) => {
+                add_failed(paths, p, &one_line(&e))?;
+                failed += 1;
+            }
+        }
+    }
+    some_not_added(failed, paths.len())
+}
+
+/// A path `add` could not add, said as b3sum says it (`shoal: PATH:
+/// why`); the others are still added. With a single path, the error line
+/// says it alone.
+fn add_failed(paths: &[PathBuf], path: &Path, why: &str) -> Result<()> {
+    if paths.len() == 1 {
+        bail!("adding {}: {why}", path.display());
+    }
+    eprintln!("shoal: {}: {why}", path.display());
+    Ok(())
+}
+
+/// The one error line of an `add` some of whose paths failed.
+fn some_not_added(failed: usize, of: usize) -> Result<()> {
+    if failed > 0 {
+        bail!("{failed} of {of} paths could not be added (each is named above)");
     }
     Ok(())
 }
@@ -690,7 +722,11 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
         }
     }
     if !corrupt.is_empty() {
-        bail!("corrupt: {}", corrupt.join(", "));
+        bail!(
+            "corrupt: {}; `shoal get HASH` fetches a blob again from its peers, `shoal rm HASH` \
+             and `shoal gc` give it up",
+            corrupt.join(", ")
+        );
     }
     Ok(())
 }

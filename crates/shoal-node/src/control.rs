@@ -27,6 +27,21 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// Binds the control socket, refusing if a live node already answers on it
 /// and removing a stale one.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, NodeError> {
+    // A Unix socket's path holds at most 107 bytes (`sun_path`, less its
+    // NUL); the OS's own error ("path must be shorter than SUN_LEN") says
+    // nothing of what to do.
+    if path.as_os_str().len() > 107 {
+        return Err(NodeError::Control(
+            path.to_path_buf(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the path is {} bytes, more than the 107 a Unix socket takes: use a shorter --data-dir",
+                    path.as_os_str().len()
+                ),
+            ),
+        ));
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(NodeError::AlreadyRunning(
@@ -160,11 +175,18 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     ImportMode::InPlace
                 };
                 for p in a.paths {
-                    let (hash, kind) = node.add_path(Path::new(&p), mode).await?;
-                    let item = pb::AddedItem {
-                        hash: hash.as_bytes().to_vec().into(),
-                        path: p,
-                        kind: kind_to_pb(kind),
+                    let item = match node.add_path(Path::new(&p), mode).await {
+                        Ok((hash, kind)) => pb::AddedItem {
+                            hash: hash.as_bytes().to_vec().into(),
+                            path: p,
+                            kind: kind_to_pb(kind),
+                            error: String::new(),
+                        },
+                        Err(e) => pb::AddedItem {
+                            path: p,
+                            error: e.to_string(),
+                            ..Default::default()
+                        },
                     };
                     write_frame(&mut stream, &resp(Resp::Added(item))).await?;
                 }
@@ -396,9 +418,24 @@ impl ControlClient {
         let r: pb::ControlResponse = read_frame(&mut self.stream, Limit::ControlResponse).await?;
         match r.kind {
             Some(pb::control_response::Kind::Done(_)) => Ok(None),
-            Some(pb::control_response::Kind::Error(e)) => Err(NodeError::Remote("node", e.message)),
+            Some(pb::control_response::Kind::Error(e)) => Err(NodeError::Refused(e.message)),
             Some(k) => Ok(Some(k)),
             None => Err(NodeError::Protocol("empty control response".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_path_too_long_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(120)).join(SOCKET_NAME);
+        let err = bind(&deep).unwrap_err().to_string();
+        assert!(err.contains("use a shorter --data-dir"), "{err}");
+        let short = dir.path().join(SOCKET_NAME);
+        assert!(bind(&short).is_ok());
     }
 }

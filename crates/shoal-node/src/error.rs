@@ -72,6 +72,10 @@ pub enum NodeError {
     /// A peer answered with an error.
     #[error("peer answered: {0}: {1}")]
     Remote(&'static str, String),
+    /// The node running on the data dir refused a control request (its
+    /// own words: they name what failed).
+    #[error("{0}")]
+    Refused(String),
     /// A peer broke the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
