@@ -329,6 +329,17 @@ pub(crate) async fn fetch_blob(
     let mut rate = crate::RateMeter::new(Duration::from_secs(1));
     let stall = node.config.stall_timeout;
     let mut candidates_open = !discovery_off;
+    if discovery_off && initial.is_empty() {
+        // Nothing to dial, no neighbour to ask, and nothing can come (a
+        // peer that connects later is not asked by a download under way).
+        if begun {
+            store.end_download(&hash);
+        }
+        return Err(NodeError::NowhereLeft(
+            hash,
+            "none was given, and no peer is connected".into(),
+        ));
+    }
     for c in initial {
         remember(&mut known, &c, Instant::now());
         if !queued.contains(&c) {

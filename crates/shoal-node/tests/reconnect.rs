@@ -334,3 +334,28 @@ async fn addresses_that_cannot_lead_to_the_named_peer_fail_at_once_with_discover
     stranger.shutdown().await;
     d.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_address_no_neighbour_and_discovery_off_a_download_fails_at_once() {
+    // It waited its whole stall timeout (40 s here) for a peer that could
+    // not come: a running `shoal serve --no-mdns --no-dht` asked for a bare
+    // hash.
+    let d = Node::spawn(downloader()).await.unwrap();
+    let hash = blake3::hash(b"asked of no one");
+    let req = FetchRequest {
+        hash,
+        kind: None,
+        peers: Vec::new(),
+        out: FetchOutput::Store,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(5), d.fetch(req, None))
+        .await
+        .expect("the download waited with nowhere to look")
+        .expect_err("fetched from no one");
+    assert!(
+        matches!(err, shoal_node::NodeError::NowhereLeft(h, _) if h == hash),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no peer is connected"), "{err}");
+    d.shutdown().await;
+}
