@@ -102,6 +102,19 @@ fn add_goes_on_past_a_path_it_cannot_add_as_b3sum_does() {
 }
 
 #[test]
+fn quiet_leaves_only_errors_on_stderr() {
+    let d = Dir::new();
+    let o = d.run(&["ls"], Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the store is empty"));
+    let o = d.run(&["-q", "ls"], Duration::from_secs(30));
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
+    let o = d.run(&["-q", "rm", &"1".repeat(64)], Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: "));
+}
+
+#[test]
 fn add_ls_rm_gc_verify() {
     let d = Dir::new();
     let a = d.path().join("a.bin");

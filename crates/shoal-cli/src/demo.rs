@@ -58,7 +58,7 @@ fn loopback() -> NodeConfig {
 pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     // Bounded by clap: 1..=4096 MiB, 1..=32 downloaders.
     let size = usize::try_from(args.size_mib << 20).context("size too large")?;
-    eprintln!("generating {} of data ...", human(size as u64));
+    note!("generating {} of data ...", human(size as u64));
     let data = generate(size);
     let expected = blake3::hash(&data);
 
@@ -74,7 +74,7 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         bail!("the store named the data {hash}, but its BLAKE3 hash is {expected}");
     }
     let ticket = seeder.ticket(&hash)?;
-    eprintln!(
+    note!(
         "seeder {} holds {hash} (imported in {:.2}s)",
         seeder.peer_id(),
         import.as_secs_f64()
@@ -87,7 +87,7 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     } else {
         "the seeder's upload not capped".to_string()
     };
-    eprintln!(
+    note!(
         "starting {} downloaders, each given only the seeder's ticket; they find each other by peer exchange ({cap})",
         args.downloaders
     );
@@ -113,7 +113,8 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = done.clone();
     // Only to a terminal, as progress bars are (the report says it all).
-    let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let live = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && !crate::QUIET.load(std::sync::atomic::Ordering::Relaxed);
     let printer = tokio::spawn(async move {
         while live && !d.load(std::sync::atomic::Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(500)).await;

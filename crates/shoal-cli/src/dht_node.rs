@@ -51,6 +51,6 @@ pub(crate) async fn run(args: &DhtNodeArgs, out: &Out) -> Result<()> {
         tracing::warn!(bootstrap = ?args.dht_bootstrap, "no dht bootstrap node answered; waiting for others to join this node");
     }
     crate::wait_for_signal().await?;
-    eprintln!("shutting down");
+    note!("shutting down");
     Ok(())
 }

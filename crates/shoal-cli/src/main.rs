@@ -21,6 +21,20 @@ use shoal_node::{
 use shoal_proto::pb;
 use shoal_store::{HashedFile, Store};
 
+/// Set once, at start, from `-q`.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A message on stderr that is neither a result nor an error (what a
+/// command did, how long it took): none with `-q`, which leaves only
+/// errors on stderr.
+macro_rules! note {
+    ($($t:tt)*) => {
+        if !crate::QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($t)*);
+        }
+    };
+}
+
 mod demo;
 mod dht_node;
 mod output;
@@ -245,6 +259,7 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli);
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads(&cli.command) {
         builder.worker_threads(n);
@@ -439,7 +454,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("starting the node")?;
             out.ready(&node)?;
             wait_for_signal().await?;
-            eprintln!("shutting down");
+            note!("shutting down");
             node.shutdown().await;
         }
         Command::Ticket { hash } => {
@@ -490,7 +505,7 @@ async fn run(cli: Cli) -> Result<()> {
                 while let Some(k) = c.next().await? {
                     if let pb::control_response::Kind::Ticket(t) = k {
                         out.ticket(&t)?;
-                        eprintln!(
+                        note!(
                             "the node running on {} serves {}; to fetch it run:\n  shoal get {t}",
                             dir.display(),
                             path.display()
@@ -513,7 +528,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("adding {}", path.display()))?;
             let ticket = node.ticket(&hash)?;
             out.ticket(&ticket.to_string())?;
-            eprintln!(
+            note!(
                 "serving {} ({hash}); to fetch it run:\n  shoal get {ticket}",
                 path.display()
             );
@@ -763,7 +778,11 @@ async fn get(
             o.display()
         );
     }
-    let bar = output::ProgressBar::new(!out.json && std::io::stderr().is_terminal());
+    let bar = output::ProgressBar::new(
+        !out.json
+            && std::io::stderr().is_terminal()
+            && !QUIET.load(std::sync::atomic::Ordering::Relaxed),
+    );
     if let Some(mut c) = ControlClient::connect(dir).await {
         let peers = ticket
             .as_ref()

@@ -87,7 +87,7 @@ impl Out {
             return Ok(());
         }
         if items.is_empty() {
-            eprintln!("the store is empty");
+            note!("the store is empty");
             return Ok(());
         }
         line(&format!(
@@ -124,7 +124,7 @@ impl Out {
         }
         let unserved = items.iter().filter(|i| i.corrupt || i.changed).count();
         if unserved > 0 {
-            eprintln!(
+            note!(
                 "{unserved} blob(s) not served: `shoal verify HASH` re-hashes one (a file in place that was \
                  only touched is served again; a running node does that by itself when a peer asks for \
                  it); `shoal add PATH` shares a file's new content"
@@ -256,7 +256,7 @@ impl Out {
                     .to_string(),
             )
         } else {
-            eprintln!(
+            note!(
                 "fetched {} ({}, {} file{}) in {secs:.2}s, {}/s",
                 r.hash,
                 human(r.bytes),
