@@ -445,6 +445,10 @@ pub(crate) enum Lie {
     /// Says it has everything, answers a get with a true header, then
     /// sends nothing (holds the stream open, silent).
     FallsSilentAfterTheHeader,
+    /// Answers gets honestly, but sends the small blobs asked for in
+    /// batches a byte every half second (each read is quick to come, the
+    /// whole never).
+    TricklesSmallBlobs,
     /// Serves [`absurd_blob`] besides its store: only the last group of a
     /// blob of [`ABSURD_SIZE`] bytes, with a size proof that verifies.
     AbsurdSize,
@@ -697,6 +701,33 @@ async fn seeder_stream(
             }
             let _ = send.write_all(&stream).await;
         }
+        Some(Req::GetBlobs(g)) if matches!(lie, Lie::TricklesSmallBlobs) => {
+            let mut blobs = Vec::new();
+            let mut content = Vec::new();
+            for h in &g.hashes {
+                let data = hash_of(h)
+                    .and_then(|h| {
+                        store
+                            .read_whole(&h, shoal_proto::limits::MAX_SMALL_BLOB)
+                            .ok()
+                    })
+                    .flatten();
+                blobs.push(pb::BlobPresence {
+                    found: data.is_some(),
+                    size: data.as_ref().map_or(0, |d| d.len() as u64),
+                });
+                content.extend_from_slice(data.as_deref().unwrap_or_default());
+            }
+            let header = resp(Resp::GetBlobs(pb::GetBlobsHeader { blobs }));
+            if write_frame(&mut send, &header).await.is_ok() {
+                for b in content {
+                    if send.write_all(&[b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
         Some(Req::GetBlobs(g)) => {
             let mut blobs = Vec::new();
             let mut content = Vec::new();
@@ -901,6 +932,87 @@ fn a_proven_absurd_size_is_refused_also_on_the_next_try() {
         );
         assert!(!out.exists(), "{attempt} try wrote an output");
     }
+}
+
+/// A provider that sends a batch of small blobs a byte at a time, each
+/// byte well within the read timeout, held its share of the collection,
+/// and with it the whole fetch, for as long as it liked: a batch now has a
+/// deadline by its size, past which the provider is dropped and the batch
+/// goes to the others. Downloaders given the trickler and an honest
+/// seeder finish, correct, in well under the minute one of its batches
+/// would take.
+#[test]
+fn a_provider_trickling_small_blobs_does_not_hold_the_collection() {
+    let rt = runtime();
+    rt.block_on(async {
+        let src = tempfile::tempdir().expect("tempdir");
+        for i in 0..300u64 {
+            let len = 50 + (i as usize * 37) % 400;
+            std::fs::write(src.path().join(format!("f{i:03}")), data(len, i)).expect("write");
+        }
+        let store = Store::in_memory();
+        let hash = store
+            .import_dir(src.path(), shoal_store::ImportMode::Copy)
+            .expect("import");
+        let (_ep, liar_id, liar_addr) = scripted_seeder(store, Lie::TricklesSmallBlobs).await;
+        let node = || shoal_node::NodeConfig {
+            listen: vec!["127.0.0.1:0".parse().expect("addr")],
+            ..shoal_node::NodeConfig::default()
+        };
+        let honest = shoal_node::Node::spawn(node())
+            .await
+            .expect("honest seeder");
+        let (h, _) = honest
+            .add_path(src.path(), shoal_store::ImportMode::Copy)
+            .await
+            .expect("add");
+        assert_eq!(h, hash);
+        let peers = vec![
+            shoal_node::PeerAddr {
+                id: Some(honest.peer_id()),
+                addr: honest.addrs()[0],
+            },
+            shoal_node::PeerAddr {
+                id: Some(liar_id),
+                addr: liar_addr,
+            },
+        ];
+        let outs = tempfile::tempdir().expect("tempdir");
+        let mut fetches = Vec::new();
+        for i in 0..2 {
+            let d = shoal_node::Node::spawn(node()).await.expect("downloader");
+            let out = outs.path().join(format!("out{i}"));
+            let req = shoal_node::FetchRequest {
+                hash,
+                kind: Some(shoal_store::BlobKind::Collection),
+                peers: peers.clone(),
+                out: shoal_node::FetchOutput::Path(out.clone()),
+            };
+            let d2 = d.clone();
+            fetches.push((
+                d,
+                out,
+                tokio::spawn(async move { d2.fetch(req, None).await }),
+            ));
+        }
+        for (d, out, f) in fetches {
+            tokio::time::timeout(Duration::from_secs(45), f)
+                .await
+                .expect("the fetch waited on the trickling provider")
+                .expect("task")
+                .expect("the fetch failed");
+            for i in [0u64, 123, 299] {
+                let name = format!("f{i:03}");
+                assert!(
+                    std::fs::read(out.join(&name)).expect("member")
+                        == std::fs::read(src.path().join(&name)).expect("input"),
+                    "{name} differs"
+                );
+            }
+            d.shutdown().await;
+        }
+        honest.shutdown().await;
+    });
 }
 
 /// A collection of many small files, fetched in batches from two

@@ -42,6 +42,10 @@ const MAX_PROVIDERS: usize = 4;
 const FIRST_BATCH: usize = 32;
 /// Time a provider gets to answer, and between two pieces of an answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest a batch's bytes may come, on top of [`ANSWER_TIMEOUT`]: a
+/// provider sending a byte every few seconds resets any per-read timeout,
+/// and held its worker, and with it the collection's fetch, for good.
+const MIN_BATCH_RATE: f64 = 8.0 * 1024.0;
 
 /// One small member to fetch.
 #[derive(Debug, Clone)]
@@ -351,6 +355,15 @@ async fn request(
             ));
         }
     }
+    let total: u64 = batch
+        .iter()
+        .zip(&header.blobs)
+        .filter(|(_, b)| b.found)
+        .map(|((_, size), _)| *size)
+        .sum();
+    let deadline = tokio::time::Instant::now()
+        + ANSWER_TIMEOUT
+        + Duration::from_secs_f64(total as f64 / MIN_BATCH_RATE);
     let mut out = Vec::with_capacity(batch.len());
     let mut pending = Bytes::new();
     for ((_, size), b) in batch.iter().zip(&header.blobs) {
@@ -363,12 +376,17 @@ async fn request(
         let mut buf = BytesMut::with_capacity(want);
         while buf.len() < want {
             if pending.is_empty() {
-                pending = match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_chunk(1 << 20)).await
-                {
-                    Err(_) => return Err("provider stalled in get-blobs".into()),
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Ok(Ok(None)) => return Err("get-blobs answer truncated".into()),
-                    Ok(Ok(Some(c))) => c,
+                let read = tokio::time::timeout(ANSWER_TIMEOUT, recv.read_chunk(1 << 20));
+                pending = match tokio::time::timeout_at(deadline, read).await {
+                    Err(_) => {
+                        return Err(format!(
+                            "provider sent {total} bytes of get-blobs too slowly"
+                        ));
+                    }
+                    Ok(Err(_)) => return Err("provider stalled in get-blobs".into()),
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Ok(Ok(None))) => return Err("get-blobs answer truncated".into()),
+                    Ok(Ok(Ok(Some(c)))) => c,
                 };
             }
             let n = (want - buf.len()).min(pending.len());
