@@ -959,9 +959,14 @@ fn a_provider_trickling_small_blobs_does_not_hold_the_collection() {
             listen: vec!["127.0.0.1:0".parse().expect("addr")],
             ..shoal_node::NodeConfig::default()
         };
-        let honest = shoal_node::Node::spawn(node())
-            .await
-            .expect("honest seeder");
+        // The honest seeder is slow, so that the trickler is sure to be
+        // a provider of the manifest and of batches.
+        let honest = shoal_node::Node::spawn(shoal_node::NodeConfig {
+            upload_limit: Some(20 << 10),
+            ..node()
+        })
+        .await
+        .expect("honest seeder");
         let (h, _) = honest
             .add_path(src.path(), shoal_store::ImportMode::Copy)
             .await
