@@ -787,30 +787,31 @@ impl Drop for Reaped {
 /// command to end; returns its exit status and stderr.
 fn read_then_close(dir: &Dir, args: &[&str], n: usize) -> (std::process::ExitStatus, String) {
     use std::io::Read;
-    let mut child = dir
-        .cmd()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shoal");
-    let mut stdout = child.stdout.take().expect("stdout");
+    let mut child = Reaped(
+        dir.cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shoal"),
+    );
+    let mut stdout = child.0.stdout.take().expect("stdout");
     let mut head = vec![0u8; n];
     stdout.read_exact(&mut head).expect("the first bytes");
     drop(stdout);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = child.0.try_wait().expect("wait") {
             break s;
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
             panic!("shoal {args:?} went on after its reader left");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
     child
+        .0
         .stderr
         .take()
         .expect("stderr")
@@ -846,4 +847,53 @@ fn a_reader_that_leaves_early_ends_cat_and_demo_quietly() {
     );
     assert!(status.success(), "demo: {status}: {err}");
     assert!(!err.contains("panicked"), "demo: {err}");
+}
+
+/// `shoal peers` gives each connected peer's rates (the contract's "with
+/// addresses and rates"; it gave only byte totals): while a peer downloads
+/// from a seeder capped at 1 MB/s, the seeder lists it with an upload
+/// rate near the cap.
+#[test]
+fn peers_says_the_rate_of_a_peer_downloading() {
+    let s = Dir::new();
+    let input = s.path().join("big.bin");
+    write(&input, &data(6_000_000, 43));
+    let seeder = s.serve(&["--max-upload", "1MB/s"]);
+    let hash = add(&s, &input);
+    let d = Dir::new();
+    let mut get = d.cmd();
+    get.args([
+        "get",
+        &hash,
+        "--peer",
+        &seeder.peer_arg(),
+        NET[0],
+        NET[1],
+        "-o",
+    ])
+    .arg(d.path().join("out.bin"))
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = Reaped(get.spawn().expect("spawn get"));
+    let mut seen = 0;
+    eventually(
+        Duration::from_secs(20),
+        "a peer listed with its upload rate",
+        || {
+            let out = s.ok(&["--json", "peers"]);
+            seen = out
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|p| p["connected"] == true)
+                .filter_map(|p| p["upload_rate"].as_u64())
+                .max()
+                .unwrap_or(0);
+            seen > 300_000
+        },
+    );
+    assert!(seen < 3_000_000, "upload rate {seen} B/s, capped at 1 MB/s");
+    let table = s.ok(&["peers"]);
+    assert!(table.contains("UP RATE") && table.contains("/s"), "{table}");
+    let status = child.0.wait().expect("wait");
+    assert!(status.success());
 }

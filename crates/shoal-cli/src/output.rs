@@ -183,23 +183,25 @@ impl Out {
         if self.json {
             for p in peers {
                 line(
-                    &json!({ "peer_id": p.peer_id, "addrs": p.addrs, "connected": p.connected, "uploaded": p.uploaded, "downloaded": p.downloaded })
+                    &json!({ "peer_id": p.peer_id, "addrs": p.addrs, "connected": p.connected, "uploaded": p.uploaded, "downloaded": p.downloaded, "upload_rate": p.upload_rate, "download_rate": p.download_rate })
                         .to_string(),
                 )?;
             }
             return Ok(());
         }
         line(&format!(
-            "{:<52}  {:<9}  {:>10}  {:>10}  ADDRS",
-            "PEER", "STATE", "UP", "DOWN"
+            "{:<52}  {:<9}  {:>10}  {:>12}  {:>10}  {:>12}  ADDRS",
+            "PEER", "STATE", "UP", "UP RATE", "DOWN", "DOWN RATE"
         ))?;
         for p in peers {
             let state = if p.connected { "connected" } else { "known" };
             line(&format!(
-                "{:<52}  {state:<9}  {:>10}  {:>10}  {}",
+                "{:<52}  {state:<9}  {:>10}  {:>12}  {:>10}  {:>12}  {}",
                 p.peer_id,
                 human(p.uploaded),
+                format!("{}/s", human(p.upload_rate)),
                 human(p.downloaded),
+                format!("{}/s", human(p.download_rate)),
                 p.addrs.join(" ")
             ))?;
         }

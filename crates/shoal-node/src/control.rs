@@ -280,6 +280,8 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                         connected: p.connected,
                         uploaded: p.counters.uploaded,
                         downloaded: p.counters.downloaded,
+                        upload_rate: p.upload_rate,
+                        download_rate: p.download_rate,
                     };
                     write_frame(&mut stream, &resp(Resp::Peer(ps))).await?;
                 }

@@ -140,6 +140,9 @@ pub(crate) struct Inner {
     pub(crate) recheck_slot: Arc<tokio::sync::Semaphore>,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
+    /// Each connected peer's recent upload and download rates, sampled
+    /// every second from its connection's byte counters.
+    rates: Mutex<HashMap<PeerId, PeerRates>>,
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -203,6 +206,7 @@ impl Node {
             config,
             book: Mutex::new(PeerBook::default()),
             transfers: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -239,6 +243,27 @@ impl Node {
                 debug!(peer = %conn.peer_id(), addr = %conn.remote_addr(), "incoming connection");
                 lock(&i.book).add_addrs(conn.peer_id(), [conn.remote_addr()]);
                 i.ensure_handled(&conn);
+            }
+        });
+        // Sample each connected peer's rates.
+        let i = inner.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = i.cancel.cancelled() => break,
+                }
+                let now = std::time::Instant::now();
+                let conns = i.endpoint.connections();
+                let mut rates = lock(&i.rates);
+                rates.retain(|id, _| conns.iter().any(|c| c.peer_id() == *id));
+                for c in conns {
+                    let s = c.stats();
+                    let r = rates.entry(c.peer_id()).or_insert_with(PeerRates::new);
+                    r.up = r.up_meter.update(now, s.bytes_sent);
+                    r.down = r.down_meter.update(now, s.bytes_received);
+                }
             }
         });
         // Announce blobs as they complete.
@@ -392,8 +417,11 @@ impl Node {
                 ids.push(*id);
             }
         }
+        let rates = lock(&self.inner.rates);
         ids.into_iter()
             .map(|id| PeerInfo {
+                upload_rate: rates.get(&id).map_or(0, |r| r.up),
+                download_rate: rates.get(&id).map_or(0, |r| r.down),
                 id,
                 addrs: book.addrs(&id),
                 connected: self
@@ -453,6 +481,29 @@ pub struct PeerInfo {
     pub connected: bool,
     /// Bytes moved.
     pub counters: PeerCounters,
+    /// Recent rate to it, bytes per second (0 when not connected).
+    pub upload_rate: u64,
+    /// Recent rate from it, bytes per second (0 when not connected).
+    pub download_rate: u64,
+}
+
+/// A connected peer's recent rates (see `Inner::rates`).
+struct PeerRates {
+    up_meter: crate::RateMeter,
+    down_meter: crate::RateMeter,
+    up: u64,
+    down: u64,
+}
+
+impl PeerRates {
+    fn new() -> Self {
+        PeerRates {
+            up_meter: crate::RateMeter::new(Duration::from_secs(1)),
+            down_meter: crate::RateMeter::new(Duration::from_secs(1)),
+            up: 0,
+            down: 0,
+        }
+    }
 }
 
 impl Inner {
