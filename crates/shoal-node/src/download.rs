@@ -142,6 +142,16 @@ struct Known {
     next: Instant,
 }
 
+/// Queue `c` to be dialled, once, up to [`MAX_KNOWN`] queued: peer
+/// exchange hands over up to 1024 addresses per answer, and a queue that
+/// took them all grew without bound (and each insert scanned it whole).
+/// One left out is still remembered (`remember`) and queued again later.
+fn enqueue(queued: &mut Vec<Candidate>, c: Candidate) {
+    if queued.len() < MAX_KNOWN && !queued.contains(&c) {
+        queued.push(c);
+    }
+}
+
 /// Remember `c` to dial again later (up to [`MAX_KNOWN`] addresses).
 fn remember(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: Instant) {
     if known.len() < MAX_KNOWN || known.contains_key(&c.addr) {
@@ -342,9 +352,7 @@ pub(crate) async fn fetch_blob(
     }
     for c in initial {
         remember(&mut known, &c, Instant::now());
-        if !queued.contains(&c) {
-            queued.push(c);
-        }
+        enqueue(&mut queued, c);
     }
 
     let result = loop {
@@ -487,7 +495,7 @@ pub(crate) async fn fetch_blob(
                 Some(c) => {
                     debug!(addr = %c.addr, source = ?c.source, "candidate");
                     remember(&mut known, &c, Instant::now());
-                    if !queued.contains(&c) { queued.push(c) }
+                    enqueue(&mut queued, c);
                 }
                 None => candidates_open = false,
             },
@@ -696,7 +704,7 @@ pub(crate) async fn fetch_blob(
                 Ev::More(list) => {
                     for c in list {
                         remember(&mut known, &c, Instant::now());
-                        if !queued.contains(&c) { queued.push(c) }
+                        enqueue(&mut queued, c);
                     }
                 }
             },
