@@ -115,6 +115,44 @@ fn quiet_leaves_only_errors_on_stderr() {
 }
 
 #[test]
+fn options_a_running_node_does_not_take_are_named() {
+    // Through a running node, get's and send's node options were
+    // silently ignored (the node runs with its own).
+    let d = Dir::new();
+    let f = d.path().join("f.bin");
+    std::fs::write(&f, data(10_000, 5)).unwrap();
+    let _node = d.serve(&[]);
+    let hash = d.ok(&["add", f.to_str().unwrap()]);
+    let hash = hash.split_whitespace().next().unwrap();
+    let out = d.path().join("out.bin");
+    let o = d.run(
+        &[
+            "get",
+            hash,
+            "-o",
+            out.to_str().unwrap(),
+            "--max-download",
+            "1MB/s",
+            "--no-dht",
+        ],
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("--no-dht, --max-download apply only to a node this command starts"),
+        "{err}"
+    );
+    let out2 = d.path().join("out2.bin");
+    let o = d.run(
+        &["get", hash, "-o", out2.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("apply only"));
+}
+
+#[test]
 fn add_ls_rm_gc_verify() {
     let d = Dir::new();
     let a = d.path().join("a.bin");

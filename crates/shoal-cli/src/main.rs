@@ -184,6 +184,34 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 impl NetArgs {
+    /// Says which of these options a node already running on `dir` does
+    /// not take from this command (it runs with its own), so that they
+    /// are not silently ignored. `get` passes `--peer` on (`peers_passed`);
+    /// `listen` is `send`'s `--listen`.
+    fn warn_ignored_by(&self, dir: &Path, listen: &[SocketAddr], peers_passed: bool) {
+        let given = [
+            ("--peer", !peers_passed && !self.peers.is_empty()),
+            ("--no-mdns", self.no_mdns),
+            ("--no-dht", self.no_dht),
+            ("--dht-bootstrap", !self.dht_bootstrap.is_empty()),
+            ("--no-announce", self.no_announce),
+            ("--dht-server", self.dht_server),
+            ("--max-upload", self.max_upload.is_some()),
+            ("--max-download", self.max_download.is_some()),
+            ("--timeout", self.timeout != 60),
+            ("--listen", !listen.is_empty()),
+        ];
+        let ignored: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "the node running on {} goes on with its own settings: {} apply only to a node \
+                 this command starts (stop the node, or give them to `shoal serve`)",
+                dir.display(),
+                ignored.join(", ")
+            );
+        }
+    }
+
     fn node_config(&self, data_dir: &Path, listen: &[SocketAddr]) -> NodeConfig {
         let mut c = NodeConfig {
             data_dir: Some(data_dir.to_path_buf()),
@@ -484,6 +512,7 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(mut c) = ControlClient::connect(&dir).await {
                 // A node already runs on this data dir: it serves the path
                 // from now on, also after this command ends.
+                net.warn_ignored_by(&dir, listen, false);
                 let abs = absolute(path)?.to_string_lossy().into_owned();
                 c.send(pb::control_request::Kind::Add(pb::AddRequest {
                     paths: vec![abs],
@@ -784,6 +813,7 @@ async fn get(
             && !QUIET.load(std::sync::atomic::Ordering::Relaxed),
     );
     if let Some(mut c) = ControlClient::connect(dir).await {
+        net.warn_ignored_by(dir, &[], true);
         let peers = ticket
             .as_ref()
             .map(|t| {
