@@ -475,13 +475,22 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     let d = Dir::new();
     let o = d.run(&["get"], Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(2));
-    let o = d.run(&["get", "not-a-ticket"], Duration::from_secs(10));
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.starts_with("error: ") && !err.contains("panicked"),
-        "{err}"
-    );
+    // A malformed argument is a usage error, as clap says of a bad
+    // --peer: a ticket or hash that is not one (it exited 1).
+    for args in [
+        &["get", "not-a-ticket"][..],
+        &["rm", "zz"],
+        &["verify", "12"],
+        &["ticket", "x"],
+    ] {
+        let o = d.run(args, Duration::from_secs(10));
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
     let o = d.run(&["add", "/does/not/exist"], Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(1));
     // A node that is not running cannot hand out tickets.

@@ -82,7 +82,7 @@ enum Command {
     /// Unpin blobs; `shoal gc` then frees their space.
     Rm {
         /// Hashes to unpin.
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = check_hash)]
         hashes: Vec<String>,
     },
     /// Delete unpinned data that no pinned collection needs.
@@ -90,6 +90,7 @@ enum Command {
     /// Re-hash stored data; exit 1 naming every corrupt blob.
     Verify {
         /// Hashes to check (default: all).
+        #[arg(value_parser = check_hash)]
         hashes: Vec<String>,
     },
     /// Run the node in the foreground until SIGINT/SIGTERM.
@@ -103,6 +104,7 @@ enum Command {
     /// Print a ticket for HASH from the running node.
     Ticket {
         /// The hash.
+        #[arg(value_parser = check_hash)]
         hash: String,
     },
     /// Add PATH, print its ticket and serve it until interrupted.
@@ -121,6 +123,7 @@ enum Command {
     /// Fetch content from every peer that has it, verifying every chunk.
     Get {
         /// A ticket, or a bare 64-hex hash (peers then come from discovery).
+        #[arg(value_parser = check_target)]
         what: String,
         /// Output file (or directory for a collection); `-` streams to stdout.
         /// Without it the content stays in the store.
@@ -132,6 +135,7 @@ enum Command {
     /// Stream verified content to stdout (same as `get -o -`).
     Cat {
         /// A ticket or a hash.
+        #[arg(value_parser = check_target)]
         what: String,
         #[command(flatten)]
         net: NetArgs,
@@ -381,6 +385,21 @@ fn data_dir(cli: &Cli) -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
         .context("no --data-dir given and neither XDG_DATA_HOME nor HOME is set")?;
     Ok(base.join("shoal"))
+}
+
+/// A HASH argument that is not one is a usage error (exit 2), as clap
+/// says of any other malformed argument.
+fn check_hash(s: &str) -> Result<String, String> {
+    parse_hash(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The same for a TICKET|HASH argument.
+fn check_target(s: &str) -> Result<String, String> {
+    parse_target(s)
+        .map(|_| s.to_string())
+        .map_err(|e| one_line(&e))
 }
 
 fn parse_hash(s: &str) -> Result<Hash> {
