@@ -524,7 +524,7 @@ pub(crate) async fn fetch_blob(
                         }
                     }
                     if complete || !have.is_empty() {
-                        lock(&node.book).saw(hash, peer);
+                        lock(&node.book).saw(hash, peer, true);
                     }
                     debug!(%peer, size = avail.size, complete, groups = have.count(), "peer up");
                     let sub = (!complete).then(|| spawn_subscription(conn.clone(), hash, peer, tx.clone()));
@@ -588,7 +588,7 @@ pub(crate) async fn fetch_blob(
                     }
                     slot.complete |= complete;
                     if complete || !slot.have.is_empty() {
-                        lock(&node.book).saw(hash, peer);
+                        lock(&node.book).saw(hash, peer, true);
                     }
                     if let Some(s) = sched.as_mut() {
                         if complete { s.handle_peer_complete(&peer) } else { s.handle_have(&peer, &added) }

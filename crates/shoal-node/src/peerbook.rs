@@ -10,8 +10,12 @@ use shoal_transport::PeerId;
 
 /// Peers remembered per hash for peer exchange.
 const MAX_PEERS_PER_HASH: usize = 256;
-/// Hashes remembered for peer exchange.
+/// Hashes this node holds or fetches remembered for peer exchange.
 const MAX_HASHES: usize = 4096;
+/// Hashes this node has none of remembered for peer exchange (it tells a
+/// peer who else asked about them, as a tracker would). Kept apart, so
+/// that a peer asking about many made-up hashes pushes out only these.
+const MAX_RELAYED: usize = 1024;
 /// Addresses remembered per peer.
 const MAX_ADDRS: usize = 16;
 /// Peers whose addresses are remembered.
@@ -29,8 +33,11 @@ pub struct PeerCounters {
 #[derive(Debug, Default)]
 pub(crate) struct PeerBook {
     addrs: HashMap<PeerId, Vec<SocketAddr>>,
-    by_hash: HashMap<Hash, VecDeque<PeerId>>,
-    hash_order: VecDeque<Hash>,
+    /// Peers seen with each hash, most recent first, and whether this node
+    /// held the hash when it was recorded (which order it is in).
+    by_hash: HashMap<Hash, (VecDeque<PeerId>, bool)>,
+    held_order: VecDeque<Hash>,
+    relayed_order: VecDeque<Hash>,
     counters: HashMap<PeerId, PeerCounters>,
 }
 
@@ -55,17 +62,29 @@ impl PeerBook {
         self.addrs.get(peer).cloned().unwrap_or_default()
     }
 
-    /// `peer` holds (or is fetching) `hash`.
-    pub(crate) fn saw(&mut self, hash: Hash, peer: PeerId) {
-        if !self.by_hash.contains_key(&hash) {
-            if self.hash_order.len() >= MAX_HASHES
-                && let Some(old) = self.hash_order.pop_front()
+    /// `peer` holds (or is fetching) `hash`; `held`: so does this node.
+    pub(crate) fn saw(&mut self, hash: Hash, peer: PeerId, held: bool) {
+        let was = self.by_hash.get(&hash).map(|(_, h)| *h);
+        if was == Some(false) && held {
+            // Now held: into the order a flood of made-up hashes cannot
+            // reach.
+            self.relayed_order.retain(|h| *h != hash);
+        }
+        if was.is_none() || (was == Some(false) && held) {
+            let (order, cap) = if held {
+                (&mut self.held_order, MAX_HASHES)
+            } else {
+                (&mut self.relayed_order, MAX_RELAYED)
+            };
+            if order.len() >= cap
+                && let Some(old) = order.pop_front()
             {
                 self.by_hash.remove(&old);
             }
-            self.hash_order.push_back(hash);
+            order.push_back(hash);
         }
-        let list = self.by_hash.entry(hash).or_default();
+        let (list, h) = self.by_hash.entry(hash).or_default();
+        *h |= held;
         list.retain(|p| *p != peer);
         list.push_front(peer);
         list.truncate(MAX_PEERS_PER_HASH);
@@ -81,7 +100,7 @@ impl PeerBook {
         self.by_hash
             .get(hash)
             .into_iter()
-            .flatten()
+            .flat_map(|(list, _)| list)
             .filter(|p| *p != except)
             .filter_map(|p| {
                 let a = self.addrs(p);
@@ -124,17 +143,42 @@ mod tests {
             other,
             ["127.0.0.1:9".parse().unwrap(), "0.0.0.0:9".parse().unwrap()],
         );
-        book.saw(hash, me);
-        book.saw(hash, other);
-        book.saw(hash, nameless);
+        book.saw(hash, me, true);
+        book.saw(hash, other, true);
+        book.saw(hash, nameless, true);
         let peers = book.peers_for(&hash, &me, 10);
         // Only `other` has a dialable address; unspecified ones are dropped.
         assert_eq!(peers, vec![(other, vec!["127.0.0.1:9".parse().unwrap()])]);
         for i in 0..(MAX_HASHES + 10) {
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            book.saw(Hash::from_bytes(h), other);
+            book.saw(Hash::from_bytes(h), other, i % 2 == 0);
         }
-        assert!(book.by_hash.len() <= MAX_HASHES);
+        assert!(book.by_hash.len() <= MAX_HASHES + MAX_RELAYED);
+    }
+
+    #[test]
+    fn made_up_hashes_push_out_only_hashes_this_node_has_none_of() {
+        let mut book = PeerBook::default();
+        let peer = SecretKey::generate().public();
+        book.add_addrs(peer, ["127.0.0.1:9".parse().unwrap()]);
+        let held = Hash::from_bytes([1; 32]);
+        let relayed = Hash::from_bytes([2; 32]);
+        let later_held = Hash::from_bytes([3; 32]);
+        book.saw(held, peer, true);
+        book.saw(relayed, peer, false);
+        book.saw(later_held, peer, false);
+        book.saw(later_held, peer, true);
+        let other = SecretKey::generate().public();
+        for i in 0..(2 * MAX_RELAYED as u64) {
+            let mut h = [9u8; 32];
+            h[..8].copy_from_slice(&i.to_le_bytes());
+            book.saw(Hash::from_bytes(h), other, false);
+        }
+        assert_eq!(book.peers_for(&held, &other, 10).len(), 1);
+        assert_eq!(book.peers_for(&later_held, &other, 10).len(), 1);
+        assert!(book.peers_for(&relayed, &other, 10).is_empty());
+        assert_eq!(book.relayed_order.len(), MAX_RELAYED);
+        assert_eq!(book.by_hash.len(), MAX_RELAYED + 2);
     }
 }

@@ -189,6 +189,14 @@ async fn on_hello(
     .await
 }
 
+/// `peer` asked about `hash`: peer exchange may tell others of it. Hashes
+/// the store has none of are kept apart (`PeerBook::saw`): a peer asking
+/// about many made-up hashes pushed the real swarms out of the book.
+fn saw(node: &Inner, hash: Hash, peer: PeerId) {
+    let held = node.store.info(&hash).is_some();
+    lock(&node.book).saw(hash, peer, held);
+}
+
 /// What we hold of `hash`, as the wire says it.
 pub(crate) fn availability(node: &Inner, hash: &Hash) -> pb::Availability {
     use pb::availability::Have;
@@ -294,7 +302,7 @@ async fn on_who(
             return reply(send, &bad("hash must be 32 bytes")).await;
         };
         // The asker wants it: it will hold parts soon, a peer for others.
-        lock(&node.book).saw(hash, peer);
+        saw(node, hash, peer);
         entries.push(availability(node, &hash));
     }
     reply(
@@ -319,7 +327,7 @@ async fn on_get(
         Ok(r) => r,
         Err(e) => return reply(send, &bad(e.to_string())).await,
     };
-    lock(&node.book).saw(hash, peer);
+    saw(node, hash, peer);
     let Some((size, ranges)) = node.store.available(&hash, &wanted) else {
         return reply(send, &error_response(pb::ErrorCode::NotFound, "not here")).await;
     };
@@ -443,7 +451,9 @@ async fn on_get_blobs(
     send.write_all_chunks(&mut chunks)
         .await
         .map_err(|e| WireError::Io(std::io::Error::other(e.to_string())))?;
-    lock(&node.book).count_upload(peer, bytes);
+    if bytes > 0 {
+        lock(&node.book).count_upload(peer, bytes);
+    }
     Ok(())
 }
 
@@ -478,7 +488,7 @@ async fn on_subscribe(
         let Some(hash) = parse_hash(h) else {
             return reply(send, &bad("hash must be 32 bytes")).await;
         };
-        lock(&node.book).saw(hash, peer);
+        saw(node, hash, peer);
         hashes.push(hash);
     }
     // Subscribe to the store before reading the current state, so that no

@@ -489,3 +489,70 @@ async fn a_partial_seeder_holding_more_runs_than_the_wire_takes_still_says_what_
     p.shutdown().await;
     drop(ep);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_hashes_asked_of_do_not_push_a_swarm_out_of_peer_exchange() {
+    // The node records who asked about a hash, for peer exchange; a peer
+    // asking about 4096 made-up hashes pushed out every real one (the
+    // book kept 4096 in one order). Hashes the store has none of are now
+    // kept apart, and push out only each other.
+    let (node, _ep, b) = node_and_client().await;
+    let hash = node.add_bytes(vec![7u8; 50_000], "x").await.unwrap();
+    let client = || async {
+        Endpoint::bind(
+            SecretKey::generate(),
+            EndpointConfig {
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    };
+    let (ep_a, ep_x) = (client().await, client().await);
+    let a = ep_a
+        .connect(node.addrs()[0], Some(node.peer_id()))
+        .await
+        .unwrap();
+    who_says(&a, &hash).await;
+    let x = ep_x
+        .connect(node.addrs()[0], Some(node.peer_id()))
+        .await
+        .unwrap();
+    for round in 0..17u64 {
+        let hashes = (0..256u64)
+            .map(|i| {
+                blake3::hash(&(round * 256 + i).to_le_bytes())
+                    .as_bytes()
+                    .to_vec()
+                    .into()
+            })
+            .collect();
+        let r = ask(
+            &x,
+            pb::Request {
+                kind: Some(pb::request::Kind::Who(pb::Who { hashes })),
+            },
+        )
+        .await;
+        assert!(matches!(r.kind, Some(pb::response::Kind::Who(_))), "{r:?}");
+    }
+    let r = ask(
+        &b,
+        pb::Request {
+            kind: Some(pb::request::Kind::Pex(pb::Pex {
+                hash: hash.as_bytes().to_vec().into(),
+            })),
+        },
+    )
+    .await;
+    let Some(pb::response::Kind::Pex(p)) = r.kind else {
+        panic!("unexpected answer {r:?}");
+    };
+    let a_id = ep_a.peer_id();
+    assert!(
+        p.peers.iter().any(|i| i.id.as_ref() == a_id.as_bytes()),
+        "the peer that asked about {hash} is gone from peer exchange: {p:?}"
+    );
+    node.shutdown().await;
+}
