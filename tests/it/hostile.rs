@@ -701,34 +701,8 @@ async fn seeder_stream(
             }
             let _ = send.write_all(&stream).await;
         }
-        Some(Req::GetBlobs(g)) if matches!(lie, Lie::TricklesSmallBlobs) => {
-            let mut blobs = Vec::new();
-            let mut content = Vec::new();
-            for h in &g.hashes {
-                let data = hash_of(h)
-                    .and_then(|h| {
-                        store
-                            .read_whole(&h, shoal_proto::limits::MAX_SMALL_BLOB)
-                            .ok()
-                    })
-                    .flatten();
-                blobs.push(pb::BlobPresence {
-                    found: data.is_some(),
-                    size: data.as_ref().map_or(0, |d| d.len() as u64),
-                });
-                content.extend_from_slice(data.as_deref().unwrap_or_default());
-            }
-            let header = resp(Resp::GetBlobs(pb::GetBlobsHeader { blobs }));
-            if write_frame(&mut send, &header).await.is_ok() {
-                for b in content {
-                    if send.write_all(&[b]).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
         Some(Req::GetBlobs(g)) => {
+            let trickles = matches!(lie, Lie::TricklesSmallBlobs);
             let mut blobs = Vec::new();
             let mut content = Vec::new();
             for h in &g.hashes {
@@ -746,15 +720,25 @@ async fn seeder_stream(
                 });
                 if let Some(d) = data {
                     let mut d = d.to_vec();
-                    if let Some(b) = d.last_mut() {
+                    // The other lies here: wrong bytes in every blob.
+                    if let (Some(b), false) = (d.last_mut(), trickles) {
                         *b ^= 0x20;
                     }
                     content.extend_from_slice(&d);
                 }
             }
             let header = resp(Resp::GetBlobs(pb::GetBlobsHeader { blobs }));
-            if write_frame(&mut send, &header).await.is_ok() {
+            if write_frame(&mut send, &header).await.is_err() {
+                return;
+            }
+            if !trickles {
                 let _ = send.write_all(&content).await;
+            }
+            for b in content.into_iter().filter(|_| trickles) {
+                if send.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
         _ => {}

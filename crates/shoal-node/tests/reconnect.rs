@@ -47,11 +47,20 @@ fn spawn_fetch(
     hash: blake3::Hash,
     peer: PeerAddr,
 ) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
+    spawn_fetch_from(d, hash, vec![peer])
+}
+
+/// `d` fetches `hash` from `peers` (into its store), in a task of its own.
+fn spawn_fetch_from(
+    d: &Node,
+    hash: blake3::Hash,
+    peers: Vec<PeerAddr>,
+) -> tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>> {
     let d = d.clone();
     let req = FetchRequest {
         hash,
         kind: None,
-        peers: vec![peer],
+        peers,
         out: FetchOutput::Store,
     };
     tokio::spawn(async move { d.fetch(req, None).await })
@@ -279,16 +288,14 @@ async fn addresses_that_cannot_lead_to_the_named_peer_fail_at_once_with_discover
         id: Some(d.peer_id()),
         addr: stranger.addrs()[0],
     };
-    let req = FetchRequest {
-        hash,
-        kind: None,
-        peers: vec![wrong_key, own_key],
-        out: FetchOutput::Store,
-    };
-    let err = tokio::time::timeout(Duration::from_secs(15), d.fetch(req, None))
-        .await
-        .expect("the download waited for addresses that cannot serve it")
-        .expect_err("fetched from a peer that is not the one named");
+    let err = tokio::time::timeout(
+        Duration::from_secs(15),
+        spawn_fetch_from(&d, hash, vec![wrong_key, own_key]),
+    )
+    .await
+    .expect("the download waited for addresses that cannot serve it")
+    .unwrap()
+    .expect_err("fetched from a peer that is not the one named");
     assert!(
         matches!(err, shoal_node::NodeError::NowhereLeft(h, _) if h == hash),
         "{err}"
@@ -315,15 +322,8 @@ async fn addresses_that_cannot_lead_to_the_named_peer_fail_at_once_with_discover
         id: Some(s.peer_id()),
         addr: s.addrs()[0],
     };
-    let req = FetchRequest {
-        hash,
-        kind: None,
-        peers: vec![right, wrong_key, own_key],
-        out: FetchOutput::Store,
-    };
-    let d2 = d.clone();
     fetched(
-        tokio::spawn(async move { d2.fetch(req, None).await }),
+        spawn_fetch_from(&d, hash, vec![right, wrong_key, own_key]),
         Duration::from_secs(30),
         "the download did not use the right address",
         &d,
@@ -342,16 +342,14 @@ async fn with_no_address_no_neighbour_and_discovery_off_a_download_fails_at_once
     // hash.
     let d = Node::spawn(downloader()).await.unwrap();
     let hash = blake3::hash(b"asked of no one");
-    let req = FetchRequest {
-        hash,
-        kind: None,
-        peers: Vec::new(),
-        out: FetchOutput::Store,
-    };
-    let err = tokio::time::timeout(Duration::from_secs(5), d.fetch(req, None))
-        .await
-        .expect("the download waited with nowhere to look")
-        .expect_err("fetched from no one");
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        spawn_fetch_from(&d, hash, Vec::new()),
+    )
+    .await
+    .expect("the download waited with nowhere to look")
+    .unwrap()
+    .expect_err("fetched from no one");
     assert!(
         matches!(err, shoal_node::NodeError::NowhereLeft(h, _) if h == hash),
         "{err}"
