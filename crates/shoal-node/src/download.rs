@@ -582,7 +582,7 @@ pub(crate) async fn fetch_blob(
                     // `MAX_PEER_RUNS` runs kept: runs beyond it, update
                     // after update, would grow the map without bound.
                     // Knowing less of a peer than it has is safe.
-                    let groups = group_count(if sched.is_some() { store.info(&hash).map_or(slot.size, |i| i.size) } else { slot.size });
+                    let groups = sched.as_ref().map_or(group_count(slot.size), |s| s.groups());
                     if slot.have.runs().len() < MAX_PEER_RUNS {
                         slot.have.union_with(&added.clipped(groups));
                     }

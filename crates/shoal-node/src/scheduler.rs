@@ -243,6 +243,11 @@ fn mix(mut x: u64) -> u64 {
 }
 
 impl<P: Clone + Ord + Debug> Scheduler<P> {
+    /// The blob's groups (its proven size).
+    pub fn groups(&self) -> u64 {
+        self.groups
+    }
+
     /// A scheduler for a blob of `groups` chunk groups, of which `have` are
     /// already verified locally.
     ///
