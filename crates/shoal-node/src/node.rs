@@ -498,8 +498,10 @@ struct PeerRates {
 impl PeerRates {
     fn new() -> Self {
         PeerRates {
-            up_meter: crate::RateMeter::new(Duration::from_secs(1)),
-            down_meter: crate::RateMeter::new(Duration::from_secs(1)),
+            // Under the sampling period, so that a tick that comes a
+            // little early still takes a sample.
+            up_meter: crate::RateMeter::new(Duration::from_millis(900)),
+            down_meter: crate::RateMeter::new(Duration::from_millis(900)),
             up: 0,
             down: 0,
         }
