@@ -815,6 +815,25 @@ fn a_seeder_that_never_answers_does_not_hold_the_download() {
     get_past(Lie::NeverAnswers);
 }
 
+/// The addresses of an in-process honest seeder and of a scripted liar,
+/// each named by its key.
+fn honest_and_liar(
+    honest: &shoal_node::Node,
+    liar_id: PeerId,
+    liar_addr: SocketAddr,
+) -> Vec<shoal_node::PeerAddr> {
+    vec![
+        shoal_node::PeerAddr {
+            id: Some(honest.peer_id()),
+            addr: honest.addrs()[0],
+        },
+        shoal_node::PeerAddr {
+            id: Some(liar_id),
+            addr: liar_addr,
+        },
+    ]
+}
+
 /// A peer that answers the size proof's get with its header and then
 /// falls silent held the whole download up until its stall timeout: the
 /// proof waited on it with no timeout, and nothing else runs before the
@@ -840,16 +859,7 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
             .await
             .expect("honest seeder");
         honest.add_bytes(data.clone(), "blob").await.expect("add");
-        let peers = vec![
-            shoal_node::PeerAddr {
-                id: Some(honest.peer_id()),
-                addr: honest.addrs()[0],
-            },
-            shoal_node::PeerAddr {
-                id: Some(liar_id),
-                addr: liar_addr,
-            },
-        ];
+        let peers = honest_and_liar(&honest, liar_id, liar_addr);
         let mut fetches = Vec::new();
         for _ in 0..4 {
             let d = shoal_node::Node::spawn(node(Duration::from_secs(60)))
@@ -956,16 +966,7 @@ fn a_provider_trickling_small_blobs_does_not_hold_the_collection() {
             .await
             .expect("add");
         assert_eq!(h, hash);
-        let peers = vec![
-            shoal_node::PeerAddr {
-                id: Some(honest.peer_id()),
-                addr: honest.addrs()[0],
-            },
-            shoal_node::PeerAddr {
-                id: Some(liar_id),
-                addr: liar_addr,
-            },
-        ];
+        let peers = honest_and_liar(&honest, liar_id, liar_addr);
         let outs = tempfile::tempdir().expect("tempdir");
         let mut fetches = Vec::new();
         for i in 0..2 {
