@@ -179,9 +179,12 @@ struct NetArgs {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     max_download: Option<u64>,
     /// Give up after this many seconds without progress.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
 }
+
+/// `--timeout`'s default: seconds without progress before a get gives up.
+const DEFAULT_TIMEOUT_SECS: u64 = 60;
 
 fn parse_rate(s: &str) -> Result<u64, String> {
     shoal_transport::parse_rate(s).map_err(|e| e.to_string())
@@ -202,7 +205,7 @@ impl NetArgs {
             ("--dht-server", self.dht_server),
             ("--max-upload", self.max_upload.is_some()),
             ("--max-download", self.max_download.is_some()),
-            ("--timeout", self.timeout != 60),
+            ("--timeout", self.timeout != DEFAULT_TIMEOUT_SECS),
             ("--listen", !listen.is_empty()),
         ];
         let ignored: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();

@@ -81,6 +81,11 @@ impl RateMeter {
         }
     }
 
+    /// The rate at the last sample, in bytes per second.
+    pub(crate) fn rate(&self) -> u64 {
+        self.rate as u64
+    }
+
     /// `bytes` done in all by `now`: the rate, in bytes per second.
     pub(crate) fn update(&mut self, now: std::time::Instant, bytes: u64) -> u64 {
         let dt = now.duration_since(self.at);

@@ -261,8 +261,8 @@ impl Node {
                 for c in conns {
                     let s = c.stats();
                     let r = rates.entry(c.peer_id()).or_insert_with(PeerRates::new);
-                    r.up = r.up_meter.update(now, s.bytes_sent);
-                    r.down = r.down_meter.update(now, s.bytes_received);
+                    r.up.update(now, s.bytes_sent);
+                    r.down.update(now, s.bytes_received);
                 }
             }
         });
@@ -420,8 +420,8 @@ impl Node {
         let rates = lock(&self.inner.rates);
         ids.into_iter()
             .map(|id| PeerInfo {
-                upload_rate: rates.get(&id).map_or(0, |r| r.up),
-                download_rate: rates.get(&id).map_or(0, |r| r.down),
+                upload_rate: rates.get(&id).map_or(0, |r| r.up.rate()),
+                download_rate: rates.get(&id).map_or(0, |r| r.down.rate()),
                 id,
                 addrs: book.addrs(&id),
                 connected: self
@@ -489,21 +489,18 @@ pub struct PeerInfo {
 
 /// A connected peer's recent rates (see `Inner::rates`).
 struct PeerRates {
-    up_meter: crate::RateMeter,
-    down_meter: crate::RateMeter,
-    up: u64,
-    down: u64,
+    up: crate::RateMeter,
+    down: crate::RateMeter,
 }
 
 impl PeerRates {
     fn new() -> Self {
+        // Under the sampling period, so that a tick that comes a little
+        // early still takes a sample.
+        let meter = || crate::RateMeter::new(Duration::from_millis(900));
         PeerRates {
-            // Under the sampling period, so that a tick that comes a
-            // little early still takes a sample.
-            up_meter: crate::RateMeter::new(Duration::from_millis(900)),
-            down_meter: crate::RateMeter::new(Duration::from_millis(900)),
-            up: 0,
-            down: 0,
+            up: meter(),
+            down: meter(),
         }
     }
 }
