@@ -43,6 +43,10 @@ pub struct NodeConfig {
     pub control_socket: bool,
     /// Give a download up after this long without any verified progress.
     pub stall_timeout: Duration,
+    /// Drop an answer (a `Get` or `GetBlobs`) once the peer has taken none
+    /// of its bytes for this long: a peer that asks and never reads would
+    /// otherwise hold the answer's buffers and its reading thread for good.
+    pub send_stall_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +64,7 @@ impl Default for NodeConfig {
             download_limit: None,
             control_socket: true,
             stall_timeout: Duration::from_secs(60),
+            send_stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -138,6 +143,9 @@ pub(crate) struct Inner {
     /// One re-hash at a time: a directory of touched files is re-read one
     /// file after another, not all at once.
     pub(crate) recheck_slot: Arc<tokio::sync::Semaphore>,
+    /// Answers being read from the store and sent, node-wide (see
+    /// `server::MAX_ANSWERS`).
+    pub(crate) answers: tokio::sync::Semaphore,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
     /// Each connected peer's recent upload and download rates, sampled
@@ -210,6 +218,7 @@ impl Node {
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            answers: tokio::sync::Semaphore::new(server::MAX_ANSWERS),
             control_gets: watch::channel(0).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),

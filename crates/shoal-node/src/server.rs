@@ -23,6 +23,13 @@ use crate::wire::{WireError, read_frame, write_frame};
 
 /// Gets served at once per connection; further ones wait.
 const MAX_GETS_PER_CONN: usize = 4;
+/// Gets and `GetBlobs` served at once by the node, over all connections;
+/// further ones wait. A `Get` answer holds a blocking thread (the encoder)
+/// and up to ~4 MiB while it is sent, a `GetBlobs` answer up to 4 MiB: 128
+/// connections at 4 each would reach tokio's 512 blocking threads and 2 GiB.
+/// With `NodeConfig::send_stall_timeout`, a peer that reads nothing holds
+/// its slots only that long.
+pub(crate) const MAX_ANSWERS: usize = 128;
 /// Open have subscriptions per connection; further ones are refused.
 const MAX_SUBS_PER_CONN: usize = 32;
 /// Requests handled at once per connection (all kinds); further streams
@@ -108,6 +115,10 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
+            let Ok(_answer) = node.answers.acquire().await else {
+                return;
+            };
+            send.set_stall_timeout(Some(node.config.send_stall_timeout));
             on_get(&node, peer, &mut send, g).await
         }
         Some(pb::request::Kind::Subscribe(s)) => match limits.subs.try_acquire() {
@@ -124,6 +135,10 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
+            let Ok(_answer) = node.answers.acquire().await else {
+                return;
+            };
+            send.set_stall_timeout(Some(node.config.send_stall_timeout));
             on_get_blobs(&node, peer, &mut send, g).await
         }
         Some(pb::request::Kind::Pex(p)) => on_pex(&node, peer, &mut send, p).await,

@@ -13,9 +13,13 @@ use shoal_transport::{Connection, Endpoint, EndpointConfig, SecretKey};
 use tokio::io::AsyncWriteExt;
 
 async fn node_and_client() -> (Node, Endpoint, Connection) {
+    node_and_client_with(NodeConfig::default()).await
+}
+
+async fn node_and_client_with(config: NodeConfig) -> (Node, Endpoint, Connection) {
     let config = NodeConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
-        ..NodeConfig::default()
+        ..config
     };
     let node = Node::spawn(config).await.unwrap();
     let ep = Endpoint::bind(
@@ -554,5 +558,69 @@ async fn made_up_hashes_asked_of_do_not_push_a_swarm_out_of_peer_exchange() {
         p.peers.iter().any(|i| i.id.as_ref() == a_id.as_bytes()),
         "the peer that asked about {hash} is gone from peer exchange: {p:?}"
     );
+    node.shutdown().await;
+}
+
+/// Sends a `Get` for all of `hash` and reads the answer's header.
+async fn open_get(
+    conn: &Connection,
+    hash: &blake3::Hash,
+) -> (shoal_transport::SendStream, shoal_transport::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut all = GroupRanges::new();
+    all.insert(0..u64::MAX >> 1);
+    let get = pb::Request {
+        kind: Some(pb::request::Kind::Get(pb::Get {
+            hash: hash.as_bytes().to_vec().into(),
+            ranges: Some(all.to_pb()),
+        })),
+    };
+    write_frame(&mut send, &get).await.unwrap();
+    send.finish().unwrap();
+    let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
+    assert!(matches!(r.kind, Some(pb::response::Kind::Get(_))), "{r:?}");
+    (send, recv)
+}
+
+/// A peer that asks for a blob and then reads nothing does not hold the
+/// answer (its buffers, the encoder's thread, one of the node's answer
+/// slots) for good: once it has taken no byte for `send_stall_timeout`, the
+/// node resets the answer. A peer that reads gets the same answer whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_peer_does_not_read_is_dropped_after_the_stall_timeout() {
+    let (node, _ep, conn) = node_and_client_with(NodeConfig {
+        send_stall_timeout: Duration::from_secs(1),
+        ..NodeConfig::default()
+    })
+    .await;
+    // Past what QUIC's flow control lets the node send unread (8 MiB).
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let hash = node.add_bytes(data, "big").await.unwrap();
+
+    let (_send, mut recv) = open_get(&conn, &hash).await;
+    let whole = tokio::time::timeout(Duration::from_secs(30), recv.read_all(64 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(whole.len() > 32 << 20, "{} bytes", whole.len());
+
+    let (_send, mut recv) = open_get(&conn, &hash).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let read = tokio::time::timeout(Duration::from_secs(30), recv.read_all(64 << 20))
+        .await
+        .unwrap();
+    let err = match read {
+        Ok(v) => panic!("the stalled answer came, {} bytes", v.len()),
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string()
+            .contains(&format!("{}", shoal_transport::RESET_STALLED)),
+        "{err}"
+    );
+    // The connection is still usable: another reader is answered.
+    let (_send, mut recv) = open_get(&conn, &hash).await;
+    let again = recv.read_all(64 << 20).await.unwrap();
+    assert!(again == whole, "the answer differs");
     node.shutdown().await;
 }

@@ -39,7 +39,7 @@ pub use endpoint::{
 pub use fault::FaultConfig;
 pub use identity::{IdentityError, PEER_ID_TEXT_LEN, PeerId, PeerIdError, SecretKey};
 pub use rate::{RateError, parse_rate};
-pub use stream::{RecvStream, SendStream, Stats};
+pub use stream::{RESET_STALLED, RecvStream, SendStream, Stats};
 pub use ticket::{
     MAX_PROVIDER_ADDRS, MAX_PROVIDERS, MAX_TICKET_LEN, Provider, TICKET_PREFIX, TICKET_VERSION,
     Ticket, TicketError, TicketKind, decode_addr, encode_addr,
@@ -157,6 +157,10 @@ pub enum TransportError {
     /// Writing to a stream failed.
     #[error("stream write failed: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The peer took none of a write's bytes for the stream's stall
+    /// timeout ([`SendStream::set_stall_timeout`]); the stream is reset.
+    #[error("the peer took no data for {0:?}")]
+    Stalled(std::time::Duration),
     /// Reading from a stream failed.
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::VarInt;
@@ -127,7 +128,11 @@ pub struct SendStream {
     inner: quinn::SendStream,
     acct: Accounting,
     credit: Credit,
+    stall: Option<Duration>,
 }
+
+/// The stream's error code when a stalled write resets it.
+pub const RESET_STALLED: u32 = 0x5d_0010;
 
 impl SendStream {
     pub(crate) fn new(inner: quinn::SendStream, acct: Accounting) -> Self {
@@ -135,7 +140,37 @@ impl SendStream {
             inner,
             acct,
             credit: Credit::default(),
+            stall: None,
         }
+    }
+
+    /// Fail [`write_chunk`] and [`write_all_chunks`] with
+    /// [`TransportError::Stalled`], and reset the stream, once QUIC has
+    /// taken none of their bytes for `timeout`: the peer reads nothing (or
+    /// acknowledges nothing). Time spent waiting for the upload limit does
+    /// not count: that wait is this node's own doing. A peer reading slowly
+    /// still moves bytes and is not cut off.
+    ///
+    /// [`write_chunk`]: SendStream::write_chunk
+    /// [`write_all_chunks`]: SendStream::write_all_chunks
+    pub fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
+        self.stall = timeout;
+    }
+
+    /// Hand some of `chunks` to QUIC, within the stall timeout.
+    async fn write_some(&mut self, chunks: &mut [Bytes]) -> Result<usize, TransportError> {
+        let write = self.inner.write_chunks(chunks);
+        let written = match self.stall {
+            None => write.await?,
+            Some(limit) => match tokio::time::timeout(limit, write).await {
+                Ok(w) => w?,
+                Err(_) => {
+                    let _ = self.inner.reset(VarInt::from_u32(RESET_STALLED));
+                    return Err(TransportError::Stalled(limit));
+                }
+            },
+        };
+        Ok(written.bytes)
     }
 
     /// Write a whole `Bytes` without copying it.
@@ -145,20 +180,29 @@ impl SendStream {
 
     /// Write all of `chunks` without copying them; on return each is empty.
     pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
-        let Some(limiter) = self.acct.shared.upload.as_ref() else {
-            let total: usize = chunks.iter().map(Bytes::len).sum();
-            self.inner.write_all_chunks(chunks).await?;
-            self.acct.sent(total);
-            return Ok(());
+        let shared = self.acct.shared.clone();
+        let Some(limiter) = shared.upload.as_ref() else {
+            let mut first = 0;
+            loop {
+                while chunks.get(first).is_some_and(Bytes::is_empty) {
+                    first += 1;
+                }
+                if first == chunks.len() {
+                    return Ok(());
+                }
+                let n = self.write_some(&mut chunks[first..]).await?;
+                self.acct.sent(n);
+            }
         };
         for chunk in chunks.iter_mut() {
             while !chunk.is_empty() {
                 let allowed = self.credit.take(limiter, chunk.len()).await;
-                let piece = chunk.split_to(allowed.min(chunk.len()));
-                let len = piece.len();
-                self.inner.write_chunk(piece).await?;
-                self.credit.spend(len);
-                self.acct.sent(len);
+                let mut piece = [chunk.split_to(allowed.min(chunk.len()))];
+                while !piece[0].is_empty() {
+                    let n = self.write_some(&mut piece).await?;
+                    self.credit.spend(n);
+                    self.acct.sent(n);
+                }
             }
         }
         Ok(())

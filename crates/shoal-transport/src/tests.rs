@@ -742,3 +742,55 @@ async fn idle_connections_time_out_and_keep_alive_holds_them() {
     })
     .await
 }
+
+/// A write that the peer takes nothing of fails once the stall timeout
+/// passes, and the peer sees the stream reset; waiting for this node's own
+/// upload limit is not a stall, however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_peer_takes_nothing_of_fails_after_the_stall_timeout() {
+    timed(async {
+        let sender = bind(loopback()).await;
+        let receiver = bind(loopback()).await;
+        let conn = sender.connect(addr(&receiver), None).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.set_stall_timeout(Some(Duration::from_millis(300)));
+        // Past the receiver's stream window (8 MiB): the rest waits for it
+        // to read, which it never does.
+        let r = send
+            .write_chunk(bytes::Bytes::from(data(32 << 20, 1)))
+            .await;
+        assert!(matches!(r, Err(TransportError::Stalled(_))), "{r:?}");
+        let peer = receiver.accept().await.unwrap();
+        let (_send, mut recv) = peer.accept_bi().await.unwrap();
+        let err = recv.read_all(64 << 20).await.unwrap_err();
+        assert!(
+            err.to_string().contains(&RESET_STALLED.to_string()),
+            "{err}"
+        );
+
+        // 16 KiB/s: each 16 KiB piece waits about a second for the limit,
+        // past the 300 ms stall timeout; a reading peer gets it all.
+        let sender = bind(EndpointConfig {
+            upload_limit: Some(16 * 1024),
+            ..loopback()
+        })
+        .await;
+        let conn = sender.connect(addr(&receiver), None).await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.set_stall_timeout(Some(Duration::from_millis(300)));
+        let payload = data(48 * 1024, 2);
+        let start = Instant::now();
+        send.write_chunk(bytes::Bytes::from(payload.clone()))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let peer = receiver.accept().await.unwrap();
+        let (_send, mut recv) = peer.accept_bi().await.unwrap();
+        assert!(recv.read_all(1 << 20).await.unwrap() == payload);
+        assert!(
+            start.elapsed() >= Duration::from_secs(1),
+            "the limit did not hold"
+        );
+    })
+    .await
+}
