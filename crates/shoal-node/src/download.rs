@@ -127,6 +127,18 @@ struct PeerSlot {
     have: GroupRanges,
     complete: bool,
     sub: Option<JoinHandle<()>>,
+    /// When it took its slot.
+    joined: Instant,
+}
+
+/// A peer that has held nothing of the blob for this share of the stall
+/// timeout gives its slot up when all [`MAX_PEERS`] are taken and another
+/// address waits to be dialled, and is not dialled again for twice as long.
+/// Otherwise peers that answer "nothing" (throwaway identities, handed out
+/// by a hostile peer exchange or DHT announces) could hold every slot, and
+/// a seeder found later would never be dialled.
+fn idle_limit(stall: Duration) -> Duration {
+    (stall / 4).max(Duration::from_secs(1))
 }
 
 /// An address this download was given or found. One that could not be
@@ -140,6 +152,32 @@ struct Known {
     peer: Option<PeerId>,
     /// Not dialled again before this.
     next: Instant,
+}
+
+/// What decides whether a queued candidate is dialled.
+struct DialState<'a> {
+    dialing: &'a HashSet<SocketAddr>,
+    peers: &'a HashMap<PeerId, PeerSlot>,
+    banned: &'a HashSet<PeerId>,
+    resting: &'a HashMap<PeerId, Instant>,
+    known: &'a HashMap<SocketAddr, Known>,
+    book: &'a AddressBook,
+}
+
+impl DialState<'_> {
+    /// Whether `c` is to be dialled now.
+    fn worth_dialling(&self, c: &Candidate, now: Instant) -> bool {
+        let shunned = |id: PeerId| {
+            self.banned.contains(&id) || self.resting.get(&id).is_some_and(|until| now < *until)
+        };
+        !self.dialing.contains(&c.addr)
+            // An address that led to a peer in use is not dialed again.
+            && !self.peers.values().any(|p| p.addr == c.addr)
+            && !c.id.is_some_and(|id| self.peers.contains_key(&id) || shunned(id))
+            // Nor one known to lead to a peer resting or banned.
+            && !self.known.get(&c.addr).and_then(|k| k.peer).is_some_and(shunned)
+            && self.book.should_dial(c.addr, now)
+    }
 }
 
 /// Queue `c` to be dialled, once, up to [`MAX_KNOWN`] queued: peer
@@ -314,6 +352,9 @@ pub(crate) async fn fetch_blob(
     let mut known: HashMap<SocketAddr, Known> = HashMap::new();
     let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
     let mut banned: HashSet<PeerId> = HashSet::new();
+    // Peers that gave up their slot for holding nothing (`idle_limit`),
+    // and until when they are not dialled again.
+    let mut resting: HashMap<PeerId, Instant> = HashMap::new();
     // Probes that failed for want of a connection or an answer, per peer:
     // the peer with fewest is asked first, and one that fails
     // `MAX_PROBE_FAILURES` times is dropped for good (a peer that stalls
@@ -328,6 +369,19 @@ pub(crate) async fn fetch_blob(
             store.end_download(&hash);
         }
         return Err(NodeError::TooLarge(hash, size));
+    }
+    // The state `DialState` reads, borrowed where a candidate is weighed.
+    macro_rules! dial_state {
+        () => {
+            DialState {
+                dialing: &dialing,
+                peers: &peers,
+                banned: &banned,
+                resting: &resting,
+                known: &known,
+                book: &book,
+            }
+        };
     }
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
     let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
@@ -447,15 +501,7 @@ pub(crate) async fn fetch_blob(
         // Dial queued candidates.
         while dialing.len() < MAX_DIALS && peers.len() < MAX_PEERS {
             let Some(c) = queued.pop() else { break };
-            if dialing.contains(&c.addr)
-                // An address that led to a peer in use is not dialed again.
-                || peers.values().any(|p| p.addr == c.addr)
-                || c.id
-                    .is_some_and(|id| peers.contains_key(&id) || banned.contains(&id))
-            {
-                continue;
-            }
-            if !book.should_dial(c.addr, now) {
+            if !dial_state!().worth_dialling(&c, now) {
                 continue;
             }
             dialing.insert(c.addr);
@@ -506,7 +552,10 @@ pub(crate) async fn fetch_blob(
                     if let Some(k) = known.get_mut(&addr) {
                         k.peer = Some(peer);
                     }
-                    if banned.contains(&peer) || peers.contains_key(&peer) {
+                    if banned.contains(&peer)
+                        || peers.contains_key(&peer)
+                        || resting.get(&peer).is_some_and(|until| Instant::now() < *until)
+                    {
                         continue;
                     }
                     let (have, complete) = match &avail.have {
@@ -528,7 +577,7 @@ pub(crate) async fn fetch_blob(
                     }
                     debug!(%peer, size = avail.size, complete, groups = have.count(), "peer up");
                     let sub = (!complete).then(|| spawn_subscription(conn.clone(), hash, peer, tx.clone()));
-                    peers.insert(peer, PeerSlot { conn, addr, size: avail.size, have: have.clone(), complete, sub });
+                    peers.insert(peer, PeerSlot { conn, addr, size: avail.size, have: have.clone(), complete, sub, joined: Instant::now() });
                     if let Some(s) = sched.as_mut() {
                         add_to_scheduler(s, &peer, &peers[&peer]);
                     }
@@ -715,7 +764,11 @@ pub(crate) async fn fetch_blob(
                 for (addr, k) in &mut known {
                     if now < k.next
                         || dialing.contains(addr)
-                        || k.peer.is_some_and(|p| peers.contains_key(&p) || banned.contains(&p))
+                        || k.peer.is_some_and(|p| {
+                            peers.contains_key(&p)
+                                || banned.contains(&p)
+                                || resting.get(&p).is_some_and(|until| now < *until)
+                        })
                         || peers.values().any(|p| p.addr == *addr)
                         || queued.iter().any(|c| c.addr == *addr)
                         || !book.should_dial(*addr, now)
@@ -725,6 +778,28 @@ pub(crate) async fn fetch_blob(
                     k.next = now + REDIAL_MIN;
                     queued.push(k.cand.clone());
                 }
+                // All slots taken and someone waits: the peer that has
+                // held nothing longest gives its slot up (one per tick).
+                let idle = idle_limit(stall);
+                if peers.len() >= MAX_PEERS
+                    && queued.iter().any(|c| dial_state!().worth_dialling(c, now))
+                    && let Some(peer) = peers
+                        .iter()
+                        .filter(|(_, p)| !p.complete && p.have.is_empty() && now.duration_since(p.joined) >= idle)
+                        .min_by_key(|(_, p)| p.joined)
+                        .map(|(id, _)| *id)
+                    && let Some(slot) = peers.remove(&peer)
+                {
+                    debug!(%peer, "holds nothing after {idle:?}: its slot goes to another peer");
+                    if let Some(t) = slot.sub {
+                        t.abort();
+                    }
+                    if let Some(s) = sched.as_mut() {
+                        s.handle_peer_removed(&peer);
+                    }
+                    resting.insert(peer, now + 2 * idle);
+                }
+                resting.retain(|_, until| now < *until);
                 if let Some(s) = sched.as_mut() {
                     for (id, r) in running.iter_mut() {
                         let b = r.bytes.load(Ordering::Relaxed);

@@ -357,3 +357,64 @@ async fn with_no_address_no_neighbour_and_discovery_off_a_download_fails_at_once
     assert!(err.to_string().contains("no peer is connected"), "{err}");
     d.shutdown().await;
 }
+
+/// Peers that hold nothing (here 64 empty nodes, as throwaway identities
+/// handed out by a hostile peer exchange would be) take every one of a
+/// download's 64 peer slots; the seeder, not up at the first dial, is
+/// dialled again once up: a peer that has held nothing for a quarter of
+/// the stall timeout gives its slot up, and the download finishes. (Before,
+/// the full slots kept the seeder from being dialled, and the download
+/// failed at its stall timeout saying no peer held the blob.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_holding_nothing_give_their_slots_up_to_a_seeder_found_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(300_000);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let seeder_id = {
+        let s = Node::spawn(seeder_config(
+            dir.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+        ))
+        .await
+        .unwrap();
+        s.add_bytes(data.clone(), "late").await.unwrap();
+        s.shutdown().await;
+        s.peer_id()
+    };
+    let mut empties = Vec::new();
+    for _ in 0..64 {
+        empties.push(Node::spawn(downloader()).await.unwrap());
+    }
+    let mut peers = vec![PeerAddr {
+        id: Some(seeder_id),
+        addr,
+    }];
+    peers.extend(empties.iter().map(|e| PeerAddr {
+        id: Some(e.peer_id()),
+        addr: e.addrs()[0],
+    }));
+    let hash = blake3::hash(&data);
+    // Stall timeout 40 s: a peer holding nothing for 10 s gives way.
+    let d = Node::spawn(downloader()).await.unwrap();
+    let fetch = spawn_fetch_from(&d, hash, peers);
+    tokio::time::sleep(Duration::from_millis(11_000)).await;
+    drop(silent);
+    let s = Node::spawn(seeder_config(dir.path(), addr, None))
+        .await
+        .unwrap();
+    fetched(
+        fetch,
+        Duration::from_secs(25),
+        "the seeder found a slot too late",
+        &d,
+        &data,
+    )
+    .await;
+    s.shutdown().await;
+    d.shutdown().await;
+    for e in empties {
+        e.shutdown().await;
+    }
+}
