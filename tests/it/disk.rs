@@ -235,3 +235,29 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     assert!(ls.contains(&b3sum(&tiny)), "the first blob is gone: {ls}");
     assert_verifies(&node);
 }
+
+#[test]
+fn a_copy_out_of_the_store_that_does_not_fit_leaves_no_half_written_file() {
+    // The blob is in the store already: `get` writes it out from there,
+    // into a temporary file beside the output. A full disk fails the get
+    // clearly and takes the temporary file away with it.
+    let Some(small) = small_tmpfs("4m") else {
+        return;
+    };
+    let s = Dir::new();
+    let input = s.path().join("blob.bin");
+    std::fs::write(&input, data(10 << 20, 11)).expect("write");
+    let line = s.ok(&["add", input.to_str().expect("utf-8")]);
+    let hash = line.split_whitespace().next().expect("hash").to_string();
+    let out = small.path.join("out.bin");
+    let mut c = Command::new(bin());
+    c.arg("--data-dir").arg(s.path().join("node"));
+    c.args(["get", &hash, "--no-mdns", "--no-dht", "-o"])
+        .arg(&out);
+    assert_failed_disk_full(&run_bounded(c, Duration::from_secs(60)));
+    let left: Vec<PathBuf> = std::fs::read_dir(&small.path)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(left, Vec::<PathBuf>::new(), "the failed get left files");
+}

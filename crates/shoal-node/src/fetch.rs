@@ -654,7 +654,18 @@ fn write_file_atomically(
 ) -> Result<(), NodeError> {
     let tmp = temp_sibling(path);
     let mut f = std::fs::File::create(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?;
-    store.export_blob(hash, &mut f)?;
-    f.sync_all().map_err(|e| NodeError::Write(tmp.clone(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| NodeError::Write(path.to_path_buf(), e))
+    let res = store
+        .export_blob(hash, &mut f)
+        .map_err(NodeError::from)
+        .and_then(|_| f.sync_all().map_err(|e| NodeError::Write(tmp.clone(), e)))
+        // Never over a file made at `path` since it was checked.
+        .and_then(|()| {
+            shoal_store::rename_no_replace(&tmp, path)
+                .map_err(|e| NodeError::Write(path.to_path_buf(), e))
+        });
+    if res.is_err() {
+        // A full disk, a corrupt blob: no half-written file is left.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }

@@ -87,7 +87,9 @@ pub use blake3::Hash;
 pub use chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 pub use error::{ReceiveError, StoreError};
 pub use shoal_proto::GroupRanges;
-pub use store::{GcReport, HashedFile, Presence, Store, WholeBlob, WholeOutcome};
+pub use store::{
+    GcReport, HashedFile, Presence, Store, WholeBlob, WholeOutcome, rename_no_replace,
+};
 
 /// How a file is added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -574,9 +574,14 @@ impl Store {
         let mut blobs = HashMap::with_capacity(records.len());
         let mut grouped = HashMap::new();
         let mut unloaded = HashSet::new();
+        // Recorded partial, found finished at their target.
+        let mut finished = Vec::new();
         for (hash, r, group) in records {
             match inner.blob_from_record(&hash, &r) {
                 Ok(b) => {
+                    if !r.complete && b.partial.is_none() {
+                        finished.push((hash, record_of(&b)));
+                    }
                     blobs.insert(hash, b);
                 }
                 Err(e) => {
@@ -594,6 +599,12 @@ impl Store {
         *lock(&inner.unloaded) = unloaded;
         inner.recheck_after_reboot(&mut blobs);
         *lock(&inner.state) = blobs;
+        for (hash, rec) in finished {
+            if let Err(e) = inner.persist(&hash, rec, true) {
+                // Found again at the next open.
+                tracing::warn!("cannot record that {hash} is complete: {e}");
+            }
+        }
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -632,6 +643,13 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn crash(self) {
         self.inner.flush_on_drop.store(false, Ordering::SeqCst);
+    }
+
+    /// Make every commit fail from now on (`on`), as a full or failing
+    /// disk would, or commit again.
+    #[cfg(test)]
+    pub(crate) fn fail_commits(&self, on: bool) {
+        self.inner.fail_commits.store(on, Ordering::SeqCst);
     }
 
     /// Subscribe to verification and completion events.
@@ -1228,13 +1246,19 @@ impl Store {
             st.get_mut(hash).map(|b| {
                 b.in_flight = true;
                 b.pinned |= pin;
-                b.kind = kind;
+                // A complete blob's kind is not the caller's to change (a
+                // ticket saying "file" for a pinned collection would let
+                // gc free its members); its content decides (`pin`).
+                if b.partial.is_some() {
+                    b.kind = kind;
+                }
                 record_of(b)
             })
         };
         let rec = existing(&mut lock(&self.inner.state));
         if let Some(rec) = rec {
-            return self.inner.persist(hash, rec, true);
+            self.inner.persist(hash, rec, true)?;
+            return self.inner.finish_if_verified(hash);
         }
         let mut b = self
             .inner
@@ -1960,6 +1984,16 @@ impl Inner {
             return Ok(b);
         }
         let target = (!r.path.is_empty()).then_some(path);
+        if let (Some(t), Some(size)) = (&target, r.size)
+            && let Some((data, outboard)) = self.finished_at(hash, t, size)
+        {
+            tracing::info!(
+                "blob {hash}: found finished at {} (the last run stopped before recording it)",
+                t.display()
+            );
+            (b.data, b.outboard, b.size) = (data, outboard, Some(size));
+            return Ok(b);
+        }
         let p = self.open_partial(hash, target)?;
         // Claims are a hint: every group for which data is on disk is
         // re-checked against the hash, so groups verified after the last
@@ -1992,6 +2026,54 @@ impl Inner {
         }
         b.partial = Some(Arc::new(p));
         Ok(b)
+    }
+
+    /// A download into `target` whose partial file is gone and whose
+    /// target holds the blob, every group of it verifying: it was renamed
+    /// into place and the process stopped before recording that. Its data
+    /// and outboard, as a complete blob's (hashed here once; a target that
+    /// does not verify, or any error, is `None`: the download goes on as a
+    /// partial one, and never over the file at the target).
+    fn finished_at(
+        &self,
+        hash: &blake3::Hash,
+        target: &Path,
+        size: u64,
+    ) -> Option<(DataRef, ObRef)> {
+        let mut partial = target.as_os_str().to_os_string();
+        partial.push(".shoal-partial");
+        if fs::symlink_metadata(PathBuf::from(partial)).is_ok() {
+            return None;
+        }
+        let f = File::open(target).ok()?;
+        let m = f.metadata().ok()?;
+        if !m.is_file() || m.len() != size {
+            return None;
+        }
+        let ob_path = self.ob_path(hash)?;
+        let has_outboard = bao_tree(size).outboard_size() > 0;
+        let ob = if has_outboard {
+            Slot::File(Arc::new(File::open(&ob_path).ok()?))
+        } else {
+            Slot::Mem(Arc::new(RwLock::new(Vec::new())))
+        };
+        let all = GroupRanges::from_range(0..group_count(size));
+        let verified = recheck(hash, size, &Slot::File(Arc::new(f)), &ob, &all).ok()?;
+        if verified != all {
+            return None;
+        }
+        let data = DataRef::File {
+            path: fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf()),
+            stamp: Some(Stamp::of(&m)),
+        };
+        Some((
+            data,
+            if has_outboard {
+                ObRef::File(ob_path)
+            } else {
+                ObRef::None
+            },
+        ))
     }
 
     /// Open (creating if needed) the files of a partial download.
@@ -2608,18 +2690,68 @@ impl Inner {
         Ok(w.newly)
     }
 
+    /// A partial blob whose every group is verified, not being completed
+    /// already: complete it. A download that verified its last group and
+    /// then could not record it (killed, or the commit failed) is finished
+    /// here when it is begun again; otherwise no group would ever come to
+    /// finish it, and the download would wait for good.
+    fn finish_if_verified(&self, hash: &blake3::Hash) -> Result<(), StoreError> {
+        let partial = lock(&self.state).get(hash).and_then(|b| b.partial.clone());
+        let Some(partial) = partial else {
+            return Ok(());
+        };
+        {
+            let mut s = lock(&partial.st);
+            let Some(size) = s.size else { return Ok(()) };
+            if s.done || !s.verified.is_exactly(0..group_count(size)) {
+                return Ok(());
+            }
+            s.done = true;
+        }
+        self.finalize(hash, &partial)
+    }
+
     /// Make a partial blob complete: sync, rename into its target, record.
+    /// If that fails, the partial blob stays as it was (data back under
+    /// its partial name), to be finished by [`Inner::finish_if_verified`].
     fn finalize(&self, hash: &blake3::Hash, partial: &Arc<Partial>) -> Result<(), StoreError> {
+        let res = self.try_finalize(hash, partial);
+        if res.is_err() {
+            lock(&partial.st).done = false;
+        }
+        res
+    }
+
+    fn try_finalize(&self, hash: &blake3::Hash, partial: &Arc<Partial>) -> Result<(), StoreError> {
         let size = lock(&partial.st).size.unwrap_or(0);
         let ctx = Path::new("completed blob");
         partial.data.sync().map_err(io_err("syncing", ctx))?;
         partial.outboard.sync().map_err(io_err("syncing", ctx))?;
+        // Where the data went, to be put back if the record fails.
+        let mut moved: Option<(&Path, &Path)> = None;
         let data = match (&partial.target, &partial.data_path, &partial.data) {
             (Some(target), Some(tmp), _) => {
-                fs::rename(tmp, target).map_err(io_err("renaming into", target))?;
-                let m = fs::metadata(target).map_err(io_err("reading", target))?;
+                // Never over a file that is there now: the user's, made
+                // since the download began (or a directory).
+                let at = match rename_no_replace(tmp, target) {
+                    Ok(()) => {
+                        moved = Some((tmp, target));
+                        target
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        tracing::warn!(
+                            "{} was made while {hash} downloaded into it: it is left as it is, \
+                             and the download stays at {}",
+                            target.display(),
+                            tmp.display()
+                        );
+                        tmp
+                    }
+                    Err(e) => return Err(StoreError::io("renaming into", target, e)),
+                };
+                let m = fs::metadata(at).map_err(io_err("reading", at))?;
                 DataRef::File {
-                    path: fs::canonicalize(target).unwrap_or_else(|_| target.clone()),
+                    path: fs::canonicalize(at).unwrap_or_else(|_| at.to_path_buf()),
                     stamp: Some(Stamp::of(&m)),
                 }
             }
@@ -2642,28 +2774,41 @@ impl Inner {
                 _ => ObRef::None,
             }
         };
-        let rec = {
-            let mut st = lock(&self.state);
-            let Some(b) = st.get_mut(hash) else {
-                return Ok(());
-            };
-            if !b.partial.as_ref().is_some_and(|p| Arc::ptr_eq(p, partial)) {
-                return Ok(());
-            }
-            b.data = data;
-            b.outboard = outboard;
-            b.partial = None;
-            // Pinned by `begin_download`; a user who unpinned it since
-            // (`shoal rm` while it downloads) is not overruled: gc frees
-            // it.
-            b.in_flight = false;
-            b.size = Some(size);
-            if b.name.is_empty() {
-                b.name = hash.to_hex()[..16].to_string();
-            }
-            record_of(b)
+        let mut st = lock(&self.state);
+        let Some(b) = st.get_mut(hash) else {
+            return Ok(());
         };
-        self.persist(hash, rec, true)?;
+        if !b.partial.as_ref().is_some_and(|p| Arc::ptr_eq(p, partial)) {
+            return Ok(());
+        }
+        let before = (b.data.clone(), b.outboard.clone(), b.in_flight, b.size);
+        b.data = data;
+        b.outboard = outboard;
+        b.partial = None;
+        // Pinned by `begin_download`; a user who unpinned it since
+        // (`shoal rm` while it downloads) is not overruled: gc frees it.
+        b.in_flight = false;
+        b.size = Some(size);
+        if b.name.is_empty() {
+            b.name = hash.to_hex()[..16].to_string();
+        }
+        // The state lock is held through the commit (as in `update`), so
+        // that a failed one is undone before anyone sees it.
+        if let Err(e) = self.persist(hash, record_of(b), true) {
+            (b.data, b.outboard, b.in_flight, b.size) = before;
+            b.partial = Some(partial.clone());
+            if let Some((tmp, target)) = moved
+                && let Err(e) = rename_no_replace(target, tmp)
+            {
+                tracing::warn!(
+                    "{hash}: could not move {} back to {}: {e}",
+                    target.display(),
+                    tmp.display()
+                );
+            }
+            return Err(e);
+        }
+        drop(st);
         let _ = self.events.send(StoreEvent::Complete { hash: *hash });
         Ok(())
     }
@@ -2801,6 +2946,22 @@ impl Drop for Inner {
         {
             tracing::warn!("recording fetched files on close failed: {e}");
         }
+    }
+}
+
+/// Rename `from` to `to` unless something is at `to` already (then
+/// [`io::ErrorKind::AlreadyExists`]): a plain rename would replace a file
+/// the user made there. Where the filesystem has no such rename, a hard
+/// link and an unlink do the same.
+pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            fs::hard_link(from, to)?;
+            fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

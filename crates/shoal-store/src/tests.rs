@@ -1265,3 +1265,131 @@ fn gc_stops_when_a_collections_manifest_cannot_be_read() {
     assert_eq!(store.gc().unwrap().blobs, 302);
     assert!(store.list().is_empty());
 }
+
+/// A download into `target` (in a store of its own under `dir`) that has
+/// every group but the last: the store, the blob's hash, its data, and the
+/// last group's stream.
+fn download_all_but_the_last_group(
+    dir: &Path,
+    target: &Path,
+) -> (Store, blake3::Hash, Vec<u8>, GroupRanges, Vec<u8>) {
+    let from = Store::in_memory();
+    let d = data(40 * GROUP_SIZE as usize - 100, 71);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let to = Store::open(&dir.join("store")).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(target), true)
+        .unwrap();
+    let first = GroupRanges::from_range(0..39);
+    let (_, bytes) = encode(&from, &hash, &first);
+    receive(&to, &hash, &first, &bytes).unwrap();
+    let last = GroupRanges::from_range(39..40);
+    let (_, last_bytes) = encode(&from, &hash, &last);
+    (to, hash, d, last, last_bytes)
+}
+
+fn partial_name(target: &Path) -> std::path::PathBuf {
+    let mut s = target.as_os_str().to_os_string();
+    s.push(".shoal-partial");
+    s.into()
+}
+
+#[test]
+fn a_download_whose_completion_could_not_be_recorded_is_finished_when_begun_again() {
+    // The last group verifies, but its record fails (a full disk): the
+    // blob stays partial, its data back under the partial name, and a
+    // download begun again finishes it, in this process or after a crash.
+    // (Before, it looked complete until the next start, which found a
+    // partial record, no partial file, and started over; in the process,
+    // a failure before the rename left it partial with no group to come.)
+    for crash in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        let (to, hash, d, last, bytes) = download_all_but_the_last_group(dir.path(), &target);
+        to.fail_commits(true);
+        assert!(receive(&to, &hash, &last, &bytes).is_err());
+        to.fail_commits(false);
+        let info = to.info(&hash).unwrap();
+        assert!(!info.complete, "crash {crash}");
+        assert!(info.verified.is_exactly(0..40));
+        assert!(!target.exists());
+        assert_eq!(fs::read(partial_name(&target)).unwrap(), d);
+        let to = if crash {
+            to.crash();
+            Store::open(&dir.path().join("store")).unwrap()
+        } else {
+            to
+        };
+        to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
+            .unwrap();
+        assert!(to.info(&hash).unwrap().complete, "crash {crash}");
+        assert_eq!(fs::read(&target).unwrap(), d);
+        assert!(!partial_name(&target).exists());
+        assert_eq!(to.read_all(&hash).unwrap(), d);
+    }
+}
+
+#[test]
+fn a_download_renamed_into_place_but_not_recorded_is_found_finished_at_open() {
+    // The state a kill leaves between the rename into the target and the
+    // record: the next open hashes the target once and records it
+    // complete; it neither downloads it again nor makes a partial file.
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.bin");
+    let (to, hash, d, last, bytes) = download_all_but_the_last_group(dir.path(), &target);
+    to.fail_commits(true);
+    assert!(receive(&to, &hash, &last, &bytes).is_err());
+    // (Moved back by the failed completion: the rename the kill came after.)
+    if !target.exists() {
+        fs::rename(partial_name(&target), &target).unwrap();
+    }
+    to.crash();
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    let info = to.info(&hash).unwrap();
+    assert!(info.complete);
+    assert!(!partial_name(&target).exists());
+    assert_eq!(to.read_all(&hash).unwrap(), d);
+    drop(to);
+    // Recorded: the next open finds it complete too (from the record).
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    assert!(!partial_name(&target).exists());
+}
+
+#[test]
+fn a_file_made_at_the_target_during_a_download_is_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.bin");
+    let (to, hash, d, last, bytes) = download_all_but_the_last_group(dir.path(), &target);
+    fs::write(&target, b"the user's own file").unwrap();
+    receive(&to, &hash, &last, &bytes).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    assert_eq!(fs::read(&target).unwrap(), b"the user's own file");
+    // The download stays under its partial name, and is served from there.
+    assert_eq!(fs::read(partial_name(&target)).unwrap(), d);
+    assert_eq!(to.read_all(&hash).unwrap(), d);
+    drop(to);
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(to.read_all(&hash).unwrap(), d);
+}
+
+#[test]
+fn beginning_a_download_does_not_change_a_complete_blobs_kind() {
+    // A ticket saying "file" for a pinned collection: were its kind
+    // changed, gc would free the collection's members.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("a"), data(50_000, 81)).unwrap();
+    let col = store.import_dir(&tree, ImportMode::Copy).unwrap();
+    store
+        .begin_download(&col, BlobKind::Raw, None, true)
+        .unwrap();
+    store.end_download(&col);
+    assert_eq!(store.info(&col).unwrap().kind, BlobKind::Collection);
+    assert_eq!(store.gc().unwrap().blobs, 0);
+    assert_eq!(
+        store.read_all(&blake3::hash(&data(50_000, 81))).unwrap(),
+        data(50_000, 81)
+    );
+}
