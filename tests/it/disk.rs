@@ -261,3 +261,62 @@ fn a_copy_out_of_the_store_that_does_not_fit_leaves_no_half_written_file() {
         .collect();
     assert_eq!(left, Vec::<PathBuf>::new(), "the failed get left files");
 }
+
+#[test]
+fn an_add_copy_whose_outboard_does_not_fit_leaves_no_copy_behind() {
+    // `add --copy`: the copy fits, its outboard does not. The add fails
+    // clearly and the full-size copy goes (it stayed in the store's data
+    // directory, named by no record, taking the space it lacked).
+    let Some(small) = small_tmpfs("24m") else {
+        return;
+    };
+    let mnt = small.path.clone();
+    let s = Dir::new();
+    let input = s.path().join("big.bin");
+    std::fs::write(&input, data(8 << 20, 12)).expect("write");
+    let tiny = s.path().join("tiny.bin");
+    std::fs::write(&tiny, data(40_000, 13)).expect("write");
+    let node = mnt.join("node");
+    let add = |path: &Path| {
+        let mut c = Command::new(bin());
+        c.arg("--data-dir")
+            .arg(&node)
+            .args(["add", "--copy"])
+            .arg(path);
+        run_bounded(c, Duration::from_secs(60))
+    };
+    let first = add(&tiny);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let files = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&node.join("store").join("data"));
+    // Room for the copy and 8 KiB more (its outboard is ~32 KiB).
+    let filler = mnt.join("filler");
+    let room = free_bytes(&mnt).saturating_sub((8 << 20) + (8 << 10));
+    std::fs::write(&filler, vec![1u8; room as usize]).expect("filler");
+    assert_failed_disk_full(&add(&input));
+    assert_eq!(
+        files(&node.join("store").join("data")),
+        before,
+        "a failed add left files"
+    );
+    assert_eq!(tmp_files(&node), Vec::<PathBuf>::new());
+    std::fs::remove_file(&filler).expect("rm filler");
+    let again = add(&input);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_verifies(&node);
+}

@@ -223,8 +223,7 @@ impl Node {
     ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
         tracing::debug!("reading the manifest");
-        let manifest = store.read_all(&req.hash)?;
-        let entries = collection::parse_manifest(&manifest)?;
+        let entries = store.read_manifest(&req.hash)?;
         self.store().pin(&req.hash, BlobKind::Collection)?;
         // Named after the directory it goes to (a ticket carries no name),
         // as a file is after its output.

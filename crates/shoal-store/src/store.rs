@@ -847,8 +847,8 @@ impl Store {
         };
         let mut live: HashSet<blake3::Hash> = HashSet::with_capacity(candidates);
         for c in &collections {
-            let bytes = match self.read_all(c) {
-                Ok(b) => b,
+            let entries = match self.read_manifest(c) {
+                Ok(e) => e,
                 // Unpinned or removed since it was listed: keeps nothing.
                 Err(_)
                     if !lock(&self.inner.state)
@@ -857,18 +857,20 @@ impl Store {
                 {
                     continue;
                 }
+                // A bad manifest names nothing (the same whatever reads it).
+                Err(e @ StoreError::Manifest(_)) => {
+                    tracing::warn!(
+                        "collection {c} has a bad manifest; what it names is not kept: {e}"
+                    );
+                    continue;
+                }
                 Err(e) if strict => return Err(StoreError::CollectionUnreadable(*c, Box::new(e))),
                 Err(e) => {
                     tracing::warn!("cannot read collection {c} to see what it keeps: {e}");
                     continue;
                 }
             };
-            match collection::parse_manifest(&bytes) {
-                Ok(entries) => live.extend(entries.iter().filter(|e| !e.empty_dir).map(|e| e.hash)),
-                Err(e) => tracing::warn!(
-                    "collection {c} has a bad manifest; what it names is not kept: {e}"
-                ),
-            }
+            live.extend(entries.iter().filter(|e| !e.empty_dir).map(|e| e.hash));
         }
         Ok((collections, live))
     }
@@ -1603,14 +1605,28 @@ impl Store {
         self.inner.persist(hash, rec, false)
     }
 
+    /// Read and parse the manifest of the collection `hash`. Its size is
+    /// checked before anything is read: a blob called a collection (by a
+    /// ticket, a peer) can be of any size, and was read whole into memory
+    /// by every `ls` and `gc`.
+    pub fn read_manifest(&self, hash: &blake3::Hash) -> Result<Vec<Entry>, StoreError> {
+        let size = self.info(hash).ok_or(StoreError::NotFound(*hash))?.size;
+        if size > collection::MAX_MANIFEST_BYTES as u64 {
+            return Err(collection::ManifestError::TooLarge(
+                usize::try_from(size).unwrap_or(usize::MAX),
+            )
+            .into());
+        }
+        Ok(collection::parse_manifest(&self.read_all(hash)?)?)
+    }
+
     /// Write a complete collection to the new directory `out_dir`: files go
     /// into a temporary directory beside it, which is renamed into place
     /// when everything is written. Executable bits and empty directories
     /// are restored. The manifest is checked with
     /// [`collection::parse_manifest`] first.
     pub fn export_collection(&self, hash: &blake3::Hash, out_dir: &Path) -> Result<(), StoreError> {
-        let manifest = self.read_all(hash)?;
-        let entries = collection::parse_manifest(&manifest)?;
+        let entries = self.read_manifest(hash)?;
         for e in entries.iter().filter(|e| !e.empty_dir) {
             match self.info(&e.hash) {
                 Some(i) if i.complete => {}
@@ -2479,6 +2495,11 @@ impl Inner {
                     unchanged(&f, path, s0)?;
                     out.sync_data().map_err(io_err("writing", &tmp))?;
                     let dest = self.owned_path(&hash).ok_or_else(changed)?;
+                    // The outboard first: if it does not fit (a full disk),
+                    // the copy is still the temporary file, removed below;
+                    // renamed first, it stayed, full size, named by no
+                    // record.
+                    let outboard = self.write_outboard(&hash, ob)?;
                     fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
                     Ok(Prepared {
                         hash,
@@ -2489,7 +2510,7 @@ impl Inner {
                             path: dest,
                             stamp: None,
                         },
-                        outboard: self.write_outboard(&hash, ob)?,
+                        outboard,
                         inline: None,
                         unsynced: None,
                         pin: true,

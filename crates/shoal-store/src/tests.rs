@@ -1393,3 +1393,35 @@ fn beginning_a_download_does_not_change_a_complete_blobs_kind() {
         data(50_000, 81)
     );
 }
+
+#[test]
+fn a_collection_too_large_to_be_a_manifest_is_not_read() {
+    // A blob called a collection (a ticket's word) can be of any size:
+    // `ls` and `gc` read every pinned collection's manifest, whole. Its
+    // size is checked first, and such a blob names nothing. Its file is
+    // gone here: had it been read, that would be an I/O error, and gc
+    // would refuse to run.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let big = dir.path().join("big");
+    let f = fs::File::create(&big).unwrap();
+    f.set_len(crate::collection::MAX_MANIFEST_BYTES as u64 + 1)
+        .unwrap();
+    drop(f);
+    let hash = store.import_file(&big, ImportMode::InPlace).unwrap();
+    store.pin(&hash, BlobKind::Collection).unwrap();
+    fs::remove_file(&big).unwrap();
+    let err = store.read_manifest(&hash).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Manifest(crate::collection::ManifestError::TooLarge(_))
+        ),
+        "{err}"
+    );
+    let loose = store.import_bytes(&data(5_000, 91), "loose").unwrap();
+    store.unpin(&loose).unwrap();
+    assert!(store.kept_by_collections().is_empty());
+    assert_eq!(store.gc().unwrap().blobs, 1);
+    assert!(store.info(&hash).is_some());
+}
