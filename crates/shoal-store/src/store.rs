@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bao_tree::BaoTree;
@@ -135,6 +135,14 @@ struct Inner {
     /// recorded. A count per blob (two imports may share files). Locked
     /// after `state` when both are.
     held: Mutex<HashMap<blake3::Hash, usize>>,
+    /// Held shared by whatever puts files into `data/` (imports, small
+    /// blobs fetched whole, a download's partial files) until their
+    /// records are in the state, and exclusively by gc from its choice of
+    /// what is dead to its last unlink. Otherwise a blob gc had just found
+    /// dead, added or fetched again meanwhile, had its new files unlinked
+    /// under its new record (the paths are the hash's). Always taken
+    /// before the state's lock, never twice on one thread.
+    files: RwLock<()>,
     /// Blobs hashed again at open, after a reboot (tests).
     #[cfg(test)]
     rechecks: AtomicUsize,
@@ -187,6 +195,7 @@ impl Inner {
             next_group: AtomicU64::new(0),
             served: Mutex::new(served::Served::new(served::DEFAULT_BUDGET)),
             held: Mutex::new(HashMap::new()),
+            files: RwLock::new(()),
             #[cfg(test)]
             rechecks: AtomicUsize::new(0),
             #[cfg(test)]
@@ -309,6 +318,11 @@ struct Source {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Shared hold of `Inner::files`: files may be put into `data/`.
+fn adding_files(inner: &Inner) -> RwLockReadGuard<'_, ()> {
+    inner.files.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The pinned, complete collections of `st`: what gc must read to know
@@ -662,6 +676,7 @@ impl Store {
     /// Add a file (blocking, hashes with every core). Pinned; named after
     /// the file name.
     pub fn import_file(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
+        let _files = adding_files(&self.inner);
         let p = self.inner.prepare_file(path, mode, file_name(path))?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
@@ -674,6 +689,7 @@ impl Store {
         if !stamp_matches(&h.path, h.stamp) {
             return Err(StoreError::ChangedDuringImport(h.path));
         }
+        let _files = adding_files(&self.inner);
         let p = self.inner.prepare_hashed(h)?;
         let hash = p.hash;
         self.inner.commit(vec![p])?;
@@ -682,6 +698,7 @@ impl Store {
 
     /// Add bytes (blocking). Pinned.
     pub fn import_bytes(&self, data: &[u8], name: &str) -> Result<blake3::Hash, StoreError> {
+        let _files = adding_files(&self.inner);
         let p = self
             .inner
             .prepare_bytes(data, name.to_owned(), BlobKind::Raw)?;
@@ -706,6 +723,7 @@ impl Store {
         // own) keeps its pin.
         let mut hold = Hold::new(&self.inner);
         for batch in files.chunks(IMPORT_BATCH) {
+            let _files = adding_files(&self.inner);
             let prepared: Vec<Result<(Prepared, bool), StoreError>> = batch
                 .par_iter()
                 .map(|rel| {
@@ -744,6 +762,7 @@ impl Store {
         let manifest = collection::encode_manifest(&entries);
         // Refuse to create what we would refuse to read (odd names).
         collection::parse_manifest(&manifest)?;
+        let _files = adding_files(&self.inner);
         let p = self
             .inner
             .prepare_bytes(&manifest, file_name(path), BlobKind::Collection)?;
@@ -885,6 +904,7 @@ impl Store {
         // pinned meanwhile (an import or a fetch recording its manifest,
         // then letting its members go) would leave its members unkept, so
         // the reading is done again until no collection came in between.
+        let _files = self.inner.files.write().unwrap_or_else(|e| e.into_inner());
         let mut tries = 0;
         let removed = loop {
             let (seen, live) = self.kept(true)?;
@@ -1244,6 +1264,7 @@ impl Store {
         target: Option<&Path>,
         pin: bool,
     ) -> Result<(), StoreError> {
+        let _files = adding_files(&self.inner);
         let existing = |st: &mut HashMap<blake3::Hash, Blob>| {
             st.get_mut(hash).map(|b| {
                 b.in_flight = true;

@@ -1425,3 +1425,58 @@ fn a_collection_too_large_to_be_a_manifest_is_not_read() {
     assert_eq!(store.gc().unwrap().blobs, 1);
     assert!(store.info(&hash).is_some());
 }
+
+#[test]
+fn gc_running_beside_adds_and_fetches_of_what_it_frees_leaves_their_files() {
+    // A blob gc finds dead (unpinned), added again or fetched whole again
+    // at that moment: its files are the hash's paths, and gc, unlinking
+    // after its choice, took the new files from under the new record.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let big = data(40_000, 77);
+    let small = data(30_000, 78);
+    let (big_h, small_h) = (blake3::hash(&big), blake3::hash(&small));
+    /// Stops the gc thread when dropped, also when the loop panics.
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = store.gc();
+            }
+        });
+        let stopper = Stop(&stop);
+        let mut failure = None;
+        for round in 0..300 {
+            store.import_bytes(&big, "big").unwrap();
+            let outcome = store
+                .insert_whole(vec![crate::WholeBlob {
+                    hash: small_h,
+                    data: bytes::Bytes::from(small.clone()),
+                    target: None,
+                    pin: true,
+                }])
+                .unwrap();
+            // (Found still there, it is not pinned again: gc may free it.)
+            let stored = outcome == [crate::WholeOutcome::Stored];
+            let ok = store.read_all(&big_h).is_ok_and(|d| d == big)
+                && (!stored || store.read_all(&small_h).is_ok_and(|d| d == small));
+            if !ok {
+                failure = Some(round);
+                break;
+            }
+            // Let them go: the gc thread frees them, maybe while the next
+            // round adds them again.
+            store.unpin(&big_h).unwrap();
+            // (Freed already if it was found there, unpinned.)
+            let _ = store.unpin(&small_h);
+        }
+        drop(stopper);
+        assert_eq!(failure, None, "a blob added again lost its files");
+    });
+}

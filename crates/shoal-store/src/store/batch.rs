@@ -76,6 +76,7 @@ impl Store {
     /// (disk full, permissions) and leaves the store consistent.
     pub fn insert_whole(&self, items: Vec<WholeBlob>) -> Result<Vec<WholeOutcome>, StoreError> {
         let hashed = hash_all(&items);
+        let _files = adding_files(&self.inner);
         let mut outcomes = Vec::with_capacity(items.len());
         {
             let st = lock(&self.inner.state);
