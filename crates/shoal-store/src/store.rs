@@ -996,9 +996,18 @@ impl Store {
             return Ok(true);
         }
         let size = size.unwrap_or(0);
+        let gone = |what: &str| {
+            tracing::warn!("blob {hash} ({name}): its {what} is gone");
+            self.inner.mark_corrupt(hash);
+            Ok(false)
+        };
         let data_slot = match &data {
             DataRef::Mem(m) => Slot::Mem(m.clone()),
-            DataRef::Db => Slot::Bytes(self.inner.inline_bytes(hash)?),
+            DataRef::Db => match self.inner.inline_bytes(hash) {
+                Ok(b) => Slot::Bytes(b),
+                Err(StoreError::NotFound(_)) => return gone("stored content"),
+                Err(e) => return Err(e),
+            },
             DataRef::File { path, .. } => match File::open(path) {
                 Ok(f) => Slot::File(Arc::new(f)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -1041,8 +1050,11 @@ impl Store {
         }
         let (root, tree) = h.finish();
         let ob = tree.to_vec();
-        let stored_ob = read_ob(&outboard)
-            .map_err(|e| StoreError::io("reading outboard of", Path::new(&name), e))?;
+        let stored_ob = match read_ob(&outboard, ob.len()) {
+            Ok(o) => o,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return gone("outboard"),
+            Err(e) => return Err(StoreError::io("reading outboard of", Path::new(&name), e)),
+        };
         let ok = root == *hash && pos == size && ob == stored_ob;
         if !ok {
             tracing::warn!("blob {hash} ({name}) is corrupt: stored data does not match its hash");
@@ -1233,6 +1245,10 @@ impl Store {
         match res {
             Ok(()) => {}
             Err(EncodeError::ParentHashMismatch(_) | EncodeError::LeafHashMismatch(_)) => {
+                return Err(self.inner.refuse_corrupt(hash, src.name, "serving"));
+            }
+            // Shorter than its record: cut short on disk.
+            Err(EncodeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(self.inner.refuse_corrupt(hash, src.name, "serving"));
             }
             Err(EncodeError::Io(e)) => {
@@ -1847,11 +1863,19 @@ fn read_full_at(s: &Slot, mut pos: u64, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn read_ob(ob: &ObRef) -> io::Result<Vec<u8>> {
+/// A stored outboard, read up to one byte past the `expected` length (a
+/// longer one is wrong anyway, and is not read whole).
+fn read_ob(ob: &ObRef, expected: usize) -> io::Result<Vec<u8>> {
     match ob {
         ObRef::None => Ok(Vec::new()),
         ObRef::Mem(m) => Ok(m.read().unwrap_or_else(|e| e.into_inner()).clone()),
-        ObRef::File(p) => fs::read(p),
+        ObRef::File(p) => {
+            let mut v = Vec::with_capacity(expected.saturating_add(1));
+            File::open(p)?
+                .take(expected as u64 + 1)
+                .read_to_end(&mut v)?;
+            Ok(v)
+        }
     }
 }
 
@@ -2330,15 +2354,29 @@ impl Inner {
             });
         }
         let size = size.unwrap_or(0);
+        // What the store itself keeps (its data file, outboard, inline
+        // row) gone: the blob is corrupt, not a passing error; so marked,
+        // it is no longer offered to peers, and a get fetches it again.
+        let lost = |what: &str| {
+            tracing::warn!("blob {hash} ({name}): its {what} is gone");
+            self.refuse_corrupt(hash, name.clone(), "serving")
+        };
         let data = match data {
             DataRef::Mem(m) => Slot::Mem(m),
-            DataRef::Db => Slot::Bytes(self.inline_bytes(hash)?),
+            DataRef::Db => match self.inline_bytes(hash) {
+                Ok(b) => Slot::Bytes(b),
+                Err(StoreError::NotFound(_)) if self.db.is_some() => {
+                    return Err(lost("stored content"));
+                }
+                Err(e) => return Err(e),
+            },
             DataRef::File { path, stamp } => {
                 let f = match open(&path) {
                     Ok(f) => f,
                     Err(e) if stamp.is_some() && e.kind() == io::ErrorKind::NotFound => {
                         return Err(StoreError::SourceChanged(path));
                     }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(lost("data file")),
                     Err(e) => return Err(StoreError::io("opening", &path, e)),
                 };
                 if let Some(s) = stamp {
@@ -2357,7 +2395,11 @@ impl Inner {
         let outboard = match outboard {
             ObRef::None => Slot::Empty,
             ObRef::Mem(m) => Slot::Mem(m),
-            ObRef::File(p) => Slot::File(Arc::new(File::open(&p).map_err(io_err("opening", &p))?)),
+            ObRef::File(p) => match File::open(&p) {
+                Ok(f) => Slot::File(Arc::new(f)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(lost("outboard")),
+                Err(e) => return Err(StoreError::io("opening", &p, e)),
+            },
         };
         Ok(Source {
             size,

@@ -1480,3 +1480,50 @@ fn gc_running_beside_adds_and_fetches_of_what_it_frees_leaves_their_files() {
         assert_eq!(failure, None, "a blob added again lost its files");
     });
 }
+
+#[test]
+fn a_stored_file_gone_or_cut_short_is_corrupt_not_an_error_forever() {
+    // The store's own files for a blob (its copy, its outboard) removed or
+    // truncated behind its back: serving it marks it corrupt (no longer
+    // offered to peers, fetched again by a get), and `verify` says it is
+    // corrupt instead of failing (which stopped `shoal verify` there).
+    // Before, every peer's request failed and it stayed on offer.
+    /// Damage done to a blob's data file and outboard.
+    type Damage = fn(&Path, &Path);
+    let damages: [(&str, Damage); 3] = [
+        ("data removed", |data, _| fs::remove_file(data).unwrap()),
+        ("outboard removed", |_, ob| fs::remove_file(ob).unwrap()),
+        ("data cut short", |data, _| {
+            let f = fs::OpenOptions::new().write(true).open(data).unwrap();
+            f.set_len(100_000).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        for serve in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s")).unwrap();
+            let d = data(300_000, 101);
+            let input = dir.path().join("in");
+            fs::write(&input, &d).unwrap();
+            let hash = store.import_file(&input, ImportMode::Copy).unwrap();
+            let base = dir
+                .path()
+                .join("s")
+                .join("data")
+                .join(hash.to_hex().as_str());
+            let (data_file, ob_file) = (base.with_extension("data"), base.with_extension("obao"));
+            assert!(data_file.exists() && ob_file.exists());
+            damage(&data_file, &ob_file);
+            if serve {
+                let all = GroupRanges::from_range(0..group_count(d.len() as u64));
+                let mut out = Vec::new();
+                let r = rt().block_on(store.send_ranges(&hash, &all, &mut out));
+                assert!(r.is_err(), "{what}: served");
+            } else {
+                assert!(!store.verify(&hash).unwrap(), "{what}: verified");
+            }
+            assert!(!store.can_serve(&hash), "{what}: still offered");
+            assert!(store.info(&hash).unwrap().corrupt, "{what}");
+        }
+    }
+}

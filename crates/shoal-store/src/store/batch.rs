@@ -734,10 +734,15 @@ impl Store {
         }
         let n = usize::try_from(src.size).map_err(|_| StoreError::Incomplete(*hash))?;
         let mut buf = vec![0u8; n];
-        src.data
-            .read_exact_at(0, &mut buf)
-            .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
-        Ok(Some((buf.into(), src.name)))
+        match src.data.read_exact_at(0, &mut buf) {
+            Ok(()) => Ok(Some((buf.into(), src.name))),
+            // Shorter than its record: cut short on disk (a file in place
+            // that changed size fails its stamp before this).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.inner.refuse_corrupt(hash, src.name, "serving"))
+            }
+            Err(e) => Err(StoreError::io("reading", Path::new(&src.name), e)),
+        }
     }
 }
 
