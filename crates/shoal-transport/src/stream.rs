@@ -157,20 +157,43 @@ impl SendStream {
         self.stall = timeout;
     }
 
-    /// Hand some of `chunks` to QUIC, within the stall timeout.
-    async fn write_some(&mut self, chunks: &mut [Bytes]) -> Result<usize, TransportError> {
-        let write = self.inner.write_chunks(chunks);
-        let written = match self.stall {
-            None => write.await?,
-            Some(limit) => match tokio::time::timeout(limit, write).await {
-                Ok(w) => w?,
-                Err(_) => {
-                    let _ = self.inner.reset(VarInt::from_u32(RESET_STALLED));
-                    return Err(TransportError::Stalled(limit));
-                }
-            },
+    /// Hand all of `chunks` to QUIC; with a stall timeout, fail once QUIC
+    /// has taken none of them for that long. The watchdog is one timer per
+    /// call, looked at only when it fires, not one per partial write (QUIC
+    /// takes a bulk answer a few KiB at a time as acknowledgements free
+    /// its window).
+    async fn put_all(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
+        let Some(limit) = self.stall else {
+            self.inner.write_all_chunks(chunks).await?;
+            return Ok(());
         };
-        Ok(written.bytes)
+        let mut last = tokio::time::Instant::now();
+        let watchdog = tokio::time::sleep(limit);
+        tokio::pin!(watchdog);
+        let mut first = 0;
+        loop {
+            while chunks.get(first).is_some_and(Bytes::is_empty) {
+                first += 1;
+            }
+            if first == chunks.len() {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                w = self.inner.write_chunks(&mut chunks[first..]) => {
+                    if w?.bytes > 0 {
+                        last = tokio::time::Instant::now();
+                    }
+                }
+                () = &mut watchdog => {
+                    if last.elapsed() >= limit {
+                        let _ = self.inner.reset(VarInt::from_u32(RESET_STALLED));
+                        return Err(TransportError::Stalled(limit));
+                    }
+                    watchdog.as_mut().reset(last + limit);
+                }
+            }
+        }
     }
 
     /// Write a whole `Bytes` without copying it.
@@ -182,27 +205,19 @@ impl SendStream {
     pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
         let shared = self.acct.shared.clone();
         let Some(limiter) = shared.upload.as_ref() else {
-            let mut first = 0;
-            loop {
-                while chunks.get(first).is_some_and(Bytes::is_empty) {
-                    first += 1;
-                }
-                if first == chunks.len() {
-                    return Ok(());
-                }
-                let n = self.write_some(&mut chunks[first..]).await?;
-                self.acct.sent(n);
-            }
+            let total: usize = chunks.iter().map(Bytes::len).sum();
+            self.put_all(chunks).await?;
+            self.acct.sent(total);
+            return Ok(());
         };
         for chunk in chunks.iter_mut() {
             while !chunk.is_empty() {
                 let allowed = self.credit.take(limiter, chunk.len()).await;
-                let mut piece = [chunk.split_to(allowed.min(chunk.len()))];
-                while !piece[0].is_empty() {
-                    let n = self.write_some(&mut piece).await?;
-                    self.credit.spend(n);
-                    self.acct.sent(n);
-                }
+                let piece = chunk.split_to(allowed.min(chunk.len()));
+                let len = piece.len();
+                self.put_all(&mut [piece]).await?;
+                self.credit.spend(len);
+                self.acct.sent(len);
             }
         }
         Ok(())
