@@ -16,6 +16,12 @@ use crate::{
 
 pub(crate) type Neighbours = Arc<Mutex<HashMap<PeerId, Vec<Candidate>>>>;
 
+/// Services remembered from the LAN: anyone on it can announce names by
+/// the thousand; past this many, new ones are ignored until some leave.
+const MAX_NEIGHBOURS: usize = 1024;
+/// Addresses taken from one announcement.
+const MAX_ADDRS_PER_NEIGHBOUR: usize = 16;
+
 /// The running mDNS daemon and our registration in it.
 pub(crate) struct MdnsService {
     daemon: ServiceDaemon,
@@ -142,7 +148,15 @@ async fn browse_loop(
                 if id == me {
                     continue;
                 }
-                names.insert(service.get_fullname().to_owned(), id);
+                let fullname = service.get_fullname();
+                if !names.contains_key(fullname) && names.len() >= MAX_NEIGHBOURS {
+                    tracing::debug!(
+                        name = fullname,
+                        "mdns: {MAX_NEIGHBOURS} neighbours known already, ignored"
+                    );
+                    continue;
+                }
+                names.insert(fullname.to_owned(), id);
                 let new: Vec<Candidate> = {
                     let mut map = neighbours.lock().unwrap_or_else(PoisonError::into_inner);
                     let known = map.entry(id).or_default();
@@ -165,10 +179,13 @@ async fn browse_loop(
             ServiceEvent::ServiceRemoved(_, fullname) => {
                 if let Some(id) = names.remove(&fullname) {
                     tracing::debug!(peer = %id, "mdns: neighbour left");
-                    neighbours
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&id);
+                    // Another name may still announce the same id.
+                    if !names.values().any(|other| *other == id) {
+                        neighbours
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .remove(&id);
+                    }
                 }
             }
             _ => {}
@@ -224,5 +241,58 @@ fn parse_resolved(service: &ResolvedService) -> Option<(PeerId, Vec<Candidate>)>
         .collect();
     candidates.sort_by_key(|c| c.addr);
     candidates.dedup();
+    candidates.truncate(MAX_ADDRS_PER_NEIGHBOUR);
     Some((id, candidates))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+    use super::*;
+    use shoal_transport::SecretKey;
+
+    fn announce(id: PeerId, name: &str, port: u16) -> ServiceEvent {
+        let props = [("v", PROTOCOL_VERSION), ("id", &id.to_string())];
+        let info = ServiceInfo::new(
+            MDNS_SERVICE_TYPE,
+            name,
+            "host.local.",
+            "192.0.2.1",
+            port,
+            &props[..],
+        )
+        .unwrap();
+        ServiceEvent::ServiceResolved(Box::new(info.as_resolved_service()))
+    }
+
+    #[tokio::test]
+    async fn lan_announcements_past_the_cap_are_ignored() {
+        let (tx, rx) = flume::unbounded();
+        let neighbours = Neighbours::default();
+        let (events, mut seen) = broadcast::channel(8192);
+        let cancel = CancellationToken::new();
+        let me = SecretKey::generate().public();
+        let task = tokio::spawn(browse_loop(
+            me,
+            rx,
+            neighbours.clone(),
+            events,
+            cancel.clone(),
+        ));
+        let n = MAX_NEIGHBOURS + 500;
+        for i in 0..n {
+            let id = SecretKey::generate().public();
+            tx.send(announce(id, &format!("n{i}"), 1000 + i as u16))
+                .unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(neighbours.lock().unwrap().len(), MAX_NEIGHBOURS);
+        let mut told = 0;
+        while seen.try_recv().is_ok() {
+            told += 1;
+        }
+        assert_eq!(told, MAX_NEIGHBOURS);
+    }
 }
