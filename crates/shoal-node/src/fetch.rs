@@ -526,10 +526,15 @@ fn finish_tree(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(|err| NodeError::Write(path.clone(), err))?;
     }
-    if std::fs::symlink_metadata(dir).is_ok() {
-        return Err(NodeError::OutputExists(dir.to_path_buf()));
+    // Never over something made at `dir` meanwhile (a rename replaces an
+    // empty directory).
+    match shoal_store::rename_no_replace(tmp, dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(NodeError::OutputExists(dir.to_path_buf()));
+        }
+        Err(e) => return Err(NodeError::Write(dir.to_path_buf(), e)),
     }
-    std::fs::rename(tmp, dir).map_err(|e| NodeError::Write(dir.to_path_buf(), e))?;
     let base = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut moves = Vec::with_capacity(batched.len());
     for (hash, rel) in first {

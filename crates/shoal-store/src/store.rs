@@ -3036,12 +3036,19 @@ impl Drop for Inner {
 /// Rename `from` to `to` unless something is at `to` already (then
 /// [`io::ErrorKind::AlreadyExists`]): a plain rename would replace a file
 /// the user made there. Where the filesystem has no such rename, a hard
-/// link and an unlink do the same.
+/// link and an unlink do the same for a file; a directory is renamed after
+/// a check (which a race can still beat, as before).
 pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            if fs::symlink_metadata(from)?.is_dir() {
+                if fs::symlink_metadata(to).is_ok() {
+                    return Err(io::ErrorKind::AlreadyExists.into());
+                }
+                return fs::rename(from, to);
+            }
             fs::hard_link(from, to)?;
             fs::remove_file(from)
         }
