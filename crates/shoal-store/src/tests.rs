@@ -1527,3 +1527,33 @@ fn a_stored_file_gone_or_cut_short_is_corrupt_not_an_error_forever() {
         }
     }
 }
+
+#[test]
+fn rename_no_replace_never_replaces_a_file_or_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, empty, free) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("empty"),
+        dir.path().join("free"),
+    );
+    fs::write(&a, b"new").unwrap();
+    fs::write(&b, b"the user's").unwrap();
+    fs::create_dir(&empty).unwrap();
+    for to in [&b, &empty] {
+        let err = crate::rename_no_replace(&a, to).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    }
+    assert_eq!(fs::read(&b).unwrap(), b"the user's");
+    assert!(fs::read_dir(&empty).unwrap().next().is_none());
+    // A directory too (a collection's finished tree).
+    let tree = dir.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    fs::write(tree.join("f"), b"x").unwrap();
+    let err = crate::rename_no_replace(&tree, &empty).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    crate::rename_no_replace(&tree, &free).unwrap();
+    assert_eq!(fs::read(free.join("f")).unwrap(), b"x");
+    crate::rename_no_replace(&a, &dir.path().join("a2")).unwrap();
+    assert!(!a.exists());
+}
