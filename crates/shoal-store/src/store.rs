@@ -582,6 +582,7 @@ impl Store {
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
         let (records, next_group) = meta::load_all(&db)?;
+        let lost_records = records.is_empty();
         let inner = Inner::new(Some(dir.to_path_buf()), Some(db), boot);
         inner.remove_tmp_files();
         inner.next_group.store(next_group, Ordering::SeqCst);
@@ -619,9 +620,72 @@ impl Store {
                 tracing::warn!("cannot record that {hash} is complete: {e}");
             }
         }
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        if lost_records {
+            store.recover_owned_files();
+        }
+        Ok(store)
+    }
+
+    /// The database has no record, yet `data/` holds blobs' copies: the
+    /// records were lost (a `meta.redb` truncated or replaced by hand, a
+    /// disk that gave back zeros), and the store looked empty while its
+    /// copies stayed. Each `data/<hash>.data` that hashes to its name is
+    /// recorded again, complete and pinned (which pins were the user's is
+    /// not known), named `recovered-<hash>`; one that does not (a partial
+    /// download) is left as it is. Files shared in place, and small blobs
+    /// kept in the database, cannot be found this way: `shoal add` them
+    /// again.
+    fn recover_owned_files(&self) {
+        let Some(d) = self.inner.data_dir() else {
+            return;
+        };
+        let Ok(rd) = fs::read_dir(&d) else { return };
+        let mut found = 0usize;
+        let mut recovered = 0usize;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".data")) else {
+                continue;
+            };
+            let Ok(named) = blake3::Hash::from_hex(hex) else {
+                continue;
+            };
+            found += 1;
+            let h = match HashedFile::new(&e.path()) {
+                Ok(h) if h.hash == named => h,
+                Ok(_) => continue,
+                Err(err) => {
+                    tracing::warn!("recovering {}: {err}", e.path().display());
+                    continue;
+                }
+            };
+            let res = (|| {
+                let _files = adding_files(&self.inner);
+                let mut p = self.inner.prepare_hashed(h)?;
+                // The store's own copy, not a file shared in place.
+                p.data = DataRef::File {
+                    path: e.path(),
+                    stamp: None,
+                };
+                p.name = format!("recovered-{}", &hex[..16]);
+                self.inner.commit(vec![p])
+            })();
+            match res {
+                Ok(()) => recovered += 1,
+                Err(err) => tracing::warn!("recovering {}: {err}", e.path().display()),
+            }
+        }
+        if found > 0 {
+            tracing::warn!(
+                "the store's records were lost (its database holds none); {recovered} of the {found} \
+                 blobs found in {} were recovered, pinned, as recovered-<hash>; files shared in \
+                 place must be added again",
+                d.display()
+            );
+        }
     }
 
     /// A store that lives in memory only (files added in place are still

@@ -1557,3 +1557,54 @@ fn rename_no_replace_never_replaces_a_file_or_an_empty_directory() {
     crate::rename_no_replace(&a, &dir.path().join("a2")).unwrap();
     assert!(!a.exists());
 }
+
+#[test]
+fn copies_in_a_store_whose_records_were_lost_are_recovered_at_open() {
+    // meta.redb cut to nothing: the store opened empty, its copies kept
+    // but named by no record (gc would never free them, `ls` said empty).
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let (a, b) = (data(200_000, 111), data(70_000, 112));
+    let (ha, hb) = (blake3::hash(&a), blake3::hash(&b));
+    {
+        let store = Store::open(&sdir).unwrap();
+        for (name, d) in [("a", &a), ("b", &b)] {
+            let p = dir.path().join(name);
+            fs::write(&p, d).unwrap();
+            store.import_file(&p, ImportMode::Copy).unwrap();
+        }
+        // A partial download's file: not whole, left alone.
+        let from = Store::in_memory();
+        let c = data(300_000, 113);
+        let hc = from.import_bytes(&c, "c").unwrap();
+        store
+            .begin_download(&hc, BlobKind::Raw, None, true)
+            .unwrap();
+        let some = GroupRanges::from_range(0..3);
+        let (_, bytes) = encode(&from, &hc, &some);
+        receive(&store, &hc, &some, &bytes).unwrap();
+        store.close().unwrap();
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(sdir.join("meta.redb"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for _ in 0..2 {
+        let store = Store::open(&sdir).unwrap();
+        let mut names: Vec<String> = store.list().into_iter().map(|i| i.name).collect();
+        names.sort();
+        let mut want = vec![
+            format!("recovered-{}", &ha.to_hex()[..16]),
+            format!("recovered-{}", &hb.to_hex()[..16]),
+        ];
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(store.read_all(&ha).unwrap(), a);
+        assert_eq!(store.read_all(&hb).unwrap(), b);
+        assert!(store.is_pinned(&ha) && store.is_pinned(&hb));
+        assert!(store.verify(&ha).unwrap() && store.verify(&hb).unwrap());
+        assert_eq!(store.gc().unwrap().blobs, 0);
+    }
+}
