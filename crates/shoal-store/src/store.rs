@@ -635,9 +635,10 @@ impl Store {
     /// copies stayed. Each `data/<hash>.data` that hashes to its name is
     /// recorded again, complete and pinned (which pins were the user's is
     /// not known), named `recovered-<hash>`; one that does not (a partial
-    /// download) is left as it is. Files shared in place, and small blobs
-    /// kept in the database, cannot be found this way: `shoal add` them
-    /// again.
+    /// download, useless without its record) is moved to `data/unrecovered/`,
+    /// so that it is not hashed again at every open. Files shared in
+    /// place, and small blobs kept in the database, cannot be found this
+    /// way: `shoal add` them again.
     fn recover_owned_files(&self) {
         let Some(d) = self.inner.data_dir() else {
             return;
@@ -656,7 +657,15 @@ impl Store {
             found += 1;
             let h = match HashedFile::new(&e.path()) {
                 Ok(h) if h.hash == named => h,
-                Ok(_) => continue,
+                Ok(_) => {
+                    let aside = d.join("unrecovered");
+                    if let Err(err) = fs::create_dir_all(&aside)
+                        .and_then(|()| fs::rename(e.path(), aside.join(&name)))
+                    {
+                        tracing::warn!("moving {} aside: {err}", e.path().display());
+                    }
+                    continue;
+                }
                 Err(err) => {
                     tracing::warn!("recovering {}: {err}", e.path().display());
                     continue;
@@ -681,8 +690,8 @@ impl Store {
         if found > 0 {
             tracing::warn!(
                 "the store's records were lost (its database holds none); {recovered} of the {found} \
-                 blobs found in {} were recovered, pinned, as recovered-<hash>; files shared in \
-                 place must be added again",
+                 blobs found in {} were recovered, pinned, as recovered-<hash> (the others, partial \
+                 downloads, are in unrecovered/); files shared in place must be added again",
                 d.display()
             );
         }

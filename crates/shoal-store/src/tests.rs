@@ -1566,6 +1566,8 @@ fn copies_in_a_store_whose_records_were_lost_are_recovered_at_open() {
     let sdir = dir.path().join("s");
     let (a, b) = (data(200_000, 111), data(70_000, 112));
     let (ha, hb) = (blake3::hash(&a), blake3::hash(&b));
+    let c = data(300_000, 113);
+    let hc = blake3::hash(&c);
     {
         let store = Store::open(&sdir).unwrap();
         for (name, d) in [("a", &a), ("b", &b)] {
@@ -1575,8 +1577,7 @@ fn copies_in_a_store_whose_records_were_lost_are_recovered_at_open() {
         }
         // A partial download's file: not whole, left alone.
         let from = Store::in_memory();
-        let c = data(300_000, 113);
-        let hc = from.import_bytes(&c, "c").unwrap();
+        from.import_bytes(&c, "c").unwrap();
         store
             .begin_download(&hc, BlobKind::Raw, None, true)
             .unwrap();
@@ -1593,6 +1594,13 @@ fn copies_in_a_store_whose_records_were_lost_are_recovered_at_open() {
         .unwrap();
     for _ in 0..2 {
         let store = Store::open(&sdir).unwrap();
+        // The partial download's file is put aside, not hashed at every open.
+        assert!(
+            sdir.join("data")
+                .join("unrecovered")
+                .join(format!("{}.data", hc.to_hex()))
+                .exists()
+        );
         let mut names: Vec<String> = store.list().into_iter().map(|i| i.name).collect();
         names.sort();
         let mut want = vec![
