@@ -156,7 +156,18 @@ async fn browse_loop(
                     );
                     continue;
                 }
-                names.insert(fullname.to_owned(), id);
+                // A name announced again with another id: the old id goes,
+                // unless another name still announces it (else one name
+                // re-announced with fresh ids grew the map without bound).
+                if let Some(old) = names.insert(fullname.to_owned(), id)
+                    && old != id
+                    && !names.values().any(|other| *other == old)
+                {
+                    neighbours
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&old);
+                }
                 let new: Vec<Candidate> = {
                     let mut map = neighbours.lock().unwrap_or_else(PoisonError::into_inner);
                     let known = map.entry(id).or_default();
@@ -286,6 +297,12 @@ mod tests {
             tx.send(announce(id, &format!("n{i}"), 1000 + i as u16))
                 .unwrap();
         }
+        // One name announced again and again, with a fresh id each time:
+        // it stays one neighbour.
+        for _ in 0..100 {
+            let id = SecretKey::generate().public();
+            tx.send(announce(id, "n0", 1000)).unwrap();
+        }
         drop(tx);
         task.await.unwrap();
         assert_eq!(neighbours.lock().unwrap().len(), MAX_NEIGHBOURS);
@@ -293,6 +310,6 @@ mod tests {
         while seen.try_recv().is_ok() {
             told += 1;
         }
-        assert_eq!(told, MAX_NEIGHBOURS);
+        assert_eq!(told, MAX_NEIGHBOURS + 100);
     }
 }

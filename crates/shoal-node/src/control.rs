@@ -205,7 +205,12 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 }
             }
             Req::Gc(_) => {
-                let r = node.store().gc()?;
+                // Blocking (files unlinked, adds waited for): off the
+                // async workers.
+                let store = node.store().clone();
+                let r = tokio::task::spawn_blocking(move || store.gc())
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))??;
                 write_frame(
                     &mut stream,
                     &resp(Resp::Gc(pb::GcReport {

@@ -155,6 +155,27 @@ async fn reply(send: &mut SendStream, resp: &pb::Response) -> Result<(), WireErr
     write_frame(send, resp).await
 }
 
+/// [`reply`] for an answer's header, within the send stall timeout: a
+/// peer that grants the stream no room would hold it (and its answer
+/// slot) for good; the bulk that follows is watched by the stream itself.
+async fn reply_within(
+    node: &Inner,
+    send: &mut SendStream,
+    resp: &pb::Response,
+) -> Result<(), WireError> {
+    let limit = node.config.send_stall_timeout;
+    match tokio::time::timeout(limit, reply(send, resp)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = send.reset(shoal_transport::RESET_STALLED);
+            Err(WireError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the peer took no data for {limit:?}"),
+            )))
+        }
+    }
+}
+
 fn bad(msg: impl Into<String>) -> pb::Response {
     error_response(pb::ErrorCode::BadRequest, msg)
 }
@@ -350,7 +371,8 @@ async fn on_get(
         size,
         ranges: Some(ranges.to_pb()),
     };
-    reply(
+    reply_within(
+        node,
         send,
         &pb::Response {
             kind: Some(pb::response::Kind::Get(header)),
@@ -454,7 +476,8 @@ async fn on_get_blobs(
             })
             .collect(),
     };
-    reply(
+    reply_within(
+        node,
         send,
         &pb::Response {
             kind: Some(pb::response::Kind::GetBlobs(header)),

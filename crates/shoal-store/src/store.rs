@@ -59,6 +59,9 @@ const IMPORT_BATCH: usize = 10_000;
 /// How many times gc reads the collections again when one was recorded
 /// while it read them, before it gives up.
 const GC_TRIES: u32 = 8;
+/// How long gc waits for adds and downloads to finish putting files into
+/// `data/` before it gives up with [`StoreError::Busy`].
+const GC_WAIT: Duration = Duration::from_secs(30);
 /// The most one read of a verified stream asks for.
 const RECV_PIECE: usize = 256 << 10;
 /// Largest contiguous run of received data written with one call.
@@ -977,7 +980,21 @@ impl Store {
         // pinned meanwhile (an import or a fetch recording its manifest,
         // then letting its members go) would leave its members unkept, so
         // the reading is done again until no collection came in between.
-        let _files = self.inner.files.write().unwrap_or_else(|e| e.into_inner());
+        // Never queued as a waiting writer: on Linux that stops new readers,
+        // and an add hashing a large file holds a read for minutes, so every
+        // download beginning meanwhile (on an async worker) would wait for
+        // it too. Tried for a while, then `Busy`.
+        let started = Instant::now();
+        let _files = loop {
+            match self.inner.files.try_write() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if started.elapsed() < GC_WAIT => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return Err(StoreError::Busy),
+            }
+        };
         let mut tries = 0;
         let removed = loop {
             let (seen, live) = self.kept(true)?;
@@ -2430,7 +2447,12 @@ impl Inner {
         // What the store itself keeps (its data file, outboard, inline
         // row) gone: the blob is corrupt, not a passing error; so marked,
         // it is no longer offered to peers, and a get fetches it again.
-        let lost = |what: &str| {
+        // Looked at again first: the blob may have gone (gc) and come back
+        // (an add) since it was looked up, with files that are there.
+        let lost = |what: &str, still: &dyn Fn(&Blob) -> bool| {
+            if !lock(&self.state).get(hash).is_some_and(still) {
+                return StoreError::NotFound(*hash);
+            }
             tracing::warn!("blob {hash} ({name}): its {what} is gone");
             self.refuse_corrupt(hash, name.clone(), "serving")
         };
@@ -2438,8 +2460,12 @@ impl Inner {
             DataRef::Mem(m) => Slot::Mem(m),
             DataRef::Db => match self.inline_bytes(hash) {
                 Ok(b) => Slot::Bytes(b),
-                Err(StoreError::NotFound(_)) if self.db.is_some() => {
-                    return Err(lost("stored content"));
+                // (Asked twice: a commit that failed puts its rows back.)
+                Err(StoreError::NotFound(_))
+                    if self.db.is_some()
+                        && matches!(self.inline_bytes(hash), Err(StoreError::NotFound(_))) =>
+                {
+                    return Err(lost("stored content", &|b| matches!(b.data, DataRef::Db)));
                 }
                 Err(e) => return Err(e),
             },
@@ -2449,7 +2475,10 @@ impl Inner {
                     Err(e) if stamp.is_some() && e.kind() == io::ErrorKind::NotFound => {
                         return Err(StoreError::SourceChanged(path));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(lost("data file")),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let gone = |b: &Blob| matches!(&b.data, DataRef::File { path: p, stamp: None } if *p == path && !p.exists());
+                        return Err(lost("data file", &gone));
+                    }
                     Err(e) => return Err(StoreError::io("opening", &path, e)),
                 };
                 if let Some(s) = stamp {
@@ -2470,7 +2499,11 @@ impl Inner {
             ObRef::Mem(m) => Slot::Mem(m),
             ObRef::File(p) => match File::open(&p) {
                 Ok(f) => Slot::File(Arc::new(f)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(lost("outboard")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let gone =
+                        |b: &Blob| matches!(&b.outboard, ObRef::File(o) if *o == p && !o.exists());
+                    return Err(lost("outboard", &gone));
+                }
                 Err(e) => return Err(StoreError::io("opening", &p, e)),
             },
         };
@@ -2906,7 +2939,13 @@ impl Inner {
                     }
                     Err(e) => return Err(StoreError::io("renaming into", target, e)),
                 };
-                let m = fs::metadata(at).map_err(io_err("reading", at))?;
+                let m = match fs::metadata(at) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        undo_move(hash, moved);
+                        return Err(StoreError::io("reading", at, e));
+                    }
+                };
                 DataRef::File {
                     path: fs::canonicalize(at).unwrap_or_else(|_| at.to_path_buf()),
                     stamp: Some(Stamp::of(&m)),
@@ -2954,15 +2993,7 @@ impl Inner {
         if let Err(e) = self.persist(hash, record_of(b), true) {
             (b.data, b.outboard, b.in_flight, b.size) = before;
             b.partial = Some(partial.clone());
-            if let Some((tmp, target)) = moved
-                && let Err(e) = rename_no_replace(target, tmp)
-            {
-                tracing::warn!(
-                    "{hash}: could not move {} back to {}: {e}",
-                    target.display(),
-                    tmp.display()
-                );
-            }
+            undo_move(hash, moved);
             return Err(e);
         }
         drop(st);
@@ -3106,6 +3137,20 @@ impl Drop for Inner {
     }
 }
 
+/// Put a completed download's data back under its partial name (`moved`:
+/// partial name, target), when its completion failed after the rename.
+fn undo_move(hash: &blake3::Hash, moved: Option<(&Path, &Path)>) {
+    if let Some((tmp, target)) = moved
+        && let Err(e) = rename_no_replace(target, tmp)
+    {
+        tracing::warn!(
+            "{hash}: could not move {} back to {}: {e}",
+            target.display(),
+            tmp.display()
+        );
+    }
+}
+
 /// Rename `from` to `to` unless something is at `to` already (then
 /// [`io::ErrorKind::AlreadyExists`]): a plain rename would replace a file
 /// the user made there. Where the filesystem has no such rename, a hard
@@ -3122,8 +3167,18 @@ pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
                 }
                 return fs::rename(from, to);
             }
-            fs::hard_link(from, to)?;
-            fs::remove_file(from)
+            match fs::hard_link(from, to) {
+                Ok(()) => fs::remove_file(from),
+                // No hard links either (some FUSE and shared-folder
+                // filesystems): a check, then a rename.
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    if fs::symlink_metadata(to).is_ok() {
+                        return Err(io::ErrorKind::AlreadyExists.into());
+                    }
+                    fs::rename(from, to)
+                }
+                Err(e) => Err(e),
+            }
         }
         Err(e) => Err(e.into()),
     }

@@ -829,6 +829,36 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn gc_waiting_for_an_add_does_not_hold_up_other_adds() {
+        // gc waits while files go into data/, but not as a queued writer:
+        // one would stop every new reader (a download beginning, on an
+        // async worker) behind an add that hashes for minutes.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let adding = adding_files(&store.inner);
+        std::thread::scope(|s| {
+            let gc = s.spawn(|| store.gc());
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!gc.is_finished(), "gc did not wait for the add");
+            // Another add meanwhile goes ahead (with a queued writer, this
+            // would block until the first add ended: here, for good).
+            let (tx, rx) = std::sync::mpsc::channel();
+            let store = &store;
+            s.spawn(move || {
+                let h = store.import_bytes(&[7u8; 50_000], "other").unwrap();
+                tx.send(h).unwrap();
+            });
+            let h = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("an add waited behind gc");
+            assert!(store.info(&h).is_some());
+            drop(adding);
+            let report = gc.join().unwrap().unwrap();
+            assert_eq!(report.blobs, 0);
+        });
+    }
+
     fn blob(len: usize, seed: u8, target: Option<PathBuf>) -> WholeBlob {
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
         WholeBlob {
