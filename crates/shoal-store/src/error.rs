@@ -96,8 +96,11 @@ pub enum StoreError {
          again, or `shoal rm {0}` to let gc free what only it kept"
     )]
     CollectionUnreadable(blake3::Hash, Box<StoreError>),
-    /// Collections kept being recorded while gc read what they keep.
-    #[error("collections kept being added while gc ran; nothing was removed, run it again")]
+    /// Adds, downloads or collections kept the store busy while gc ran.
+    #[error(
+        "files kept being added while gc ran (an add or a download under way); nothing was \
+         removed, run it again"
+    )]
     Busy,
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
