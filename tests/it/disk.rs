@@ -182,6 +182,34 @@ fn tmp_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `shoal --data-dir NODE add FLAGS PATH`, bounded in time.
+fn add(node: &Path, flags: &[&str], path: &Path) -> std::process::Output {
+    let mut c = Command::new(bin());
+    c.arg("--data-dir")
+        .arg(node)
+        .arg("add")
+        .args(flags)
+        .arg(path);
+    run_bounded(c, Duration::from_secs(60))
+}
+
+/// [`add`], which must succeed.
+fn add_ok(node: &Path, flags: &[&str], path: &Path) -> std::process::Output {
+    let o = add(node, flags, path);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// What `dir` holds, sorted.
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() {
     let Some(small) = small_tmpfs("8m") else {
@@ -196,22 +224,12 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     let tiny = s.path().join("tiny.bin");
     std::fs::write(&tiny, data(40_000, 10)).expect("write");
     let node = mnt.join("node");
-    let add = |path: &Path| {
-        let mut c = Command::new(bin());
-        c.arg("--data-dir").arg(&node).arg("add").arg(path);
-        run_bounded(c, Duration::from_secs(60))
-    };
     // The store exists; then all but 64 KiB of the tmpfs is taken.
-    let first = add(&tiny);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    add_ok(&node, &[], &tiny);
     let filler = mnt.join("filler");
     let room = free_bytes(&mnt).saturating_sub(64 << 10);
     std::fs::write(&filler, vec![1u8; room as usize]).expect("filler");
-    assert_failed_disk_full(&add(&input));
+    assert_failed_disk_full(&add(&node, &[], &input));
     assert_eq!(
         tmp_files(&node),
         Vec::<PathBuf>::new(),
@@ -219,12 +237,7 @@ fn an_add_whose_outboard_does_not_fit_fails_clearly_and_leaves_nothing_behind() 
     );
     // Room again: the same add succeeds.
     std::fs::remove_file(&filler).expect("rm filler");
-    let again = add(&input);
-    assert!(
-        again.status.success(),
-        "the add after freeing space failed: {}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    let again = add_ok(&node, &[], &input);
     let out = String::from_utf8_lossy(&again.stdout);
     assert!(out.starts_with(&b3sum(&input)), "{out}");
     // The first blob is still there, and every blob checks out.
@@ -255,11 +268,11 @@ fn a_copy_out_of_the_store_that_does_not_fit_leaves_no_half_written_file() {
     c.args(["get", &hash, "--no-mdns", "--no-dht", "-o"])
         .arg(&out);
     assert_failed_disk_full(&run_bounded(c, Duration::from_secs(60)));
-    let left: Vec<PathBuf> = std::fs::read_dir(&small.path)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    assert_eq!(left, Vec::<PathBuf>::new(), "the failed get left files");
+    assert_eq!(
+        entries(&small.path),
+        Vec::<PathBuf>::new(),
+        "the failed get left files"
+    );
 }
 
 #[test]
@@ -277,46 +290,17 @@ fn an_add_copy_whose_outboard_does_not_fit_leaves_no_copy_behind() {
     let tiny = s.path().join("tiny.bin");
     std::fs::write(&tiny, data(40_000, 13)).expect("write");
     let node = mnt.join("node");
-    let add = |path: &Path| {
-        let mut c = Command::new(bin());
-        c.arg("--data-dir")
-            .arg(&node)
-            .args(["add", "--copy"])
-            .arg(path);
-        run_bounded(c, Duration::from_secs(60))
-    };
-    let first = add(&tiny);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    let files = |dir: &Path| -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-            .expect("read_dir")
-            .map(|e| e.expect("entry").path())
-            .collect();
-        v.sort();
-        v
-    };
-    let before = files(&node.join("store").join("data"));
+    add_ok(&node, &["--copy"], &tiny);
+    let stored = node.join("store").join("data");
+    let before = entries(&stored);
     // Room for the copy and 8 KiB more (its outboard is ~32 KiB).
     let filler = mnt.join("filler");
     let room = free_bytes(&mnt).saturating_sub((8 << 20) + (8 << 10));
     std::fs::write(&filler, vec![1u8; room as usize]).expect("filler");
-    assert_failed_disk_full(&add(&input));
-    assert_eq!(
-        files(&node.join("store").join("data")),
-        before,
-        "a failed add left files"
-    );
+    assert_failed_disk_full(&add(&node, &["--copy"], &input));
+    assert_eq!(entries(&stored), before, "a failed add left files");
     assert_eq!(tmp_files(&node), Vec::<PathBuf>::new());
     std::fs::remove_file(&filler).expect("rm filler");
-    let again = add(&input);
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    add_ok(&node, &["--copy"], &input);
     assert_verifies(&node);
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig, PeerAddr};
+use shoal_transport::PeerId;
 
 fn seeder_config(dir: &Path, listen: SocketAddr, upload_limit: Option<u64>) -> NodeConfig {
     NodeConfig {
@@ -140,28 +141,26 @@ async fn a_download_goes_on_after_its_only_seeder_restarts() {
     d.shutdown().await;
 }
 
+/// A seeder of `data` not up yet: its data dir `dir` holds `data`, and a
+/// socket that never answers holds its port (the first dial runs out,
+/// after the node's 10 s connect timeout). Drop the socket, then spawn
+/// `seeder_config(dir, addr, ..)` to bring it up.
+async fn late_seeder(dir: &Path, data: &[u8]) -> (std::net::UdpSocket, SocketAddr, PeerId) {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let s = Node::spawn(seeder_config(dir, "127.0.0.1:0".parse().unwrap(), None))
+        .await
+        .unwrap();
+    s.add_bytes(data.to_vec(), "late").await.unwrap();
+    s.shutdown().await;
+    (silent, addr, s.peer_id())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeder_that_was_not_there_at_the_first_dial_is_dialled_again() {
     let dir = tempfile::tempdir().unwrap();
     let data = content(300_000);
-    // A socket that never answers holds the port first, as when the
-    // seeder is not up yet: the first dial runs out (after the node's 10 s
-    // connect timeout) and the address is dialled again.
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap();
-    let seeder_id = {
-        let s = Node::spawn(seeder_config(
-            dir.path(),
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-        ))
-        .await
-        .unwrap();
-        let id = s.peer_id();
-        s.add_bytes(data.clone(), "late").await.unwrap();
-        s.shutdown().await;
-        id
-    };
+    let (silent, addr, seeder_id) = late_seeder(dir.path(), &data).await;
     let hash = blake3::hash(&data);
     let d = Node::spawn(downloader()).await.unwrap();
     let fetch = spawn_fetch(
@@ -369,20 +368,7 @@ async fn with_no_address_no_neighbour_and_discovery_off_a_download_fails_at_once
 async fn peers_holding_nothing_give_their_slots_up_to_a_seeder_found_later() {
     let dir = tempfile::tempdir().unwrap();
     let data = content(300_000);
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap();
-    let seeder_id = {
-        let s = Node::spawn(seeder_config(
-            dir.path(),
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-        ))
-        .await
-        .unwrap();
-        s.add_bytes(data.clone(), "late").await.unwrap();
-        s.shutdown().await;
-        s.peer_id()
-    };
+    let (silent, addr, seeder_id) = late_seeder(dir.path(), &data).await;
     let mut empties = Vec::new();
     for _ in 0..64 {
         empties.push(Node::spawn(downloader()).await.unwrap());
