@@ -167,9 +167,7 @@ struct DialState<'a> {
 impl DialState<'_> {
     /// Whether `c` is to be dialled now.
     fn worth_dialling(&self, c: &Candidate, now: Instant) -> bool {
-        let shunned = |id: PeerId| {
-            self.banned.contains(&id) || self.resting.get(&id).is_some_and(|until| now < *until)
-        };
+        let shunned = |id: PeerId| self.banned.contains(&id) || self.resting.contains_key(&id);
         !self.dialing.contains(&c.addr)
             // An address that led to a peer in use is not dialed again.
             && !self.peers.values().any(|p| p.addr == c.addr)
@@ -353,7 +351,8 @@ pub(crate) async fn fetch_blob(
     let mut peers: HashMap<PeerId, PeerSlot> = HashMap::new();
     let mut banned: HashSet<PeerId> = HashSet::new();
     // Peers that gave up their slot for holding nothing (`idle_limit`),
-    // and until when they are not dialled again.
+    // and until when they are not dialled again (dropped from here then,
+    // at the next tick).
     let mut resting: HashMap<PeerId, Instant> = HashMap::new();
     // Probes that failed for want of a connection or an answer, per peer:
     // the peer with fewest is asked first, and one that fails
@@ -552,10 +551,7 @@ pub(crate) async fn fetch_blob(
                     if let Some(k) = known.get_mut(&addr) {
                         k.peer = Some(peer);
                     }
-                    if banned.contains(&peer)
-                        || peers.contains_key(&peer)
-                        || resting.get(&peer).is_some_and(|until| Instant::now() < *until)
-                    {
+                    if banned.contains(&peer) || peers.contains_key(&peer) || resting.contains_key(&peer) {
                         continue;
                     }
                     let (have, complete) = match &avail.have {
@@ -764,11 +760,7 @@ pub(crate) async fn fetch_blob(
                 for (addr, k) in &mut known {
                     if now < k.next
                         || dialing.contains(addr)
-                        || k.peer.is_some_and(|p| {
-                            peers.contains_key(&p)
-                                || banned.contains(&p)
-                                || resting.get(&p).is_some_and(|until| now < *until)
-                        })
+                        || k.peer.is_some_and(|p| peers.contains_key(&p) || banned.contains(&p) || resting.contains_key(&p))
                         || peers.values().any(|p| p.addr == *addr)
                         || queued.iter().any(|c| c.addr == *addr)
                         || !book.should_dial(*addr, now)
