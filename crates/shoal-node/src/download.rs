@@ -302,20 +302,25 @@ pub(crate) async fn fetch_blob(
     let store = node.store.clone();
     // The download is declared to the store as soon as its kind is known
     // (from the caller, the store, or else the first provider's claim), so
-    // that a raw blob is written straight to its target.
+    // that a raw blob is written straight to its target. Off the async
+    // workers: it commits durably, may finish a download verified before,
+    // and waits while a gc removes files.
     let begin = |kind: BlobKind| {
-        let target = if kind == BlobKind::Raw {
-            job.target.as_deref()
-        } else {
-            None
-        };
-        store.begin_download(&hash, kind, target, job.pin)
+        let target = job.target.clone().filter(|_| kind == BlobKind::Raw);
+        let (store, pin) = (store.clone(), job.pin);
+        async move {
+            tokio::task::spawn_blocking(move || {
+                store.begin_download(&hash, kind, target.as_deref(), pin)
+            })
+            .await
+            .map_err(|e| shoal_store::StoreError::Task(e.to_string()))?
+        }
     };
     let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
     let mut claimed_collection = kind == Some(BlobKind::Collection);
     let mut begun = false;
     if let Some(k) = kind {
-        begin(k)?;
+        begin(k).await?;
         begun = true;
     }
     if let Some(info) = store.info(&hash).filter(|i| i.complete) {
@@ -481,7 +486,7 @@ pub(crate) async fn fetch_blob(
                 .map(|(p, s)| (*p, s.conn.clone(), s.size));
             if let Some((peer, conn, size)) = pick {
                 if !begun {
-                    if let Err(e) = begin(kind.unwrap_or(BlobKind::Raw)) {
+                    if let Err(e) = begin(kind.unwrap_or(BlobKind::Raw)).await {
                         break Err(e.into());
                     }
                     begun = true;
