@@ -607,7 +607,7 @@ impl Inner {
         .map_err(|_| NodeError::Timeout("waiting for hello".into()))??;
         match resp.kind {
             Some(pb::response::Kind::Hello(h)) => {
-                self.record_hello(conn.peer_id(), &h);
+                self.record_hello(conn, &h);
                 Ok(())
             }
             Some(pb::response::Kind::Error(e)) => Err(NodeError::Remote(
@@ -618,13 +618,9 @@ impl Inner {
         }
     }
 
-    pub(crate) fn record_hello(&self, peer: PeerId, h: &pb::Hello) {
-        let addrs = h
-            .listen_addrs
-            .iter()
-            .take(limits::MAX_ADDRS)
-            .filter_map(|a| a.parse::<SocketAddr>().ok());
-        lock(&self.book).add_addrs(peer, addrs);
+    pub(crate) fn record_hello(&self, conn: &Connection, h: &pb::Hello) {
+        let addrs = peer_addrs(conn.remote_addr(), &h.listen_addrs);
+        lock(&self.book).add_addrs(conn.peer_id(), addrs);
     }
 
     /// Candidates for `hash`: the static peers and the peers we are
@@ -688,6 +684,35 @@ pub(crate) fn local_ips() -> Vec<std::net::IpAddr> {
 }
 
 /// Expands unspecified listen addresses into interface addresses.
+/// The addresses of a peer that peer exchange may pass on: the one it was
+/// seen at, and those it announced in its hello that could be anyone's to
+/// dial (a peer's word only: no unspecified, multicast or broadcast
+/// address, no port 0, and no loopback address unless it was itself seen
+/// on loopback, where the word would send others to their own machine).
+fn peer_addrs(seen: SocketAddr, announced: &[String]) -> Vec<SocketAddr> {
+    let seen = SocketAddr::new(seen.ip().to_canonical(), seen.port());
+    let plausible = |a: &SocketAddr| {
+        let ip = a.ip();
+        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        a.port() != 0
+            && !ip.is_unspecified()
+            && !ip.is_multicast()
+            && !broadcast
+            && (!ip.is_loopback() || seen.ip().is_loopback())
+    };
+    let mut out = vec![seen];
+    for a in announced.iter().take(limits::MAX_ADDRS) {
+        if let Ok(a) = a.parse::<SocketAddr>()
+            && plausible(&a)
+            && !out.contains(&a)
+            && out.len() < limits::MAX_ADDRS
+        {
+            out.push(a);
+        }
+    }
+    out
+}
+
 pub(crate) fn dialable(bound: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for a in bound {
@@ -724,6 +749,38 @@ fn ticket_addrs(all: &[SocketAddr]) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hellos_addresses_are_passed_on_only_if_plausible() {
+        let s = |v: &[&str]| v.iter().map(|a| (*a).to_string()).collect::<Vec<_>>();
+        let seen: SocketAddr = "203.0.113.7:4000".parse().unwrap();
+        let announced = s(&[
+            "203.0.113.7:4000",
+            "10.0.0.5:4000",
+            "127.0.0.1:53",
+            "[::1]:4000",
+            "0.0.0.0:4000",
+            "224.0.0.251:5353",
+            "255.255.255.255:4000",
+            "10.0.0.6:0",
+            "not an address",
+        ]);
+        let want: Vec<SocketAddr> = ["203.0.113.7:4000", "10.0.0.5:4000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(peer_addrs(seen, &announced), want);
+        // Seen on loopback (a test, one machine): loopback is its address.
+        let seen: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let got = peer_addrs(seen, &s(&["127.0.0.1:4000", "[::1]:4000"]));
+        assert_eq!(got, vec![seen, "[::1]:4000".parse().unwrap()]);
+        // Seen through a dual-stack socket: as the IPv4 address it is.
+        let mapped: SocketAddr = "[::ffff:198.51.100.1]:7".parse().unwrap();
+        assert_eq!(
+            peer_addrs(mapped, &[]),
+            vec!["198.51.100.1:7".parse::<SocketAddr>().unwrap()]
+        );
+    }
 
     #[test]
     fn peer_addrs_parse_with_and_without_id() {

@@ -205,7 +205,7 @@ async fn on_hello(
         conn.close(2, b"unsupported version");
         return Ok(());
     }
-    node.record_hello(conn.peer_id(), &h);
+    node.record_hello(conn, &h);
     let mine = pb::Hello {
         version: PROTOCOL_VERSION,
         agent: concat!("shoal/", env!("CARGO_PKG_VERSION")).to_string(),
