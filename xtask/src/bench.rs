@@ -989,6 +989,83 @@ fn bulk_line(out: &str, name: &str) -> Option<(f64, f64)> {
     Some((w.first()?.parse().ok()?, w.get(2)?.parse().ok()?))
 }
 
+/// Seconds this disk takes to make a copy of `input` durable at `out`:
+/// 1 MiB writes, then `fdatasync`, the faster of `O_DIRECT` (shoal's
+/// download path) and the page cache (where the filesystem refuses
+/// `O_DIRECT`, the page cache alone). A bound under any tool that keeps
+/// what it receives durably: shoal's get syncs its copy before it records
+/// it complete, and on a slow disk S2 waits for the disk, not the network
+/// (2026-12-01: 1 GiB took 3.2-4.0 s here, the bare stream 2.5-2.9 s).
+fn durable_copy(input: &Path, out: &Path) -> Result<f64> {
+    let mut best: Option<f64> = None;
+    for direct in [true, false] {
+        let r = durable_copy_once(input, out, direct);
+        rm(out);
+        match r {
+            Ok(s) => best = Some(best.map_or(s, |b: f64| b.min(s))),
+            // tmpfs and some others refuse O_DIRECT at open.
+            Err(e)
+                if direct
+                    && e.downcast_ref::<std::io::Error>()
+                        .and_then(|e| e.raw_os_error())
+                        == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    best.ok_or_else(|| anyhow!("no durable copy of {} measured", input.display()))
+}
+
+/// One copy for [`durable_copy`], left at `out` (a new file).
+fn durable_copy_once(input: &Path, out: &Path, direct: bool) -> Result<f64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const BUF: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    rm(out);
+    settle()?;
+    let mut src =
+        std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    if direct {
+        opts.custom_flags(libc::O_DIRECT);
+    }
+    let dst = opts.open(out)?;
+    // O_DIRECT wants the buffer's address aligned too.
+    let mut raw = vec![0u8; BUF + ALIGN];
+    let skip = raw.as_ptr().align_offset(ALIGN);
+    let buf = &mut raw[skip..skip + BUF];
+    let t = Instant::now();
+    let res = (|| -> Result<()> {
+        let mut pos = 0u64;
+        loop {
+            let mut n = 0;
+            while n < BUF {
+                match src.read(&mut buf[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            // A tail that is not whole blocks goes through the page cache.
+            let whole = if direct { n - n % ALIGN } else { n };
+            dst.write_all_at(&buf[..whole], pos)?;
+            if whole < n {
+                let tail = std::fs::OpenOptions::new().write(true).open(out)?;
+                tail.write_all_at(&buf[whole..n], pos + whole as u64)?;
+                tail.sync_data()?;
+            }
+            pos += n as u64;
+        }
+        dst.sync_data()?;
+        Ok(())
+    })();
+    let secs = t.elapsed().as_secs_f64();
+    res.with_context(|| format!("copying {} to {}", input.display(), out.display()))?;
+    Ok(secs)
+}
+
 fn iperf3_loopback(bytes: u64) -> Result<f64> {
     let port = free_port()?;
     let mut server = Proc::spawn(
@@ -1115,6 +1192,9 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     let mut pair_ratio = vec![];
     let (mut lt_rate, mut lt_cpu, mut sm_rate, mut tcp) = (vec![], vec![], vec![], vec![]);
     let mut lt_err = None;
+    // The disk's bound, and shoal over the lower of it and the bare
+    // stream, run by run.
+    let (mut disk_rate, mut bound_ratio, mut disk_err) = (vec![], vec![], None);
     // One untimed run of shoal's get and of the bare stream first, as
     // S4's warm-up (ordinary practice). Added when S2's first runs read
     // lowest in the full runs (0.72-0.76 of the bare stream); the first
@@ -1156,7 +1236,9 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         // bare quinn stream, between two processes as shoal's two ends,
         // and in one process; TCP from the same example
         let r = run_ok(Command::new(&cx.bulk).arg(size.to_string()))?;
+        let mut run_bare = None;
         if let Some((m, c)) = bulk_line(&r.stdout, BARE_TWO) {
+            run_bare = Some(m);
             q_rate.push(m);
             q_cpu.push(c);
             if let Some(sh) = sh_rate.last() {
@@ -1221,6 +1303,19 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         // TCP over loopback
         if iperf {
             tcp.push(iperf3_loopback(size)?);
+        }
+        // The disk's bound: the same bytes made durable where get wrote.
+        if disk_err.is_none() {
+            match durable_copy(&input, &out) {
+                Ok(secs) => {
+                    let d = mib / secs;
+                    disk_rate.push(d);
+                    if let (Some(sh), Some(q)) = (sh_rate.last(), run_bare) {
+                        bound_ratio.push(sh / d.min(q));
+                    }
+                }
+                Err(e) => disk_err = Some(format!("failed: {e:#}")),
+            }
         }
     }
     let seeder_rss = seeder.proc.peak_rss_mib();
@@ -1291,6 +1386,21 @@ fn s2(cx: &mut Ctx) -> Result<()> {
             .shoal(median(&sh_rate))
             .base(tcp_name, tcp_v)
             .note(tcp_note),
+    );
+    cx.rows.push(
+        Row::new("S2", "get", "MiB/s")
+            .shoal(median(&sh_rate))
+            .base("durable copy on this disk", median(&disk_rate))
+            .note(disk_err.unwrap_or_else(|| {
+                format!(
+                    "reference, a bound: the input copied to where get writes, 1 MiB writes and fdatasync, the faster of O_DIRECT and the page cache (get makes its copy durable before it records it complete); per-run ratios over the lower of this and the bare stream {}",
+                    bound_ratio
+                        .iter()
+                        .map(|r| format!("{r:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
@@ -2130,6 +2240,36 @@ fn s3(cx: &mut Ctx) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_copy_copies_whole_blocks_and_the_tail() {
+        let dir = std::env::temp_dir().join(format!("xtask-durable-{}", std::process::id()));
+        rm(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.bin");
+        // Over one buffer, and not whole blocks: the tail takes the page
+        // cache under O_DIRECT.
+        let data: Vec<u8> = (0..(1u32 << 20) + 3 * 4096 + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&input, &data).unwrap();
+        let out = dir.join("out.bin");
+        for direct in [true, false] {
+            match durable_copy_once(&input, &out, direct) {
+                Ok(secs) => {
+                    assert!(secs > 0.0);
+                    assert!(std::fs::read(&out).unwrap() == data, "direct {direct}");
+                }
+                // A temporary directory on tmpfs refuses O_DIRECT.
+                Err(e) if direct => eprintln!("O_DIRECT: {e:#}"),
+                Err(e) => panic!("{e:#}"),
+            }
+            rm(&out);
+        }
+        assert!(durable_copy(&input, &out).unwrap() > 0.0);
+        assert!(!out.exists(), "the copy is removed");
+        rm(&dir);
+    }
 
     #[test]
     fn sizes() {
