@@ -527,28 +527,14 @@ fn finish_tree(
             .map_err(|err| NodeError::Write(path.clone(), err))?;
     }
     // Never over something made at `dir` meanwhile (a rename replaces an
-    // empty directory).
-    match shoal_store::rename_no_replace(tmp, dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(NodeError::OutputExists(dir.to_path_buf()));
-        }
-        Err(e) => return Err(NodeError::Write(dir.to_path_buf(), e)),
+    // empty directory). The store records where the files downloaded into
+    // the tree are now (those that were in the store before live
+    // elsewhere), and mends a kill between the two at its next open.
+    match store.move_tree(tmp, dir) {
+        Ok(()) => Ok(()),
+        Err(shoal_store::StoreError::Exists(_)) => Err(NodeError::OutputExists(dir.to_path_buf())),
+        Err(e) => Err(e.into()),
     }
-    let base = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mut moves = Vec::with_capacity(batched.len());
-    for (hash, rel) in first {
-        if batched.contains(hash) {
-            moves.push((*hash, rel.as_str()));
-        } else {
-            // Blobs that were in the store before live elsewhere; only
-            // those downloaded into the tree move with it (relocate checks
-            // that the file is the one it recorded).
-            let _ = store.relocate(hash, &base.join(rel));
-        }
-    }
-    store.relocate_many(&base, &moves)?;
-    Ok(())
 }
 
 /// This process's umask, from `/proc/self/status` (reading it with

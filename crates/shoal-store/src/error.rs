@@ -75,7 +75,7 @@ pub enum StoreError {
     /// The blob is not a collection, or a collection member is missing.
     #[error("blob {0} is not a usable collection")]
     NotACollection(blake3::Hash),
-    /// An export target already exists.
+    /// An export's or a move's target already exists.
     #[error("{0} already exists")]
     Exists(PathBuf),
     /// Something that is not a regular file or directory.

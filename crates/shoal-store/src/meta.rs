@@ -18,6 +18,12 @@ pub(crate) const INLINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("i
 /// record in `BLOBS` overrides one in a group.
 pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups-v1");
 
+/// Directory trees being renamed (`Store::move_tree`): the tree's absolute
+/// path before -> after, as OS bytes. Written durably before the rename,
+/// removed once the records of the files in the tree name their new
+/// paths; one found at open (a kill between the two) is finished there.
+pub(crate) const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves-v1");
+
 /// The records of a group.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct RecordGroup {
@@ -117,6 +123,7 @@ pub(crate) struct Tables<'t> {
     blobs: redb::Table<'t, &'static [u8], &'static [u8]>,
     inline: redb::Table<'t, &'static [u8], &'static [u8]>,
     groups: redb::Table<'t, u64, &'static [u8]>,
+    moves: redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
 impl Tables<'_> {
@@ -173,6 +180,19 @@ impl Tables<'_> {
         Ok(())
     }
 
+    /// Note that the tree at `from` is being renamed to `to`.
+    pub(crate) fn put_move(&mut self, from: &[u8], to: &[u8]) -> Result<(), StoreError> {
+        self.moves.insert(from, to).map_err(StoreError::db)?;
+        Ok(())
+    }
+
+    /// The rename of the tree at `from` is over (done and recorded, or
+    /// not done).
+    pub(crate) fn remove_move(&mut self, from: &[u8]) -> Result<(), StoreError> {
+        self.moves.remove(from).map_err(StoreError::db)?;
+        Ok(())
+    }
+
     pub(crate) fn apply(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         for op in ops {
             match op {
@@ -215,6 +235,7 @@ pub(crate) fn write(
             blobs: tx.open_table(BLOBS).map_err(StoreError::db)?,
             inline: tx.open_table(INLINE).map_err(StoreError::db)?,
             groups: tx.open_table(GROUPS).map_err(StoreError::db)?,
+            moves: tx.open_table(MOVES).map_err(StoreError::db)?,
         };
         f(&mut t)?;
     }
@@ -281,6 +302,26 @@ pub(crate) fn load_all(db: &Database) -> Result<(Vec<Loaded>, u64), StoreError> 
     }
     out.extend(single.into_iter().map(|(h, r)| (h, r, None)));
     Ok((out, next))
+}
+
+/// A rename of a tree noted ([`MOVES`]): from, to, as OS bytes.
+pub(crate) type Move = (Vec<u8>, Vec<u8>);
+
+/// The renames of trees noted and not finished ([`MOVES`]).
+pub(crate) fn load_moves(db: &Database) -> Result<Vec<Move>, StoreError> {
+    let tx = db.begin_read().map_err(StoreError::db)?;
+    let t = match tx.open_table(MOVES) {
+        Ok(t) => t,
+        // A database from before moves were noted.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::db(e)),
+    };
+    let mut out = Vec::new();
+    for item in t.iter().map_err(StoreError::db)? {
+        let (k, v) = item.map_err(StoreError::db)?;
+        out.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
 }
 
 /// The content of an inline blob.

@@ -584,8 +584,9 @@ impl Store {
         fs::create_dir_all(dir.join("data")).map_err(io_err("creating", dir))?;
         let db_path = dir.join("meta.redb");
         let (db, _) = open_db(dir, &db_path)?;
-        let (records, next_group) = meta::load_all(&db)?;
+        let (mut records, next_group) = meta::load_all(&db)?;
         let lost_records = records.is_empty();
+        place::finish_moves(&db, &mut records);
         let inner = Inner::new(Some(dir.to_path_buf()), Some(db), boot);
         inner.remove_tmp_files();
         inner.next_group.store(next_group, Ordering::SeqCst);

@@ -11,6 +11,73 @@
 use super::*;
 
 impl Store {
+    /// Rename the directory `from`, which holds files downloaded into it
+    /// (a collection's tree, finished), to `to`, never over anything
+    /// there ([`StoreError::Exists`]), and record the new paths of the
+    /// files in it that blobs are referenced at. A kill between the rename
+    /// and the records is mended at the next open: the move is noted
+    /// durably first, and an open that finds the note with the tree at
+    /// `to` records the new paths then (without, the records named paths
+    /// that were gone, and the node stopped serving the tree).
+    pub fn move_tree(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+        // Files are recorded at real paths (downloads) or at absolute ones
+        // (the batch path): both are looked for, and noted.
+        let mut froms = vec![fs::canonicalize(from).map_err(io_err("reading", from))?];
+        if let Ok(a) = std::path::absolute(from)
+            && a != froms[0]
+        {
+            froms.push(a);
+        }
+        let to_abs = real_parent(to).map_err(io_err("reading", to))?;
+        let db = self.inner.db.as_ref();
+        if let Some(db) = db {
+            let t = to_abs.as_os_str().as_bytes();
+            meta::write(db, true, |tx| {
+                froms
+                    .iter()
+                    .try_for_each(|f| tx.put_move(f.as_os_str().as_bytes(), t))
+            })?;
+        }
+        let unnote = || {
+            if let Some(db) = db {
+                // Not durable: a note found at open with nothing to do is
+                // dropped there.
+                let res = meta::write(db, false, |tx| {
+                    froms
+                        .iter()
+                        .try_for_each(|f| tx.remove_move(f.as_os_str().as_bytes()))
+                });
+                if let Err(e) = res {
+                    tracing::warn!("cannot drop the note of a move of {}: {e}", from.display());
+                }
+            }
+        };
+        if let Err(e) = rename_no_replace(from, to) {
+            unnote();
+            return Err(if e.kind() == io::ErrorKind::AlreadyExists {
+                StoreError::Exists(to.to_path_buf())
+            } else {
+                StoreError::io("renaming into", to, e)
+            });
+        }
+        let moves: Vec<(blake3::Hash, PathBuf)> = lock(&self.inner.state)
+            .iter()
+            .filter_map(|(h, b)| match &b.data {
+                DataRef::File {
+                    path,
+                    stamp: Some(_),
+                } => froms
+                    .iter()
+                    .find_map(|f| path.strip_prefix(f).ok())
+                    .map(|rel| (*h, rel.to_path_buf())),
+                _ => None,
+            })
+            .collect();
+        self.relocate_many(&to_abs, &moves)?;
+        unnote();
+        Ok(())
+    }
+
     /// Move the data of the complete blob `hash`: with `to`, out to the new
     /// file `to`, which the store then references in place; without, into
     /// the store's own storage. A rename when source and destination share
@@ -117,6 +184,82 @@ fn move_file(from: &Path, to: &Path) -> Result<(), StoreError> {
     fs::remove_file(from).map_err(io_err("removing", from))
 }
 
+/// `path` with its parent directory's real path (`path` itself need not
+/// exist).
+fn real_parent(path: &Path) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok(fs::canonicalize(parent)?.join(name))
+}
+
+/// Finish at open the moves of trees noted and not finished
+/// ([`Store::move_tree`] killed between its rename and its records):
+/// where the tree is at its new path and gone from its old one, the
+/// `records` of files under the old path are given the new one; every
+/// note is then dropped (a tree still at its old path was never renamed,
+/// and its records are right). The changed records and the dropped notes
+/// are committed together; if that fails, the records are right in memory
+/// and the notes are found again at the next open.
+pub(super) fn finish_moves(db: &redb::Database, records: &mut [meta::Loaded]) {
+    let moves = match meta::load_moves(db) {
+        Ok(m) if m.is_empty() => return,
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("cannot read the notes of moved directories: {e}");
+            return;
+        }
+    };
+    let mut changed: Vec<(blake3::Hash, Record)> = Vec::new();
+    for (from, to) in &moves {
+        let (from_p, to_p) = (
+            Path::new(OsStr::from_bytes(from)),
+            Path::new(OsStr::from_bytes(to)),
+        );
+        if fs::symlink_metadata(from_p).is_ok() || fs::symlink_metadata(to_p).is_err() {
+            continue;
+        }
+        let mut n = 0usize;
+        for (h, r, _) in records.iter_mut() {
+            let Some(rest) = r
+                .path
+                .strip_prefix(from.as_slice())
+                .filter(|rest| rest.first() == Some(&b'/'))
+            else {
+                continue;
+            };
+            let mut p = to.clone();
+            p.extend_from_slice(rest);
+            r.path = p;
+            changed.push((*h, r.clone()));
+            n += 1;
+        }
+        tracing::info!(
+            "{} was renamed to {} and not recorded (a kill?): {n} files recorded there now",
+            from_p.display(),
+            to_p.display()
+        );
+    }
+    let res = meta::write(db, true, |t| {
+        for (h, r) in &changed {
+            t.put(h, r)?;
+        }
+        for (from, _) in &moves {
+            t.remove_move(from)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = res {
+        tracing::warn!(
+            "cannot record the files of moved directories (done again at the next open): {e}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -154,5 +297,103 @@ mod tests {
         store.move_data(&small, Some(&t)).unwrap();
         assert_eq!(fs::read(&t).unwrap(), b"tiny");
         assert_eq!(store.read_all(&small).unwrap(), b"tiny");
+    }
+
+    /// Files under `tree` (made, and added in place): hash, content.
+    fn tree_in_place(store: &Store, tree: &Path) -> Vec<(blake3::Hash, Vec<u8>)> {
+        ["a.bin", "sub/b.bin", "sub/deeper/c.bin"]
+            .iter()
+            .enumerate()
+            .map(|(i, rel)| {
+                let data: Vec<u8> = (0..40_000u32)
+                    .map(|k| (k as usize * (i + 3) % 251) as u8)
+                    .collect();
+                let p = tree.join(rel);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, &data).unwrap();
+                (store.import_file(&p, ImportMode::InPlace).unwrap(), data)
+            })
+            .collect()
+    }
+
+    fn readable(store: &Store, files: &[(blake3::Hash, Vec<u8>)]) -> bool {
+        files
+            .iter()
+            .all(|(h, d)| store.read_all(h).ok().as_ref() == Some(d))
+    }
+
+    #[test]
+    fn a_tree_moved_keeps_its_files_recorded_and_never_replaces_a_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let sdir = dir.path().join("store");
+        let store = Store::open(&sdir).unwrap();
+        let tmp = dir.path().join(".out.tmp");
+        let files = tree_in_place(&store, &tmp);
+        let out = dir.path().join("out");
+        store.move_tree(&tmp, &out).unwrap();
+        assert!(!tmp.exists());
+        assert!(readable(&store, &files));
+        // Something at the target: refused, nothing moved.
+        let tmp2 = dir.path().join(".taken.tmp");
+        let more = tree_in_place(&store, &tmp2);
+        let taken = dir.path().join("taken");
+        fs::create_dir(&taken).unwrap();
+        assert!(matches!(
+            store.move_tree(&tmp2, &taken),
+            Err(StoreError::Exists(_))
+        ));
+        assert!(tmp2.join("a.bin").exists() && readable(&store, &more));
+        drop(store);
+        let store = Store::open(&sdir).unwrap();
+        assert!(readable(&store, &files) && readable(&store, &more));
+        assert!(
+            meta::load_moves(store.inner.db.as_ref().unwrap())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_kill_between_a_trees_rename_and_its_records_is_mended_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let sdir = dir.path().join("store");
+        let store = Store::open(&sdir).unwrap();
+        let tmp = dir.path().join(".out.tmp");
+        let files = tree_in_place(&store, &tmp);
+        let out = dir.path().join("out");
+        // A tree noted and never renamed (killed before the rename).
+        let kept = dir.path().join(".kept.tmp");
+        let unmoved = tree_in_place(&store, &kept);
+        // What move_tree leaves when killed right after its rename: the
+        // note, the tree at its new path, the records at the old one.
+        let db = store.inner.db.as_ref().unwrap();
+        let bytes = |p: &Path| fs::canonicalize(p).unwrap().as_os_str().as_bytes().to_vec();
+        let (from, to) = (bytes(&tmp), bytes(dir.path()));
+        let to = [to, b"/out".to_vec()].concat();
+        let kept_to = [bytes(dir.path()), b"/kept".to_vec()].concat();
+        meta::write(db, true, |t| {
+            t.put_move(&from, &to)?;
+            t.put_move(&bytes(&kept), &kept_to)
+        })
+        .unwrap();
+        fs::rename(&tmp, &out).unwrap();
+        assert!(!readable(&store, &files));
+        store.crash();
+        let store = Store::open(&sdir).unwrap();
+        assert!(
+            readable(&store, &files),
+            "the files are recorded at the tree's new path"
+        );
+        assert!(readable(&store, &unmoved));
+        assert!(store.verify(&files[2].0).unwrap());
+        let db = store.inner.db.as_ref().unwrap();
+        assert!(
+            meta::load_moves(db).unwrap().is_empty(),
+            "the notes are dropped"
+        );
+        // And recorded, not only mended in memory.
+        drop(store);
+        let store = Store::open(&sdir).unwrap();
+        assert!(readable(&store, &files) && readable(&store, &unmoved));
     }
 }
