@@ -338,6 +338,10 @@ pub(crate) async fn fetch_blob(
     }
     let mut events = store.subscribe();
     let (tx, mut rx) = mpsc::channel::<Ev>(1024);
+    // Before the connected peers are listed: one connecting meanwhile is
+    // in the list or heard of here (or both).
+    let mut arrivals = node.arrivals.subscribe();
+    let mut arrivals_open = true;
     let (initial, mut candidates) = node.candidates(&hash, &job.peers);
     // With discovery off, the addresses given are all there is (peer
     // exchange needs a peer first): once every one of them is hopeless the
@@ -398,8 +402,9 @@ pub(crate) async fn fetch_blob(
     let stall = node.config.stall_timeout;
     let mut candidates_open = !discovery_off;
     if discovery_off && initial.is_empty() {
-        // Nothing to dial, no neighbour to ask, and nothing can come (a
-        // peer that connects later is not asked by a download under way).
+        // Nothing to dial, no neighbour to ask, and nothing to find:
+        // failing now says so (waiting for a peer to connect of its own
+        // accord would look like a hang).
         if begun {
             store.end_download(&hash);
         }
@@ -548,6 +553,25 @@ pub(crate) async fn fetch_blob(
                     enqueue(&mut queued, c);
                 }
                 None => candidates_open = false,
+            },
+            a = arrivals.recv(), if arrivals_open => match a {
+                Ok((id, addr)) => {
+                    // Asked at once, over the connection it made (dialling
+                    // it reuses that). First in line, room made if need be:
+                    // a peer that came to us is worth more than an address
+                    // heard of.
+                    let c = Candidate { addr, id: Some(id), source: Source::Static };
+                    debug!(%addr, peer = %id, "a peer connected: asking it");
+                    remember(&mut known, &c, Instant::now());
+                    if queued.len() >= MAX_KNOWN {
+                        queued.remove(0);
+                    }
+                    queued.retain(|q| q != &c);
+                    queued.push(c);
+                }
+                // Missed some (heard of through peer exchange, if at all).
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => arrivals_open = false,
             },
             Some(ev) = rx.recv() => match ev {
                 Ev::PeerUp { peer, conn, avail, addr } => {

@@ -123,6 +123,10 @@ pub struct Node {
 /// then misses some (they are hints).
 const FETCHING_BACKLOG: usize = 256;
 
+/// Peers just connected that a busy download may fall behind by; those it
+/// misses it can still hear of through peer exchange.
+const ARRIVALS_BACKLOG: usize = 64;
+
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) endpoint: Endpoint,
@@ -133,6 +137,11 @@ pub(crate) struct Inner {
     /// The groups this node's downloads have just asked peers for, told to
     /// the peers subscribed to its have updates (`server::on_subscribe`).
     pub(crate) fetching: tokio::sync::broadcast::Sender<(Hash, GroupRanges)>,
+    /// Peers that have just connected to this node (their id and the
+    /// address they came from): downloads under way ask them at once,
+    /// where they would otherwise hear of them only if another peer told
+    /// them (peer exchange).
+    pub(crate) arrivals: tokio::sync::broadcast::Sender<(PeerId, SocketAddr)>,
     /// Downloads asked for through the control socket and not finished
     /// (see [`Node::control_gets_done`]).
     pub(crate) control_gets: watch::Sender<usize>,
@@ -216,6 +225,7 @@ impl Node {
             transfers: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
+            arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             answers: tokio::sync::Semaphore::new(server::MAX_ANSWERS),
@@ -252,6 +262,8 @@ impl Node {
                 debug!(peer = %conn.peer_id(), addr = %conn.remote_addr(), "incoming connection");
                 lock(&i.book).add_addrs(conn.peer_id(), [conn.remote_addr()]);
                 i.ensure_handled(&conn);
+                // None may be listening (no download under way).
+                let _ = i.arrivals.send((conn.peer_id(), conn.remote_addr()));
             }
         });
         // Sample each connected peer's rates.

@@ -1,8 +1,9 @@
 //! A download waits for what it cannot have yet, up to its stall timeout:
 //! the address it was given is dialled again (with backoff), so a seeder
 //! that restarts, or that is not up at the first dial, is used; a
-//! connected peer that adds the blob later says so to the downloader; and
-//! a download that gives up says whether anyone held the blob.
+//! connected peer that adds the blob later says so to the downloader; a
+//! peer that connects during a download is asked at once; and a download
+//! that gives up says whether anyone held the blob.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
@@ -226,6 +227,65 @@ async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
     .await;
     s.shutdown().await;
     d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeder_that_connects_during_a_download_is_asked_at_once() {
+    // The download's only address leads to a peer holding nothing. A
+    // seeder that connects to the downloader meanwhile (to fetch something
+    // else of it) is asked straight away: no peer would ever have told
+    // the download of it (the empty peer never met it).
+    let empty = Node::spawn(downloader()).await.unwrap();
+    let data = content(500_000);
+    let hash = blake3::hash(&data);
+    let d = Node::spawn(downloader()).await.unwrap();
+    let fetch = spawn_fetch(
+        &d,
+        hash,
+        PeerAddr {
+            id: Some(empty.peer_id()),
+            addr: empty.addrs()[0],
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while d.peers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the downloader never connected");
+    let s = Node::spawn(downloader()).await.unwrap();
+    s.add_bytes(data.clone(), "seed").await.unwrap();
+    let other = content(70_000)[1..].to_vec();
+    d.add_bytes(other.clone(), "other").await.unwrap();
+    let theirs = spawn_fetch(
+        &s,
+        blake3::hash(&other),
+        PeerAddr {
+            id: Some(d.peer_id()),
+            addr: d.addrs()[0],
+        },
+    );
+    // Well within the stall timeout (40 s), after which it would fail.
+    fetched(
+        fetch,
+        Duration::from_secs(30),
+        "the download never asked the seeder that connected to it",
+        &d,
+        &data,
+    )
+    .await;
+    fetched(
+        theirs,
+        Duration::from_secs(30),
+        "the seeder's own fetch",
+        &s,
+        &other,
+    )
+    .await;
+    for n in [empty, s, d] {
+        n.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
