@@ -530,7 +530,7 @@ fn finish_tree(
     // empty directory). The store records where the files downloaded into
     // the tree are now (those that were in the store before live
     // elsewhere), and mends a kill between the two at its next open.
-    match store.move_tree(tmp, dir) {
+    match store.move_tree(tmp, dir, first) {
         Ok(()) => Ok(()),
         Err(shoal_store::StoreError::Exists(_)) => Err(NodeError::OutputExists(dir.to_path_buf())),
         Err(e) => Err(e.into()),

@@ -19,7 +19,7 @@ pub(crate) const INLINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("i
 pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups-v1");
 
 /// Directory trees being renamed (`Store::move_tree`): the tree's absolute
-/// path before -> after, as OS bytes. Written durably before the rename,
+/// path before -> its identity and its path after ([`encode_move`]). Written durably before the rename,
 /// removed once the records of the files in the tree name their new
 /// paths; one found at open (a kill between the two) is finished there.
 pub(crate) const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves-v1");
@@ -304,8 +304,40 @@ pub(crate) fn load_all(db: &Database) -> Result<(Vec<Loaded>, u64), StoreError> 
     Ok((out, next))
 }
 
-/// A rename of a tree noted ([`MOVES`]): from, to, as OS bytes.
+/// A rename of a tree noted ([`MOVES`]): from, as OS bytes, and the note
+/// ([`encode_move`]).
 pub(crate) type Move = (Vec<u8>, Vec<u8>);
+
+/// A tree's identity, kept by a rename: device, inode (which a tree
+/// deleted and made again may get back), modification time in ns.
+pub(crate) type TreeId = [u64; 3];
+
+/// A note of [`MOVES`]: the tree's identity, then where it goes.
+pub(crate) fn encode_move(id: TreeId, to: &[u8]) -> Vec<u8> {
+    let mut v: Vec<u8> = id.iter().flat_map(|x| x.to_le_bytes()).collect();
+    v.extend_from_slice(to);
+    v
+}
+
+/// The identity and destination of a note of [`MOVES`] (`None` if
+/// malformed).
+pub(crate) fn decode_move(note: &[u8]) -> Option<(TreeId, &[u8])> {
+    let (a, rest) = note.split_first_chunk::<8>()?;
+    let (b, rest) = rest.split_first_chunk::<8>()?;
+    let (c, to) = rest.split_first_chunk::<8>()?;
+    let id = [*a, *b, *c].map(u64::from_le_bytes);
+    (!to.is_empty()).then_some((id, to))
+}
+
+/// The identity of the tree that `m` describes.
+pub(crate) fn tree_id(m: &std::fs::Metadata) -> TreeId {
+    use std::os::unix::fs::MetadataExt;
+    let ns = m
+        .mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec());
+    [m.dev(), m.ino(), ns as u64]
+}
 
 /// The renames of trees noted and not finished ([`MOVES`]).
 pub(crate) fn load_moves(db: &Database) -> Result<Vec<Move>, StoreError> {

@@ -14,12 +14,19 @@ impl Store {
     /// Rename the directory `from`, which holds files downloaded into it
     /// (a collection's tree, finished), to `to`, never over anything
     /// there ([`StoreError::Exists`]), and record the new paths of the
-    /// files in it that blobs are referenced at. A kill between the rename
-    /// and the records is mended at the next open: the move is noted
-    /// durably first, and an open that finds the note with the tree at
+    /// `members` (blob, path in the tree) that were referenced in the tree
+    /// in place. A kill between the rename and the records is mended at
+    /// the next open: the move is noted durably first (with the tree's
+    /// identity), and an open that finds the note with that same tree at
     /// `to` records the new paths then (without, the records named paths
     /// that were gone, and the node stopped serving the tree).
-    pub fn move_tree(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
+    pub fn move_tree<P: AsRef<Path>>(
+        &self,
+        from: &Path,
+        to: &Path,
+        members: &[(blake3::Hash, P)],
+    ) -> Result<(), StoreError> {
+        let tree = fs::metadata(from).map_err(io_err("reading", from))?;
         // Files are recorded at real paths (downloads) or at absolute ones
         // (the batch path): both are looked for, and noted.
         let mut froms = vec![fs::canonicalize(from).map_err(io_err("reading", from))?];
@@ -31,18 +38,16 @@ impl Store {
         let to_abs = real_parent(to).map_err(io_err("reading", to))?;
         let db = self.inner.db.as_ref();
         if let Some(db) = db {
-            let t = to_abs.as_os_str().as_bytes();
+            let note = meta::encode_move(meta::tree_id(&tree), to_abs.as_os_str().as_bytes());
             meta::write(db, true, |tx| {
                 froms
                     .iter()
-                    .try_for_each(|f| tx.put_move(f.as_os_str().as_bytes(), t))
+                    .try_for_each(|f| tx.put_move(f.as_os_str().as_bytes(), &note))
             })?;
         }
-        let unnote = || {
+        let unnote = |durable: bool| {
             if let Some(db) = db {
-                // Not durable: a note found at open with nothing to do is
-                // dropped there.
-                let res = meta::write(db, false, |tx| {
+                let res = meta::write(db, durable, |tx| {
                     froms
                         .iter()
                         .try_for_each(|f| tx.remove_move(f.as_os_str().as_bytes()))
@@ -53,28 +58,57 @@ impl Store {
             }
         };
         if let Err(e) = rename_no_replace(from, to) {
-            unnote();
+            // Durably: the tree stays at `from`, and the note must not
+            // outlive it there.
+            unnote(true);
             return Err(if e.kind() == io::ErrorKind::AlreadyExists {
                 StoreError::Exists(to.to_path_buf())
             } else {
                 StoreError::io("renaming into", to, e)
             });
         }
-        let moves: Vec<(blake3::Hash, PathBuf)> = lock(&self.inner.state)
-            .iter()
-            .filter_map(|(h, b)| match &b.data {
-                DataRef::File {
-                    path,
-                    stamp: Some(_),
-                } => froms
-                    .iter()
-                    .find_map(|f| path.strip_prefix(f).ok())
-                    .map(|rel| (*h, rel.to_path_buf())),
-                _ => None,
+        // The rename on disk before the records that follow it.
+        for d in [from, to].iter().filter_map(|p| p.parent()) {
+            let d = if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            };
+            if let Err(e) = File::open(d).and_then(|f| f.sync_all()) {
+                tracing::warn!("syncing {}: {e}", d.display());
+            }
+        }
+        // Members recorded in the tree move; so do those recorded under
+        // another spelling of it (a fetch begun from a symlinked directory)
+        // and found at their new path as the same file (size, time, inode).
+        // Members that were in the store before live elsewhere, and stay.
+        let found: Vec<(blake3::Hash, &Path, bool, Stamp)> = {
+            let st = lock(&self.inner.state);
+            members
+                .iter()
+                .filter_map(|(h, rel)| match &st.get(h)?.data {
+                    DataRef::File {
+                        path,
+                        stamp: Some(stamp),
+                    } => Some((
+                        *h,
+                        rel.as_ref(),
+                        froms.iter().any(|f| path.starts_with(f)),
+                        *stamp,
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let moves: Vec<(blake3::Hash, &Path)> = found
+            .into_iter()
+            .filter(|(_, rel, inside, stamp)| {
+                *inside || fs::metadata(to_abs.join(rel)).is_ok_and(|m| Stamp::of(&m) == *stamp)
             })
+            .map(|(h, rel, _, _)| (h, rel))
             .collect();
         self.relocate_many(&to_abs, &moves)?;
-        unnote();
+        unnote(false);
         Ok(())
     }
 
@@ -215,16 +249,26 @@ pub(super) fn finish_moves(db: &redb::Database, records: &mut [meta::Loaded]) {
         }
     };
     let mut changed: Vec<(blake3::Hash, Record)> = Vec::new();
-    for (from, to) in &moves {
+    for (from, note) in &moves {
+        let Some((id, to)) = meta::decode_move(note) else {
+            continue;
+        };
         let (from_p, to_p) = (
             Path::new(OsStr::from_bytes(from)),
             Path::new(OsStr::from_bytes(to)),
         );
-        if fs::symlink_metadata(from_p).is_ok() || fs::symlink_metadata(to_p).is_err() {
+        // Renamed: gone from `from`, and the same tree at `to` (not one
+        // the user made there, nor the tree deleted and another made).
+        let same = fs::metadata(to_p).is_ok_and(|m| meta::tree_id(&m) == id);
+        if fs::symlink_metadata(from_p).is_ok() || !same {
             continue;
         }
         let mut n = 0usize;
         for (h, r, _) in records.iter_mut() {
+            // As `move_tree`: complete files referenced in place.
+            if !(r.complete && r.location == loc::EXTERNAL) {
+                continue;
+            }
             let Some(rest) = r
                 .path
                 .strip_prefix(from.as_slice())
@@ -232,7 +276,7 @@ pub(super) fn finish_moves(db: &redb::Database, records: &mut [meta::Loaded]) {
             else {
                 continue;
             };
-            let mut p = to.clone();
+            let mut p = to.to_vec();
             p.extend_from_slice(rest);
             r.path = p;
             changed.push((*h, r.clone()));
@@ -299,27 +343,36 @@ mod tests {
         assert_eq!(store.read_all(&small).unwrap(), b"tiny");
     }
 
-    /// Files under `tree` (made, and added in place): hash, content.
-    fn tree_in_place(store: &Store, tree: &Path) -> Vec<(blake3::Hash, Vec<u8>)> {
+    /// Files under `tree` (made, and added in place): hash, content, path
+    /// in the tree. Their content is the tree name's (each tree's blobs
+    /// its own).
+    fn tree_in_place(store: &Store, tree: &Path) -> Vec<(blake3::Hash, Vec<u8>, String)> {
+        let seed = tree.file_name().unwrap().as_bytes().to_vec();
         ["a.bin", "sub/b.bin", "sub/deeper/c.bin"]
             .iter()
             .enumerate()
             .map(|(i, rel)| {
-                let data: Vec<u8> = (0..40_000u32)
+                let mut data: Vec<u8> = (0..40_000u32)
                     .map(|k| (k as usize * (i + 3) % 251) as u8)
                     .collect();
+                data[..seed.len()].copy_from_slice(&seed);
                 let p = tree.join(rel);
                 fs::create_dir_all(p.parent().unwrap()).unwrap();
                 fs::write(&p, &data).unwrap();
-                (store.import_file(&p, ImportMode::InPlace).unwrap(), data)
+                let h = store.import_file(&p, ImportMode::InPlace).unwrap();
+                (h, data, rel.to_string())
             })
             .collect()
     }
 
-    fn readable(store: &Store, files: &[(blake3::Hash, Vec<u8>)]) -> bool {
+    fn members(files: &[(blake3::Hash, Vec<u8>, String)]) -> Vec<(blake3::Hash, String)> {
+        files.iter().map(|(h, _, r)| (*h, r.clone())).collect()
+    }
+
+    fn readable(store: &Store, files: &[(blake3::Hash, Vec<u8>, String)]) -> bool {
         files
             .iter()
-            .all(|(h, d)| store.read_all(h).ok().as_ref() == Some(d))
+            .all(|(h, d, _)| store.read_all(h).ok().as_ref() == Some(d))
     }
 
     #[test]
@@ -329,28 +382,62 @@ mod tests {
         let store = Store::open(&sdir).unwrap();
         let tmp = dir.path().join(".out.tmp");
         let files = tree_in_place(&store, &tmp);
+        // A member added elsewhere before, copied into the tree: stays.
+        let before = dir.path().join("before.bin");
+        fs::write(&before, b"before, elsewhere").unwrap();
+        let kept = store.import_file(&before, ImportMode::InPlace).unwrap();
+        fs::write(tmp.join("copy.bin"), b"before, elsewhere").unwrap();
+        let mut all = members(&files);
+        all.push((kept, "copy.bin".into()));
         let out = dir.path().join("out");
-        store.move_tree(&tmp, &out).unwrap();
+        store.move_tree(&tmp, &out, &all).unwrap();
         assert!(!tmp.exists());
         assert!(readable(&store, &files));
-        // Something at the target: refused, nothing moved.
+        fs::remove_file(out.join("copy.bin")).unwrap();
+        assert_eq!(store.read_all(&kept).unwrap(), b"before, elsewhere");
+        // Something at the target: refused, nothing moved, no note left.
         let tmp2 = dir.path().join(".taken.tmp");
         let more = tree_in_place(&store, &tmp2);
         let taken = dir.path().join("taken");
         fs::create_dir(&taken).unwrap();
         assert!(matches!(
-            store.move_tree(&tmp2, &taken),
+            store.move_tree(&tmp2, &taken, &members(&more)),
             Err(StoreError::Exists(_))
         ));
         assert!(tmp2.join("a.bin").exists() && readable(&store, &more));
-        drop(store);
-        let store = Store::open(&sdir).unwrap();
-        assert!(readable(&store, &files) && readable(&store, &more));
         assert!(
             meta::load_moves(store.inner.db.as_ref().unwrap())
                 .unwrap()
                 .is_empty()
         );
+        drop(store);
+        let store = Store::open(&sdir).unwrap();
+        assert!(readable(&store, &files) && readable(&store, &more));
+    }
+
+    #[test]
+    fn a_tree_recorded_under_another_spelling_of_its_path_moves_too() {
+        // A fetch begun through a symlinked directory, resumed from the
+        // real one: its first files are recorded under the link.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let files = tree_in_place(&store, &link.join(".out.tmp"));
+        // The store recorded the real path of a file added in place; make
+        // it the link's, as the batch path records (absolute, not real).
+        for (h, _, rel) in &files {
+            let mut st = lock(&store.inner.state);
+            if let DataRef::File { path, .. } = &mut st.get_mut(h).unwrap().data {
+                *path = link.join(".out.tmp").join(rel);
+            }
+        }
+        store
+            .move_tree(&real.join(".out.tmp"), &real.join("out"), &members(&files))
+            .unwrap();
+        assert!(readable(&store, &files));
     }
 
     #[test]
@@ -358,25 +445,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sdir = dir.path().join("store");
         let store = Store::open(&sdir).unwrap();
+        let db = store.inner.db.as_ref().unwrap();
+        let bytes = |p: &Path| fs::canonicalize(p).unwrap().as_os_str().as_bytes().to_vec();
+        let base = bytes(dir.path());
+        // What move_tree leaves when killed right after its rename: the
+        // note, the tree at its new path, the records at the old one.
+        let note = |t: &Path, name: &str| {
+            let id = meta::tree_id(&fs::metadata(t).unwrap());
+            let to = [base.clone(), b"/".to_vec(), name.as_bytes().to_vec()].concat();
+            (bytes(t), meta::encode_move(id, &to))
+        };
         let tmp = dir.path().join(".out.tmp");
         let files = tree_in_place(&store, &tmp);
-        let out = dir.path().join("out");
+        let moved = note(&tmp, "out");
         // A tree noted and never renamed (killed before the rename).
         let kept = dir.path().join(".kept.tmp");
         let unmoved = tree_in_place(&store, &kept);
-        // What move_tree leaves when killed right after its rename: the
-        // note, the tree at its new path, the records at the old one.
-        let db = store.inner.db.as_ref().unwrap();
-        let bytes = |p: &Path| fs::canonicalize(p).unwrap().as_os_str().as_bytes().to_vec();
-        let (from, to) = (bytes(&tmp), bytes(dir.path()));
-        let to = [to, b"/out".to_vec()].concat();
-        let kept_to = [bytes(dir.path()), b"/kept".to_vec()].concat();
+        let never = note(&kept, "kept");
+        // A tree noted, then deleted, and another directory made at its
+        // destination (the user's): nothing is recorded there.
+        let gone = dir.path().join(".gone.tmp");
+        let lost = tree_in_place(&store, &gone);
+        let replaced = note(&gone, "gone");
         meta::write(db, true, |t| {
-            t.put_move(&from, &to)?;
-            t.put_move(&bytes(&kept), &kept_to)
+            for (f, n) in [&moved, &never, &replaced] {
+                t.put_move(f, n)?;
+            }
+            Ok(())
         })
         .unwrap();
-        fs::rename(&tmp, &out).unwrap();
+        fs::rename(&tmp, dir.path().join("out")).unwrap();
+        fs::remove_dir_all(&gone).unwrap();
+        // (Made at once, it may get the deleted tree's inode back; its
+        // time is its own.)
+        tree_in_place(&Store::in_memory(), &dir.path().join("gone"));
+        let made = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        File::open(dir.path().join("gone"))
+            .unwrap()
+            .set_modified(made)
+            .unwrap();
         assert!(!readable(&store, &files));
         store.crash();
         let store = Store::open(&sdir).unwrap();
@@ -385,6 +492,19 @@ mod tests {
             "the files are recorded at the tree's new path"
         );
         assert!(readable(&store, &unmoved));
+        // (Read through the records: the files there are not the ones
+        // recorded, and would be refused anyway.)
+        for (h, _, rel) in &lost {
+            let st = lock(&store.inner.state);
+            let DataRef::File { path, .. } = &st.get(h).unwrap().data else {
+                panic!("not a file in place");
+            };
+            assert!(
+                path.ends_with(Path::new(".gone.tmp").join(rel)),
+                "{}",
+                path.display()
+            );
+        }
         assert!(store.verify(&files[2].0).unwrap());
         let db = store.inner.db.as_ref().unwrap();
         assert!(
