@@ -43,6 +43,25 @@ fn content(len: usize) -> Vec<u8> {
     v
 }
 
+/// The address of the node `n`, with its id.
+fn addr_of(n: &Node) -> PeerAddr {
+    PeerAddr {
+        id: Some(n.peer_id()),
+        addr: n.addrs()[0],
+    }
+}
+
+/// Wait until `d` is connected to some peer.
+async fn until_connected(d: &Node) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while d.peers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the downloader never connected");
+}
+
 /// `d` fetches `hash` from `peer` (into its store), in a task of its own.
 fn spawn_fetch(
     d: &Node,
@@ -198,22 +217,9 @@ async fn a_download_waiting_on_a_peer_gets_what_the_peer_adds_later() {
     let data = content(500_000);
     let hash = blake3::hash(&data);
     let d = Node::spawn(downloader()).await.unwrap();
-    let fetch = spawn_fetch(
-        &d,
-        hash,
-        PeerAddr {
-            id: Some(s.peer_id()),
-            addr: s.addrs()[0],
-        },
-    );
+    let fetch = spawn_fetch(&d, hash, addr_of(&s));
     // Connected, asked, told "nothing" (the peer is listed, no bytes yet).
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while d.peers().is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the downloader never connected");
+    until_connected(&d).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!fetch.is_finished());
     s.add_bytes(data.clone(), "later").await.unwrap();
@@ -239,33 +245,13 @@ async fn a_seeder_that_connects_during_a_download_is_asked_at_once() {
     let data = content(500_000);
     let hash = blake3::hash(&data);
     let d = Node::spawn(downloader()).await.unwrap();
-    let fetch = spawn_fetch(
-        &d,
-        hash,
-        PeerAddr {
-            id: Some(empty.peer_id()),
-            addr: empty.addrs()[0],
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while d.peers().is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the downloader never connected");
+    let fetch = spawn_fetch(&d, hash, addr_of(&empty));
+    until_connected(&d).await;
     let s = Node::spawn(downloader()).await.unwrap();
     s.add_bytes(data.clone(), "seed").await.unwrap();
     let other = content(70_000)[1..].to_vec();
     d.add_bytes(other.clone(), "other").await.unwrap();
-    let theirs = spawn_fetch(
-        &s,
-        blake3::hash(&other),
-        PeerAddr {
-            id: Some(d.peer_id()),
-            addr: d.addrs()[0],
-        },
-    );
+    let theirs = spawn_fetch(&s, blake3::hash(&other), addr_of(&d));
     // Well within the stall timeout (40 s), after which it would fail.
     fetched(
         fetch,
@@ -300,10 +286,7 @@ async fn a_download_no_peer_holds_says_so_when_it_gives_up() {
     })
     .await
     .unwrap();
-    let peer = PeerAddr {
-        id: Some(s.peer_id()),
-        addr: s.addrs()[0],
-    };
+    let peer = addr_of(&s);
     let err = tokio::time::timeout(Duration::from_secs(30), spawn_fetch(&d, hash, peer))
         .await
         .expect("the download never gave up")
@@ -377,10 +360,7 @@ async fn addresses_that_cannot_lead_to_the_named_peer_fail_at_once_with_discover
     // Beside an address that leads to the right peer, such an address is
     // only skipped, also when it is the same address named with the wrong
     // key (dialled first: the last given is dialled first).
-    let right = PeerAddr {
-        id: Some(s.peer_id()),
-        addr: s.addrs()[0],
-    };
+    let right = addr_of(&s);
     fetched(
         spawn_fetch_from(&d, hash, vec![right, wrong_key, own_key]),
         Duration::from_secs(30),
