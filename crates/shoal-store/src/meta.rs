@@ -19,9 +19,10 @@ pub(crate) const INLINE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("i
 pub(crate) const GROUPS: TableDefinition<u64, &[u8]> = TableDefinition::new("groups-v1");
 
 /// Directory trees being renamed (`Store::move_tree`): the tree's absolute
-/// path before -> its identity and its path after ([`encode_move`]). Written durably before the rename,
-/// removed once the records of the files in the tree name their new
-/// paths; one found at open (a kill between the two) is finished there.
+/// path before -> its identity and its path after ([`encode_move`]).
+/// Written durably before the rename, removed once the records of the
+/// files in the tree name their new paths; one found at open (a kill
+/// between the two) is finished there.
 pub(crate) const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves-v1");
 
 /// The records of a group.
