@@ -69,6 +69,9 @@
 //!   [`Store::can_serve`], [`Store::source_changed`] and
 //!   [`BlobInfo::corrupt`] so that what a node claims and lists agrees
 //!   with what it serves.
+//! - [`Store::move_tree`] was added: a finished collection's tree renamed
+//!   into place with its records, mended at open after a kill between the
+//!   two.
 //! - Unix only (positional I/O, inode and executable bits).
 
 mod chunks;
