@@ -83,6 +83,58 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// How far an IP address reaches, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// This machine only: loopback.
+    Host,
+    /// One site's own network: RFC 1918, shared (carrier-grade NAT)
+    /// 100.64.0.0/10, IPv4 link-local, IPv6 unique local `fc00::/7`.
+    Site,
+    /// Any other unicast address.
+    Global,
+}
+
+/// The reach of `ip` (an IPv4-mapped IPv6 address as the IPv4 one).
+pub fn scope(ip: IpAddr) -> Scope {
+    match ip.to_canonical() {
+        ip if ip.is_loopback() => Scope::Host,
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            let shared = a == 100 && (b & 0xc0) == 64;
+            if v4.is_private() || v4.is_link_local() || shared {
+                Scope::Site
+            } else {
+                Scope::Global
+            }
+        }
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xfe00) == 0xfc00 => Scope::Site,
+        IpAddr::V6(_) => Scope::Global,
+    }
+}
+
+/// Whether `addr`, told by a peer met at `via` (in its hello, or in its
+/// answer to peer exchange), is worth dialling or passing on. A peer's
+/// word only, so: no unspecified, multicast or broadcast address, no port
+/// 0, no IPv6 link-local address (meaningless without the teller's
+/// interface), and nothing narrower in reach than `via`. A peer met on a
+/// public address that names a loopback or private one sends whoever
+/// listens to something on their own machine or network (`127.0.0.1:53`,
+/// a router's admin port) instead of to it; its peers on its own network
+/// are found by mDNS. BitTorrent clients drop such peer-exchange entries
+/// for the same reason.
+pub fn plausible_from(addr: SocketAddr, via: SocketAddr) -> bool {
+    let ip = addr.ip().to_canonical();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    let v6_link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !broadcast
+        && !v6_link_local
+        && scope(ip) >= scope(via.ip())
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     candidate: Candidate,
@@ -280,6 +332,88 @@ mod tests {
     }
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn scopes_of_addresses() {
+        let sc = |s: &str| scope(s.parse().unwrap());
+        for ip in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(sc(ip), Scope::Host, "{ip}");
+        }
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.0.9",
+            "100.64.0.1",
+            "100.127.255.255",
+            "fd00::1",
+            "fc12::1",
+            "::ffff:192.168.0.1",
+        ] {
+            assert_eq!(sc(ip), Scope::Site, "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "100.63.255.255",
+            "203.0.113.7",
+            "2001:db8::1",
+            "::ffff:198.51.100.1",
+        ] {
+            assert_eq!(sc(ip), Scope::Global, "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_peers_word_is_plausible_only_as_far_as_it_reaches() {
+        let public = addr("203.0.113.7:4000");
+        let private = addr("10.0.0.5:4000");
+        let local = addr("127.0.0.1:4000");
+        // Never: whoever tells it.
+        for bad in [
+            "0.0.0.0:4000",
+            "[::]:4000",
+            "224.0.0.251:5353",
+            "[ff02::fb]:5353",
+            "255.255.255.255:4000",
+            "198.51.100.1:0",
+            "[fe80::1]:4000",
+        ] {
+            for via in [public, private, local] {
+                assert!(!plausible_from(addr(bad), via), "{bad} via {via}");
+            }
+        }
+        // A public peer's public addresses only.
+        assert!(plausible_from(addr("198.51.100.1:4000"), public));
+        assert!(plausible_from(addr("[2001:db8::1]:4000"), public));
+        for narrow in [
+            "10.0.0.6:4000",
+            "192.168.1.1:80",
+            "[fd00::1]:4000",
+            "127.0.0.1:53",
+            "[::1]:4000",
+        ] {
+            assert!(!plausible_from(addr(narrow), public), "{narrow}");
+        }
+        // A peer on a private network: its network's and public ones.
+        assert!(plausible_from(addr("10.0.0.6:4000"), private));
+        assert!(plausible_from(addr("198.51.100.1:4000"), private));
+        assert!(!plausible_from(addr("127.0.0.1:53"), private));
+        // A peer on this machine: anything a host may have.
+        for ok in [
+            "127.0.0.1:4001",
+            "[::1]:4001",
+            "10.0.0.6:4000",
+            "198.51.100.1:4000",
+        ] {
+            assert!(plausible_from(addr(ok), local), "{ok}");
+        }
+        // Met through a dual-stack socket: as the IPv4 address it is.
+        assert!(!plausible_from(private, addr("[::ffff:203.0.113.7]:4000")));
+        assert!(plausible_from(private, addr("[::ffff:10.0.0.1]:4000")));
     }
     fn cand(a: &str, id: Option<PeerId>, source: Source) -> Candidate {
         Candidate {

@@ -58,7 +58,9 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use address_book::{AddressBook, BACKOFF_MAX, BACKOFF_MIN, SelfFilter, backoff};
+pub use address_book::{
+    AddressBook, BACKOFF_MAX, BACKOFF_MIN, Scope, SelfFilter, backoff, plausible_from, scope,
+};
 pub use dht::{DHT_KEY_CONTEXT, DhtStats, dht_key};
 pub use shoal_transport::PeerId;
 

@@ -1177,8 +1177,19 @@ async fn ask_pex(conn: &Connection, hash: &Hash) -> Result<Vec<Candidate>, NodeE
     let Some(pb::response::Kind::Pex(p)) = resp.kind else {
         return Ok(Vec::new());
     };
+    Ok(pex_candidates(conn.remote_addr(), &p.peers))
+}
+
+/// The candidates in a peer-exchange answer from the peer met at `via`:
+/// at most [`limits::MAX_PEX_PEERS`] peers of [`limits::MAX_ADDRS`]
+/// addresses each, with a valid id, and only addresses plausible from
+/// `via` ([`shoal_discovery::plausible_from`]). The answer is the
+/// answerer's word alone, and an honest node passes on only such
+/// addresses: a hostile one would otherwise send every downloader that
+/// asks it to dial `127.0.0.1:53` or a router on their own network.
+fn pex_candidates(via: SocketAddr, peers: &[pb::PeerInfo]) -> Vec<Candidate> {
     let mut out = Vec::new();
-    for info in p.peers.iter().take(limits::MAX_PEX_PEERS) {
+    for info in peers.iter().take(limits::MAX_PEX_PEERS) {
         let Ok(id) = hash_from_bytes(&info.id) else {
             continue;
         };
@@ -1186,14 +1197,98 @@ async fn ask_pex(conn: &Connection, hash: &Hash) -> Result<Vec<Candidate>, NodeE
             continue;
         };
         for a in info.addrs.iter().take(limits::MAX_ADDRS) {
-            if let Ok(addr) = a.parse::<SocketAddr>() {
+            if let Ok(addr) = a.parse::<SocketAddr>()
+                && shoal_discovery::plausible_from(addr, via)
+            {
                 out.push(Candidate {
-                    addr,
+                    addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
                     id: Some(id),
                     source: Source::Pex,
                 });
             }
         }
     }
-    Ok(out)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_transport::SecretKey;
+
+    fn info(id: &PeerId, addrs: &[&str]) -> pb::PeerInfo {
+        pb::PeerInfo {
+            id: id.as_bytes().to_vec().into(),
+            addrs: addrs.iter().map(|a| (*a).to_string()).collect(),
+        }
+    }
+
+    fn addrs(c: &[Candidate]) -> Vec<String> {
+        c.iter().map(|c| c.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn a_pex_answer_gives_only_addresses_plausible_from_the_answerer() {
+        let (a, b) = (
+            SecretKey::generate().public(),
+            SecretKey::generate().public(),
+        );
+        let peers = [
+            info(
+                &a,
+                &[
+                    "198.51.100.1:4000",
+                    "10.0.0.5:4000",
+                    "127.0.0.1:53",
+                    "[::ffff:198.51.100.2]:4000",
+                ],
+            ),
+            info(
+                &b,
+                &[
+                    "192.168.1.1:80",
+                    "0.0.0.0:4000",
+                    "224.0.0.251:5353",
+                    "198.51.100.3:0",
+                    "nope",
+                ],
+            ),
+            pb::PeerInfo {
+                id: vec![7u8; 31].into(),
+                addrs: vec!["198.51.100.4:4000".into()],
+            },
+        ];
+        // From a public answerer: public addresses only, with their ids.
+        let got = pex_candidates("203.0.113.7:4000".parse().unwrap(), &peers);
+        assert_eq!(addrs(&got), ["198.51.100.1:4000", "198.51.100.2:4000"]);
+        assert!(
+            got.iter()
+                .all(|c| c.id == Some(a) && c.source == Source::Pex)
+        );
+        // From one on a private network: that network's addresses too.
+        let got = pex_candidates("10.0.0.1:4000".parse().unwrap(), &peers);
+        assert_eq!(
+            addrs(&got),
+            [
+                "198.51.100.1:4000",
+                "10.0.0.5:4000",
+                "198.51.100.2:4000",
+                "192.168.1.1:80"
+            ]
+        );
+        // From this machine (tests, one host): loopback too.
+        let got = pex_candidates("127.0.0.1:4000".parse().unwrap(), &peers);
+        assert_eq!(got.len(), 5, "{:?}", addrs(&got));
+    }
+
+    #[test]
+    fn a_pex_answer_is_bounded() {
+        let many: Vec<String> = (0..100).map(|i| format!("198.51.100.{i}:4000")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let peers: Vec<pb::PeerInfo> = (0..100)
+            .map(|_| info(&SecretKey::generate().public(), &many))
+            .collect();
+        let got = pex_candidates("203.0.113.7:4000".parse().unwrap(), &peers);
+        assert_eq!(got.len(), limits::MAX_PEX_PEERS * limits::MAX_ADDRS);
+    }
 }

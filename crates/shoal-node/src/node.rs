@@ -695,36 +695,28 @@ pub(crate) fn local_ips() -> Vec<std::net::IpAddr> {
         .unwrap_or_default()
 }
 
-/// Expands unspecified listen addresses into interface addresses.
 /// The addresses of a peer that peer exchange may pass on: the one it was
-/// seen at, and those it announced in its hello that could be anyone's to
-/// dial (a peer's word only: no unspecified, multicast or broadcast
-/// address, no port 0, and no loopback address unless it was itself seen
-/// on loopback, where the word would send others to their own machine).
+/// seen at, and those it announced in its hello that are plausible from
+/// there ([`shoal_discovery::plausible_from`]: a peer's word only, so none
+/// narrower in reach than where it was seen, and no unspecified,
+/// multicast or broadcast address or port 0).
 fn peer_addrs(seen: SocketAddr, announced: &[String]) -> Vec<SocketAddr> {
     let seen = SocketAddr::new(seen.ip().to_canonical(), seen.port());
-    let plausible = |a: &SocketAddr| {
-        let ip = a.ip();
-        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
-        a.port() != 0
-            && !ip.is_unspecified()
-            && !ip.is_multicast()
-            && !broadcast
-            && (!ip.is_loopback() || seen.ip().is_loopback())
-    };
     let mut out = vec![seen];
     for a in announced.iter().take(limits::MAX_ADDRS) {
         if let Ok(a) = a.parse::<SocketAddr>()
-            && plausible(&a)
-            && !out.contains(&a)
-            && out.len() < limits::MAX_ADDRS
+            && shoal_discovery::plausible_from(a, seen)
         {
-            out.push(a);
+            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            if !out.contains(&a) && out.len() < limits::MAX_ADDRS {
+                out.push(a);
+            }
         }
     }
     out
 }
 
+/// Expands unspecified listen addresses into interface addresses.
 pub(crate) fn dialable(bound: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for a in bound {
@@ -769,6 +761,7 @@ mod tests {
         let announced = s(&[
             "203.0.113.7:4000",
             "10.0.0.5:4000",
+            "198.51.100.9:4000",
             "127.0.0.1:53",
             "[::1]:4000",
             "0.0.0.0:4000",
@@ -777,7 +770,15 @@ mod tests {
             "10.0.0.6:0",
             "not an address",
         ]);
-        let want: Vec<SocketAddr> = ["203.0.113.7:4000", "10.0.0.5:4000"]
+        // Seen on a public address: its private one is left out.
+        let want: Vec<SocketAddr> = ["203.0.113.7:4000", "198.51.100.9:4000"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(peer_addrs(seen, &announced), want);
+        // Seen on its private network: its private address is passed on.
+        let seen: SocketAddr = "10.0.0.5:4000".parse().unwrap();
+        let want: Vec<SocketAddr> = ["10.0.0.5:4000", "203.0.113.7:4000", "198.51.100.9:4000"]
             .iter()
             .map(|a| a.parse().unwrap())
             .collect();
