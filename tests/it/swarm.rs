@@ -781,6 +781,61 @@ fn two_gets_on_one_data_dir_both_finish() {
     assert_eq!(report["files"], 1);
 }
 
+/// Many `shoal get`s on one data dir started close together, with no
+/// `shoal serve`: whichever starts a short-lived node first, the others
+/// go through its control socket, or start their own once it is gone. None
+/// may fail because another was starting or stopping its node at the same
+/// moment (a get that came while the node was stopping failed, and two
+/// that both found no node failed on the store's lock).
+#[test]
+fn gets_started_together_on_one_data_dir_all_finish() {
+    const N: usize = 8;
+    let s = Dir::new();
+    let _seeder = s.serve(&[]);
+    let mut want = Vec::new();
+    for i in 0..N {
+        let p = s.path().join(format!("f{i}.bin"));
+        write(&p, &data(64 << 10, 500 + i as u64));
+        let h = add(&s, &p);
+        want.push((ticket(&s, &h), h));
+    }
+    let d = Dir::new();
+    let mut children = Vec::new();
+    for (i, (t, _)) in want.iter().enumerate() {
+        let out = d.path().join(format!("o{i}.bin"));
+        let mut c = d.cmd();
+        c.args(["get", t, "-o", out.to_str().unwrap(), NET[0], NET[1]])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        children.push(Reaped(c.spawn().expect("spawning a get")));
+        // Small, uneven gaps: some start while another's node starts,
+        // some while it stops.
+        std::thread::sleep(Duration::from_millis(15 * (i as u64 % 4)));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for (i, mut c) in children.into_iter().enumerate() {
+        let status = loop {
+            if let Some(st) = c.0.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "get {i} still running after 2 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        let _ = c.0.stderr.take().expect("stderr").read_to_string(&mut err);
+        assert!(status.success(), "get {i} failed: {err}");
+        assert_eq!(
+            b3sum(&d.path().join(format!("o{i}.bin"))),
+            want[i].1,
+            "get {i}"
+        );
+    }
+}
+
 /// A child process killed and reaped when the test ends, passed or not.
 struct Reaped(std::process::Child);
 

@@ -834,98 +834,53 @@ async fn get(
             && std::io::stderr().is_terminal()
             && !QUIET.load(std::sync::atomic::Ordering::Relaxed),
     );
-    if let Some(mut c) = ControlClient::connect(dir).await {
-        net.warn_ignored_by(dir, &[], true);
-        let peers = ticket
-            .as_ref()
-            .map(|t| {
-                t.providers
-                    .iter()
-                    .map(|p| pb::PeerInfo {
-                        id: p.id.as_bytes().to_vec().into(),
-                        addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let kind = match ticket.as_ref().map(|t| t.kind) {
-            Some(shoal_node::TicketKind::Collection) => pb::BlobKind::Collection as i32,
-            _ => pb::BlobKind::Raw as i32,
-        };
-        let req = pb::GetRequest {
-            hash: hash.as_bytes().to_vec().into(),
-            kind,
-            peers,
-            out: output
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            stream: to_stdout,
-            addrs: net.peers.iter().map(|p| p.to_string()).collect(),
-        };
-        c.send(pb::control_request::Kind::Get(req)).await?;
-        let mut stdout = std::io::stdout().lock();
-        let mut report = None;
-        let signal = wait_for_signal();
-        tokio::pin!(signal);
-        loop {
-            let k = tokio::select! {
-                k = c.next() => k?,
-                s = &mut signal => {
-                    s?;
-                    bar.finish();
-                    // The download is the node's: it goes on (as a
-                    // daemon's does when its remote client quits).
-                    bail!(
-                        "interrupted; the node running on {} goes on with the download \
-                         (`shoal status` shows it)",
-                        dir.display()
-                    );
-                }
+    // A node running on the data dir (`shoal serve`, or another get's
+    // short-lived one) does the download. With none, this get runs one
+    // of its own. Another get may be starting or stopping its node at
+    // this very moment: then the socket answers that it is stopping, or
+    // the store is still held. Either way this get waits (at most
+    // `DATA_DIR_WAIT`) and looks again.
+    let waiting_since = std::time::Instant::now();
+    let mut told = false;
+    let node = loop {
+        if let Some(c) = ControlClient::connect(dir).await {
+            let through = Through {
+                dir,
+                out,
+                hash,
+                ticket: ticket.as_ref(),
+                output: output.as_deref(),
+                to_stdout,
+                net,
+                bar: &bar,
             };
-            let Some(k) = k else { break };
-            match k {
-                pb::control_response::Kind::Data(d) => stdout.write_all(&d)?,
-                pb::control_response::Kind::Fetched(r) => {
-                    report = Some(shoal_node::FetchReport {
-                        hash: Hash::from_bytes(shoal_proto::hash_from_bytes(&r.hash)?),
-                        kind: if r.kind == pb::BlobKind::Collection as i32 {
-                            shoal_store::BlobKind::Collection
-                        } else {
-                            shoal_store::BlobKind::Raw
-                        },
-                        bytes: r.bytes,
-                        files: r.files,
-                        elapsed: Duration::from_micros(r.micros),
-                        received: r.received,
-                    });
+            match through.get(c).await {
+                Ok(()) => return Ok(()),
+                Err(Failed::NodeGone(e)) if waiting_since.elapsed() < DATA_DIR_WAIT => {
+                    tracing::debug!("the node on {} stopped: {e:#}", dir.display());
                 }
-                pb::control_response::Kind::Progress(p) => bar.update(&Progress {
-                    verified: p.verified,
-                    total: p.total,
-                    peers: p.peers,
-                    rate: p.rate,
-                    files_done: p.files_done,
-                    files_total: p.files_total,
-                }),
-                _ => {}
+                Err(Failed::NodeGone(e) | Failed::Other(e)) => return Err(e),
+            }
+        } else {
+            let mut config = net.node_config(dir, &[]);
+            config.discovery.announce = false;
+            match Node::spawn(config).await {
+                Ok(node) => break node,
+                Err(e) if e.is_data_dir_busy() && waiting_since.elapsed() < DATA_DIR_WAIT => {
+                    tracing::debug!("{} is busy: {e}", dir.display());
+                }
+                Err(e) => return Err(e).context("starting a node for the download"),
             }
         }
-        stdout.flush()?;
-        bar.finish();
-        // As a get without a running node says it (a node older than the
-        // report says nothing).
-        if let Some(r) = report.filter(|_| !to_stdout) {
-            out.fetched(&r)?;
+        if !told && waiting_since.elapsed() > Duration::from_secs(1) {
+            tracing::info!(
+                "waiting for the other shoal process on {} to stop or to take the download",
+                dir.display()
+            );
+            told = true;
         }
-        return Ok(());
-    }
-    // No node: run a short-lived one on the data dir.
-    let mut config = net.node_config(dir, &[]);
-    config.discovery.announce = false;
-    let node = Node::spawn(config)
-        .await
-        .context("starting a node for the download")?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     // With no ticket, no peer and no discovery, what the store does not
     // hold could only be waited for until the timeout.
     if ticket.is_none()
@@ -996,8 +951,9 @@ async fn get(
     }
     .await;
     // Another `get` on this data dir went through this node's control
-    // socket: it would fail if the node stopped now.
-    let others = node.control_gets();
+    // socket: it would fail if the node stopped now. One that comes from
+    // now on is told that the node is stopping, and runs its own.
+    let others = node.close_control_gets();
     if others > 0 {
         tracing::info!("waiting for {others} other download(s) on this data dir to finish");
         tokio::select! {
@@ -1007,6 +963,153 @@ async fn get(
     }
     node.shutdown().await;
     finish
+}
+
+/// What a get through a running node's control socket needs.
+struct Through<'a> {
+    dir: &'a Path,
+    out: &'a Out,
+    hash: Hash,
+    ticket: Option<&'a Ticket>,
+    output: Option<&'a Path>,
+    to_stdout: bool,
+    net: &'a NetArgs,
+    bar: &'a output::ProgressBar,
+}
+
+/// Why a get through a running node failed.
+enum Failed {
+    /// The node stopped before the get was done, with nothing written to
+    /// stdout yet: the get may be made again (the node's partial download
+    /// is kept in the store, and resumes).
+    NodeGone(anyhow::Error),
+    /// Anything else.
+    Other(anyhow::Error),
+}
+
+/// How long a get waits for another process on its data dir to stop or to
+/// take the download on (it says so after a second).
+const DATA_DIR_WAIT: Duration = Duration::from_secs(60);
+
+impl Through<'_> {
+    async fn get(&self, mut c: ControlClient) -> Result<(), Failed> {
+        let mut delivered = false;
+        match self.run(&mut c, &mut delivered).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let gone = e
+                    .downcast_ref::<shoal_node::NodeError>()
+                    .is_some_and(shoal_node::NodeError::is_node_gone);
+                if gone && !delivered {
+                    Err(Failed::NodeGone(e))
+                } else if gone {
+                    Err(Failed::Other(e.context(format!(
+                        "the node on {} stopped during the download; the part it verified is \
+                         kept, and the next get resumes it",
+                        self.dir.display()
+                    ))))
+                } else {
+                    Err(Failed::Other(e))
+                }
+            }
+        }
+    }
+
+    async fn run(&self, c: &mut ControlClient, delivered: &mut bool) -> Result<()> {
+        self.net.warn_ignored_by(self.dir, &[], true);
+        let peers = self
+            .ticket
+            .map(|t| {
+                t.providers
+                    .iter()
+                    .map(|p| pb::PeerInfo {
+                        id: p.id.as_bytes().to_vec().into(),
+                        addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kind = match self.ticket.map(|t| t.kind) {
+            Some(shoal_node::TicketKind::Collection) => pb::BlobKind::Collection as i32,
+            _ => pb::BlobKind::Raw as i32,
+        };
+        let req = pb::GetRequest {
+            hash: self.hash.as_bytes().to_vec().into(),
+            kind,
+            peers,
+            out: self
+                .output
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            stream: self.to_stdout,
+            addrs: self.net.peers.iter().map(|p| p.to_string()).collect(),
+        };
+        c.send(pb::control_request::Kind::Get(req)).await?;
+        let mut stdout = std::io::stdout().lock();
+        let mut report = None;
+        let signal = wait_for_signal();
+        tokio::pin!(signal);
+        loop {
+            let k = tokio::select! {
+                k = c.next() => match k {
+                    Ok(k) => k,
+                    // Its report came: the download is done, whatever
+                    // became of the node after that.
+                    Err(e) if report.is_some() && e.is_node_gone() => None,
+                    Err(e) => return Err(e.into()),
+                },
+                s = &mut signal => {
+                    s?;
+                    self.bar.finish();
+                    // The download is the node's: it goes on (as a
+                    // daemon's does when its remote client quits).
+                    bail!(
+                        "interrupted; the node running on {} goes on with the download \
+                         (`shoal status` shows it)",
+                        self.dir.display()
+                    );
+                }
+            };
+            let Some(k) = k else { break };
+            match k {
+                pb::control_response::Kind::Data(d) => {
+                    *delivered = true;
+                    stdout.write_all(&d)?
+                }
+                pb::control_response::Kind::Fetched(r) => {
+                    report = Some(shoal_node::FetchReport {
+                        hash: Hash::from_bytes(shoal_proto::hash_from_bytes(&r.hash)?),
+                        kind: if r.kind == pb::BlobKind::Collection as i32 {
+                            shoal_store::BlobKind::Collection
+                        } else {
+                            shoal_store::BlobKind::Raw
+                        },
+                        bytes: r.bytes,
+                        files: r.files,
+                        elapsed: Duration::from_micros(r.micros),
+                        received: r.received,
+                    });
+                }
+                pb::control_response::Kind::Progress(p) => self.bar.update(&Progress {
+                    verified: p.verified,
+                    total: p.total,
+                    peers: p.peers,
+                    rate: p.rate,
+                    files_done: p.files_done,
+                    files_total: p.files_total,
+                }),
+                _ => {}
+            }
+        }
+        stdout.flush()?;
+        self.bar.finish();
+        // As a get without a running node says it (a node older than the
+        // report says nothing).
+        if let Some(r) = report.filter(|_| !self.to_stdout) {
+            self.out.fetched(&r)?;
+        }
+        Ok(())
+    }
 }
 
 async fn wait_for_signal() -> Result<()> {

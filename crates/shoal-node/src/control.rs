@@ -91,7 +91,7 @@ impl Drop for GetGuard<'_> {
         self.0
             .inner
             .control_gets
-            .send_modify(|n| *n = n.saturating_sub(1));
+            .send_modify(|g| g.running = g.running.saturating_sub(1));
     }
 }
 
@@ -292,7 +292,18 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 }
             }
             Req::Get(g) => {
-                node.inner.control_gets.send_modify(|n| *n += 1);
+                // Taken on and counted in one step, unless the node is
+                // stopping (`Node::close_control_gets`): then the client
+                // is told so, and runs the get itself.
+                let taken = node.inner.control_gets.send_if_modified(|c| {
+                    if !c.closed {
+                        c.running += 1;
+                    }
+                    !c.closed
+                });
+                if !taken {
+                    return Err(NodeError::ShuttingDown);
+                }
                 // Counted down however the get ends (an error, the
                 // client going away).
                 let _done = GetGuard(&node);
@@ -304,6 +315,15 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
     .await;
     match result {
         Ok(()) => write_frame(&mut stream, &done()).await,
+        // Said apart from other errors: the client may run the request
+        // on a node of its own once this one is gone.
+        Err(NodeError::ShuttingDown) => {
+            let mut e = error(NodeError::ShuttingDown);
+            if let Some(Resp::Error(e)) = &mut e.kind {
+                e.code = pb::ErrorCode::Busy as i32;
+            }
+            write_frame(&mut stream, &e).await
+        }
         Err(e) => write_frame(&mut stream, &error(e)).await,
     }
 }
@@ -425,6 +445,9 @@ impl ControlClient {
         let r: pb::ControlResponse = read_frame(&mut self.stream, Limit::ControlResponse).await?;
         match r.kind {
             Some(pb::control_response::Kind::Done(_)) => Ok(None),
+            Some(pb::control_response::Kind::Error(e)) if e.code == pb::ErrorCode::Busy as i32 => {
+                Err(NodeError::ShuttingDown)
+            }
             Some(pb::control_response::Kind::Error(e)) => Err(NodeError::Refused(e.message)),
             Some(k) => Ok(Some(k)),
             None => Err(NodeError::Protocol("empty control response".into())),
@@ -444,5 +467,59 @@ mod tests {
         assert!(err.contains("use a shorter --data-dir"), "{err}");
         let short = dir.path().join(SOCKET_NAME);
         assert!(bind(&short).is_ok());
+    }
+
+    /// Asks `dir`'s node for `hash` (held in its store, so done at once);
+    /// the first error, or the report.
+    async fn get_of(dir: &Path, hash: &Hash) -> Result<Option<pb::FetchedReport>, NodeError> {
+        let mut c = ControlClient::connect(dir)
+            .await
+            .expect("the control socket");
+        c.send(pb::control_request::Kind::Get(pb::GetRequest {
+            hash: hash.as_bytes().to_vec().into(),
+            ..Default::default()
+        }))
+        .await?;
+        let mut report = None;
+        while let Some(k) = c.next().await? {
+            if let pb::control_response::Kind::Fetched(r) = k {
+                report = Some(r);
+            }
+        }
+        Ok(report)
+    }
+
+    #[tokio::test]
+    async fn a_node_that_takes_no_more_gets_says_it_is_stopping() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::spawn(crate::NodeConfig {
+            data_dir: Some(dir.path().to_path_buf()),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ..crate::NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let hash = node.add_bytes(vec![7u8; 5000], "x").await.unwrap();
+        // Taken on while open, and counted down when done.
+        let report = get_of(dir.path(), &hash).await.unwrap().expect("a report");
+        assert_eq!(report.bytes, 5000);
+        assert_eq!(node.control_gets(), 0);
+        assert_eq!(node.close_control_gets(), 0);
+        // Closed: the socket still answers, but a get is refused as one
+        // the client may make again elsewhere, and nothing is counted.
+        let err = get_of(dir.path(), &hash).await.unwrap_err();
+        assert!(matches!(err, NodeError::ShuttingDown), "{err}");
+        assert!(err.is_node_gone());
+        assert_eq!(node.control_gets(), 0);
+        // Other requests are still answered.
+        let mut c = ControlClient::connect(dir.path()).await.unwrap();
+        c.send(pb::control_request::Kind::List(pb::ListRequest {}))
+            .await
+            .unwrap();
+        assert!(matches!(
+            c.next().await,
+            Ok(Some(pb::control_response::Kind::Item(_)))
+        ));
+        node.shutdown().await;
     }
 }

@@ -100,6 +100,28 @@ pub enum NodeError {
 }
 
 impl NodeError {
+    /// Whether a request through a running node's control socket failed
+    /// because that node stopped (it said it is stopping, or the socket
+    /// closed): the request may be made again, of a node of its own once
+    /// that one is gone.
+    pub fn is_node_gone(&self) -> bool {
+        matches!(
+            self,
+            NodeError::ShuttingDown
+                | NodeError::Wire(crate::wire::WireError::Closed | crate::wire::WireError::Io(_))
+        )
+    }
+
+    /// Whether a node could not start because another process has the
+    /// data dir (its node answers on the control socket, or it holds the
+    /// store): one that is stopping lets go of it soon.
+    pub fn is_data_dir_busy(&self) -> bool {
+        matches!(
+            self,
+            NodeError::AlreadyRunning(_) | NodeError::Store(shoal_store::StoreError::Locked(_))
+        )
+    }
+
     /// Whether a failed dial says that dialling the same address again
     /// cannot help: the peer there proved another key than the one named,
     /// or it is this node (a restart keeps a node's key, so a peer that

@@ -127,6 +127,15 @@ const FETCHING_BACKLOG: usize = 256;
 /// misses it can still hear of through peer exchange.
 const ARRIVALS_BACKLOG: usize = 64;
 
+/// The downloads asked for through the control socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ControlGets {
+    /// Running now.
+    pub(crate) running: usize,
+    /// No more are taken ([`Node::close_control_gets`]).
+    pub(crate) closed: bool,
+}
+
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) endpoint: Endpoint,
@@ -144,7 +153,7 @@ pub(crate) struct Inner {
     pub(crate) arrivals: tokio::sync::broadcast::Sender<(PeerId, SocketAddr)>,
     /// Downloads asked for through the control socket and not finished
     /// (see [`Node::control_gets_done`]).
-    pub(crate) control_gets: watch::Sender<usize>,
+    pub(crate) control_gets: watch::Sender<ControlGets>,
     /// Blobs whose file in place changed since it was added and that are
     /// being hashed again (see `server::recheck`), so each is re-hashed
     /// once per change, however many peers ask.
@@ -229,7 +238,7 @@ impl Node {
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             answers: tokio::sync::Semaphore::new(server::MAX_ANSWERS),
-            control_gets: watch::channel(0).0,
+            control_gets: watch::channel(ControlGets::default()).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
@@ -457,6 +466,7 @@ impl Node {
 
     /// Stops serving and downloading; partial state stays in the store.
     pub async fn shutdown(&self) {
+        self.close_control_gets();
         self.inner.cancel.cancel();
         if let Some(d) = &self.inner.discovery {
             d.shutdown().await;
@@ -473,7 +483,23 @@ impl Node {
     /// The downloads other commands asked this node for through its
     /// control socket and that have not finished yet.
     pub fn control_gets(&self) -> usize {
-        *self.inner.control_gets.borrow()
+        self.inner.control_gets.borrow().running
+    }
+
+    /// Takes no more downloads through the control socket (one asked for
+    /// from now on is answered [`NodeError::ShuttingDown`], and the CLI
+    /// that asked runs it on a node of its own once this one is gone);
+    /// returns how many are still running. A short-lived node (`shoal
+    /// get`) calls this, then waits for [`Node::control_gets_done`],
+    /// then stops: checking the count and stopping left a moment in which
+    /// a get that came was cut short.
+    pub fn close_control_gets(&self) -> usize {
+        let mut running = 0;
+        self.inner.control_gets.send_modify(|g| {
+            g.closed = true;
+            running = g.running;
+        });
+        running
     }
 
     /// Resolves once no download asked for through the control socket is
@@ -482,7 +508,7 @@ impl Node {
     /// through its socket, is not cut short.
     pub async fn control_gets_done(&self) {
         let mut rx = self.inner.control_gets.subscribe();
-        let _ = rx.wait_for(|n| *n == 0).await;
+        let _ = rx.wait_for(|g| g.running == 0).await;
     }
 
     /// Resolves when the node is shutting down.
