@@ -381,3 +381,58 @@ fn a_large_file_added_in_place_is_hashed_while_the_store_opens() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("opening the store"), "{stderr}");
 }
+
+/// Store commands run at once on one data dir with no node: each waits
+/// for the others' hold on the store instead of failing on its lock (two
+/// `shoal add`s started together failed: "store ... is in use by another
+/// process"). One add is large enough to hash while the store opens.
+#[test]
+fn store_commands_run_together_on_one_data_dir_all_succeed() {
+    let src = Dir::new();
+    let mut files = Vec::new();
+    for i in 0..6u64 {
+        let p = src.path().join(format!("f{i}.bin"));
+        let size = if i == 0 {
+            40 << 20
+        } else {
+            200_000 + i as usize
+        };
+        std::fs::write(&p, data(size, 700 + i)).expect("write");
+        files.push(p.to_str().expect("utf-8").to_string());
+    }
+    let d = Dir::new();
+    // The store exists (and is empty) before they start.
+    d.ok(&["ls"]);
+    let d = &d;
+    let outs: Vec<(String, std::process::Output)> = std::thread::scope(|s| {
+        let mut jobs = Vec::new();
+        for f in &files {
+            jobs.push(s.spawn(move || {
+                (
+                    format!("add {f}"),
+                    d.run(&["add", f], Duration::from_secs(120)),
+                )
+            }));
+        }
+        for args in [&["ls"][..], &["verify"], &["gc"]] {
+            jobs.push(s.spawn(move || (args.join(" "), d.run(args, Duration::from_secs(120)))));
+        }
+        jobs.into_iter()
+            .map(|j| j.join().expect("a command thread"))
+            .collect()
+    });
+    for (what, o) in &outs {
+        assert!(
+            o.status.success(),
+            "shoal {what} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // Every add is recorded, with the hash it printed.
+    let ls = d.ok(&["ls"]);
+    for (what, o) in outs.iter().filter(|(w, _)| w.starts_with("add ")) {
+        let line = String::from_utf8_lossy(&o.stdout);
+        let hash = line.split_whitespace().next().expect("a hash");
+        assert!(ls.contains(hash), "{what}: {hash} not listed:\n{ls}");
+    }
+}

@@ -414,10 +414,41 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Opens the store directly (no node running on the data dir).
-fn open_store(dir: &Path) -> Result<Store> {
-    Store::open(&dir.join("store"))
-        .with_context(|| format!("opening the store in {}", dir.display()))
+/// What a command on the data dir acts on: the node running there,
+/// through its control socket, or else the store, opened directly.
+enum Access {
+    Node(ControlClient),
+    Store(Store),
+}
+
+/// The node running on `dir`, or else its store. Another shoal process may
+/// hold the store without a node to ask (an `add` or a `verify` of its
+/// own, a get's node while it starts or stops): this waits for it, at most
+/// [`DATA_DIR_WAIT`] (said after a second), looking for a node each time.
+/// Commands run at once on one data dir used to fail on the store's lock.
+async fn access(dir: &Path) -> Result<Access> {
+    let since = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        if let Some(c) = ControlClient::connect(dir).await {
+            return Ok(Access::Node(c));
+        }
+        match Store::open(&dir.join("store")) {
+            Ok(store) => return Ok(Access::Store(store)),
+            Err(shoal_store::StoreError::Locked(_)) if since.elapsed() < DATA_DIR_WAIT => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening the store in {}", dir.display()));
+            }
+        }
+        if !told && since.elapsed() > Duration::from_secs(1) {
+            tracing::info!(
+                "waiting for the other shoal process on {} to let go of its store",
+                dir.display()
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -430,8 +461,8 @@ async fn run(cli: Cli) -> Result<()> {
             out.id(&key.public().to_string())?;
         }
         Command::Add { paths, copy } => add(&dir, &out, paths, *copy).await?,
-        Command::Ls => {
-            if let Some(mut c) = ControlClient::connect(&dir).await {
+        Command::Ls => match access(&dir).await? {
+            Access::Node(mut c) => {
                 c.send(pb::control_request::Kind::List(pb::ListRequest {}))
                     .await?;
                 let mut items = Vec::new();
@@ -441,8 +472,8 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 out.list(&items)?;
-            } else {
-                let store = open_store(&dir)?;
+            }
+            Access::Store(store) => {
                 let kept = store.kept_by_collections();
                 let items: Vec<pb::StoreItem> = store
                     .list()
@@ -451,42 +482,47 @@ async fn run(cli: Cli) -> Result<()> {
                     .collect();
                 out.list(&items)?;
             }
-        }
+        },
         Command::Rm { hashes } => {
             let hashes: Vec<Hash> = hashes
                 .iter()
                 .map(|h| parse_hash(h))
                 .collect::<Result<_>>()?;
-            if let Some(mut c) = ControlClient::connect(&dir).await {
-                c.send(pb::control_request::Kind::Remove(pb::RemoveRequest {
-                    hashes: hashes
-                        .iter()
-                        .map(|h| h.as_bytes().to_vec().into())
-                        .collect(),
-                }))
-                .await?;
-                while c.next().await?.is_some() {}
-            } else {
-                let store = open_store(&dir)?;
-                for h in &hashes {
-                    store.unpin(h).with_context(|| format!("unpinning {h}"))?;
+            match access(&dir).await? {
+                Access::Node(mut c) => {
+                    c.send(pb::control_request::Kind::Remove(pb::RemoveRequest {
+                        hashes: hashes
+                            .iter()
+                            .map(|h| h.as_bytes().to_vec().into())
+                            .collect(),
+                    }))
+                    .await?;
+                    while c.next().await?.is_some() {}
+                }
+                Access::Store(store) => {
+                    for h in &hashes {
+                        store.unpin(h).with_context(|| format!("unpinning {h}"))?;
+                    }
                 }
             }
         }
         Command::Gc => {
-            let (blobs, bytes) = if let Some(mut c) = ControlClient::connect(&dir).await {
-                c.send(pb::control_request::Kind::Gc(pb::GcRequest {}))
-                    .await?;
-                let mut r = (0, 0);
-                while let Some(k) = c.next().await? {
-                    if let pb::control_response::Kind::Gc(g) = k {
-                        r = (g.blobs, g.bytes);
+            let (blobs, bytes) = match access(&dir).await? {
+                Access::Node(mut c) => {
+                    c.send(pb::control_request::Kind::Gc(pb::GcRequest {}))
+                        .await?;
+                    let mut r = (0, 0);
+                    while let Some(k) = c.next().await? {
+                        if let pb::control_response::Kind::Gc(g) = k {
+                            r = (g.blobs, g.bytes);
+                        }
                     }
+                    r
                 }
-                r
-            } else {
-                let r = open_store(&dir)?.gc()?;
-                (r.blobs, r.bytes)
+                Access::Store(store) => {
+                    let r = store.gc()?;
+                    (r.blobs, r.bytes)
+                }
             };
             out.gc(blobs, bytes)?;
         }
@@ -629,31 +665,8 @@ async fn running_node(dir: &Path) -> Result<ControlClient> {
 const OVERLAP_MIN: u64 = 32 << 20;
 
 async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
-    if let Some(mut c) = ControlClient::connect(dir).await {
-        let abs: Vec<String> = paths
-            .iter()
-            .map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned()))
-            .collect::<Result<_>>()?;
-        c.send(pb::control_request::Kind::Add(pb::AddRequest {
-            paths: abs,
-            copy,
-        }))
-        .await?;
-        let (mut i, mut failed) = (0, 0);
-        while let Some(k) = c.next().await? {
-            if let pb::control_response::Kind::Added(a) = k {
-                let path = &paths[i.min(paths.len() - 1)];
-                i += 1;
-                if !a.error.is_empty() {
-                    add_failed(paths, path, &a.error)?;
-                    failed += 1;
-                    continue;
-                }
-                let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
-                out.added(&hash, path, a.kind == pb::BlobKind::Collection as i32)?;
-            }
-        }
-        return some_not_added(failed, paths.len());
+    if let Some(c) = ControlClient::connect(dir).await {
+        return add_through(c, out, paths, copy).await;
     }
     // The store opens on another thread while the first file to be added
     // in place is hashed, if that takes long enough to hide redb's open (a
@@ -669,17 +682,27 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
         _ => None,
     };
     // `first` is the first path's hash, when it was computed here.
-    let (store, mut first) = if let Some(abs) = overlap {
+    let (opened, mut first) = if let Some(abs) = overlap {
         let opening = tokio::task::spawn_blocking({
-            let dir = dir.to_path_buf();
-            move || open_store(&dir)
+            let dir = dir.join("store");
+            move || Store::open(&dir)
         });
         let hashed = tokio::task::spawn_blocking(move || HashedFile::new(&abs)).await?;
-        // A store that cannot open is the error to report, before any
-        // about the file.
-        (opening.await??, Some(hashed))
+        (opening.await?, Some(hashed))
     } else {
-        (open_store(dir)?, None)
+        (Store::open(&dir.join("store")), None)
+    };
+    // Held by another process: wait for it, or for a node to ask. A store
+    // that cannot open is the error to report, before any about the file.
+    let store = match opened {
+        Ok(store) => store,
+        Err(shoal_store::StoreError::Locked(_)) => match access(dir).await? {
+            Access::Node(c) => return add_through(c, out, paths, copy).await,
+            Access::Store(store) => store,
+        },
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the store in {}", dir.display()));
+        }
     };
     let mode = if copy {
         ImportMode::Copy
@@ -724,6 +747,34 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     some_not_added(failed, paths.len())
 }
 
+/// `add` through the node running on the data dir.
+async fn add_through(mut c: ControlClient, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
+    let abs: Vec<String> = paths
+        .iter()
+        .map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    c.send(pb::control_request::Kind::Add(pb::AddRequest {
+        paths: abs,
+        copy,
+    }))
+    .await?;
+    let (mut i, mut failed) = (0, 0);
+    while let Some(k) = c.next().await? {
+        if let pb::control_response::Kind::Added(a) = k {
+            let path = &paths[i.min(paths.len() - 1)];
+            i += 1;
+            if !a.error.is_empty() {
+                add_failed(paths, path, &a.error)?;
+                failed += 1;
+                continue;
+            }
+            let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
+            out.added(&hash, path, a.kind == pb::BlobKind::Collection as i32)?;
+        }
+    }
+    some_not_added(failed, paths.len())
+}
+
 /// A path `add` could not add, said as b3sum says it (`shoal: PATH:
 /// why`); the others are still added. With a single path, the error line
 /// says it alone.
@@ -749,35 +800,37 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
         .map(|h| parse_hash(h))
         .collect::<Result<_>>()?;
     let mut results = Vec::new();
-    if let Some(mut c) = ControlClient::connect(dir).await {
-        c.send(pb::control_request::Kind::Verify(pb::VerifyRequest {
-            hashes: hashes
-                .iter()
-                .map(|h| h.as_bytes().to_vec().into())
-                .collect(),
-        }))
-        .await?;
-        while let Some(k) = c.next().await? {
-            if let pb::control_response::Kind::Verified(v) = k {
-                results.push((
-                    Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?),
-                    v.ok,
-                ));
+    match access(dir).await? {
+        Access::Node(mut c) => {
+            c.send(pb::control_request::Kind::Verify(pb::VerifyRequest {
+                hashes: hashes
+                    .iter()
+                    .map(|h| h.as_bytes().to_vec().into())
+                    .collect(),
+            }))
+            .await?;
+            while let Some(k) = c.next().await? {
+                if let pb::control_response::Kind::Verified(v) = k {
+                    results.push((
+                        Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?),
+                        v.ok,
+                    ));
+                }
             }
         }
-    } else {
-        let store = open_store(dir)?;
-        let list: Vec<Hash> = if hashes.is_empty() {
-            store.list().into_iter().map(|b| b.hash).collect()
-        } else {
-            hashes
-        };
-        for h in list {
-            let s = store.clone();
-            let ok = tokio::task::spawn_blocking(move || s.verify(&h))
-                .await?
-                .with_context(|| format!("verifying {h}"))?;
-            results.push((h, ok));
+        Access::Store(store) => {
+            let list: Vec<Hash> = if hashes.is_empty() {
+                store.list().into_iter().map(|b| b.hash).collect()
+            } else {
+                hashes
+            };
+            for h in list {
+                let s = store.clone();
+                let ok = tokio::task::spawn_blocking(move || s.verify(&h))
+                    .await?
+                    .with_context(|| format!("verifying {h}"))?;
+                results.push((h, ok));
+            }
         }
     }
     let mut corrupt = Vec::new();
