@@ -124,6 +124,16 @@ pub fn scope(ip: IpAddr) -> Scope {
 /// are found by mDNS. BitTorrent clients drop such peer-exchange entries
 /// for the same reason.
 pub fn plausible_from(addr: SocketAddr, via: SocketAddr) -> bool {
+    plausible_within(addr, scope(via.ip()))
+}
+
+/// Whether `addr`, heard from a source whose answers may reach as
+/// narrowly as `reach`, is worth dialling: as [`plausible_from`], with the
+/// scope given. The DHT uses it: a public DHT stores each peer at the
+/// address it announced from, so a loopback or private value in it is a
+/// lie; a private DHT (bootstrapped on a private or loopback address)
+/// holds its own network's addresses.
+pub fn plausible_within(addr: SocketAddr, reach: Scope) -> bool {
     let ip = addr.ip().to_canonical();
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
     let v6_link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
@@ -132,7 +142,7 @@ pub fn plausible_from(addr: SocketAddr, via: SocketAddr) -> bool {
         && !ip.is_multicast()
         && !broadcast
         && !v6_link_local
-        && scope(ip) >= scope(via.ip())
+        && scope(ip) >= reach
 }
 
 #[derive(Clone, Debug)]

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::DiscoveryConfig;
+use crate::address_book::{Scope, plausible_within, scope};
 
 /// The context string of the key derivation in [`dht_key`].
 pub const DHT_KEY_CONTEXT: &str = "shoal dht v1";
@@ -86,12 +87,29 @@ pub(crate) struct DhtService {
     bootstrapped: Arc<AtomicBool>,
     commands: mpsc::UnboundedSender<Command>,
     counters: Arc<Counters>,
+    reach: Scope,
 }
 
 /// What a lookup needs: the current DHT node, when there is one.
 pub(crate) struct LookupHandle {
     state: watch::Receiver<Option<AsyncDht>>,
     counters: Arc<Counters>,
+    /// How narrowly the DHT's answers may reach ([`dht_reach`]).
+    reach: Scope,
+}
+
+/// How narrowly the addresses a DHT answers with may reach: a DHT
+/// bootstrapped only on public nodes (or on the default ones) is the
+/// public DHT, which records a peer at the address its announce came
+/// from, so only public addresses are plausible in it; one bootstrapped on
+/// a private or loopback address is a lab's or a LAN's, whose peers have
+/// such addresses.
+pub(crate) fn dht_reach(bootstrap: &[SocketAddr]) -> Scope {
+    bootstrap
+        .iter()
+        .map(|a| scope(a.ip()))
+        .min()
+        .unwrap_or(Scope::Global)
 }
 
 #[derive(Clone)]
@@ -139,6 +157,7 @@ impl DhtService {
             bootstrapped,
             commands,
             counters,
+            reach: dht_reach(&config.dht_bootstrap),
         };
         (service, vec![supervisor, announcer])
     }
@@ -155,6 +174,7 @@ impl DhtService {
         LookupHandle {
             state: self.state.subscribe(),
             counters: self.counters.clone(),
+            reach: self.reach,
         }
     }
 
@@ -412,8 +432,14 @@ impl LookupHandle {
                     batch = stream.next() => match batch {
                         Some(batch) => {
                             for addr in batch {
+                                let addr = SocketAddr::V4(addr);
+                                // Any DHT node may answer, with any value.
+                                if !plausible_within(addr, self.reach) {
+                                    tracing::debug!(%addr, "dht: implausible peer address left out");
+                                    continue;
+                                }
                                 found += 1;
-                                if tx.send(SocketAddr::V4(addr)).await.is_err() {
+                                if tx.send(addr).await.is_err() {
                                     return;
                                 }
                             }
@@ -454,5 +480,30 @@ mod tests {
         // Not a plain truncation of the hash.
         let hash = *blake3::hash(b"shoal").as_bytes();
         assert_ne!(dht_key(&hash)[..], hash[..20]);
+    }
+
+    #[test]
+    fn the_dht_reaches_as_far_as_its_narrowest_bootstrap_node() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // The default bootstrap is the public DHT.
+        assert_eq!(dht_reach(&[]), Scope::Global);
+        assert_eq!(dht_reach(&[a("67.215.246.10:6881")]), Scope::Global);
+        assert_eq!(
+            dht_reach(&[a("67.215.246.10:6881"), a("10.9.0.1:6881")]),
+            Scope::Site
+        );
+        assert_eq!(
+            dht_reach(&[a("127.0.0.1:6881"), a("10.9.0.1:6881")]),
+            Scope::Host
+        );
+        // What a lookup keeps of a value, then.
+        let public = dht_reach(&[]);
+        assert!(plausible_within(a("198.51.100.1:4000"), public));
+        assert!(!plausible_within(a("127.0.0.1:53"), public));
+        assert!(!plausible_within(a("192.168.1.1:80"), public));
+        assert!(plausible_within(a("10.9.0.7:4000"), Scope::Site));
+        assert!(!plausible_within(a("127.0.0.1:4000"), Scope::Site));
+        assert!(plausible_within(a("127.0.0.1:4000"), Scope::Host));
+        assert!(!plausible_within(a("127.0.0.1:0"), Scope::Host));
     }
 }

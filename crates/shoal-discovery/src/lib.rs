@@ -59,7 +59,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use address_book::{
-    AddressBook, BACKOFF_MAX, BACKOFF_MIN, Scope, SelfFilter, backoff, plausible_from, scope,
+    AddressBook, BACKOFF_MAX, BACKOFF_MIN, Scope, SelfFilter, backoff, plausible_from,
+    plausible_within, scope,
 };
 pub use dht::{DHT_KEY_CONTEXT, DhtStats, dht_key};
 pub use shoal_transport::PeerId;
