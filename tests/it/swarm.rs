@@ -781,12 +781,13 @@ fn two_gets_on_one_data_dir_both_finish() {
     assert_eq!(report["files"], 1);
 }
 
-/// Many `shoal get`s on one data dir started close together, with no
-/// `shoal serve`: whichever starts a short-lived node first, the others
-/// go through its control socket, or start their own once it is gone. None
-/// may fail because another was starting or stopping its node at the same
-/// moment (a get that came while the node was stopping failed, and two
-/// that both found no node failed on the store's lock).
+/// Many `shoal get`s on one data dir started close together, with adds
+/// and listings among them, and no `shoal serve`: whichever starts a
+/// short-lived node first, the others go through its control socket, or
+/// start their own once it is gone, or open the store. None may fail
+/// because another was starting or stopping its node at the same moment (a
+/// get that came while the node was stopping failed, and two that both
+/// found no node failed on the store's lock).
 #[test]
 fn gets_started_together_on_one_data_dir_all_finish() {
     const N: usize = 8;
@@ -800,39 +801,75 @@ fn gets_started_together_on_one_data_dir_all_finish() {
         want.push((ticket(&s, &h), h));
     }
     let d = Dir::new();
+    let mut local = Vec::new();
+    for i in 0..N / 2 {
+        let p = d.path().join(format!("local{i}.bin"));
+        write(&p, &data(32 << 10, 900 + i as u64));
+        local.push(p);
+    }
+    let spawn = |args: &[&str]| {
+        let mut c = d.cmd();
+        c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        (
+            format!("{args:?}"),
+            Reaped(c.spawn().expect("spawning shoal")),
+        )
+    };
     let mut children = Vec::new();
     for (i, (t, _)) in want.iter().enumerate() {
         let out = d.path().join(format!("o{i}.bin"));
-        let mut c = d.cmd();
-        c.args(["get", t, "-o", out.to_str().unwrap(), NET[0], NET[1]])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        children.push(Reaped(c.spawn().expect("spawning a get")));
+        children.push(spawn(&[
+            "get",
+            t,
+            "-o",
+            out.to_str().unwrap(),
+            NET[0],
+            NET[1],
+        ]));
+        if i % 2 == 1 {
+            children.push(spawn(&["add", local[i / 2].to_str().unwrap()]));
+            children.push(spawn(&["ls"]));
+        }
         // Small, uneven gaps: some start while another's node starts,
         // some while it stops.
         std::thread::sleep(Duration::from_millis(15 * (i as u64 % 4)));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    for (i, mut c) in children.into_iter().enumerate() {
+    let mut added = Vec::new();
+    for (what, mut c) in children {
+        // Read as they run: a full pipe must not hold one up.
+        let (mut out, mut err) = (String::new(), String::new());
+        use std::io::Read;
+        let mut so = c.0.stdout.take().expect("stdout");
+        let mut se = c.0.stderr.take().expect("stderr");
+        let t = std::thread::spawn(move || {
+            let _ = se.read_to_string(&mut err);
+            err
+        });
+        let _ = so.read_to_string(&mut out);
+        let err = t.join().expect("the stderr reader");
         let status = loop {
             if let Some(st) = c.0.try_wait().expect("wait") {
                 break st;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "get {i} still running after 2 minutes"
+                "{what} still running after 2 minutes"
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut err = String::new();
-        use std::io::Read;
-        let _ = c.0.stderr.take().expect("stderr").read_to_string(&mut err);
-        assert!(status.success(), "get {i} failed: {err}");
-        assert_eq!(
-            b3sum(&d.path().join(format!("o{i}.bin"))),
-            want[i].1,
-            "get {i}"
-        );
+        assert!(status.success(), "{what} failed: {err}");
+        if what.starts_with("[\"add\"") {
+            added.push(out.split_whitespace().next().expect("a hash").to_string());
+        }
+    }
+    for (i, (_, h)) in want.iter().enumerate() {
+        assert_eq!(&b3sum(&d.path().join(format!("o{i}.bin"))), h, "get {i}");
+    }
+    let ls = d.ok(&["ls"]);
+    for (p, h) in local.iter().zip(&added) {
+        assert_eq!(&b3sum(p), h);
+        assert!(ls.contains(h.as_str()), "{h} not listed:\n{ls}");
     }
 }
 

@@ -423,31 +423,63 @@ enum Access {
 
 /// The node running on `dir`, or else its store. Another shoal process may
 /// hold the store without a node to ask (an `add` or a `verify` of its
-/// own, a get's node while it starts or stops): this waits for it, at most
-/// [`DATA_DIR_WAIT`] (said after a second), looking for a node each time.
-/// Commands run at once on one data dir used to fail on the store's lock.
-async fn access(dir: &Path) -> Result<Access> {
-    let since = std::time::Instant::now();
-    let mut told = false;
+/// own, a get's node while it starts): this waits for it (`wait`),
+/// looking for a node each time. Commands run at once on one data dir
+/// used to fail on the store's lock.
+async fn access(dir: &Path, wait: &Waiter<'_>) -> Result<Access> {
     loop {
         if let Some(c) = ControlClient::connect(dir).await {
             return Ok(Access::Node(c));
         }
         match Store::open(&dir.join("store")) {
             Ok(store) => return Ok(Access::Store(store)),
-            Err(shoal_store::StoreError::Locked(_)) if since.elapsed() < DATA_DIR_WAIT => {}
+            Err(shoal_store::StoreError::Locked(_)) if wait.may_wait() => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("opening the store in {}", dir.display()));
+                let e = anyhow::Error::from(e)
+                    .context(format!("opening the store in {}", dir.display()));
+                return Err(wait.gave_up(e));
             }
         }
-        if !told && since.elapsed() > Duration::from_secs(1) {
-            tracing::info!(
-                "waiting for the other shoal process on {} to let go of its store",
-                dir.display()
-            );
-            told = true;
+        wait.pause().await;
+    }
+}
+
+/// What [`ask_or_open`] got.
+enum Answer {
+    /// The running node's answers to the request, all of them.
+    Node(Vec<pb::control_response::Kind>),
+    /// No node runs: the store, opened.
+    Store(Store),
+}
+
+/// Makes `req` of the node running on `dir` and gathers its answers, or
+/// else opens the store ([`access`]). A node that is stopping (it says so,
+/// or its socket closes before its last answer) is asked again once
+/// another runs, or its store is opened once it is gone: `req` must be one
+/// that may be made twice (a listing, an unpin, a gc, a verify).
+async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answer> {
+    let wait = Waiter::new(dir);
+    loop {
+        let mut c = match access(dir, &wait).await? {
+            Access::Node(c) => c,
+            Access::Store(store) => return Ok(Answer::Store(store)),
+        };
+        let mut answers = Vec::new();
+        let asked = async {
+            c.send(req.clone()).await?;
+            while let Some(k) = c.next().await? {
+                answers.push(k);
+            }
+            Ok::<(), shoal_node::NodeError>(())
+        };
+        match asked.await {
+            Ok(()) => return Ok(Answer::Node(answers)),
+            Err(e) if e.is_node_gone() && wait.may_wait() => {
+                tracing::debug!("the node on {} stopped: {e}", dir.display());
+            }
+            Err(e) => return Err(wait.gave_up(e.into())),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        wait.pause().await;
     }
 }
 
@@ -461,69 +493,61 @@ async fn run(cli: Cli) -> Result<()> {
             out.id(&key.public().to_string())?;
         }
         Command::Add { paths, copy } => add(&dir, &out, paths, *copy).await?,
-        Command::Ls => match access(&dir).await? {
-            Access::Node(mut c) => {
-                c.send(pb::control_request::Kind::List(pb::ListRequest {}))
-                    .await?;
-                let mut items = Vec::new();
-                while let Some(k) = c.next().await? {
-                    if let pb::control_response::Kind::Item(i) = k {
-                        items.push(i);
-                    }
+        Command::Ls => {
+            match ask_or_open(&dir, pb::control_request::Kind::List(pb::ListRequest {})).await? {
+                Answer::Node(answers) => {
+                    let items: Vec<pb::StoreItem> = answers
+                        .into_iter()
+                        .filter_map(|k| match k {
+                            pb::control_response::Kind::Item(i) => Some(i),
+                            _ => None,
+                        })
+                        .collect();
+                    out.list(&items)?;
                 }
-                out.list(&items)?;
+                Answer::Store(store) => {
+                    let kept = store.kept_by_collections();
+                    let items: Vec<pb::StoreItem> = store
+                        .list()
+                        .into_iter()
+                        .map(|b| shoal_node::control::store_item(&store, &kept, b))
+                        .collect();
+                    out.list(&items)?;
+                }
             }
-            Access::Store(store) => {
-                let kept = store.kept_by_collections();
-                let items: Vec<pb::StoreItem> = store
-                    .list()
-                    .into_iter()
-                    .map(|b| shoal_node::control::store_item(&store, &kept, b))
-                    .collect();
-                out.list(&items)?;
-            }
-        },
+        }
         Command::Rm { hashes } => {
             let hashes: Vec<Hash> = hashes
                 .iter()
                 .map(|h| parse_hash(h))
                 .collect::<Result<_>>()?;
-            match access(&dir).await? {
-                Access::Node(mut c) => {
-                    c.send(pb::control_request::Kind::Remove(pb::RemoveRequest {
-                        hashes: hashes
-                            .iter()
-                            .map(|h| h.as_bytes().to_vec().into())
-                            .collect(),
-                    }))
-                    .await?;
-                    while c.next().await?.is_some() {}
-                }
-                Access::Store(store) => {
-                    for h in &hashes {
-                        store.unpin(h).with_context(|| format!("unpinning {h}"))?;
-                    }
+            let req = pb::control_request::Kind::Remove(pb::RemoveRequest {
+                hashes: hashes
+                    .iter()
+                    .map(|h| h.as_bytes().to_vec().into())
+                    .collect(),
+            });
+            if let Answer::Store(store) = ask_or_open(&dir, req).await? {
+                for h in &hashes {
+                    store.unpin(h).with_context(|| format!("unpinning {h}"))?;
                 }
             }
         }
         Command::Gc => {
-            let (blobs, bytes) = match access(&dir).await? {
-                Access::Node(mut c) => {
-                    c.send(pb::control_request::Kind::Gc(pb::GcRequest {}))
-                        .await?;
-                    let mut r = (0, 0);
-                    while let Some(k) = c.next().await? {
-                        if let pb::control_response::Kind::Gc(g) = k {
-                            r = (g.blobs, g.bytes);
-                        }
+            let (blobs, bytes) =
+                match ask_or_open(&dir, pb::control_request::Kind::Gc(pb::GcRequest {})).await? {
+                    Answer::Node(answers) => answers
+                        .into_iter()
+                        .find_map(|k| match k {
+                            pb::control_response::Kind::Gc(g) => Some((g.blobs, g.bytes)),
+                            _ => None,
+                        })
+                        .unwrap_or((0, 0)),
+                    Answer::Store(store) => {
+                        let r = store.gc()?;
+                        (r.blobs, r.bytes)
                     }
-                    r
-                }
-                Access::Store(store) => {
-                    let r = store.gc()?;
-                    (r.blobs, r.bytes)
-                }
-            };
+                };
             out.gc(blobs, bytes)?;
         }
         Command::Verify { hashes } => verify(&dir, &out, hashes).await?,
@@ -666,7 +690,14 @@ const OVERLAP_MIN: u64 = 32 << 20;
 
 async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
     if let Some(c) = ControlClient::connect(dir).await {
-        return add_through(c, out, paths, copy).await;
+        match add_through(c, out, paths, copy).await {
+            Ok(()) => return Ok(()),
+            Err(Failed::Other(e)) => return Err(e),
+            // Stopping: added here, or through whichever node runs next.
+            Err(Failed::NodeGone(e)) => {
+                tracing::debug!("the node on {} stopped: {e:#}", dir.display());
+            }
+        }
     }
     // The store opens on another thread while the first file to be added
     // in place is hashed, if that takes long enough to hide redb's open (a
@@ -696,10 +727,24 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     // that cannot open is the error to report, before any about the file.
     let store = match opened {
         Ok(store) => store,
-        Err(shoal_store::StoreError::Locked(_)) => match access(dir).await? {
-            Access::Node(c) => return add_through(c, out, paths, copy).await,
-            Access::Store(store) => store,
-        },
+        Err(shoal_store::StoreError::Locked(_)) => {
+            let wait = Waiter::new(dir);
+            wait.may_wait();
+            loop {
+                match access(dir, &wait).await? {
+                    Access::Node(c) => match add_through(c, out, paths, copy).await {
+                        Err(Failed::NodeGone(e)) if wait.may_wait() => {
+                            tracing::debug!("the node on {} stopped: {e:#}", dir.display());
+                        }
+                        Err(Failed::NodeGone(e)) => return Err(wait.gave_up(e)),
+                        Err(Failed::Other(e)) => return Err(e),
+                        Ok(()) => return Ok(()),
+                    },
+                    Access::Store(store) => break store,
+                }
+                wait.pause().await;
+            }
+        }
         Err(e) => {
             return Err(e).with_context(|| format!("opening the store in {}", dir.display()));
         }
@@ -747,32 +792,65 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     some_not_added(failed, paths.len())
 }
 
-/// `add` through the node running on the data dir.
-async fn add_through(mut c: ControlClient, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()> {
+/// `add` through the node running on the data dir. A node that is
+/// stopping before it answered anything is [`Failed::NodeGone`]: nothing
+/// was added or printed, and the add may be made again.
+async fn add_through(
+    mut c: ControlClient,
+    out: &Out,
+    paths: &[PathBuf],
+    copy: bool,
+) -> Result<(), Failed> {
     let abs: Vec<String> = paths
         .iter()
         .map(|p| absolute(p).map(|p| p.to_string_lossy().into_owned()))
-        .collect::<Result<_>>()?;
+        .collect::<Result<_>>()
+        .map_err(Failed::Other)?;
+    let mut answered = false;
+    let gone = |e: shoal_node::NodeError, answered: bool| {
+        if e.is_node_gone() && !answered {
+            Failed::NodeGone(e.into())
+        } else {
+            Failed::Other(e.into())
+        }
+    };
     c.send(pb::control_request::Kind::Add(pb::AddRequest {
         paths: abs,
         copy,
     }))
-    .await?;
+    .await
+    .map_err(|e| gone(e, false))?;
     let (mut i, mut failed) = (0, 0);
-    while let Some(k) = c.next().await? {
-        if let pb::control_response::Kind::Added(a) = k {
-            let path = &paths[i.min(paths.len() - 1)];
-            i += 1;
-            if !a.error.is_empty() {
-                add_failed(paths, path, &a.error)?;
-                failed += 1;
-                continue;
+    let printed = async {
+        loop {
+            let k = match c.next().await {
+                Ok(Some(k)) => k,
+                Ok(None) => break,
+                Err(e) => return Err(gone(e, answered)),
+            };
+            answered = true;
+            if let pb::control_response::Kind::Added(a) = k {
+                let path = &paths[i.min(paths.len() - 1)];
+                i += 1;
+                if !a.error.is_empty() {
+                    add_failed(paths, path, &a.error).map_err(Failed::Other)?;
+                    failed += 1;
+                    continue;
+                }
+                let hash =
+                    shoal_proto::hash_from_bytes(&a.hash).map_err(|e| Failed::Other(e.into()))?;
+                out.added(
+                    &Hash::from_bytes(hash),
+                    path,
+                    a.kind == pb::BlobKind::Collection as i32,
+                )
+                .map_err(Failed::Other)?;
             }
-            let hash = Hash::from_bytes(shoal_proto::hash_from_bytes(&a.hash)?);
-            out.added(&hash, path, a.kind == pb::BlobKind::Collection as i32)?;
         }
-    }
-    some_not_added(failed, paths.len())
+        Ok(())
+    };
+    printed.await?;
+    some_not_added(failed, paths.len()).map_err(Failed::Other)
 }
 
 /// A path `add` could not add, said as b3sum says it (`shoal: PATH:
@@ -800,16 +878,15 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
         .map(|h| parse_hash(h))
         .collect::<Result<_>>()?;
     let mut results = Vec::new();
-    match access(dir).await? {
-        Access::Node(mut c) => {
-            c.send(pb::control_request::Kind::Verify(pb::VerifyRequest {
-                hashes: hashes
-                    .iter()
-                    .map(|h| h.as_bytes().to_vec().into())
-                    .collect(),
-            }))
-            .await?;
-            while let Some(k) = c.next().await? {
+    let req = pb::control_request::Kind::Verify(pb::VerifyRequest {
+        hashes: hashes
+            .iter()
+            .map(|h| h.as_bytes().to_vec().into())
+            .collect(),
+    });
+    match ask_or_open(dir, req).await? {
+        Answer::Node(answers) => {
+            for k in answers {
                 if let pb::control_response::Kind::Verified(v) = k {
                     results.push((
                         Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?),
@@ -818,7 +895,7 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
                 }
             }
         }
-        Access::Store(store) => {
+        Answer::Store(store) => {
             let list: Vec<Hash> = if hashes.is_empty() {
                 store.list().into_iter().map(|b| b.hash).collect()
             } else {
@@ -891,48 +968,61 @@ async fn get(
     // short-lived one) does the download. With none, this get runs one
     // of its own. Another get may be starting or stopping its node at
     // this very moment: then the socket answers that it is stopping, or
-    // the store is still held. Either way this get waits (at most
-    // `DATA_DIR_WAIT`) and looks again.
-    let waiting_since = std::time::Instant::now();
-    let mut told = false;
-    let node = loop {
-        if let Some(c) = ControlClient::connect(dir).await {
-            let through = Through {
-                dir,
-                out,
-                hash,
-                ticket: ticket.as_ref(),
-                output: output.as_deref(),
-                to_stdout,
-                net,
-                bar: &bar,
-            };
-            match through.get(c).await {
-                Ok(()) => return Ok(()),
-                Err(Failed::NodeGone(e)) if waiting_since.elapsed() < DATA_DIR_WAIT => {
-                    tracing::debug!("the node on {} stopped: {e:#}", dir.display());
+    // the store is still held. Either way this get waits (`Waiter`) and
+    // looks again.
+    let through = Through {
+        dir,
+        out,
+        hash,
+        ticket: ticket.as_ref(),
+        output: output.as_deref(),
+        to_stdout,
+        net,
+        bar: &bar,
+        warned: std::cell::Cell::new(false),
+    };
+    let wait = Waiter::new(dir);
+    let acquire = async {
+        loop {
+            if let Some(c) = ControlClient::connect(dir).await {
+                match through.get(c).await {
+                    Ok(()) => return Ok(None),
+                    Err(Failed::NodeGone(e)) if wait.may_wait() => {
+                        tracing::debug!("the node on {} stopped: {e:#}", dir.display());
+                    }
+                    Err(Failed::NodeGone(e)) => return Err(wait.gave_up(e)),
+                    Err(Failed::Other(e)) => return Err(e),
                 }
-                Err(Failed::NodeGone(e) | Failed::Other(e)) => return Err(e),
-            }
-        } else {
-            let mut config = net.node_config(dir, &[]);
-            config.discovery.announce = false;
-            match Node::spawn(config).await {
-                Ok(node) => break node,
-                Err(e) if e.is_data_dir_busy() && waiting_since.elapsed() < DATA_DIR_WAIT => {
-                    tracing::debug!("{} is busy: {e}", dir.display());
+            } else {
+                let mut config = net.node_config(dir, &[]);
+                config.discovery.announce = false;
+                match Node::spawn(config).await {
+                    Ok(node) => return Ok(Some(node)),
+                    Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
+                        tracing::debug!("{} is busy: {e}", dir.display());
+                    }
+                    Err(e) => {
+                        let e = anyhow::Error::from(e).context("starting a node for the download");
+                        return Err(wait.gave_up(e));
+                    }
                 }
-                Err(e) => return Err(e).context("starting a node for the download"),
             }
+            wait.pause().await;
         }
-        if !told && waiting_since.elapsed() > Duration::from_secs(1) {
-            tracing::info!(
-                "waiting for the other shoal process on {} to stop or to take the download",
-                dir.display()
-            );
-            told = true;
+    };
+    // A signal while it waits ends the get (one during a download through
+    // a node is the download's own to report: first).
+    let node = tokio::select! {
+        biased;
+        r = acquire => match r? {
+            Some(node) => node,
+            None => return Ok(()),
+        },
+        s = wait_for_signal() => {
+            s?;
+            bar.finish();
+            bail!("interrupted while waiting for the other shoal process on {}", dir.display());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     // With no ticket, no peer and no discovery, what the store does not
     // hold could only be waited for until the timeout.
@@ -1003,14 +1093,15 @@ async fn get(
         anyhow::Ok(())
     }
     .await;
-    // Another `get` on this data dir went through this node's control
-    // socket: it would fail if the node stopped now. One that comes from
-    // now on is told that the node is stopping, and runs its own.
-    let others = node.close_control_gets();
+    // Another command on this data dir (a get, an add) went through this
+    // node's control socket: it would fail if the node stopped now. One
+    // that comes from now on is told that the node is stopping, and asks
+    // whichever node runs next, or the store itself.
+    let others = node.close_control();
     if others > 0 {
-        tracing::info!("waiting for {others} other download(s) on this data dir to finish");
+        tracing::info!("waiting for {others} other request(s) on this data dir to be answered");
         tokio::select! {
-            () = node.control_gets_done() => {}
+            () = node.control_requests_done() => {}
             s = wait_for_signal() => s?,
         }
     }
@@ -1028,21 +1119,75 @@ struct Through<'a> {
     to_stdout: bool,
     net: &'a NetArgs,
     bar: &'a output::ProgressBar,
+    /// Whether the node was told of (what `warn_ignored_by` says, once).
+    warned: std::cell::Cell<bool>,
 }
 
-/// Why a get through a running node failed.
+/// Why a request through a running node failed.
 enum Failed {
-    /// The node stopped before the get was done, with nothing written to
-    /// stdout yet: the get may be made again (the node's partial download
-    /// is kept in the store, and resumes).
+    /// The node stopped before the request was done, with nothing written
+    /// to stdout yet: the request may be made again (a get's partial
+    /// download is kept in the store, and resumes).
     NodeGone(anyhow::Error),
     /// Anything else.
     Other(anyhow::Error),
 }
 
-/// How long a get waits for another process on its data dir to stop or to
-/// take the download on (it says so after a second).
+/// How long a command waits for another shoal process on its data dir to
+/// stop or to take its request on (see [`Waiter`]).
 const DATA_DIR_WAIT: Duration = Duration::from_secs(60);
+
+/// A command's wait for another shoal process on its data dir (one that
+/// holds the store without a node to ask, or whose node is stopping): at
+/// most [`DATA_DIR_WAIT`] from the first time the data dir was found
+/// busy, said once after a second.
+struct Waiter<'a> {
+    dir: &'a Path,
+    since: std::cell::Cell<Option<std::time::Instant>>,
+    told: std::cell::Cell<bool>,
+}
+
+impl<'a> Waiter<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Waiter {
+            dir,
+            since: std::cell::Cell::new(None),
+            told: std::cell::Cell::new(false),
+        }
+    }
+
+    /// The data dir was found busy: whether to try again (after
+    /// [`Waiter::pause`]).
+    fn may_wait(&self) -> bool {
+        let since = self.since.get().unwrap_or_else(std::time::Instant::now);
+        self.since.set(Some(since));
+        since.elapsed() < DATA_DIR_WAIT
+    }
+
+    async fn pause(&self) {
+        let waited = self.since.get().map_or(Duration::ZERO, |s| s.elapsed());
+        if !self.told.get() && waited > Duration::from_secs(1) {
+            tracing::info!(
+                "waiting for the other shoal process on {} to stop or to take the request",
+                self.dir.display()
+            );
+            self.told.set(true);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// `e`, saying how long this waited first, if it did.
+    fn gave_up(&self, e: anyhow::Error) -> anyhow::Error {
+        match self.since.get() {
+            Some(since) => e.context(format!(
+                "gave up after waiting {} s for the other shoal process on {}",
+                since.elapsed().as_secs(),
+                self.dir.display()
+            )),
+            None => e,
+        }
+    }
+}
 
 impl Through<'_> {
     async fn get(&self, mut c: ControlClient) -> Result<(), Failed> {
@@ -1069,7 +1214,6 @@ impl Through<'_> {
     }
 
     async fn run(&self, c: &mut ControlClient, delivered: &mut bool) -> Result<()> {
-        self.net.warn_ignored_by(self.dir, &[], true);
         let peers = self
             .ticket
             .map(|t| {
@@ -1123,6 +1267,10 @@ impl Through<'_> {
                     );
                 }
             };
+            // The node took the get on (a stopping one says so first).
+            if !self.warned.replace(true) {
+                self.net.warn_ignored_by(self.dir, &[], true);
+            }
             let Some(k) = k else { break };
             match k {
                 pb::control_response::Kind::Data(d) => {

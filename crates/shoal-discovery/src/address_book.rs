@@ -89,7 +89,8 @@ pub enum Scope {
     /// This machine only: loopback.
     Host,
     /// One site's own network: RFC 1918, shared (carrier-grade NAT)
-    /// 100.64.0.0/10, IPv4 link-local, IPv6 unique local `fc00::/7`.
+    /// 100.64.0.0/10, link-local (IPv4 and IPv6), IPv6 unique local
+    /// `fc00::/7`.
     Site,
     /// Any other unicast address.
     Global,
@@ -108,7 +109,13 @@ pub fn scope(ip: IpAddr) -> Scope {
                 Scope::Global
             }
         }
-        IpAddr::V6(v6) if (v6.segments()[0] & 0xfe00) == 0xfc00 => Scope::Site,
+        // Unique local, and link-local: a peer met on its link-local
+        // address is on this node's own network.
+        IpAddr::V6(v6)
+            if (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80 =>
+        {
+            Scope::Site
+        }
         IpAddr::V6(_) => Scope::Global,
     }
 }
@@ -360,6 +367,7 @@ mod tests {
             "100.127.255.255",
             "fd00::1",
             "fc12::1",
+            "fe80::1",
             "::ffff:192.168.0.1",
         ] {
             assert_eq!(sc(ip), Scope::Site, "{ip}");
@@ -421,6 +429,11 @@ mod tests {
         ] {
             assert!(plausible_from(addr(ok), local), "{ok}");
         }
+        // Met on an IPv6 link-local address: on this network.
+        let link = addr("[fe80::2]:4000");
+        assert!(plausible_from(addr("192.168.1.7:4000"), link));
+        assert!(plausible_from(addr("[fd00::7]:4000"), link));
+        assert!(!plausible_from(addr("[fe80::7]:4000"), link));
         // Met through a dual-stack socket: as the IPv4 address it is.
         assert!(!plausible_from(private, addr("[::ffff:203.0.113.7]:4000")));
         assert!(plausible_from(private, addr("[::ffff:10.0.0.1]:4000")));

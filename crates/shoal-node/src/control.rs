@@ -83,15 +83,15 @@ pub(crate) async fn serve(node: Node, listener: UnixListener) {
     }
 }
 
-/// Counts a control-socket get down when dropped.
-struct GetGuard<'a>(&'a Node);
+/// Counts a control request down when dropped.
+struct Taken<'a>(&'a Node);
 
-impl Drop for GetGuard<'_> {
+impl Drop for Taken<'_> {
     fn drop(&mut self) {
         self.0
             .inner
-            .control_gets
-            .send_modify(|g| g.running = g.running.saturating_sub(1));
+            .control_requests
+            .send_modify(|r| r.running = r.running.saturating_sub(1));
     }
 }
 
@@ -103,6 +103,15 @@ fn error(msg: impl std::fmt::Display) -> pb::ControlResponse {
     resp(pb::control_response::Kind::Error(pb::Error {
         code: pb::ErrorCode::Internal as i32,
         message: msg.to_string(),
+    }))
+}
+
+/// The node is stopping: it did not take the request on, or could not
+/// finish it (code BUSY, see `control.proto`).
+fn busy() -> pb::ControlResponse {
+    resp(pb::control_response::Kind::Error(pb::Error {
+        code: pb::ErrorCode::Busy as i32,
+        message: NodeError::ShuttingDown.to_string(),
     }))
 }
 
@@ -166,6 +175,22 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
     let Some(kind) = req.kind else {
         return write_frame(&mut stream, &error("unknown control request")).await;
     };
+    // Taken on and counted in one step, unless the node is stopping
+    // (`Node::close_control`): then the client is told so, and makes the
+    // request again of whichever node runs next, or of the store itself.
+    let taken = node.inner.control_requests.send_if_modified(|r| {
+        if !r.closed {
+            r.running += 1;
+        }
+        !r.closed
+    });
+    if !taken {
+        return write_frame(&mut stream, &busy()).await;
+    }
+    // Counted down once the answer's last frame is written, however it
+    // ends (before that, a node stopping could cut the error frame off,
+    // and the client would take it for a node gone and ask again).
+    let _taken = Taken(&node);
     let result: Result<(), NodeError> = async {
         match kind {
             Req::Add(a) => {
@@ -291,39 +316,16 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     write_frame(&mut stream, &resp(Resp::Peer(ps))).await?;
                 }
             }
-            Req::Get(g) => {
-                // Taken on and counted in one step, unless the node is
-                // stopping (`Node::close_control_gets`): then the client
-                // is told so, and runs the get itself.
-                let taken = node.inner.control_gets.send_if_modified(|c| {
-                    if !c.closed {
-                        c.running += 1;
-                    }
-                    !c.closed
-                });
-                if !taken {
-                    return Err(NodeError::ShuttingDown);
-                }
-                // Counted down however the get ends (an error, the
-                // client going away).
-                let _done = GetGuard(&node);
-                get(&node, &mut stream, g).await?
-            }
+            Req::Get(g) => get(&node, &mut stream, g).await?,
         }
         Ok(())
     }
     .await;
     match result {
         Ok(()) => write_frame(&mut stream, &done()).await,
-        // Said apart from other errors: the client may run the request
-        // on a node of its own once this one is gone.
-        Err(NodeError::ShuttingDown) => {
-            let mut e = error(NodeError::ShuttingDown);
-            if let Some(Resp::Error(e)) = &mut e.kind {
-                e.code = pb::ErrorCode::Busy as i32;
-            }
-            write_frame(&mut stream, &e).await
-        }
+        // Said apart from other errors: the client may make the request
+        // again once this node is gone (a download resumes).
+        Err(NodeError::ShuttingDown) => write_frame(&mut stream, &busy()).await,
         Err(e) => write_frame(&mut stream, &error(e)).await,
     }
 }
@@ -490,7 +492,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_that_takes_no_more_gets_says_it_is_stopping() {
+    async fn a_node_that_takes_no_more_requests_says_it_is_stopping() {
         let dir = tempfile::tempdir().unwrap();
         let node = Node::spawn(crate::NodeConfig {
             data_dir: Some(dir.path().to_path_buf()),
@@ -503,23 +505,21 @@ mod tests {
         // Taken on while open, and counted down when done.
         let report = get_of(dir.path(), &hash).await.unwrap().expect("a report");
         assert_eq!(report.bytes, 5000);
-        assert_eq!(node.control_gets(), 0);
-        assert_eq!(node.close_control_gets(), 0);
-        // Closed: the socket still answers, but a get is refused as one
-        // the client may make again elsewhere, and nothing is counted.
+        assert_eq!(node.control_requests(), 0);
+        assert_eq!(node.close_control(), 0);
+        // Closed: the socket still answers, but a get is refused as a
+        // request the client may make again elsewhere, and nothing is
+        // counted.
         let err = get_of(dir.path(), &hash).await.unwrap_err();
         assert!(matches!(err, NodeError::ShuttingDown), "{err}");
         assert!(err.is_node_gone());
-        assert_eq!(node.control_gets(), 0);
-        // Other requests are still answered.
+        assert_eq!(node.control_requests(), 0);
+        // So is any other request.
         let mut c = ControlClient::connect(dir.path()).await.unwrap();
         c.send(pb::control_request::Kind::List(pb::ListRequest {}))
             .await
             .unwrap();
-        assert!(matches!(
-            c.next().await,
-            Ok(Some(pb::control_response::Kind::Item(_)))
-        ));
+        assert!(matches!(c.next().await, Err(NodeError::ShuttingDown)));
         node.shutdown().await;
     }
 }

@@ -127,12 +127,12 @@ const FETCHING_BACKLOG: usize = 256;
 /// misses it can still hear of through peer exchange.
 const ARRIVALS_BACKLOG: usize = 64;
 
-/// The downloads asked for through the control socket.
+/// The requests made through the control socket.
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ControlGets {
-    /// Running now.
+pub(crate) struct ControlRequests {
+    /// Being answered now.
     pub(crate) running: usize,
-    /// No more are taken ([`Node::close_control_gets`]).
+    /// No more are taken ([`Node::close_control`]).
     pub(crate) closed: bool,
 }
 
@@ -151,9 +151,9 @@ pub(crate) struct Inner {
     /// where they would otherwise hear of them only if another peer told
     /// them (peer exchange).
     pub(crate) arrivals: tokio::sync::broadcast::Sender<(PeerId, SocketAddr)>,
-    /// Downloads asked for through the control socket and not finished
-    /// (see [`Node::control_gets_done`]).
-    pub(crate) control_gets: watch::Sender<ControlGets>,
+    /// Requests made through the control socket and not answered yet
+    /// (see [`Node::control_requests_done`]).
+    pub(crate) control_requests: watch::Sender<ControlRequests>,
     /// Blobs whose file in place changed since it was added and that are
     /// being hashed again (see `server::recheck`), so each is re-hashed
     /// once per change, however many peers ask.
@@ -238,7 +238,7 @@ impl Node {
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
             answers: tokio::sync::Semaphore::new(server::MAX_ANSWERS),
-            control_gets: watch::channel(ControlGets::default()).0,
+            control_requests: watch::channel(ControlRequests::default()).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
@@ -466,7 +466,7 @@ impl Node {
 
     /// Stops serving and downloading; partial state stays in the store.
     pub async fn shutdown(&self) {
-        self.close_control_gets();
+        self.close_control();
         self.inner.cancel.cancel();
         if let Some(d) = &self.inner.discovery {
             d.shutdown().await;
@@ -480,35 +480,36 @@ impl Node {
         }
     }
 
-    /// The downloads other commands asked this node for through its
-    /// control socket and that have not finished yet.
-    pub fn control_gets(&self) -> usize {
-        self.inner.control_gets.borrow().running
+    /// The requests other commands made of this node through its control
+    /// socket (a download, an add, a listing...) that are not answered
+    /// yet.
+    pub fn control_requests(&self) -> usize {
+        self.inner.control_requests.borrow().running
     }
 
-    /// Takes no more downloads through the control socket (one asked for
-    /// from now on is answered [`NodeError::ShuttingDown`], and the CLI
-    /// that asked runs it on a node of its own once this one is gone);
-    /// returns how many are still running. A short-lived node (`shoal
-    /// get`) calls this, then waits for [`Node::control_gets_done`],
-    /// then stops: checking the count and stopping left a moment in which
-    /// a get that came was cut short.
-    pub fn close_control_gets(&self) -> usize {
+    /// Takes no more requests through the control socket (one made from
+    /// now on is answered [`NodeError::ShuttingDown`], and the CLI that
+    /// made it makes it again of whichever node runs next, or opens the
+    /// store itself); returns how many are still being answered. A
+    /// short-lived node (`shoal get`) calls this, then waits for
+    /// [`Node::control_requests_done`], then stops: checking the count and
+    /// stopping left a moment in which a request that came was cut short.
+    pub fn close_control(&self) -> usize {
         let mut running = 0;
-        self.inner.control_gets.send_modify(|g| {
-            g.closed = true;
-            running = g.running;
+        self.inner.control_requests.send_modify(|r| {
+            r.closed = true;
+            running = r.running;
         });
         running
     }
 
-    /// Resolves once no download asked for through the control socket is
-    /// running: a short-lived node (`shoal get`) waits for this before it
-    /// stops, so that a second `get` on the same data dir, which went
-    /// through its socket, is not cut short.
-    pub async fn control_gets_done(&self) {
-        let mut rx = self.inner.control_gets.subscribe();
-        let _ = rx.wait_for(|g| g.running == 0).await;
+    /// Resolves once every request taken through the control socket is
+    /// answered: a short-lived node (`shoal get`) waits for this before it
+    /// stops, so that another command on the same data dir, which went
+    /// through its socket (a second get, an add), is not cut short.
+    pub async fn control_requests_done(&self) {
+        let mut rx = self.inner.control_requests.subscribe();
+        let _ = rx.wait_for(|r| r.running == 0).await;
     }
 
     /// Resolves when the node is shutting down.
