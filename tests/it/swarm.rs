@@ -834,20 +834,27 @@ fn gets_started_together_on_one_data_dir_all_finish() {
         // some while it stops.
         std::thread::sleep(Duration::from_millis(15 * (i as u64 % 4)));
     }
+    // Their pipes are read as they run (a full pipe must not hold one
+    // up), and each is waited for against one deadline.
+    let readers: Vec<_> = children
+        .iter_mut()
+        .map(|(_, c)| {
+            use std::io::Read;
+            let (mut so, mut se) = (
+                c.0.stdout.take().expect("stdout"),
+                c.0.stderr.take().expect("stderr"),
+            );
+            std::thread::spawn(move || {
+                let (mut out, mut err) = (String::new(), String::new());
+                let _ = so.read_to_string(&mut out);
+                let _ = se.read_to_string(&mut err);
+                (out, err)
+            })
+        })
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut added = Vec::new();
-    for (what, mut c) in children {
-        // Read as they run: a full pipe must not hold one up.
-        let (mut out, mut err) = (String::new(), String::new());
-        use std::io::Read;
-        let mut so = c.0.stdout.take().expect("stdout");
-        let mut se = c.0.stderr.take().expect("stderr");
-        let t = std::thread::spawn(move || {
-            let _ = se.read_to_string(&mut err);
-            err
-        });
-        let _ = so.read_to_string(&mut out);
-        let err = t.join().expect("the stderr reader");
+    for ((what, mut c), reader) in children.into_iter().zip(readers) {
         let status = loop {
             if let Some(st) = c.0.try_wait().expect("wait") {
                 break st;
@@ -858,6 +865,7 @@ fn gets_started_together_on_one_data_dir_all_finish() {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
+        let (out, err) = reader.join().expect("a pipe reader");
         assert!(status.success(), "{what} failed: {err}");
         if what.starts_with("[\"add\"") {
             added.push(out.split_whitespace().next().expect("a hash").to_string());

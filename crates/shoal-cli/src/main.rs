@@ -423,9 +423,9 @@ enum Access {
 
 /// The node running on `dir`, or else its store. Another shoal process may
 /// hold the store without a node to ask (an `add` or a `verify` of its
-/// own, a get's node while it starts): this waits for it (`wait`),
-/// looking for a node each time. Commands run at once on one data dir
-/// used to fail on the store's lock.
+/// own, a get's node while it starts, or while it stops after closing its
+/// socket): this waits for it (`wait`), looking for a node each time.
+/// Commands run at once on one data dir used to fail on the store's lock.
 async fn access(dir: &Path, wait: &Waiter<'_>) -> Result<Access> {
     loop {
         if let Some(c) = ControlClient::connect(dir).await {
@@ -433,14 +433,17 @@ async fn access(dir: &Path, wait: &Waiter<'_>) -> Result<Access> {
         }
         match Store::open(&dir.join("store")) {
             Ok(store) => return Ok(Access::Store(store)),
-            Err(shoal_store::StoreError::Locked(_)) if wait.may_wait() => {}
             Err(e) => {
+                let locked = matches!(e, shoal_store::StoreError::Locked(_));
+                if locked && wait.may_wait() {
+                    wait.pause().await;
+                    continue;
+                }
                 let e = anyhow::Error::from(e)
                     .context(format!("opening the store in {}", dir.display()));
-                return Err(wait.gave_up(e));
+                return Err(if locked { wait.gave_up(e) } else { e });
             }
         }
-        wait.pause().await;
     }
 }
 
@@ -477,7 +480,8 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
             Err(e) if e.is_node_gone() && wait.may_wait() => {
                 tracing::debug!("the node on {} stopped: {e}", dir.display());
             }
-            Err(e) => return Err(wait.gave_up(e.into())),
+            Err(e) if e.is_node_gone() => return Err(wait.gave_up(e.into())),
+            Err(e) => return Err(e.into()),
         }
         wait.pause().await;
     }
@@ -729,7 +733,6 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
         Ok(store) => store,
         Err(shoal_store::StoreError::Locked(_)) => {
             let wait = Waiter::new(dir);
-            wait.may_wait();
             loop {
                 match access(dir, &wait).await? {
                     Access::Node(c) => match add_through(c, out, paths, copy).await {
@@ -792,9 +795,9 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     some_not_added(failed, paths.len())
 }
 
-/// `add` through the node running on the data dir. A node that is
-/// stopping before it answered anything is [`Failed::NodeGone`]: nothing
-/// was added or printed, and the add may be made again.
+/// `add` through the node running on the data dir. A node that stopped
+/// before it answered anything is [`Failed::NodeGone`]: nothing was
+/// printed, and the add may be made again (adding again is harmless).
 async fn add_through(
     mut c: ControlClient,
     out: &Out,
@@ -970,6 +973,7 @@ async fn get(
     // this very moment: then the socket answers that it is stopping, or
     // the store is still held. Either way this get waits (`Waiter`) and
     // looks again.
+    let interrupt = Interrupt::install()?;
     let through = Through {
         dir,
         out,
@@ -979,6 +983,7 @@ async fn get(
         to_stdout,
         net,
         bar: &bar,
+        interrupt: &interrupt,
         warned: std::cell::Cell::new(false),
     };
     let wait = Waiter::new(dir);
@@ -1002,8 +1007,9 @@ async fn get(
                         tracing::debug!("{} is busy: {e}", dir.display());
                     }
                     Err(e) => {
+                        let busy = e.is_data_dir_busy();
                         let e = anyhow::Error::from(e).context("starting a node for the download");
-                        return Err(wait.gave_up(e));
+                        return Err(if busy { wait.gave_up(e) } else { e });
                     }
                 }
             }
@@ -1018,8 +1024,7 @@ async fn get(
             Some(node) => node,
             None => return Ok(()),
         },
-        s = wait_for_signal() => {
-            s?;
+        () = interrupt.fired() => {
             bar.finish();
             bail!("interrupted while waiting for the other shoal process on {}", dir.display());
         }
@@ -1032,7 +1037,7 @@ async fn get(
         && net.no_dht
         && !node.store().info(&hash).is_some_and(|i| i.complete)
     {
-        node.shutdown().await;
+        stop_short_lived(&node, &interrupt).await;
         bail!(
             "nowhere to look for {hash}: give a ticket or --peer ADDR, or drop --no-mdns / \
              --no-dht to let discovery find peers"
@@ -1072,8 +1077,7 @@ async fn get(
         tokio::select! {
             r = &mut task => break r,
             Ok(()) = prx.changed() => bar.update(&prx.borrow_and_update().clone()),
-            s = wait_for_signal() => {
-                s?;
+            () = interrupt.fired() => {
                 task.abort();
                 node.shutdown().await;
                 bail!("interrupted; the partial download is kept and resumes on the next get");
@@ -1093,20 +1097,26 @@ async fn get(
         anyhow::Ok(())
     }
     .await;
-    // Another command on this data dir (a get, an add) went through this
-    // node's control socket: it would fail if the node stopped now. One
-    // that comes from now on is told that the node is stopping, and asks
-    // whichever node runs next, or the store itself.
+    stop_short_lived(&node, &interrupt).await;
+    finish
+}
+
+/// Stops a get's short-lived node. Another command on this data dir (a
+/// get, an add) may have gone through its control socket: it would fail
+/// if the node stopped now. So the socket takes no more (one that comes is
+/// told that the node is stopping, and asks whichever node runs next, or
+/// the store itself), and those it took are answered first, unless a
+/// signal says to stop now.
+async fn stop_short_lived(node: &Node, interrupt: &Interrupt) {
     let others = node.close_control();
     if others > 0 {
         tracing::info!("waiting for {others} other request(s) on this data dir to be answered");
         tokio::select! {
             () = node.control_requests_done() => {}
-            s = wait_for_signal() => s?,
+            () = interrupt.fired() => {}
         }
     }
     node.shutdown().await;
-    finish
 }
 
 /// What a get through a running node's control socket needs.
@@ -1119,6 +1129,7 @@ struct Through<'a> {
     to_stdout: bool,
     net: &'a NetArgs,
     bar: &'a output::ProgressBar,
+    interrupt: &'a Interrupt,
     /// Whether the node was told of (what `warn_ignored_by` says, once).
     warned: std::cell::Cell<bool>,
 }
@@ -1139,11 +1150,11 @@ const DATA_DIR_WAIT: Duration = Duration::from_secs(60);
 
 /// A command's wait for another shoal process on its data dir (one that
 /// holds the store without a node to ask, or whose node is stopping): at
-/// most [`DATA_DIR_WAIT`] from the first time the data dir was found
-/// busy, said once after a second.
+/// most [`DATA_DIR_WAIT`] of pauses in all (time spent on a request a node
+/// took does not count), said once after a second.
 struct Waiter<'a> {
     dir: &'a Path,
-    since: std::cell::Cell<Option<std::time::Instant>>,
+    waited: std::cell::Cell<Duration>,
     told: std::cell::Cell<bool>,
 }
 
@@ -1151,7 +1162,7 @@ impl<'a> Waiter<'a> {
     fn new(dir: &'a Path) -> Self {
         Waiter {
             dir,
-            since: std::cell::Cell::new(None),
+            waited: std::cell::Cell::new(Duration::ZERO),
             told: std::cell::Cell::new(false),
         }
     }
@@ -1159,33 +1170,29 @@ impl<'a> Waiter<'a> {
     /// The data dir was found busy: whether to try again (after
     /// [`Waiter::pause`]).
     fn may_wait(&self) -> bool {
-        let since = self.since.get().unwrap_or_else(std::time::Instant::now);
-        self.since.set(Some(since));
-        since.elapsed() < DATA_DIR_WAIT
+        self.waited.get() < DATA_DIR_WAIT
     }
 
     async fn pause(&self) {
-        let waited = self.since.get().map_or(Duration::ZERO, |s| s.elapsed());
-        if !self.told.get() && waited > Duration::from_secs(1) {
+        if !self.told.get() && self.waited.get() > Duration::from_secs(1) {
             tracing::info!(
                 "waiting for the other shoal process on {} to stop or to take the request",
                 self.dir.display()
             );
             self.told.set(true);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pause = Duration::from_millis(50);
+        tokio::time::sleep(pause).await;
+        self.waited.set(self.waited.get() + pause);
     }
 
-    /// `e`, saying how long this waited first, if it did.
+    /// `e`, the error of the last try once the wait is over, saying so.
     fn gave_up(&self, e: anyhow::Error) -> anyhow::Error {
-        match self.since.get() {
-            Some(since) => e.context(format!(
-                "gave up after waiting {} s for the other shoal process on {}",
-                since.elapsed().as_secs(),
-                self.dir.display()
-            )),
-            None => e,
-        }
+        e.context(format!(
+            "gave up after waiting {} s for the other shoal process on {}",
+            self.waited.get().as_secs(),
+            self.dir.display()
+        ))
     }
 }
 
@@ -1244,8 +1251,6 @@ impl Through<'_> {
         c.send(pb::control_request::Kind::Get(req)).await?;
         let mut stdout = std::io::stdout().lock();
         let mut report = None;
-        let signal = wait_for_signal();
-        tokio::pin!(signal);
         loop {
             let k = tokio::select! {
                 k = c.next() => match k {
@@ -1255,8 +1260,7 @@ impl Through<'_> {
                     Err(e) if report.is_some() && e.is_node_gone() => None,
                     Err(e) => return Err(e.into()),
                 },
-                s = &mut signal => {
-                    s?;
+                () = self.interrupt.fired() => {
                     self.bar.finish();
                     // The download is the node's: it goes on (as a
                     // daemon's does when its remote client quits).
@@ -1321,6 +1325,37 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {},
     }
     Ok(())
+}
+
+/// SIGINT or SIGTERM, heard once for the whole command. A handler made
+/// anew at each wait (as [`wait_for_signal`] is) misses a signal that comes
+/// between two waits, and the process no longer dies of it either.
+struct Interrupt(tokio::sync::watch::Receiver<bool>);
+
+impl Interrupt {
+    fn install() -> Result<Interrupt> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let _ = tx.send(true);
+        });
+        Ok(Interrupt(rx))
+    }
+
+    /// Resolves once a signal came (at once if one came before).
+    async fn fired(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|fired| *fired).await.is_err() {
+            // The listener is gone without a signal (the runtime stops).
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -175,22 +175,33 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
     let Some(kind) = req.kind else {
         return write_frame(&mut stream, &error("unknown control request")).await;
     };
-    // Taken on and counted in one step, unless the node is stopping
-    // (`Node::close_control`): then the client is told so, and makes the
-    // request again of whichever node runs next, or of the store itself.
-    let taken = node.inner.control_requests.send_if_modified(|r| {
-        if !r.closed {
-            r.running += 1;
+    // A request on the store or a download is taken on and counted in
+    // one step, unless the node is stopping (`Node::close_control`): then
+    // the client is told so, and makes it again of whichever node runs
+    // next, or of the store itself. A status, a peer list or a ticket is
+    // only about this node: answered while it runs, and not waited for.
+    let retried_elsewhere = matches!(
+        kind,
+        Req::Add(_) | Req::List(_) | Req::Remove(_) | Req::Get(_) | Req::Gc(_) | Req::Verify(_)
+    );
+    let _taken = if retried_elsewhere {
+        let taken = node.inner.control_requests.send_if_modified(|r| {
+            if !r.closed {
+                r.running += 1;
+            }
+            !r.closed
+        });
+        if !taken {
+            return write_frame(&mut stream, &busy()).await;
         }
-        !r.closed
-    });
-    if !taken {
-        return write_frame(&mut stream, &busy()).await;
-    }
-    // Counted down once the answer's last frame is written, however it
-    // ends (before that, a node stopping could cut the error frame off,
-    // and the client would take it for a node gone and ask again).
-    let _taken = Taken(&node);
+        // Counted down once the answer's last frame is written, however
+        // it ends (before that, a node stopping could cut the error frame
+        // off, and the client would take it for a node gone and ask
+        // again).
+        Some(Taken(&node))
+    } else {
+        None
+    };
     let result: Result<(), NodeError> = async {
         match kind {
             Req::Add(a) => {
@@ -514,12 +525,21 @@ mod tests {
         assert!(matches!(err, NodeError::ShuttingDown), "{err}");
         assert!(err.is_node_gone());
         assert_eq!(node.control_requests(), 0);
-        // So is any other request.
+        // So is any other request on the store.
         let mut c = ControlClient::connect(dir.path()).await.unwrap();
         c.send(pb::control_request::Kind::List(pb::ListRequest {}))
             .await
             .unwrap();
         assert!(matches!(c.next().await, Err(NodeError::ShuttingDown)));
+        // What is only about the node is still answered.
+        let mut c = ControlClient::connect(dir.path()).await.unwrap();
+        c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
+            .await
+            .unwrap();
+        assert!(matches!(
+            c.next().await,
+            Ok(Some(pb::control_response::Kind::Status(_)))
+        ));
         node.shutdown().await;
     }
 }

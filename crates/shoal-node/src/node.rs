@@ -480,20 +480,22 @@ impl Node {
         }
     }
 
-    /// The requests other commands made of this node through its control
-    /// socket (a download, an add, a listing...) that are not answered
-    /// yet.
+    /// The requests on the store or for a download (an add, a listing, a
+    /// get...) that other commands made of this node through its control
+    /// socket and that are not answered yet.
     pub fn control_requests(&self) -> usize {
         self.inner.control_requests.borrow().running
     }
 
-    /// Takes no more requests through the control socket (one made from
-    /// now on is answered [`NodeError::ShuttingDown`], and the CLI that
-    /// made it makes it again of whichever node runs next, or opens the
-    /// store itself); returns how many are still being answered. A
-    /// short-lived node (`shoal get`) calls this, then waits for
-    /// [`Node::control_requests_done`], then stops: checking the count and
-    /// stopping left a moment in which a request that came was cut short.
+    /// Takes no more requests on the store or for a download through the
+    /// control socket (one made from now on is answered
+    /// [`NodeError::ShuttingDown`], and the CLI that made it makes it
+    /// again of whichever node runs next, or of the store itself; a
+    /// status, a peer list or a ticket is still answered); returns how
+    /// many are still being answered. A short-lived node (`shoal get`)
+    /// calls this, then waits for [`Node::control_requests_done`], then
+    /// stops: checking the count and stopping left a moment in which a
+    /// request that came was cut short.
     pub fn close_control(&self) -> usize {
         let mut running = 0;
         self.inner.control_requests.send_modify(|r| {
