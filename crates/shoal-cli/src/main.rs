@@ -436,7 +436,7 @@ async fn access(dir: &Path, wait: &Waiter<'_>) -> Result<Access> {
             Err(e) => {
                 let locked = matches!(e, shoal_store::StoreError::Locked(_));
                 if locked && wait.may_wait() {
-                    wait.pause().await;
+                    wait.pause().await?;
                     continue;
                 }
                 let e = anyhow::Error::from(e)
@@ -483,7 +483,7 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
             Err(e) if e.is_node_gone() => return Err(wait.gave_up(e.into())),
             Err(e) => return Err(e.into()),
         }
-        wait.pause().await;
+        wait.pause().await?;
     }
 }
 
@@ -745,7 +745,7 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
                     },
                     Access::Store(store) => break store,
                 }
-                wait.pause().await;
+                wait.pause().await?;
             }
         }
         Err(e) => {
@@ -986,14 +986,21 @@ async fn get(
         interrupt: &interrupt,
         warned: std::cell::Cell::new(false),
     };
-    let wait = Waiter::new(dir);
+    // A signal while it waits ends the get (`Waiter::pause`); one during a
+    // download through a node is the download's own to report
+    // (`Through::run`), and one while its own node starts is heard by the
+    // download that follows.
+    let wait = Waiter::interruptible(dir, &interrupt);
     let acquire = async {
         loop {
             if let Some(c) = ControlClient::connect(dir).await {
                 match through.get(c).await {
                     Ok(()) => return Ok(None),
                     Err(Failed::NodeGone(e)) if wait.may_wait() => {
-                        tracing::debug!("the node on {} stopped: {e:#}", dir.display());
+                        tracing::info!(
+                            "the node on {} is stopping ({e:#}); trying again",
+                            dir.display()
+                        );
                     }
                     Err(Failed::NodeGone(e)) => return Err(wait.gave_up(e)),
                     Err(Failed::Other(e)) => return Err(e),
@@ -1013,21 +1020,11 @@ async fn get(
                     }
                 }
             }
-            wait.pause().await;
+            wait.pause().await?;
         }
     };
-    // A signal while it waits ends the get (one during a download through
-    // a node is the download's own to report: first).
-    let node = tokio::select! {
-        biased;
-        r = acquire => match r? {
-            Some(node) => node,
-            None => return Ok(()),
-        },
-        () = interrupt.fired() => {
-            bar.finish();
-            bail!("interrupted while waiting for the other shoal process on {}", dir.display());
-        }
+    let Some(node) = acquire.await? else {
+        return Ok(());
     };
     // With no ticket, no peer and no discovery, what the store does not
     // hold could only be waited for until the timeout.
@@ -1156,6 +1153,9 @@ struct Waiter<'a> {
     dir: &'a Path,
     waited: std::cell::Cell<Duration>,
     told: std::cell::Cell<bool>,
+    /// The command's signal handler, if it has one (without, a signal
+    /// ends the process as usual).
+    interrupt: Option<&'a Interrupt>,
 }
 
 impl<'a> Waiter<'a> {
@@ -1164,6 +1164,15 @@ impl<'a> Waiter<'a> {
             dir,
             waited: std::cell::Cell::new(Duration::ZERO),
             told: std::cell::Cell::new(false),
+            interrupt: None,
+        }
+    }
+
+    /// A wait that a signal heard by `interrupt` ends.
+    fn interruptible(dir: &'a Path, interrupt: &'a Interrupt) -> Self {
+        Waiter {
+            interrupt: Some(interrupt),
+            ..Waiter::new(dir)
         }
     }
 
@@ -1173,7 +1182,8 @@ impl<'a> Waiter<'a> {
         self.waited.get() < DATA_DIR_WAIT
     }
 
-    async fn pause(&self) {
+    /// Waits a little before the next try; an error if a signal came.
+    async fn pause(&self) -> Result<()> {
         if !self.told.get() && self.waited.get() > Duration::from_secs(1) {
             tracing::info!(
                 "waiting for the other shoal process on {} to stop or to take the request",
@@ -1182,8 +1192,21 @@ impl<'a> Waiter<'a> {
             self.told.set(true);
         }
         let pause = Duration::from_millis(50);
-        tokio::time::sleep(pause).await;
+        let interrupted = async {
+            match self.interrupt {
+                Some(i) => i.fired().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = interrupted => bail!(
+                "interrupted while waiting for the other shoal process on {}",
+                self.dir.display()
+            ),
+        }
         self.waited.set(self.waited.get() + pause);
+        Ok(())
     }
 
     /// `e`, the error of the last try once the wait is over, saying so.
