@@ -991,40 +991,35 @@ async fn get(
     // (`Through::run`), and one while its own node starts is heard by the
     // download that follows.
     let wait = Waiter::interruptible(dir, &interrupt);
-    let acquire = async {
-        loop {
-            if let Some(c) = ControlClient::connect(dir).await {
-                match through.get(c).await {
-                    Ok(()) => return Ok(None),
-                    Err(Failed::NodeGone(e)) if wait.may_wait() => {
-                        tracing::info!(
-                            "the node on {} is stopping ({e:#}); trying again",
-                            dir.display()
-                        );
-                    }
-                    Err(Failed::NodeGone(e)) => return Err(wait.gave_up(e)),
-                    Err(Failed::Other(e)) => return Err(e),
+    let node = loop {
+        if let Some(c) = ControlClient::connect(dir).await {
+            match through.get(c).await {
+                Ok(()) => return Ok(()),
+                Err(Failed::NodeGone(e)) if wait.may_wait() => {
+                    tracing::info!(
+                        "the node on {} is stopping ({e:#}); trying again",
+                        dir.display()
+                    );
                 }
-            } else {
-                let mut config = net.node_config(dir, &[]);
-                config.discovery.announce = false;
-                match Node::spawn(config).await {
-                    Ok(node) => return Ok(Some(node)),
-                    Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
-                        tracing::debug!("{} is busy: {e}", dir.display());
-                    }
-                    Err(e) => {
-                        let busy = e.is_data_dir_busy();
-                        let e = anyhow::Error::from(e).context("starting a node for the download");
-                        return Err(if busy { wait.gave_up(e) } else { e });
-                    }
+                Err(Failed::NodeGone(e)) => return Err(wait.gave_up(e)),
+                Err(Failed::Other(e)) => return Err(e),
+            }
+        } else {
+            let mut config = net.node_config(dir, &[]);
+            config.discovery.announce = false;
+            match Node::spawn(config).await {
+                Ok(node) => break node,
+                Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
+                    tracing::debug!("{} is busy: {e}", dir.display());
+                }
+                Err(e) => {
+                    let busy = e.is_data_dir_busy();
+                    let e = anyhow::Error::from(e).context("starting a node for the download");
+                    return Err(if busy { wait.gave_up(e) } else { e });
                 }
             }
-            wait.pause().await?;
         }
-    };
-    let Some(node) = acquire.await? else {
-        return Ok(());
+        wait.pause().await?;
     };
     // With no ticket, no peer and no discovery, what the store does not
     // hold could only be waited for until the timeout.
