@@ -77,9 +77,10 @@ impl SelfFilter {
     }
 }
 
-/// `::ffff:a.b.c.d` and `a.b.c.d` are the same address; scope ids are not
-/// part of an address's identity here.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+/// An address in the one spelling shoal compares and passes on:
+/// `::ffff:a.b.c.d` and `a.b.c.d` are the same address (the IPv4 form is
+/// kept); scope ids are not part of an address's identity here.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 

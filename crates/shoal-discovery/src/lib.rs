@@ -59,7 +59,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use address_book::{
-    AddressBook, BACKOFF_MAX, BACKOFF_MIN, Scope, SelfFilter, backoff, plausible_from,
+    AddressBook, BACKOFF_MAX, BACKOFF_MIN, Scope, SelfFilter, backoff, canonical, plausible_from,
     plausible_within, scope,
 };
 pub use dht::{DHT_KEY_CONTEXT, DhtStats, dht_key};
@@ -462,7 +462,7 @@ impl Lookup {
         if self.self_filter.is_self(&candidate) {
             return true;
         }
-        let key = SocketAddr::new(candidate.addr.ip().to_canonical(), candidate.addr.port());
+        let key = canonical(candidate.addr);
         let has_id = candidate.id.is_some();
         match self.sent.get(&key) {
             Some(true) => return true,

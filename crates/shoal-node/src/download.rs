@@ -1201,7 +1201,7 @@ fn pex_candidates(via: SocketAddr, peers: &[pb::PeerInfo]) -> Vec<Candidate> {
                 && shoal_discovery::plausible_from(addr, via)
             {
                 out.push(Candidate {
-                    addr: SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+                    addr: shoal_discovery::canonical(addr),
                     id: Some(id),
                     source: Source::Pex,
                 });

@@ -730,13 +730,13 @@ pub(crate) fn local_ips() -> Vec<std::net::IpAddr> {
 /// narrower in reach than where it was seen, and no unspecified,
 /// multicast or broadcast address or port 0).
 fn peer_addrs(seen: SocketAddr, announced: &[String]) -> Vec<SocketAddr> {
-    let seen = SocketAddr::new(seen.ip().to_canonical(), seen.port());
+    let seen = shoal_discovery::canonical(seen);
     let mut out = vec![seen];
     for a in announced.iter().take(limits::MAX_ADDRS) {
         if let Ok(a) = a.parse::<SocketAddr>()
             && shoal_discovery::plausible_from(a, seen)
         {
-            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            let a = shoal_discovery::canonical(a);
             if !out.contains(&a) && out.len() < limits::MAX_ADDRS {
                 out.push(a);
             }
