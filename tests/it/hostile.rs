@@ -452,7 +452,14 @@ pub(crate) enum Lie {
     /// Serves [`absurd_blob`] besides its store: only the last group of a
     /// blob of [`ABSURD_SIZE`] bytes, with a size proof that verifies.
     AbsurdSize,
+    /// Claims its blobs are [`CLAIMED_SIZE`] bytes, and answers the get
+    /// of their last group with a header naming that group and a stream
+    /// whose size ([`ABSURD_SIZE`]) has no such group.
+    UnprovenSize,
 }
+
+/// The size [`Lie::UnprovenSize`] claims for every blob it holds.
+const CLAIMED_SIZE: u64 = 1 << 50;
 
 /// The size [`Lie::AbsurdSize`] proves: just over the 1 TiB a download
 /// accepts.
@@ -579,9 +586,14 @@ async fn seeder_stream(
                         };
                     }
                     let info = hash_of(h).and_then(|h| store.info(&h));
+                    let size = info.as_ref().map_or(0, |i| i.size);
                     pb::Availability {
                         hash: h.clone(),
-                        size: info.as_ref().map_or(0, |i| i.size),
+                        size: if matches!(lie, Lie::UnprovenSize) {
+                            CLAIMED_SIZE
+                        } else {
+                            size
+                        },
                         have: Some(match info {
                             Some(_) => pb::availability::Have::Complete(true),
                             None => pb::availability::Have::Nothing(true),
@@ -598,7 +610,11 @@ async fn seeder_stream(
                 if let Some(info) = hash_of(h).and_then(|x| store.info(&x)) {
                     let up = pb::HaveUpdate {
                         hash: h.clone(),
-                        size: info.size,
+                        size: if matches!(lie, Lie::UnprovenSize) {
+                            CLAIMED_SIZE
+                        } else {
+                            info.size
+                        },
                         added: None,
                         complete: true,
                         fetching: None,
@@ -629,6 +645,21 @@ async fn seeder_stream(
                 {
                     let _ = send.write_all(&stream).await;
                 }
+            }
+        }
+        Some(Req::Get(g)) if matches!(lie, Lie::UnprovenSize) => {
+            // The groups asked for (the last of the claimed size), and a
+            // stream that cannot hold them.
+            let asked = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            let header = pb::GetHeader {
+                size: CLAIMED_SIZE,
+                ranges: Some(asked.to_pb()),
+            };
+            if write_frame(&mut send, &resp(Resp::Get(header)))
+                .await
+                .is_ok()
+            {
+                let _ = send.write_all(&ABSURD_SIZE.to_le_bytes()).await;
             }
         }
         Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentAfterTheHeader) => {
@@ -926,6 +957,56 @@ fn a_proven_absurd_size_is_refused_also_on_the_next_try() {
         );
         assert!(!out.exists(), "{attempt} try wrote an output");
     }
+}
+
+/// A peer proving a size it only claimed: its stream's size has no room
+/// for the group it says it sends. The download took that as proof, kept
+/// the stream's size (over 1 TiB) and failed as "too large"; so did every
+/// later try of the hash, before it asked anyone. Now the peer is dropped
+/// and the store keeps no size from it: a download from an honest seeder
+/// afterwards, by the same node, finishes, correct.
+#[test]
+fn a_size_a_peer_only_claimed_does_not_stay_in_the_store() {
+    let rt = runtime();
+    rt.block_on(async {
+        let data = data(3 * shoal_proto::GROUP_SIZE as usize + 5, 32);
+        let store = Store::in_memory();
+        let hash = store.import_bytes(&data, "blob").expect("import");
+        let (_ep, liar_id, liar_addr) = scripted_seeder(store, Lie::UnprovenSize).await;
+        let node = || shoal_node::NodeConfig {
+            listen: vec!["127.0.0.1:0".parse().expect("addr")],
+            stall_timeout: Duration::from_secs(5),
+            ..shoal_node::NodeConfig::default()
+        };
+        let honest = shoal_node::Node::spawn(node())
+            .await
+            .expect("honest seeder");
+        honest.add_bytes(data.clone(), "blob").await.expect("add");
+        let d = shoal_node::Node::spawn(node()).await.expect("downloader");
+        let req = |peers: Vec<shoal_node::PeerAddr>| shoal_node::FetchRequest {
+            hash,
+            kind: None,
+            peers,
+            out: shoal_node::FetchOutput::Store,
+        };
+        let liar = honest_and_liar(&honest, liar_id, liar_addr)[1];
+        let first = tokio::time::timeout(Duration::from_secs(30), d.fetch(req(vec![liar]), None))
+            .await
+            .expect("the fetch from the liar alone ended");
+        let err = first.expect_err("only the liar was asked").to_string();
+        assert!(!err.contains("1 TiB"), "a claimed size was refused: {err}");
+        let second = honest_and_liar(&honest, liar_id, liar_addr)[0];
+        tokio::time::timeout(Duration::from_secs(30), d.fetch(req(vec![second]), None))
+            .await
+            .expect("the fetch from the honest seeder ended")
+            .expect("the fetch from the honest seeder failed");
+        assert!(
+            d.store().read_all(&hash).expect("read") == data,
+            "wrong bytes"
+        );
+        d.shutdown().await;
+        honest.shutdown().await;
+    });
 }
 
 /// A provider that sends a batch of small blobs a byte at a time, each

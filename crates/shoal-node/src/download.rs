@@ -368,9 +368,12 @@ pub(crate) async fn fetch_blob(
     // `MAX_PROBE_FAILURES` times is dropped for good (a peer that stalls
     // every probe must not hold the download up one timeout at a time).
     let mut probe_failures: HashMap<PeerId, u32> = HashMap::new();
+    // Only a proven size is refused here: an unproven one is a peer's
+    // claim, which the size proof replaces.
     if let Some(size) = store
         .info(&hash)
-        .map(|i| i.size)
+        .as_ref()
+        .and_then(proven_size)
         .filter(|s| *s > MAX_BLOB_SIZE)
     {
         if begun {
@@ -722,7 +725,9 @@ pub(crate) async fn fetch_blob(
                             // A proven size can still be absurd (a blob of
                             // zeros has a cheap hash at any size): refuse
                             // before the scheduler sizes its tables by it.
-                            if let Some(size) = store.info(&hash).map(|i| i.size).filter(|s| *s > MAX_BLOB_SIZE) {
+                            // An unproven one is not refused: it was a
+                            // liar's, and the peer is dropped below.
+                            if let Some(size) = store.info(&hash).as_ref().and_then(proven_size).filter(|s| *s > MAX_BLOB_SIZE) {
                                 break Err(NodeError::TooLarge(hash, size));
                             }
                             sched = proven_scheduler(&node, &hash, job.sequential);
@@ -906,6 +911,13 @@ pub(crate) async fn fetch_blob(
     })
 }
 
+/// The blob's size if the store has proven it (the blob is complete, or
+/// its last group verified); until then the size is a peer's claim.
+fn proven_size(info: &shoal_store::BlobInfo) -> Option<u64> {
+    let last = group_count(info.size) - 1;
+    (info.complete || info.verified.contains(last)).then_some(info.size)
+}
+
 /// A scheduler, if the store has proven the blob's size (its last group
 /// is verified).
 fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Scheduler<PeerId>> {
@@ -914,7 +926,7 @@ fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Sched
     // Never sized past the limit (its tables would not fit in memory): a
     // size proven by an earlier try that stopped with `TooLarge` stays in
     // the store.
-    if info.size > MAX_BLOB_SIZE || (!info.complete && !info.verified.contains(groups - 1)) {
+    if proven_size(&info).is_none_or(|s| s > MAX_BLOB_SIZE) {
         return None;
     }
     let have = if info.complete {
@@ -1075,11 +1087,15 @@ async fn run_get(
     if sent.is_empty() {
         return Ok(sent);
     }
+    // Ok only once every group of `sent` verified (a stream whose size has
+    // no room for one of them is refused as `OutOfRange`).
     match store.receive_ranges_from(hash, &sent, &mut recv).await {
         Ok(_new) => Ok(sent),
-        Err(e @ (ReceiveError::Corrupt { .. } | ReceiveError::SizeMismatch { .. })) => {
-            Err(ReqError::Corrupt(format!("peer sent bad data: {e}")))
-        }
+        Err(
+            e @ (ReceiveError::Corrupt { .. }
+            | ReceiveError::SizeMismatch { .. }
+            | ReceiveError::OutOfRange { .. }),
+        ) => Err(ReqError::Corrupt(format!("peer sent bad data: {e}"))),
         Err(ReceiveError::Store(e)) => Err(ReqError::Local(e)),
         Err(e) => Err(ReqError::Failed(e.to_string())),
     }

@@ -158,6 +158,15 @@ pub enum ReceiveError {
         /// The size in the stream.
         got: u64,
     },
+    /// The stream's size has no group the stream was to hold (a blob of
+    /// `size` bytes ends before `group`): it cannot be verified.
+    #[error("peer's stream of a {size}-byte blob cannot hold group {group}")]
+    OutOfRange {
+        /// The size in the stream.
+        size: u64,
+        /// The first group past its end.
+        group: u64,
+    },
     /// The stream ended before all requested groups arrived.
     #[error("stream ended before group {group}")]
     Truncated {

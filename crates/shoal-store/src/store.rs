@@ -1429,7 +1429,9 @@ impl Store {
     /// Size: the first stream sets the (unproven) size; it is proven once
     /// the last group verifies. A stream whose size differs from a proven
     /// size is [`ReceiveError::SizeMismatch`]; from an unproven one, the
-    /// partial blob is reset to the new size.
+    /// partial blob is reset to the new size. A stream whose size has no
+    /// room for every group of `ranges` is [`ReceiveError::OutOfRange`],
+    /// and changes nothing.
     pub async fn receive_ranges<R: AsyncRead + Unpin + Send>(
         &self,
         hash: &blake3::Hash,
@@ -1464,6 +1466,16 @@ impl Store {
         let mut size_bytes = [0u8; 8];
         size_bytes.copy_from_slice(&hdr[..8]);
         let size = u64::from_le_bytes(size_bytes);
+        // Groups the stream was to hold that its own size has not: it
+        // cannot verify them, so it is refused before it touches the
+        // partial blob (taken as an unproven size, it could replace the
+        // one a download has, or name a size no download accepts).
+        if let Some(beyond) = ranges.difference(&all_groups(size)).runs().first() {
+            return Err(ReceiveError::OutOfRange {
+                size,
+                group: beyond.start,
+            });
+        }
         let Some((partial, generation)) = self.inner.prepare_receive(hash, size)? else {
             return Ok(GroupRanges::new());
         };

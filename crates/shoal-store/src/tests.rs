@@ -283,6 +283,48 @@ fn truncated_and_resized_streams() {
     );
 }
 
+/// A stream whose size has no room for the groups it was to hold cannot
+/// verify them. It was taken as Ok with nothing in it, after its size had
+/// replaced the partial blob's: a peer proving the size of a download
+/// could leave any size it liked in the store (one over the limit made
+/// every later try of the hash fail as too large). It is refused now and
+/// changes nothing.
+#[test]
+fn a_stream_too_short_for_its_groups_is_refused_and_changes_nothing() {
+    let from = Store::in_memory();
+    let d = data(5 * GROUP_SIZE as usize, 13);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let first = GroupRanges::from_range(0..2);
+    let (_, good) = encode(&from, &hash, &first);
+    let to = Store::in_memory();
+    receive(&to, &hash, &first, &good).unwrap();
+    let before = to.info(&hash).unwrap();
+    assert_eq!(before.verified, first);
+    let short = (2 * GROUP_SIZE).to_le_bytes();
+    let res = receive(&to, &hash, &GroupRanges::from_range(1..5), &short);
+    assert!(
+        matches!(res, Err(ReceiveError::OutOfRange { group: 2, .. })),
+        "{res:?}"
+    );
+    assert_eq!(to.info(&hash).unwrap(), before);
+    // The size proof of a download told of an absurd size: the last group
+    // of 2^50 bytes, in a stream of a bit over 1 TiB.
+    let fresh = Store::in_memory();
+    let last = group_count(1 << 50) - 1;
+    let huge = ((1u64 << 40) + 1).to_le_bytes();
+    let res = receive(
+        &fresh,
+        &hash,
+        &GroupRanges::from_range(last..last + 1),
+        &huge,
+    );
+    assert!(
+        matches!(res, Err(ReceiveError::OutOfRange { group, .. }) if group == last),
+        "{res:?}"
+    );
+    assert!(fresh.info(&hash).is_none(), "{:?}", fresh.info(&hash));
+}
+
 #[test]
 fn concurrent_receivers_with_disjoint_ranges() {
     let from = Store::in_memory();
