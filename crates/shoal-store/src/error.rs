@@ -78,6 +78,14 @@ pub enum StoreError {
     /// An export's or a move's target already exists.
     #[error("{0} already exists")]
     Exists(PathBuf),
+    /// A download into a target would write to `<target>.shoal-partial`,
+    /// and a file this store did not start is there (another data dir's
+    /// download, or the user's file): it is not written over.
+    #[error(
+        "{0} exists already and is not a download this data dir started: move it away (or \
+         delete it), or choose another output"
+    )]
+    PartialInTheWay(PathBuf),
     /// Something that is not a regular file or directory.
     #[error("{0} is not a regular file or directory")]
     Unsupported(PathBuf),

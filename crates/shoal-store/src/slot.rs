@@ -58,6 +58,24 @@ impl Slot {
         }
     }
 
+    /// Cut the data to at most `len` bytes.
+    pub(crate) fn truncate_to(&self, len: u64) -> io::Result<()> {
+        match self {
+            Slot::File(f) => {
+                if f.metadata()?.len() > len {
+                    f.set_len(len)?;
+                }
+                Ok(())
+            }
+            Slot::Mem(m) => {
+                let mut v = m.write().unwrap_or_else(|e| e.into_inner());
+                v.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+                Ok(())
+            }
+            Slot::Empty | Slot::Bytes(_) => Ok(()),
+        }
+    }
+
     /// Reserve room for `len` bytes in memory (no-op for files).
     pub(crate) fn reserve(&self, len: u64) {
         if let Slot::Mem(m) = self {

@@ -1390,9 +1390,19 @@ impl Store {
             self.inner.persist(hash, rec, true)?;
             return self.inner.finish_if_verified(hash);
         }
-        let mut b = self
+        let mut b = match self
             .inner
-            .new_partial(hash, kind, target.map(Path::to_path_buf))?;
+            .new_partial(hash, kind, target.map(Path::to_path_buf))
+        {
+            Ok(b) => b,
+            Err(e @ StoreError::PartialInTheWay(_)) => {
+                // Begun meanwhile by another caller into the same target:
+                // the file is that download's.
+                let rec = existing(&mut lock(&self.inner.state)).ok_or(e)?;
+                return self.inner.persist(hash, rec, true);
+            }
+            Err(e) => return Err(e),
+        };
         b.pinned = pin;
         let mut st = lock(&self.inner.state);
         // Begun meanwhile by another caller: that entry stands.
@@ -2158,7 +2168,7 @@ impl Inner {
             (b.data, b.outboard, b.size) = (data, outboard, Some(size));
             return Ok(b);
         }
-        let p = self.open_partial(hash, target)?;
+        let p = self.open_partial(hash, target, false)?;
         // Claims are a hint: every group for which data is on disk is
         // re-checked against the hash, so groups verified after the last
         // save (kill -9) are kept and claims whose data never reached the
@@ -2240,11 +2250,13 @@ impl Inner {
         ))
     }
 
-    /// Open (creating if needed) the files of a partial download.
+    /// Open (creating if needed) the files of a partial download: a new
+    /// one (`fresh`), or one the store recorded (resumed).
     fn open_partial(
         &self,
         hash: &blake3::Hash,
         target: Option<PathBuf>,
+        fresh: bool,
     ) -> Result<Partial, StoreError> {
         let open = |p: &Path| -> Result<Slot, StoreError> {
             let f = OpenOptions::new()
@@ -2264,9 +2276,39 @@ impl Inner {
             }
             None => self.owned_path(hash),
         };
-        let data = match &data_path {
-            Some(p) => open(p)?,
-            None => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
+        let data = match (&data_path, &target) {
+            // Beside the user's output, a file the store has no record of
+            // is not its own: another data dir's download of this or
+            // another blob, or the user's. Written into, it was mixed with
+            // the download, and what outlasted the blob's size stayed in
+            // the output. Only an empty one (left by a stop before its
+            // record was written) is taken.
+            (Some(p), Some(_)) if fresh => {
+                let f = match OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(p)
+                {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        let f = OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(p)
+                            .map_err(io_err("opening", p))?;
+                        let m = f.metadata().map_err(io_err("reading", p))?;
+                        if !m.is_file() || m.len() != 0 {
+                            return Err(StoreError::PartialInTheWay(p.clone()));
+                        }
+                        f
+                    }
+                    Err(e) => return Err(StoreError::io("creating", p, e)),
+                };
+                Slot::File(Arc::new(f))
+            }
+            (Some(p), _) => open(p)?,
+            (None, _) => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
         };
         let outboard = match self.ob_path(hash) {
             Some(p) => open(&p)?,
@@ -2302,7 +2344,7 @@ impl Inner {
             || hash.to_hex()[..16].to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let p = self.open_partial(hash, target)?;
+        let p = self.open_partial(hash, target, true)?;
         Ok(Blob {
             size: None,
             kind,
@@ -2928,6 +2970,12 @@ impl Inner {
     fn try_finalize(&self, hash: &blake3::Hash, partial: &Arc<Partial>) -> Result<(), StoreError> {
         let size = lock(&partial.st).size.unwrap_or(0);
         let ctx = Path::new("completed blob");
+        // Exactly the blob: nothing past its end (a longer file found
+        // where the download began, or written by an earlier size).
+        partial
+            .data
+            .truncate_to(size)
+            .map_err(io_err("truncating", ctx))?;
         partial.data.sync().map_err(io_err("syncing", ctx))?;
         partial.outboard.sync().map_err(io_err("syncing", ctx))?;
         // Where the data went, to be put back if the record fails.

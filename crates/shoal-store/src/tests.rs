@@ -325,6 +325,70 @@ fn a_stream_too_short_for_its_groups_is_refused_and_changes_nothing() {
     assert!(fresh.info(&hash).is_none(), "{:?}", fresh.info(&hash));
 }
 
+/// `<target>.shoal-partial` that this store did not start (another data
+/// dir's download there, or the user's own file) was written into: the
+/// download mixed with it, and what lay past the blob's size stayed in the
+/// output, which then held other bytes than its hash names. It is refused
+/// now and left as it was; an empty one (a stop before the record was
+/// written) is taken, and the output is exactly the blob.
+#[test]
+fn a_partial_file_the_store_did_not_start_is_not_written_over() {
+    let from = Store::in_memory();
+    let d = data(3 * GROUP_SIZE as usize + 7, 14);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let all = GroupRanges::from_range(0..4);
+    let (_, bytes) = encode(&from, &hash, &all);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.bin");
+    let partial = dir.path().join("out.bin.shoal-partial");
+    // Another data dir's download of a larger blob, stopped half-way.
+    let other = Store::open(&dir.path().join("other")).unwrap();
+    let big = data(9 * GROUP_SIZE as usize, 15);
+    let big_hash = from.import_bytes(&big, "big").unwrap();
+    other
+        .begin_download(&big_hash, BlobKind::Raw, Some(&target), true)
+        .unwrap();
+    let half = GroupRanges::from_range(0..5);
+    let (_, half_bytes) = encode(&from, &big_hash, &half);
+    receive(&other, &big_hash, &half, &half_bytes).unwrap();
+    let theirs = fs::read(&partial).unwrap();
+    assert!(theirs.len() as u64 > 4 * GROUP_SIZE, "{}", theirs.len());
+    let to = Store::open(&dir.path().join("mine")).unwrap();
+    let res = to.begin_download(&hash, BlobKind::Raw, Some(&target), true);
+    assert!(
+        matches!(&res, Err(StoreError::PartialInTheWay(p)) if *p == partial),
+        "{res:?}"
+    );
+    assert!(to.info(&hash).is_none());
+    assert_eq!(
+        fs::read(&partial).unwrap(),
+        theirs,
+        "their download changed"
+    );
+    // The user's own file, the same.
+    let notes = dir.path().join("notes");
+    let mine = dir.path().join("notes.shoal-partial");
+    fs::write(&mine, b"my precious notes, longer than nothing").unwrap();
+    let res = to.begin_download(&hash, BlobKind::Raw, Some(&notes), true);
+    assert!(
+        matches!(res, Err(StoreError::PartialInTheWay(_))),
+        "{res:?}"
+    );
+    assert_eq!(
+        fs::read(&mine).unwrap(),
+        b"my precious notes, longer than nothing"
+    );
+    // An empty one is taken, and the output is exactly the blob.
+    drop(other);
+    fs::remove_file(&partial).unwrap();
+    fs::write(&partial, b"").unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
+        .unwrap();
+    receive(&to, &hash, &all, &bytes).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    assert_eq!(fs::read(&target).unwrap(), d);
+}
+
 #[test]
 fn concurrent_receivers_with_disjoint_ranges() {
     let from = Store::in_memory();
