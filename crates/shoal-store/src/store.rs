@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
@@ -1099,7 +1099,7 @@ impl Store {
                 Err(StoreError::NotFound(_)) => return gone("stored content"),
                 Err(e) => return Err(e),
             },
-            DataRef::File { path, .. } => match File::open(path) {
+            DataRef::File { path, .. } => match open_read(path) {
                 Ok(f) => Slot::File(Arc::new(f)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     tracing::warn!("blob {hash} ({name}): {} is gone", path.display());
@@ -1860,7 +1860,6 @@ trait ModeFor {
 
 impl ModeFor for OpenOptions {
     fn mode_for(&mut self, executable: bool) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
         self.mode(if executable { 0o777 } else { 0o666 })
     }
 }
@@ -1924,9 +1923,20 @@ fn record_of(b: &Blob) -> Record {
     r
 }
 
+/// Open a file the user named (one to add, or added in place) for
+/// reading, without blocking: a FIFO put there opened at once (and was
+/// then refused as not a regular file) instead of waiting, forever, for a
+/// writer. Regular files read as they would without the flag.
+pub(crate) fn open_read(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Open `path`, a regular file, and take its stamp.
 fn open_regular(path: &Path) -> Result<(File, Stamp), StoreError> {
-    let f = File::open(path).map_err(io_err("opening", path))?;
+    let f = open_read(path).map_err(io_err("opening", path))?;
     let m = f.metadata().map_err(io_err("reading", path))?;
     if !m.is_file() {
         return Err(StoreError::Unsupported(path.to_path_buf()));
@@ -2219,7 +2229,7 @@ impl Inner {
         if fs::symlink_metadata(PathBuf::from(partial)).is_ok() {
             return None;
         }
-        let f = File::open(target).ok()?;
+        let f = open_read(target).ok()?;
         let m = f.metadata().ok()?;
         if !m.is_file() || m.len() != size {
             return None;
@@ -2463,7 +2473,7 @@ impl Inner {
 
     /// Open a blob for reading; checks in-place files.
     fn source(&self, hash: &blake3::Hash) -> Result<Source, StoreError> {
-        self.source_with(hash, &mut |p| File::open(p))
+        self.source_with(hash, &mut |p| open_read(p))
     }
 
     /// [`Inner::source`], opening a blob's data file with `open`.

@@ -737,6 +737,46 @@ fn a_file_hashed_before_the_store_opens_is_recorded_as_by_import_file() {
     assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
 }
 
+/// A FIFO named to add, or put where a file added in place was, is
+/// refused or found changed at once: opening one for reading waited, for
+/// ever, for a writer (`shoal add fifo` hung with no word).
+#[test]
+fn a_fifo_is_refused_at_once_not_waited_on() {
+    use std::os::unix::ffi::OsStrExt;
+    let mkfifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let file = dir.path().join("file");
+    fs::write(&file, data(100_000, 3)).unwrap();
+    let h = store.import_file(&file, ImportMode::InPlace).unwrap();
+    fs::remove_file(&file).unwrap();
+    mkfifo(&file);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = store.clone();
+    std::thread::spawn(move || {
+        let add = s.import_file(&fifo, ImportMode::InPlace).map(|_| ());
+        let copy = s.import_file(&fifo, ImportMode::Copy).map(|_| ());
+        let hashed = crate::HashedFile::new(&fifo).map(|_| ());
+        let read = s.read_all(&h).map(|_| ());
+        let verify = s.verify(&h);
+        let _ = tx.send((add, copy, hashed, read, verify));
+    });
+    let (add, copy, hashed, read, verify) = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a FIFO was waited on");
+    for r in [add, copy, hashed] {
+        assert!(matches!(r, Err(StoreError::Unsupported(_))), "{r:?}");
+    }
+    assert!(read.is_err(), "{read:?}");
+    assert!(!matches!(verify, Ok(true)), "{verify:?}");
+}
+
 #[test]
 fn a_pseudo_file_is_refused_as_one_not_as_a_changed_file() {
     // procfs says its files are empty and then gives bytes: not a file

@@ -580,7 +580,7 @@ fn content_matches(hash: &blake3::Hash, b: &Blob) -> bool {
     let Some(size) = b.size.filter(|s| *s <= RECHECK_MAX) else {
         return false;
     };
-    let Ok(f) = File::open(path) else {
+    let Ok(f) = open_read(path) else {
         return false;
     };
     if let Some(s) = stamp
@@ -768,10 +768,10 @@ struct DirOpener {
 impl DirOpener {
     fn open(&mut self, path: &Path) -> io::Result<File> {
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-            return File::open(path);
+            return open_read(path);
         };
         if parent.as_os_str().is_empty() {
-            return File::open(path);
+            return open_read(path);
         }
         let dir = match &self.dir {
             Some((p, fd)) if p == parent => fd,
@@ -784,7 +784,8 @@ impl DirOpener {
                 &self.dir.insert((parent.to_path_buf(), fd)).1
             }
         };
-        let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let fd = rustix::fs::openat(dir, name, flags, Mode::empty())?;
         Ok(File::from(fd))
     }
 }

@@ -202,7 +202,7 @@ fn move_file(from: &Path, to: &Path) -> Result<(), StoreError> {
         Err(e) => return Err(StoreError::io("moving", from, e)),
     }
     let res = (|| {
-        let mut src = File::open(from).map_err(io_err("reading", from))?;
+        let mut src = open_read(from).map_err(io_err("reading", from))?;
         let mut dst = OpenOptions::new()
             .write(true)
             .create_new(true)
