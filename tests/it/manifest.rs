@@ -26,7 +26,11 @@ fn file(path: &str, i: u64) -> pb::ManifestEntry {
 fn refused(entries: Vec<pb::ManifestEntry>, what: &str) {
     let s = Dir::new();
     let m = s.path().join("manifest.bin");
-    std::fs::write(&m, pb::Manifest { entries }.encode_to_vec()).expect("write manifest");
+    let manifest = pb::Manifest {
+        entries,
+        version: shoal_store::collection::MANIFEST_VERSION,
+    };
+    std::fs::write(&m, manifest.encode_to_vec()).expect("write manifest");
     let serve = s.serve(&[]);
     let line = s.ok(&["add", m.to_str().expect("utf-8")]);
     let hash = line.split_whitespace().next().expect("hash");

@@ -47,6 +47,13 @@ pub enum ManifestError {
     /// The bytes are not a protobuf `Manifest`.
     #[error("manifest does not decode: {0}")]
     Decode(String),
+    /// No entries and no version: the bytes of an empty file (whose hash
+    /// an empty directory's manifest once had).
+    #[error("an empty blob is an empty file, not a manifest")]
+    Empty,
+    /// Written by a newer shoal.
+    #[error("manifest version {0} is newer than this shoal reads ({MANIFEST_VERSION})")]
+    UnknownVersion(u32),
     /// A path that could escape or confuse the target directory.
     #[error("unsafe path {path:?} in manifest: {reason}")]
     BadPath {
@@ -113,6 +120,9 @@ pub fn check_path(path: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// The manifest format this shoal writes (see `collection.proto`).
+pub const MANIFEST_VERSION: u32 = 1;
+
 /// Decode and check a manifest blob: sizes and entry counts are capped
 /// before anything else, then every path is checked, duplicates and
 /// file-vs-directory clashes are refused, and entries must be sorted.
@@ -121,6 +131,12 @@ pub fn parse_manifest(bytes: &[u8]) -> Result<Vec<Entry>, ManifestError> {
         return Err(ManifestError::TooLarge(bytes.len()));
     }
     let m = pb::Manifest::decode(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
+    if m.version > MANIFEST_VERSION {
+        return Err(ManifestError::UnknownVersion(m.version));
+    }
+    if m.version == 0 && m.entries.is_empty() {
+        return Err(ManifestError::Empty);
+    }
     if m.entries.len() > MAX_ENTRIES {
         return Err(ManifestError::TooManyEntries(m.entries.len()));
     }
@@ -199,6 +215,7 @@ pub fn encode_manifest(entries: &[Entry]) -> Vec<u8> {
                 }),
             })
             .collect(),
+        version: MANIFEST_VERSION,
     };
     m.encode_to_vec()
 }
@@ -226,7 +243,45 @@ mod tests {
     }
 
     fn check(entries: Vec<pb::ManifestEntry>) -> Result<Vec<Entry>, ManifestError> {
-        parse_manifest(&pb::Manifest { entries }.encode_to_vec())
+        let m = pb::Manifest {
+            entries,
+            version: MANIFEST_VERSION,
+        };
+        parse_manifest(&m.encode_to_vec())
+    }
+
+    /// An empty directory's manifest was zero bytes: the empty file's
+    /// hash named both, and whichever the store met first decided what a
+    /// get of it made (a directory where a file was shared).
+    #[test]
+    fn an_empty_directory_is_not_the_empty_file() {
+        let empty_dir = encode_manifest(&[]);
+        assert!(!empty_dir.is_empty());
+        assert_ne!(blake3::hash(&empty_dir), blake3::hash(b""));
+        assert_eq!(parse_manifest(&empty_dir).unwrap(), Vec::<Entry>::new());
+        assert!(matches!(parse_manifest(b""), Err(ManifestError::Empty)));
+    }
+
+    #[test]
+    fn manifest_versions() {
+        let entry = pb::ManifestEntry {
+            path: "a".into(),
+            kind: Some(pb::manifest_entry::Kind::EmptyDir(true)),
+        };
+        // From before the version: read as before.
+        let old = pb::Manifest {
+            entries: vec![entry.clone()],
+            version: 0,
+        };
+        assert_eq!(parse_manifest(&old.encode_to_vec()).unwrap().len(), 1);
+        // From a newer shoal: refused, saying so.
+        let newer = pb::Manifest {
+            entries: vec![entry],
+            version: MANIFEST_VERSION + 1,
+        };
+        let err = parse_manifest(&newer.encode_to_vec()).unwrap_err();
+        assert!(matches!(err, ManifestError::UnknownVersion(2)), "{err}");
+        assert!(err.to_string().contains("newer"), "{err}");
     }
 
     #[test]

@@ -880,6 +880,7 @@ fn hostile_collection_is_refused_on_export() {
                     executable: false,
                 })),
             }],
+            version: crate::collection::MANIFEST_VERSION,
         };
         let col = store.import_bytes(&m.encode_to_vec(), "col").unwrap();
         let out = dir.path().join(format!("out{i}"));
