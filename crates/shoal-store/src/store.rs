@@ -278,6 +278,12 @@ struct Partial {
     direct_off: AtomicBool,
     target: Option<PathBuf>,
     st: Mutex<PState>,
+    /// Held (shared) by a stream's writer while it writes and marks, and
+    /// (alone) while the partial is finished or reset to another size: a
+    /// second stream of the same blob (two downloads of it at once) wrote
+    /// into the file after it was renamed into place and stamped, and the
+    /// finished file was then taken for one the user changed.
+    gate: RwLock<()>,
 }
 
 impl Partial {
@@ -2331,6 +2337,7 @@ impl Inner {
             direct: OnceLock::new(),
             direct_off: AtomicBool::new(false),
             target,
+            gate: RwLock::new(()),
             st: Mutex::new(PState {
                 size: None,
                 verified: GroupRanges::new(),
@@ -2865,6 +2872,13 @@ impl Inner {
                 }
             }
         };
+        // A reset waits for the writes under way (and takes the gate
+        // before the state, as writers do).
+        let resets = {
+            let s = lock(&partial.st);
+            s.size.is_some_and(|old| old != size && !s.proven())
+        };
+        let gate = resets.then(|| partial.gate.write().unwrap_or_else(|e| e.into_inner()));
         let (generation, changed) =
             {
                 let mut s = lock(&partial.st);
@@ -2899,6 +2913,7 @@ impl Inner {
                     }
                 }
             };
+        drop(gate);
         if changed {
             {
                 let mut st = lock(&self.state);
@@ -2978,6 +2993,9 @@ impl Inner {
     }
 
     fn try_finalize(&self, hash: &blake3::Hash, partial: &Arc<Partial>) -> Result<(), StoreError> {
+        // No stream writes from here on (`done` is set): those writing
+        // now finish first.
+        let _gate = partial.gate.write().unwrap_or_else(|e| e.into_inner());
         let size = lock(&partial.st).size.unwrap_or(0);
         let ctx = Path::new("completed blob");
         // Exactly the blob: nothing past its end (a longer file found
@@ -3121,6 +3139,18 @@ impl Writer<'_> {
 
     fn flush(&mut self) -> Result<(), StoreError> {
         let ctx = Path::new("download");
+        let gate = self.partial.gate.read().unwrap_or_else(|e| e.into_inner());
+        {
+            let s = lock(&self.partial.st);
+            if s.done || s.generation != self.generation {
+                // Finished (by another stream of the same blob: every group
+                // is verified) or reset to another size: nothing to write.
+                self.ob.clear();
+                self.data.clear();
+                self.groups = GroupRanges::new();
+                return Ok(());
+            }
+        }
         if !self.ob.is_empty() {
             self.partial
                 .outboard
@@ -3171,6 +3201,7 @@ impl Writer<'_> {
             let save = s.unsaved >= SAVE_EVERY_GROUPS || s.last_save.elapsed() >= SAVE_EVERY;
             (fresh, size, complete, save)
         };
+        drop(gate);
         if fresh.is_empty() {
             return Ok(());
         }

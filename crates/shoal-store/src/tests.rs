@@ -389,6 +389,57 @@ fn a_partial_file_the_store_did_not_start_is_not_written_over() {
     assert_eq!(fs::read(&target).unwrap(), d);
 }
 
+/// Two downloads of one blob at once (two gets of the same content on one
+/// node) send it twice: the stream that came second wrote on into the
+/// file after the first had finished it, renamed it into place and taken
+/// its stamp, and the finished file was then refused as one the user
+/// changed. Streams of a finished blob write nothing now.
+#[test]
+fn two_streams_of_one_blob_leave_its_finished_file_as_it_was_recorded() {
+    let from = Store::in_memory();
+    let d = data(64 * GROUP_SIZE as usize + 11, 16);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let all = GroupRanges::from_range(0..65);
+    let (_, bytes) = encode(&from, &hash, &all);
+    let rt = rt();
+    for round in 0..12 {
+        let dir = tempfile::tempdir().unwrap();
+        let to = Store::open(&dir.path().join("s")).unwrap();
+        let target = dir.path().join("out.bin");
+        to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
+            .unwrap();
+        rt.block_on(async {
+            // The second stream comes slowly through a pipe: its last
+            // pieces come after the first stream finished the blob.
+            let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+            let slow = {
+                let (to, all) = (to.clone(), all.clone());
+                tokio::spawn(async move { to.receive_ranges(&hash, &all, rx).await })
+            };
+            let half = bytes.len() / 2;
+            tokio::io::AsyncWriteExt::write_all(&mut tx, &bytes[..half])
+                .await
+                .unwrap();
+            to.receive_ranges(&hash, &all, &bytes[..]).await.unwrap();
+            for piece in bytes[half..].chunks(64 * 1024) {
+                tokio::io::AsyncWriteExt::write_all(&mut tx, piece)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(round % 3)).await;
+            }
+            drop(tx);
+            slow.await.unwrap().unwrap();
+        });
+        let info = to.info(&hash).unwrap();
+        assert!(info.complete && !info.corrupt, "round {round}: {info:?}");
+        let mut out = Vec::new();
+        let exported = to.export_blob(&hash, &mut out);
+        assert!(exported.is_ok(), "round {round}: {exported:?}");
+        assert!(out == d, "round {round}: wrong bytes");
+        assert!(to.verify(&hash).unwrap(), "round {round}");
+    }
+}
+
 #[test]
 fn concurrent_receivers_with_disjoint_ranges() {
     let from = Store::in_memory();
