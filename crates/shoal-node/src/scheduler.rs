@@ -234,6 +234,15 @@ const SAMPLE: usize = 256;
 /// Blocks skipped at once where a bitset says none of them matters.
 const SKIP: u64 = 64;
 
+/// The most blocks a peer is known to hold in part. Only whole blocks are
+/// asked for, so claims on part of one cost nothing to make and are never
+/// tested: without a bound, a peer announcing one group of every block
+/// (2048 runs an update, as often as it likes) grew the map by a block
+/// per run, ~30 bytes each, to hundreds of MB for a large blob. Past the
+/// bound its claims on other parts are ignored (knowing less of a peer
+/// than it has is safe); 16 Ki blocks are 2 GiB of partly held data.
+const MAX_PARTIAL_BLOCKS: usize = 16 * 1024;
+
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser: a cheap, deterministic tie-breaker.
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -425,7 +434,9 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                             state.blocks.insert(b as usize);
                             state.held += 1;
                             self.picker.inc(b as u32);
-                        } else if have != 0 {
+                        } else if have != 0
+                            && (had != 0 || state.partial.len() < MAX_PARTIAL_BLOCKS)
+                        {
                             state.partial.insert(b, have);
                         }
                     }
@@ -1003,6 +1014,38 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A peer claiming one group of every block, update after update, is
+    /// known to hold at most [`MAX_PARTIAL_BLOCKS`] blocks in part; what
+    /// it then completes of those is still counted, whole.
+    #[test]
+    fn claims_on_parts_of_blocks_are_bounded() {
+        let blocks = 4 * MAX_PARTIAL_BLOCKS as u64;
+        let mut s = Scheduler::new(
+            blocks * BLOCK_GROUPS,
+            &GroupRanges::new(),
+            SchedulerConfig::default(),
+        );
+        s.handle_peer_added(1u32);
+        for update in 0..(blocks / 2048) {
+            let first = update * 2048;
+            let claim = GroupRanges::from_groups((first..first + 2048).map(|b| b * BLOCK_GROUPS));
+            s.handle_have(&1, &claim);
+        }
+        assert_eq!(s.peers[&1].partial.len(), MAX_PARTIAL_BLOCKS);
+        // The rest of block 0 (held in part): now whole.
+        s.handle_have(&1, &GroupRanges::from_range(1..BLOCK_GROUPS));
+        assert!(s.peers[&1].blocks.contains(0));
+        assert_eq!(s.peers[&1].partial.len(), MAX_PARTIAL_BLOCKS - 1);
+        // A whole block past the bound is still counted.
+        let b = blocks - 1;
+        s.handle_have(
+            &1,
+            &GroupRanges::from_range(b * BLOCK_GROUPS..(b + 1) * BLOCK_GROUPS),
+        );
+        assert!(s.peers[&1].blocks.contains(b as usize));
+        s.check();
     }
 
     #[test]
