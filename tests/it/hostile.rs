@@ -452,6 +452,9 @@ pub(crate) enum Lie {
     /// Serves [`absurd_blob`] besides its store: only the last group of a
     /// blob of [`ABSURD_SIZE`] bytes, with a size proof that verifies.
     AbsurdSize,
+    /// Answers gets honestly, a byte every 2 s: never silent for the 10 s
+    /// a read waits, never done.
+    TricklesGets,
     /// Claims its blobs are [`CLAIMED_SIZE`] bytes, and answers the get
     /// of their last group with a header naming that group and a stream
     /// whose size ([`ABSURD_SIZE`]) has no such group.
@@ -660,6 +663,34 @@ async fn seeder_stream(
                 .is_ok()
             {
                 let _ = send.write_all(&ABSURD_SIZE.to_le_bytes()).await;
+            }
+        }
+        Some(Req::Get(g)) if matches!(lie, Lie::TricklesGets) => {
+            let Some(hash) = hash_of(&g.hash) else { return };
+            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            let Some((size, ranges)) = store.available(&hash, &wanted) else {
+                return;
+            };
+            let header = pb::GetHeader {
+                size,
+                ranges: Some(ranges.to_pb()),
+            };
+            let mut stream = Vec::new();
+            if write_frame(&mut send, &resp(Resp::Get(header)))
+                .await
+                .is_err()
+                || store
+                    .send_ranges(&hash, &ranges, &mut stream)
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            for b in stream {
+                if send.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
         Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentAfterTheHeader) => {
@@ -917,6 +948,70 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
             );
             d.shutdown().await;
         }
+        honest.shutdown().await;
+    });
+}
+
+/// A peer that answers the size proof a byte every 2 s was never silent
+/// for the 10 s a read waits: it held the proof, and with it the download,
+/// until the stall timeout, with an honest seeder connected. The proof has
+/// a deadline now (20 s). The liar is the only peer up when the download
+/// starts, so it is the one asked for the proof; the honest seeder comes
+/// up a second later at an address the download was given.
+#[test]
+fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
+    let rt = runtime();
+    rt.block_on(async {
+        let data = data(2 * 1024 * 1024 + 99, 33);
+        let store = Store::in_memory();
+        let hash = store.import_bytes(&data, "blob").expect("import");
+        let (_ep, liar_id, liar_addr) = scripted_seeder(store, Lie::TricklesGets).await;
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        let honest_addr = free.local_addr().expect("addr");
+        drop(free);
+        let honest_key = SecretKey::generate();
+        let peers = vec![
+            shoal_node::PeerAddr {
+                id: Some(liar_id),
+                addr: liar_addr,
+            },
+            shoal_node::PeerAddr {
+                id: Some(honest_key.public()),
+                addr: honest_addr,
+            },
+        ];
+        let config = |listen: SocketAddr| shoal_node::NodeConfig {
+            listen: vec![listen],
+            stall_timeout: Duration::from_secs(60),
+            ..shoal_node::NodeConfig::default()
+        };
+        let d = shoal_node::Node::spawn(config("127.0.0.1:0".parse().expect("addr")))
+            .await
+            .expect("downloader");
+        let req = shoal_node::FetchRequest {
+            hash,
+            kind: None,
+            peers,
+            out: shoal_node::FetchOutput::Store,
+        };
+        let d2 = d.clone();
+        let fetch = tokio::spawn(async move { d2.fetch(req, None).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let honest =
+            shoal_node::Node::spawn_with(config(honest_addr), Store::in_memory(), honest_key)
+                .await
+                .expect("honest seeder");
+        honest.add_bytes(data.clone(), "blob").await.expect("add");
+        tokio::time::timeout(Duration::from_secs(50), fetch)
+            .await
+            .expect("the download waited on the trickling peer")
+            .expect("task")
+            .expect("the download failed");
+        assert!(
+            d.store().read_all(&hash).expect("read") == data,
+            "wrong bytes"
+        );
+        d.shutdown().await;
         honest.shutdown().await;
     });
 }

@@ -43,6 +43,8 @@ const MAX_PEERS: usize = 64;
 /// Probes (the size proof) a peer may fail for want of a connection or an
 /// answer before it is dropped from the download.
 const MAX_PROBE_FAILURES: u32 = 3;
+/// See [`probe_deadline`].
+const PROBE_DEADLINE: Duration = Duration::from_secs(20);
 /// Addresses a download remembers to dial again (see [`Known`]).
 const MAX_KNOWN: usize = 256;
 /// Most runs kept of what one peer has (a blob of 1 TiB half held in
@@ -501,10 +503,11 @@ pub(crate) async fn fetch_blob(
                 }
                 let (tx, store) = (tx.clone(), store.clone());
                 let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
+                let deadline = probe_deadline(node.config.download_limit);
                 let task = tokio::spawn(async move {
                     let bytes = Arc::new(AtomicU64::new(0));
                     let get = run_get(&conn, &store, &hash, &last, bytes.clone());
-                    let result = unless_silent(get, &bytes, ANSWER_TIMEOUT).await;
+                    let result = unless_silent(get, &bytes, ANSWER_TIMEOUT, deadline).await;
                     let _ = tx.send(Ev::Probe { peer, result }).await;
                 });
                 probe = Some((peer, task));
@@ -964,13 +967,19 @@ fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
 /// proof, which nothing else watches (the scheduler times out its own
 /// requests): a peer that answered the header and then fell silent held
 /// the whole download until its stall timeout.
+///
+/// And failed once it has taken `deadline` in all: a peer sending a byte
+/// now and then was never silent for `limit`, and held the download (a
+/// proof at a time) until it stalled, with honest seeders connected.
 async fn unless_silent(
     get: impl Future<Output = Result<GroupRanges, ReqError>>,
     bytes: &AtomicU64,
     limit: Duration,
+    deadline: Duration,
 ) -> Result<GroupRanges, ReqError> {
     tokio::pin!(get);
-    let (mut seen, mut since) = (0, Instant::now());
+    let start = Instant::now();
+    let (mut seen, mut since) = (0, start);
     let mut tick = tokio::time::interval(limit / 10);
     loop {
         tokio::select! {
@@ -982,9 +991,24 @@ async fn unless_silent(
                 } else if since.elapsed() >= limit {
                     return Err(ReqError::Failed(format!("no data for {limit:?} while proving the size")));
                 }
+                if start.elapsed() >= deadline {
+                    return Err(ReqError::Failed(format!(
+                        "the size proof took over {deadline:?} ({b} bytes came)"
+                    )));
+                }
             }
         }
     }
+}
+
+/// How long a size proof may take in all: it is one group and the hashes
+/// above it (~20 KiB), so [`PROBE_DEADLINE`], and longer under a download
+/// limit that slows it (64 KiB at the limit's rate, on top).
+fn probe_deadline(download_limit: Option<u64>) -> Duration {
+    let slowed = download_limit.map_or(Duration::ZERO, |rate| {
+        Duration::from_secs_f64(64.0 * 1024.0 / rate.max(1) as f64)
+    });
+    PROBE_DEADLINE + slowed
 }
 
 /// The next candidate discovery found; never, with discovery off.
