@@ -78,6 +78,20 @@ pub enum StoreError {
     /// An export's or a move's target already exists.
     #[error("{0} already exists")]
     Exists(PathBuf),
+    /// A file or directory under a directory being added whose name a
+    /// collection cannot carry (receivers refuse it: a control character,
+    /// a backslash, a name that is not UTF-8, a path too long). Found
+    /// before anything is hashed or recorded.
+    #[error(
+        "{path:?}: a collection cannot carry this name ({reason}); rename it, or move it out of \
+         the directory"
+    )]
+    UnsharableName {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with its name.
+        reason: &'static str,
+    },
     /// A download into a target would write to `<target>.shoal-partial`,
     /// and a file this store did not start is there (another data dir's
     /// download, or the user's file): it is not written over.

@@ -2064,13 +2064,27 @@ fn walk(
         let ent = ent.map_err(io_err("listing", &dir))?;
         let name = ent.file_name();
         let Some(name) = name.to_str() else {
-            return Err(StoreError::Unsupported(ent.path()));
+            return Err(StoreError::UnsharableName {
+                path: ent.path(),
+                reason: "not UTF-8",
+            });
         };
         let child = if rel.is_empty() {
             name.to_owned()
         } else {
             format!("{rel}/{name}")
         };
+        // What the manifest's readers would refuse is refused here, before
+        // a file is hashed: it failed at the end, as a bad manifest, and
+        // left the files hashed till then recorded.
+        if let Err(collection::ManifestError::BadPath { reason, .. }) =
+            collection::check_path(&child)
+        {
+            return Err(StoreError::UnsharableName {
+                path: ent.path(),
+                reason,
+            });
+        }
         let ft = ent.file_type().map_err(io_err("reading", &ent.path()))?;
         if ft.is_dir() {
             any = true;

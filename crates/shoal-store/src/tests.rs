@@ -828,6 +828,37 @@ fn a_fifo_is_refused_at_once_not_waited_on() {
     assert!(!matches!(verify, Ok(true)), "{verify:?}");
 }
 
+/// A directory holding a name its collection cannot carry (a newline, a
+/// backslash, bytes that are not UTF-8) is refused before anything is
+/// hashed, naming the file: it failed at the end as a "bad manifest", and
+/// the files hashed till then stayed recorded.
+#[test]
+fn a_directory_with_a_name_no_collection_carries_is_refused_first() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad_names: [&std::ffi::OsStr; 3] = [
+        "new\nline.txt".as_ref(),
+        "back\\slash".as_ref(),
+        std::ffi::OsStr::from_bytes(b"latin1-\xe9"),
+    ];
+    for (i, bad) in bad_names.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let shared = dir.path().join("shared");
+        fs::create_dir_all(shared.join("sub")).unwrap();
+        fs::write(shared.join("a.txt"), b"fine").unwrap();
+        fs::write(shared.join("sub").join(bad), b"bad name").unwrap();
+        let err = store.import_dir(&shared, ImportMode::InPlace).unwrap_err();
+        match &err {
+            StoreError::UnsharableName { path, .. } => {
+                assert_eq!(path, &shared.join("sub").join(bad), "{i}")
+            }
+            other => panic!("{i}: {other}"),
+        }
+        assert!(err.to_string().contains("rename it"), "{err}");
+        assert!(store.list().is_empty(), "{i}: {:?}", store.list());
+    }
+}
+
 #[test]
 fn a_pseudo_file_is_refused_as_one_not_as_a_changed_file() {
     // procfs says its files are empty and then gives bytes: not a file
