@@ -211,10 +211,16 @@ impl NetArgs {
         let ignored: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
         if !ignored.is_empty() {
             tracing::warn!(
-                "the node running on {} goes on with its own settings: {} apply only to a node \
-                 this command starts (stop the node, or give them to `shoal serve`)",
+                "the node running on {} goes on with its own settings: {} {} only to a node \
+                 this command starts (stop the node, or give {} to `shoal serve`)",
                 dir.display(),
-                ignored.join(", ")
+                ignored.join(", "),
+                if ignored.len() == 1 {
+                    "applies"
+                } else {
+                    "apply"
+                },
+                if ignored.len() == 1 { "it" } else { "them" }
             );
         }
     }

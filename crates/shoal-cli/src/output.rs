@@ -137,7 +137,11 @@ impl Out {
         if self.json {
             line(&json!({ "blobs": blobs, "bytes": bytes }).to_string())
         } else {
-            line(&format!("freed {blobs} blobs, {}", human(bytes)))
+            line(&format!(
+                "freed {blobs} blob{}, {}",
+                if blobs == 1 { "" } else { "s" },
+                human(bytes)
+            ))
         }
     }
 

@@ -111,11 +111,28 @@ impl PeerBook {
     }
 
     pub(crate) fn count_upload(&mut self, peer: PeerId, bytes: u64) {
-        self.counters.entry(peer).or_default().uploaded += bytes;
+        self.counter(peer).uploaded += bytes;
     }
 
     pub(crate) fn count_download(&mut self, peer: PeerId, bytes: u64) {
-        self.counters.entry(peer).or_default().downloaded += bytes;
+        self.counter(peer).downloaded += bytes;
+    }
+
+    /// `peer`'s counters; room is made for a new peer past [`MAX_PEERS`]
+    /// by forgetting the one that moved fewest bytes (each new identity
+    /// that fetched something took an entry for good).
+    fn counter(&mut self, peer: PeerId) -> &mut PeerCounters {
+        if !self.counters.contains_key(&peer)
+            && self.counters.len() >= MAX_PEERS
+            && let Some(least) = self
+                .counters
+                .iter()
+                .min_by_key(|(_, c)| c.uploaded.saturating_add(c.downloaded))
+                .map(|(p, _)| *p)
+        {
+            self.counters.remove(&least);
+        }
+        self.counters.entry(peer).or_default()
     }
 
     pub(crate) fn counters(&self) -> Vec<(PeerId, PeerCounters)> {
@@ -155,6 +172,22 @@ mod tests {
             book.saw(Hash::from_bytes(h), other, i % 2 == 0);
         }
         assert!(book.by_hash.len() <= MAX_HASHES + MAX_RELAYED);
+    }
+
+    #[test]
+    fn byte_counters_stay_bounded_and_keep_the_busiest_peers() {
+        let mut book = PeerBook::default();
+        let busy = SecretKey::generate().public();
+        book.count_upload(busy, 1 << 30);
+        for i in 0..(MAX_PEERS + 100) {
+            let mut b = [0u8; 32];
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            // Not all byte strings are keys: made-up ids from a hash.
+            let id = SecretKey::from_bytes(blake3::hash(&b).as_bytes()).public();
+            book.count_download(id, 1 + i as u64 % 7);
+        }
+        assert_eq!(book.counters.len(), MAX_PEERS);
+        assert_eq!(book.counters[&busy].uploaded, 1 << 30);
     }
 
     #[test]

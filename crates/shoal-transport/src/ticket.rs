@@ -228,7 +228,8 @@ pub enum TicketError {
     TooLong(usize),
     /// The text after the prefix is not base32 of a whole number of bytes.
     #[error(
-        "the ticket is mistyped or cut short (only letters a-z and digits 2-7 follow \"shoal\")"
+        "the ticket is mistyped, cut short or has extra characters (after \"shoal\" come only \
+         letters a-z and digits 2-7, in a length a ticket can have)"
     )]
     Encoding,
     /// The version byte is not one this program reads.
