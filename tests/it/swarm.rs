@@ -394,6 +394,49 @@ fn a_collection_round_trips_with_names_and_modes() {
     );
 }
 
+/// The only seeder's copy went bad (its file in place changed, keeping
+/// its size and time: it finds out as it reads) or was deleted. A get
+/// with discovery off waited out its whole timeout (60 s), then said it
+/// "made no progress"; it now says, within seconds, that no peer reached
+/// holds it (the run's limit, 45 s, is under the old wait).
+#[test]
+fn a_get_whose_only_seeder_lost_its_copy_says_so_soon() {
+    let s = Dir::new();
+    let f = s.path().join("f.bin");
+    write(&f, &data(3_000_000, 41));
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &f);
+    let t = ticket(&s, &hash);
+    let when = std::fs::metadata(&f).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&f).unwrap();
+    bytes[2_000_000] ^= 1;
+    write(&f, &bytes);
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    let d = Dir::new();
+    for (i, out) in ["changed", "deleted"].iter().enumerate() {
+        if i == 1 {
+            std::fs::remove_file(&f).unwrap();
+        }
+        let out = d.path().join(out);
+        let o = d.run(
+            &["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]],
+            Duration::from_secs(45),
+        );
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{out:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("no peer reached holds {hash} (1 asked)")),
+            "{out:?}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn a_get_fetches_again_what_the_store_holds_corrupt() {
     // A copy in the store damaged on disk and found corrupt (`verify`):

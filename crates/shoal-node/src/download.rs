@@ -45,6 +45,10 @@ const MAX_PEERS: usize = 64;
 const MAX_PROBE_FAILURES: u32 = 3;
 /// See [`probe_deadline`].
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a download with discovery off waits once every peer it can
+/// reach holds nothing (see where it is used): two rounds of peer
+/// exchange and then some.
+const NOT_HELD_GRACE: Duration = Duration::from_secs(8);
 /// Addresses a download remembers to dial again (see [`Known`]).
 const MAX_KNOWN: usize = 256;
 /// Most runs kept of what one peer has (a blob of 1 TiB half held in
@@ -406,6 +410,9 @@ pub(crate) async fn fetch_blob(
     let mut rate = crate::RateMeter::new(Duration::from_secs(1));
     let stall = node.config.stall_timeout;
     let mut candidates_open = !discovery_off;
+    // Peers that answered (for "none of the N asked holds it").
+    let mut reached: HashSet<PeerId> = HashSet::new();
+    let mut nothing_since: Option<Instant> = None;
     if discovery_off && initial.is_empty() {
         // Nothing to dial, no neighbour to ask, and nothing to find:
         // failing now says so (waiting for a peer to connect of its own
@@ -539,13 +546,40 @@ pub(crate) async fn fetch_blob(
                 let _ = tx.send(ev).await;
             });
         }
+        // With discovery off, the peers given (and those they tell of) are
+        // all there is: once every one given was reached, none of those up
+        // holds any of it (a peer whose copy went corrupt or was deleted,
+        // a wrong hash), and nothing else is being dialled or waits to be,
+        // the download says so after `NOT_HELD_GRACE` (time for peer
+        // exchange and a have update) instead of its stall timeout.
+        let holds_nothing = discovery_off
+            && probe.is_none()
+            && queued.is_empty()
+            && dialing.is_empty()
+            && peers.values().all(|p| !p.complete && p.have.is_empty())
+            && known.iter().all(|(addr, k)| match k.peer {
+                Some(id) => {
+                    peers.contains_key(&id) || banned.contains(&id) || resting.contains_key(&id)
+                }
+                // Not reached: a peer given may still come up; one heard
+                // of that failed to answer is not waited for.
+                None => k.cand.source != Source::Static && book.failures(*addr) > 0,
+            });
+        match (holds_nothing, nothing_since) {
+            (false, _) => nothing_since = None,
+            (true, None) => nothing_since = Some(now),
+            (true, Some(since)) if now.duration_since(since) >= NOT_HELD_GRACE => {
+                break Err(NodeError::NotHeld(hash, reached.len()));
+            }
+            (true, Some(_)) => {}
+        }
         if now.duration_since(last_progress) > stall {
             break Err(if peers.is_empty() {
                 NodeError::NoProviders(hash)
             } else if peers.values().all(|p| !p.complete && p.have.is_empty()) {
                 // Reached, asked, and none has a byte of it: say that,
                 // not that the download stalled.
-                NodeError::NotHeld(hash, peers.len())
+                NodeError::NotHeld(hash, reached.len())
             } else {
                 NodeError::Stalled(hash, stall)
             });
@@ -583,6 +617,7 @@ pub(crate) async fn fetch_blob(
                 Ev::PeerUp { peer, conn, avail, addr } => {
                     dialing.remove(&addr);
                     book.record_success(addr);
+                    reached.insert(peer);
                     if let Some(k) = known.get_mut(&addr) {
                         k.peer = Some(peer);
                     }
@@ -705,14 +740,18 @@ pub(crate) async fn fetch_blob(
                                 ReqError::Local(e) => break Err(NodeError::Store(e)),
                                 ReqError::Failed(msg) => {
                                     debug!(%peer, "request failed: {msg}");
+                                    // The scheduler forgets the peer (it would
+                                    // otherwise count its requests as strikes and
+                                    // drop it for good); so does the download, and
+                                    // its address is dialled again (over its
+                                    // connection, if that still stands), which asks
+                                    // it afresh what it holds. Kept while its
+                                    // connection stood, it was never asked again: a
+                                    // seeder whose copy turned out corrupt as it
+                                    // read, or that refused one request, was dead
+                                    // weight until the download stalled.
                                     s.handle_request_failed(id, Failure::Error);
-                                    // Its connection is gone: forget it here and in the
-                                    // scheduler (which would otherwise count its requests
-                                    // as strikes and drop it for good); its address is
-                                    // dialled again.
-                                    if peers.get(&peer).is_some_and(|p| p.conn.is_closed())
-                                        && let Some(slot) = peers.remove(&peer)
-                                    {
+                                    if let Some(slot) = peers.remove(&peer) {
                                         s.handle_peer_removed(&peer);
                                         if let Some(t) = slot.sub { t.abort() }
                                     }

@@ -47,7 +47,10 @@ pub enum NodeError {
     #[error("no peer with {0} could be found or reached")]
     NoProviders(Hash),
     /// Peers were reached, and none of them holds any of the hash.
-    #[error("no peer reached holds {0} ({1} asked)")]
+    #[error(
+        "no peer reached holds {0} ({1} asked): check the hash or ticket, or ask whoever shared \
+         it whether they still do"
+    )]
     NotHeld(Hash, usize),
     /// Peers were found but nothing was verified for too long.
     #[error("download of {0} made no progress for {1:?}")]
