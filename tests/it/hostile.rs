@@ -1016,6 +1016,81 @@ fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
     });
 }
 
+/// Peer exchange told downloaders of short-lived `get` nodes long gone:
+/// each of their addresses took a dial slot until it timed out, and a
+/// reachable holder waited behind them (13 s in a review). A node now
+/// forgets the addresses of a peer that shut down (until it says hello
+/// again); a peer still running is passed on.
+#[test]
+fn peer_exchange_passes_on_peers_still_there_not_gets_that_left() {
+    let t = target(300_000);
+    let out = |d: &Dir| {
+        d.path()
+            .join("out.bin")
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    };
+    // A node that fetched it and runs on.
+    let stays = Dir::new();
+    let _serve = stays.serve(&[]);
+    stays.ok(&[
+        "get",
+        &t.hash,
+        "--peer",
+        &t.serve.peer_arg(),
+        "-o",
+        &out(&stays),
+    ]);
+    // A get with a node of its own, gone when done.
+    let left = Dir::new();
+    left.ok(&[
+        "get",
+        &t.hash,
+        "--peer",
+        &t.serve.peer_arg(),
+        "--no-mdns",
+        "--no-dht",
+        "-o",
+        &out(&left),
+    ]);
+    let ids = |d: &Dir| -> PeerId { d.ok(&["id"]).trim().parse().expect("peer id") };
+    let (stays_id, left_id) = (ids(&stays), ids(&left));
+    let rt = runtime();
+    rt.block_on(async {
+        let ep = endpoint().await;
+        let conn = dial(&ep, &t).await;
+        let hash = blake3::Hash::from_hex(&t.hash).expect("hash");
+        let req = request(pb::request::Kind::Pex(pb::Pex {
+            hash: hash.as_bytes().to_vec().into(),
+        }));
+        // The get's goodbye may still be on its way: asked until it is
+        // heard, for at most 5 s.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let told: Vec<PeerId> = match ask(&conn, &req).await {
+                Some(pb::Response {
+                    kind: Some(pb::response::Kind::Pex(a)),
+                }) => a
+                    .peers
+                    .iter()
+                    .map(|p| PeerId::from_bytes(&p.id).expect("an id"))
+                    .collect(),
+                other => panic!("no peer exchange answer: {other:?}"),
+            };
+            assert!(told.contains(&stays_id), "{told:?}");
+            if !told.contains(&left_id) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the get that left is passed on: {told:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
 /// A peer can prove any size for a hash it made up (see [`absurd_blob`]):
 /// a download refuses a proven size over 1 TiB, with a clear error, and
 /// so does the next try, which found the size already proven in the store

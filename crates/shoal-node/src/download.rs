@@ -823,7 +823,9 @@ pub(crate) async fn fetch_blob(
                     }
                 }
                 Ev::More(list) => {
-                    for c in list {
+                    // The answer's first (peers connected to the teller)
+                    // are dialled first: the queue is taken from its end.
+                    for c in list.into_iter().rev() {
                         remember(&mut known, &c, Instant::now());
                         enqueue(&mut queued, c);
                     }

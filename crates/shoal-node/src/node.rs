@@ -570,7 +570,11 @@ impl Inner {
         let conn = conn.clone();
         lock(&self.tasks).spawn(async move {
             tokio::select! {
-                () = server::handle_connection(i.clone(), conn.clone()) => {},
+                () = server::handle_connection(i.clone(), conn.clone()) => {
+                    if conn.peer_shut_down() {
+                        lock(&i.book).gone(&conn.peer_id());
+                    }
+                },
                 () = i.cancel.cancelled() => {},
             }
             let mut h = lock(&i.handled);

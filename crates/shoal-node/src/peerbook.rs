@@ -58,6 +58,14 @@ impl PeerBook {
         list.truncate(MAX_ADDRS);
     }
 
+    /// `peer` shut down: its addresses are forgotten, so peer exchange
+    /// no longer sends others to them (until it says hello again). A
+    /// short-lived `get` node is gone once its fetch is done, and its
+    /// addresses took downloaders' dial slots for a timeout each.
+    pub(crate) fn gone(&mut self, peer: &PeerId) {
+        self.addrs.remove(peer);
+    }
+
     pub(crate) fn addrs(&self, peer: &PeerId) -> Vec<SocketAddr> {
         self.addrs.get(peer).cloned().unwrap_or_default()
     }
@@ -172,6 +180,28 @@ mod tests {
             book.saw(Hash::from_bytes(h), other, i % 2 == 0);
         }
         assert!(book.by_hash.len() <= MAX_HASHES + MAX_RELAYED);
+    }
+
+    #[test]
+    fn a_peer_gone_is_not_passed_on_until_it_says_hello_again() {
+        let mut book = PeerBook::default();
+        let hash = Hash::from_bytes([1; 32]);
+        let me = SecretKey::generate().public();
+        let left = SecretKey::generate().public();
+        let stays = SecretKey::generate().public();
+        book.add_addrs(left, ["127.0.0.1:9".parse().unwrap()]);
+        book.add_addrs(stays, ["127.0.0.1:10".parse().unwrap()]);
+        book.saw(hash, left, true);
+        book.saw(hash, stays, true);
+        book.gone(&left);
+        let ids: Vec<PeerId> = book
+            .peers_for(&hash, &me, 10)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(ids, vec![stays]);
+        book.add_addrs(left, ["127.0.0.1:11".parse().unwrap()]);
+        assert_eq!(book.peers_for(&hash, &me, 10).len(), 2);
     }
 
     #[test]

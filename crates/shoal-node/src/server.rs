@@ -609,11 +609,15 @@ async fn on_pex(
     let Some(hash) = parse_hash(&p.hash) else {
         return reply(send, &bad("hash must be 32 bytes")).await;
     };
-    let peers = lock(&node.book).peers_for(&hash, &peer, limits::MAX_PEX_PEERS);
+    // Peers connected now first (most likely still there), then the
+    // others, most recently seen first; the asker dials in this order.
+    let mut peers = lock(&node.book).peers_for(&hash, &peer, usize::MAX);
     let me = node.endpoint.peer_id();
+    peers.retain(|(id, _)| *id != me);
+    peers.sort_by_key(|(id, _)| node.endpoint.connection(id).is_none_or(|c| c.is_closed()));
     let peers = peers
         .into_iter()
-        .filter(|(id, _)| *id != me)
+        .take(limits::MAX_PEX_PEERS)
         .map(|(id, addrs)| pb::PeerInfo {
             id: id.as_bytes().to_vec().into(),
             addrs: addrs

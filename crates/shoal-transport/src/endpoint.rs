@@ -1001,6 +1001,16 @@ impl Connection {
         self.inner.close_reason().is_some()
     }
 
+    /// Whether the peer closed the connection because its endpoint shut
+    /// down ([`CLOSE_SHUTDOWN`]): it is gone, not merely done with us.
+    pub fn peer_shut_down(&self) -> bool {
+        matches!(
+            self.inner.close_reason(),
+            Some(ConnectionError::ApplicationClosed(c))
+                if c.error_code == VarInt::from_u32(CLOSE_SHUTDOWN)
+        )
+    }
+
     /// Why the connection closed, if it did.
     pub fn close_reason(&self) -> Option<TransportError> {
         self.inner.close_reason().map(|e| self.lost(e))
