@@ -101,6 +101,43 @@ fn add_goes_on_past_a_path_it_cannot_add_as_b3sum_does() {
     }
 }
 
+/// `get -o` into a directory that does not exist is refused before
+/// anything is fetched, saying which directory is missing (it failed at
+/// the end, naming the temporary file it could not make); `ls` shows a
+/// name holding a newline on one line.
+#[test]
+fn get_into_a_missing_directory_says_so_and_ls_keeps_names_on_one_line() {
+    let d = Dir::new();
+    let out = d.path().join("nodir").join("sub").join("file");
+    let o = d.run(
+        &[
+            "get",
+            &blake3::hash(b"anything").to_hex(),
+            "-o",
+            out.to_str().expect("utf-8"),
+            "--no-mdns",
+            "--no-dht",
+        ],
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the directory {} does not exist",
+            out.parent().expect("parent").display()
+        )),
+        "{stderr}"
+    );
+    assert!(!d.path().join("nodir").exists());
+    let odd = d.path().join("two\nlines");
+    std::fs::write(&odd, b"x").expect("write");
+    d.ok(&["add", odd.to_str().expect("utf-8")]);
+    let ls = d.ok(&["ls"]);
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    assert!(ls.contains("two\\nlines"), "{ls}");
+}
+
 #[test]
 fn quiet_leaves_only_errors_on_stderr() {
     let d = Dir::new();

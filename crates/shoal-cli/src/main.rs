@@ -968,6 +968,18 @@ async fn get(
             o.display()
         );
     }
+    // Said before anything is fetched (it failed at the end, naming the
+    // temporary file it could not make there).
+    if let Some(parent) = output.as_deref().and_then(Path::parent)
+        && !parent.is_dir()
+    {
+        bail!(
+            "cannot write {}: the directory {} does not exist (create it, or choose another \
+             output path)",
+            output.as_deref().unwrap_or(parent).display(),
+            parent.display()
+        );
+    }
     let bar = output::ProgressBar::new(
         !out.json
             && std::io::stderr().is_terminal()

@@ -119,7 +119,7 @@ impl Out {
                 human(i.size),
                 state,
                 kind_name(i.kind),
-                i.name
+                shown(&i.name)
             ))?;
         }
         let unserved = items.iter().filter(|i| i.corrupt || i.changed).count();
@@ -341,6 +341,26 @@ fn progress_message(p: &Progress) -> String {
     )
 }
 
+/// A name as a table shows it: control characters escaped (`\n`, `\t`,
+/// `\u{1b}`), so that each row is one line and a name cannot drive the
+/// terminal.
+fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.chars().any(char::is_control) {
+        name.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        name.into()
+    }
+}
+
 /// `b3sum`'s line for `path`: `<hash>  <path>`, where a path holding a
 /// backslash or a newline is written with both escaped (`\\`, `\n`) and
 /// the line starts with a backslash, so that every line is one entry and
@@ -358,6 +378,13 @@ fn b3sum_line(hash: &Hash, path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_names_are_one_line_and_drive_no_terminal() {
+        assert_eq!(shown("plain name.txt"), "plain name.txt");
+        assert_eq!(shown("a\nb\tc"), "a\\nb\\tc");
+        assert_eq!(shown("\u{1b}[31mred"), "\\u{1b}[31mred");
+    }
 
     #[test]
     fn add_lines_escape_paths_as_b3sum_does() {
