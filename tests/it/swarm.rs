@@ -398,7 +398,8 @@ fn a_collection_round_trips_with_names_and_modes() {
 /// its size and time: it finds out as it reads) or was deleted. A get
 /// with discovery off waited out its whole timeout (60 s), then said it
 /// "made no progress"; it now says, within seconds, that no peer reached
-/// holds it (the run's limit, 45 s, is under the old wait).
+/// holds it (the run's limit, 45 s, is under the old wait), also when
+/// peer exchange told it of a peer that is gone.
 #[test]
 fn a_get_whose_only_seeder_lost_its_copy_says_so_soon() {
     let s = Dir::new();
@@ -407,6 +408,22 @@ fn a_get_whose_only_seeder_lost_its_copy_says_so_soon() {
     let _seeder = s.serve(&[]);
     let hash = add(&s, &f);
     let t = ticket(&s, &hash);
+    // A get killed half-way: it never said goodbye, so the seeder passes
+    // it on in peer exchange, and its addresses lead nowhere now. Heard
+    // of, failed to answer: not waited for.
+    let killed = Dir::new();
+    let mut child = killed
+        .cmd()
+        .args(["get", &t, "-o"])
+        .arg(killed.path().join("o"))
+        .args([NET[0], NET[1], "--max-download", "100KB/s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("a get to kill");
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().expect("kill");
+    child.wait().expect("wait");
     let when = std::fs::metadata(&f).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&f).unwrap();
     bytes[2_000_000] ^= 1;

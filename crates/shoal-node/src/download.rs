@@ -45,6 +45,8 @@ const MAX_PEERS: usize = 64;
 const MAX_PROBE_FAILURES: u32 = 3;
 /// See [`probe_deadline`].
 const PROBE_DEADLINE: Duration = Duration::from_secs(20);
+/// Bytes per second a size proof must average once past its deadline.
+const PROBE_MIN_RATE: f64 = 256.0;
 /// How long a download with discovery off waits once every peer it can
 /// reach holds nothing (see where it is used): two rounds of peer
 /// exchange and then some.
@@ -549,21 +551,28 @@ pub(crate) async fn fetch_blob(
         // With discovery off, the peers given (and those they tell of) are
         // all there is: once every one given was reached, none of those up
         // holds any of it (a peer whose copy went corrupt or was deleted,
-        // a wrong hash), and nothing else is being dialled or waits to be,
-        // the download says so after `NOT_HELD_GRACE` (time for peer
-        // exchange and a have update) instead of its stall timeout.
+        // a wrong hash), and no other address is waited for, the download
+        // says so after `NOT_HELD_GRACE` (time for peer exchange and a
+        // have update) instead of its stall timeout. An address heard of
+        // (peer exchange) that failed to answer is not waited for, though
+        // it is dialled again meanwhile (a peer killed half-way stays in
+        // its swarm's peer exchange, its addresses leading nowhere).
+        let waited_for = |addr: &SocketAddr| {
+            known
+                .get(addr)
+                .is_none_or(|k| k.cand.source == Source::Static)
+                || book.failures(*addr) == 0
+        };
         let holds_nothing = discovery_off
             && probe.is_none()
-            && queued.is_empty()
-            && dialing.is_empty()
+            && queued.iter().all(|c| !waited_for(&c.addr))
+            && dialing.iter().all(|a| !waited_for(a))
             && peers.values().all(|p| !p.complete && p.have.is_empty())
             && known.iter().all(|(addr, k)| match k.peer {
-                Some(id) => {
+                Some(id) if reached.contains(&id) => {
                     peers.contains_key(&id) || banned.contains(&id) || resting.contains_key(&id)
                 }
-                // Not reached: a peer given may still come up; one heard
-                // of that failed to answer is not waited for.
-                None => k.cand.source != Source::Static && book.failures(*addr) > 0,
+                _ => !waited_for(addr),
             });
         match (holds_nothing, nothing_since) {
             (false, _) => nothing_since = None,
@@ -824,9 +833,13 @@ pub(crate) async fn fetch_blob(
                 }
                 Ev::More(list) => {
                     // The answer's first (peers connected to the teller)
-                    // are dialled first: the queue is taken from its end.
-                    for c in list.into_iter().rev() {
-                        remember(&mut known, &c, Instant::now());
+                    // are kept, and dialled first: the queue is taken from
+                    // its end, so what fits goes in backwards.
+                    for c in &list {
+                        remember(&mut known, c, Instant::now());
+                    }
+                    let room = MAX_KNOWN.saturating_sub(queued.len());
+                    for c in list.into_iter().take(room).rev() {
                         enqueue(&mut queued, c);
                     }
                 }
@@ -1032,7 +1045,12 @@ async fn unless_silent(
                 } else if since.elapsed() >= limit {
                     return Err(ReqError::Failed(format!("no data for {limit:?} while proving the size")));
                 }
-                if start.elapsed() >= deadline {
+                // Past the deadline, only a peer slower than
+                // `PROBE_MIN_RATE` on average is given up: a seeder whose
+                // upload limit is shared by many downloaders is slow, not
+                // lying.
+                let spent = start.elapsed();
+                if spent >= deadline && (b as f64) < spent.as_secs_f64() * PROBE_MIN_RATE {
                     return Err(ReqError::Failed(format!(
                         "the size proof took over {deadline:?} ({b} bytes came)"
                     )));

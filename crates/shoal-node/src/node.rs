@@ -571,7 +571,13 @@ impl Inner {
         lock(&self.tasks).spawn(async move {
             tokio::select! {
                 () = server::handle_connection(i.clone(), conn.clone()) => {
-                    if conn.peer_shut_down() {
+                    // Gone, unless it is back already (a restart whose
+                    // new connection said hello meanwhile).
+                    let back = i
+                        .endpoint
+                        .connection(&conn.peer_id())
+                        .is_some_and(|c| !c.is_closed() && c.stable_id() != conn.stable_id());
+                    if conn.peer_shut_down() && !back {
                         lock(&i.book).gone(&conn.peer_id());
                     }
                 },

@@ -96,8 +96,8 @@ pub enum StoreError {
     /// and a file this store did not start is there (another data dir's
     /// download, or the user's file): it is not written over.
     #[error(
-        "{0} exists already and is not a download this data dir started: move it away (or \
-         delete it), or choose another output"
+        "{0} exists already and is not this download's (another download's, or a file of \
+         yours): move it away (or delete it), or choose another output"
     )]
     PartialInTheWay(PathBuf),
     /// Something that is not a regular file or directory.

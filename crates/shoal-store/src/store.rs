@@ -1932,12 +1932,24 @@ fn record_of(b: &Blob) -> Record {
 /// Open a file the user named (one to add, or added in place) for
 /// reading, without blocking: a FIFO put there opened at once (and was
 /// then refused as not a regular file) instead of waiting, forever, for a
-/// writer. Regular files read as they would without the flag.
+/// writer. Regular files read as they would without the flag; but a
+/// file under a lease (Samba, an NFS server) refuses such an open instead
+/// of waiting for the lease to break, so a regular file is then opened
+/// again without it.
 pub(crate) fn open_read(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
+    {
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock
+                && fs::metadata(path).is_ok_and(|m| m.is_file()) =>
+        {
+            File::open(path)
+        }
+        r => r,
+    }
 }
 
 /// Open `path`, a regular file, and take its stamp.
@@ -2074,18 +2086,20 @@ fn walk(
         } else {
             format!("{rel}/{name}")
         };
+        let ft = ent.file_type().map_err(io_err("reading", &ent.path()))?;
         // What the manifest's readers would refuse is refused here, before
         // a file is hashed: it failed at the end, as a bad manifest, and
-        // left the files hashed till then recorded.
-        if let Err(collection::ManifestError::BadPath { reason, .. }) =
-            collection::check_path(&child)
+        // left the files hashed till then recorded. (What is skipped
+        // anyway, a link or a special file, may have any name.)
+        if (ft.is_dir() || ft.is_file())
+            && let Err(collection::ManifestError::BadPath { reason, .. }) =
+                collection::check_path(&child)
         {
             return Err(StoreError::UnsharableName {
                 path: ent.path(),
                 reason,
             });
         }
-        let ft = ent.file_type().map_err(io_err("reading", &ent.path()))?;
         if ft.is_dir() {
             any = true;
             walk(root, &child, files, empty)?;
@@ -2313,6 +2327,10 @@ impl Inner {
             // the download, and what outlasted the blob's size stayed in
             // the output. Only an empty one (left by a stop before its
             // record was written) is taken.
+            //
+            // The file is locked (`flock`) while the download has it open:
+            // another data dir's download that found it empty, before its
+            // first batch, took it too, and both wrote into it.
             (Some(p), Some(_)) if fresh => {
                 let f = match OpenOptions::new()
                     .read(true)
@@ -2325,8 +2343,9 @@ impl Inner {
                         let f = OpenOptions::new()
                             .read(true)
                             .write(true)
+                            .custom_flags(libc::O_NOFOLLOW)
                             .open(p)
-                            .map_err(io_err("opening", p))?;
+                            .map_err(|_| StoreError::PartialInTheWay(p.clone()))?;
                         let m = f.metadata().map_err(io_err("reading", p))?;
                         if !m.is_file() || m.len() != 0 {
                             return Err(StoreError::PartialInTheWay(p.clone()));
@@ -2335,9 +2354,30 @@ impl Inner {
                     }
                     Err(e) => return Err(StoreError::io("creating", p, e)),
                 };
+                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .is_err()
+                {
+                    return Err(StoreError::PartialInTheWay(p.clone()));
+                }
                 Slot::File(Arc::new(f))
             }
-            (Some(p), _) => open(p)?,
+            (Some(p), Some(_)) => {
+                let slot = open(p)?;
+                if let Slot::File(f) = &slot
+                    && rustix::fs::flock(
+                        f.as_ref(),
+                        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+                    )
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "{} is open in another shoal process too; both may write to it",
+                        p.display()
+                    );
+                }
+                slot
+            }
+            (Some(p), None) => open(p)?,
             (None, _) => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
         };
         let outboard = match self.ob_path(hash) {
@@ -2886,23 +2926,25 @@ impl Inner {
                 }
             }
         };
-        // A reset waits for the writes under way (and takes the gate
-        // before the state, as writers do).
-        let resets = {
-            let s = lock(&partial.st);
-            s.size.is_some_and(|old| old != size && !s.proven())
-        };
-        let gate = resets.then(|| partial.gate.write().unwrap_or_else(|e| e.into_inner()));
-        let (generation, changed) =
+        // A reset waits for the writes under way: it holds the gate, taken
+        // before the state, as writers do (the state is let go to take it,
+        // and looked at again).
+        let mut gate = None;
+        let (generation, changed) = loop {
             {
                 let mut s = lock(&partial.st);
-                match s.size {
+                break match s.size {
                     Some(old) if old == size => (s.generation, false),
                     Some(old) if s.proven() => {
                         return Err(ReceiveError::SizeMismatch {
                             expected: old,
                             got: size,
                         });
+                    }
+                    Some(_) if gate.is_none() => {
+                        drop(s);
+                        gate = Some(partial.gate.write().unwrap_or_else(|e| e.into_inner()));
+                        continue;
                     }
                     Some(_) => {
                         partial.data.clear().map_err(|e| {
@@ -2925,8 +2967,9 @@ impl Inner {
                         partial.data.reserve(size.min(64 << 20));
                         (s.generation, true)
                     }
-                }
-            };
+                };
+            }
+        };
         drop(gate);
         if changed {
             {

@@ -348,6 +348,14 @@ fn a_partial_file_the_store_did_not_start_is_not_written_over() {
     other
         .begin_download(&big_hash, BlobKind::Raw, Some(&target), true)
         .unwrap();
+    // Still empty, but theirs (locked while their download has it).
+    assert_eq!(fs::metadata(&partial).unwrap().len(), 0);
+    let early = Store::open(&dir.path().join("early")).unwrap();
+    let res = early.begin_download(&hash, BlobKind::Raw, Some(&target), true);
+    assert!(
+        matches!(res, Err(StoreError::PartialInTheWay(_))),
+        "{res:?}"
+    );
     let half = GroupRanges::from_range(0..5);
     let (_, half_bytes) = encode(&from, &big_hash, &half);
     receive(&other, &big_hash, &half, &half_bytes).unwrap();
