@@ -896,6 +896,52 @@ fn honest_and_liar(
     ]
 }
 
+/// A scripted seeder lying as told, holding `data`: its hash, and the
+/// seeder's endpoint, id and address.
+async fn liar_with(data: &[u8], lie: Lie) -> (blake3::Hash, Endpoint, PeerId, SocketAddr) {
+    let store = Store::in_memory();
+    let hash = store.import_bytes(data, "blob").expect("import");
+    let (ep, id, addr) = scripted_seeder(store, lie).await;
+    (hash, ep, id, addr)
+}
+
+/// `node` fetches `hash` from `peers` into its store, in a task.
+fn fetch_into_store(
+    node: &shoal_node::Node,
+    hash: blake3::Hash,
+    peers: Vec<shoal_node::PeerAddr>,
+) -> tokio::task::JoinHandle<Result<(), shoal_node::NodeError>> {
+    let req = shoal_node::FetchRequest {
+        hash,
+        kind: None,
+        peers,
+        out: shoal_node::FetchOutput::Store,
+    };
+    let node = node.clone();
+    tokio::spawn(async move { node.fetch(req, None).await.map(|_| ()) })
+}
+
+/// `fetch` ends within `limit` (else: `what`), and `node`'s store then
+/// holds `data`.
+async fn fetched_within(
+    fetch: tokio::task::JoinHandle<Result<(), shoal_node::NodeError>>,
+    node: &shoal_node::Node,
+    data: &[u8],
+    limit: Duration,
+    what: &str,
+) {
+    tokio::time::timeout(limit, fetch)
+        .await
+        .expect(what)
+        .expect("task")
+        .expect("the download failed");
+    let hash = blake3::hash(data);
+    assert!(
+        node.store().read_all(&hash).expect("read") == data,
+        "wrong bytes"
+    );
+}
+
 /// A peer that answers the size proof's get with its header and then
 /// falls silent held the whole download up until its stall timeout: the
 /// proof waited on it with no timeout, and nothing else runs before the
@@ -908,10 +954,8 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
     let rt = runtime();
     rt.block_on(async {
         let data = data(2 * 1024 * 1024 + 99, 31);
-        let store = Store::in_memory();
-        let hash = store.import_bytes(&data, "blob").expect("import");
-        let (_ep, liar_id, liar_addr) =
-            scripted_seeder(store, Lie::FallsSilentAfterTheHeader).await;
+        let (hash, _ep, liar_id, liar_addr) =
+            liar_with(&data, Lie::FallsSilentAfterTheHeader).await;
         let node = |stall| shoal_node::NodeConfig {
             listen: vec!["127.0.0.1:0".parse().expect("addr")],
             stall_timeout: stall,
@@ -927,25 +971,12 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
             let d = shoal_node::Node::spawn(node(Duration::from_secs(60)))
                 .await
                 .expect("downloader");
-            let req = shoal_node::FetchRequest {
-                hash,
-                kind: None,
-                peers: peers.clone(),
-                out: shoal_node::FetchOutput::Store,
-            };
-            let d2 = d.clone();
-            fetches.push((d, tokio::spawn(async move { d2.fetch(req, None).await })));
+            let fetch = fetch_into_store(&d, hash, peers.clone());
+            fetches.push((d, fetch));
         }
         for (d, f) in fetches {
-            tokio::time::timeout(Duration::from_secs(45), f)
-                .await
-                .expect("a download waited on the silent peer")
-                .expect("task")
-                .expect("the download failed");
-            assert!(
-                d.store().read_all(&hash).expect("read") == data,
-                "wrong bytes"
-            );
+            let limit = Duration::from_secs(45);
+            fetched_within(f, &d, &data, limit, "a download waited on the silent peer").await;
             d.shutdown().await;
         }
         honest.shutdown().await;
@@ -963,9 +994,7 @@ fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
     let rt = runtime();
     rt.block_on(async {
         let data = data(2 * 1024 * 1024 + 99, 33);
-        let store = Store::in_memory();
-        let hash = store.import_bytes(&data, "blob").expect("import");
-        let (_ep, liar_id, liar_addr) = scripted_seeder(store, Lie::TricklesGets).await;
+        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::TricklesGets).await;
         let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
         let honest_addr = free.local_addr().expect("addr");
         drop(free);
@@ -988,29 +1017,22 @@ fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
         let d = shoal_node::Node::spawn(config("127.0.0.1:0".parse().expect("addr")))
             .await
             .expect("downloader");
-        let req = shoal_node::FetchRequest {
-            hash,
-            kind: None,
-            peers,
-            out: shoal_node::FetchOutput::Store,
-        };
-        let d2 = d.clone();
-        let fetch = tokio::spawn(async move { d2.fetch(req, None).await });
+        let fetch = fetch_into_store(&d, hash, peers);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let honest =
             shoal_node::Node::spawn_with(config(honest_addr), Store::in_memory(), honest_key)
                 .await
                 .expect("honest seeder");
         honest.add_bytes(data.clone(), "blob").await.expect("add");
-        tokio::time::timeout(Duration::from_secs(50), fetch)
-            .await
-            .expect("the download waited on the trickling peer")
-            .expect("task")
-            .expect("the download failed");
-        assert!(
-            d.store().read_all(&hash).expect("read") == data,
-            "wrong bytes"
-        );
+        let limit = Duration::from_secs(50);
+        fetched_within(
+            fetch,
+            &d,
+            &data,
+            limit,
+            "the download waited on the trickling peer",
+        )
+        .await;
         d.shutdown().await;
         honest.shutdown().await;
     });
@@ -1140,9 +1162,7 @@ fn a_size_a_peer_only_claimed_does_not_stay_in_the_store() {
     let rt = runtime();
     rt.block_on(async {
         let data = data(3 * shoal_proto::GROUP_SIZE as usize + 5, 32);
-        let store = Store::in_memory();
-        let hash = store.import_bytes(&data, "blob").expect("import");
-        let (_ep, liar_id, liar_addr) = scripted_seeder(store, Lie::UnprovenSize).await;
+        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::UnprovenSize).await;
         let node = || shoal_node::NodeConfig {
             listen: vec!["127.0.0.1:0".parse().expect("addr")],
             stall_timeout: Duration::from_secs(5),
@@ -1153,27 +1173,27 @@ fn a_size_a_peer_only_claimed_does_not_stay_in_the_store() {
             .expect("honest seeder");
         honest.add_bytes(data.clone(), "blob").await.expect("add");
         let d = shoal_node::Node::spawn(node()).await.expect("downloader");
-        let req = |peers: Vec<shoal_node::PeerAddr>| shoal_node::FetchRequest {
-            hash,
-            kind: None,
-            peers,
-            out: shoal_node::FetchOutput::Store,
-        };
         let liar = honest_and_liar(&honest, liar_id, liar_addr)[1];
-        let first = tokio::time::timeout(Duration::from_secs(30), d.fetch(req(vec![liar]), None))
-            .await
-            .expect("the fetch from the liar alone ended");
+        let first = tokio::time::timeout(
+            Duration::from_secs(30),
+            fetch_into_store(&d, hash, vec![liar]),
+        )
+        .await
+        .expect("the fetch from the liar alone ended")
+        .expect("task");
         let err = first.expect_err("only the liar was asked").to_string();
         assert!(!err.contains("1 TiB"), "a claimed size was refused: {err}");
         let second = honest_and_liar(&honest, liar_id, liar_addr)[0];
-        tokio::time::timeout(Duration::from_secs(30), d.fetch(req(vec![second]), None))
-            .await
-            .expect("the fetch from the honest seeder ended")
-            .expect("the fetch from the honest seeder failed");
-        assert!(
-            d.store().read_all(&hash).expect("read") == data,
-            "wrong bytes"
-        );
+        let fetch = fetch_into_store(&d, hash, vec![second]);
+        let limit = Duration::from_secs(30);
+        fetched_within(
+            fetch,
+            &d,
+            &data,
+            limit,
+            "the fetch from the honest seeder ended",
+        )
+        .await;
         d.shutdown().await;
         honest.shutdown().await;
     });

@@ -1022,9 +1022,10 @@ fn add_to_scheduler(s: &mut Scheduler<PeerId>, id: &PeerId, slot: &PeerSlot) {
 /// requests): a peer that answered the header and then fell silent held
 /// the whole download until its stall timeout.
 ///
-/// And failed once it has taken `deadline` in all: a peer sending a byte
-/// now and then was never silent for `limit`, and held the download (a
-/// proof at a time) until it stalled, with honest seeders connected.
+/// And failed once past `deadline` if it averaged under
+/// [`PROBE_MIN_RATE`]: a peer sending a byte now and then was never silent
+/// for `limit`, and held the download (a proof at a time) until it
+/// stalled, with honest seeders connected.
 async fn unless_silent(
     get: impl Future<Output = Result<GroupRanges, ReqError>>,
     bytes: &AtomicU64,
@@ -1060,9 +1061,10 @@ async fn unless_silent(
     }
 }
 
-/// How long a size proof may take in all: it is one group and the hashes
-/// above it (~20 KiB), so [`PROBE_DEADLINE`], and longer under a download
-/// limit that slows it (64 KiB at the limit's rate, on top).
+/// How long a size proof runs before its average rate is judged: it is one
+/// group and the hashes above it (~20 KiB), so [`PROBE_DEADLINE`], and
+/// longer under a download limit that slows it (64 KiB at the limit's
+/// rate, on top).
 fn probe_deadline(download_limit: Option<u64>) -> Duration {
     let slowed = download_limit.map_or(Duration::ZERO, |rate| {
         Duration::from_secs_f64(64.0 * 1024.0 / rate.max(1) as f64)
