@@ -30,7 +30,7 @@ use crate::Progress;
 use crate::error::NodeError;
 use crate::node::{Inner, PeerAddr, lock};
 use crate::scheduler::{Action, DropReason, Failure, RequestId, Scheduler, SchedulerConfig};
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{WireError, read_frame, write_frame};
 
 /// Time a peer gets to answer a small request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +81,9 @@ pub(crate) struct BlobJob {
 enum ReqError {
     Corrupt(String),
     Failed(String),
+    /// The peer gave this answer's slot to another request that waited
+    /// (it choked us, `choke.rs`): not its fault, nor the connection's.
+    Busy,
     /// Our own store failed (a full disk, permissions): no peer can help,
     /// so the download stops with this error instead of retrying forever
     /// (found by the full-disk test, tests/it/disk.rs).
@@ -747,6 +750,12 @@ pub(crate) async fn fetch_blob(
                                     s.handle_request_failed(id, Failure::Corrupt);
                                 }
                                 ReqError::Local(e) => break Err(NodeError::Store(e)),
+                                ReqError::Busy => {
+                                    // Choked: the peer stays, and is asked
+                                    // again in its turn.
+                                    debug!(%peer, "request choked");
+                                    s.handle_request_failed(id, Failure::Busy);
+                                }
                                 ReqError::Failed(msg) => {
                                     debug!(%peer, "request failed: {msg}");
                                     // The scheduler forgets the peer (it would
@@ -814,6 +823,11 @@ pub(crate) async fn fetch_blob(
                             warn!(%peer, "could not prove the size: {msg}; dropped");
                             banned.insert(peer);
                             if let Some(slot) = peers.remove(&peer) && let Some(t) = slot.sub { t.abort() }
+                        }
+                        Err(ReqError::Busy) => {
+                            // Choked: not a failure; another peer (or this
+                            // one again) proves the size.
+                            debug!(%peer, "size proof choked");
                         }
                         Err(ReqError::Failed(msg)) => {
                             // A connection that went, a timeout: not a lie. The
@@ -1143,7 +1157,10 @@ async fn run_get(
         tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
             .await
             .map_err(|_| ReqError::Failed("no answer to get".into()))?
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| match e {
+                WireError::Io(io) if choked(&io) => ReqError::Busy,
+                e => failed(&e),
+            })?;
     let header = match resp.kind {
         Some(pb::response::Kind::Get(h)) => h,
         Some(pb::response::Kind::Error(e)) if e.code == pb::ErrorCode::NotFound as i32 => {
@@ -1182,14 +1199,23 @@ async fn run_get(
             | ReceiveError::OutOfRange { .. }),
         ) => Err(ReqError::Corrupt(format!("peer sent bad data: {e}"))),
         Err(ReceiveError::Store(e)) => Err(ReqError::Local(e)),
+        Err(ReceiveError::Read(e)) if choked(&e) => Err(ReqError::Busy),
         Err(e) => Err(ReqError::Failed(e.to_string())),
     }
+}
+
+/// Whether a read failed because the peer choked the answer.
+fn choked(e: &std::io::Error) -> bool {
+    shoal_transport::reset_code(e) == Some(shoal_transport::RESET_BUSY)
 }
 
 impl std::fmt::Display for ReqError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ReqError::Corrupt(m) | ReqError::Failed(m) => f.write_str(m),
+            ReqError::Busy => {
+                f.write_str("the peer is busy (it gave our answer's slot to another)")
+            }
             ReqError::Local(e) => write!(f, "{e}"),
         }
     }

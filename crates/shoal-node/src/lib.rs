@@ -25,6 +25,7 @@
 //! ```
 
 mod batch;
+mod choke;
 pub mod control;
 mod download;
 mod error;

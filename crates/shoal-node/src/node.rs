@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::choke::Answers;
 use crate::error::NodeError;
 use crate::peerbook::{PeerBook, PeerCounters};
 use crate::wire::{read_frame, write_frame};
@@ -47,6 +48,12 @@ pub struct NodeConfig {
     /// of its bytes for this long: a peer that asks and never reads would
     /// otherwise hold the answer's buffers and its reading thread for good.
     pub send_stall_timeout: Duration,
+    /// Answers (`Get`, `GetBlobs`) sent at once, over all peers; further
+    /// requests wait their turn.
+    pub max_answers: usize,
+    /// When a request waits for an answer slot, the slowest answer that has
+    /// run this long gives its slot up (see `choke.rs`).
+    pub choke_after: Duration,
 }
 
 impl Default for NodeConfig {
@@ -65,6 +72,8 @@ impl Default for NodeConfig {
             control_socket: true,
             stall_timeout: Duration::from_secs(60),
             send_stall_timeout: Duration::from_secs(60),
+            max_answers: server::MAX_ANSWERS,
+            choke_after: Duration::from_secs(10),
         }
     }
 }
@@ -162,8 +171,8 @@ pub(crate) struct Inner {
     /// file after another, not all at once.
     pub(crate) recheck_slot: Arc<tokio::sync::Semaphore>,
     /// Answers being read from the store and sent, node-wide (see
-    /// `server::MAX_ANSWERS`).
-    pub(crate) answers: tokio::sync::Semaphore,
+    /// `server::MAX_ANSWERS` and `choke.rs`).
+    pub(crate) answers: Answers,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
     /// Each connected peer's recent upload and download rates, sampled
@@ -225,6 +234,7 @@ impl Node {
         } else {
             None
         };
+        let answers = Answers::new(config.max_answers.max(1), config.choke_after);
         let inner = Arc::new(Inner {
             store,
             endpoint,
@@ -237,7 +247,7 @@ impl Node {
             arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),
             recheck_slot: Arc::new(tokio::sync::Semaphore::new(1)),
-            answers: tokio::sync::Semaphore::new(server::MAX_ANSWERS),
+            answers,
             control_requests: watch::channel(ControlRequests::default()).0,
             handled: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),

@@ -24,7 +24,9 @@
 //!   flight, each sized to about `target_request_time` of its measured rate.
 //! - A request that makes no progress within its deadline is a stall: the
 //!   peer gets a strike, its blocks go back to the pool; too many strikes and
-//!   the peer is dropped. A corrupt group drops the peer at once.
+//!   the peer is dropped. A corrupt group drops the peer at once. A request
+//!   the peer choked (it gave the slot to another downloader) gives its
+//!   blocks back, and the peer stays, with no strike.
 //! - End-game: once every wanted block is requested, an idle peer is asked
 //!   for the oldest outstanding block it holds (at most
 //!   `endgame_duplicates` requests per block); when a block completes, the
@@ -135,6 +137,9 @@ pub enum Failure {
     Corrupt,
     /// The connection or stream failed; the peer may be gone.
     Error,
+    /// The peer gave the request's answer slot to another of its
+    /// downloaders (it choked us): the peer stays, with no strike.
+    Busy,
 }
 
 #[derive(Debug)]
@@ -568,6 +573,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
         match failure {
             Failure::Corrupt => self.drop_peer(&r.peer, DropReason::Corrupt),
             Failure::Error => self.handle_peer_removed(&r.peer),
+            Failure::Busy => {}
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! Every request arrives on its own stream. Per connection, the number of
 //! gets served at once and the number of open subscriptions are capped, so
-//! one greedy peer waits its turn while the others are served; the global
+//! one greedy peer waits its turn while the others are served; node-wide,
+//! when every answer slot is taken, the slowest answer gives its slot up to
+//! a request that waits (`choke.rs`); the global
 //! upload limit (in the transport's stream wrappers) is shared between all
 //! of them in small pieces.
 
@@ -18,17 +20,20 @@ use shoal_transport::{Connection, PeerId, RecvStream, SendStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use crate::choke::Answer;
 use crate::node::{Inner, dialable, lock};
 use crate::wire::{WireError, read_frame, write_frame};
 
 /// Gets served at once per connection; further ones wait.
 const MAX_GETS_PER_CONN: usize = 4;
-/// Gets and `GetBlobs` served at once by the node, over all connections;
-/// further ones wait. A `Get` answer holds a blocking thread (the encoder)
-/// and up to ~4 MiB while it is sent, a `GetBlobs` answer up to 4 MiB: 128
-/// connections at 4 each would reach tokio's 512 blocking threads and 2 GiB.
-/// With `NodeConfig::send_stall_timeout`, a peer that reads nothing holds
-/// its slots only that long.
+/// Gets and `GetBlobs` served at once by the node, over all connections,
+/// by default (`NodeConfig::max_answers`); further ones wait. A `Get`
+/// answer holds a blocking thread (the encoder) and up to ~4 MiB while it
+/// is sent, a `GetBlobs` answer up to 4 MiB: 128 connections at 4 each
+/// would reach tokio's 512 blocking threads and 2 GiB. With
+/// `NodeConfig::send_stall_timeout`, a peer that reads nothing holds its
+/// slots only that long; one that reads a trickle gives its slot up to a
+/// request that waits (`choke.rs`).
 pub(crate) const MAX_ANSWERS: usize = 128;
 /// Open have subscriptions per connection; further ones are refused.
 const MAX_SUBS_PER_CONN: usize = 32;
@@ -115,11 +120,15 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
-            let Ok(_answer) = node.answers.acquire().await else {
+            let Some(answer) = node.answers.acquire().await else {
                 return;
             };
-            send.set_stall_timeout(Some(node.config.send_stall_timeout));
-            on_get(&node, peer, &mut send, g).await
+            start_answer(&node, &mut send, &answer);
+            let sent = tokio::select! {
+                r = on_get(&node, peer, &mut send, g) => Some(r),
+                () = answer.choked() => None,
+            };
+            sent.unwrap_or_else(|| choked(peer, &mut send))
         }
         Some(pb::request::Kind::Subscribe(s)) => match limits.subs.try_acquire() {
             Ok(_permit) => on_subscribe(&node, peer, &mut send, &mut recv, s).await,
@@ -135,11 +144,15 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
-            let Ok(_answer) = node.answers.acquire().await else {
+            let Some(answer) = node.answers.acquire().await else {
                 return;
             };
-            send.set_stall_timeout(Some(node.config.send_stall_timeout));
-            on_get_blobs(&node, peer, &mut send, g).await
+            start_answer(&node, &mut send, &answer);
+            let sent = tokio::select! {
+                r = on_get_blobs(&node, peer, &mut send, g) => Some(r),
+                () = answer.choked() => None,
+            };
+            sent.unwrap_or_else(|| choked(peer, &mut send))
         }
         Some(pb::request::Kind::Pex(p)) => on_pex(&node, peer, &mut send, p).await,
     };
@@ -149,6 +162,21 @@ async fn handle_stream(
         }
         Err(e) => debug!(%peer, "request failed: {e}"),
     }
+}
+
+/// An answer in its slot is reset once the peer takes none of its bytes
+/// for the send stall timeout, and its bytes are counted for choking.
+fn start_answer(node: &Inner, send: &mut SendStream, answer: &Answer<'_>) {
+    send.set_stall_timeout(Some(node.config.send_stall_timeout));
+    send.count_into(answer.counter());
+}
+
+/// An answer choked for a request that waited (see `choke.rs`): its peer
+/// sees the stream reset as busy, keeps what it verified, and may ask again.
+fn choked(peer: PeerId, send: &mut SendStream) -> Result<(), WireError> {
+    let _ = send.reset(shoal_transport::RESET_BUSY);
+    debug!(%peer, "answer choked: another request waited for its slot");
+    Err(WireError::Io(std::io::Error::other("choked")))
 }
 
 async fn reply(send: &mut SendStream, resp: &pb::Response) -> Result<(), WireError> {

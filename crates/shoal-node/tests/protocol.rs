@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use shoal_node::wire::{read_frame, write_frame};
-use shoal_node::{Node, NodeConfig};
+use shoal_node::{FetchOutput, FetchRequest, Node, NodeConfig};
 use shoal_proto::{GroupRanges, Limit, pb};
 use shoal_transport::{Connection, Endpoint, EndpointConfig, SecretKey};
 use tokio::io::AsyncWriteExt;
@@ -227,10 +227,7 @@ async fn a_subscription_reports_groups_as_they_verify() {
     let conn = ep.connect(d.addrs()[0], Some(d.peer_id())).await.unwrap();
     let (_send, mut recv) = subscribe(&conn, &hash).await;
     let ticket = s.ticket(&hash).unwrap();
-    let fetch = d.fetch(
-        shoal_node::FetchRequest::from_ticket(&ticket, shoal_node::FetchOutput::Store),
-        None,
-    );
+    let fetch = d.fetch(FetchRequest::from_ticket(&ticket, FetchOutput::Store), None);
     let watch = async {
         let mut seen = GroupRanges::new();
         loop {
@@ -623,4 +620,106 @@ async fn an_answer_the_peer_does_not_read_is_dropped_after_the_stall_timeout() {
     let again = recv.read_all(64 << 20).await.unwrap();
     assert!(again == whole, "the answer differs");
     node.shutdown().await;
+}
+
+/// Answer slots are few, and a peer may read its answers at a trickle (or
+/// not at all, short of the stall timeout): when a request waits for a
+/// slot, the slowest answer that has run `choke_after` is reset as busy
+/// and its slot goes to the request that waited, where the waiter once
+/// waited for the slow answers to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_slot_held_by_unread_answers_is_served_soon() {
+    let (node, _ep, conn) = node_and_client_with(NodeConfig {
+        max_answers: 2,
+        choke_after: Duration::from_secs(2),
+        send_stall_timeout: Duration::from_secs(600),
+        ..NodeConfig::default()
+    })
+    .await;
+    // Past what QUIC's flow control lets the node send unread.
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 251) as u8).collect();
+    let hash = node.add_bytes(data, "big").await.unwrap();
+
+    // Two answers nobody reads take both slots.
+    let (_s1, mut unread1) = open_get(&conn, &hash).await;
+    let (_s2, mut unread2) = open_get(&conn, &hash).await;
+    let whole = tokio::time::timeout(Duration::from_secs(60), async {
+        let (_send, mut recv) = open_get(&conn, &hash).await;
+        recv.read_all(64 << 20).await
+    })
+    .await
+    .expect("the waiting request was not served while the unread answers held the slots")
+    .unwrap();
+    assert!(whole.len() > 32 << 20, "{} bytes", whole.len());
+
+    // One of them (or both) was reset as busy; one still running ends
+    // whole once it is read.
+    let mut busy = 0;
+    for recv in [&mut unread1, &mut unread2] {
+        match tokio::time::timeout(Duration::from_secs(60), recv.read_all(64 << 20))
+            .await
+            .expect("an unread answer neither ended nor was reset")
+        {
+            Ok(v) => assert!(v == whole, "an answer that was not choked came different"),
+            Err(e) => {
+                assert!(
+                    e.to_string()
+                        .contains(&format!("{}", shoal_transport::RESET_BUSY)),
+                    "{e}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    assert!(busy >= 1, "no answer was choked");
+    node.shutdown().await;
+}
+
+/// Downloaders that take turns at a seeder's only answer slot, each choked
+/// in turn while the other waits, keep the seeder and both finish: a
+/// choked request is asked again, not held against the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloaders_taking_turns_at_a_seeders_only_slot_both_finish() {
+    let seeder = Node::spawn(NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        max_answers: 1,
+        choke_after: Duration::from_millis(100),
+        // Slow: each answer runs long enough to be choked.
+        upload_limit: Some(1 << 20),
+        ..NodeConfig::default()
+    })
+    .await
+    .unwrap();
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    let hash = seeder.add_bytes(data.clone(), "shared").await.unwrap();
+    let ticket = seeder.ticket(&hash).unwrap();
+    let mut downloaders = Vec::new();
+    let mut fetches = Vec::new();
+    for _ in 0..2 {
+        let d = Node::spawn(NodeConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            stall_timeout: Duration::from_secs(60),
+            ..NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let (d2, req) = (
+            d.clone(),
+            FetchRequest::from_ticket(&ticket, FetchOutput::Store),
+        );
+        fetches.push(tokio::spawn(async move { d2.fetch(req, None).await }));
+        downloaders.push(d);
+    }
+    for (d, f) in downloaders.iter().zip(fetches) {
+        tokio::time::timeout(Duration::from_secs(120), f)
+            .await
+            .expect("a download did not finish")
+            .unwrap()
+            .expect("a choked download failed");
+        assert!(d.store().read_all(&hash).unwrap() == data, "wrong data");
+    }
+    for d in downloaders {
+        d.shutdown().await;
+    }
+    seeder.shutdown().await;
 }

@@ -39,7 +39,7 @@ pub use endpoint::{
 pub use fault::FaultConfig;
 pub use identity::{IdentityError, PEER_ID_TEXT_LEN, PeerId, PeerIdError, SecretKey};
 pub use rate::{RateError, parse_rate};
-pub use stream::{RESET_STALLED, RecvStream, SendStream, Stats};
+pub use stream::{RESET_BUSY, RESET_STALLED, RecvStream, SendStream, Stats, reset_code};
 pub use ticket::{
     MAX_PROVIDER_ADDRS, MAX_PROVIDERS, MAX_TICKET_LEN, Provider, TICKET_PREFIX, TICKET_VERSION,
     Ticket, TicketError, TicketKind, decode_addr, encode_addr,

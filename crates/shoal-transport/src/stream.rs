@@ -129,10 +129,37 @@ pub struct SendStream {
     acct: Accounting,
     credit: Credit,
     stall: Option<Duration>,
+    /// Where this stream's bytes are also counted, if its owner asked.
+    counter: Option<Arc<AtomicU64>>,
 }
 
 /// The stream's error code when a stalled write resets it.
 pub const RESET_STALLED: u32 = 0x5d_0010;
+
+/// The stream's error code when the sender gave its answer up to serve
+/// another peer that waited (a busy node choking its slowest answer): the
+/// peer is not at fault and may ask again.
+pub const RESET_BUSY: u32 = 0x5d_0011;
+
+/// The code a peer reset a stream with, if `e` (a read error, as
+/// [`RecvStream`]'s reads return it, or wrapped once more in an
+/// [`io::Error`]) says the stream was reset.
+pub fn reset_code(e: &io::Error) -> Option<u32> {
+    let inner = e.get_ref()?;
+    let read = if let Some(r) = inner.downcast_ref::<quinn::ReadError>() {
+        r
+    } else if let Some(TransportError::Read(r)) = inner.downcast_ref::<TransportError>() {
+        r
+    } else if let Some(io) = inner.downcast_ref::<io::Error>() {
+        return reset_code(io);
+    } else {
+        return None;
+    };
+    match read {
+        quinn::ReadError::Reset(code) => u32::try_from(code.into_inner()).ok(),
+        _ => None,
+    }
+}
 
 impl SendStream {
     pub(crate) fn new(inner: quinn::SendStream, acct: Accounting) -> Self {
@@ -141,6 +168,20 @@ impl SendStream {
             acct,
             credit: Credit::default(),
             stall: None,
+            counter: None,
+        }
+    }
+
+    /// Count this stream's bytes, as they are handed to QUIC, also in
+    /// `counter` (shared with whoever watches the stream's progress).
+    pub fn count_into(&mut self, counter: Arc<AtomicU64>) {
+        self.counter = Some(counter);
+    }
+
+    fn sent(&self, n: usize) {
+        self.acct.sent(n);
+        if let Some(c) = &self.counter {
+            c.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -207,7 +248,7 @@ impl SendStream {
         let Some(limiter) = shared.upload.as_ref() else {
             let total: usize = chunks.iter().map(Bytes::len).sum();
             self.put_all(chunks).await?;
-            self.acct.sent(total);
+            self.sent(total);
             return Ok(());
         };
         for chunk in chunks.iter_mut() {
@@ -217,7 +258,7 @@ impl SendStream {
                 let len = piece.len();
                 self.put_all(&mut [piece]).await?;
                 self.credit.spend(len);
-                self.acct.sent(len);
+                self.sent(len);
             }
         }
         Ok(())
@@ -269,7 +310,7 @@ impl AsyncWrite for SendStream {
         };
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..n]))?;
         this.credit.spend(written);
-        this.acct.sent(written);
+        this.sent(written);
         Poll::Ready(Ok(written))
     }
 

@@ -794,3 +794,55 @@ async fn a_write_the_peer_takes_nothing_of_fails_after_the_stall_timeout() {
     })
     .await
 }
+
+/// A stream counts its bytes where its owner asked, and the code a peer
+/// reset it with can be read back from the read error, whichever way the
+/// stream was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_code_is_read_back_and_a_streams_bytes_are_counted() {
+    timed(async {
+        let sender = bind(loopback()).await;
+        let receiver = bind(loopback()).await;
+        let conn = sender.connect(addr(&receiver), None).await.unwrap();
+        let peer = receiver.accept().await.unwrap();
+        for (code, by_chunks) in [(RESET_BUSY, false), (RESET_STALLED, true)] {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            send.count_into(counter.clone());
+            send.write_chunk(bytes::Bytes::from(data(100_000, 3)))
+                .await
+                .unwrap();
+            send.write_all(&[7; 1000]).await.unwrap();
+            assert_eq!(counter.load(Ordering::Relaxed), 101_000);
+            let (_psend, mut recv) = peer.accept_bi().await.unwrap();
+            // All of it arrives before the reset is sent.
+            let mut got = vec![0; 101_000];
+            recv.read_exact(&mut got).await.unwrap();
+            send.reset(code).unwrap();
+            let err = if by_chunks {
+                let e = loop {
+                    match recv.read_chunk(1 << 16).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => panic!("a reset stream ended cleanly"),
+                        Err(e) => break e,
+                    }
+                };
+                std::io::Error::other(e)
+            } else {
+                let mut rest = Vec::new();
+                recv.read_to_end(&mut rest).await.unwrap_err()
+            };
+            assert_eq!(reset_code(&err), Some(code), "{err}");
+        }
+        // A stream that ends cleanly, or an error of another kind, has none.
+        assert_eq!(reset_code(&std::io::Error::other("no stream")), None);
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"x").await.unwrap();
+        send.finish().unwrap();
+        let (_psend, mut recv) = peer.accept_bi().await.unwrap();
+        let mut all = Vec::new();
+        recv.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"x");
+    })
+    .await
+}
