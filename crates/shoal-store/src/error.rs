@@ -12,6 +12,19 @@ pub enum StoreError {
     /// Another process (or another `Store` in this one) has the store open.
     #[error("store {0} is in use by another process")]
     Locked(PathBuf),
+    /// The store's database cannot be read: cut short, overwritten, or
+    /// not a database at all.
+    #[error(
+        "the store's database {path} is damaged ({detail}); move it away (keep it: it may be \
+         mended) and the next command records the store's own copies again from its data files, \
+         as recovered-<hash> (files shared in place need `shoal add` again)"
+    )]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What the database library said.
+        detail: String,
+    },
     /// No blob with this hash is known.
     #[error("blob {0} not found")]
     NotFound(blake3::Hash),

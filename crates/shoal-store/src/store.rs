@@ -546,16 +546,37 @@ pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, boo
     let v3 = !CREATE_V2.get();
     #[cfg(not(test))]
     let v3 = true;
-    let mut db = match redb::Builder::new()
-        .create_with_file_format_v3(v3)
-        .create(db_path)
-    {
+    if !db_path.exists() {
+        create_db(dir, db_path, v3)?;
+    }
+    let damaged = |detail: String| StoreError::Damaged {
+        path: db_path.to_path_buf(),
+        detail,
+    };
+    // redb asserts, rather than checks, some of what it reads from the
+    // file (a file cut short fails an assertion): a damaged database must
+    // be an error that says what to do, not a panic.
+    let opened = quietly(|| {
+        redb::Builder::new()
+            .create_with_file_format_v3(v3)
+            .create(db_path)
+    })
+    .map_err(|panic| damaged(panic_message(&panic)))?;
+    let mut db = match opened {
         Ok(db) => db,
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
             return Err(StoreError::Locked(dir.to_path_buf()));
         }
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+            if e.kind() == io::ErrorKind::InvalidData =>
+        {
+            return Err(damaged(e.to_string()));
+        }
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
             return Err(StoreError::io("opening", db_path, e));
+        }
+        Err(e @ redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))) => {
+            return Err(damaged(e.to_string()));
         }
         Err(e) => return Err(StoreError::db(e)),
     };
@@ -576,6 +597,98 @@ pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, boo
         tracing::info!("upgraded {} to redb's file format v3", db_path.display());
     }
     Ok((db, upgraded))
+}
+
+/// Creates the database at `db_path`, which is not there: under another
+/// name first, then linked into place, so that a process killed while
+/// redb writes a new file (its header last) leaves no half-made database
+/// behind that every later open would refuse. One created meanwhile by
+/// another process is kept.
+fn create_db(dir: &Path, db_path: &Path, v3: bool) -> Result<(), StoreError> {
+    let tmp = db_path.with_extension(format!("redb.new-{}", std::process::id()));
+    // A leftover of a process with this id (ids are reused).
+    let _ = fs::remove_file(&tmp);
+    let made = redb::Builder::new()
+        .create_with_file_format_v3(v3)
+        .create(&tmp);
+    match made {
+        Ok(db) => drop(db),
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("creating", &tmp, e));
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::db(e));
+        }
+    }
+    let linked = match fs::hard_link(&tmp, db_path) {
+        // A filesystem without hard links: a rename, which would replace
+        // one made meanwhile (two first commands at once on such a disk).
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => fs::rename(&tmp, db_path),
+        r => r,
+    };
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::io("creating", db_path, e)),
+    }
+    // The new name is durable before anything is recorded under it.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    // Leftovers of processes killed while creating one.
+    let prefix = format!(
+        "{}.new-",
+        db_path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(prefix.as_str()))
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Set while [`quietly`] runs `f` on this thread.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic in it without the panic hook's report (the
+/// caller turns it into an error). Other threads' panics are reported as
+/// before: the hook is wrapped once, and stays quiet only on this thread
+/// while `f` runs.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                before(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    r
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the database library failed on it".into())
 }
 
 impl Store {
@@ -1570,7 +1683,10 @@ impl Store {
     // ----------------------------------------------------------- reading
 
     /// Read `len` verified bytes at `offset` (fewer at the end of the blob).
-    /// Fails if a group touched is not verified.
+    /// Fails if a group touched is not verified. The groups read are
+    /// checked against the outboard before any byte is returned: data
+    /// damaged on disk, or a file in place edited since it was added, is
+    /// refused as corrupt (and marked so), never handed out.
     pub fn read_at(
         &self,
         hash: &blake3::Hash,
@@ -1582,19 +1698,28 @@ impl Store {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        if let Some(v) = &src.verified {
-            let need = groups_of_bytes(offset, end);
-            if !v.contains_range(need.clone()) {
-                let group = need.into_iter().find(|g| !v.contains(*g)).unwrap_or(0);
-                return Err(StoreError::NotVerified { hash: *hash, group });
-            }
+        let need = groups_of_bytes(offset, end);
+        if let Some(v) = &src.verified
+            && !v.contains_range(need.clone())
+        {
+            let group = need.into_iter().find(|g| !v.contains(*g)).unwrap_or(0);
+            return Err(StoreError::NotVerified { hash: *hash, group });
         }
-        let n = usize::try_from(end - offset).map_err(|_| StoreError::Incomplete(*hash))?;
+        // Whole groups (up to the blob's end): what the outboard checks.
+        let start = need.start * GROUP_SIZE;
+        let stop = (need.end * GROUP_SIZE).min(src.size);
+        let n = usize::try_from(stop - start).map_err(|_| StoreError::Incomplete(*hash))?;
         let mut buf = vec![0u8; n];
+        let name = Path::new(&src.name);
         src.data
-            .read_exact_at(offset, &mut buf)
-            .map_err(|e| StoreError::io("reading", Path::new(&src.name), e))?;
-        Ok(buf.into())
+            .read_exact_at(start, &mut buf)
+            .map_err(|e| StoreError::io("reading", name, e))?;
+        if !window_verifies(hash, src.size, &src.outboard, start, &buf, name)? {
+            return Err(self.inner.refuse_corrupt(hash, src.name, "reading"));
+        }
+        let from = usize::try_from(offset - start).map_err(|_| StoreError::Incomplete(*hash))?;
+        let to = usize::try_from(end - start).map_err(|_| StoreError::Incomplete(*hash))?;
+        Ok(Bytes::from(buf).slice(from..to))
     }
 
     /// The whole content of a complete blob, checked against its hash.
@@ -1623,12 +1748,6 @@ impl Store {
             }
             return Ok(0);
         }
-        let tree = bao_tree(src.size);
-        let ob = PreOrderOutboard {
-            root: *hash,
-            tree,
-            data: src.outboard.clone(),
-        };
         let mut buf =
             vec![0u8; tree::BATCH.min(usize::try_from(src.size.max(1)).unwrap_or(tree::BATCH))];
         let mut pos = 0u64;
@@ -1638,18 +1757,7 @@ impl Store {
             src.data
                 .read_exact_at(pos, &mut buf[..n])
                 .map_err(|e| StoreError::io("reading", name, e))?;
-            let groups = groups_of_bytes(pos, pos + n as u64);
-            let want = chunk_ranges(&GroupRanges::from_range(groups.clone()));
-            let window = Window {
-                offset: pos,
-                buf: &buf[..n],
-            };
-            let mut valid = bao_tree::ChunkRanges::empty();
-            for r in bao_tree::io::sync::valid_ranges(&ob, window, &want) {
-                let r = r.map_err(|e| StoreError::io("checking", name, e))?;
-                valid |= bao_tree::ChunkRanges::from(r);
-            }
-            if !needed_chunks(groups, src.size).is_subset(&valid) {
+            if !window_verifies(hash, src.size, &src.outboard, pos, &buf[..n], name)? {
                 return Err(self.inner.refuse_corrupt(hash, src.name, "exporting"));
             }
             w.write_all(&buf[..n])
@@ -2018,6 +2126,33 @@ fn read_ob(ob: &ObRef, expected: usize) -> io::Result<Vec<u8>> {
             Ok(v)
         }
     }
+}
+
+/// Whether `buf`, the bytes of a blob of `size` bytes from `pos` on (a
+/// group boundary; whole groups, or up to the blob's end), verifies
+/// against the outboard (every one of its groups, parents included).
+fn window_verifies(
+    hash: &blake3::Hash,
+    size: u64,
+    outboard: &Slot,
+    pos: u64,
+    buf: &[u8],
+    name: &Path,
+) -> Result<bool, StoreError> {
+    let ob = PreOrderOutboard {
+        root: *hash,
+        tree: bao_tree(size),
+        data: outboard.clone(),
+    };
+    let groups = groups_of_bytes(pos, pos + buf.len() as u64);
+    let want = chunk_ranges(&GroupRanges::from_range(groups.clone()));
+    let window = Window { offset: pos, buf };
+    let mut valid = bao_tree::ChunkRanges::empty();
+    for r in bao_tree::io::sync::valid_ranges(&ob, window, &want) {
+        let r = r.map_err(|e| StoreError::io("checking", name, e))?;
+        valid |= bao_tree::ChunkRanges::from(r);
+    }
+    Ok(needed_chunks(groups, size).is_subset(&valid))
 }
 
 /// The chunks of `groups` that exist in a blob of `size` bytes (at least

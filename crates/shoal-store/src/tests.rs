@@ -695,6 +695,35 @@ fn flipped_byte_on_disk_is_reported_and_not_served() {
     assert!(store.export_blob(&hash, &mut Vec::new()).is_err());
 }
 
+/// `read_at` (what `shoal cat` streams) checks what it read against the
+/// outboard: a good group reads back exactly, at any offset; one damaged
+/// on disk is refused and the blob marked corrupt, never handed out.
+#[test]
+fn reading_a_blob_damaged_on_disk_hands_out_none_of_the_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    let d = data(300_000, 7);
+    let hash = store.import_bytes(&d, "streamed.bin").unwrap();
+    for (offset, len) in [(0, 16_384), (1_000, 50_000), (290_000, 100_000)] {
+        let got = store.read_at(&hash, offset, len).unwrap();
+        let end = (offset as usize + len).min(d.len());
+        assert!(got[..] == d[offset as usize..end], "at {offset}");
+    }
+    let f = dir
+        .path()
+        .join("s/data")
+        .join(format!("{}.data", hash.to_hex()));
+    let mut bytes = fs::read(&f).unwrap();
+    bytes[200_000] ^= 0x10;
+    fs::write(&f, bytes).unwrap();
+    // A read that touches the damaged group, even a byte of it away
+    // from the flip, is refused.
+    let err = store.read_at(&hash, 199_000, 100).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(store.info(&hash).unwrap().corrupt);
+    assert!(!store.can_serve(&hash));
+}
+
 #[test]
 fn in_place_file_changed_after_import_is_not_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -1038,6 +1067,62 @@ fn a_store_in_redbs_v2_format_is_upgraded_and_keeps_its_blobs() {
     let store = Store::open(&at).unwrap();
     assert_eq!(store.read_all(&hash).unwrap(), d);
     assert_eq!(store.read_all(&h2).unwrap(), d2);
+}
+
+/// A database cut short, or one a killed process left with no header,
+/// is an error that says what to do, never a panic; moved away as it
+/// says, the store's own copies are recorded again.
+#[test]
+fn a_damaged_database_is_an_error_that_says_what_to_do_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("store");
+    let d = data(100_000, 8);
+    let hash = Store::open(&at).unwrap().import_bytes(&d, "kept").unwrap();
+    let db = at.join("meta.redb");
+    let whole = fs::read(&db).unwrap();
+    for damage in ["cut short", "no header"] {
+        match damage {
+            "cut short" => fs::write(&db, &whole[..whole.len() - 1]).unwrap(),
+            _ => fs::write(&db, vec![0u8; whole.len()]).unwrap(),
+        }
+        let err = std::panic::catch_unwind(|| Store::open(&at))
+            .unwrap_or_else(|_| panic!("{damage}: opening panicked"))
+            .err()
+            .unwrap_or_else(|| panic!("{damage}: opened"));
+        assert!(matches!(err, StoreError::Damaged { .. }), "{damage}: {err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("meta.redb") && msg.contains("move it away"),
+            "{msg}"
+        );
+    }
+    fs::rename(&db, at.join("meta.redb.damaged")).unwrap();
+    let store = Store::open(&at).unwrap();
+    assert_eq!(store.read_all(&hash).unwrap(), d);
+}
+
+/// A new database is made under another name and linked into place: a
+/// leftover of a process killed while making one is not the database,
+/// and is cleared once its process is gone.
+#[test]
+fn a_half_made_database_of_a_killed_process_is_not_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("store");
+    fs::create_dir_all(&at).unwrap();
+    // No process has this id (above the kernel's pid_max limit).
+    let leftover = at.join("meta.redb.new-4194305");
+    fs::write(&leftover, vec![0u8; 1 << 20]).unwrap();
+    let store = Store::open(&at).unwrap();
+    let h = store.import_bytes(&data(1000, 9), "x").unwrap();
+    drop(store);
+    assert!(!leftover.exists(), "the leftover stayed");
+    let names: Vec<String> = fs::read_dir(&at)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("meta.redb"))
+        .collect();
+    assert_eq!(names, vec!["meta.redb".to_string()]);
+    assert!(Store::open(&at).unwrap().info(&h).unwrap().complete);
 }
 
 /// Names in the store's data directory that start with "tmp-".
