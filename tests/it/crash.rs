@@ -145,3 +145,85 @@ fn sigkill_during_a_download_resumes_without_corruption() {
     assert_eq!(b3sum(&out), hash, "resumed download is wrong");
     assert_consistent(&d, "after the download");
 }
+
+/// Every file under `root`, by path relative to it, with its content.
+fn files_under(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).expect("listing") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root");
+                out.insert(
+                    rel.to_string_lossy().into_owned(),
+                    std::fs::read(&p).expect("reading"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A get of a collection of small files killed once its batches have
+/// written some files (before they were recorded), then run again: the
+/// output is the shared tree exactly, with no `.shoal-partial` left in it,
+/// and every member is served. The member fetched alone first, to find
+/// the providers, once refused to write over the killed run's leftover
+/// and left its own file beside it, `changed` in the store.
+#[test]
+fn a_collection_get_killed_after_its_first_batches_resumes_clean() {
+    let s = Dir::new();
+    let input = s.path().join("small");
+    for i in 0..1200u64 {
+        let sub = input.join(format!("d{:02}", i / 100));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::write(sub.join(format!("s{i:04}")), data(6000, 1000 + i)).expect("write");
+    }
+    let want = files_under(&input);
+    // Slow enough that the kills land between the manifest and the end.
+    let seeder = s.serve(&["--max-upload", "3MB/s"]);
+    let hash = s.ok(&["add", input.to_str().expect("utf-8")]);
+    let hash = hash.split_whitespace().next().expect("hash").to_string();
+    for i in 0..3u64 {
+        let d = Dir::new();
+        let out = d.path().join("out");
+        let get = |d: &Dir| {
+            let mut c = d.cmd();
+            c.args([
+                "get",
+                &hash,
+                "--peer",
+                &seeder.peer_arg(),
+                "--no-mdns",
+                "--no-dht",
+                "-o",
+                out.to_str().expect("utf-8"),
+            ]);
+            c
+        };
+        let finished = kill_after(get(&d), delay(200 + i, 600, 1800));
+        if !finished {
+            let o = crate::harness::run_bounded(get(&d), Duration::from_secs(90));
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let got = files_under(&out);
+        let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+        assert!(
+            extra.is_empty(),
+            "run {i}: files that were not shared: {extra:?}"
+        );
+        assert!(
+            got == want,
+            "run {i}: the output differs from the shared tree"
+        );
+        let ls = d.ok(&["--json", "ls"]);
+        assert!(
+            !ls.contains("\"changed\":true") && !ls.contains("\"corrupt\":true"),
+            "run {i}: a member is not served: {ls}"
+        );
+        assert_consistent(&d, &format!("run {i}"));
+    }
+}

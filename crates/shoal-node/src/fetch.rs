@@ -379,6 +379,11 @@ impl Node {
         progress: Option<watch::Sender<Progress>>,
     ) -> Result<Fetched, NodeError> {
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
+        if let Some(t) = &job.target
+            && self.store().info(&job.hash).is_none()
+        {
+            clear_leftovers(t).await?;
+        }
         let job = BlobJob {
             hash: job.hash,
             kind: Some(BlobKind::Raw),
@@ -413,6 +418,25 @@ impl Node {
             .await?;
         Ok(())
     }
+}
+
+/// Clears a member's place in the collection's temporary directory (this
+/// download's own) when the store has no record of the member: a file
+/// there is a leftover of an earlier run killed before it recorded it (the
+/// batches write small members before they record them), which the
+/// download would otherwise refuse to write over, leaving its own file
+/// beside it, as `NAME.shoal-partial`, in the output.
+async fn clear_leftovers(target: &Path) -> Result<(), NodeError> {
+    let mut partial = target.as_os_str().to_os_string();
+    partial.push(".shoal-partial");
+    for p in [target.to_path_buf(), PathBuf::from(partial)] {
+        match tokio::fs::remove_file(&p).await {
+            Ok(()) => tracing::debug!("removed {}, left by an earlier run", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(NodeError::Write(p, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Directories known to exist (created or checked) under a root, so that
