@@ -599,6 +599,36 @@ pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, boo
     Ok((db, upgraded))
 }
 
+/// Deletes the store's own files of `b` (never a file shared in place);
+/// returns the bytes freed (for data kept in the database, its size).
+fn free_files_of(b: &Blob) -> u64 {
+    let mut bytes = 0;
+    let mut files = Vec::new();
+    if let DataRef::File { path, stamp: None } = &b.data {
+        files.push(path.clone());
+    }
+    if let Some(p) = b.partial.as_ref().and_then(|p| p.data_path.clone()) {
+        files.push(p);
+    }
+    if let ObRef::File(p) = &b.outboard {
+        files.push(p.clone());
+    }
+    if matches!(b.data, DataRef::Db | DataRef::Mem(_)) {
+        bytes += b.size.unwrap_or(0);
+    }
+    files.sort();
+    files.dedup();
+    for f in files {
+        let len = fs::metadata(&f).map_or(0, |m| m.len());
+        match fs::remove_file(&f) {
+            Ok(()) => bytes += len,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("gc: cannot remove {}: {e}", f.display()),
+        }
+    }
+    bytes
+}
+
 /// Creates the database at `db_path`, which is not there: under another
 /// name first, then linked into place, so that a process killed while
 /// redb writes a new file (its header last) leaves no half-made database
@@ -1136,37 +1166,33 @@ impl Store {
                 .map(|(h, _)| *h)
                 .collect();
             drop(held);
-            break self.inner.remove_blobs(&mut st, dead)?;
+            // Their files go before their records: a process killed in
+            // between leaves records whose files are gone (found lost, and
+            // freed by the next gc), never files without a record (which
+            // stayed on disk for good, or, with no other blob left, came
+            // back at the next open as recovered records); and a full disk
+            // gets the room the commit of their removal needs.
+            let mut bytes = 0;
+            for h in &dead {
+                if let Some(b) = st.get(h) {
+                    bytes += free_files_of(b);
+                }
+            }
+            break (self.inner.remove_blobs(&mut st, dead)?, bytes);
         };
-        let mut report = GcReport::default();
-        for (_, b) in &removed {
-            report.blobs += 1;
-            let mut files = Vec::new();
-            if let DataRef::File { path, stamp: None } = &b.data {
-                files.push(path.clone());
-            }
-            if let Some(p) = b.partial.as_ref().and_then(|p| p.data_path.clone()) {
-                files.push(p);
-            }
-            if let ObRef::File(p) = &b.outboard {
-                files.push(p.clone());
-            }
-            if matches!(b.data, DataRef::Db | DataRef::Mem(_)) {
-                report.bytes += b.size.unwrap_or(0);
-            }
-            files.sort();
-            files.dedup();
-            for f in files {
-                if let Ok(m) = fs::metadata(&f) {
-                    report.bytes += m.len();
-                }
-                if let Err(e) = fs::remove_file(&f)
-                    && e.kind() != io::ErrorKind::NotFound
-                {
-                    tracing::warn!("gc: cannot remove {}: {e}", f.display());
-                }
-            }
-        }
+        let (removed, bytes) = removed;
+        let mut report = GcReport {
+            blobs: removed.len() as u64,
+            bytes,
+        };
+        // Still holding `files`: nothing is being put into data/ now, and
+        // all that was put there before is recorded. (This also takes the
+        // outboard of a download removed before its size was known, which
+        // its record does not name.)
+        let removed: HashSet<blake3::Hash> = removed.into_iter().map(|(h, _)| h).collect();
+        let (unrecorded, bytes) = self.inner.free_unrecorded_files();
+        report.blobs += unrecorded.difference(&removed).count() as u64;
+        report.bytes += bytes;
         Ok(report)
     }
 
@@ -2568,6 +2594,57 @@ impl Inner {
     /// Take `hashes` out of `st` (the state, locked by the caller) and
     /// delete their records in one durable commit; if that fails, they
     /// are put back and nothing is deleted. The blobs taken out.
+    /// Deletes the files in `data/` of blobs the store has no record of
+    /// (nor left out at open): copies a process killed before recording
+    /// them put there, or an import that failed part way through its
+    /// batch. Only `<hash>.data` and `<hash>.obao` names are looked at,
+    /// by hash (a record's path may be spelled otherwise). The caller
+    /// holds `files` exclusively. Returns the blobs whose files were
+    /// freed, and the bytes.
+    fn free_unrecorded_files(&self) -> (HashSet<blake3::Hash>, u64) {
+        let Some(d) = self.data_dir() else {
+            return (HashSet::new(), 0);
+        };
+        let Ok(rd) = fs::read_dir(&d) else {
+            return (HashSet::new(), 0);
+        };
+        let mut hashes = HashSet::new();
+        let mut bytes = 0;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(hex) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".data").or_else(|| n.strip_suffix(".obao")))
+            else {
+                continue;
+            };
+            let Ok(hash) = blake3::Hash::from_hex(hex) else {
+                continue;
+            };
+            if lock(&self.state).contains_key(&hash) || lock(&self.unloaded).contains(&hash) {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if !m.is_file() {
+                continue;
+            }
+            match fs::remove_file(e.path()) {
+                Ok(()) => {
+                    bytes += m.len();
+                    hashes.insert(hash);
+                }
+                Err(err) => tracing::warn!("gc: cannot remove {}: {err}", e.path().display()),
+            }
+        }
+        if !hashes.is_empty() {
+            tracing::debug!(
+                "gc: freed the files of {} blob(s) the store has no record of",
+                hashes.len()
+            );
+        }
+        (hashes, bytes)
+    }
+
     fn remove_blobs(
         &self,
         st: &mut HashMap<blake3::Hash, Blob>,
