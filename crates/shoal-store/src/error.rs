@@ -54,7 +54,10 @@ pub enum StoreError {
     #[error("file {0} changed while it was being imported")]
     ChangedDuringImport(PathBuf),
     /// The disk is full.
-    #[error("disk full while {context} {path}")]
+    #[error(
+        "disk full while {context} {path}: free some space on that disk (`shoal gc` frees \
+         what `shoal rm` let go)"
+    )]
     DiskFull {
         /// What was being done.
         context: &'static str,
@@ -161,7 +164,21 @@ impl StoreError {
         }
     }
 
-    pub(crate) fn db(e: impl std::fmt::Display) -> Self {
+    /// A database error; a full disk under it is [`StoreError::DiskFull`]
+    /// (which says what to do), not a database error.
+    pub(crate) fn db(e: impl Into<redb::Error>) -> Self {
+        let e: redb::Error = e.into();
+        if let redb::Error::Io(io) = &e
+            && matches!(
+                io.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            )
+        {
+            return StoreError::DiskFull {
+                context: "recording in",
+                path: PathBuf::from("the store's database (meta.redb)"),
+            };
+        }
         StoreError::Db(e.to_string())
     }
 }

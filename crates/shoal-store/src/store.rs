@@ -619,7 +619,8 @@ fn free_files_of(b: &Blob) -> u64 {
     files.sort();
     files.dedup();
     for f in files {
-        let len = fs::metadata(&f).map_or(0, |m| m.len());
+        // What it took on disk (a partial download's file is sparse).
+        let len = fs::metadata(&f).map_or(0, |m| m.blocks() * 512);
         match fs::remove_file(&f) {
             Ok(()) => bytes += len,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -2630,7 +2631,7 @@ impl Inner {
             }
             match fs::remove_file(e.path()) {
                 Ok(()) => {
-                    bytes += m.len();
+                    bytes += m.blocks() * 512;
                     hashes.insert(hash);
                 }
                 Err(err) => tracing::warn!("gc: cannot remove {}: {err}", e.path().display()),
