@@ -24,9 +24,10 @@ use shoal_store::{Hash, WholeBlob, WholeOutcome};
 use shoal_transport::Connection;
 use tracing::{debug, warn};
 
+use crate::download::choked;
 use crate::error::NodeError;
 use crate::node::{Inner, lock};
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{WireError, read_frame, write_frame};
 
 /// `GetBlobs` exchanges in flight per provider, at most: some are on the
 /// wire while earlier answers are written to disk. A get of 10,000 files
@@ -132,6 +133,26 @@ enum Stop {
     Peer(String),
 }
 
+/// Why an exchange failed.
+enum BatchError {
+    /// The provider choked the answer (`choke.rs`).
+    Busy,
+    /// Anything else: the provider is no use any more.
+    Failed(String),
+}
+
+impl From<String> for BatchError {
+    fn from(e: String) -> Self {
+        BatchError::Failed(e)
+    }
+}
+
+impl From<&str> for BatchError {
+    fn from(e: &str) -> Self {
+        BatchError::Failed(e.to_string())
+    }
+}
+
 /// One exchange at a time with one provider.
 struct Worker<'a> {
     node: &'a Arc<Inner>,
@@ -211,7 +232,15 @@ impl Worker<'_> {
         let peer = conn.peer_id();
         let datas = match request(conn, &batch).await {
             Ok(d) => d,
-            Err(e) => {
+            Err(BatchError::Busy) => {
+                // Choked (the provider gave the slot to another request):
+                // not its failure; the jobs go back untried by it, and it
+                // is asked again in its turn.
+                debug!(%peer, "batch get choked");
+                shared.give_back(batch, 0);
+                return Ok(());
+            }
+            Err(BatchError::Failed(e)) => {
                 shared.give_back(batch, me);
                 return Err(Stop::Peer(e));
             }
@@ -311,7 +340,7 @@ fn take_batch(shared: &Shared, me: u8, most: usize) -> Vec<(SmallJob, u8)> {
 async fn request(
     conn: &Connection,
     batch: &[(SmallJob, u8)],
-) -> Result<Vec<Option<Bytes>>, String> {
+) -> Result<Vec<Option<Bytes>>, BatchError> {
     let batch: Vec<(Hash, u64)> = batch.iter().map(|(j, _)| (j.hash, j.size)).collect();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let req = pb::Request {
@@ -330,15 +359,18 @@ async fn request(
         tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
             .await
             .map_err(|_| "no answer to get-blobs".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                WireError::Io(io) if choked(&io) => BatchError::Busy,
+                e => BatchError::Failed(e.to_string()),
+            })?;
     let header = match resp.kind {
         Some(pb::response::Kind::GetBlobs(h)) => h,
         Some(pb::response::Kind::Error(e)) => {
-            return Err(format!(
+            return Err(BatchError::Failed(format!(
                 "{}: {}",
                 shoal_proto::error_code_name(e.code),
                 e.message
-            ));
+            )));
         }
         _ => return Err("unexpected answer to get-blobs".into()),
     };
@@ -349,10 +381,10 @@ async fn request(
     // another size is wrong, and nothing more is read from it.
     for ((_, size), b) in batch.iter().zip(&header.blobs) {
         if b.found && b.size != *size {
-            return Err(format!(
+            return Err(BatchError::Failed(format!(
                 "provider announced {} bytes for a blob of {}",
                 b.size, size
-            ));
+            )));
         }
     }
     let total: u64 = batch
@@ -379,12 +411,19 @@ async fn request(
                 let read = tokio::time::timeout(ANSWER_TIMEOUT, recv.read_chunk(1 << 20));
                 pending = match tokio::time::timeout_at(deadline, read).await {
                     Err(_) => {
-                        return Err(format!(
+                        return Err(BatchError::Failed(format!(
                             "provider sent {total} bytes of get-blobs too slowly"
-                        ));
+                        )));
                     }
                     Ok(Err(_)) => return Err("provider stalled in get-blobs".into()),
-                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Ok(Err(e))) => {
+                        let e = std::io::Error::other(e);
+                        return Err(if choked(&e) {
+                            BatchError::Busy
+                        } else {
+                            BatchError::Failed(e.to_string())
+                        });
+                    }
                     Ok(Ok(Ok(None))) => return Err("get-blobs answer truncated".into()),
                     Ok(Ok(Ok(Some(c)))) => c,
                 };

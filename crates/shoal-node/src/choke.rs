@@ -41,6 +41,8 @@ pub(crate) struct Answers {
     /// An answer runs at least this long before it may be choked.
     choke_after: Duration,
     state: Mutex<State>,
+    /// Answers choked so far.
+    choked: AtomicU64,
 }
 
 #[derive(Default)]
@@ -81,7 +83,13 @@ impl Answers {
             slots: Semaphore::new(slots),
             choke_after,
             state: Mutex::new(State::default()),
+            choked: AtomicU64::new(0),
         }
+    }
+
+    /// Answers choked so far.
+    pub(crate) fn choked(&self) -> u64 {
+        self.choked.load(Ordering::Relaxed)
     }
 
     /// Waits for a slot; while it waits, chokes the slowest answer that
@@ -153,6 +161,7 @@ impl Answers {
             // Stored if the answer is not waiting on it right now.
             r.choke.notify_one();
             st.last_choke = Some(now);
+            self.choked.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -208,10 +217,14 @@ mod tests {
             () = slow.choked() => {}
             () = tokio::time::sleep(Duration::from_secs(3)) => panic!("the slow answer was not choked"),
         }
+        // The waiter goes on asking, but one choke a second is all: the
+        // fast one is not choked with it.
         tokio::select! {
-            () = fast.choked() => panic!("the fast answer was choked as well, with the slow one still running"),
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = &mut waiter => panic!("a slot came free with none given back"),
+            () = fast.choked() => panic!("the fast answer was choked as well, at once"),
+            () = tokio::time::sleep(Duration::from_millis(800)) => {}
         }
+        assert_eq!(answers.choked(), 1);
         // The choked answer ends: its slot goes to the waiter.
         drop(slow);
         assert!(waiter.await);

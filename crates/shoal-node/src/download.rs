@@ -1205,7 +1205,7 @@ async fn run_get(
 }
 
 /// Whether a read failed because the peer choked the answer.
-fn choked(e: &std::io::Error) -> bool {
+pub(crate) fn choked(e: &std::io::Error) -> bool {
     shoal_transport::reset_code(e) == Some(shoal_transport::RESET_BUSY)
 }
 

@@ -425,18 +425,18 @@ impl Node {
 /// there is a leftover of an earlier run killed before it recorded it (the
 /// batches write small members before they record them), which the
 /// download would otherwise refuse to write over, leaving its own file
-/// beside it, as `NAME.shoal-partial`, in the output.
+/// beside it, as `NAME.shoal-partial`, in the output. (A `.shoal-partial`
+/// there is left alone: it may be another data dir's download under way,
+/// which holds it locked, and a new download takes an empty one.)
 async fn clear_leftovers(target: &Path) -> Result<(), NodeError> {
-    let mut partial = target.as_os_str().to_os_string();
-    partial.push(".shoal-partial");
-    for p in [target.to_path_buf(), PathBuf::from(partial)] {
-        match tokio::fs::remove_file(&p).await {
-            Ok(()) => tracing::debug!("removed {}, left by an earlier run", p.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(NodeError::Write(p, e)),
+    match tokio::fs::remove_file(target).await {
+        Ok(()) => {
+            tracing::debug!("removed {}, left by an earlier run", target.display());
+            Ok(())
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::Write(target.to_path_buf(), e)),
     }
-    Ok(())
 }
 
 /// Directories known to exist (created or checked) under a root, so that

@@ -447,6 +447,12 @@ impl Node {
             .collect()
     }
 
+    /// Answers this node gave up, since it started, to serve a request
+    /// that waited for a slot (choked, see `NodeConfig::choke_after`).
+    pub fn answers_choked(&self) -> u64 {
+        self.inner.answers.choked()
+    }
+
     /// Peers known, with connection state and byte counters.
     pub fn peers(&self) -> Vec<PeerInfo> {
         let book = lock(&self.inner.book);

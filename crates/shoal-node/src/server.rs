@@ -120,7 +120,7 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
-            let Some(answer) = node.answers.acquire().await else {
+            let Some(answer) = answer_slot(&node, &mut send).await else {
                 return;
             };
             start_answer(&node, &mut send, &answer);
@@ -144,7 +144,7 @@ async fn handle_stream(
             let Ok(_permit) = limits.gets.acquire().await else {
                 return;
             };
-            let Some(answer) = node.answers.acquire().await else {
+            let Some(answer) = answer_slot(&node, &mut send).await else {
                 return;
             };
             start_answer(&node, &mut send, &answer);
@@ -161,6 +161,17 @@ async fn handle_stream(
             let _ = send.finish();
         }
         Err(e) => debug!(%peer, "request failed: {e}"),
+    }
+}
+
+/// One of the node's answer slots (see `choke.rs`), unless the peer gives
+/// the request up while it waits (its stream stopped: it timed out, or got
+/// the groups elsewhere): a request nobody waits for any more must not
+/// choke an answer someone still reads.
+async fn answer_slot<'a>(node: &'a Inner, send: &mut SendStream) -> Option<Answer<'a>> {
+    tokio::select! {
+        a = node.answers.acquire() => a,
+        _ = send.stopped() => None,
     }
 }
 

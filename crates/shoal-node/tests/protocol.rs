@@ -718,8 +718,53 @@ async fn downloaders_taking_turns_at_a_seeders_only_slot_both_finish() {
             .expect("a choked download failed");
         assert!(d.store().read_all(&hash).unwrap() == data, "wrong data");
     }
+    assert!(
+        seeder.answers_choked() > 0,
+        "no answer was choked: nothing was tested"
+    );
     for d in downloaders {
         d.shutdown().await;
     }
     seeder.shutdown().await;
+}
+
+/// A request that waits for an answer slot and is then given up by its
+/// peer (its stream stopped: the peer timed out, or got the groups
+/// elsewhere) stops waiting: it chokes no answer that is still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_given_up_while_it_waited_chokes_nothing() {
+    let (node, _ep, conn) = node_and_client_with(NodeConfig {
+        max_answers: 1,
+        choke_after: Duration::from_secs(1),
+        send_stall_timeout: Duration::from_secs(600),
+        ..NodeConfig::default()
+    })
+    .await;
+    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i % 241) as u8).collect();
+    let hash = node.add_bytes(data, "big").await.unwrap();
+    // The only slot: an answer not read yet.
+    let (_s1, mut held) = open_get(&conn, &hash).await;
+    // A second request, given up at once.
+    {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let mut all = GroupRanges::new();
+        all.insert(0..u64::MAX >> 1);
+        let get = pb::Request {
+            kind: Some(pb::request::Kind::Get(pb::Get {
+                hash: hash.as_bytes().to_vec().into(),
+                ranges: Some(all.to_pb()),
+            })),
+        };
+        write_frame(&mut send, &get).await.unwrap();
+        send.finish().unwrap();
+        drop(recv);
+    }
+    // Past `choke_after`, with time for a few chokes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let whole = tokio::time::timeout(Duration::from_secs(60), held.read_all(64 << 20))
+        .await
+        .unwrap()
+        .expect("the answer was choked for a request nobody waited for");
+    assert!(whole.len() > 32 << 20, "{} bytes", whole.len());
+    node.shutdown().await;
 }

@@ -1179,7 +1179,19 @@ impl Store {
                     bytes += free_files_of(b);
                 }
             }
-            break (self.inner.remove_blobs(&mut st, dead)?, bytes);
+            match self.inner.remove_blobs(&mut st, dead.clone()) {
+                Ok(removed) => break (removed, bytes),
+                Err(e) => {
+                    // Kept, with their files gone: not offered, read or
+                    // taken as whole until a gc removes them.
+                    for h in &dead {
+                        if let Some(b) = st.get_mut(h) {
+                            b.corrupt = true;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         };
         let (removed, bytes) = removed;
         let mut report = GcReport {
@@ -1742,6 +1754,15 @@ impl Store {
             .read_exact_at(start, &mut buf)
             .map_err(|e| StoreError::io("reading", name, e))?;
         if !window_verifies(hash, src.size, &src.outboard, start, &buf, name)? {
+            if src.verified.is_some() {
+                // A partial blob's data may have been reset under the read
+                // (its size proven otherwise): refused, not marked
+                // (`verify` drops the groups of one damaged on disk).
+                return Err(StoreError::Corrupt {
+                    hash: *hash,
+                    name: src.name,
+                });
+            }
             return Err(self.inner.refuse_corrupt(hash, src.name, "reading"));
         }
         let from = usize::try_from(offset - start).map_err(|_| StoreError::Incomplete(*hash))?;
@@ -2592,16 +2613,15 @@ impl Inner {
         })
     }
 
-    /// Take `hashes` out of `st` (the state, locked by the caller) and
-    /// delete their records in one durable commit; if that fails, they
-    /// are put back and nothing is deleted. The blobs taken out.
     /// Deletes the files in `data/` of blobs the store has no record of
-    /// (nor left out at open): copies a process killed before recording
-    /// them put there, or an import that failed part way through its
-    /// batch. Only `<hash>.data` and `<hash>.obao` names are looked at,
-    /// by hash (a record's path may be spelled otherwise). The caller
-    /// holds `files` exclusively. Returns the blobs whose files were
-    /// freed, and the bytes.
+    /// (nor left out at open): what a process killed before recording it
+    /// put there, or an import that failed part way through its batch.
+    /// Only `<hash>.data` and `<hash>.obao` names are looked at, by hash (a
+    /// record's path may be spelled otherwise). A `.data` file that hashes
+    /// to its name is a whole copy, maybe the only one (a recovery that
+    /// failed for want of space leaves those): it is kept, with its
+    /// outboard, and said so. The caller holds `files` exclusively.
+    /// Returns the blobs whose files were freed, and the bytes.
     fn free_unrecorded_files(&self) -> (HashSet<blake3::Hash>, u64) {
         let Some(d) = self.data_dir() else {
             return (HashSet::new(), 0);
@@ -2609,8 +2629,7 @@ impl Inner {
         let Ok(rd) = fs::read_dir(&d) else {
             return (HashSet::new(), 0);
         };
-        let mut hashes = HashSet::new();
-        let mut bytes = 0;
+        let mut unrecorded: HashMap<blake3::Hash, Vec<(PathBuf, fs::Metadata)>> = HashMap::new();
         for e in rd.flatten() {
             let name = e.file_name();
             let Some(hex) = name
@@ -2626,26 +2645,49 @@ impl Inner {
                 continue;
             }
             let Ok(m) = e.metadata() else { continue };
-            if !m.is_file() {
+            if m.is_file() {
+                unrecorded.entry(hash).or_default().push((e.path(), m));
+            }
+        }
+        let mut freed = HashSet::new();
+        let mut bytes = 0;
+        for (hash, files) in unrecorded {
+            let whole = files.iter().any(|(p, _)| {
+                p.extension().is_some_and(|x| x == "data")
+                    && blake3::Hasher::new()
+                        .update_mmap_rayon(p)
+                        .is_ok_and(|h| h.finalize() == hash)
+            });
+            if whole {
+                tracing::warn!(
+                    "gc: {} is a whole copy of {hash} that the store has no record of; left as \
+                     it is (`shoal add` it to share it again, or delete it)",
+                    d.join(format!("{}.data", hash.to_hex())).display()
+                );
                 continue;
             }
-            match fs::remove_file(e.path()) {
-                Ok(()) => {
-                    bytes += m.blocks() * 512;
-                    hashes.insert(hash);
+            for (p, m) in files {
+                match fs::remove_file(&p) {
+                    Ok(()) => {
+                        bytes += m.blocks() * 512;
+                        freed.insert(hash);
+                    }
+                    Err(err) => tracing::warn!("gc: cannot remove {}: {err}", p.display()),
                 }
-                Err(err) => tracing::warn!("gc: cannot remove {}: {err}", e.path().display()),
             }
         }
-        if !hashes.is_empty() {
+        if !freed.is_empty() {
             tracing::debug!(
                 "gc: freed the files of {} blob(s) the store has no record of",
-                hashes.len()
+                freed.len()
             );
         }
-        (hashes, bytes)
+        (freed, bytes)
     }
 
+    /// Take `hashes` out of `st` (the state, locked by the caller) and
+    /// delete their records in one durable commit; if that fails, they
+    /// are put back. The blobs taken out.
     fn remove_blobs(
         &self,
         st: &mut HashMap<blake3::Hash, Blob>,
@@ -3130,6 +3172,8 @@ impl Inner {
             }
             Some((Some(p), _)) => p,
             None => {
+                // Files go into data/ here: not while gc looks there.
+                let _files = adding_files(self);
                 let b = self.new_partial(hash, BlobKind::Raw, None)?;
                 let mut st = lock(&self.state);
                 let entry = st.entry(*hash).or_insert(b);

@@ -1143,8 +1143,15 @@ fn gc_frees_files_the_store_has_no_record_of() {
         )
         .unwrap();
     }
-    // Names that are not a blob's are not the store's to free.
+    // Names that are not a blob's are not the store's to free; nor is a
+    // whole copy (one a recovery that ran out of space left: maybe the
+    // only one).
     fs::write(at.join("data").join("notes.txt"), b"mine").unwrap();
+    let whole = data(30_000, 12);
+    let whole_at = at
+        .join("data")
+        .join(format!("{}.data", blake3::hash(&whole).to_hex()));
+    fs::write(&whole_at, &whole).unwrap();
     let report = store.gc().unwrap();
     assert_eq!(report.blobs, 1);
     assert!(report.bytes >= 100_000, "{report:?}");
@@ -1154,6 +1161,10 @@ fn gc_frees_files_the_store_has_no_record_of() {
             .exists()
     );
     assert!(at.join("data").join("notes.txt").exists());
+    assert!(
+        fs::read(&whole_at).unwrap() == whole,
+        "a whole copy was freed"
+    );
     assert_eq!(store.read_all(&h).unwrap(), kept);
     assert_eq!(store.gc().unwrap().blobs, 0);
 }
@@ -1172,6 +1183,9 @@ fn gc_stopped_before_its_commit_leaves_no_file_without_a_record() {
     store.unpin(&h).unwrap();
     store.fail_commits(true);
     assert!(store.gc().is_err());
+    // Its files gone, it is no longer taken as whole.
+    assert!(store.info(&h).unwrap().corrupt);
+    assert!(!store.can_serve(&h));
     store.crash();
     let blob_files = || {
         fs::read_dir(at.join("data"))
