@@ -199,6 +199,22 @@ fn enqueue(queued: &mut Vec<Candidate>, c: Candidate) {
     }
 }
 
+/// [`enqueue`] for a candidate from discovery (mDNS, the DHT), which
+/// sends each address once: when the queue is full, the oldest queued
+/// (the last to be dialled: the queue is taken from its end) makes room.
+/// A DHT full of made-up addresses for the hash would otherwise keep a
+/// real seeder found later out for good. (Peer exchange does not push
+/// others out: one peer's answer is only what fits.)
+fn enqueue_found(queued: &mut Vec<Candidate>, c: Candidate) {
+    if queued.contains(&c) {
+        return;
+    }
+    if queued.len() >= MAX_KNOWN {
+        queued.remove(0);
+    }
+    queued.push(c);
+}
+
 /// Remember `c` to dial again later (up to [`MAX_KNOWN`] addresses).
 fn remember(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: Instant) {
     if known.len() < MAX_KNOWN || known.contains_key(&c.addr) {
@@ -208,6 +224,24 @@ fn remember(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: Instant)
             next: now + REDIAL_MIN,
         });
     }
+}
+
+/// [`remember`] for a candidate from discovery: when the addresses
+/// remembered are at [`MAX_KNOWN`], one that never led to a peer (the one
+/// backed off furthest) is forgotten to make room; one that did is never
+/// pushed out.
+fn remember_found(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: Instant) {
+    if known.len() >= MAX_KNOWN && !known.contains_key(&c.addr) {
+        let worst = known
+            .iter()
+            .filter(|(_, k)| k.peer.is_none())
+            .max_by_key(|(_, k)| k.next)
+            .map(|(a, _)| *a);
+        if let Some(a) = worst {
+            known.remove(&a);
+        }
+    }
+    remember(known, c, now);
 }
 
 struct Running {
@@ -601,8 +635,8 @@ pub(crate) async fn fetch_blob(
             c = next_candidate(&mut candidates), if candidates_open => match c {
                 Some(c) => {
                     debug!(addr = %c.addr, source = ?c.source, "candidate");
-                    remember(&mut known, &c, Instant::now());
-                    enqueue(&mut queued, c);
+                    remember_found(&mut known, &c, Instant::now());
+                    enqueue_found(&mut queued, c);
                 }
                 None => candidates_open = false,
             },
@@ -614,12 +648,9 @@ pub(crate) async fn fetch_blob(
                     // heard of.
                     let c = Candidate { addr, id: Some(id), source: Source::Static };
                     debug!(%addr, peer = %id, "a peer connected: asking it");
-                    remember(&mut known, &c, Instant::now());
-                    if queued.len() >= MAX_KNOWN {
-                        queued.remove(0);
-                    }
+                    remember_found(&mut known, &c, Instant::now());
                     queued.retain(|q| q != &c);
-                    queued.push(c);
+                    enqueue_found(&mut queued, c);
                 }
                 // Missed some (heard of through peer exchange, if at all).
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -1352,6 +1383,56 @@ mod tests {
 
     fn addrs(c: &[Candidate]) -> Vec<String> {
         c.iter().map(|c| c.addr.to_string()).collect()
+    }
+
+    fn cand(i: u32, source: Source) -> Candidate {
+        Candidate {
+            addr: SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 4000)),
+            id: None,
+            source,
+        }
+    }
+
+    /// Discovery sends each address once: a queue and a memory full of
+    /// addresses that never answered (made up, say, and announced in the
+    /// DHT) make room for one found later, which is dialled next; an
+    /// address that led to a peer is never pushed out. Peer exchange
+    /// pushes nothing out.
+    #[test]
+    fn addresses_found_later_are_not_kept_out_by_a_full_queue() {
+        let now = Instant::now();
+        let mut queued = Vec::new();
+        let mut known = HashMap::new();
+        for i in 0..MAX_KNOWN as u32 {
+            let c = cand(i, Source::Dht);
+            remember_found(&mut known, &c, now + Duration::from_millis(u64::from(i)));
+            enqueue_found(&mut queued, c);
+        }
+        // One of them answered once.
+        known.get_mut(&cand(7, Source::Dht).addr).unwrap().peer =
+            Some(SecretKey::generate().public());
+        let from_pex = cand(5000, Source::Pex);
+        remember(&mut known, &from_pex, now);
+        enqueue(&mut queued, from_pex.clone());
+        assert!(!known.contains_key(&from_pex.addr) && !queued.contains(&from_pex));
+        let real = cand(6000, Source::Dht);
+        for _ in 0..MAX_KNOWN {
+            remember_found(&mut known, &real, now);
+        }
+        enqueue_found(&mut queued, real.clone());
+        assert!(
+            known.contains_key(&real.addr),
+            "the address found later was dropped"
+        );
+        assert_eq!(queued.last(), Some(&real), "it is not dialled next");
+        assert_eq!((known.len(), queued.len()), (MAX_KNOWN, MAX_KNOWN));
+        // The one backed off furthest went; the one that answered stayed.
+        assert!(!known.contains_key(&cand(MAX_KNOWN as u32 - 1, Source::Dht).addr));
+        assert!(known.contains_key(&cand(7, Source::Dht).addr));
+        for i in 0..(2 * MAX_KNOWN as u32) {
+            remember_found(&mut known, &cand(10_000 + i, Source::Dht), now);
+        }
+        assert!(known.contains_key(&cand(7, Source::Dht).addr));
     }
 
     #[test]
