@@ -558,12 +558,12 @@ async fn made_up_hashes_asked_of_do_not_push_a_swarm_out_of_peer_exchange() {
     node.shutdown().await;
 }
 
-/// Sends a `Get` for all of `hash` and reads the answer's header.
-async fn open_get(
+/// Sends a `Get` for all of `hash`.
+async fn send_get(
     conn: &Connection,
     hash: &blake3::Hash,
 ) -> (shoal_transport::SendStream, shoal_transport::RecvStream) {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
     let mut all = GroupRanges::new();
     all.insert(0..u64::MAX >> 1);
     let get = pb::Request {
@@ -574,6 +574,15 @@ async fn open_get(
     };
     write_frame(&mut send, &get).await.unwrap();
     send.finish().unwrap();
+    (send, recv)
+}
+
+/// Sends a `Get` for all of `hash` and reads the answer's header.
+async fn open_get(
+    conn: &Connection,
+    hash: &blake3::Hash,
+) -> (shoal_transport::SendStream, shoal_transport::RecvStream) {
+    let (send, mut recv) = send_get(conn, hash).await;
     let r: pb::Response = read_frame(&mut recv, Limit::Response).await.unwrap();
     assert!(matches!(r.kind, Some(pb::response::Kind::Get(_))), "{r:?}");
     (send, recv)
@@ -745,20 +754,7 @@ async fn a_request_given_up_while_it_waited_chokes_nothing() {
     // The only slot: an answer not read yet.
     let (_s1, mut held) = open_get(&conn, &hash).await;
     // A second request, given up at once.
-    {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        let mut all = GroupRanges::new();
-        all.insert(0..u64::MAX >> 1);
-        let get = pb::Request {
-            kind: Some(pb::request::Kind::Get(pb::Get {
-                hash: hash.as_bytes().to_vec().into(),
-                ranges: Some(all.to_pb()),
-            })),
-        };
-        write_frame(&mut send, &get).await.unwrap();
-        send.finish().unwrap();
-        drop(recv);
-    }
+    drop(send_get(&conn, &hash).await);
     // Past `choke_after`, with time for a few chokes.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let whole = tokio::time::timeout(Duration::from_secs(60), held.read_all(64 << 20))
