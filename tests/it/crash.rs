@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Dir, b3sum, data};
+use crate::harness::{Dir, Serve, b3sum, data};
 
 /// Deterministic "random" delays, different each iteration.
 fn delay(i: u64, min_ms: u64, max_ms: u64) -> Duration {
@@ -58,6 +58,31 @@ fn tree(root: &Path) {
     }
 }
 
+/// A node serving `input` from `s`, its upload capped at `upload`, and
+/// the hash it was added under.
+fn seeding(s: &Dir, input: &Path, upload: &str) -> (Serve, String) {
+    let seeder = s.serve(&["--max-upload", upload]);
+    let line = s.ok(&["add", input.to_str().expect("utf-8")]);
+    let hash = line.split_whitespace().next().expect("hash").to_string();
+    (seeder, hash)
+}
+
+/// `shoal get HASH -o OUT` from `seeder` only, on `d`.
+fn get(d: &Dir, hash: &str, seeder: &Serve, out: &Path) -> Command {
+    let mut c = d.cmd();
+    c.args([
+        "get",
+        hash,
+        "--peer",
+        &seeder.peer_arg(),
+        "--no-mdns",
+        "--no-dht",
+        "-o",
+        out.to_str().expect("utf-8"),
+    ]);
+    c
+}
+
 #[test]
 fn sigkill_during_add_of_a_directory_never_corrupts_the_store() {
     let src = Dir::new();
@@ -90,23 +115,9 @@ fn sigkill_during_a_download_resumes_without_corruption() {
     let input = s.path().join("big.bin");
     std::fs::write(&input, data(16 << 20, 9)).expect("write");
     // Slow enough that the kills land mid-download.
-    let seeder = s.serve(&["--max-upload", "6MB/s"]);
-    let hash = s.ok(&["add", input.to_str().expect("utf-8")]);
-    let hash = hash.split_whitespace().next().expect("hash").to_string();
+    let (seeder, hash) = seeding(&s, &input, "6MB/s");
     let d = Dir::new();
     let out = d.path().join("out.bin");
-    let args = |c: &mut Command| {
-        c.args([
-            "get",
-            &hash,
-            "--peer",
-            &seeder.peer_arg(),
-            "--no-mdns",
-            "--no-dht",
-            "-o",
-            out.to_str().expect("utf-8"),
-        ]);
-    };
     let verified = |d: &Dir| -> u64 {
         let ls = d.ok(&["--json", "ls"]);
         ls.lines()
@@ -118,9 +129,7 @@ fn sigkill_during_a_download_resumes_without_corruption() {
     let mut done = false;
     let mut progress = Vec::new();
     for i in 0..10 {
-        let mut c = d.cmd();
-        args(&mut c);
-        let finished = kill_after(c, delay(100 + i, 300, 1500));
+        let finished = kill_after(get(&d, &hash, &seeder, &out), delay(100 + i, 300, 1500));
         assert_consistent(&d, &format!("after kill {i} during get"));
         // A kill that lands after the output was renamed into place but
         // before the process exited still leaves a finished download (and
@@ -137,9 +146,7 @@ fn sigkill_during_a_download_resumes_without_corruption() {
         "progress went backwards by more than the unpersisted window: {progress:?}"
     );
     if !done {
-        let mut c = d.cmd();
-        args(&mut c);
-        let o = crate::harness::run_bounded(c, Duration::from_secs(90));
+        let o = crate::harness::run_bounded(get(&d, &hash, &seeder, &out), Duration::from_secs(90));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     assert_eq!(b3sum(&out), hash, "resumed download is wrong");
@@ -184,29 +191,14 @@ fn a_collection_get_killed_after_its_first_batches_resumes_clean() {
     }
     let want = files_under(&input);
     // Slow enough that the kills land between the manifest and the end.
-    let seeder = s.serve(&["--max-upload", "3MB/s"]);
-    let hash = s.ok(&["add", input.to_str().expect("utf-8")]);
-    let hash = hash.split_whitespace().next().expect("hash").to_string();
+    let (seeder, hash) = seeding(&s, &input, "3MB/s");
     for i in 0..3u64 {
         let d = Dir::new();
         let out = d.path().join("out");
-        let get = |d: &Dir| {
-            let mut c = d.cmd();
-            c.args([
-                "get",
-                &hash,
-                "--peer",
-                &seeder.peer_arg(),
-                "--no-mdns",
-                "--no-dht",
-                "-o",
-                out.to_str().expect("utf-8"),
-            ]);
-            c
-        };
-        let finished = kill_after(get(&d), delay(200 + i, 600, 1800));
+        let finished = kill_after(get(&d, &hash, &seeder, &out), delay(200 + i, 600, 1800));
         if !finished {
-            let o = crate::harness::run_bounded(get(&d), Duration::from_secs(90));
+            let o =
+                crate::harness::run_bounded(get(&d, &hash, &seeder, &out), Duration::from_secs(90));
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
         let got = files_under(&out);
