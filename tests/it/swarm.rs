@@ -460,6 +460,7 @@ fn a_get_fetches_again_what_the_store_holds_corrupt() {
     // a get of its directory from a good seeder used to take it as
     // complete and write a truncated file out (exit 0: the failed export
     // of a first try was left in the tree, and the next try trusted it).
+    // Only its damaged group is fetched again.
     let s = Dir::new();
     let root = s.path().join("tree");
     std::fs::create_dir_all(&root).unwrap();
@@ -498,8 +499,30 @@ fn a_get_fetches_again_what_the_store_holds_corrupt() {
     );
     assert_eq!(alone.status.code(), Some(1));
     assert!(!out.exists());
-    // From the seeder: fetched again, and right.
-    d.ok(&["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
+    // And loses nothing: what still verifies stays, as a partial blob
+    // (it used to be deleted, with its pin and name, before any peer was
+    // found).
+    let ls = d.ok(&["--json", "ls"]);
+    let row = ls
+        .lines()
+        .find(|l| l.contains(&large))
+        .unwrap_or_else(|| panic!("the damaged copy was forgotten: {ls}"));
+    let row: serde_json::Value = serde_json::from_str(row).unwrap();
+    assert_eq!(row["complete"], false, "{row}");
+    assert!(row["verified"].as_u64().unwrap() > 800_000, "{row}");
+    // From the seeder: fetched again, and right, receiving little more
+    // than the damaged group.
+    let got = d.ok(&[
+        "--json",
+        "get",
+        &t,
+        "-o",
+        out.to_str().unwrap(),
+        NET[0],
+        NET[1],
+    ]);
+    let got: serde_json::Value = serde_json::from_str(got.lines().last().unwrap()).unwrap();
+    assert!(got["received"].as_u64().unwrap() < 300_000, "{got}");
     assert_eq!(b3sum(&out.join("large.bin")), large);
     assert_eq!(std::fs::read(out.join("small.txt")).unwrap(), b"small");
     d.ok(&["verify"]);

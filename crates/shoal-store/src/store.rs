@@ -1298,17 +1298,30 @@ impl Store {
             }
         }
         let (root, tree) = h.finish();
-        let ob = tree.to_vec();
-        let stored_ob = match read_ob(&outboard, ob.len()) {
-            Ok(o) => o,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return gone("outboard"),
-            Err(e) => return Err(StoreError::io("reading outboard of", Path::new(&name), e)),
-        };
-        let ok = root == *hash && pos == size && ob == stored_ob;
-        if !ok {
+        if root != *hash || pos != size {
             tracing::warn!("blob {hash} ({name}) is corrupt: stored data does not match its hash");
             self.inner.mark_corrupt(hash);
             return Ok(false);
+        }
+        let ob = tree.to_vec();
+        let stored_ob = match read_ob(&outboard, ob.len()) {
+            Ok(o) => Some(o),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io("reading outboard of", Path::new(&name), e)),
+        };
+        if stored_ob.as_ref() != Some(&ob) {
+            // The data is whole; only the outboard, the store's own and
+            // made from the data, is gone or damaged: it is made again.
+            match (&outboard, self.inner.ob_path(hash)) {
+                (ObRef::File(p), Some(q)) if *p == q => {
+                    self.inner.write_outboard(hash, tree)?;
+                    if let Ok(f) = File::open(p) {
+                        let _ = f.sync_all();
+                    }
+                    tracing::warn!("blob {hash} ({name}): its outboard was damaged; rebuilt");
+                }
+                _ => return gone("outboard"),
+            }
         }
         // A file in place that was only touched is fine again.
         if let (
@@ -1822,36 +1835,51 @@ impl Store {
 
     /// Forget those of `hashes` that are complete but whose file is gone
     /// or not the one recorded (a fetched directory the user deleted or
-    /// edited, a store-owned file lost), or that were found corrupt (a
-    /// store-owned copy damaged on disk: its file is deleted), so that
-    /// they are fetched again rather than refused as changed or corrupt.
-    /// One stat per file; one commit. Returns the blobs forgotten.
+    /// edited), or that were found corrupt (a file in place, or a small
+    /// blob kept in the database), so that they are fetched again rather
+    /// than refused as changed or corrupt. A store-owned copy found
+    /// corrupt is not forgotten but salvaged ([`Inner::salvage`]): what of
+    /// it still verifies stays, as a partial download, with its pin and
+    /// name, and only the rest is fetched again (a get that finds no peer
+    /// loses nothing). One stat per file; one commit. Returns the blobs
+    /// forgotten.
     pub fn forget_vanished(
         &self,
         hashes: &[blake3::Hash],
     ) -> Result<Vec<blake3::Hash>, StoreError> {
         let mut files: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = Vec::new();
         let mut corrupt: Vec<blake3::Hash> = Vec::new();
+        let mut owned_corrupt: Vec<blake3::Hash> = Vec::new();
         {
             let st = lock(&self.inner.state);
             for h in hashes {
                 let Some(b) = st.get(h).filter(|b| b.partial.is_none()) else {
                     continue;
                 };
-                if b.corrupt {
+                if b.corrupt && matches!(b.data, DataRef::File { stamp: None, .. }) {
+                    owned_corrupt.push(*h);
+                } else if b.corrupt {
                     corrupt.push(*h);
                 } else if let DataRef::File { path, stamp } = &b.data {
                     files.push((*h, path.clone(), *stamp));
                 }
             }
         }
-        let gone: Vec<(blake3::Hash, PathBuf, Option<Stamp>)> = files
+        let (lost, gone): (Vec<_>, Vec<_>) = files
             .into_iter()
             .filter(|(_, path, stamp)| match stamp {
                 Some(s) => !stamp_matches(path, *s),
                 None => fs::metadata(path).is_err(),
             })
-            .collect();
+            .partition(|(_, _, stamp)| stamp.is_none());
+        // A store-owned file lost: salvaged too (a partial with nothing
+        // verified, keeping its pin and name).
+        owned_corrupt.extend(lost.into_iter().map(|(h, _, _)| h));
+        for h in owned_corrupt {
+            if !self.inner.salvage(&h)? {
+                corrupt.push(h);
+            }
+        }
         if gone.is_empty() && corrupt.is_empty() {
             return Ok(Vec::new());
         }
@@ -1885,7 +1913,8 @@ impl Store {
             if let ObRef::File(p) = &b.outboard {
                 let _ = fs::remove_file(p);
             }
-            // A store-owned copy (never a file in place) found corrupt.
+            // A store-owned copy (never a file in place) found corrupt and
+            // not salvaged.
             if let (true, DataRef::File { path, stamp: None }) = (b.corrupt, &b.data) {
                 let _ = fs::remove_file(path);
             }
@@ -2738,6 +2767,128 @@ impl Inner {
         tracing::warn!("blob {hash} ({name}) is corrupt on disk; not {doing} it");
         self.mark_corrupt(hash);
         StoreError::Corrupt { hash: *hash, name }
+    }
+
+    /// A complete, store-owned copy of `hash` found corrupt (or its file
+    /// lost), about to be fetched again: the groups that still verify
+    /// against its outboard are kept, as a partial download of the blob
+    /// with the same pin and name, so that only the rest is fetched (as
+    /// BitTorrent rechecks a damaged download) and a fetch that finds no
+    /// peer destroys nothing. An outboard that is gone or of the wrong
+    /// length is rebuilt from the data when the data is whole: the blob is
+    /// then complete again. A blob that turns out whole is no longer
+    /// corrupt. Returns false, changing nothing, for a blob that is not a
+    /// complete copy in the store's own data file (gone or changed
+    /// meanwhile, too).
+    fn salvage(&self, hash: &blake3::Hash) -> Result<bool, StoreError> {
+        let (size, path, name) = {
+            let st = lock(&self.state);
+            match st.get(hash) {
+                Some(Blob {
+                    size,
+                    partial: None,
+                    name,
+                    data: DataRef::File { path, stamp: None },
+                    ..
+                }) if Some(path) == self.owned_path(hash).as_ref() => {
+                    (size.unwrap_or(0), path.clone(), name.clone())
+                }
+                _ => return Ok(false),
+            }
+        };
+        let Some(ob_path) = self.ob_path(hash) else {
+            return Ok(false);
+        };
+        let all = all_groups(size);
+        let ob_len = bao_tree(size).outboard_size();
+        let data = match open_read(&path) {
+            Ok(f) => Some(Slot::File(Arc::new(f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io("opening", &path, e)),
+        };
+        let ob_fits = ob_len == 0 || fs::metadata(&ob_path).is_ok_and(|m| m.len() == ob_len);
+        let valid = match &data {
+            None => GroupRanges::new(),
+            Some(d) if ob_fits => {
+                let ob = if ob_len == 0 {
+                    Slot::Mem(Arc::new(RwLock::new(Vec::new())))
+                } else {
+                    Slot::File(Arc::new(
+                        File::open(&ob_path).map_err(io_err("opening", &ob_path))?,
+                    ))
+                };
+                recheck(hash, size, d, &ob, &all)?
+            }
+            Some(Slot::File(f)) => {
+                // No outboard to check groups against: the whole data is
+                // hashed; if it is the blob, its outboard is written again.
+                match tree::hash_file(f, size).map_err(io_err("reading", &path))? {
+                    tree::FileHash::Hashed(root, len, ob) if root == *hash && len == size => {
+                        self.write_outboard(hash, ob)?;
+                        if let Ok(f) = File::open(&ob_path) {
+                            let _ = f.sync_all();
+                        }
+                        tracing::info!("blob {hash} ({name}): its outboard was rebuilt");
+                        all.clone()
+                    }
+                    _ => GroupRanges::new(),
+                }
+            }
+            Some(_) => GroupRanges::new(),
+        };
+        let _files = adding_files(self);
+        let mut st = lock(&self.state);
+        let Some(b) = st.get_mut(hash) else {
+            return Ok(false);
+        };
+        if b.partial.is_some()
+            || !matches!(&b.data, DataRef::File { path: p, stamp: None } if *p == path)
+        {
+            return Ok(false);
+        }
+        if valid == all {
+            let was_corrupt = b.corrupt;
+            b.corrupt = false;
+            if ob_len > 0 {
+                b.outboard = ObRef::File(ob_path);
+            }
+            let rec = record_of(b);
+            if let Err(e) = self.persist(hash, rec, true) {
+                b.corrupt = was_corrupt;
+                return Err(e);
+            }
+            drop(st);
+            tracing::info!("blob {hash} ({name}) is whole");
+            let _ = self.events.send(StoreEvent::Added { hash: *hash });
+            return Ok(true);
+        }
+        let p = self.open_partial(hash, None, false)?;
+        {
+            let mut s = lock(&p.st);
+            s.size = Some(size);
+            s.verified = valid.clone();
+        }
+        let old = (
+            std::mem::replace(&mut b.data, DataRef::Db),
+            std::mem::replace(&mut b.outboard, ObRef::None),
+            b.corrupt,
+        );
+        b.partial = Some(Arc::new(p));
+        b.corrupt = false;
+        let rec = record_of(b);
+        if let Err(e) = self.persist(hash, rec, true) {
+            (b.data, b.outboard, b.corrupt) = old;
+            b.partial = None;
+            return Err(e);
+        }
+        drop(st);
+        tracing::warn!(
+            "blob {hash} ({name}): {} of its {} groups still verify; kept, the rest is to be \
+             fetched again",
+            valid.count(),
+            group_count(size)
+        );
+        Ok(true)
     }
 
     fn mark_corrupt(&self, hash: &blake3::Hash) {

@@ -1300,25 +1300,29 @@ fn blobs_whose_files_vanished_or_changed_are_forgotten_not_refused() {
 }
 
 #[test]
-fn blobs_found_corrupt_are_forgotten_so_a_get_fetches_them_again() {
+fn blobs_found_corrupt_are_salvaged_or_forgotten_so_a_get_fetches_them_again() {
     // A store-owned copy damaged on disk, once found corrupt, stays so
-    // (never served); a get used to take it as complete and fail. Now it
-    // is forgotten, its damaged file deleted, and fetched again. A file in
-    // place is forgotten too, but never deleted: it is the user's.
+    // (never served); a get used to take it as complete and fail. Then it
+    // was forgotten, its file deleted, before any peer was found: a get
+    // with no peer lost the copy, its pin and its name. Now what of it
+    // still verifies is kept as a partial blob and only the damaged group
+    // is fetched again. A file in place is forgotten, but never deleted:
+    // it is the user's.
     let dir = tempfile::tempdir().unwrap();
     let sdir = dir.path().join("s");
-    let store = Store::open(&sdir).unwrap();
     let placed = dir.path().join("placed.bin");
     fs::write(&placed, data(80_000, 71)).unwrap();
     let copy_src = dir.path().join("copy.bin");
-    fs::write(&copy_src, data(80_000, 72)).unwrap();
+    let copied_bytes = data(10 * GROUP_SIZE as usize + 500, 72);
+    fs::write(&copy_src, &copied_bytes).unwrap();
+    let store = Store::open(&sdir).unwrap();
     let in_place = store.import_file(&placed, ImportMode::InPlace).unwrap();
     let copied = store.import_file(&copy_src, ImportMode::Copy).unwrap();
     let fine = store.import_bytes(&data(40_000, 73), "fine").unwrap();
     let copy_file = sdir.join("data").join(format!("{}.data", copied.to_hex()));
-    for f in [&placed, &copy_file] {
+    for (f, at) in [(&placed, 100), (&copy_file, 3 * GROUP_SIZE as usize + 7)] {
         let mut b = fs::read(f).unwrap();
-        b[100] ^= 1;
+        b[at] ^= 1;
         // Same size and time: only a re-hash sees it.
         let m = fs::metadata(f).unwrap();
         fs::write(f, b).unwrap();
@@ -1330,11 +1334,74 @@ fn blobs_found_corrupt_are_forgotten_so_a_get_fetches_them_again() {
         assert!(store.info(h).unwrap().corrupt);
     }
     let forgotten = store.forget_vanished(&[in_place, copied, fine]).unwrap();
-    assert_eq!(forgotten.len(), 2, "{forgotten:?}");
-    assert!(store.info(&in_place).is_none() && store.info(&copied).is_none());
-    assert!(store.info(&fine).unwrap().complete);
-    assert!(!copy_file.exists(), "the damaged copy is deleted");
+    assert_eq!(forgotten, vec![in_place]);
+    assert!(store.info(&in_place).is_none());
     assert!(placed.exists(), "the user's file is never deleted");
+    assert!(store.info(&fine).unwrap().complete);
+    let all = GroupRanges::from_range(0..group_count(copied_bytes.len() as u64));
+    let good = all.difference(&GroupRanges::from_groups([3]));
+    let check = |store: &Store| {
+        let info = store.info(&copied).unwrap();
+        assert!(!info.complete && !info.corrupt, "{info:?}");
+        assert!(info.pinned, "its pin stays");
+        assert_eq!(info.name, "copy.bin", "its name stays");
+        assert_eq!(info.verified, good, "all but the damaged group verify");
+    };
+    check(&store);
+    assert!(copy_file.exists(), "the salvaged copy is kept");
+    // Asked again: nothing more to do.
+    assert!(store.forget_vanished(&[copied]).unwrap().is_empty());
+    check(&store);
+    drop(store);
+    // For good: a partial after reopening too; the missing group from a
+    // good copy completes it.
+    let store = Store::open(&sdir).unwrap();
+    check(&store);
+    let seeder = Store::in_memory();
+    seeder.import_bytes(&copied_bytes, "copy.bin").unwrap();
+    let (_, bytes) = encode(&seeder, &copied, &GroupRanges::from_groups([3]));
+    store
+        .begin_download(&copied, BlobKind::Raw, None, true)
+        .unwrap();
+    receive(&store, &copied, &GroupRanges::from_groups([3]), &bytes).unwrap();
+    let info = store.info(&copied).unwrap();
+    assert!(info.complete && !info.corrupt, "{info:?}");
+    assert_eq!(store.read_all(&copied).unwrap(), copied_bytes);
+    assert!(store.verify(&copied).unwrap());
+}
+
+#[test]
+fn a_lost_outboard_is_rebuilt_from_whole_data_not_taken_for_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdir = dir.path().join("s");
+    let store = Store::open(&sdir).unwrap();
+    let bytes = data(6 * GROUP_SIZE as usize, 74);
+    let a = store.import_bytes(&bytes, "a").unwrap();
+    let b = store
+        .import_bytes(&data(6 * GROUP_SIZE as usize, 75), "b")
+        .unwrap();
+    let ob = |h: &blake3::Hash| sdir.join("data").join(format!("{}.obao", h.to_hex()));
+    let original = fs::read(ob(&a)).unwrap();
+    // `verify` rebuilds a deleted outboard, and a damaged one.
+    fs::remove_file(ob(&a)).unwrap();
+    assert!(store.verify(&a).unwrap());
+    assert_eq!(fs::read(ob(&a)).unwrap(), original);
+    let mut damaged = original.clone();
+    damaged[10] ^= 1;
+    fs::write(ob(&a), &damaged).unwrap();
+    assert!(store.verify(&a).unwrap());
+    assert_eq!(fs::read(ob(&a)).unwrap(), original);
+    assert_eq!(store.read_all(&a).unwrap(), bytes);
+    // A read without its outboard marks the blob corrupt; a get's salvage
+    // finds the data whole, rebuilds the outboard: complete again.
+    fs::remove_file(ob(&b)).unwrap();
+    assert!(store.read_all(&b).is_err());
+    assert!(store.info(&b).unwrap().corrupt);
+    assert!(store.forget_vanished(&[b]).unwrap().is_empty());
+    let info = store.info(&b).unwrap();
+    assert!(info.complete && !info.corrupt, "{info:?}");
+    assert!(ob(&b).exists());
+    assert!(store.verify(&b).unwrap());
 }
 
 #[test]
@@ -1892,7 +1959,8 @@ fn a_stored_file_gone_or_cut_short_is_corrupt_not_an_error_forever() {
     // The store's own files for a blob (its copy, its outboard) removed or
     // truncated behind its back: serving it marks it corrupt (no longer
     // offered to peers, fetched again by a get), and `verify` says it is
-    // corrupt instead of failing (which stopped `shoal verify` there).
+    // corrupt instead of failing (which stopped `shoal verify` there), or
+    // rebuilds a lost outboard from whole data.
     // Before, every peer's request failed and it stayed on offer.
     /// Damage done to a blob's data file and outboard.
     type Damage = fn(&Path, &Path);
@@ -1925,6 +1993,11 @@ fn a_stored_file_gone_or_cut_short_is_corrupt_not_an_error_forever() {
                 let mut out = Vec::new();
                 let r = rt().block_on(store.send_ranges(&hash, &all, &mut out));
                 assert!(r.is_err(), "{what}: served");
+            } else if what == "outboard removed" {
+                // The data is whole: `verify` makes the outboard again.
+                assert!(store.verify(&hash).unwrap(), "{what}: not rebuilt");
+                assert!(ob_file.exists() && store.can_serve(&hash), "{what}");
+                continue;
             } else {
                 assert!(!store.verify(&hash).unwrap(), "{what}: verified");
             }
