@@ -599,9 +599,13 @@ pub(crate) fn open_db(dir: &Path, db_path: &Path) -> Result<(redb::Database, boo
     Ok((db, upgraded))
 }
 
-/// Deletes the store's own files of `b` (never a file shared in place);
-/// returns the bytes freed (for data kept in the database, its size).
-fn free_files_of(b: &Blob) -> u64 {
+/// Sets the store's own files of `b` (never a file shared in place)
+/// aside: each is renamed to a `tmp-` name that `unaside` deletes (or the
+/// next open, after a kill), pushed onto `aside`; a rename is quick where
+/// deleting a file of gigabytes is not, and it is done while the store's
+/// state is locked. Returns the bytes they take (for data kept in the
+/// database, its size).
+fn set_aside_files_of(inner: &Inner, b: &Blob, aside: &mut Vec<PathBuf>) -> u64 {
     let mut bytes = 0;
     let mut files = Vec::new();
     if let DataRef::File { path, stamp: None } = &b.data {
@@ -621,13 +625,35 @@ fn free_files_of(b: &Blob) -> u64 {
     for f in files {
         // What it took on disk (a partial download's file is sparse).
         let len = fs::metadata(&f).map_or(0, |m| m.blocks() * 512);
-        match fs::remove_file(&f) {
-            Ok(()) => bytes += len,
+        let moved = match inner.tmp_path() {
+            Some(tmp) => fs::rename(&f, &tmp).map(|()| tmp),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        };
+        match moved {
+            Ok(tmp) => {
+                bytes += len;
+                aside.push(tmp);
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("gc: cannot remove {}: {e}", f.display()),
+            // (A partial download's file beside the user's output is on
+            // another filesystem maybe: deleted where it is.)
+            Err(_) => match fs::remove_file(&f) {
+                Ok(()) => bytes += len,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("gc: cannot remove {}: {e}", f.display()),
+            },
         }
     }
     bytes
+}
+
+/// Deletes the files [`set_aside_files_of`] set aside.
+fn unaside(aside: &mut Vec<PathBuf>) {
+    for f in aside.drain(..) {
+        if let Err(e) = fs::remove_file(&f) {
+            tracing::warn!("gc: cannot remove {}: {e}", f.display());
+        }
+    }
 }
 
 /// Creates the database at `db_path`, which is not there: under another
@@ -1167,20 +1193,33 @@ impl Store {
                 .map(|(h, _)| *h)
                 .collect();
             drop(held);
-            // Their files go before their records: a process killed in
-            // between leaves records whose files are gone (found lost, and
-            // freed by the next gc), never files without a record (which
-            // stayed on disk for good, or, with no other blob left, came
-            // back at the next open as recovered records); and a full disk
-            // gets the room the commit of their removal needs.
+            // Their files go (aside, under names the next open deletes)
+            // before their records: a process killed in between leaves
+            // records whose files are gone (found lost, and freed by the
+            // next gc), never files without a record (which stayed on disk
+            // for good, or, with no other blob left, came back at the next
+            // open as recovered records). They are deleted once the state
+            // is let go: deleting a large file takes a while.
             let mut bytes = 0;
+            let mut aside = Vec::new();
             for h in &dead {
                 if let Some(b) = st.get(h) {
-                    bytes += free_files_of(b);
+                    bytes += set_aside_files_of(&self.inner, b, &mut aside);
                 }
             }
-            match self.inner.remove_blobs(&mut st, dead.clone()) {
-                Ok(removed) => break (removed, bytes),
+            let mut res = self.inner.remove_blobs(&mut st, dead.clone());
+            if let Err(StoreError::DiskFull { .. }) = res {
+                // A full disk gets the room the commit needs, and it is
+                // tried again.
+                unaside(&mut aside);
+                res = self.inner.remove_blobs(&mut st, dead.clone());
+            }
+            match res {
+                Ok(removed) => {
+                    drop(st);
+                    unaside(&mut aside);
+                    break (removed, bytes);
+                }
                 Err(e) => {
                     // Kept, with their files gone: not offered, read or
                     // taken as whole until a gc removes them.
@@ -1189,6 +1228,8 @@ impl Store {
                             b.corrupt = true;
                         }
                     }
+                    drop(st);
+                    unaside(&mut aside);
                     return Err(e);
                 }
             }

@@ -650,6 +650,8 @@ fn gc_keeps_pinned_and_frees_the_rest() {
             .join(format!("{}.data", drop_big.to_hex()))
             .exists()
     );
+    // Set aside under the lock, deleted after it.
+    assert_eq!(tmp_names(&dir.path().join("s")), Vec::<String>::new());
     store.unpin(&col).unwrap();
     store.end_download(&in_flight);
     assert_eq!(store.gc().unwrap().blobs, 3);
@@ -1183,6 +1185,7 @@ fn gc_stopped_before_its_commit_leaves_no_file_without_a_record() {
     store.unpin(&h).unwrap();
     store.fail_commits(true);
     assert!(store.gc().is_err());
+    assert_eq!(tmp_names(&at), Vec::<String>::new(), "files set aside stay");
     // Its files gone, it is no longer taken as whole.
     assert!(store.info(&h).unwrap().corrupt);
     assert!(!store.can_serve(&h));
