@@ -152,6 +152,45 @@ fn quiet_leaves_only_errors_on_stderr() {
 }
 
 #[test]
+fn a_full_stdout_is_an_error_that_says_so_and_a_closed_one_is_not() {
+    let d = Dir::new();
+    let f = d.path().join("f.bin");
+    std::fs::write(&f, data(300_000, 5)).unwrap();
+    let hash = d.ok(&["add", f.to_str().unwrap()])[..64].to_string();
+    for args in [vec!["cat", hash.as_str()], vec!["ls"]] {
+        // (Through sh: the harness pipes stdout.)
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg("exec \"$@\" > /dev/full")
+            .arg("sh")
+            .arg(crate::harness::bin())
+            .arg("--data-dir")
+            .arg(d.path().join("node"))
+            .args(&args);
+        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("error: writing to stdout: No space left on device"),
+            "{args:?}: {stderr}"
+        );
+        // A reader that stops early (`| head`) is no error.
+        let mut c = std::process::Command::new("bash");
+        c.arg("-c")
+            .arg("set -o pipefail; \"$@\" | head -c 1 > /dev/null")
+            .arg("bash")
+            .arg(crate::harness::bin())
+            .arg("--data-dir")
+            .arg(d.path().join("node"))
+            .args(&args);
+        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn options_a_running_node_does_not_take_are_named() {
     // Through a running node, get's and send's node options were
     // silently ignored (the node runs with its own).

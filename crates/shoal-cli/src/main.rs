@@ -1076,12 +1076,12 @@ async fn get(
     let (ptx, mut prx) = tokio::sync::watch::channel(Progress::default());
     let n = node.clone();
     let mut task = tokio::spawn(async move { n.fetch(req, Some(ptx)).await });
-    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut stdout = std::io::stdout().lock();
         while let Some(d) = data_rx.blocking_recv() {
-            stdout.write_all(&d)?;
+            stdout.write_all(&d).context("writing to stdout")?;
         }
-        stdout.flush()
+        stdout.flush().context("writing to stdout")
     });
     let res = loop {
         tokio::select! {
@@ -1315,7 +1315,7 @@ impl Through<'_> {
             match k {
                 pb::control_response::Kind::Data(d) => {
                     *delivered = true;
-                    stdout.write_all(&d)?
+                    stdout.write_all(&d).context("writing to stdout")?
                 }
                 pb::control_response::Kind::Fetched(r) => {
                     report = Some(shoal_node::FetchReport {
@@ -1342,7 +1342,7 @@ impl Through<'_> {
                 _ => {}
             }
         }
-        stdout.flush()?;
+        stdout.flush().context("writing to stdout")?;
         self.bar.finish();
         // As a get without a running node says it (a node older than the
         // report says nothing).

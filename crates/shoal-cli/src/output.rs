@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use shoal_node::{FetchReport, Hash, Node, Progress};
 use shoal_proto::pb;
@@ -16,9 +16,9 @@ pub(crate) struct Out {
 
 pub(crate) fn line(s: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
-    writeln!(o, "{s}")?;
-    o.flush()?;
-    Ok(())
+    writeln!(o, "{s}")
+        .and_then(|()| o.flush())
+        .context("writing to stdout")
 }
 
 pub(crate) fn kind_name(k: i32) -> &'static str {
