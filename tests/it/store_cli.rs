@@ -191,6 +191,42 @@ fn a_full_stdout_is_an_error_that_says_so_and_a_closed_one_is_not() {
 }
 
 #[test]
+fn ls_shows_what_a_collection_holds_not_its_manifest() {
+    let d = Dir::new();
+    let tree = d.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a"), data(200_000, 1)).unwrap();
+    std::fs::write(tree.join("sub/b"), data(50_000, 2)).unwrap();
+    std::fs::write(tree.join("sub/b2"), data(50_000, 2)).unwrap();
+    let hash = d.ok(&["add", tree.to_str().unwrap()])[..64].to_string();
+    let row = |d: &Dir| -> serde_json::Value {
+        let ls = d.ok(&["--json", "ls"]);
+        let line = ls.lines().find(|l| l.contains(&hash)).expect("listed");
+        serde_json::from_str(line).unwrap()
+    };
+    let r = row(&d);
+    assert_eq!(r["kind"], "collection", "{r}");
+    assert!(r["size"].as_u64().unwrap() < 1000, "the manifest's: {r}");
+    // (The member named twice counted once.)
+    assert_eq!(r["content_size"], 250_000, "{r}");
+    assert_eq!(r["content_verified"], 250_000, "{r}");
+    assert_eq!(r["files"], 3, "{r}");
+    let table = d.ok(&["ls"]);
+    let line = table.lines().find(|l| l.contains(&hash)).unwrap();
+    assert!(line.contains("244.1 KiB  complete"), "{table}");
+    // A member added in place and deleted: not all of it is here.
+    std::fs::remove_file(tree.join("a")).unwrap();
+    assert_eq!(row(&d)["content_verified"], 50_000);
+    let table = d.ok(&["ls"]);
+    let line = table.lines().find(|l| l.contains(&hash)).unwrap();
+    assert!(line.contains("244.1 KiB  20%"), "{table}");
+    // The same through a running node.
+    let _node = d.serve(&[]);
+    assert_eq!(row(&d)["content_size"], 250_000);
+    assert_eq!(row(&d)["content_verified"], 50_000);
+}
+
+#[test]
 fn options_a_running_node_does_not_take_are_named() {
     // Through a running node, get's and send's node options were
     // silently ignored (the node runs with its own).

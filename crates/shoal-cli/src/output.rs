@@ -75,14 +75,17 @@ impl Out {
     pub(crate) fn list(&self, items: &[pb::StoreItem]) -> Result<()> {
         if self.json {
             for i in items {
-                line(
-                    &json!({
-                        "hash": hex(&i.hash), "size": i.size, "complete": i.complete, "verified": i.verified,
-                        "kind": kind_name(i.kind), "name": i.name, "pinned": i.pinned,
-                        "corrupt": i.corrupt, "changed": i.changed,
-                    })
-                    .to_string(),
-                )?;
+                let mut v = json!({
+                    "hash": hex(&i.hash), "size": i.size, "complete": i.complete, "verified": i.verified,
+                    "kind": kind_name(i.kind), "name": i.name, "pinned": i.pinned,
+                    "corrupt": i.corrupt, "changed": i.changed,
+                });
+                if i.files > 0 {
+                    v["content_size"] = json!(i.content_size);
+                    v["content_verified"] = json!(i.content_verified);
+                    v["files"] = json!(i.files);
+                }
+                line(&v.to_string())?;
             }
             return Ok(());
         }
@@ -95,20 +98,28 @@ impl Out {
             "HASH", "SIZE", "STATE", "KIND"
         ))?;
         for i in items {
+            // A collection whose manifest is here: what it names, the
+            // bytes a user thinks of (its manifest is a few hundred).
+            let (size, verified, complete) = if i.files > 0 {
+                let whole = i.content_verified >= i.content_size;
+                (i.content_size, i.content_verified, whole)
+            } else {
+                (i.size, i.verified, i.complete)
+            };
             // Not served, whatever it holds: say so first.
             let state = if i.corrupt {
                 "corrupt".to_string()
             } else if i.changed {
                 "changed".to_string()
-            } else if i.complete {
+            } else if complete {
                 "complete".to_string()
             } else {
                 format!(
                     "{:.0}%",
-                    if i.size == 0 {
+                    if size == 0 {
                         0.0
                     } else {
-                        100.0 * i.verified as f64 / i.size as f64
+                        100.0 * verified as f64 / size as f64
                     }
                 )
             };
@@ -116,7 +127,7 @@ impl Out {
             line(&format!(
                 "{:<64}  {:>10}  {:<9}  {:<10}  {}{pin}",
                 hex(&i.hash),
-                human(i.size),
+                human(size),
                 state,
                 kind_name(i.kind),
                 shown(&i.name)

@@ -142,7 +142,15 @@ pub fn store_item(
     kept: &std::collections::HashSet<Hash>,
     b: shoal_store::BlobInfo,
 ) -> pb::StoreItem {
+    let (content_size, content_verified, files) = if b.kind == BlobKind::Collection && b.complete {
+        content_of(store, &b.hash)
+    } else {
+        (0, 0, 0)
+    };
     pb::StoreItem {
+        content_size,
+        content_verified,
+        files,
         hash: b.hash.as_bytes().to_vec().into(),
         size: b.size,
         complete: b.complete,
@@ -158,6 +166,33 @@ pub fn store_item(
         pinned: b.pinned || kept.contains(&b.hash),
         name: b.name,
     }
+}
+
+/// The bytes and files the manifest of the collection `hash` names (each
+/// distinct member once), and the bytes of them the store holds verified
+/// (not a member found corrupt, nor a file in place changed or gone);
+/// zeros if the manifest cannot be read.
+fn content_of(store: &shoal_store::Store, hash: &Hash) -> (u64, u64, u32) {
+    let Ok(entries) = store.read_manifest(hash) else {
+        return (0, 0, 0);
+    };
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    let (mut size, mut verified, mut files) = (0u64, 0u64, 0u32);
+    for e in entries.iter().filter(|e| !e.empty_dir) {
+        files = files.saturating_add(1);
+        if !seen.insert(e.hash) {
+            continue;
+        }
+        size = size.saturating_add(e.size);
+        verified = verified.saturating_add(match store.info(&e.hash) {
+            // Not there to serve or write out.
+            Some(i) if i.corrupt || (i.complete && store.source_changed(&e.hash)) => 0,
+            Some(i) if i.complete => e.size,
+            Some(i) => (i.verified.count() * shoal_proto::GROUP_SIZE).min(e.size),
+            None => 0,
+        });
+    }
+    (size, verified, files)
 }
 
 fn kind_from_pb(k: i32) -> BlobKind {
