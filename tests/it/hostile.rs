@@ -455,6 +455,10 @@ pub(crate) enum Lie {
     /// Answers gets honestly, a byte every 2 s: never silent for the 10 s
     /// a read waits, never done.
     TricklesGets,
+    /// Answers a get of more than two groups honestly up to half its
+    /// stream, then falls silent (holds the stream open); smaller ones (the
+    /// size proof) whole.
+    FallsSilentHalfway,
     /// Claims its blobs are [`CLAIMED_SIZE`] bytes, and answers the get
     /// of their last group with a header naming that group and a stream
     /// whose size ([`ABSURD_SIZE`]) has no such group.
@@ -704,6 +708,38 @@ async fn seeder_stream(
                 ranges: Some(ranges.to_pb()),
             };
             let _ = write_frame(&mut send, &resp(Resp::Get(header))).await;
+            let mut b = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
+            let _ = send.stopped().await;
+            return;
+        }
+        Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentHalfway) => {
+            let Some(hash) = hash_of(&g.hash) else { return };
+            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+            let Some((size, ranges)) = store.available(&hash, &wanted) else {
+                return;
+            };
+            let header = pb::GetHeader {
+                size,
+                ranges: Some(ranges.to_pb()),
+            };
+            let mut stream = Vec::new();
+            if write_frame(&mut send, &resp(Resp::Get(header)))
+                .await
+                .is_err()
+                || store
+                    .send_ranges(&hash, &ranges, &mut stream)
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            if ranges.count() <= 2 {
+                let _ = send.write_all(&stream).await;
+                let _ = send.finish();
+                return;
+            }
+            let _ = send.write_all(&stream[..stream.len() / 2]).await;
             let mut b = [0u8; 1];
             let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
             let _ = send.stopped().await;
@@ -1033,6 +1069,83 @@ fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
             "the download waited on the trickling peer",
         )
         .await;
+        d.shutdown().await;
+        honest.shutdown().await;
+    });
+}
+
+/// A request that stalled part way and was given up (its deadline, 10 s
+/// without progress) left the groups it had verified unknown to the
+/// download's scheduler: they were asked for again, and downloaded twice.
+/// The liar, the only peer up at first, sends half of each stream and falls
+/// silent; once its requests are given up, an honest seeder comes up, and
+/// the download must not fetch again what the liar delivered.
+#[test]
+fn groups_a_stalled_request_verified_are_not_fetched_again() {
+    let rt = runtime();
+    rt.block_on(async {
+        let data = data(4 * 1024 * 1024, 35);
+        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::FallsSilentHalfway).await;
+        let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        let honest_addr = free.local_addr().expect("addr");
+        drop(free);
+        let honest_key = SecretKey::generate();
+        let peers = vec![
+            shoal_node::PeerAddr {
+                id: Some(liar_id),
+                addr: liar_addr,
+            },
+            shoal_node::PeerAddr {
+                id: Some(honest_key.public()),
+                addr: honest_addr,
+            },
+        ];
+        let config = |listen: SocketAddr| shoal_node::NodeConfig {
+            listen: vec![listen],
+            stall_timeout: Duration::from_secs(60),
+            ..shoal_node::NodeConfig::default()
+        };
+        let d = shoal_node::Node::spawn(config("127.0.0.1:0".parse().expect("addr")))
+            .await
+            .expect("downloader");
+        let req = shoal_node::FetchRequest {
+            hash,
+            kind: None,
+            peers,
+            out: shoal_node::FetchOutput::Store,
+        };
+        let fetch = {
+            let d = d.clone();
+            tokio::spawn(async move { d.fetch(req, None).await })
+        };
+        // The liar's requests are given up 10 s after their last byte.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let from_liar = d
+            .store()
+            .info(&hash)
+            .map_or(0, |i| i.verified.count() * shoal_proto::GROUP_SIZE);
+        assert!(
+            from_liar >= 256 * 1024,
+            "the liar delivered {from_liar} bytes"
+        );
+        let honest =
+            shoal_node::Node::spawn_with(config(honest_addr), Store::in_memory(), honest_key)
+                .await
+                .expect("honest seeder");
+        honest.add_bytes(data.clone(), "blob").await.expect("add");
+        let report = tokio::time::timeout(Duration::from_secs(60), fetch)
+            .await
+            .expect("the download never finished")
+            .expect("task")
+            .expect("the download failed");
+        assert_eq!(d.store().read_all(&hash).expect("read"), data);
+        let size = data.len() as u64;
+        // (Parents and QUIC's own bytes add about 1%.)
+        assert!(
+            report.received < size + from_liar / 2,
+            "received {} for {size} bytes, {from_liar} of them from the liar",
+            report.received
+        );
         d.shutdown().await;
         honest.shutdown().await;
     });

@@ -24,6 +24,7 @@ use shoal_transport::{Connection, PeerId, RecvStream};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::Progress;
@@ -250,7 +251,17 @@ struct Running {
     ranges: GroupRanges,
     bytes: Arc<AtomicU64>,
     seen: u64,
+    /// Cancelled when the scheduler gives the request up: its stream stops
+    /// being read, what verified so far is written, and the request ends
+    /// (an abort lost the groups verified but not yet written, and they
+    /// were asked for again).
+    stop: CancellationToken,
+    given_up: bool,
 }
+
+/// How long a request given up may take to write what it verified before
+/// it is aborted (it is stuck elsewhere: opening its stream, say).
+const GIVE_UP_GRACE: Duration = Duration::from_secs(2);
 
 /// Counts bytes read through it, for stall detection and progress.
 struct Counting<R> {
@@ -258,14 +269,17 @@ struct Counting<R> {
     bytes: Arc<AtomicU64>,
     /// Pieces read ahead by [`RecvStream::read_chunks`], not handed out yet.
     queue: VecDeque<Bytes>,
+    /// Once cancelled, reads of data fail (the request was given up).
+    stop: CancellationToken,
 }
 
 impl<R> Counting<R> {
-    fn new(inner: R, bytes: Arc<AtomicU64>) -> Self {
+    fn new(inner: R, bytes: Arc<AtomicU64>, stop: CancellationToken) -> Self {
         Counting {
             inner,
             bytes,
             queue: VecDeque::new(),
+            stop,
         }
     }
 }
@@ -302,12 +316,15 @@ impl shoal_store::ChunkSource for Counting<RecvStream> {
     async fn take(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
         if self.queue.is_empty() {
             let mut bufs: [Bytes; READ_AHEAD] = std::array::from_fn(|_| Bytes::new());
-            let Some(n) = self
-                .inner
-                .read_chunks(&mut bufs)
-                .await
-                .map_err(std::io::Error::other)?
-            else {
+            let Counting { inner, stop, .. } = self;
+            let read = tokio::select! {
+                biased;
+                () = stop.cancelled() => {
+                    return Err(std::io::Error::other("the request was given up"));
+                }
+                r = inner.read_chunks(&mut bufs) => r,
+            };
+            let Some(n) = read.map_err(std::io::Error::other)? else {
                 return Ok(None);
             };
             let got = bufs[..n].iter().map(Bytes::len).sum::<usize>();
@@ -486,15 +503,24 @@ pub(crate) async fn fetch_blob(
                         // (none may be: then nothing is sent).
                         let _ = node.fetching.send((hash, ranges.clone()));
                         let bytes = Arc::new(AtomicU64::new(0));
-                        let (conn, tx, store, b, asked) = (
+                        let stop = CancellationToken::new();
+                        let (conn, tx, store, b, asked, halt) = (
                             slot.conn.clone(),
                             tx.clone(),
                             store.clone(),
                             bytes.clone(),
                             ranges.clone(),
+                            stop.clone(),
                         );
                         let task = tokio::spawn(async move {
-                            let result = run_get(&conn, &store, &hash, &asked, b).await;
+                            let get = run_get(&conn, &store, &hash, &asked, b, halt.clone());
+                            let result = tokio::select! {
+                                r = get => r,
+                                () = async {
+                                    halt.cancelled().await;
+                                    tokio::time::sleep(GIVE_UP_GRACE).await;
+                                } => Err(ReqError::Failed("given up".into())),
+                            };
                             let _ = tx.send(Ev::Done { id, peer, result }).await;
                         });
                         running.insert(
@@ -504,12 +530,17 @@ pub(crate) async fn fetch_blob(
                                 ranges,
                                 bytes,
                                 seen: 0,
+                                stop,
+                                given_up: false,
                             },
                         );
                     }
                     Action::Cancel { id, .. } => {
-                        if let Some(r) = running.remove(&id) {
-                            r.task.abort();
+                        // It ends of itself, soon (`Ev::Done`), having
+                        // written what it verified.
+                        if let Some(r) = running.get_mut(&id) {
+                            r.given_up = true;
+                            r.stop.cancel();
                         }
                     }
                     Action::DropPeer { peer, reason } => {
@@ -552,7 +583,14 @@ pub(crate) async fn fetch_blob(
                 let deadline = probe_deadline(node.config.download_limit);
                 let task = tokio::spawn(async move {
                     let bytes = Arc::new(AtomicU64::new(0));
-                    let get = run_get(&conn, &store, &hash, &last, bytes.clone());
+                    let get = run_get(
+                        &conn,
+                        &store,
+                        &hash,
+                        &last,
+                        bytes.clone(),
+                        CancellationToken::new(),
+                    );
                     let result = unless_silent(get, &bytes, ANSWER_TIMEOUT, deadline).await;
                     let _ = tx.send(Ev::Probe { peer, result }).await;
                 });
@@ -762,18 +800,27 @@ pub(crate) async fn fetch_blob(
                     }
                 }
                 Ev::Done { id, peer, result } => {
-                    let asked = running.remove(&id).map(|r| r.ranges);
+                    let ran = running.remove(&id);
                     let Some(s) = sched.as_mut() else { continue };
+                    if let Some(r) = ran.as_ref().filter(|r| r.given_up) {
+                        // Given up (a stall, or an end-game duplicate made
+                        // needless): not the peer's failure. The groups it
+                        // verified count, and are not asked for again.
+                        match &result {
+                            Ok(received) => s.handle_request_done(id, received, Instant::now()),
+                            Err(_) => keep_verified(s, &store, &hash, &r.ranges),
+                        }
+                        continue;
+                    }
+                    let asked = ran.map(|r| r.ranges);
                     match result {
                         Ok(received) => {
                             lock(&node.book).count_download(peer, received.count() * GROUP_SIZE);
                             s.handle_request_done(id, &received, Instant::now());
                         }
                         Err(e) => {
-                            // Groups verified before the failure are kept
-                            // (only those this request asked for are new).
-                            if let (Some(info), Some(asked)) = (store.info(&hash), asked) {
-                                s.handle_verified(&info.verified.intersection(&asked), None);
+                            if let Some(asked) = asked {
+                                keep_verified(s, &store, &hash, &asked);
                             }
                             match e {
                                 ReqError::Corrupt(msg) => {
@@ -1044,6 +1091,20 @@ fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Sched
     Some(Scheduler::new(groups, &have, cfg))
 }
 
+/// Tells the scheduler which of the groups `asked` of a request that
+/// failed or was given up were verified before it ended (only those it
+/// asked for are new): they are not asked for again.
+fn keep_verified(
+    s: &mut Scheduler<PeerId>,
+    store: &shoal_store::Store,
+    hash: &Hash,
+    asked: &GroupRanges,
+) {
+    if let Some(info) = store.info(hash) {
+        s.handle_verified(&info.verified.intersection(asked), None);
+    }
+}
+
 fn rand_seed() -> [u8; 8] {
     let mut b = [0u8; 8];
     let t = std::time::SystemTime::now()
@@ -1172,6 +1233,7 @@ async fn run_get(
     hash: &Hash,
     ranges: &GroupRanges,
     bytes: Arc<AtomicU64>,
+    stop: CancellationToken,
 ) -> Result<GroupRanges, ReqError> {
     let failed = |e: &dyn std::fmt::Display| ReqError::Failed(e.to_string());
     let (mut send, recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
@@ -1183,7 +1245,7 @@ async fn run_get(
     };
     write_frame(&mut send, &req).await.map_err(|e| failed(&e))?;
     let _ = send.finish();
-    let mut recv = Counting::new(recv, bytes);
+    let mut recv = Counting::new(recv, bytes, stop);
     let resp: pb::Response =
         tokio::time::timeout(ANSWER_TIMEOUT, read_frame(&mut recv, Limit::Response))
             .await
