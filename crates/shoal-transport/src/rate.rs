@@ -1,12 +1,11 @@
 //! Bandwidth: parsing rates typed by people, and the token buckets that hold
 //! the node's global upload and download limits.
 
-use std::num::NonZeroU32;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{Quota, RateLimiter};
+use tokio::time::Instant;
 
 /// Parse a rate such as `10MB/s`, `800KiB/s`, `100Mbit/s` or `5MB/s` into
 /// bytes per second.
@@ -102,28 +101,37 @@ pub enum RateError {
 /// many streams sharing a limit take turns in small steps.
 pub(crate) const PIECE: usize = 16 * 1024;
 
-/// A token bucket over bytes (a GCRA from `governor`).
+/// The smallest burst: at low limits a piece is a sixteenth of a second of
+/// traffic, down to this (at 1 KiB/s, 512 bytes every half second; a
+/// 16 KiB piece came every 16 s, and the 10 s silence timers of the peer
+/// and of the download took the stream for dead).
+const MIN_BURST: u64 = 512;
+
+/// A token bucket over bytes that grants in the order asked (a GCRA by
+/// reservation).
 ///
-/// One token stands for `unit` bytes, chosen so a token takes about a
-/// microsecond to refill: governor counts time in whole nanoseconds per
-/// token, and one-byte tokens would round badly above 100 MB/s.
+/// Written here rather than taken from `governor`: governor answers "not
+/// yet, try again in d", keeping no queue, so streams sharing a limit that
+/// woke together raced for each refill and the same one could lose every
+/// race (a stream starved past the 10 s its peer waits, at 1 MiB/s with
+/// eight streams). Here a request reserves its bytes at once and is told
+/// when they are its own; reservations are served in the order made.
 #[derive(Debug)]
 pub(crate) struct Limiter {
-    bucket: RateLimiter<
-        governor::state::NotKeyed,
-        governor::state::InMemoryState,
-        DefaultClock,
-        governor::middleware::NoOpMiddleware<<DefaultClock as Clock>::Instant>,
-    >,
-    unit: u64,
-    max_tokens: u32,
-    #[cfg_attr(not(test), allow(dead_code))]
-    period: Duration,
-    /// Bytes taken from the bucket by streams that ended before they
-    /// used them (a stream takes a piece's worth before it reads, and a
-    /// request's last read rarely uses all of it): the next taker gets
-    /// them first. Without this, a download made of many short request
-    /// streams ran ~12% under its limit. At most one burst.
+    rate: u64,
+    /// A burst's bytes, and how long the bucket takes to earn them.
+    burst: u64,
+    tau: Duration,
+    /// The largest grant: a piece, or a burst if that is smaller.
+    piece: usize,
+    /// When the bucket is full again if nothing more is taken (the
+    /// theoretical arrival time); every reservation moves it on.
+    tat: Mutex<Instant>,
+    /// Bytes taken by streams that ended before they used them (a stream
+    /// takes a piece's worth before it reads, and a request's last read
+    /// rarely uses all of it): the next taker gets them first. Without
+    /// this, a download made of many short request streams ran ~12% under
+    /// its limit. At most one burst.
     spare: AtomicU64,
     /// Bytes granted from the bucket in all (tests).
     #[cfg(test)]
@@ -132,83 +140,93 @@ pub(crate) struct Limiter {
 
 impl Limiter {
     /// A limiter for `rate` bytes per second. The burst is a sixteenth of a
-    /// second of traffic, but at least one piece and at most 4 MiB.
+    /// second of traffic, but at least [`MIN_BURST`] and at most 4 MiB.
     pub(crate) fn new(rate: u64) -> Self {
         let rate = rate.max(1);
-        let unit = (rate / 1_000_000).max(1);
-        let period_ns = (u128::from(unit) * 1_000_000_000 / u128::from(rate)).max(1);
-        let period = Duration::from_nanos(u64::try_from(period_ns).unwrap_or(u64::MAX));
-        let burst_bytes = (rate / 16).clamp(PIECE as u64, 4 << 20);
-        let max_tokens = u32::try_from(burst_bytes.div_ceil(unit))
-            .unwrap_or(u32::MAX)
-            .max(1);
-        let burst = NonZeroU32::new(max_tokens).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::with_period(period)
-            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-            .allow_burst(burst);
-        Limiter {
-            bucket: RateLimiter::direct(quota),
-            unit,
-            max_tokens,
-            period,
+        let burst = (rate / 16).clamp(MIN_BURST, 4 << 20);
+        let mut l = Limiter {
+            rate,
+            burst,
+            tau: Duration::ZERO,
+            piece: usize::try_from(burst).map_or(PIECE, |b| b.min(PIECE)),
+            tat: Mutex::new(Instant::now()),
             spare: AtomicU64::new(0),
             #[cfg(test)]
             drawn: AtomicU64::new(0),
-        }
+        };
+        l.tau = l.cost(burst);
+        l
+    }
+
+    /// How long the bucket takes to earn `bytes`.
+    fn cost(&self, bytes: u64) -> Duration {
+        let ns = u128::from(bytes) * 1_000_000_000 / u128::from(self.rate);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// Bytes granted but not used (a stream that ended): kept for the
-    /// next taker, up to one burst.
+    /// next taker, up to one burst; the rest goes back into the bucket
+    /// (the reservations made after it come no sooner, later ones do).
     pub(crate) fn give_back(&self, bytes: usize) {
         if bytes == 0 {
             return;
         }
-        let cap = u64::from(self.max_tokens) * self.unit;
+        let cap = self.burst;
+        let mut over = 0;
         let _ = self
             .spare
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                Some(s.saturating_add(bytes as u64).min(cap))
+                let total = s.saturating_add(bytes as u64);
+                over = total.saturating_sub(cap);
+                Some(total.min(cap))
             });
+        if over > 0 {
+            let now = Instant::now();
+            let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
+            let back = (*tat).checked_sub(self.cost(over)).unwrap_or(now);
+            *tat = back.max(now);
+            #[cfg(test)]
+            self.drawn.fetch_sub(
+                over.min(self.drawn.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+        }
     }
 
-    /// Take tokens for up to `bytes` bytes: the number of bytes granted
-    /// (never more than one burst, possibly a little more than asked as
-    /// tokens are whole), or how long to wait before asking again.
-    pub(crate) fn try_take(&self, bytes: usize) -> Result<usize, Duration> {
+    /// Reserve up to `bytes` bytes (at least one, at most a piece): the
+    /// bytes granted, and the instant from which they may move (now, or
+    /// later when the bucket is empty; reservations made before this one
+    /// come first).
+    pub(crate) fn reserve(&self, bytes: usize) -> (usize, Instant) {
+        let now = Instant::now();
         let spare = self.spare.swap(0, Ordering::Relaxed);
         if spare > 0 {
             let granted = spare.min(bytes.max(1) as u64);
             if spare > granted {
                 self.give_back((spare - granted) as usize);
             }
-            return Ok(granted as usize);
+            return (granted as usize, now);
         }
-        let tokens = (bytes.max(1) as u64).div_ceil(self.unit);
-        let tokens = u32::try_from(tokens)
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.max_tokens);
-        let n = NonZeroU32::new(tokens).unwrap_or(NonZeroU32::MIN);
-        match self.bucket.check_n(n) {
-            Ok(Ok(())) => {
-                #[cfg(test)]
-                self.drawn
-                    .fetch_add(u64::from(tokens) * self.unit, Ordering::Relaxed);
-                Ok((u64::from(tokens) * self.unit) as usize)
-            }
-            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.bucket.clock().now())),
-            // cannot happen: tokens <= max_tokens; wait a little and retry
-            Err(_) => Err(Duration::from_millis(1)),
-        }
+        let granted = bytes.clamp(1, self.piece);
+        let mut tat = self.tat.lock().unwrap_or_else(|e| e.into_inner());
+        let next = (*tat).max(now) + self.cost(granted as u64);
+        *tat = next;
+        drop(tat);
+        #[cfg(test)]
+        self.drawn.fetch_add(granted as u64, Ordering::Relaxed);
+        (
+            granted,
+            next.checked_sub(self.tau).map_or(now, |t| t.max(now)),
+        )
     }
 
-    /// Wait until tokens for up to `bytes` bytes are granted.
+    /// Wait until up to `bytes` bytes are granted (streams wait through
+    /// their `Credit`, which keeps a reservation across cancellation).
+    #[cfg(test)]
     pub(crate) async fn take(&self, bytes: usize) -> usize {
-        loop {
-            match self.try_take(bytes) {
-                Ok(granted) => return granted,
-                Err(wait) => tokio::time::sleep(wait.max(Duration::from_micros(100))).await,
-            }
-        }
+        let (granted, at) = self.reserve(bytes);
+        tokio::time::sleep_until(at).await;
+        granted
     }
 }
 
@@ -258,29 +276,90 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bytes_given_back_go_to_the_next_taker_without_waiting() {
+    #[tokio::test(start_paused = true)]
+    async fn bytes_given_back_go_to_the_next_taker_without_waiting() {
         let l = Limiter::new(1_000_000);
-        // Empty the bucket (one burst), then it makes the caller wait.
-        while l.try_take(PIECE).is_ok() {}
-        assert!(l.try_take(PIECE).is_err());
+        // Take what the full bucket holds: granted now; then the caller
+        // waits.
+        let mut taken = 0;
+        while l.reserve(PIECE).1 == Instant::now() {
+            taken += PIECE;
+        }
+        assert!(taken as u64 <= l.burst && taken as u64 + 2 * PIECE as u64 > l.burst);
         l.give_back(10_000);
-        assert_eq!(l.try_take(4_000), Ok(4_000));
-        assert_eq!(l.try_take(PIECE), Ok(6_000));
-        assert!(l.try_take(PIECE).is_err());
+        assert_eq!(l.reserve(4_000), (4_000, Instant::now()));
+        assert_eq!(l.reserve(PIECE), (6_000, Instant::now()));
+        assert!(l.reserve(PIECE).1 > Instant::now());
         // Never more than one burst is kept.
         l.give_back(usize::MAX);
-        let burst = (u64::from(l.max_tokens) * l.unit) as usize;
-        assert_eq!(l.try_take(usize::MAX), Ok(burst));
+        assert_eq!(l.reserve(usize::MAX), (l.burst as usize, Instant::now()));
     }
 
-    #[test]
-    fn limiter_units_keep_the_rate_exact() {
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_holds_and_turns_come_in_the_order_asked() {
         for rate in [1_000u64, 5_000_000, 300_000_000, 1 << 30, 40_000_000_000] {
             let l = Limiter::new(rate);
-            let tokens_per_s = 1e9 / l.period.as_nanos() as f64;
-            let got = tokens_per_s * l.unit as f64;
-            assert!((got / rate as f64 - 1.0).abs() < 0.01, "{rate}: {got}");
+            let start = Instant::now();
+            // A second's worth after the first burst, reserved by turns:
+            // the last is due one second on, and each after the one before.
+            let mut bytes = 0u64;
+            let mut last = start;
+            while bytes < l.burst + rate {
+                let (n, at) = l.reserve(PIECE);
+                assert!(at >= last, "{rate}: served out of turn");
+                last = at;
+                bytes += n as u64;
+            }
+            let took = (last - start).as_secs_f64();
+            let due = (bytes - l.burst) as f64 / rate as f64;
+            assert!((0.99..1.1).contains(&due), "{rate}: {due}");
+            assert!(
+                (took / due - 1.0).abs() < 0.01,
+                "{rate}: {due} s worth took {took} s"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_low_limit_grants_small_pieces_often() {
+        // At 1 KiB/s: 512 bytes every half second, not 16 KiB every 16 s.
+        let l = Limiter::new(1024);
+        let (n, _) = l.reserve(PIECE);
+        assert_eq!(n, 512);
+        let (n, at) = l.reserve(PIECE);
+        assert_eq!(n, 512);
+        assert!(at - Instant::now() <= Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_waiting_together_all_get_their_turn() {
+        // Eight takers at 64 KiB/s, each taking a piece then sleeping a
+        // little: each gets its share, none starves (with governor's
+        // try-again answers, the same taker could lose every race).
+        let l = std::sync::Arc::new(Limiter::new(64 * 1024));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let l = l.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = 0usize;
+                let mut longest = Duration::ZERO;
+                let end = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < end {
+                    let asked = Instant::now();
+                    got += l.take(PIECE).await;
+                    longest = longest.max(asked.elapsed());
+                }
+                (got, longest)
+            }));
+        }
+        for t in tasks {
+            let (got, longest) = t.await.unwrap();
+            // 20 s at 64 KiB/s shared by eight: 160 KiB each.
+            assert!(got >= 140 * 1024, "a taker got {got} bytes");
+            assert!(
+                longest <= Duration::from_secs(3),
+                "a taker waited {longest:?}"
+            );
         }
     }
 }

@@ -77,16 +77,18 @@ impl Accounting {
 }
 
 /// Tokens a stream holds but has not spent yet, and the timer it waits on
-/// for more.
+/// for tokens it reserved.
 #[derive(Debug, Default)]
 struct Credit {
     bytes: usize,
+    /// Reserved, and ours when `sleep` fires.
+    reserved: usize,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Credit {
-    /// Hold tokens for at least one byte (up to `want`), waiting for the
-    /// bucket if it is empty; returns how many bytes may move now.
+    /// Hold tokens for at least one byte (up to `want`), waiting for them
+    /// if the bucket is empty; returns how many bytes may move now.
     fn poll_take(&mut self, cx: &mut Context<'_>, limiter: &Limiter, want: usize) -> Poll<usize> {
         loop {
             if self.bytes > 0 {
@@ -95,25 +97,23 @@ impl Credit {
             if let Some(sleep) = self.sleep.as_mut() {
                 ready!(sleep.as_mut().poll(cx));
                 self.sleep = None;
+                self.bytes = std::mem::take(&mut self.reserved);
+                continue;
             }
-            match limiter.try_take(want.min(PIECE)) {
-                Ok(granted) => self.bytes = granted,
-                Err(wait) => {
-                    let deadline = tokio::time::Instant::now() + wait;
-                    match self.sleep.as_mut() {
-                        Some(sleep) => sleep.as_mut().reset(deadline),
-                        None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                }
+            let (granted, at) = limiter.reserve(want.min(PIECE));
+            if at <= tokio::time::Instant::now() {
+                self.bytes = granted;
+            } else {
+                self.reserved = granted;
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
             }
         }
     }
 
+    /// [`Credit::poll_take`] as a future; dropped while it waits, the
+    /// reservation stays with the stream for its next read.
     async fn take(&mut self, limiter: &Limiter, want: usize) -> usize {
-        if self.bytes == 0 {
-            self.bytes = limiter.take(want.min(PIECE)).await;
-        }
-        self.bytes
+        std::future::poll_fn(|cx| self.poll_take(cx, limiter, want)).await
     }
 
     fn spend(&mut self, n: usize) {
