@@ -1151,6 +1151,39 @@ fn groups_a_stalled_request_verified_are_not_fetched_again() {
     });
 }
 
+/// The only peer offering the blob sends corrupt data and is dropped: the
+/// download said "no peer reached holds it: check the hash or ticket", the
+/// wrong lead (one did; it was dropped). It says so now.
+#[test]
+fn a_download_whose_every_holder_was_dropped_says_so() {
+    let rt = runtime();
+    rt.block_on(async {
+        let data = data(1024 * 1024, 36);
+        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::WrongBytes).await;
+        let d = shoal_node::Node::spawn(shoal_node::NodeConfig {
+            listen: vec!["127.0.0.1:0".parse().expect("addr")],
+            ..shoal_node::NodeConfig::default()
+        })
+        .await
+        .expect("downloader");
+        let peers = vec![shoal_node::PeerAddr {
+            id: Some(liar_id),
+            addr: liar_addr,
+        }];
+        let err = tokio::time::timeout(Duration::from_secs(60), fetch_into_store(&d, hash, peers))
+            .await
+            .expect("the download never ended")
+            .expect("task")
+            .expect_err("a corrupt download succeeded");
+        assert!(
+            matches!(err, shoal_node::NodeError::AllDropped(h, 1) if h == hash),
+            "{err}"
+        );
+        assert!(err.to_string().contains("was dropped"), "{err}");
+        d.shutdown().await;
+    });
+}
+
 /// Peer exchange told downloaders of short-lived `get` nodes long gone:
 /// each of their addresses took a dial slot until it timed out, and a
 /// reachable holder waited behind them (13 s in a review). A node now

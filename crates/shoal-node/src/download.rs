@@ -653,7 +653,12 @@ pub(crate) async fn fetch_blob(
             (false, _) => nothing_since = None,
             (true, None) => nothing_since = Some(now),
             (true, Some(since)) if now.duration_since(since) >= NOT_HELD_GRACE => {
-                break Err(NodeError::NotHeld(hash, reached.len()));
+                // Not "none holds it" when some did and were dropped.
+                break Err(if banned.is_empty() {
+                    NodeError::NotHeld(hash, reached.len())
+                } else {
+                    NodeError::AllDropped(hash, banned.len())
+                });
             }
             (true, Some(_)) => {}
         }

@@ -52,6 +52,13 @@ pub enum NodeError {
          it whether they still do"
     )]
     NotHeld(Hash, usize),
+    /// Every peer reached that offered the hash was dropped (it stalled,
+    /// lied about what it holds, or sent data that failed verification).
+    #[error(
+        "every peer that offered {0} was dropped ({1}): it stalled, or sent what did not verify \
+         (the warnings above say which); try again, or ask for other peers"
+    )]
+    AllDropped(Hash, usize),
     /// Peers were found but nothing was verified for too long.
     #[error("download of {0} made no progress for {1:?}")]
     Stalled(Hash, Duration),
