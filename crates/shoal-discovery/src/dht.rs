@@ -66,6 +66,8 @@ pub struct DhtStats {
     pub failed_announces: u64,
     /// `get_peers` lookups run to their end.
     pub lookups: u64,
+    /// Hashes announced now (again every interval until withdrawn).
+    pub announcing: u64,
 }
 
 #[derive(Default)]
@@ -73,6 +75,7 @@ struct Counters {
     announces: AtomicU64,
     failed_announces: AtomicU64,
     lookups: AtomicU64,
+    announcing: AtomicU64,
 }
 
 enum Command {
@@ -183,6 +186,7 @@ impl DhtService {
             announces: self.counters.announces.load(Ordering::Relaxed),
             failed_announces: self.counters.failed_announces.load(Ordering::Relaxed),
             lookups: self.counters.lookups.load(Ordering::Relaxed),
+            announcing: self.counters.announcing.load(Ordering::Relaxed),
         }
     }
 
@@ -335,9 +339,11 @@ async fn announce_loop(
                 None => return,
                 Some(Command::Announce(hash)) => {
                     due.entry(hash).or_insert_with(Instant::now);
+                    counters.announcing.store(due.len() as u64, Ordering::Relaxed);
                 }
                 Some(Command::Withdraw(hash)) => {
                     due.remove(&hash);
+                    counters.announcing.store(due.len() as u64, Ordering::Relaxed);
                 }
             },
             changed = state.changed() => {
@@ -358,7 +364,7 @@ async fn announce_loop(
                     .filter(|(_, at)| **at <= now)
                     .map(|(hash, _)| *hash)
                     .collect();
-                let results: Vec<([u8; 32], bool)> = futures::stream::iter(batch)
+                let results = futures::stream::iter(batch)
                     .map(|hash| {
                         let dht = dht.clone();
                         async move {
@@ -377,8 +383,13 @@ async fn announce_loop(
                         }
                     })
                     .buffer_unordered(ANNOUNCE_CONCURRENCY)
-                    .collect()
-                    .await;
+                    .collect();
+                // A round of lookups can take minutes (a large store, a
+                // slow DHT): shutting down does not wait for it.
+                let results: Vec<([u8; 32], bool)> = tokio::select! {
+                    r = results => r,
+                    () = cancel.cancelled() => return,
+                };
                 let now = Instant::now();
                 for (hash, ok) in results {
                     let counter = if ok { &counters.announces } else { &counters.failed_announces };

@@ -272,7 +272,7 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
             }
             Req::Remove(r) => {
                 for h in r.hashes {
-                    node.store().unpin(&parse_hash(&h)?)?;
+                    node.unpin(&parse_hash(&h)?)?;
                 }
             }
             Req::Gc(_) => {

@@ -316,7 +316,13 @@ impl Node {
                     () = i.cancel.cancelled() => break,
                 };
                 match ev {
-                    Ok(StoreEvent::Complete { hash }) => {
+                    // What is pinned, as at start: a fetched collection's
+                    // members (unpinned, kept by it) are found through it,
+                    // and announcing each of ten thousand files (a DHT
+                    // lookup each, every 20 minutes) swamped the DHT.
+                    Ok(StoreEvent::Complete { hash })
+                        if i.store.info(&hash).is_some_and(|b| b.pinned) =>
+                    {
                         if let Some(d) = &i.discovery {
                             d.announce(*hash.as_bytes());
                         }
@@ -409,10 +415,19 @@ impl Node {
         Ok(hash)
     }
 
-    fn announce(&self, hash: &Hash) {
+    pub(crate) fn announce(&self, hash: &Hash) {
         if let Some(d) = &self.inner.discovery {
             d.announce(*hash.as_bytes());
         }
+    }
+
+    /// Unpins `hash` (gc may then free it) and stops announcing it.
+    pub fn unpin(&self, hash: &Hash) -> Result<(), NodeError> {
+        self.inner.store.unpin(hash)?;
+        if let Some(d) = &self.inner.discovery {
+            d.withdraw(*hash.as_bytes());
+        }
+        Ok(())
     }
 
     /// A ticket for `hash` naming this node as provider.

@@ -181,6 +181,65 @@ async fn dht_provider_serves_a_hash_given_alone() {
     shutdown(&[&seeder, &downloader]).await;
 }
 
+/// A node announces what it pins, not the members of a collection it
+/// fetched (each of ten thousand files was a DHT lookup every 20 minutes),
+/// and stops announcing what is unpinned (`rm`): it went on announcing
+/// blobs gc had freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_announces_what_is_pinned_and_stops_at_rm() {
+    init_logs();
+    let (_testnet, bootstrap) = testnet(8).await;
+    let dht = DiscoveryConfig {
+        mdns: false,
+        dht: true,
+        dht_bootstrap: bootstrap,
+        lookup_interval: Duration::from_secs(1),
+        ..DiscoveryConfig::default()
+    };
+    let tree = tempfile::tempdir().expect("tempdir");
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        std::fs::write(tree.path().join(name), data(100_000, i as u8)).expect("write");
+    }
+    let seeder = spawn(dht.clone()).await;
+    let (hash, _) = seeder
+        .add_path(tree.path(), shoal_node::ImportMode::Copy)
+        .await
+        .expect("add");
+    let announcing = |n: &Node| {
+        n.discovery()
+            .expect("discovery runs")
+            .dht_stats()
+            .announcing
+    };
+    // (The announce loop takes commands in its own time.)
+    let settles_at = async |n: &Node, want: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while announcing(n) != want {
+            assert!(Instant::now() < deadline, "{what}: {}", announcing(n));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    settles_at(&seeder, 1, "the seeder announces its collection").await;
+    let downloader = spawn(dht).await;
+    fetch(&downloader, hash, Vec::new(), Duration::from_secs(30)).await;
+    // The members completed too, unpinned, kept by the collection.
+    for name in ["a", "b", "c"] {
+        let member = blake3::hash(&std::fs::read(tree.path().join(name)).expect("read"));
+        assert!(downloader.store().info(&member).is_some_and(|i| i.complete));
+    }
+    settles_at(
+        &downloader,
+        1,
+        "the downloader announces the collection alone",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(announcing(&downloader), 1, "members announced");
+    downloader.unpin(&hash).expect("unpin");
+    settles_at(&downloader, 0, "still announced after rm").await;
+    shutdown(&[&seeder, &downloader]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_exchange_leads_to_a_peer_nobody_named() {
     init_logs();
