@@ -230,7 +230,8 @@ impl Worker<'_> {
             self.done,
         );
         let peer = conn.peer_id();
-        let datas = match request(conn, &batch).await {
+        let min_rate = min_batch_rate(node.config.download_limit);
+        let datas = match request(conn, &batch, min_rate).await {
             Ok(d) => d,
             Err(BatchError::Busy) => {
                 // Choked (the provider gave the slot to another request):
@@ -337,9 +338,19 @@ fn take_batch(shared: &Shared, me: u8, most: usize) -> Vec<(SmallJob, u8)> {
 
 /// One `GetBlobs` exchange: the content of each job the provider has
 /// (unchecked: the store checks it), None for the others.
+/// The slowest a batch's bytes may come: [`MIN_BATCH_RATE`], or this
+/// exchange's share of the download limit if that is lower (at 16 KiB/s,
+/// eight exchanges get 2 KiB/s each, and every batch failed its deadline).
+fn min_batch_rate(download_limit: Option<u64>) -> f64 {
+    download_limit.map_or(MIN_BATCH_RATE, |l| {
+        MIN_BATCH_RATE.min(l as f64 / EXCHANGES_IN_FLIGHT as f64 / 2.0)
+    })
+}
+
 async fn request(
     conn: &Connection,
     batch: &[(SmallJob, u8)],
+    min_rate: f64,
 ) -> Result<Vec<Option<Bytes>>, BatchError> {
     let batch: Vec<(Hash, u64)> = batch.iter().map(|(j, _)| (j.hash, j.size)).collect();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -395,7 +406,7 @@ async fn request(
         .sum();
     let deadline = tokio::time::Instant::now()
         + ANSWER_TIMEOUT
-        + Duration::from_secs_f64(total as f64 / MIN_BATCH_RATE);
+        + Duration::from_secs_f64(total as f64 / min_rate.max(1.0));
     let mut out = Vec::with_capacity(batch.len());
     let mut pending = Bytes::new();
     for ((_, size), b) in batch.iter().zip(&header.blobs) {
@@ -441,6 +452,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_batch_gets_time_for_its_share_of_a_download_limit() {
+        assert_eq!(min_batch_rate(None), MIN_BATCH_RATE);
+        assert_eq!(min_batch_rate(Some(100 << 20)), MIN_BATCH_RATE);
+        // Every exchange in flight at once, each at half its share of
+        // the limit, is still within its deadline.
+        for limit in [1024u64, 16 * 1024, 64 * 1024] {
+            let share = limit as f64 / EXCHANGES_IN_FLIGHT as f64;
+            assert!(min_batch_rate(Some(limit)) <= share / 2.0, "{limit}");
+        }
+    }
 
     fn shared(jobs: Vec<(SmallJob, u8)>) -> Shared {
         Shared {
