@@ -187,15 +187,31 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+/// The receive windows (connection, stream) under `download_limit`: about
+/// a second of traffic at the limit (at least 64 KiB), so that peers send
+/// about as fast as this node reads; with the full windows a peer sent
+/// 12 MiB at line rate before the limit was felt, then bursts.
+fn receive_windows(download_limit: Option<u64>) -> (u32, u32) {
+    match download_limit {
+        None => (CONNECTION_RECEIVE_WINDOW, STREAM_RECEIVE_WINDOW),
+        Some(limit) => {
+            let conn = u32::try_from(limit.clamp(64 << 10, u64::from(CONNECTION_RECEIVE_WINDOW)))
+                .unwrap_or(CONNECTION_RECEIVE_WINDOW);
+            (conn, conn.min(STREAM_RECEIVE_WINDOW))
+        }
+    }
+}
+
 fn transport_config(config: &EndpointConfig) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    let (connection_window, stream_window) = receive_windows(config.download_limit);
     let streams = VarInt::from_u32(config.max_streams_per_connection);
     t.max_concurrent_bidi_streams(streams)
         .max_concurrent_uni_streams(streams)
         .max_idle_timeout(IdleTimeout::try_from(config.idle_timeout).ok())
         .keep_alive_interval((!config.keep_alive.is_zero()).then_some(config.keep_alive))
-        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
+        .stream_receive_window(VarInt::from_u32(stream_window))
+        .receive_window(VarInt::from_u32(connection_window))
         .send_window(SEND_WINDOW)
         // shoal does not use unreliable datagrams
         .datagram_receive_buffer_size(None);

@@ -541,6 +541,46 @@ async fn the_download_limit_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_limit_shrinks_what_peers_may_send_ahead() {
+    // The receiver reads nothing: a sender may write only what its
+    // receive windows allow. Under a 256 KiB/s limit that is about a
+    // second's worth, not the 8 MiB of a stream window (sent at line rate
+    // before the limit was felt).
+    timed(async {
+        let sender = bind(loopback()).await;
+        let receiver = bind(EndpointConfig {
+            download_limit: Some(256 * 1024),
+            ..loopback()
+        })
+        .await;
+        let conn = sender.connect(addr(&receiver), None).await.unwrap();
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let w = written.clone();
+        let writer = tokio::spawn(async move {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            let piece = [7u8; 16 * 1024];
+            for _ in 0..1024 {
+                if send.write_all(&piece).await.is_err() {
+                    return;
+                }
+                w.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            }
+        });
+        let at = receiver.accept().await.unwrap();
+        let (_send, _recv) = at.accept_bi().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let ahead = written.load(Ordering::Relaxed);
+        assert!(ahead >= 64 * 1024, "only {ahead} bytes written");
+        assert!(
+            ahead <= 512 * 1024,
+            "{ahead} bytes sent ahead of the reader"
+        );
+        writer.abort();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_short_streams_spend_the_download_limit_on_their_bytes() {
     // Each stream takes a piece's worth of the limit before it reads, and
     // its last read rarely uses all of it: what is left goes to the next
