@@ -392,7 +392,8 @@ impl Discovery {
 struct Lookup {
     tx: mpsc::Sender<Candidate>,
     self_filter: SelfFilter,
-    /// Addresses sent, and whether they were sent with an id.
+    /// Addresses sent, and whether they were sent with an id (at most
+    /// [`MAX_SENT`]).
     sent: HashMap<SocketAddr, bool>,
 }
 
@@ -469,10 +470,19 @@ impl Lookup {
             Some(false) if !has_id => return true,
             _ => {}
         }
+        // Bounded: a long lookup fed made-up DHT values grew this by
+        // thousands of addresses a minute. Forgotten, an address may be
+        // sent again, which the download takes as one it knows.
+        if self.sent.len() >= MAX_SENT {
+            self.sent.clear();
+        }
         self.sent.insert(key, has_id);
         self.tx.send(candidate).await.is_ok()
     }
 }
+
+/// Most addresses a lookup remembers having sent.
+const MAX_SENT: usize = 4096;
 
 /// The neighbours known now, sorted by address.
 fn snapshot(neighbours: &mdns::Neighbours) -> Vec<Candidate> {
@@ -488,5 +498,51 @@ struct AbortOnDrop(JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lookup_remembers_a_bounded_number_of_addresses() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let me = shoal_transport::SecretKey::generate().public();
+        let mut lookup = Lookup {
+            tx,
+            self_filter: SelfFilter::new(me, &[], &[]),
+            sent: HashMap::new(),
+        };
+        // Made-up DHT values: every one a new address.
+        for i in 0..3 * MAX_SENT as u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 | i);
+            let candidate = Candidate {
+                addr: SocketAddr::from((ip, 7000)),
+                id: None,
+                source: Source::Dht,
+            };
+            assert!(lookup.emit(candidate).await);
+            assert!(lookup.sent.len() <= MAX_SENT);
+        }
+        // What is remembered is still not sent twice.
+        let last = SocketAddr::from((
+            std::net::Ipv4Addr::from(0x0a00_0000 | (3 * MAX_SENT as u32 - 1)),
+            7000,
+        ));
+        let before = lookup.sent.len();
+        assert!(
+            lookup
+                .emit(Candidate {
+                    addr: last,
+                    id: None,
+                    source: Source::Dht
+                })
+                .await
+        );
+        assert_eq!(lookup.sent.len(), before);
+        drop(lookup);
+        drain.await.unwrap();
     }
 }
