@@ -663,8 +663,13 @@ pub(crate) async fn fetch_blob(
             (true, Some(_)) => {}
         }
         if now.duration_since(last_progress) > stall {
-            break Err(if peers.is_empty() {
+            break Err(if peers.is_empty() && !banned.is_empty() {
+                NodeError::AllDropped(hash, banned.len())
+            } else if peers.is_empty() {
                 NodeError::NoProviders(hash)
+            } else if peers.values().all(|p| !p.complete && p.have.is_empty()) && !banned.is_empty()
+            {
+                NodeError::AllDropped(hash, banned.len())
             } else if peers.values().all(|p| !p.complete && p.have.is_empty()) {
                 // Reached, asked, and none has a byte of it: say that,
                 // not that the download stalled.

@@ -110,6 +110,11 @@ pub(crate) struct Record {
     /// checked again at open before it is trusted.
     #[prost(bytes = "bytes", optional, tag = "12")]
     pub(crate) unsynced_boot: Option<bytes::Bytes>,
+    /// A partial blob whose size is known for sure though its last group
+    /// is not verified: a complete copy found damaged and salvaged (a peer
+    /// claiming another size must not reset it).
+    #[prost(bool, tag = "13")]
+    pub(crate) size_proven: bool,
 }
 
 /// One change to apply in a batch.

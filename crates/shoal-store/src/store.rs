@@ -300,6 +300,9 @@ impl Partial {
 struct PState {
     size: Option<u64>,
     verified: GroupRanges,
+    /// The size is known for sure (a salvaged complete copy), whatever
+    /// `verified` holds.
+    size_proven: bool,
     /// Bumped when the partial is reset to another size: writers of the old
     /// generation must not mark groups.
     generation: u64,
@@ -311,7 +314,7 @@ struct PState {
 impl PState {
     fn proven(&self) -> bool {
         self.size
-            .is_some_and(|s| self.verified.contains(group_count(s) - 1))
+            .is_some_and(|s| self.size_proven || self.verified.contains(group_count(s) - 1))
     }
 }
 
@@ -1162,7 +1165,7 @@ impl Store {
         // download beginning meanwhile (on an async worker) would wait for
         // it too. Tried for a while, then `Busy`.
         let started = Instant::now();
-        let _files = loop {
+        let files_guard = loop {
             match self.inner.files.try_write() {
                 Ok(g) => break g,
                 Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
@@ -1215,11 +1218,7 @@ impl Store {
                 res = self.inner.remove_blobs(&mut st, dead.clone());
             }
             match res {
-                Ok(removed) => {
-                    drop(st);
-                    unaside(&mut aside);
-                    break (removed, bytes);
-                }
+                Ok(removed) => break (removed, bytes, aside),
                 Err(e) => {
                     // Kept, with their files gone: not offered, read or
                     // taken as whole until a gc removes them.
@@ -1234,7 +1233,7 @@ impl Store {
                 }
             }
         };
-        let (removed, bytes) = removed;
+        let (removed, bytes, mut aside) = removed;
         let mut report = GcReport {
             blobs: removed.len() as u64,
             bytes,
@@ -1247,6 +1246,10 @@ impl Store {
         let (unrecorded, bytes) = self.inner.free_unrecorded_files();
         report.blobs += unrecorded.difference(&removed).count() as u64;
         report.bytes += bytes;
+        // Deleted with no lock held: imports and downloads wait for
+        // `files`, the rest of the store for the state.
+        drop(files_guard);
+        unaside(&mut aside);
         Ok(report)
     }
 
@@ -1878,8 +1881,8 @@ impl Store {
     /// or not the one recorded (a fetched directory the user deleted or
     /// edited), or that were found corrupt (a file in place, or a small
     /// blob kept in the database), so that they are fetched again rather
-    /// than refused as changed or corrupt. A store-owned copy found
-    /// corrupt is not forgotten but salvaged ([`Inner::salvage`]): what of
+    /// than refused as changed or corrupt. A store-owned copy of a file
+    /// found corrupt is not forgotten but salvaged (`Inner::salvage`): what of
     /// it still verifies stays, as a partial download, with its pin and
     /// name, and only the rest is fetched again (a get that finds no peer
     /// loses nothing). One stat per file; one commit. Returns the blobs
@@ -1897,7 +1900,12 @@ impl Store {
                 let Some(b) = st.get(h).filter(|b| b.partial.is_none()) else {
                     continue;
                 };
-                if b.corrupt && matches!(b.data, DataRef::File { stamp: None, .. }) {
+                // (Not a collection's manifest: a partial one keeps none of
+                // its members from gc.)
+                if b.corrupt
+                    && b.kind == BlobKind::Raw
+                    && matches!(b.data, DataRef::File { stamp: None, .. })
+                {
                     owned_corrupt.push(*h);
                 } else if b.corrupt {
                     corrupt.push(*h);
@@ -1912,13 +1920,25 @@ impl Store {
                 Some(s) => !stamp_matches(path, *s),
                 None => fs::metadata(path).is_err(),
             })
-            .partition(|(_, _, stamp)| stamp.is_none());
+            .partition(|(h, _, stamp)| {
+                stamp.is_none()
+                    && lock(&self.inner.state)
+                        .get(h)
+                        .is_some_and(|b| b.kind == BlobKind::Raw)
+            });
         // A store-owned file lost: salvaged too (a partial with nothing
         // verified, keeping its pin and name).
         owned_corrupt.extend(lost.into_iter().map(|(h, _, _)| h));
         for h in owned_corrupt {
-            if !self.inner.salvage(&h)? {
-                corrupt.push(h);
+            match self.inner.salvage(&h) {
+                Ok(true) => {}
+                Ok(false) => corrupt.push(h),
+                // Unreadable (EIO, say): forgotten and fetched again, as
+                // before, rather than failing every get of it.
+                Err(e) => {
+                    tracing::warn!("blob {h}: cannot salvage it ({e}); fetched again whole");
+                    corrupt.push(h);
+                }
             }
         }
         if gone.is_empty() && corrupt.is_empty() {
@@ -2133,6 +2153,7 @@ fn record_of(b: &Blob) -> Record {
         let s = lock(&p.st);
         r.size = s.size;
         r.verified = runs_to_vec(&s.verified);
+        r.size_proven = s.size_proven;
         if let Some(t) = &p.target {
             r.path = t.as_os_str().as_bytes().to_vec();
         }
@@ -2494,6 +2515,7 @@ impl Inner {
             let mut s = lock(&p.st);
             s.size = r.size;
             s.verified = verified;
+            s.size_proven = r.size_proven && r.size.is_some();
         }
         b.partial = Some(Arc::new(p));
         Ok(b)
@@ -2648,6 +2670,7 @@ impl Inner {
             st: Mutex::new(PState {
                 size: None,
                 verified: GroupRanges::new(),
+                size_proven: false,
                 generation: 0,
                 unsaved: 0,
                 last_save: Instant::now(),
@@ -2908,6 +2931,9 @@ impl Inner {
             let mut s = lock(&p.st);
             s.size = Some(size);
             s.verified = valid.clone();
+            // Its size was proven when it was whole: a peer saying
+            // otherwise is refused, not taken as a reason to start over.
+            s.size_proven = true;
         }
         let old = (
             std::mem::replace(&mut b.data, DataRef::Db),

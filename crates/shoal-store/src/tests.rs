@@ -1323,9 +1323,15 @@ fn blobs_found_corrupt_are_salvaged_or_forgotten_so_a_get_fetches_them_again() {
     let copied = store.import_file(&copy_src, ImportMode::Copy).unwrap();
     let fine = store.import_bytes(&data(40_000, 73), "fine").unwrap();
     let copy_file = sdir.join("data").join(format!("{}.data", copied.to_hex()));
-    for (f, at) in [(&placed, 100), (&copy_file, 3 * GROUP_SIZE as usize + 7)] {
+    let last = 10 * GROUP_SIZE as usize + 9;
+    for (f, at) in [
+        (&placed, vec![100]),
+        (&copy_file, vec![3 * GROUP_SIZE as usize + 7, last]),
+    ] {
         let mut b = fs::read(f).unwrap();
-        b[at] ^= 1;
+        for at in at {
+            b[at] ^= 1;
+        }
         // Same size and time: only a re-hash sees it.
         let m = fs::metadata(f).unwrap();
         fs::write(f, b).unwrap();
@@ -1342,7 +1348,8 @@ fn blobs_found_corrupt_are_salvaged_or_forgotten_so_a_get_fetches_them_again() {
     assert!(placed.exists(), "the user's file is never deleted");
     assert!(store.info(&fine).unwrap().complete);
     let all = GroupRanges::from_range(0..group_count(copied_bytes.len() as u64));
-    let good = all.difference(&GroupRanges::from_groups([3]));
+    let damaged = GroupRanges::from_groups([3, 10]);
+    let good = all.difference(&damaged);
     let check = |store: &Store| {
         let info = store.info(&copied).unwrap();
         assert!(!info.complete && !info.corrupt, "{info:?}");
@@ -1360,13 +1367,21 @@ fn blobs_found_corrupt_are_salvaged_or_forgotten_so_a_get_fetches_them_again() {
     // good copy completes it.
     let store = Store::open(&sdir).unwrap();
     check(&store);
-    let seeder = Store::in_memory();
-    seeder.import_bytes(&copied_bytes, "copy.bin").unwrap();
-    let (_, bytes) = encode(&seeder, &copied, &GroupRanges::from_groups([3]));
     store
         .begin_download(&copied, BlobKind::Raw, None, true)
         .unwrap();
-    receive(&store, &copied, &GroupRanges::from_groups([3]), &bytes).unwrap();
+    // Its last group is damaged, but its size is known: a peer claiming
+    // another one is refused, and what was salvaged stays.
+    let liar = Store::in_memory();
+    let other = liar.import_bytes(&data(3 * GROUP_SIZE as usize, 79), "o").unwrap();
+    let (_, lie) = encode(&liar, &other, &GroupRanges::from_groups([0]));
+    let err = receive(&store, &copied, &GroupRanges::from_groups([0]), &lie).unwrap_err();
+    assert!(matches!(err, ReceiveError::SizeMismatch { .. }), "{err}");
+    check(&store);
+    let seeder = Store::in_memory();
+    seeder.import_bytes(&copied_bytes, "copy.bin").unwrap();
+    let (_, bytes) = encode(&seeder, &copied, &damaged);
+    receive(&store, &copied, &damaged, &bytes).unwrap();
     let info = store.info(&copied).unwrap();
     assert!(info.complete && !info.corrupt, "{info:?}");
     assert_eq!(store.read_all(&copied).unwrap(), copied_bytes);

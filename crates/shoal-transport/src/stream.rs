@@ -116,6 +116,12 @@ impl Credit {
         std::future::poll_fn(|cx| self.poll_take(cx, limiter, want)).await
     }
 
+    /// What it took and will not use, reserved included (paid for: the
+    /// bucket's turn moved on for it), for [`Limiter::give_back`].
+    fn unspent(&self) -> usize {
+        self.bytes + self.reserved
+    }
+
     fn spend(&mut self, n: usize) {
         self.bytes = self.bytes.saturating_sub(n);
     }
@@ -326,7 +332,7 @@ impl AsyncWrite for SendStream {
 impl Drop for SendStream {
     fn drop(&mut self) {
         if let Some(limiter) = self.acct.shared.upload.as_ref() {
-            limiter.give_back(self.credit.bytes);
+            limiter.give_back(self.credit.unspent());
         }
     }
 }
@@ -447,7 +453,7 @@ impl AsyncRead for RecvStream {
 impl Drop for RecvStream {
     fn drop(&mut self) {
         if let Some(limiter) = self.acct.shared.download.as_ref() {
-            limiter.give_back(self.credit.bytes);
+            limiter.give_back(self.credit.unspent());
         }
     }
 }
