@@ -1373,7 +1373,9 @@ fn blobs_found_corrupt_are_salvaged_or_forgotten_so_a_get_fetches_them_again() {
     // Its last group is damaged, but its size is known: a peer claiming
     // another one is refused, and what was salvaged stays.
     let liar = Store::in_memory();
-    let other = liar.import_bytes(&data(3 * GROUP_SIZE as usize, 79), "o").unwrap();
+    let other = liar
+        .import_bytes(&data(3 * GROUP_SIZE as usize, 79), "o")
+        .unwrap();
     let (_, lie) = encode(&liar, &other, &GroupRanges::from_groups([0]));
     let err = receive(&store, &copied, &GroupRanges::from_groups([0]), &lie).unwrap_err();
     assert!(matches!(err, ReceiveError::SizeMismatch { .. }), "{err}");
