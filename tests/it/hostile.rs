@@ -1019,6 +1019,51 @@ fn a_seeder_falling_silent_after_its_header_does_not_hold_the_download() {
     });
 }
 
+/// A liar holding a blob, up now, and the address and key of an honest
+/// seeder that is to come up later: the peers a download is given.
+struct LiarFirst {
+    hash: blake3::Hash,
+    /// The liar's endpoint, kept open.
+    liar: Endpoint,
+    peers: Vec<shoal_node::PeerAddr>,
+    honest_addr: SocketAddr,
+    honest_key: SecretKey,
+}
+
+async fn liar_first(data: &[u8], lie: Lie) -> LiarFirst {
+    let (hash, liar, liar_id, liar_addr) = liar_with(data, lie).await;
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    let honest_addr = free.local_addr().expect("addr");
+    drop(free);
+    let honest_key = SecretKey::generate();
+    let peers = vec![
+        shoal_node::PeerAddr {
+            id: Some(liar_id),
+            addr: liar_addr,
+        },
+        shoal_node::PeerAddr {
+            id: Some(honest_key.public()),
+            addr: honest_addr,
+        },
+    ];
+    LiarFirst {
+        hash,
+        liar,
+        peers,
+        honest_addr,
+        honest_key,
+    }
+}
+
+/// A node on `listen` whose downloads wait 60 s without progress.
+fn slow_stall(listen: SocketAddr) -> shoal_node::NodeConfig {
+    shoal_node::NodeConfig {
+        listen: vec![listen],
+        stall_timeout: Duration::from_secs(60),
+        ..shoal_node::NodeConfig::default()
+    }
+}
+
 /// A peer that answers the size proof a byte every 2 s was never silent
 /// for the 10 s a read waits: it held the proof, and with it the download,
 /// until the stall timeout, with an honest seeder connected. The proof has
@@ -1030,26 +1075,14 @@ fn a_seeder_trickling_the_size_proof_does_not_hold_the_download() {
     let rt = runtime();
     rt.block_on(async {
         let data = data(2 * 1024 * 1024 + 99, 33);
-        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::TricklesGets).await;
-        let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
-        let honest_addr = free.local_addr().expect("addr");
-        drop(free);
-        let honest_key = SecretKey::generate();
-        let peers = vec![
-            shoal_node::PeerAddr {
-                id: Some(liar_id),
-                addr: liar_addr,
-            },
-            shoal_node::PeerAddr {
-                id: Some(honest_key.public()),
-                addr: honest_addr,
-            },
-        ];
-        let config = |listen: SocketAddr| shoal_node::NodeConfig {
-            listen: vec![listen],
-            stall_timeout: Duration::from_secs(60),
-            ..shoal_node::NodeConfig::default()
-        };
+        let LiarFirst {
+            hash,
+            liar: _liar,
+            peers,
+            honest_addr,
+            honest_key,
+        } = liar_first(&data, Lie::TricklesGets).await;
+        let config = slow_stall;
         let d = shoal_node::Node::spawn(config("127.0.0.1:0".parse().expect("addr")))
             .await
             .expect("downloader");
@@ -1085,26 +1118,14 @@ fn groups_a_stalled_request_verified_are_not_fetched_again() {
     let rt = runtime();
     rt.block_on(async {
         let data = data(4 * 1024 * 1024, 35);
-        let (hash, _ep, liar_id, liar_addr) = liar_with(&data, Lie::FallsSilentHalfway).await;
-        let free = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
-        let honest_addr = free.local_addr().expect("addr");
-        drop(free);
-        let honest_key = SecretKey::generate();
-        let peers = vec![
-            shoal_node::PeerAddr {
-                id: Some(liar_id),
-                addr: liar_addr,
-            },
-            shoal_node::PeerAddr {
-                id: Some(honest_key.public()),
-                addr: honest_addr,
-            },
-        ];
-        let config = |listen: SocketAddr| shoal_node::NodeConfig {
-            listen: vec![listen],
-            stall_timeout: Duration::from_secs(60),
-            ..shoal_node::NodeConfig::default()
-        };
+        let LiarFirst {
+            hash,
+            liar: _liar,
+            peers,
+            honest_addr,
+            honest_key,
+        } = liar_first(&data, Lie::FallsSilentHalfway).await;
+        let config = slow_stall;
         let d = shoal_node::Node::spawn(config("127.0.0.1:0".parse().expect("addr")))
             .await
             .expect("downloader");

@@ -157,35 +157,30 @@ fn a_full_stdout_is_an_error_that_says_so_and_a_closed_one_is_not() {
     let f = d.path().join("f.bin");
     std::fs::write(&f, data(300_000, 5)).unwrap();
     let hash = d.ok(&["add", f.to_str().unwrap()])[..64].to_string();
-    for args in [vec!["cat", hash.as_str()], vec!["ls"]] {
-        // (Through sh: the harness pipes stdout.)
-        let mut c = std::process::Command::new("sh");
+    // Shoal run by a bash `script` (the harness pipes stdout), as "$@".
+    let through = |script: &str, args: &[&str]| {
+        let mut c = std::process::Command::new("bash");
         c.arg("-c")
-            .arg("exec \"$@\" > /dev/full")
-            .arg("sh")
+            .arg(script)
+            .arg("bash")
             .arg(crate::harness::bin())
             .arg("--data-dir")
             .arg(d.path().join("node"))
-            .args(&args);
+            .args(args);
         let o = crate::harness::run_bounded(c, Duration::from_secs(30));
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status, stderr)
+    };
+    for args in [vec!["cat", hash.as_str()], vec!["ls"]] {
+        let (status, stderr) = through("exec \"$@\" > /dev/full", &args);
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
             stderr.contains("error: writing to stdout: No space left on device"),
             "{args:?}: {stderr}"
         );
         // A reader that stops early (`| head`) is no error.
-        let mut c = std::process::Command::new("bash");
-        c.arg("-c")
-            .arg("set -o pipefail; \"$@\" | head -c 1 > /dev/null")
-            .arg("bash")
-            .arg(crate::harness::bin())
-            .arg("--data-dir")
-            .arg(d.path().join("node"))
-            .args(&args);
-        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{args:?}: {stderr}");
+        let (status, stderr) = through("set -o pipefail; \"$@\" | head -c 1 > /dev/null", &args);
+        assert!(status.success(), "{args:?}: {stderr}");
         assert!(!stderr.contains("error"), "{args:?}: {stderr}");
     }
 }

@@ -137,17 +137,22 @@ async fn testnet(n: usize) -> (mainline::Testnet, Vec<SocketAddr>) {
     (testnet, bootstrap)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dht_provider_serves_a_hash_given_alone() {
-    init_logs();
-    let (_testnet, bootstrap) = testnet(8).await;
-    let dht = DiscoveryConfig {
+/// The DHT alone (no mDNS), on `bootstrap`, looking up every second.
+fn dht_only(bootstrap: Vec<SocketAddr>) -> DiscoveryConfig {
+    DiscoveryConfig {
         mdns: false,
         dht: true,
         dht_bootstrap: bootstrap,
         lookup_interval: Duration::from_secs(1),
         ..DiscoveryConfig::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_provider_serves_a_hash_given_alone() {
+    init_logs();
+    let (_testnet, bootstrap) = testnet(8).await;
+    let dht = dht_only(bootstrap);
     let seeder = spawn(dht.clone()).await;
     let content = data(500_000, 2);
     let hash = seeder.add_bytes(content, "d.bin").await.expect("add");
@@ -189,13 +194,7 @@ async fn dht_provider_serves_a_hash_given_alone() {
 async fn dht_announces_what_is_pinned_and_stops_at_rm() {
     init_logs();
     let (_testnet, bootstrap) = testnet(8).await;
-    let dht = DiscoveryConfig {
-        mdns: false,
-        dht: true,
-        dht_bootstrap: bootstrap,
-        lookup_interval: Duration::from_secs(1),
-        ..DiscoveryConfig::default()
-    };
+    let dht = dht_only(bootstrap);
     let tree = tempfile::tempdir().expect("tempdir");
     for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
         std::fs::write(tree.path().join(name), data(100_000, i as u8)).expect("write");
