@@ -551,6 +551,40 @@ pub(crate) async fn scripted_seeder(store: Store, lie: Lie) -> (Endpoint, PeerId
     (ep, id, addr)
 }
 
+/// The true header of the answer to `g` from `store`, sent; then (if
+/// `encode`) the ranges it names and their encoding, not sent yet. None if
+/// the blob is not there or the peer went.
+async fn honest_answer(
+    store: &Store,
+    g: &pb::Get,
+    send: &mut shoal_transport::SendStream,
+    encode: bool,
+) -> Option<(GroupRanges, Vec<u8>)> {
+    let hash = blake3::Hash::from_bytes(shoal_proto::hash_from_bytes(&g.hash).ok()?);
+    let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
+    let (size, ranges) = store.available(&hash, &wanted)?;
+    let header = pb::GetHeader {
+        size,
+        ranges: Some(ranges.to_pb()),
+    };
+    let resp = pb::Response {
+        kind: Some(pb::response::Kind::Get(header)),
+    };
+    write_frame(send, &resp).await.ok()?;
+    let mut stream = Vec::new();
+    if encode {
+        store.send_ranges(&hash, &ranges, &mut stream).await.ok()?;
+    }
+    Some((ranges, stream))
+}
+
+/// Holds the stream open, silent, until the asker gives up.
+async fn hold_open(send: &mut shoal_transport::SendStream, recv: &mut shoal_transport::RecvStream) {
+    let mut b = [0u8; 1];
+    let _ = tokio::io::AsyncReadExt::read(recv, &mut b).await;
+    let _ = send.stopped().await;
+}
+
 async fn seeder_stream(
     store: Store,
     lie: Lie,
@@ -670,26 +704,9 @@ async fn seeder_stream(
             }
         }
         Some(Req::Get(g)) if matches!(lie, Lie::TricklesGets) => {
-            let Some(hash) = hash_of(&g.hash) else { return };
-            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
-            let Some((size, ranges)) = store.available(&hash, &wanted) else {
+            let Some((_, stream)) = honest_answer(&store, &g, &mut send, true).await else {
                 return;
             };
-            let header = pb::GetHeader {
-                size,
-                ranges: Some(ranges.to_pb()),
-            };
-            let mut stream = Vec::new();
-            if write_frame(&mut send, &resp(Resp::Get(header)))
-                .await
-                .is_err()
-                || store
-                    .send_ranges(&hash, &ranges, &mut stream)
-                    .await
-                    .is_err()
-            {
-                return;
-            }
             for b in stream {
                 if send.write_all(&[b]).await.is_err() {
                     return;
@@ -698,58 +715,26 @@ async fn seeder_stream(
             }
         }
         Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentAfterTheHeader) => {
-            let Some(hash) = hash_of(&g.hash) else { return };
-            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
-            let Some((size, ranges)) = store.available(&hash, &wanted) else {
-                return;
-            };
-            let header = pb::GetHeader {
-                size,
-                ranges: Some(ranges.to_pb()),
-            };
-            let _ = write_frame(&mut send, &resp(Resp::Get(header))).await;
-            let mut b = [0u8; 1];
-            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
-            let _ = send.stopped().await;
+            let _ = honest_answer(&store, &g, &mut send, false).await;
+            hold_open(&mut send, &mut recv).await;
             return;
         }
         Some(Req::Get(g)) if matches!(lie, Lie::FallsSilentHalfway) => {
-            let Some(hash) = hash_of(&g.hash) else { return };
-            let wanted = GroupRanges::from_opt_pb(g.ranges.as_ref()).unwrap_or_default();
-            let Some((size, ranges)) = store.available(&hash, &wanted) else {
+            let Some((ranges, stream)) = honest_answer(&store, &g, &mut send, true).await else {
                 return;
             };
-            let header = pb::GetHeader {
-                size,
-                ranges: Some(ranges.to_pb()),
-            };
-            let mut stream = Vec::new();
-            if write_frame(&mut send, &resp(Resp::Get(header)))
-                .await
-                .is_err()
-                || store
-                    .send_ranges(&hash, &ranges, &mut stream)
-                    .await
-                    .is_err()
-            {
-                return;
-            }
             if ranges.count() <= 2 {
                 let _ = send.write_all(&stream).await;
                 let _ = send.finish();
                 return;
             }
             let _ = send.write_all(&stream[..stream.len() / 2]).await;
-            let mut b = [0u8; 1];
-            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
-            let _ = send.stopped().await;
+            hold_open(&mut send, &mut recv).await;
             return;
         }
         Some(Req::Get(_)) if matches!(lie, Lie::NeverAnswers) => {
             // Silent until the asker gives up and stops the stream.
-            let mut b = [0u8; 1];
-            let _ = tokio::io::AsyncReadExt::read(&mut recv, &mut b).await;
-            let _ = send.stopped().await;
+            hold_open(&mut send, &mut recv).await;
             return;
         }
         Some(Req::Get(g)) => {
