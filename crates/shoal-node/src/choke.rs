@@ -104,12 +104,11 @@ impl Answers {
                 // goes to the request that waited longest.
                 let wait = self.slots.acquire();
                 tokio::pin!(wait);
-                let mut tick = tokio::time::interval(CHOKE_EVERY);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
+                    let at = self.next_check(Instant::now());
                     tokio::select! {
                         p = &mut wait => break p.ok()?,
-                        _ = tick.tick() => self.choke_slowest(Instant::now()),
+                        () = tokio::time::sleep_until(at) => self.choke_slowest(Instant::now()),
                     }
                 }
             }
@@ -135,6 +134,30 @@ impl Answers {
             choke,
             _permit: permit,
         })
+    }
+
+    /// When a waiting request next tries to choke: once the earliest answer
+    /// not choked yet has run `choke_after`, not before [`CHOKE_EVERY`]
+    /// after the last choke, and at most [`CHOKE_EVERY`] from `now`.
+    ///
+    /// A fixed tick from the waiter's arrival would miss answers shorter
+    /// than the tick: requests arrive as answers end, just after the next
+    /// one starts, so every tick would fall in a young answer (a test
+    /// with short answers saw no choke at all under load).
+    fn next_check(&self, now: Instant) -> Instant {
+        let st = lock(&self.state);
+        let mut at = st
+            .running
+            .values()
+            .filter(|r| !r.choked)
+            .map(|r| r.started + self.choke_after)
+            .min()
+            .unwrap_or(now + CHOKE_EVERY)
+            .max(now);
+        if let Some(last) = st.last_choke {
+            at = at.max(last + CHOKE_EVERY);
+        }
+        at.min(now + CHOKE_EVERY)
     }
 
     /// Chokes the answer with the lowest average rate among those that
@@ -233,6 +256,31 @@ mod tests {
             1,
             "the waiter's answer replaced the slow one's"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_arrives_just_after_an_answer_started_chokes_it_once_it_may() {
+        let answers = Answers::new(1, Duration::from_millis(100));
+        let only = answers.acquire().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let waiter = answers.acquire();
+        tokio::pin!(waiter);
+        let started = Instant::now();
+        tokio::select! {
+            _ = &mut waiter => panic!("a slot came free with none given back"),
+            () = only.choked() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                panic!("the answer was not choked once it had run choke_after")
+            }
+        }
+        // Choked when it had run 100 ms, not at the waiter's next second.
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(85) && waited <= Duration::from_millis(100),
+            "choked after {waited:?}"
+        );
+        drop(only);
+        assert!(waiter.await.is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -693,13 +693,14 @@ async fn downloaders_taking_turns_at_a_seeders_only_slot_both_finish() {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         max_answers: 1,
         choke_after: Duration::from_millis(100),
-        // Slow: each answer runs long enough to be choked.
-        upload_limit: Some(1 << 20),
+        // Slow: each answer (a request is at least one 128 KiB block)
+        // runs ~250 ms, long enough to be choked while the other waits.
+        upload_limit: Some(512 << 10),
         ..NodeConfig::default()
     })
     .await
     .unwrap();
-    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
     let hash = seeder.add_bytes(data.clone(), "shared").await.unwrap();
     let ticket = seeder.ticket(&hash).unwrap();
     let mut downloaders = Vec::new();
