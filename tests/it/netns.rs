@@ -115,14 +115,20 @@ impl Lab {
             ip(&["-n", &br, "link", "set", &port, "master", "br0", "up"])?;
             ip(&["-n", &host, "link", "set", "lo", "up"])?;
             ip(&["-n", &host, "link", "set", "eth0", "up"])?;
-            let v4 = format!("{}/24", lab.v4(i));
-            ip(&["-n", &host, "addr", "add", &v4, "dev", "eth0"])?;
-            let v6 = format!("{}/64", lab.v6(i));
-            // No duplicate address detection: usable at once.
-            ip(&["-n", &host, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-            ip(&["-n", &host, "route", "add", "224.0.0.0/4", "dev", "eth0"])?;
+            lab.address(i)?;
         }
         Ok(lab)
+    }
+
+    /// Gives host `i`'s `eth0` its addresses and the multicast route.
+    fn address(&self, i: usize) -> Result<(), String> {
+        let host = &self.hosts[i];
+        let v4 = format!("{}/24", self.v4(i));
+        ip(&["-n", host, "addr", "add", &v4, "dev", "eth0"])?;
+        let v6 = format!("{}/64", self.v6(i));
+        // No duplicate address detection: usable at once.
+        ip(&["-n", host, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
+        ip(&["-n", host, "route", "replace", "224.0.0.0/4", "dev", "eth0"])
     }
 
     /// Host `i`'s IPv6 address.
@@ -320,6 +326,35 @@ fn hosts_find_each_other_by_mdns() {
         "netns mdns: get through host 2's node took {took:?} (test {:?})",
         started.elapsed()
     );
+    drop(nodes);
+}
+
+/// A node started before its host had an address (a laptop whose network
+/// comes up after it, or a DHCP lease that changed) is advertised by mDNS
+/// at the address it gets later.
+#[test]
+fn a_node_started_before_its_address_is_found_once_it_has_one() {
+    let Some(lab) = lab_or_skip("a") else { return };
+    ip(&["-n", &lab.hosts[0], "addr", "flush", "dev", "eth0"]).expect("flushing host 0");
+    let dir = Dir::new();
+    let nodes = Nodes(vec![lab.serve(
+        0,
+        &dir,
+        &["--listen", "0.0.0.0:0", "--no-dht"],
+    )]);
+    let file = input(&dir, "late.bin", (1 << 20) + 3, 13);
+    let hash = add(&dir, &file);
+    // The network comes up.
+    lab.address(0).expect("addressing host 0");
+
+    let getter = Dir::new();
+    let out = getter.path().join("late.bin");
+    let mut c = lab.shoal(1, &getter);
+    c.args(["get", &hash, "-o"]).arg(&out).arg("--no-dht");
+    let (took, log) = ok_within(c, Duration::from_secs(45), "get by mDNS on host 1");
+    assert_eq!(b3sum(&out), hash);
+    assert!(found(&log, "Mdns", &lab.v4(0)), "no mDNS candidate:\n{log}");
+    eprintln!("netns mdns: the late node was found, get took {took:?}");
     drop(nodes);
 }
 

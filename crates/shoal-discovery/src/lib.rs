@@ -221,10 +221,10 @@ impl Discovery {
         let mut tasks = Vec::new();
 
         let mdns = if config.mdns {
-            let advertised = local::expand(&quic_addrs, &interfaces, &config.mdns_interfaces);
             let (service, task) = mdns::MdnsService::start(
                 me,
-                &advertised,
+                &quic_addrs,
+                &interfaces,
                 &config,
                 neighbours.clone(),
                 neighbour_events.clone(),

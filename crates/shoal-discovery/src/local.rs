@@ -20,13 +20,9 @@ pub(crate) fn interfaces() -> std::io::Result<Vec<LocalIp>> {
         .collect())
 }
 
-/// The IPs to advertise for a node bound to `binds`, and the one port (the
-/// first bind's; an SRV record carries one port) they go with.
-///
-/// `0.0.0.0` stands for every IPv4 interface address; `[::]` for every IPv6
-/// and IPv4 one (a Linux `[::]` socket is dual-stack unless `IPV6_V6ONLY`).
-/// Binds on other ports than the first are left out. When `only` names
-/// interfaces, addresses of other interfaces are left out too.
+/// The IPs to advertise now for a node bound to `binds`, and the one port
+/// (the first bind's; an SRV record carries one port) they go with: the
+/// addresses of `interfaces` that [`serves`] accepts.
 pub(crate) fn expand(
     binds: &[SocketAddr],
     interfaces: &[LocalIp],
@@ -35,35 +31,42 @@ pub(crate) fn expand(
     let Some(port) = binds.first().map(SocketAddr::port) else {
         return (Vec::new(), 0);
     };
-    let allowed = |l: &&LocalIp| only.is_empty() || only.contains(&l.interface);
-    let mut ips = Vec::new();
-    for bind in binds.iter().filter(|b| b.port() == port) {
-        match bind.ip() {
-            IpAddr::V4(v4) if v4.is_unspecified() => ips.extend(
-                interfaces
-                    .iter()
-                    .filter(allowed)
-                    .filter(|l| l.ip.is_ipv4())
-                    .map(|l| l.ip),
-            ),
-            IpAddr::V6(v6) if v6.is_unspecified() => {
-                ips.extend(interfaces.iter().filter(allowed).map(|l| l.ip));
-            }
-            ip => {
-                let ip = ip.to_canonical();
-                let on_allowed = only.is_empty()
-                    || interfaces
-                        .iter()
-                        .any(|l| l.ip == ip && only.contains(&l.interface));
-                if on_allowed {
-                    ips.push(ip);
-                }
-            }
-        }
-    }
+    let mut ips: Vec<IpAddr> = interfaces
+        .iter()
+        .filter(|l| serves(binds, only, &l.interface, l.ip))
+        .map(|l| l.ip)
+        .collect();
     ips.sort();
     ips.dedup();
     (ips, port)
+}
+
+/// Whether a node bound to `binds` is reached at `ip`, an address of
+/// `interface`, on the first bind's port.
+///
+/// `0.0.0.0` stands for every IPv4 interface address; `[::]` for every IPv6
+/// and IPv4 one (a Linux `[::]` socket is dual-stack unless `IPV6_V6ONLY`).
+/// Binds on other ports than the first are left out. When `only` names
+/// interfaces, addresses of other interfaces are left out too.
+///
+/// The mDNS registration asks this of every address the host has, now and
+/// whenever one comes or goes, so a node bound to a wildcard advertises
+/// the addresses it is reached at after a DHCP change too.
+pub(crate) fn serves(binds: &[SocketAddr], only: &[String], interface: &str, ip: IpAddr) -> bool {
+    let Some(port) = binds.first().map(SocketAddr::port) else {
+        return false;
+    };
+    if !only.is_empty() && !only.iter().any(|o| o == interface) {
+        return false;
+    }
+    binds
+        .iter()
+        .filter(|b| b.port() == port)
+        .any(|b| match b.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => ip.is_ipv4(),
+            IpAddr::V6(v6) if v6.is_unspecified() => true,
+            bound => bound.to_canonical() == ip,
+        })
 }
 
 #[cfg(test)]
@@ -117,5 +120,36 @@ mod tests {
             7000,
         );
         check(&[], &[], &[], 0);
+    }
+
+    #[test]
+    fn an_address_that_comes_later_is_served_by_a_wildcard_of_its_family() {
+        let binds = |b: &[&str]| -> Vec<SocketAddr> {
+            b.iter().map(|b| b.parse().expect("addr")).collect()
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let v4 = binds(&["0.0.0.0:7000"]);
+        assert!(serves(&v4, &[], "wlan0", ip("10.1.2.3")));
+        assert!(
+            !serves(&v4, &[], "wlan0", ip("fd00::3")),
+            "v6 on a v4 socket"
+        );
+        let dual = binds(&["[::]:7000"]);
+        assert!(serves(&dual, &[], "wlan0", ip("10.1.2.3")));
+        assert!(serves(&dual, &[], "wlan0", ip("fd00::3")));
+        let only = ["eth0".to_owned()];
+        assert!(
+            !serves(&dual, &only, "wlan0", ip("10.1.2.3")),
+            "not an allowed interface"
+        );
+        let fixed = binds(&["192.0.2.2:7000", "0.0.0.0:7001"]);
+        assert!(serves(&fixed, &[], "eth0", ip("192.0.2.2")));
+        assert!(
+            !serves(&fixed, &[], "eth0", ip("192.0.2.3")),
+            "another port's wildcard"
+        );
+        let mapped = binds(&["[::ffff:192.0.2.2]:7000"]);
+        assert!(serves(&mapped, &[], "eth0", ip("192.0.2.2")));
+        assert!(!serves(&[], &[], "eth0", ip("192.0.2.2")));
     }
 }

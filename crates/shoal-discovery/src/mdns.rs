@@ -5,11 +5,14 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use mdns_sd::{IfKind, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo};
+use mdns_sd::{
+    IfKind, IfPredicate, ResolvedService, ScopedIp, ServiceDaemon, ServiceEvent, ServiceInfo,
+};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::local::{self, LocalIp};
 use crate::{
     Candidate, DiscoveryConfig, DiscoveryError, MDNS_SERVICE_TYPE, PROTOCOL_VERSION, PeerId, Source,
 };
@@ -29,19 +32,20 @@ pub(crate) struct MdnsService {
 }
 
 impl MdnsService {
-    /// Starts the daemon on the configured interfaces, registers `me` with
-    /// `advertised` = (IPs, port) unless there is no IP to advertise, and
+    /// Starts the daemon on the configured interfaces, registers `me` for
+    /// a node bound to `binds` (this host's addresses now: `now`), and
     /// spawns the browse task.
     pub(crate) fn start(
         me: PeerId,
-        advertised: &(Vec<IpAddr>, u16),
+        binds: &[SocketAddr],
+        now: &[LocalIp],
         config: &DiscoveryConfig,
         neighbours: Neighbours,
         events: broadcast::Sender<Candidate>,
         cancel: CancellationToken,
     ) -> Result<(MdnsService, JoinHandle<()>), DiscoveryError> {
         let daemon = ServiceDaemon::new_with_port(config.mdns_port)?;
-        let setup = register(&daemon, me, advertised, config)
+        let setup = register(&daemon, me, binds, now, config)
             .and_then(|fullname| Ok((fullname, daemon.browse(MDNS_SERVICE_TYPE)?)));
         let (fullname, browse) = match setup {
             Ok(done) => done,
@@ -81,13 +85,15 @@ impl MdnsService {
     }
 }
 
-/// Restricts the daemon to the configured interfaces and registers `me`.
-/// Returns the registered full name, or `None` when there is no address to
-/// advertise.
+/// Restricts the daemon to the configured interfaces and registers `me`
+/// for a node bound to `binds`, whose addresses the daemon keeps current
+/// (see [`local::serves`]). Returns the registered full name, or `None`
+/// when no address of this host can ever be advertised.
 fn register(
     daemon: &ServiceDaemon,
     me: PeerId,
-    (ips, port): &(Vec<IpAddr>, u16),
+    binds: &[SocketAddr],
+    now: &[LocalIp],
     config: &DiscoveryConfig,
 ) -> Result<Option<String>, mdns_sd::Error> {
     if !config.mdns_interfaces.is_empty() {
@@ -99,23 +105,40 @@ fn register(
             .collect();
         daemon.enable_interface(names)?;
     }
+    let (ips, port) = local::expand(binds, now, &config.mdns_interfaces);
+    let wildcard = binds.iter().any(|b| b.ip().is_unspecified());
     if ips.is_empty() {
-        tracing::warn!(
-            "mdns: no interface address to advertise; browsing only, this node stays unseen on the lan"
+        if !wildcard {
+            // A bound address exists, so it can only be on an interface
+            // left out by `mdns_interfaces`: it never will be advertised.
+            tracing::warn!(
+                "mdns: no interface address to advertise; browsing only, this node stays unseen on the lan"
+            );
+            return Ok(None);
+        }
+        tracing::info!(
+            "mdns: no interface address yet; this node is advertised once an interface has one"
         );
-        return Ok(None);
     }
     let id = me.to_string();
     let properties = [("id", id.as_str()), ("v", PROTOCOL_VERSION)];
     let host = format!("{id}.local.");
-    let info = ServiceInfo::new(
+    // The daemon fills in the addresses (those `serves` accepts) and
+    // updates them as interfaces come and go: a node started before the
+    // network was up, or whose address changed, is still found.
+    let mut info = ServiceInfo::new(
         MDNS_SERVICE_TYPE,
         &id,
         &host,
-        ips.as_slice(),
-        *port,
+        &[] as &[IpAddr],
+        port,
         &properties[..],
-    )?;
+    )?
+    .enable_addr_auto();
+    let (binds, only) = (binds.to_vec(), config.mdns_interfaces.clone());
+    info.set_interfaces(vec![IfKind::Predicate(IfPredicate::new(move |intf| {
+        local::serves(&binds, &only, &intf.name, intf.ip())
+    }))]);
     let fullname = info.get_fullname().to_owned();
     daemon.register(info)?;
     tracing::debug!(%fullname, ?ips, port, "mdns: registered");
