@@ -81,9 +81,7 @@ impl Node {
         let (kind, bytes, files) = res?;
         // Held already (no download completed): announced now it is
         // pinned again; a second announce of one is nothing.
-        if self.store().info(&req.hash).is_some_and(|i| i.pinned) {
-            self.announce(&req.hash);
-        }
+        self.announce(&req.hash);
         Ok(FetchReport {
             hash: req.hash,
             kind,

@@ -178,8 +178,26 @@ pub(crate) struct Inner {
     /// Each connected peer's recent upload and download rates, sampled
     /// every second from its connection's byte counters.
     rates: Mutex<HashMap<PeerId, PeerRates>>,
+    /// Held across "is it pinned? announce it" and across "unpin, withdraw
+    /// it", so that an unpin cannot fall between a check and its announce
+    /// (the node would go on announcing what it no longer keeps).
+    announcing: Mutex<()>,
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
+}
+
+impl Inner {
+    /// Announces `hash` on the DHT if it is pinned: what is pinned, as at
+    /// start. A fetched collection's members (unpinned, kept by it) are
+    /// found through it; announcing each of ten thousand files (a DHT
+    /// lookup each, every 20 minutes) swamped the DHT.
+    pub(crate) fn announce_if_pinned(&self, hash: &Hash) {
+        let Some(d) = &self.discovery else { return };
+        let _one_step = lock(&self.announcing);
+        if self.store.info(hash).is_some_and(|b| b.pinned) {
+            d.announce(*hash.as_bytes());
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -243,6 +261,7 @@ impl Node {
             book: Mutex::new(PeerBook::default()),
             transfers: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            announcing: Mutex::new(()),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),
@@ -320,13 +339,7 @@ impl Node {
                     // members (unpinned, kept by it) are found through it,
                     // and announcing each of ten thousand files (a DHT
                     // lookup each, every 20 minutes) swamped the DHT.
-                    Ok(StoreEvent::Complete { hash })
-                        if i.store.info(&hash).is_some_and(|b| b.pinned) =>
-                    {
-                        if let Some(d) = &i.discovery {
-                            d.announce(*hash.as_bytes());
-                        }
-                    }
+                    Ok(StoreEvent::Complete { hash }) => i.announce_if_pinned(&hash),
                     Ok(_) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -415,14 +428,14 @@ impl Node {
         Ok(hash)
     }
 
+    /// Announces `hash` if it is pinned (see [`Inner::announce_if_pinned`]).
     pub(crate) fn announce(&self, hash: &Hash) {
-        if let Some(d) = &self.inner.discovery {
-            d.announce(*hash.as_bytes());
-        }
+        self.inner.announce_if_pinned(hash);
     }
 
     /// Unpins `hash` (gc may then free it) and stops announcing it.
     pub fn unpin(&self, hash: &Hash) -> Result<(), NodeError> {
+        let _one_step = lock(&self.inner.announcing);
         self.inner.store.unpin(hash)?;
         if let Some(d) = &self.inner.discovery {
             d.withdraw(*hash.as_bytes());
