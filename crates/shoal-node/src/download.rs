@@ -354,8 +354,110 @@ pub(crate) struct Fetched {
     pub(crate) providers: Vec<Connection>,
 }
 
-/// Downloads one blob.
+/// The blobs being downloaded, one download each: a second download of a
+/// blob waits for the first (showing its progress) and then finds it in
+/// the store, where two would have run two schedulers against the same
+/// peers, both fetching the groups in flight (two gets of one 28.6 MiB
+/// file took 44.4 MiB from the seeder).
+#[derive(Default)]
+pub(crate) struct Downloading(std::sync::Mutex<HashMap<Hash, Turns>>);
+
+/// One blob's turns: the running download's progress, and the lock that
+/// the next waits for.
+#[derive(Clone)]
+struct Turns {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    progress: Arc<std::sync::Mutex<Option<watch::Receiver<Progress>>>>,
+}
+
+/// A download's turn at its blob, given up (and the blob's entry removed
+/// when nobody else waits) when dropped.
+struct Turn<'a> {
+    downloading: &'a Downloading,
+    hash: Hash,
+    turns: Turns,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Downloading {
+    /// Waits for the turn at `hash`, forwarding the running download's
+    /// progress to `progress` meanwhile, and then shows this one's.
+    async fn turn(&self, hash: Hash, progress: &watch::Sender<Progress>) -> Turn<'_> {
+        // Built first, so that a cancelled wait still removes the entry.
+        let mut turn = Turn {
+            downloading: self,
+            hash,
+            turns: lock(&self.0)
+                .entry(hash)
+                .or_insert_with(|| Turns {
+                    lock: Arc::new(tokio::sync::Mutex::new(())),
+                    progress: Arc::new(std::sync::Mutex::new(None)),
+                })
+                .clone(),
+            guard: None,
+        };
+        let guard = match turn.turns.lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                debug!(%hash, "waiting for the download of this blob already running");
+                let wait = turn.turns.lock.clone().lock_owned();
+                tokio::pin!(wait);
+                let mut theirs = lock(&turn.turns.progress).clone();
+                loop {
+                    let changed = async {
+                        match theirs.as_mut() {
+                            Some(rx) => rx.changed().await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        g = &mut wait => break g,
+                        ok = changed => match (ok, &theirs) {
+                            (true, Some(rx)) => {
+                                let p = rx.borrow().clone();
+                                progress.send_replace(p);
+                            }
+                            _ => theirs = None,
+                        },
+                    }
+                }
+            }
+        };
+        *lock(&turn.turns.progress) = Some(progress.subscribe());
+        turn.guard = Some(guard);
+        turn
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.downloading.0);
+        if let Some(guard) = self.guard.take() {
+            *lock(&self.turns.progress) = None;
+            drop(guard);
+        }
+        // The map's and this one's: nobody else waits (a waiter holds two:
+        // its own, and its wait's).
+        if Arc::strong_count(&self.turns.lock) <= 2 {
+            map.remove(&self.hash);
+        }
+    }
+}
+
+/// Downloads one blob, after any download of it already running (see
+/// [`Downloading`]).
 pub(crate) async fn fetch_blob(
+    node: Arc<Inner>,
+    job: BlobJob,
+    progress: watch::Sender<Progress>,
+) -> Result<Fetched, NodeError> {
+    let node2 = node.clone();
+    let _turn = node2.downloading.turn(job.hash, &progress).await;
+    fetch_blob_alone(node, job, progress).await
+}
+
+/// Downloads one blob.
+async fn fetch_blob_alone(
     node: Arc<Inner>,
     job: BlobJob,
     progress: watch::Sender<Progress>,

@@ -182,6 +182,8 @@ pub(crate) struct Inner {
     /// it", so that an unpin cannot fall between a check and its announce
     /// (the node would go on announcing what it no longer keeps).
     announcing: Mutex<()>,
+    /// One download per blob at a time (see `download::Downloading`).
+    pub(crate) downloading: crate::download::Downloading,
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -262,6 +264,7 @@ impl Node {
             transfers: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             announcing: Mutex::new(()),
+            downloading: Default::default(),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),

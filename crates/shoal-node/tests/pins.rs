@@ -241,3 +241,50 @@ async fn a_collections_progress_reports_its_rate_and_peers() {
     s.shutdown().await;
     d.shutdown().await;
 }
+
+/// Two fetches of one blob at once (two `get`s of one ticket through a
+/// node) download it once: the second waits for the first, showing its
+/// progress, and then finds it in the store. Two schedulers used to run
+/// against the seeder, both fetching the groups in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fetches_of_one_blob_at_once_download_it_once() {
+    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let data = content(4 << 20, 5);
+    let hash = s.add_bytes(data.clone(), "twice.bin").await.unwrap();
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let first = fetch(&d, hash, Some(BlobKind::Raw), &s);
+    let second = fetch_reporting(&d, hash, Some(BlobKind::Raw), &s, Some(tx));
+    // The second shows the first's progress while it waits.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while rx.borrow_and_update().verified == 0 {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the second fetch showed no progress");
+    let mut received = 0;
+    for f in [first, second] {
+        let report = tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("a fetch never ended")
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.bytes, data.len() as u64);
+        // Each counts what the node received while it ran: the one that
+        // ran longest saw all of it.
+        received = received.max(report.received);
+    }
+    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    assert!(
+        received < data.len() as u64 * 5 / 4,
+        "received {received} bytes for {} bytes",
+        data.len()
+    );
+    s.shutdown().await;
+    d.shutdown().await;
+}
