@@ -232,6 +232,59 @@ fn a_seeder_killed_halfway_does_not_stop_the_download() {
     assert_eq!(b3sum(&out), hash);
 }
 
+/// A seeder killed (SIGKILL: its connections are not closed, and look
+/// alive until the idle timeout) and started again at the same address is
+/// taken back. Its requests stalled and it was banned for the rest of the
+/// download, which failed with the seeder back up.
+#[test]
+fn a_download_goes_on_after_its_seeder_is_killed_and_started_again() {
+    let size = 24 * 1024 * 1024;
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &data(size, 17));
+    let mut seeder = s.serve(&["--max-upload", "4MB/s"]);
+    let hash = add(&s, &input);
+    let (addr, peer) = (seeder.addrs[0].clone(), seeder.peer_arg());
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let log = d.path().join("get.log");
+    let mut child = d
+        .cmd()
+        .args(["get", &hash, "-o", out.to_str().unwrap(), NET[0], NET[1]])
+        .args(["--peer", &peer])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(60), "a quarter to be sent", || {
+        uploaded(&s) > size as u64 / 4
+    });
+    seeder.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let _seeder = s.serve(&["--listen", &addr, "--max-upload", "4MB/s"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the get never ended: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        status.success(),
+        "the get failed with its seeder back: {log}"
+    );
+    assert_eq!(b3sum(&out), hash);
+}
+
 #[test]
 fn a_killed_downloader_resumes_without_refetching() {
     let size = 16 * 1024 * 1024;

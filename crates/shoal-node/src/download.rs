@@ -153,6 +153,16 @@ fn idle_limit(stall: Duration) -> Duration {
     (stall / 4).max(Duration::from_secs(1))
 }
 
+/// How long a peer dropped for stalling rests before it is dialled again,
+/// the `times`th time: 2 s, doubling, at most a quarter of the stall
+/// timeout (so it is tried a few times before the download gives up).
+fn stall_rest(times: u32, stall: Duration) -> Duration {
+    let cap = (stall / 4).max(Duration::from_secs(1));
+    Duration::from_secs(2)
+        .saturating_mul(1 << times.saturating_sub(1).min(16))
+        .min(cap)
+}
+
 /// An address this download was given or found. One that could not be
 /// reached, or whose peer left, is dialled again (with the address book's
 /// backoff) for as long as the download waits: a seeder that restarts, or
@@ -527,6 +537,13 @@ async fn fetch_blob_alone(
     // and until when they are not dialled again (dropped from here then,
     // at the next tick).
     let mut resting: HashMap<PeerId, Instant> = HashMap::new();
+    // Peers dropped for stalling, and how many times. They may be gone
+    // for a while (killed, their network down) and come back: each rests
+    // (in `resting`) for longer each time and is then dialled again, so a
+    // seeder that restarts is taken back, and the download waits for them
+    // as for an address it was given (a restarted seeder used to be
+    // banned, and the download failed with it back up).
+    let mut stalled: HashMap<PeerId, u32> = HashMap::new();
     // Probes that failed for want of a connection or an answer, per peer:
     // the peer with fewest is asked first, and one that fails
     // `MAX_PROBE_FAILURES` times is dropped for good (a peer that stalls
@@ -649,18 +666,32 @@ async fn fetch_blob_alone(
                         match reason {
                             DropReason::Corrupt => {
                                 warn!(%peer, %hash, "peer sent data that failed verification: dropped and disconnected");
+                                banned.insert(peer);
                             }
                             DropReason::Unreliable => {
-                                warn!(%peer, %hash, "peer stalled or lied about what it has: dropped")
+                                warn!(%peer, %hash, "peer lied about what it has: dropped");
+                                banned.insert(peer);
+                            }
+                            DropReason::Stalled => {
+                                let times = stalled.entry(peer).or_insert(0);
+                                *times += 1;
+                                let rest = stall_rest(*times, stall);
+                                warn!(%peer, %hash, "peer stalled: dropped, asked again in {rest:?}");
+                                resting.insert(peer, Instant::now() + rest);
                             }
                         }
-                        banned.insert(peer);
                         if let Some(slot) = peers.remove(&peer) {
                             if let Some(t) = slot.sub {
                                 t.abort();
                             }
-                            if reason == DropReason::Corrupt {
-                                slot.conn.close(3, b"sent corrupt data");
+                            match reason {
+                                DropReason::Corrupt => slot.conn.close(3, b"sent corrupt data"),
+                                // Dialled again on a new connection: this one
+                                // may be dead without knowing it (a peer killed
+                                // is seen gone only at the idle timeout), and
+                                // a dial would reuse it.
+                                DropReason::Stalled => slot.conn.close(4, b"stalled"),
+                                DropReason::Unreliable => {}
                             }
                         }
                     }
@@ -746,32 +777,36 @@ async fn fetch_blob_alone(
             && dialing.iter().all(|a| !waited_for(a))
             && peers.values().all(|p| !p.complete && p.have.is_empty())
             && known.iter().all(|(addr, k)| match k.peer {
+                // One that stalled is waited for: it may come back.
                 Some(id) if reached.contains(&id) => {
-                    peers.contains_key(&id) || banned.contains(&id) || resting.contains_key(&id)
+                    peers.contains_key(&id)
+                        || banned.contains(&id)
+                        || (resting.contains_key(&id) && !stalled.contains_key(&id))
                 }
                 _ => !waited_for(addr),
             });
+        // Peers dropped, and not back: those that stalled may return.
+        let dropped = banned.len() + stalled.keys().filter(|p| !peers.contains_key(*p)).count();
         match (holds_nothing, nothing_since) {
             (false, _) => nothing_since = None,
             (true, None) => nothing_since = Some(now),
             (true, Some(since)) if now.duration_since(since) >= NOT_HELD_GRACE => {
                 // Not "none holds it" when some did and were dropped.
-                break Err(if banned.is_empty() {
+                break Err(if dropped == 0 {
                     NodeError::NotHeld(hash, reached.len())
                 } else {
-                    NodeError::AllDropped(hash, banned.len())
+                    NodeError::AllDropped(hash, dropped)
                 });
             }
             (true, Some(_)) => {}
         }
         if now.duration_since(last_progress) > stall {
-            break Err(if peers.is_empty() && !banned.is_empty() {
-                NodeError::AllDropped(hash, banned.len())
+            break Err(if peers.is_empty() && dropped > 0 {
+                NodeError::AllDropped(hash, dropped)
             } else if peers.is_empty() {
                 NodeError::NoProviders(hash)
-            } else if peers.values().all(|p| !p.complete && p.have.is_empty()) && !banned.is_empty()
-            {
-                NodeError::AllDropped(hash, banned.len())
+            } else if peers.values().all(|p| !p.complete && p.have.is_empty()) && dropped > 0 {
+                NodeError::AllDropped(hash, dropped)
             } else if peers.values().all(|p| !p.complete && p.have.is_empty()) {
                 // Reached, asked, and none has a byte of it: say that,
                 // not that the download stalled.

@@ -126,8 +126,12 @@ pub enum Action<P> {
 pub enum DropReason {
     /// It sent a group that failed verification.
     Corrupt,
-    /// It stalled or lied about what it has too often.
+    /// It lied about what it has too often (claimed groups and did not
+    /// send them).
     Unreliable,
+    /// Its requests stalled too often: it may be gone (killed, its
+    /// network down) and come back, so it may be added again.
+    Stalled,
 }
 
 /// How a request ended badly.
@@ -605,7 +609,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 drop = p.strikes >= self.cfg.max_strikes;
             }
             if drop {
-                self.drop_peer(&r.peer, DropReason::Unreliable);
+                self.drop_peer(&r.peer, DropReason::Stalled);
             }
         }
     }
@@ -674,7 +678,9 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
     fn drop_peer(&mut self, peer: &P, reason: DropReason) {
         if self.peers.contains_key(peer) {
             self.handle_peer_removed(peer);
-            self.dropped.insert(peer.clone());
+            if reason != DropReason::Stalled {
+                self.dropped.insert(peer.clone());
+            }
             self.actions.push_back(Action::DropPeer {
                 peer: peer.clone(),
                 reason,
