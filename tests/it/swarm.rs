@@ -349,6 +349,60 @@ fn a_killed_downloader_resumes_without_refetching() {
     );
 }
 
+/// Names as long as a file's may be (255 bytes) are downloaded, in a
+/// directory and as a file's output. The download's file beside its
+/// output adds a suffix to the name: a valid name of 242 bytes or more
+/// could not be downloaded (found by a review).
+#[test]
+fn names_as_long_as_a_file_may_have_are_downloaded() {
+    let s = Dir::new();
+    let root = s.path().join("long");
+    std::fs::create_dir(&root).unwrap();
+    let japanese = "日本語のファイル名".repeat(9) + "ですx.txt";
+    let ascii = "m".repeat(255);
+    assert_eq!(japanese.len(), 254);
+    write(&root.join(&japanese), &data(300_000, 7));
+    write(&root.join(&ascii), &data(100_000, 8));
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &root);
+    let d = Dir::new();
+    let out = d.path().join("copy");
+    d.ok(&[
+        "get",
+        &ticket(&s, &hash),
+        "-o",
+        out.to_str().unwrap(),
+        NET[0],
+        NET[1],
+    ]);
+    for name in [&japanese, &ascii] {
+        assert!(
+            std::fs::read(root.join(name)).unwrap() == std::fs::read(out.join(name)).unwrap(),
+            "{name} differs"
+        );
+    }
+    // A file to an output whose name is 255 bytes long.
+    let one = add(&s, &root.join(&ascii));
+    let out_one = d.path().join("o".repeat(255));
+    d.ok(&[
+        "get",
+        &ticket(&s, &one),
+        "-o",
+        out_one.to_str().unwrap(),
+        NET[0],
+        NET[1],
+    ]);
+    assert_eq!(b3sum(&out_one), one);
+    // Nothing left beside them.
+    let mut names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "node")
+        .collect();
+    names.sort();
+    assert_eq!(names, ["copy".to_string(), "o".repeat(255)]);
+}
+
 #[test]
 fn a_collection_round_trips_with_names_and_modes() {
     let s = Dir::new();

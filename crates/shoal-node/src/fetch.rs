@@ -656,12 +656,10 @@ async fn stream_out(
     }
 }
 
-/// `dir/.name.shoal-tmp`, beside the final path.
+/// `dir/.name.shoal-tmp`, beside the final path (a long name shortened,
+/// see [`shoal_store::beside`]).
 fn temp_sibling(p: &Path) -> PathBuf {
-    let name = p
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    p.with_file_name(format!(".{name}.shoal-tmp"))
+    shoal_store::beside(p, ".", ".shoal-tmp")
 }
 
 fn write_file_atomically(

@@ -91,7 +91,7 @@ pub use chunks::{ChunkSink, ChunkSource, ReadSource, WriteSink};
 pub use error::{ReceiveError, StoreError};
 pub use shoal_proto::GroupRanges;
 pub use store::{
-    GcReport, HashedFile, Presence, Store, WholeBlob, WholeOutcome, rename_no_replace,
+    GcReport, HashedFile, Presence, Store, WholeBlob, WholeOutcome, beside, rename_no_replace,
 };
 
 /// How a file is added.

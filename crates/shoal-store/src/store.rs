@@ -2043,10 +2043,11 @@ impl Store {
             .file_name()
             .ok_or_else(|| StoreError::Unsupported(out_dir.to_path_buf()))?;
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = OsStr::new(".").to_os_string();
-        tmp_name.push(base);
-        tmp_name.push(format!(".shoal-tmp-{}-{n}", std::process::id()));
-        let tmp = parent.join(tmp_name);
+        let tmp = parent.join(beside(
+            Path::new(base),
+            ".",
+            &format!(".shoal-tmp-{}-{n}", std::process::id()),
+        ));
         fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
         let res = self.write_collection(&entries, &tmp).and_then(|()| {
             if fs::symlink_metadata(out_dir).is_ok() {
@@ -2533,9 +2534,7 @@ impl Inner {
         target: &Path,
         size: u64,
     ) -> Option<(DataRef, ObRef)> {
-        let mut partial = target.as_os_str().to_os_string();
-        partial.push(".shoal-partial");
-        if fs::symlink_metadata(PathBuf::from(partial)).is_ok() {
+        if fs::symlink_metadata(beside(target, "", PARTIAL)).is_ok() {
             return None;
         }
         let f = open_read(target).ok()?;
@@ -2588,11 +2587,7 @@ impl Inner {
             Ok(Slot::File(Arc::new(f)))
         };
         let data_path = match &target {
-            Some(t) => {
-                let mut s = t.as_os_str().to_os_string();
-                s.push(".shoal-partial");
-                Some(PathBuf::from(s))
-            }
+            Some(t) => Some(beside(t, "", PARTIAL)),
             None => self.owned_path(hash),
         };
         let data = match (&data_path, &target) {
@@ -3783,6 +3778,45 @@ fn undo_move(hash: &blake3::Hash, moved: Option<(&Path, &Path)>) {
             tmp.display()
         );
     }
+}
+
+/// The suffix of a download's file beside its output.
+const PARTIAL: &str = ".shoal-partial";
+
+/// The longest file name this store makes (Linux's `NAME_MAX`, which
+/// ext4, xfs, btrfs and tmpfs share).
+const NAME_MAX: usize = 255;
+
+/// A sibling of `target` for work in progress: `prefix`, its file name and
+/// `suffix`, as in `.out.bin.shoal-tmp`. A name that would not fit in
+/// [`NAME_MAX`] bytes keeps as much of its start as fits with `~` and 16 hex
+/// digits of its BLAKE3 hash: the same every time (a resumed download finds
+/// its file again) and its own (two long names that start alike differ).
+/// A valid name of 242 bytes or more could not be downloaded, its partial
+/// file's name being too long.
+pub fn beside(target: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let name = target.file_name().unwrap_or(OsStr::new("out"));
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(NAME_MAX);
+    out.extend_from_slice(prefix.as_bytes());
+    if prefix.len() + bytes.len() + suffix.len() <= NAME_MAX {
+        out.extend_from_slice(bytes);
+    } else {
+        let tag = format!("~{}", &blake3::hash(bytes).to_hex()[..16]);
+        let room = NAME_MAX.saturating_sub(prefix.len() + tag.len() + suffix.len());
+        let mut keep = room.min(bytes.len());
+        // Not through a UTF-8 character (names are bytes on Unix, but a
+        // cut one would show as garbage).
+        if let Ok(text) = std::str::from_utf8(bytes) {
+            while !text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+        }
+        out.extend_from_slice(&bytes[..keep]);
+        out.extend_from_slice(tag.as_bytes());
+    }
+    out.extend_from_slice(suffix.as_bytes());
+    target.with_file_name(OsStr::from_bytes(&out))
 }
 
 /// Rename `from` to `to` unless something is at `to` already (then

@@ -1780,6 +1780,32 @@ fn download_all_but_the_last_group(
     (to, hash, d, last, last_bytes)
 }
 
+#[test]
+fn names_beside_an_output_fit_a_file_name_and_stay_the_same() {
+    let dir = Path::new("/d");
+    assert_eq!(
+        crate::beside(&dir.join("out.bin"), ".", ".shoal-tmp"),
+        dir.join(".out.bin.shoal-tmp")
+    );
+    let long = "日本語のファイル名".repeat(9) + "ですx.txt";
+    let other = "日本語のファイル名".repeat(9) + "ですy.txt";
+    for name in [&long, &other, &"m".repeat(255)] {
+        let b = crate::beside(&dir.join(name), "", ".shoal-partial");
+        let n = b.file_name().unwrap().to_str().expect("still UTF-8");
+        assert!(n.len() <= 255, "{} bytes", n.len());
+        assert!(
+            n.ends_with(".shoal-partial") && n.starts_with(&name[..30]),
+            "{n}"
+        );
+        assert_eq!(b.parent(), Some(dir));
+        assert_eq!(b, crate::beside(&dir.join(name), "", ".shoal-partial"));
+    }
+    assert_ne!(
+        crate::beside(&dir.join(&long), "", ".shoal-partial"),
+        crate::beside(&dir.join(&other), "", ".shoal-partial")
+    );
+}
+
 fn partial_name(target: &Path) -> std::path::PathBuf {
     let mut s = target.as_os_str().to_os_string();
     s.push(".shoal-partial");

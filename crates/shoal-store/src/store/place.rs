@@ -120,13 +120,13 @@ impl Store {
     /// the database, an in-memory store), is left in place and, with `to`,
     /// written out.
     pub fn move_data(&self, hash: &blake3::Hash, to: Option<&Path>) -> Result<(), StoreError> {
-        let (data, name) = {
+        let data = {
             let st = lock(&self.inner.state);
             let b = st.get(hash).ok_or(StoreError::NotFound(*hash))?;
             if b.partial.is_some() {
                 return Err(StoreError::Incomplete(*hash));
             }
-            (b.data.clone(), b.name.clone())
+            b.data.clone()
         };
         if let Some(to) = to
             && fs::symlink_metadata(to).is_ok()
@@ -172,11 +172,7 @@ impl Store {
             }
             (_, Some(to), _) => {
                 // Not a file of its own: write a copy (checked on the way).
-                let tmp = to.with_file_name(format!(
-                    ".{}.shoal-tmp",
-                    to.file_name()
-                        .map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned())
-                ));
+                let tmp = beside(to, ".", ".shoal-tmp");
                 let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
                 let res = self
                     .export_blob(hash, &mut f)
