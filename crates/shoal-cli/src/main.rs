@@ -908,7 +908,9 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
             let list: Vec<Hash> = if hashes.is_empty() {
                 store.list().into_iter().map(|b| b.hash).collect()
             } else {
-                hashes
+                // A directory's members too (see `Store::with_members`).
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.with_members(&hashes)).await?
             };
             for h in list {
                 let s = store.clone();

@@ -295,10 +295,15 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 let hashes: Vec<Hash> = if v.hashes.is_empty() {
                     node.store().list().into_iter().map(|b| b.hash).collect()
                 } else {
-                    v.hashes
+                    let asked = v
+                        .hashes
                         .iter()
                         .map(|h| parse_hash(h))
-                        .collect::<Result<_, _>>()?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let store = node.store().clone();
+                    tokio::task::spawn_blocking(move || store.with_members(&asked))
+                        .await
+                        .map_err(|e| NodeError::Internal(e.to_string()))?
                 };
                 for h in hashes {
                     let store = node.store().clone();

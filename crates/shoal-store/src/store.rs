@@ -2022,6 +2022,32 @@ impl Store {
         Ok(collection::parse_manifest(&self.read_all(hash)?)?)
     }
 
+    /// `hashes`, each followed by the members the store holds of it if it
+    /// is a collection whose manifest it has, each hash once: what
+    /// `verify HASH` checks, since the hash a directory is shared by is
+    /// its manifest's (its members were left unchecked).
+    pub fn with_members(&self, hashes: &[blake3::Hash]) -> Vec<blake3::Hash> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for h in hashes {
+            if seen.insert(*h) {
+                out.push(*h);
+            }
+            let is_collection = self
+                .info(h)
+                .is_some_and(|i| i.complete && i.kind == BlobKind::Collection);
+            let Ok(entries) = is_collection.then(|| self.read_manifest(h)).transpose() else {
+                continue;
+            };
+            for e in entries.into_iter().flatten().filter(|e| !e.empty_dir) {
+                if self.info(&e.hash).is_some() && seen.insert(e.hash) {
+                    out.push(e.hash);
+                }
+            }
+        }
+        out
+    }
+
     /// Write a complete collection to the new directory `out_dir`: files go
     /// into a temporary directory beside it, which is renamed into place
     /// when everything is written. Executable bits and empty directories
