@@ -273,13 +273,24 @@ impl Out {
                     .to_string(),
             )
         } else {
+            // The rate of what came over the network: what was here
+            // already took no time to fetch (it showed 216 MiB/s for a
+            // get that received nothing).
+            let how = if r.received == 0 {
+                "all of it here already".to_string()
+            } else {
+                format!(
+                    "received {} at {}/s",
+                    human(r.received),
+                    human((r.received as f64 / secs) as u64)
+                )
+            };
             note!(
-                "fetched {} ({}, {} file{}) in {secs:.2}s, {}/s",
+                "fetched {} ({}, {} file{}) in {secs:.2}s: {how}",
                 r.hash,
                 human(r.bytes),
                 r.files,
                 if r.files == 1 { "" } else { "s" },
-                human((r.bytes as f64 / secs) as u64)
             );
             Ok(())
         }

@@ -278,6 +278,7 @@ impl Node {
         // The recent rate, as a blob's download reports it (sampled more
         // often: it moves only as whole members complete).
         let meter = std::sync::Mutex::new(crate::RateMeter::new(Duration::from_millis(250)));
+        lock(&meter).update(Instant::now(), 0);
         let count_done = |size: u64| {
             let b = done.0.fetch_add(size, std::sync::atomic::Ordering::Relaxed) + size;
             let f = done.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
