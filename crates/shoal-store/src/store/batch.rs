@@ -43,7 +43,7 @@ const PENDING_INLINE_MAX: usize = 16 << 20;
 /// fetches again what came in the last few seconds, not everything (a
 /// review saw 887 files on disk fetched again after a kill at 12 s). A
 /// fast download ends before this and commits once.
-const PENDING_AGE_MAX: std::time::Duration = std::time::Duration::from_secs(3);
+const PENDING_AGE_MAX: Duration = Duration::from_secs(3);
 
 /// A small blob received whole from an untrusted peer, not yet checked.
 #[derive(Debug, Clone)]
@@ -147,7 +147,7 @@ impl Store {
                     }
                 }
                 if pending.since.is_none() && !pending.is_empty() {
-                    pending.since = Some(std::time::Instant::now());
+                    pending.since = Some(Instant::now());
                 }
                 (pending.full(), pending.stale())
             }
@@ -256,7 +256,7 @@ pub(super) struct Pending {
     inline: HashMap<blake3::Hash, Bytes>,
     inline_bytes: usize,
     /// When the oldest of them came (see [`PENDING_AGE_MAX`]).
-    since: Option<std::time::Instant>,
+    since: Option<Instant>,
 }
 
 /// New records fewer than this are written one by one, not as a group.
@@ -1150,7 +1150,7 @@ mod tests {
         assert!(recorded(&store).is_empty(), "committed at once");
         // Held since long ago: the next batch commits them all, durably.
         lock(&store.inner.pending).since =
-            Some(std::time::Instant::now() - PENDING_AGE_MAX - Duration::from_secs(1));
+            Some(Instant::now() - PENDING_AGE_MAX - Duration::from_secs(1));
         let second = blob(2000, 7, Some(out.join("b.txt")));
         store.insert_whole(vec![second.clone()]).unwrap();
         let rec = recorded(&store);
