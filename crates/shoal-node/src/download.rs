@@ -153,6 +153,26 @@ fn idle_limit(stall: Duration) -> Duration {
     (stall / 4).max(Duration::from_secs(1))
 }
 
+/// Drops for stalling after which a peer is not dialled again in this
+/// download.
+const MAX_STALL_DROPS: u32 = 3;
+
+/// Closes the connection of a peer dropped for stalling if it is dead: a
+/// killed peer's looks alive until the idle timeout, and the dial after
+/// its rest would reuse it. A live one stays: it also carries the peer's
+/// other downloads, its subscription, and what it fetches from us. Dead
+/// is no answer to a peer-exchange question (answered without a slot)
+/// within 5 s.
+fn close_if_dead(conn: Connection, hash: Hash) {
+    tokio::spawn(async move {
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT / 2, ask_pex(&conn, &hash)).await;
+        if !matches!(answer, Ok(Ok(_))) {
+            debug!(peer = %conn.peer_id(), "no answer after a stall: closing its connection");
+            conn.close(4, b"unresponsive");
+        }
+    });
+}
+
 /// How long a peer dropped for stalling rests before it is dialled again,
 /// the `times`th time: 2 s, doubling, at most a quarter of the stall
 /// timeout (so it is tried a few times before the download gives up).
@@ -675,9 +695,17 @@ async fn fetch_blob_alone(
                             DropReason::Stalled => {
                                 let times = stalled.entry(peer).or_insert(0);
                                 *times += 1;
-                                let rest = stall_rest(*times, stall);
-                                warn!(%peer, %hash, "peer stalled: dropped, asked again in {rest:?}");
-                                resting.insert(peer, Instant::now() + rest);
+                                if *times >= MAX_STALL_DROPS {
+                                    // Back each time only to stall again: a
+                                    // live peer that accepts requests and
+                                    // sends nothing.
+                                    warn!(%peer, %hash, "peer stalled {} times: dropped", *times);
+                                    banned.insert(peer);
+                                } else {
+                                    let rest = stall_rest(*times, stall);
+                                    warn!(%peer, %hash, "peer stalled: dropped, asked again in {rest:?}");
+                                    resting.insert(peer, Instant::now() + rest);
+                                }
                             }
                         }
                         if let Some(slot) = peers.remove(&peer) {
@@ -686,11 +714,7 @@ async fn fetch_blob_alone(
                             }
                             match reason {
                                 DropReason::Corrupt => slot.conn.close(3, b"sent corrupt data"),
-                                // Dialled again on a new connection: this one
-                                // may be dead without knowing it (a peer killed
-                                // is seen gone only at the idle timeout), and
-                                // a dial would reuse it.
-                                DropReason::Stalled => slot.conn.close(4, b"stalled"),
+                                DropReason::Stalled => close_if_dead(slot.conn, hash),
                                 DropReason::Unreliable => {}
                             }
                         }
@@ -778,15 +802,25 @@ async fn fetch_blob_alone(
             && peers.values().all(|p| !p.complete && p.have.is_empty())
             && known.iter().all(|(addr, k)| match k.peer {
                 // One that stalled is waited for: it may come back.
+                // One that stalled is waited for until its rest is over
+                // and it could not be dialled again.
                 Some(id) if reached.contains(&id) => {
                     peers.contains_key(&id)
                         || banned.contains(&id)
-                        || (resting.contains_key(&id) && !stalled.contains_key(&id))
+                        || match (resting.contains_key(&id), stalled.contains_key(&id)) {
+                            (true, stalled) => !stalled,
+                            (false, true) => book.failures(*addr) > 0,
+                            (false, false) => false,
+                        }
                 }
                 _ => !waited_for(addr),
             });
         // Peers dropped, and not back: those that stalled may return.
-        let dropped = banned.len() + stalled.keys().filter(|p| !peers.contains_key(*p)).count();
+        let dropped = banned.len()
+            + stalled
+                .keys()
+                .filter(|p| !peers.contains_key(*p) && !banned.contains(*p))
+                .count();
         match (holds_nothing, nothing_since) {
             (false, _) => nothing_since = None,
             (true, None) => nothing_since = Some(now),
