@@ -381,6 +381,17 @@ fn names_as_long_as_a_file_may_have_are_downloaded() {
             "{name} differs"
         );
     }
+    // A directory with a file twice (the second copy is written from the
+    // store, beside the tree) to an output whose name is 250 bytes long.
+    let twice = s.path().join("twice");
+    std::fs::create_dir(&twice).unwrap();
+    write(&twice.join("a.bin"), &data(100_000, 9));
+    write(&twice.join("b.bin"), &data(100_000, 9));
+    let twice_hash = add(&s, &twice);
+    let out_twice = d.path().join("d".repeat(250));
+    let t = ticket(&s, &twice_hash);
+    d.ok(&["get", &t, "-o", out_twice.to_str().unwrap(), NET[0], NET[1]]);
+    assert!(std::fs::read(out_twice.join("b.bin")).unwrap() == data(100_000, 9));
     // A file to an output whose name is 255 bytes long.
     let one = add(&s, &root.join(&ascii));
     let out_one = d.path().join("o".repeat(255));
@@ -400,7 +411,10 @@ fn names_as_long_as_a_file_may_have_are_downloaded() {
         .filter(|n| n != "node")
         .collect();
     names.sort();
-    assert_eq!(names, ["copy".to_string(), "o".repeat(255)]);
+    assert_eq!(
+        names,
+        ["copy".to_string(), "d".repeat(250), "o".repeat(255)]
+    );
 }
 
 #[test]

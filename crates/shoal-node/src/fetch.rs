@@ -308,6 +308,8 @@ impl Node {
                 single.push(job);
             }
         }
+        // What is here already is no part of the rate.
+        tally.start_rate();
         let mut providers = providers;
         tally.providers(providers.len());
         store.reserve(small.len() + single.len());
@@ -440,14 +442,17 @@ struct TallyState {
     members: std::collections::HashMap<Hash, (u64, u32)>,
     providers: u32,
     meter: crate::RateMeter,
+    /// Bytes that were here before this fetch: those of members held
+    /// whole, and what members under way had verified when they first
+    /// reported (a resumed download's). No part of the rate.
+    here_before: u64,
 }
 
 impl<'a> Tally<'a> {
     fn new(progress: &'a watch::Sender<Progress>) -> Self {
         // Sampled more often than a blob's download: small members move
         // it in steps.
-        let mut meter = crate::RateMeter::new(Duration::from_millis(250));
-        meter.update(Instant::now(), 0);
+        let meter = crate::RateMeter::new(Duration::from_millis(250));
         Tally {
             progress,
             st: std::sync::Mutex::new(TallyState {
@@ -456,6 +461,7 @@ impl<'a> Tally<'a> {
                 members: std::collections::HashMap::new(),
                 providers: 0,
                 meter,
+                here_before: 0,
             }),
         }
     }
@@ -474,8 +480,18 @@ impl<'a> Tally<'a> {
     /// A member under way has `verified` bytes, from `peers` peers.
     fn member(&self, hash: Hash, verified: u64, peers: u32) {
         let mut st = lock(&self.st);
-        st.members.insert(hash, (verified, peers));
+        if st.members.insert(hash, (verified, peers)).is_none() {
+            st.here_before += verified;
+        }
         self.send(&mut st);
+    }
+
+    /// What is counted so far was here before: the rate starts now.
+    fn start_rate(&self) {
+        let mut st = lock(&self.st);
+        st.here_before = st.done_bytes;
+        st.meter = crate::RateMeter::new(Duration::from_millis(250));
+        st.meter.update(Instant::now(), 0);
     }
 
     /// The providers of the batches of small members.
@@ -494,7 +510,9 @@ impl<'a> Tally<'a> {
             .max()
             .unwrap_or(0)
             .max(st.providers);
-        let rate = st.meter.update(Instant::now(), verified);
+        let rate = st
+            .meter
+            .update(Instant::now(), verified.saturating_sub(st.here_before));
         let files_done = st.done_files;
         self.progress.send_modify(|p| {
             p.verified = verified;
@@ -616,11 +634,7 @@ fn finish_tree(
             // trusted by a resumed fetch, and an export that failed half
             // way (a blob found corrupt on disk, a full disk) left one.
             // Outside the tree, where no name in the manifest can be.
-            let part = tmp.with_file_name(format!(
-                "{}.export",
-                tmp.file_name()
-                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-            ));
+            let part = shoal_store::beside(tmp, "", ".export");
             let exported = (|| {
                 let mut f = std::fs::File::create(&part)
                     .map_err(|err| NodeError::Write(part.clone(), err))?;

@@ -324,3 +324,46 @@ async fn a_collections_progress_moves_within_a_large_member() {
     s.shutdown().await;
     d.shutdown().await;
 }
+
+/// A resumed collection's rate counts what comes, not what was here: the
+/// members held already showed as gigabytes a second (found by a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_collections_rate_leaves_out_what_was_here() {
+    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let held: Vec<Vec<u8>> = (0..8).map(|i| content(1 << 20, 40 + i)).collect();
+    let missing = content(3 << 20, 50);
+    let mut spec: Vec<(String, usize, Option<Vec<u8>>)> = held
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (format!("held{i}.bin"), d.len(), Some(d.clone())))
+        .collect();
+    spec.push(("missing.bin".into(), missing.len(), Some(missing.clone())));
+    let spec: Vec<(&str, usize, Option<Vec<u8>>)> = spec
+        .iter()
+        .map(|(p, n, d)| (p.as_str(), *n, d.clone()))
+        .collect();
+    let col = share_collection(&s, &spec).await;
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    for h in &held {
+        d.add_bytes(h.clone(), "held").await.unwrap();
+    }
+    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let task = fetch_reporting(&d, col, None, &s, Some(ptx));
+    let mut rate = 0;
+    while prx.changed().await.is_ok() {
+        rate = rate.max(prx.borrow_and_update().rate);
+    }
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the fetch never ended")
+        .unwrap()
+        .unwrap();
+    // 3 MiB at 2 MiB/s; 8 MiB here already.
+    assert!(rate > 0 && rate < 6 << 20, "rate {rate}");
+    s.shutdown().await;
+    d.shutdown().await;
+}
