@@ -384,11 +384,17 @@ pub(crate) struct Fetched {
     pub(crate) providers: Vec<Connection>,
 }
 
-/// The blobs being downloaded, one download each: a second download of a
-/// blob waits for the first (showing its progress) and then finds it in
-/// the store, where two would have run two schedulers against the same
-/// peers, both fetching the groups in flight (two gets of one 28.6 MiB
-/// file took 44.4 MiB from the seeder).
+/// The blobs being downloaded by [`fetch_blob`], one download each: a
+/// second download of a blob waits for the first (showing its progress)
+/// and then finds it in the store, where two would have run two
+/// schedulers against the same peers, both fetching the groups in flight
+/// (two gets of one 28.6 MiB file took 44.4 MiB from the seeder). The
+/// batches of small members (`batch.rs`) take no turn: a small blob got on
+/// its own while a batch holds it may come twice, once each way.
+///
+/// A waiter's own peers (its ticket's) are not given to the download it
+/// waits for: if that one cannot reach its peers, the waiter runs only
+/// when it has given up.
 #[derive(Default)]
 pub(crate) struct Downloading(std::sync::Mutex<HashMap<Hash, Turns>>);
 

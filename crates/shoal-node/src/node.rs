@@ -178,9 +178,11 @@ pub(crate) struct Inner {
     /// Each connected peer's recent upload and download rates, sampled
     /// every second from its connection's byte counters.
     rates: Mutex<HashMap<PeerId, PeerRates>>,
-    /// Held across "is it pinned? announce it" and across "unpin, withdraw
-    /// it", so that an unpin cannot fall between a check and its announce
-    /// (the node would go on announcing what it no longer keeps).
+    /// Held across "is it pinned? announce it", and by an unpin (after
+    /// the store's) to withdraw: an announce whose check saw the pin comes
+    /// before the withdrawal, and one that checks after the unpin sees it
+    /// (an unpin between a check and its announce left the node
+    /// announcing what it no longer keeps).
     announcing: Mutex<()>,
     /// One download per blob at a time (see `download::Downloading`).
     pub(crate) downloading: crate::download::Downloading,
@@ -283,11 +285,9 @@ impl Node {
     fn start_tasks(&self) -> Result<(), NodeError> {
         let inner = &self.inner;
         // Announce what we hold.
-        if let Some(d) = &inner.discovery {
-            for b in inner.store.list() {
-                if b.complete && b.pinned {
-                    d.announce(*b.hash.as_bytes());
-                }
+        for b in inner.store.list() {
+            if b.complete && b.pinned {
+                inner.announce_if_pinned(&b.hash);
             }
         }
         let mut tasks = lock(&inner.tasks);
@@ -438,9 +438,10 @@ impl Node {
 
     /// Unpins `hash` (gc may then free it) and stops announcing it.
     pub fn unpin(&self, hash: &Hash) -> Result<(), NodeError> {
-        let _one_step = lock(&self.inner.announcing);
+        // Not held across the store's write (a durable commit).
         self.inner.store.unpin(hash)?;
         if let Some(d) = &self.inner.discovery {
+            let _after_any_check = lock(&self.inner.announcing);
             d.withdraw(*hash.as_bytes());
         }
         Ok(())
