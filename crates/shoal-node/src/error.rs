@@ -59,6 +59,10 @@ pub enum NodeError {
          (the warnings above say which); try again, or ask for other peers"
     )]
     AllDropped(Hash, usize),
+    /// A file of a collection could not be fetched: its path in the
+    /// directory, and why.
+    #[error("{0} (a file of the directory): {1}")]
+    Member(String, Box<NodeError>),
     /// Peers were found but nothing was verified for too long.
     #[error("download of {0} made no progress for {1:?}")]
     Stalled(Hash, Duration),

@@ -322,7 +322,11 @@ impl Node {
             // The manifest was here already: the first small member, fetched
             // the usual way, finds the providers.
             let j = small.remove(0);
-            let found = self.fetch_one(req, j.clone(), None).await?.providers;
+            let found = self
+                .fetch_one(req, j.clone(), None)
+                .await
+                .map_err(|e| member_error(&first, j.hash, e))?
+                .providers;
             count_done(j.size);
             providers = found;
             tally.providers(providers.len());
@@ -333,9 +337,9 @@ impl Node {
             }
             batch::fetch_small(&self.inner, &providers, small, &count_done).await
         };
-        let single_path = self.fetch_each(req, single, &tally);
+        let single_path = self.fetch_each(req, single, &tally, &first);
         let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
-        self.fetch_each(req, rest, &tally).await?;
+        self.fetch_each(req, rest, &tally, &first).await?;
         let files = files.len() as u64;
         tracing::debug!(files, "members fetched");
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
@@ -395,6 +399,7 @@ impl Node {
         req: &FetchRequest,
         jobs: Vec<SmallJob>,
         tally: &Tally<'_>,
+        names: &[(Hash, &str, u64)],
     ) -> Result<(), NodeError> {
         futures::stream::iter(jobs)
             .map(|j| async move {
@@ -406,7 +411,7 @@ impl Node {
                 loop {
                     tokio::select! {
                         r = &mut fetch => {
-                            r?;
+                            r.map_err(|e| member_error(names, hash, e))?;
                             break;
                         }
                         Ok(()) = rx.changed() => {
@@ -422,6 +427,16 @@ impl Node {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+}
+
+/// The error of the member `hash` of a collection, named by its path in
+/// the manifest (`names`: hash, path, size): a missing member was named by
+/// its hash alone, which says nothing to whoever shared a directory.
+fn member_error(names: &[(Hash, &str, u64)], hash: Hash, e: NodeError) -> NodeError {
+    match names.iter().find(|(h, _, _)| *h == hash) {
+        Some((_, path, _)) if !e.is_node_gone() => NodeError::Member(path.to_string(), Box::new(e)),
+        _ => e,
     }
 }
 

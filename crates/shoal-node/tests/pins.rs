@@ -117,7 +117,17 @@ async fn a_collection_fetch_that_fails_leaves_its_members_to_the_collection() {
         .expect("the fetch never gave up")
         .unwrap()
         .expect_err("fetched a member nobody holds");
-    assert!(matches!(err, shoal_node::NodeError::NotHeld(..)), "{err}");
+    // Named by its path, not by its hash alone.
+    assert!(
+        matches!(&err, shoal_node::NodeError::Member(path, e)
+            if path == "c.bin" && matches!(**e, shoal_node::NodeError::NotHeld(..))),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("c.bin (a file of the directory): no peer reached holds"),
+        "{err}"
+    );
     let store = d.store();
     let info = |h: &blake3::Hash| store.info(h);
     let ic = info(&col).unwrap();
