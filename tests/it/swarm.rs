@@ -285,6 +285,38 @@ fn a_download_goes_on_after_its_seeder_is_killed_and_started_again() {
     assert_eq!(b3sum(&out), hash);
 }
 
+/// A get run again over the file it wrote has nothing to do and succeeds
+/// (as `wget -c` or `rsync` run again); it failed, "exists already". A
+/// file there with other bytes is still never overwritten.
+#[test]
+fn a_get_run_again_over_its_own_output_succeeds() {
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &data(300_000, 19));
+    let _seeder = s.serve(&[]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+    let d = Dir::new();
+    let out = d.path().join("out.bin");
+    let o = out.to_str().unwrap();
+    d.ok(&["get", &t, "-o", o, NET[0], NET[1]]);
+    let again = d.ok(&["--json", "get", &t, "-o", o, NET[0], NET[1]]);
+    let again: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    assert_eq!(
+        (&again["received"], &again["bytes"]),
+        (&0.into(), &300_000.into())
+    );
+    // Other bytes there: refused, left as they are.
+    write(&out, b"mine");
+    let r = d.run(
+        &["get", &t, "-o", o, NET[0], NET[1]],
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("exists already"));
+    assert_eq!(std::fs::read(&out).unwrap(), b"mine");
+}
+
 #[test]
 fn a_killed_downloader_resumes_without_refetching() {
     let size = 16 * 1024 * 1024;

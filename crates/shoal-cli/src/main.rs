@@ -938,6 +938,19 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the file `path` holds the bytes whose BLAKE3 hash is `hash`
+/// (an unreadable one does not).
+async fn holds(path: &Path, hash: &Hash) -> Result<bool> {
+    let path = path.to_path_buf();
+    let hash = *hash;
+    Ok(tokio::task::spawn_blocking(move || {
+        blake3::Hasher::new()
+            .update_mmap_rayon(&path)
+            .is_ok_and(|h| h.finalize() == hash)
+    })
+    .await?)
+}
+
 /// What `get` was given: a ticket, or a hash.
 fn parse_target(what: &str) -> Result<(Hash, Option<Ticket>)> {
     if what.len() == 64 && what.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -965,6 +978,20 @@ async fn get(
     if let Some(o) = &output
         && o.exists()
     {
+        // A get run again over the file it wrote (or a copy of the same
+        // bytes) has nothing to do, as `wget -c` or `rsync` run again;
+        // anything else there is never overwritten.
+        if o.is_file() && holds(o, &hash).await? {
+            let bytes = std::fs::metadata(o).map_or(0, |m| m.len());
+            return out.fetched(&shoal_node::FetchReport {
+                hash,
+                kind: shoal_store::BlobKind::Raw,
+                bytes,
+                files: 1,
+                elapsed: Duration::ZERO,
+                received: 0,
+            });
+        }
         bail!(
             "{} exists already; choose another output path or remove it",
             o.display()
