@@ -3815,7 +3815,7 @@ const NAME_MAX: usize = 255;
 
 /// A sibling of `target` for work in progress: `prefix`, its file name and
 /// `suffix`, as in `.out.bin.shoal-tmp`. A name that would not fit in
-/// [`NAME_MAX`] bytes keeps as much of its start as fits with `~` and 16 hex
+/// 255 bytes (`NAME_MAX`) keeps as much of its start as fits with `~` and 16 hex
 /// digits of its BLAKE3 hash: the same every time (a resumed download finds
 /// its file again) and its own (two long names that start alike differ).
 /// A valid name of 242 bytes or more could not be downloaded, its partial
