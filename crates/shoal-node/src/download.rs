@@ -807,7 +807,6 @@ async fn fetch_blob_alone(
             && dialing.iter().all(|a| !waited_for(a))
             && peers.values().all(|p| !p.complete && p.have.is_empty())
             && known.iter().all(|(addr, k)| match k.peer {
-                // One that stalled is waited for: it may come back.
                 // One that stalled is waited for until its rest is over
                 // and it could not be dialled again.
                 Some(id) if reached.contains(&id) => {

@@ -91,6 +91,26 @@ fn fetch_reporting(
     tokio::spawn(async move { d.fetch(req, progress).await })
 }
 
+/// `d` fetches `hash` from `s` into its store, each progress report given
+/// to `watch` as it comes; the fetch's report.
+async fn fetch_watching(
+    d: &Node,
+    hash: blake3::Hash,
+    s: &Node,
+    mut watch: impl FnMut(&shoal_node::Progress),
+) -> shoal_node::FetchReport {
+    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let task = fetch_reporting(d, hash, None, s, Some(ptx));
+    while prx.changed().await.is_ok() {
+        watch(&prx.borrow_and_update());
+    }
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the fetch never ended")
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_fetch_that_fails_leaves_its_members_to_the_collection() {
     // One member is large (downloaded on its own), one small (in a
@@ -230,20 +250,13 @@ async fn a_collections_progress_reports_its_rate_and_peers() {
     let d = Node::spawn(config(None, Duration::from_secs(20)))
         .await
         .unwrap();
-    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
-    let task = fetch_reporting(&d, col, None, &s, Some(ptx));
     // 3.2 MB at 2 MiB/s: well over a second, so several samples.
     let (mut rate, mut peers) = (0, 0);
-    while prx.changed().await.is_ok() {
-        let p = prx.borrow_and_update().clone();
+    let report = fetch_watching(&d, col, &s, |p| {
         rate = rate.max(p.rate);
         peers = peers.max(p.peers);
-    }
-    let report = tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the fetch never ended")
-        .unwrap()
-        .unwrap();
+    })
+    .await;
     assert_eq!(report.files, 8);
     assert_eq!(peers, 1);
     // Within a factor of the limit, whatever the machine's pace.
@@ -312,21 +325,14 @@ async fn a_collections_progress_moves_within_a_large_member() {
     let d = Node::spawn(config(None, Duration::from_secs(20)))
         .await
         .unwrap();
-    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
-    let task = fetch_reporting(&d, col, None, &s, Some(ptx));
     // 6 MiB at 2 MiB/s: ~3 s with the one member under way.
     let mut within = 0u64;
-    while prx.changed().await.is_ok() {
-        let p = prx.borrow_and_update().clone();
+    fetch_watching(&d, col, &s, |p| {
         if p.files_done == 0 && p.verified > 0 {
             within = within.max(p.verified);
         }
-    }
-    tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the fetch never ended")
-        .unwrap()
-        .unwrap();
+    })
+    .await;
     assert!(
         within >= 1 << 20 && within < big.len() as u64,
         "the progress showed {within} bytes while the member downloaded"
@@ -361,17 +367,8 @@ async fn a_resumed_collections_rate_leaves_out_what_was_here() {
     for h in &held {
         d.add_bytes(h.clone(), "held").await.unwrap();
     }
-    let (ptx, mut prx) = tokio::sync::watch::channel(shoal_node::Progress::default());
-    let task = fetch_reporting(&d, col, None, &s, Some(ptx));
     let mut rate = 0;
-    while prx.changed().await.is_ok() {
-        rate = rate.max(prx.borrow_and_update().rate);
-    }
-    tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("the fetch never ended")
-        .unwrap()
-        .unwrap();
+    fetch_watching(&d, col, &s, |p| rate = rate.max(p.rate)).await;
     // 3 MiB at 2 MiB/s; 8 MiB here already.
     assert!(rate > 0 && rate < 6 << 20, "rate {rate}");
     s.shutdown().await;
