@@ -262,6 +262,17 @@ impl Drop for Serve {
     }
 }
 
+/// A child process, killed when dropped (a failed assertion leaves no
+/// process behind).
+pub(crate) struct KillOnDrop(pub(crate) Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Uploaded bytes of the node running on `dir`, from `shoal status --json`.
 pub(crate) fn uploaded(dir: &Dir) -> u64 {
     let s = dir.ok(&["--json", "status"]);

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::harness::{Dir, b3sum, data, eventually, run_bounded, signal_and_wait, uploaded};
+use crate::harness::{
+    Dir, KillOnDrop, b3sum, data, eventually, run_bounded, signal_and_wait, uploaded,
+};
 
 const NET: [&str; 2] = ["--no-mdns", "--no-dht"];
 
@@ -376,6 +378,78 @@ fn a_killed_downloader_resumes_without_refetching() {
         fetched as f64 <= 1.1 * missing as f64,
         "the restart fetched {fetched} bytes for {missing} missing"
     );
+}
+
+/// `rm` of a hash that a running node is downloading calls the download
+/// off, a file's and a directory's: the get through the node fails and
+/// says so, nothing is left pinned, and gc then frees what was verified
+/// (a directory's temporary tree goes at once). It went on to the end (and
+/// pinned), with no way to stop it short of stopping the node.
+#[test]
+fn rm_calls_off_a_nodes_download() {
+    let size = 16 * 1024 * 1024;
+    let s = Dir::new();
+    let file = s.path().join("input.bin");
+    write(&file, &data(size, 23));
+    let dir = s.path().join("dir");
+    std::fs::create_dir_all(dir.join("small")).unwrap();
+    write(&dir.join("big.bin"), &data(size, 24));
+    for i in 0..20 {
+        write(&dir.join(format!("small/{i}.txt")), &data(20_000, 100 + i));
+    }
+    let seeder = s.serve(&["--max-upload", "2MB/s"]);
+    let d = Dir::new();
+    let _node = d.serve(&[]);
+    let status = || -> serde_json::Value {
+        serde_json::from_str(d.ok(&["--json", "status"]).trim()).unwrap()
+    };
+    for (input, name) in [(&file, "out.bin"), (&dir, "outdir")] {
+        let hash = add(&s, input);
+        let out = d.path().join(name);
+        let get = d
+            .cmd()
+            .args(["get", &ticket(&s, &hash), "-o", out.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut get = KillOnDrop(get);
+        eventually(Duration::from_secs(60), "the download to start", || {
+            status()["transfers"][0]["verified"].as_u64().unwrap_or(0) > 0
+        });
+        d.ok(&["rm", &hash]);
+        let mut waited = Duration::ZERO;
+        let code = loop {
+            if let Some(c) = get.0.try_wait().unwrap() {
+                break c;
+            }
+            assert!(waited < Duration::from_secs(15), "the get went on after rm");
+            std::thread::sleep(Duration::from_millis(50));
+            waited += Duration::from_millis(50);
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut get.0.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(code.code(), Some(1), "{err}");
+        assert!(err.contains("cancelled"), "{err}");
+        assert!(!out.exists());
+        assert_eq!(status()["transfers"], serde_json::json!([]));
+        let ls = d.ok(&["--json", "ls"]);
+        assert!(!ls.is_empty());
+        for l in ls.lines() {
+            let l: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(l["pinned"], false, "{l}");
+        }
+        d.ok(&["gc"]);
+        assert_eq!(d.ok(&["ls"]).trim(), "");
+        // Nor is the download's file (or tree) beside the output left.
+        let beside: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "node")
+            .collect();
+        assert!(beside.is_empty(), "{beside:?}");
+    }
+    drop(seeder);
 }
 
 /// Names as long as a file's may be (255 bytes) are downloaded, in a

@@ -1331,8 +1331,9 @@ impl Through<'_> {
                     // daemon's does when its remote client quits).
                     bail!(
                         "interrupted; the node running on {} goes on with the download \
-                         (`shoal status` shows it)",
-                        self.dir.display()
+                         (`shoal status` shows it; `shoal rm {}` calls it off)",
+                        self.dir.display(),
+                        self.hash
                     );
                 }
             };

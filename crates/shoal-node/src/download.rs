@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_discovery::{AddressBook, Candidate, SelfFilter, Source};
 use shoal_proto::{GROUP_SIZE, GroupRanges, Limit, group_count, hash_from_bytes, limits, pb};
-use shoal_store::{BlobKind, Hash, ReceiveError};
+use shoal_store::{BlobKind, Hash, ReceiveError, Store};
 use shoal_transport::{Connection, PeerId, RecvStream};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, watch};
@@ -76,6 +76,9 @@ pub(crate) struct BlobJob {
     /// Pin the blob (not a collection's members: the collection keeps
     /// them).
     pub(crate) pin: bool,
+    /// Calls the download off (its fetch's: an unpin, or the node
+    /// stopping). A child of the node's token.
+    pub(crate) cancel: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -138,7 +141,7 @@ struct PeerSlot {
     size: u64,
     have: GroupRanges,
     complete: bool,
-    sub: Option<JoinHandle<()>>,
+    sub: Option<Task>,
     /// When it took its slot.
     joined: Instant,
 }
@@ -276,7 +279,7 @@ fn remember_found(known: &mut HashMap<SocketAddr, Known>, c: &Candidate, now: In
 }
 
 struct Running {
-    task: JoinHandle<()>,
+    task: Task,
     /// The groups asked for.
     ranges: GroupRanges,
     bytes: Arc<AtomicU64>,
@@ -287,6 +290,38 @@ struct Running {
     /// were asked for again).
     stop: CancellationToken,
     given_up: bool,
+}
+
+/// A task of a download, aborted when dropped: a download whose future is
+/// dropped mid-way (a collection's fetch ends at its first failing member,
+/// and the members under way with it are dropped) leaves none of its
+/// requests, probes or have subscriptions behind (a subscription held its
+/// stream open for as long as the connection lived).
+struct Task(JoinHandle<()>);
+
+impl Task {
+    fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Ends a download's turn in the store ([`Store::end_download`], so that
+/// gc may take what it leaves) however its future ends: dropped, too.
+struct InFlight {
+    store: Store,
+    hash: Hash,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.store.end_download(&self.hash);
+    }
 }
 
 /// How long a request given up may take to write what it verified before
@@ -480,6 +515,16 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// Why a download's token was cancelled: the node stopping, or its
+/// fetch called off.
+fn cancel_error(node: &Inner, hash: Hash) -> NodeError {
+    if node.cancel.is_cancelled() {
+        NodeError::ShuttingDown
+    } else {
+        NodeError::Cancelled(hash)
+    }
+}
+
 /// Downloads one blob, after any download of it already running (see
 /// [`Downloading`]).
 pub(crate) async fn fetch_blob(
@@ -488,7 +533,12 @@ pub(crate) async fn fetch_blob(
     progress: watch::Sender<Progress>,
 ) -> Result<Fetched, NodeError> {
     let node2 = node.clone();
-    let _turn = node2.downloading.turn(job.hash, &progress).await;
+    let cancel = job.cancel.clone();
+    // A wait called off leaves the queue (`Turn` is built first).
+    let _turn = tokio::select! {
+        t = node2.downloading.turn(job.hash, &progress) => t,
+        () = cancel.cancelled() => return Err(cancel_error(&node, job.hash)),
+    };
     fetch_blob_alone(node, job, progress).await
 }
 
@@ -499,7 +549,12 @@ async fn fetch_blob_alone(
     progress: watch::Sender<Progress>,
 ) -> Result<Fetched, NodeError> {
     let hash = job.hash;
+    let cancel = job.cancel.clone();
     let store = node.store.clone();
+    let _in_flight = InFlight {
+        store: store.clone(),
+        hash,
+    };
     // The download is declared to the store as soon as its kind is known
     // (from the caller, the store, or else the first provider's claim), so
     // that a raw blob is written straight to its target. Off the async
@@ -602,7 +657,7 @@ async fn fetch_blob_alone(
         };
     }
     let mut sched: Option<Scheduler<PeerId>> = proven_scheduler(&node, &hash, job.sequential);
-    let mut probe: Option<(PeerId, JoinHandle<()>)> = None;
+    let mut probe: Option<(PeerId, Task)> = None;
     let mut running: HashMap<RequestId, Running> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut pex_tick = tokio::time::interval(PEX_INTERVAL);
@@ -657,7 +712,7 @@ async fn fetch_blob_alone(
                             ranges.clone(),
                             stop.clone(),
                         );
-                        let task = tokio::spawn(async move {
+                        let task = Task(tokio::spawn(async move {
                             let get = run_get(&conn, &store, &hash, &asked, b, halt.clone());
                             let result = tokio::select! {
                                 r = get => r,
@@ -667,7 +722,7 @@ async fn fetch_blob_alone(
                                 } => Err(ReqError::Failed("given up".into())),
                             };
                             let _ = tx.send(Ev::Done { id, peer, result }).await;
-                        });
+                        }));
                         running.insert(
                             id,
                             Running {
@@ -744,7 +799,7 @@ async fn fetch_blob_alone(
                 let (tx, store) = (tx.clone(), store.clone());
                 let last = GroupRanges::from_range(group_count(size) - 1..group_count(size));
                 let deadline = probe_deadline(node.config.download_limit);
-                let task = tokio::spawn(async move {
+                let task = Task(tokio::spawn(async move {
                     let bytes = Arc::new(AtomicU64::new(0));
                     let get = run_get(
                         &conn,
@@ -756,7 +811,7 @@ async fn fetch_blob_alone(
                     );
                     let result = unless_silent(get, &bytes, ANSWER_TIMEOUT, deadline).await;
                     let _ = tx.send(Ev::Probe { peer, result }).await;
-                });
+                }));
                 probe = Some((peer, task));
             }
         }
@@ -1197,7 +1252,7 @@ async fn fetch_blob_alone(
                     });
                 }
             },
-            () = node.cancel.cancelled() => break Err(NodeError::ShuttingDown),
+            () = cancel.cancelled() => break Err(cancel_error(&node, hash)),
         }
     };
     for (_, r) in running.drain() {
@@ -1280,12 +1335,7 @@ fn proven_scheduler(node: &Inner, hash: &Hash, sequential: bool) -> Option<Sched
 /// Tells the scheduler which of the groups `asked` of a request that
 /// failed or was given up were verified before it ended (only those it
 /// asked for are new): they are not asked for again.
-fn keep_verified(
-    s: &mut Scheduler<PeerId>,
-    store: &shoal_store::Store,
-    hash: &Hash,
-    asked: &GroupRanges,
-) {
+fn keep_verified(s: &mut Scheduler<PeerId>, store: &Store, hash: &Hash, asked: &GroupRanges) {
     if let Some(info) = store.info(hash) {
         s.handle_verified(&info.verified.intersection(asked), None);
     }
@@ -1415,7 +1465,7 @@ async fn connect_and_ask(
 /// One get: ask for `ranges`, verify and store what comes.
 async fn run_get(
     conn: &Connection,
-    store: &shoal_store::Store,
+    store: &Store,
     hash: &Hash,
     ranges: &GroupRanges,
     bytes: Arc<AtomicU64>,
@@ -1500,18 +1550,13 @@ impl std::fmt::Display for ReqError {
     }
 }
 
-fn spawn_subscription(
-    conn: Connection,
-    hash: Hash,
-    peer: PeerId,
-    tx: mpsc::Sender<Ev>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+fn spawn_subscription(conn: Connection, hash: Hash, peer: PeerId, tx: mpsc::Sender<Ev>) -> Task {
+    Task(tokio::spawn(async move {
         if let Err(e) = run_subscription(&conn, &hash, peer, &tx).await {
             debug!(%peer, "have subscription ended: {e}");
         }
         let _ = tx.send(Ev::SubEnded { peer }).await;
-    })
+    }))
 }
 
 async fn run_subscription(

@@ -108,6 +108,13 @@ pub enum NodeError {
     /// The node is stopping.
     #[error("the node is shutting down")]
     ShuttingDown,
+    /// The download was called off: the hash was unpinned (`shoal rm`)
+    /// while it ran.
+    #[error(
+        "the download of {0} was cancelled: it was unpinned (`shoal rm`) meanwhile; what was \
+         verified stays until `shoal gc`"
+    )]
+    Cancelled(Hash),
     /// A bug.
     #[error("internal error: {0}")]
     Internal(String),

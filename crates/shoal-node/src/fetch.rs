@@ -9,6 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use shoal_proto::{GROUP_SIZE, group_count};
 use shoal_store::{BlobKind, Hash, Presence, StoreEvent, collection};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::Progress;
@@ -75,9 +76,24 @@ impl Node {
         let started = Instant::now();
         let received_before = self.inner.endpoint.stats().bytes_received;
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
-        lock(&self.inner.transfers).insert(req.hash, progress.subscribe());
-        let res = self.fetch_inner(&req, &progress).await;
-        lock(&self.inner.transfers).remove(&req.hash);
+        let registered = Registered::new(&self.inner, req.hash, progress.subscribe());
+        let res = self.fetch_inner(&req, &progress, &registered.cancel).await;
+        drop(registered);
+        // A member's download called off is the fetch's.
+        let res = match res {
+            Err(NodeError::Cancelled(_)) => Err(NodeError::Cancelled(req.hash)),
+            r => r,
+        };
+        if matches!(res, Err(NodeError::Cancelled(_))) {
+            let (store, hash) = (self.store().clone(), req.hash);
+            let out = match &req.out {
+                FetchOutput::Path(p) => Some(p.clone()),
+                _ => None,
+            };
+            tokio::task::spawn_blocking(move || called_off(&store, &hash, out.as_deref()))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
         let (kind, bytes, files) = res?;
         // Held already (no download completed): announced now it is
         // pinned again; a second announce of one is nothing.
@@ -96,6 +112,7 @@ impl Node {
         &self,
         req: &FetchRequest,
         progress: &watch::Sender<Progress>,
+        cancel: &CancellationToken,
     ) -> Result<(BlobKind, u64, u64), NodeError> {
         let inner = self.inner.clone();
         // Where the blob goes if it is (or turns out to be) a raw blob.
@@ -121,6 +138,7 @@ impl Node {
             sequential: streaming,
             peers: req.peers.clone(),
             pin: true,
+            cancel: cancel.clone(),
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
         // Given a bare hash, a blob a provider calls a collection is not
@@ -129,7 +147,7 @@ impl Node {
         // manifest.
         let hold_collection = req.kind.is_none();
         let (fetched, mut streamed) = if let FetchOutput::Stream(tx) = &req.out {
-            let out = stream_out(self, req.hash, tx.clone(), hold_collection);
+            let out = stream_out(self, req.hash, tx.clone(), hold_collection, cancel);
             let (got, streamed) = tokio::try_join!(blob, out)?;
             (got, streamed)
         } else {
@@ -185,7 +203,7 @@ impl Node {
         if let (BlobKind::Raw, FetchOutput::Stream(tx), Streamed::Held) = (kind, &req.out, streamed)
         {
             // Held back, and a file after all: out it goes, whole now.
-            streamed = stream_out(self, req.hash, tx.clone(), false).await?;
+            streamed = stream_out(self, req.hash, tx.clone(), false, cancel).await?;
         }
         match (kind, &req.out) {
             // Every byte is out already (the first provider called it a
@@ -199,7 +217,7 @@ impl Node {
                     FetchOutput::Path(p) => Some(p.as_path()),
                     _ => None,
                 };
-                self.fetch_members(req, dir, providers, progress)
+                self.fetch_members(req, dir, providers, progress, cancel)
                     .await
                     .map(|(b, f)| (kind, b, f))
             }
@@ -223,10 +241,14 @@ impl Node {
         dir: Option<&Path>,
         providers: Vec<shoal_transport::Connection>,
         progress: &watch::Sender<Progress>,
+        cancel: &CancellationToken,
     ) -> Result<(u64, u64), NodeError> {
         let store = self.store().clone();
         tracing::debug!("reading the manifest");
         let entries = store.read_manifest(&req.hash)?;
+        if cancel.is_cancelled() {
+            return Err(cancelled(self, req.hash));
+        }
         self.store().pin(&req.hash, BlobKind::Collection)?;
         // Named after the directory it goes to (a ticket carries no name),
         // as a file is after its output.
@@ -323,7 +345,7 @@ impl Node {
             // the usual way, finds the providers.
             let j = small.remove(0);
             let found = self
-                .fetch_one(req, j.clone(), None)
+                .fetch_one(req, j.clone(), None, cancel)
                 .await
                 .map_err(|e| member_error(&first, j.hash, e))?
                 .providers;
@@ -335,11 +357,17 @@ impl Node {
             if small.is_empty() {
                 return Ok((Vec::new(), Vec::new()));
             }
-            batch::fetch_small(&self.inner, &providers, small, &count_done).await
+            // Its workers are futures of this one, and each batch it
+            // stores is recorded whole: dropped at any await, it leaves
+            // nothing half done.
+            tokio::select! {
+                r = batch::fetch_small(&self.inner, &providers, small, &count_done) => r,
+                () = cancel.cancelled() => Err(cancelled(self, req.hash)),
+            }
         };
-        let single_path = self.fetch_each(req, single, &tally, &first);
+        let single_path = self.fetch_each(req, single, &tally, &first, cancel);
         let ((rest, batched), ()) = tokio::try_join!(small_path, single_path)?;
-        self.fetch_each(req, rest, &tally, &first).await?;
+        self.fetch_each(req, rest, &tally, &first, cancel).await?;
         let files = files.len() as u64;
         tracing::debug!(files, "members fetched");
         if let (Some(tmp), Some(dir)) = (tmp, dir) {
@@ -371,6 +399,7 @@ impl Node {
         req: &FetchRequest,
         job: SmallJob,
         progress: Option<watch::Sender<Progress>>,
+        cancel: &CancellationToken,
     ) -> Result<Fetched, NodeError> {
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
         if let Some(t) = &job.target
@@ -388,6 +417,7 @@ impl Node {
             // fetched: `rm` of the collection lets gc free it, and a pin
             // the user gives it meanwhile stays.
             pin: false,
+            cancel: cancel.clone(),
         };
         fetch_blob(self.inner.clone(), job, progress).await
     }
@@ -400,13 +430,14 @@ impl Node {
         jobs: Vec<SmallJob>,
         tally: &Tally<'_>,
         names: &[(Hash, &str, u64)],
+        cancel: &CancellationToken,
     ) -> Result<(), NodeError> {
         futures::stream::iter(jobs)
             .map(|j| async move {
                 let (hash, size) = (j.hash, j.size);
                 // Its progress counts in the collection's as it goes.
                 let (tx, mut rx) = watch::channel(Progress::default());
-                let fetch = self.fetch_one(req, j, Some(tx));
+                let fetch = self.fetch_one(req, j, Some(tx), cancel);
                 tokio::pin!(fetch);
                 loop {
                     tokio::select! {
@@ -435,7 +466,9 @@ impl Node {
 /// its hash alone, which says nothing to whoever shared a directory.
 fn member_error(names: &[(Hash, &str, u64)], hash: Hash, e: NodeError) -> NodeError {
     match names.iter().find(|(h, _, _)| *h == hash) {
-        Some((_, path, _)) if !e.is_node_gone() => NodeError::Member(path.to_string(), Box::new(e)),
+        Some((_, path, _)) if !e.is_node_gone() && !matches!(e, NodeError::Cancelled(_)) => {
+            NodeError::Member(path.to_string(), Box::new(e))
+        }
         _ => e,
     }
 }
@@ -701,6 +734,7 @@ async fn stream_out(
     hash: Hash,
     tx: mpsc::Sender<Bytes>,
     hold_collection: bool,
+    cancel: &CancellationToken,
 ) -> Result<Streamed, NodeError> {
     let store = node.store().clone();
     let mut events = store.subscribe();
@@ -760,10 +794,94 @@ async fn stream_out(
                 }
             })
             .await;
-        if node.inner.cancel.is_cancelled() {
-            return Err(NodeError::ShuttingDown);
+        if cancel.is_cancelled() {
+            return Err(cancelled(node, hash));
         }
         debug!(offset, "streaming");
+    }
+}
+
+/// What a fetch called off leaves: unpinned (its own pin, as a download
+/// begins, may have come after the unpin that called it off), and for a
+/// directory no temporary tree beside the output. Its members there are
+/// the tree's files, which gc does not delete (they are files in place to
+/// the store): they are forgotten with it. What the store owns (a file's
+/// partial download) stays until gc, as after any unpin.
+fn called_off(
+    store: &shoal_store::Store,
+    hash: &Hash,
+    out: Option<&Path>,
+) -> Result<(), NodeError> {
+    store.unpin(hash)?;
+    let is_collection = store
+        .info(hash)
+        .is_some_and(|i| i.kind == BlobKind::Collection);
+    let Some(out) = out.filter(|_| is_collection) else {
+        return Ok(());
+    };
+    let tmp = temp_sibling(out);
+    if !std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?;
+    if let Ok(entries) = store.read_manifest(hash) {
+        let members: Vec<Hash> = entries.iter().map(|e| e.hash).collect();
+        store.forget_vanished(&members)?;
+    }
+    Ok(())
+}
+
+/// Why a fetch's token was cancelled: the node stopping, or an unpin of
+/// `hash`.
+fn cancelled(node: &Node, hash: Hash) -> NodeError {
+    if node.inner.cancel.is_cancelled() {
+        NodeError::ShuttingDown
+    } else {
+        NodeError::Cancelled(hash)
+    }
+}
+
+/// A fetch in [`Inner::fetches`](crate::node::Inner), taken out when
+/// dropped (the control socket's task may be aborted mid-fetch).
+struct Registered<'a> {
+    inner: &'a crate::node::Inner,
+    hash: Hash,
+    id: u64,
+    cancel: CancellationToken,
+}
+
+impl<'a> Registered<'a> {
+    fn new(inner: &'a crate::node::Inner, hash: Hash, progress: watch::Receiver<Progress>) -> Self {
+        let id = inner
+            .next_fetch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = inner.cancel.child_token();
+        lock(&inner.fetches)
+            .entry(hash)
+            .or_default()
+            .push(crate::node::Fetching {
+                id,
+                progress,
+                cancel: cancel.clone(),
+            });
+        Registered {
+            inner,
+            hash,
+            id,
+            cancel,
+        }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut fetches = lock(&self.inner.fetches);
+        if let Some(list) = fetches.get_mut(&self.hash) {
+            list.retain(|f| f.id != self.id);
+            if list.is_empty() {
+                fetches.remove(&self.hash);
+            }
+        }
     }
 }
 

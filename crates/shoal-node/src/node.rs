@@ -151,7 +151,11 @@ pub(crate) struct Inner {
     pub(crate) discovery: Option<Discovery>,
     pub(crate) config: NodeConfig,
     pub(crate) book: Mutex<PeerBook>,
-    pub(crate) transfers: Mutex<HashMap<Hash, watch::Receiver<Progress>>>,
+    /// The fetches running (`Node::fetch`), by the hash asked for: what
+    /// `status` shows, and what an unpin of that hash calls off.
+    pub(crate) fetches: Mutex<HashMap<Hash, Vec<Fetching>>>,
+    /// The next [`Fetching::id`].
+    pub(crate) next_fetch: std::sync::atomic::AtomicU64,
     /// The groups this node's downloads have just asked peers for, told to
     /// the peers subscribed to its have updates (`server::on_subscribe`).
     pub(crate) fetching: tokio::sync::broadcast::Sender<(Hash, GroupRanges)>,
@@ -190,7 +194,26 @@ pub(crate) struct Inner {
     tasks: Mutex<JoinSet<()>>,
 }
 
+/// A fetch under way (see [`Inner::fetches`]).
+pub(crate) struct Fetching {
+    pub(crate) id: u64,
+    pub(crate) progress: watch::Receiver<Progress>,
+    /// A child of the node's: cancelled by an unpin of the hash, or when
+    /// the node stops.
+    pub(crate) cancel: CancellationToken,
+}
+
 impl Inner {
+    /// Calls off every fetch of `hash` under way; returns how many.
+    pub(crate) fn cancel_fetches(&self, hash: &Hash) -> usize {
+        let fetches = lock(&self.fetches);
+        let list = fetches.get(hash).map_or(&[][..], Vec::as_slice);
+        for f in list {
+            f.cancel.cancel();
+        }
+        list.len()
+    }
+
     /// Announces `hash` on the DHT if it is pinned: what is pinned, as at
     /// start. A fetched collection's members (unpinned, kept by it) are
     /// found through it; announcing each of ten thousand files (a DHT
@@ -263,7 +286,8 @@ impl Node {
             discovery,
             config,
             book: Mutex::new(PeerBook::default()),
-            transfers: Mutex::new(HashMap::new()),
+            fetches: Mutex::new(HashMap::new()),
+            next_fetch: std::sync::atomic::AtomicU64::new(0),
             rates: Mutex::new(HashMap::new()),
             announcing: Mutex::new(()),
             downloading: Default::default(),
@@ -436,8 +460,18 @@ impl Node {
         self.inner.announce_if_pinned(hash);
     }
 
-    /// Unpins `hash` (gc may then free it) and stops announcing it.
+    /// Unpins `hash` (gc may then free it), calls off its fetches under
+    /// way (they fail with [`NodeError::Cancelled`]), and stops
+    /// announcing it.
     pub fn unpin(&self, hash: &Hash) -> Result<(), NodeError> {
+        // Called off first: a fetch that pins as it goes (a collection's
+        // manifest) cannot pin it again after the unpin. A download that
+        // ran on would have kept fetching what the user dropped, with no
+        // way to stop it short of stopping the node.
+        let cancelled = self.inner.cancel_fetches(hash);
+        if cancelled > 0 {
+            debug!(%hash, cancelled, "unpinned: its fetches are called off");
+        }
         // Not held across the store's write (a durable commit).
         self.inner.store.unpin(hash)?;
         if let Some(d) = &self.inner.discovery {
@@ -470,11 +504,15 @@ impl Node {
 
     /// Transfers in flight.
     pub fn transfers(&self) -> Vec<TransferInfo> {
-        let t = lock(&self.inner.transfers);
+        let t = lock(&self.inner.fetches);
+        // Two fetches of one hash are one download (`download::Downloading`):
+        // shown once.
         t.iter()
-            .map(|(h, rx)| TransferInfo {
-                hash: *h,
-                progress: rx.borrow().clone(),
+            .filter_map(|(h, f)| {
+                f.first().map(|f| TransferInfo {
+                    hash: *h,
+                    progress: f.progress.borrow().clone(),
+                })
             })
             .collect()
     }

@@ -1,7 +1,8 @@
 //! A collection's fetch: what it pins (the collection, not its members:
 //! the pinned collection keeps them, so `rm` of it lets gc free them),
 //! also when it fails half way; a pin the user gives a member while the
-//! fetch runs stays; and what its progress reports.
+//! fetch runs stays; what its progress reports; and an unpin calling off
+//! the fetches of its hash.
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
@@ -373,4 +374,176 @@ async fn a_resumed_collections_rate_leaves_out_what_was_here() {
     assert!(rate > 0 && rate < 6 << 20, "rate {rate}");
     s.shutdown().await;
     d.shutdown().await;
+}
+
+/// Waits until `rx` shows some verified bytes.
+async fn some_verified(rx: &mut tokio::sync::watch::Receiver<shoal_node::Progress>) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while rx.borrow_and_update().verified == 0 {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the fetch showed no progress");
+}
+
+/// The end of a fetch that should have been called off.
+async fn called_off(
+    f: tokio::task::JoinHandle<Result<shoal_node::FetchReport, shoal_node::NodeError>>,
+) -> shoal_node::NodeError {
+    tokio::time::timeout(Duration::from_secs(15), f)
+        .await
+        .expect("the fetch went on after the unpin")
+        .unwrap()
+        .expect_err("the fetch completed though its hash was unpinned")
+}
+
+/// An unpin (`shoal rm`) calls off the fetches of its hash: they went on
+/// to the end, with no way to stop a node's download short of stopping
+/// the node. The part verified is gc's to free; a fetch asked for again
+/// afterwards runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpin_calls_off_the_fetches_of_its_hash() {
+    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let data = content(8 << 20, 40);
+    let hash = s.add_bytes(data.clone(), "dropped.bin").await.unwrap();
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let first = fetch_reporting(&d, hash, Some(BlobKind::Raw), &s, Some(tx));
+    // One that waits for the first's download.
+    let second = fetch(&d, hash, Some(BlobKind::Raw), &s);
+    some_verified(&mut rx).await;
+    assert_eq!(d.transfers().len(), 1, "{:?}", d.transfers());
+    d.unpin(&hash).unwrap();
+    for f in [first, second] {
+        let e = called_off(f).await;
+        assert!(
+            matches!(e, shoal_node::NodeError::Cancelled(h) if h == hash),
+            "{e}"
+        );
+    }
+    let info = d.store().info(&hash).expect("what was verified is kept");
+    assert!(!info.pinned && !info.complete, "{info:?}");
+    assert!(d.transfers().is_empty(), "{:?}", d.transfers());
+    // Nothing holds it now: gc frees it.
+    d.store().gc().unwrap();
+    assert!(d.store().info(&hash).is_none());
+    // Asked for again, it is fetched (the call-off was that fetch's).
+    let again = tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch(&d, hash, Some(BlobKind::Raw), &s),
+    )
+    .await
+    .expect("the fetch never ended")
+    .unwrap()
+    .unwrap();
+    assert_eq!(again.bytes, data.len() as u64);
+    assert!(d.store().info(&hash).unwrap().pinned);
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+/// An unpin of a collection calls off its fetch, members in batches and
+/// one by one alike; the collection is left unpinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpin_of_a_collection_calls_off_its_fetch() {
+    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let big = content(6 << 20, 41);
+    let mut members: Vec<(String, Vec<u8>)> = vec![("big.bin".into(), big)];
+    for i in 0..40 {
+        members.push((format!("small/{i}.txt"), content(30_000, 100 + i)));
+    }
+    let listed: Vec<(&str, usize, Option<Vec<u8>>)> = members
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.len(), Some(d.clone())))
+        .collect();
+    let col = share_collection(&s, &listed).await;
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let f = fetch_reporting(&d, col, Some(BlobKind::Collection), &s, Some(tx));
+    some_verified(&mut rx).await;
+    d.unpin(&col).unwrap();
+    let e = called_off(f).await;
+    assert!(
+        matches!(e, shoal_node::NodeError::Cancelled(h) if h == col),
+        "{e}"
+    );
+    assert!(!d.store().info(&col).unwrap().pinned);
+    assert!(
+        !d.store()
+            .info(&blake3::hash(&members[0].1))
+            .is_some_and(|i| i.complete),
+        "the large member was fetched to the end"
+    );
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+/// A collection's fetch that fails on one member while another downloads
+/// leaves nothing running: the other's download stops with it, and gc can
+/// free what it got once the collection is unpinned. Dropped mid-way, that
+/// download kept its requests running and its blob marked in flight, which
+/// gc never frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_member_stops_the_members_under_way() {
+    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    // 16 s at 1 MiB/s; gone.bin is given up after the stall timeout (3 s)
+    // at the latest.
+    let big = content(16 << 20, 50);
+    let col = share_collection(
+        &s,
+        &[
+            ("big.bin", big.len(), Some(big.clone())),
+            // Large, so that it is fetched on its own, beside big.bin.
+            ("gone.bin", 4 << 20, None),
+        ],
+    )
+    .await;
+    let d = Node::spawn(config(None, Duration::from_secs(3)))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(30), fetch(&d, col, None, &s))
+        .await
+        .expect("the fetch never gave up")
+        .unwrap()
+        .expect_err("fetched a member nobody holds");
+    assert!(
+        matches!(&err, shoal_node::NodeError::Member(path, _) if path == "gone.bin"),
+        "{err}"
+    );
+    let store = d.store();
+    let big_hash = blake3::hash(&big);
+    let verified =
+        |store: &shoal_store::Store| store.info(&big_hash).map_or(0, |i| i.verified.count());
+    let then = verified(store);
+    assert!(
+        then < group_total(big.len()),
+        "big.bin was fetched whole first"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(verified(store), then, "big.bin's download went on");
+    store.unpin(&col).unwrap();
+    store.gc().unwrap();
+    assert!(
+        store.info(&big_hash).is_none(),
+        "{:?}",
+        store.info(&big_hash)
+    );
+    s.shutdown().await;
+    d.shutdown().await;
+}
+
+/// Groups of a blob of `len` bytes.
+fn group_total(len: usize) -> u64 {
+    (len as u64).div_ceil(shoal_proto::GROUP_SIZE)
 }
