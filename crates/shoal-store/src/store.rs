@@ -1337,7 +1337,10 @@ impl Store {
                 .map_err(|e| StoreError::io("reading", Path::new(&name), e))?;
             h.update(&buf[..n]);
             pos += n as u64;
-            if n < buf.len() {
+            // Past its size (a file in place that grew): it cannot match,
+            // and a next piece would start off a group's edge (the hasher
+            // asserts it). The rest of a grown file is not read.
+            if n < buf.len() || pos > size {
                 break;
             }
         }

@@ -726,6 +726,28 @@ fn reading_a_blob_damaged_on_disk_hands_out_none_of_the_damage() {
     assert!(!store.can_serve(&hash));
 }
 
+/// A file in place that grew is found corrupt by verify, small or large:
+/// a small one's check read past its size and panicked (found by a
+/// review, through `shoal verify` and a peer's get alike).
+#[test]
+fn an_in_place_file_that_grew_verifies_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s")).unwrap();
+    for (i, len) in [1_000usize, 200_000, crate::tree::BATCH + 5]
+        .into_iter()
+        .enumerate()
+    {
+        let path = dir.path().join(format!("grows{i}.bin"));
+        fs::write(&path, data(len, 40 + i as u64)).unwrap();
+        let hash = store.import_file(&path, ImportMode::InPlace).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, &data(crate::tree::BATCH * 2, 1)).unwrap();
+        drop(f);
+        assert!(!store.verify(&hash).unwrap(), "{len} bytes");
+        assert!(store.info(&hash).unwrap().corrupt);
+    }
+}
+
 #[test]
 fn in_place_file_changed_after_import_is_not_served() {
     let dir = tempfile::tempdir().unwrap();
