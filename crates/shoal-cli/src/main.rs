@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use shoal_node::control::ControlClient;
+use shoal_node::control::{ControlClient, VERIFY_NOT_IN_STORE};
 use shoal_node::{
     DiscoveryConfig, FetchOutput, FetchRequest, Hash, ImportMode, Node, NodeConfig, PeerAddr,
     Progress, Ticket,
@@ -538,8 +538,20 @@ async fn run(cli: Cli) -> Result<()> {
                     .collect(),
             });
             if let Answer::Store(store) = ask_or_open(&dir, req).await? {
+                // Each one there is unpinned; those that are not are named.
+                let mut missing = Vec::new();
                 for h in &hashes {
-                    store.unpin(h).with_context(|| format!("unpinning {h}"))?;
+                    match store.unpin(h) {
+                        Ok(()) => {}
+                        Err(shoal_store::StoreError::NotFound(_)) => missing.push(h.to_string()),
+                        Err(e) => return Err(e).with_context(|| format!("unpinning {h}")),
+                    }
+                }
+                if !missing.is_empty() {
+                    bail!(
+                        "not in the store: {} (the others given were unpinned)",
+                        missing.join(", ")
+                    );
                 }
             }
         }
@@ -886,21 +898,36 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
         .iter()
         .map(|h| parse_hash(h))
         .collect::<Result<_>>()?;
-    let mut results = Vec::new();
     let req = pb::control_request::Kind::Verify(pb::VerifyRequest {
         hashes: hashes
             .iter()
             .map(|h| h.as_bytes().to_vec().into())
             .collect(),
     });
+    // Each blob's line as it is checked; one that is not in the store
+    // (asked for by hash, or gone meanwhile) is named at the end, and the
+    // others are still checked: the first such stopped the whole run and
+    // printed nothing, also of the corrupt blobs found before it.
+    let mut corrupt = Vec::new();
+    let mut missing = Vec::new();
+    let mut result = |h: Hash, ok: Option<bool>| -> Result<()> {
+        match ok {
+            Some(ok) => {
+                out.verified(&h, ok)?;
+                if !ok {
+                    corrupt.push(h.to_string());
+                }
+            }
+            None => missing.push(h.to_string()),
+        }
+        Ok(())
+    };
     match ask_or_open(dir, req).await? {
         Answer::Node(answers) => {
             for k in answers {
                 if let pb::control_response::Kind::Verified(v) = k {
-                    results.push((
-                        Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?),
-                        v.ok,
-                    ));
+                    let h = Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?);
+                    result(h, (v.detail != VERIFY_NOT_IN_STORE).then_some(v.ok))?;
                 }
             }
         }
@@ -914,26 +941,27 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
             };
             for h in list {
                 let s = store.clone();
-                let ok = tokio::task::spawn_blocking(move || s.verify(&h))
-                    .await?
-                    .with_context(|| format!("verifying {h}"))?;
-                results.push((h, ok));
+                match tokio::task::spawn_blocking(move || s.verify(&h)).await? {
+                    Ok(ok) => result(h, Some(ok))?,
+                    Err(shoal_store::StoreError::NotFound(_)) => result(h, None)?,
+                    Err(e) => return Err(e).with_context(|| format!("verifying {h}")),
+                }
             }
         }
     }
-    let mut corrupt = Vec::new();
-    for (h, ok) in &results {
-        out.verified(h, *ok)?;
-        if !ok {
-            corrupt.push(h.to_string());
-        }
-    }
+    let mut failed = Vec::new();
     if !corrupt.is_empty() {
-        bail!(
+        failed.push(format!(
             "corrupt: {}; `shoal get HASH` fetches a blob again from its peers, `shoal rm HASH` \
              and `shoal gc` give it up",
             corrupt.join(", ")
-        );
+        ));
+    }
+    if !missing.is_empty() {
+        failed.push(format!("not in the store: {}", missing.join(", ")));
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
     }
     Ok(())
 }

@@ -24,6 +24,9 @@ use crate::wire::{WireError, read_frame, write_frame};
 /// The socket's file name in the data dir.
 pub const SOCKET_NAME: &str = "control.sock";
 
+/// A `VerifyItem`'s `detail` for a hash the store does not hold.
+pub const VERIFY_NOT_IN_STORE: &str = "not in the store";
+
 /// Binds the control socket, refusing if a live node already answers on it
 /// and removing a stale one.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, NodeError> {
@@ -271,8 +274,24 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 }
             }
             Req::Remove(r) => {
+                // Each one there is unpinned; those that are not are named
+                // (the first stopped the rest).
+                let mut missing = Vec::new();
                 for h in r.hashes {
-                    node.unpin(&parse_hash(&h)?)?;
+                    let h = parse_hash(&h)?;
+                    match node.unpin(&h) {
+                        Ok(()) => {}
+                        Err(NodeError::Store(shoal_store::StoreError::NotFound(_))) => {
+                            missing.push(h.to_string());
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !missing.is_empty() {
+                    return Err(NodeError::Refused(format!(
+                        "not in the store: {} (the others given were unpinned)",
+                        missing.join(", ")
+                    )));
                 }
             }
             Req::Gc(_) => {
@@ -307,9 +326,23 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 };
                 for h in hashes {
                     let store = node.store().clone();
-                    let ok = tokio::task::spawn_blocking(move || store.verify(&h))
+                    let ok = match tokio::task::spawn_blocking(move || store.verify(&h))
                         .await
-                        .map_err(|e| NodeError::Internal(e.to_string()))??;
+                        .map_err(|e| NodeError::Internal(e.to_string()))?
+                    {
+                        Ok(ok) => ok,
+                        // Named, and the others still checked.
+                        Err(shoal_store::StoreError::NotFound(_)) => {
+                            let item = pb::VerifyItem {
+                                hash: h.as_bytes().to_vec().into(),
+                                ok: false,
+                                detail: VERIFY_NOT_IN_STORE.into(),
+                            };
+                            write_frame(&mut stream, &resp(Resp::Verified(item))).await?;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     if ok {
                         // Whatever the node's own re-hash of it said before
                         // (see `server::recheck`), the next change of its

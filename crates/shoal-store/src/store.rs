@@ -1294,6 +1294,11 @@ impl Store {
             self.inner.mark_corrupt(hash);
             Ok(false)
         };
+        let unreadable = |why: &str| {
+            tracing::warn!("blob {hash} ({name}): its data cannot be read: {why}");
+            self.inner.mark_corrupt(hash);
+            Ok(false)
+        };
         let data_slot = match &data {
             DataRef::Mem(m) => Slot::Mem(m.clone()),
             DataRef::Db => match self.inner.inline_bytes(hash) {
@@ -1308,7 +1313,11 @@ impl Store {
                     self.inner.mark_corrupt(hash);
                     return Ok(false);
                 }
-                Err(e) => return Err(StoreError::io("opening", path, e)),
+                // Its data cannot be read (a directory where the file
+                // was, no permission, a bad sector): what cannot be
+                // checked is not served, and `verify` goes on to the next
+                // blob. A later verify that reads it clears the mark.
+                Err(e) => return unreadable(&format!("{}: {e}", path.display())),
             },
         };
         let new_stamp = match &data_slot {
@@ -1333,8 +1342,10 @@ impl Store {
         ];
         let mut pos = 0u64;
         loop {
-            let n = read_full_at(&data_slot, pos, &mut buf)
-                .map_err(|e| StoreError::io("reading", Path::new(&name), e))?;
+            let n = match read_full_at(&data_slot, pos, &mut buf) {
+                Ok(n) => n,
+                Err(e) => return unreadable(&e.to_string()),
+            };
             h.update(&buf[..n]);
             pos += n as u64;
             // Past its size (a file in place that grew): it cannot match,
