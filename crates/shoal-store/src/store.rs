@@ -3357,18 +3357,32 @@ impl Inner {
         let mut st = lock(&self.state);
         let mut ops = Vec::with_capacity(items.len() * 2);
         let mut new = Vec::with_capacity(items.len());
+        // Files this commit's imports wrote that the records kept do not
+        // use: deleted once the records are committed (left, they were
+        // files no record names, which gc never freed and an empty
+        // database brought back as "recovered" blobs).
+        let mut strays: Vec<PathBuf> = Vec::new();
         for mut p in items {
-            let keep = st.get(&p.hash).is_some_and(|b| {
-                b.partial.is_none()
-                    && !b.corrupt
-                    && match &b.data {
-                        DataRef::File {
-                            path,
-                            stamp: Some(s),
-                        } => stamp_matches(path, *s),
-                        _ => true,
-                    }
-            });
+            // A private copy (`add --copy`) of a blob held in place
+            // replaces the file in place: the user asked for a copy that
+            // outlives the file (kept, it was written and never used).
+            let copy_over_in_place =
+                matches!(p.data, DataRef::File { stamp: None, .. } | DataRef::Db)
+                    && st
+                        .get(&p.hash)
+                        .is_some_and(|b| matches!(b.data, DataRef::File { stamp: Some(_), .. }));
+            let keep = !copy_over_in_place
+                && st.get(&p.hash).is_some_and(|b| {
+                    b.partial.is_none()
+                        && !b.corrupt
+                        && match &b.data {
+                            DataRef::File {
+                                path,
+                                stamp: Some(s),
+                            } => stamp_matches(path, *s),
+                            _ => true,
+                        }
+                });
             if keep {
                 if let Some(b) = st.get_mut(&p.hash) {
                     b.pinned |= p.pin;
@@ -3379,6 +3393,16 @@ impl Inner {
                         b.name = p.name;
                     }
                     ops.push(Op::Put(p.hash, record_of(b)));
+                    if let DataRef::File { path, stamp: None } = &p.data
+                        && !matches!(&b.data, DataRef::File { path: q, .. } if q == path)
+                    {
+                        strays.push(path.clone());
+                    }
+                    if let ObRef::File(o) = &p.outboard
+                        && !matches!(&b.outboard, ObRef::File(q) if q == o)
+                    {
+                        strays.push(o.clone());
+                    }
                 }
                 continue;
             }
@@ -3393,6 +3417,13 @@ impl Inner {
             st.insert(h, b);
         }
         drop(st);
+        for f in strays {
+            if let Err(e) = fs::remove_file(&f)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!("cannot remove {}: {e}", f.display());
+            }
+        }
         for hash in added {
             let _ = self.events.send(StoreEvent::Added { hash });
         }

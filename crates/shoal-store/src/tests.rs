@@ -726,6 +726,40 @@ fn reading_a_blob_damaged_on_disk_hands_out_none_of_the_damage() {
     assert!(!store.can_serve(&hash));
 }
 
+/// `add --copy` of a file added in place before makes the store's copy
+/// the blob's data: the file may then go. The copy was written and never
+/// recorded: with the file gone the blob was lost, and gc never freed the
+/// copy (a review). The other way round, the copy stays the data.
+#[test]
+fn a_copy_of_a_blob_held_in_place_becomes_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("s");
+    let store = Store::open(&store_dir).unwrap();
+    for (i, len) in [3_000usize, 300_000].into_iter().enumerate() {
+        let d = data(len, 70 + i as u64);
+        let path = dir.path().join(format!("f{i}.bin"));
+        fs::write(&path, &d).unwrap();
+        let hash = store.import_file(&path, ImportMode::InPlace).unwrap();
+        assert_eq!(store.import_file(&path, ImportMode::Copy).unwrap(), hash);
+        fs::remove_file(&path).unwrap();
+        assert!(store.verify(&hash).unwrap(), "{len} bytes");
+        assert_eq!(store.read_all(&hash).unwrap(), d);
+        // In place again: the copy stays its data.
+        fs::write(&path, &d).unwrap();
+        assert_eq!(store.import_file(&path, ImportMode::InPlace).unwrap(), hash);
+        fs::remove_file(&path).unwrap();
+        assert!(store.verify(&hash).unwrap(), "{len} bytes");
+        store.unpin(&hash).unwrap();
+    }
+    store.gc().unwrap();
+    assert!(store.list().is_empty());
+    let left: Vec<_> = fs::read_dir(store_dir.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "files no record names: {left:?}");
+}
+
 /// A file in place that grew is found corrupt by verify, small or large:
 /// a small one's check read past its size and panicked (found by a
 /// review, through `shoal verify` and a peer's get alike).
