@@ -734,6 +734,15 @@ fn a_get_fetches_again_what_the_store_holds_corrupt() {
     let row: serde_json::Value = serde_json::from_str(row).unwrap();
     assert_eq!(row["complete"], false, "{row}");
     assert!(row["verified"].as_u64().unwrap() > 800_000, "{row}");
+    // Its directory is not complete either, as the table says (its
+    // manifest alone said `true`).
+    let col = ls
+        .lines()
+        .find(|l| l.contains(&hash))
+        .expect("the collection");
+    let col: serde_json::Value = serde_json::from_str(col).unwrap();
+    assert_eq!(col["complete"], false, "{col}");
+    assert!(col["content_verified"].as_u64() < col["content_size"].as_u64());
     // From the seeder: fetched again, and right, receiving little more
     // than the damaged group.
     let got = d.ok(&[

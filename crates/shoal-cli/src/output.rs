@@ -75,8 +75,15 @@ impl Out {
     pub(crate) fn list(&self, items: &[pb::StoreItem]) -> Result<()> {
         if self.json {
             for i in items {
+                // A collection is complete when its files are, as the
+                // table says (its manifest alone said `true` at 21%).
+                let complete = if i.files > 0 {
+                    i.content_verified >= i.content_size
+                } else {
+                    i.complete
+                };
                 let mut v = json!({
-                    "hash": hex(&i.hash), "size": i.size, "complete": i.complete, "verified": i.verified,
+                    "hash": hex(&i.hash), "size": i.size, "complete": complete, "verified": i.verified,
                     "kind": kind_name(i.kind), "name": i.name, "pinned": i.pinned,
                     "corrupt": i.corrupt, "changed": i.changed,
                 });
@@ -114,14 +121,7 @@ impl Out {
             } else if complete {
                 "complete".to_string()
             } else {
-                format!(
-                    "{:.0}%",
-                    if size == 0 {
-                        0.0
-                    } else {
-                        100.0 * verified as f64 / size as f64
-                    }
-                )
+                format!("{}%", percent(verified, size))
             };
             let pin = if i.pinned { "" } else { " (unpinned)" };
             line(&format!(
@@ -249,14 +249,10 @@ impl Out {
             line("transfers   none")?;
         }
         for t in &s.transfers {
-            let pct = if t.total == 0 {
-                0.0
-            } else {
-                100.0 * t.verified as f64 / t.total as f64
-            };
             line(&format!(
-                "transfer    {}  {pct:.0}%  {} peer{}  {}/s",
+                "transfer    {}  {}%  {} peer{}  {}/s",
                 hex(&t.hash),
+                percent(t.verified, t.total),
                 t.peers,
                 if t.peers == 1 { "" } else { "s" },
                 human(t.rate)
@@ -397,6 +393,14 @@ fn b3sum_line(hash: &Hash, path: &Path) -> String {
     }
 }
 
+/// `part` of `whole` in whole percent, rounded down: 99.6% is not shown as
+/// 100% beside what is complete.
+fn percent(part: u64, whole: u64) -> u128 {
+    (u128::from(part) * 100)
+        .checked_div(u128::from(whole))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,5 +455,13 @@ mod tests {
         files.files_done = 1;
         files.files_total = 4;
         assert_eq!(progress_message(&files), "1 B/s eta 5s 2 peers, 1/4 files");
+    }
+
+    #[test]
+    fn percent_rounds_down() {
+        assert_eq!(percent(996, 1000), 99);
+        assert_eq!(percent(1000, 1000), 100);
+        assert_eq!(percent(5, 0), 0);
+        assert_eq!(percent(u64::MAX, u64::MAX), 100);
     }
 }

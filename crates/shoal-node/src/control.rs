@@ -160,7 +160,7 @@ pub fn store_item(
         verified: if b.complete {
             b.size
         } else {
-            (b.verified.count() * shoal_proto::GROUP_SIZE).min(b.size)
+            b.verified.bytes_of(b.size)
         },
         kind: kind_to_pb(b.kind),
         changed: !b.corrupt && store.source_changed(&b.hash),
@@ -191,7 +191,7 @@ fn content_of(store: &shoal_store::Store, hash: &Hash) -> (u64, u64, u32) {
             // Not there to serve or write out.
             Some(i) if i.corrupt || (i.complete && store.source_changed(&e.hash)) => 0,
             Some(i) if i.complete => e.size,
-            Some(i) => (i.verified.count() * shoal_proto::GROUP_SIZE).min(e.size),
+            Some(i) => i.verified.bytes_of(e.size),
             None => 0,
         });
     }

@@ -99,6 +99,19 @@ impl GroupRanges {
         self.runs.iter().map(|r| r.end - r.start).sum()
     }
 
+    /// The bytes these groups hold of a blob of `size` bytes: the last
+    /// group may be short, and groups past the end hold nothing.
+    pub fn bytes_of(&self, size: u64) -> u64 {
+        self.runs
+            .iter()
+            .map(|r| {
+                let start = r.start.saturating_mul(crate::GROUP_SIZE).min(size);
+                let end = r.end.saturating_mul(crate::GROUP_SIZE).min(size);
+                end - start
+            })
+            .sum()
+    }
+
     /// True if `g` is in the set.
     pub fn contains(&self, g: u64) -> bool {
         let i = self.runs.partition_point(|r| r.end <= g);
@@ -304,6 +317,20 @@ impl FromIterator<Range<u64>> for GroupRanges {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bytes_of_counts_the_last_group_as_what_is_left() {
+        let g = crate::GROUP_SIZE;
+        let size = 3 * g + 100;
+        let set = |r: Range<u64>| GroupRanges::from_range(r);
+        assert_eq!(set(0..1).bytes_of(size), g);
+        assert_eq!(set(3..4).bytes_of(size), 100);
+        assert_eq!(set(0..4).bytes_of(size), size);
+        // Past the end: nothing.
+        assert_eq!(set(0..9).bytes_of(size), size);
+        assert_eq!(set(0..1).bytes_of(0), 0);
+        assert_eq!(GroupRanges::default().bytes_of(size), 0);
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
