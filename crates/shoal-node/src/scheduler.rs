@@ -24,8 +24,10 @@
 //!   flight, each sized to about `target_request_time` of its measured rate.
 //! - A request that makes no progress within its deadline is a stall: the
 //!   peer gets a strike, its blocks go back to the pool; too many strikes and
-//!   the peer is dropped. A corrupt group drops the peer at once. A request
-//!   the peer choked (it gave the slot to another downloader) gives its
+//!   the peer is dropped. An answer without groups the peer claimed is a
+//!   strike too (one for all the requests that were in flight together: a
+//!   seeder that finds its copy damaged answers them all without it). A
+//!   corrupt group drops the peer at once. A request the peer choked (it gave the slot to another downloader) gives its
 //!   blocks back, and the peer stays, with no strike.
 //! - End-game: once every wanted block is requested, an idle peer is asked
 //!   for the oldest outstanding block it holds (at most
@@ -162,6 +164,10 @@ struct PeerState {
     /// Measured goodput in bytes per second (EWMA), once known.
     rate: Option<f64>,
     strikes: u32,
+    /// When it last answered without groups it had claimed (a strike): the
+    /// answers to requests sent before then have the same gap, and do not
+    /// strike again.
+    short_at: Option<Instant>,
     /// Bytes received from this peer (verified).
     received: u64,
 }
@@ -377,6 +383,7 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 inflight: 0,
                 rate: None,
                 strikes: 0,
+                short_at: None,
                 received: 0,
             },
         );
@@ -549,9 +556,14 @@ impl<P: Clone + Ord + Debug> Scheduler<P> {
                 let sample = bytes as f64 / elapsed;
                 p.rate = Some(p.rate.map_or(sample, |old| 0.7 * old + 0.3 * sample));
             }
-            if !missing.is_empty() {
-                // It claimed groups it did not send: believe the stream.
+            // It claimed groups it did not send: believe the stream. One
+            // strike for the requests that were in flight when it last
+            // fell short: a seeder that finds its copy damaged answers
+            // every one of them without it, and was dropped as a liar
+            // (three at once) where it had only stopped holding it.
+            if !missing.is_empty() && p.short_at.is_none_or(|t| r.sent_at > t) {
                 p.strikes += 1;
+                p.short_at = Some(now);
                 drop = p.strikes >= max_strikes;
             }
         }
@@ -1238,6 +1250,45 @@ mod tests {
                 .any(|a| matches!(a, Action::Request { peer: 2, .. }))
         );
         assert_eq!(s.stats().stalls, 1);
+    }
+
+    /// Requests in flight together that come back without what was
+    /// claimed cost one strike; a peer that claims again and falls short
+    /// again, round after round, is dropped.
+    #[test]
+    fn answers_short_at_once_strike_once() {
+        let now = t0();
+        let all = GroupRanges::from_range(0..64 * BLOCK_GROUPS);
+        let mut s = Scheduler::new(all.count(), &GroupRanges::new(), SchedulerConfig::default());
+        s.handle_peer_added(1u8);
+        let max = SchedulerConfig::default().max_strikes;
+        let mut dropped_at = None;
+        for round in 1..=max + 1 {
+            let at = now + Duration::from_secs(u64::from(round));
+            // It claims everything again, and falls short on every
+            // request in flight.
+            s.handle_have(&1, &all);
+            let acts = drain(&mut s, at);
+            if acts
+                .iter()
+                .any(|a| matches!(a, Action::DropPeer { peer: 1, .. }))
+            {
+                dropped_at = Some(round - 1);
+                break;
+            }
+            let ids: Vec<RequestId> = acts
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Request { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            assert!(ids.len() >= 2, "round {round}: {acts:?}");
+            for id in ids {
+                s.handle_request_done(id, &GroupRanges::new(), at + Duration::from_millis(10));
+            }
+        }
+        assert_eq!(dropped_at, Some(max), "dropped after that many rounds");
     }
 
     #[test]
