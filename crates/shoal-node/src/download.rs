@@ -427,9 +427,10 @@ pub(crate) struct Fetched {
 /// batches of small members (`batch.rs`) take no turn: a small blob got on
 /// its own while a batch holds it may come twice, once each way.
 ///
-/// A waiter's own peers (its ticket's) are not given to the download it
-/// waits for: if that one cannot reach its peers, the waiter runs only
-/// when it has given up.
+/// A waiter's own peers (its ticket's, its `--peer`s) are given to the
+/// download it waits for, which dials them as it would a discovered
+/// address: a download that could not reach its own peers held the waiter
+/// until it gave up.
 #[derive(Default)]
 pub(crate) struct Downloading(std::sync::Mutex<HashMap<Hash, Turns>>);
 
@@ -439,7 +440,13 @@ pub(crate) struct Downloading(std::sync::Mutex<HashMap<Hash, Turns>>);
 struct Turns {
     lock: Arc<tokio::sync::Mutex<()>>,
     progress: Arc<std::sync::Mutex<Option<watch::Receiver<Progress>>>>,
+    /// Peers the waiters were given, for the running download to dial.
+    extra: Extra,
 }
+
+/// Peers given to a blob's running download by the fetches waiting for
+/// it (see [`Downloading`]).
+type Extra = Arc<std::sync::Mutex<Vec<PeerAddr>>>;
 
 /// A download's turn at its blob, given up (and the blob's entry removed
 /// when nobody else waits) when dropped.
@@ -453,7 +460,12 @@ struct Turn<'a> {
 impl Downloading {
     /// Waits for the turn at `hash`, forwarding the running download's
     /// progress to `progress` meanwhile, and then shows this one's.
-    async fn turn(&self, hash: Hash, progress: &watch::Sender<Progress>) -> Turn<'_> {
+    async fn turn(
+        &self,
+        hash: Hash,
+        progress: &watch::Sender<Progress>,
+        peers: &[PeerAddr],
+    ) -> Turn<'_> {
         // Built first, so that a cancelled wait still removes the entry.
         let mut turn = Turn {
             downloading: self,
@@ -463,6 +475,7 @@ impl Downloading {
                 .or_insert_with(|| Turns {
                     lock: Arc::new(tokio::sync::Mutex::new(())),
                     progress: Arc::new(std::sync::Mutex::new(None)),
+                    extra: Extra::default(),
                 })
                 .clone(),
             guard: None,
@@ -471,6 +484,14 @@ impl Downloading {
             Ok(g) => g,
             Err(_) => {
                 debug!(%hash, "waiting for the download of this blob already running");
+                {
+                    let mut extra = lock(&turn.turns.extra);
+                    for p in peers {
+                        if extra.len() < MAX_KNOWN && !extra.contains(p) {
+                            extra.push(*p);
+                        }
+                    }
+                }
                 let wait = turn.turns.lock.clone().lock_owned();
                 tokio::pin!(wait);
                 let mut theirs = lock(&turn.turns.progress).clone();
@@ -535,11 +556,14 @@ pub(crate) async fn fetch_blob(
     let node2 = node.clone();
     let cancel = job.cancel.clone();
     // A wait called off leaves the queue (`Turn` is built first).
-    let _turn = tokio::select! {
-        t = node2.downloading.turn(job.hash, &progress) => t,
+    let turn = tokio::select! {
+        t = node2.downloading.turn(job.hash, &progress, &job.peers) => t,
         () = cancel.cancelled() => return Err(cancel_error(&node, job.hash)),
     };
-    fetch_blob_alone(node, job, progress).await
+    // What waiters gave a download before this one is theirs to dial in
+    // their own turn.
+    lock(&turn.turns.extra).clear();
+    fetch_blob_alone(node, job, progress, turn.turns.extra.clone()).await
 }
 
 /// Downloads one blob.
@@ -547,6 +571,7 @@ async fn fetch_blob_alone(
     node: Arc<Inner>,
     job: BlobJob,
     progress: watch::Sender<Progress>,
+    extra: Extra,
 ) -> Result<Fetched, NodeError> {
     let hash = job.hash;
     let cancel = job.cancel.clone();
@@ -1179,6 +1204,12 @@ async fn fetch_blob_alone(
             },
             _ = tick.tick() => {
                 let now = Instant::now();
+                // Peers the fetches waiting for this download were given.
+                for p in std::mem::take(&mut *lock(&extra)) {
+                    let c = Candidate { addr: p.addr, id: p.id, source: Source::Static };
+                    remember_found(&mut known, &c, now);
+                    enqueue_found(&mut queued, c);
+                }
                 // Dial again the remembered addresses that have no peer in
                 // use, are not being dialled, and are past their backoff.
                 for (addr, k) in &mut known {

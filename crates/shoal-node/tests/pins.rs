@@ -547,3 +547,45 @@ async fn a_failed_member_stops_the_members_under_way() {
 fn group_total(len: usize) -> u64 {
     (len as u64).div_ceil(shoal_proto::GROUP_SIZE)
 }
+
+/// A fetch that waits for a download of the same blob gives it its peers:
+/// a download whose own peers hold nothing is then fetched from the
+/// waiter's. It failed ("no peer reached holds"), and only then did the
+/// waiter run with its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_fetch_gives_its_peers_to_the_running_download() {
+    let s = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let data = content(2 << 20, 60);
+    let hash = s.add_bytes(data.clone(), "shared.bin").await.unwrap();
+    let empty = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
+    let first = fetch_reporting(&d, hash, Some(BlobKind::Raw), &empty, Some(tx));
+    // Connected to the peer that holds nothing: the download runs.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while rx.borrow_and_update().peers == 0 {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the first fetch reached no peer");
+    let second = fetch(&d, hash, Some(BlobKind::Raw), &s);
+    for f in [first, second] {
+        let report = tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("a fetch never ended")
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.bytes, data.len() as u64);
+    }
+    assert_eq!(d.store().read_all(&hash).unwrap(), data);
+    for n in [s, empty, d] {
+        n.shutdown().await;
+    }
+}
