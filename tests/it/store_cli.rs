@@ -185,6 +185,61 @@ fn a_full_stdout_is_an_error_that_says_so_and_a_closed_one_is_not() {
     }
 }
 
+/// `cat` through a running node whose reader stops reading still ends on
+/// a signal (as a `cat` without a node does): it wrote stdout on the
+/// async loop, blocked, and SIGINT and SIGTERM went unheard (found by a
+/// review). Its stdout errors are those of a `cat` without a node.
+#[test]
+fn a_stream_through_a_node_ends_on_a_signal_though_its_reader_stalls() {
+    let d = Dir::new();
+    let f = d.path().join("f.bin");
+    std::fs::write(&f, data(4 << 20, 6)).unwrap();
+    let hash = d.ok(&["add", f.to_str().unwrap()])[..64].to_string();
+    let _node = d.serve(&[]);
+    let through = |script: &str| {
+        let mut c = std::process::Command::new("bash");
+        c.arg("-c")
+            .arg(script)
+            .arg("bash")
+            .arg(crate::harness::bin())
+            .arg("--data-dir")
+            .arg(d.path().join("node"))
+            .args(["cat", &hash]);
+        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
+        (o.status, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (status, stderr) = through("exec \"$@\" > /dev/full");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let (status, stderr) = through("set -o pipefail; \"$@\" | head -c 1 > /dev/null");
+    assert!(status.success() && !stderr.contains("error"), "{stderr}");
+    // A reader that never reads: the pipe fills, and a write blocks.
+    let child = d
+        .cmd()
+        .args(["cat", &hash])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = crate::harness::KillOnDrop(child);
+    let pid = child.0.id();
+    crate::harness::eventually(Duration::from_secs(30), "a write to block", || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("wchan"))
+                    .is_ok_and(|w| w.contains("pipe_write"))
+            })
+    });
+    let status = crate::harness::signal_and_wait(&mut child.0, libc::SIGINT, "shoal cat");
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("interrupted"), "{err}");
+}
+
 #[test]
 fn ls_shows_what_a_collection_holds_not_its_manifest() {
     let d = Dir::new();

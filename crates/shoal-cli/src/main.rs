@@ -1342,7 +1342,28 @@ impl Through<'_> {
             addrs: self.net.peers.iter().map(|p| p.to_string()).collect(),
         };
         c.send(pb::control_request::Kind::Get(req)).await?;
-        let mut stdout = std::io::stdout().lock();
+        // Stdout is written off the async workers, as by a get of its own:
+        // written here, a reader that stopped reading blocked the loop, and
+        // no signal could end the command.
+        let (data_tx, mut data_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut stdout = std::io::stdout().lock();
+            while let Some(d) = data_rx.blocking_recv() {
+                stdout.write_all(&d).context("writing to stdout")?;
+            }
+            stdout.flush().context("writing to stdout")
+        });
+        let interrupted = || {
+            self.bar.finish();
+            // The download is the node's: it goes on (as a daemon's does
+            // when its remote client quits).
+            anyhow::anyhow!(
+                "interrupted; the node running on {} goes on with the download \
+                 (`shoal status` shows it; `shoal rm {}` calls it off)",
+                self.dir.display(),
+                self.hash
+            )
+        };
         let mut report = None;
         loop {
             let k = tokio::select! {
@@ -1353,17 +1374,7 @@ impl Through<'_> {
                     Err(e) if report.is_some() && e.is_node_gone() => None,
                     Err(e) => return Err(e.into()),
                 },
-                () = self.interrupt.fired() => {
-                    self.bar.finish();
-                    // The download is the node's: it goes on (as a
-                    // daemon's does when its remote client quits).
-                    bail!(
-                        "interrupted; the node running on {} goes on with the download \
-                         (`shoal status` shows it; `shoal rm {}` calls it off)",
-                        self.dir.display(),
-                        self.hash
-                    );
-                }
+                () = self.interrupt.fired() => return Err(interrupted()),
             };
             // The node took the get on (a stopping one says so first).
             if !self.warned.replace(true) {
@@ -1373,7 +1384,13 @@ impl Through<'_> {
             match k {
                 pb::control_response::Kind::Data(d) => {
                     *delivered = true;
-                    stdout.write_all(&d).context("writing to stdout")?
+                    tokio::select! {
+                        sent = data_tx.send(d) => if sent.is_err() {
+                            // The writer stopped: its error says why.
+                            break;
+                        },
+                        () = self.interrupt.fired() => return Err(interrupted()),
+                    }
                 }
                 pb::control_response::Kind::Fetched(r) => {
                     report = Some(shoal_node::FetchReport {
@@ -1400,7 +1417,11 @@ impl Through<'_> {
                 _ => {}
             }
         }
-        stdout.flush().context("writing to stdout")?;
+        drop(data_tx);
+        tokio::select! {
+            w = writer => w.context("stdout writer")??,
+            () = self.interrupt.fired() => return Err(interrupted()),
+        }
         self.bar.finish();
         // As a get without a running node says it (a node older than the
         // report says nothing).
