@@ -413,6 +413,40 @@ fn verify_and_rm_go_on_past_a_blob_that_fails() {
     }
 }
 
+/// A directory holding the data dir is added without it: the node's
+/// secret key (and its live database) went out with `shoal send ~`
+/// (found by a review). The data dir itself is refused. With and without
+/// a node.
+#[test]
+fn the_data_dir_is_never_shared() {
+    let d = Dir::new();
+    std::fs::write(d.path().join("mine.txt"), b"mine").unwrap();
+    d.ok(&["id"]);
+    assert!(d.path().join("node/identity.key").exists());
+    let check = |d: &Dir| {
+        d.ok(&["add", d.path().to_str().unwrap()]);
+        let names: Vec<String> = d
+            .ok(&["--json", "ls"])
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["name"].to_string())
+            .collect();
+        assert!(names.iter().any(|n| n.contains("mine.txt")), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.contains("identity.key")),
+            "{names:?}"
+        );
+        let o = d.run(
+            &["add", d.path().join("node").to_str().unwrap()],
+            Duration::from_secs(30),
+        );
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("never shared"));
+    };
+    check(&d);
+    let _node = d.serve(&[]);
+    check(&d);
+}
+
 #[test]
 fn add_ls_rm_gc_verify() {
     let d = Dir::new();

@@ -437,7 +437,7 @@ async fn access(dir: &Path, wait: &Waiter<'_>) -> Result<Access> {
         if let Some(c) = ControlClient::connect(dir).await {
             return Ok(Access::Node(c));
         }
-        match Store::open(&dir.join("store")) {
+        match open_store(dir) {
             Ok(store) => return Ok(Access::Store(store)),
             Err(e) => {
                 let locked = matches!(e, shoal_store::StoreError::Locked(_));
@@ -737,13 +737,13 @@ async fn add(dir: &Path, out: &Out, paths: &[PathBuf], copy: bool) -> Result<()>
     // `first` is the first path's hash, when it was computed here.
     let (opened, mut first) = if let Some(abs) = overlap {
         let opening = tokio::task::spawn_blocking({
-            let dir = dir.join("store");
-            move || Store::open(&dir)
+            let dir = dir.to_path_buf();
+            move || open_store(&dir)
         });
         let hashed = tokio::task::spawn_blocking(move || HashedFile::new(&abs)).await?;
         (opening.await?, Some(hashed))
     } else {
-        (Store::open(&dir.join("store")), None)
+        (open_store(dir), None)
     };
     // Held by another process: wait for it, or for a node to ask. A store
     // that cannot open is the error to report, before any about the file.
@@ -883,6 +883,15 @@ fn add_failed(paths: &[PathBuf], path: &Path, why: &str) -> Result<()> {
     }
     eprintln!("shoal: {}: {why}", path.display());
     Ok(())
+}
+
+/// The store of the data dir `dir`, opened directly (no node runs). The
+/// data dir, which holds the secret key, is never added (see
+/// [`Store::keep_private`]).
+fn open_store(dir: &Path) -> Result<Store, shoal_store::StoreError> {
+    let store = Store::open(&dir.join("store"))?;
+    store.keep_private(dir)?;
+    Ok(store)
 }
 
 /// The one error line of an `add` some of whose paths failed.

@@ -242,6 +242,8 @@ impl Node {
                 std::fs::create_dir_all(dir).map_err(|e| NodeError::DataDir(dir.clone(), e))?;
                 let secret = SecretKey::load_or_create(&dir.join("identity.key"))?;
                 let store = Store::open(&dir.join("store"))?;
+                // Its secret key is beside the store: never shared.
+                store.keep_private(dir)?;
                 (store, secret)
             }
             None => (Store::in_memory(), SecretKey::generate()),

@@ -94,6 +94,13 @@ pub enum StoreError {
     /// An export's or a move's target already exists.
     #[error("{0} already exists")]
     Exists(PathBuf),
+    /// A directory to add that is (or is in) one kept private
+    /// ([`Store::keep_private`](crate::Store::keep_private)).
+    #[error(
+        "{0}: it is shoal's own data (its store, its identity key), which is never shared; add \
+         the files you mean from elsewhere"
+    )]
+    Private(PathBuf),
     /// A file or directory under a directory being added whose name a
     /// collection cannot carry (receivers refuse it: a control character,
     /// a backslash, a name that is not UTF-8, a path too long). Found

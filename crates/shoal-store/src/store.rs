@@ -101,6 +101,10 @@ impl std::fmt::Debug for Store {
 struct Inner {
     /// None for an in-memory store.
     dir: Option<PathBuf>,
+    /// Directories never added as part of a directory (canonical): the
+    /// store's own, and whatever [`Store::keep_private`] names (a node's
+    /// data dir, which holds its secret key).
+    private: Mutex<Vec<PathBuf>>,
     db: Option<redb::Database>,
     state: Mutex<HashMap<blake3::Hash, Blob>>,
     events: broadcast::Sender<StoreEvent>,
@@ -181,8 +185,13 @@ impl Inner {
     /// then counted in [`Store::open_count`]).
     fn new(dir: Option<PathBuf>, db: Option<redb::Database>, boot: Bytes) -> Inner {
         let on_disk = db.is_some();
+        let private = dir
+            .iter()
+            .filter_map(|d| fs::canonicalize(d).ok())
+            .collect();
         Inner {
             dir,
+            private: Mutex::new(private),
             db,
             state: Mutex::new(HashMap::new()),
             events: broadcast::channel(1024).0,
@@ -932,6 +941,7 @@ impl Store {
     /// Add a file (blocking, hashes with every core). Pinned; named after
     /// the file name.
     pub fn import_file(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
+        self.inner.not_private(path)?;
         let _files = adding_files(&self.inner);
         let p = self.inner.prepare_file(path, mode, file_name(path))?;
         let hash = p.hash;
@@ -945,6 +955,7 @@ impl Store {
         if !stamp_matches(&h.path, h.stamp) {
             return Err(StoreError::ChangedDuringImport(h.path));
         }
+        self.inner.not_private(&h.path)?;
         let _files = adding_files(&self.inner);
         let p = self.inner.prepare_hashed(h)?;
         let hash = p.hash;
@@ -970,7 +981,17 @@ impl Store {
     pub fn import_dir(&self, path: &Path, mode: ImportMode) -> Result<blake3::Hash, StoreError> {
         let mut files = Vec::new();
         let mut empty_dirs = Vec::new();
-        walk(path, "", &mut files, &mut empty_dirs)?;
+        let private = lock(&self.inner.private).clone();
+        let root = fs::canonicalize(path).map_err(io_err("reading", path))?;
+        if private.iter().any(|p| root.starts_with(p)) {
+            return Err(StoreError::Private(path.to_path_buf()));
+        }
+        let walking = Walk {
+            root: path,
+            canonical: &root,
+            private: &private,
+        };
+        walk(&walking, "", &mut files, &mut empty_dirs)?;
         files.sort();
         let mut entries = Vec::with_capacity(files.len() + empty_dirs.len());
         // The members are recorded unpinned (the manifest keeps them, so
@@ -1088,6 +1109,19 @@ impl Store {
                 b.name = name.to_string();
             }
         })
+    }
+
+    /// Never add `dir` (nor what is under it) as part of a directory:
+    /// it is skipped, with a warning, and adding it or a directory in it
+    /// fails. A node's data dir, which holds its secret key beside the
+    /// store (the store's own directory is private already).
+    pub fn keep_private(&self, dir: &Path) -> Result<(), StoreError> {
+        let dir = fs::canonicalize(dir).map_err(io_err("reading", dir))?;
+        let mut private = lock(&self.inner.private);
+        if !private.contains(&dir) {
+            private.push(dir);
+        }
+        Ok(())
     }
 
     /// Unpin a blob: gc may remove it unless a pinned collection needs it.
@@ -2373,13 +2407,22 @@ fn recheck(
     Ok(GroupRanges::from_groups(out))
 }
 
+/// A directory being walked: its path as given and canonical, and the
+/// directories under it to leave out (see [`Inner::private`]).
+struct Walk<'a> {
+    root: &'a Path,
+    canonical: &'a Path,
+    private: &'a [PathBuf],
+}
+
 /// Collect the files (relative paths) and empty directories under `dir`.
 fn walk(
-    root: &Path,
+    w: &Walk<'_>,
     rel: &str,
     files: &mut Vec<String>,
     empty: &mut Vec<String>,
 ) -> Result<(), StoreError> {
+    let root = w.root;
     let dir = if rel.is_empty() {
         root.to_path_buf()
     } else {
@@ -2415,9 +2458,17 @@ fn walk(
                 reason,
             });
         }
-        if ft.is_dir() {
+        if ft.is_dir() && w.private.iter().any(|p| *p == w.canonical.join(&child)) {
+            // `shoal send ~` with the data dir under it gave out the
+            // node's secret key (and its live database, which then
+            // failed the receiver's get).
+            tracing::warn!(
+                "skipping {}: shoal's own data (its store, its key) is never shared",
+                ent.path().display()
+            );
+        } else if ft.is_dir() {
             any = true;
-            walk(root, &child, files, empty)?;
+            walk(w, &child, files, empty)?;
         } else if ft.is_file() {
             any = true;
             files.push(child);
@@ -2434,6 +2485,19 @@ fn walk(
 }
 
 impl Inner {
+    /// Fails for a path in a private directory ([`Inner::private`]).
+    fn not_private(&self, path: &Path) -> Result<(), StoreError> {
+        let private = lock(&self.private);
+        if private.is_empty() {
+            return Ok(());
+        }
+        let path = fs::canonicalize(path).map_err(io_err("reading", path))?;
+        if private.iter().any(|p| path.starts_with(p)) {
+            return Err(StoreError::Private(path));
+        }
+        Ok(())
+    }
+
     fn data_dir(&self) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.join("data"))
     }

@@ -760,6 +760,52 @@ fn a_copy_of_a_blob_held_in_place_becomes_its_data() {
     assert!(left.is_empty(), "files no record names: {left:?}");
 }
 
+/// A directory kept private (a node's data dir: its secret key) is left
+/// out of a directory added around it, and cannot be added itself, nor a
+/// file in it; the store's own directory is private from the start.
+#[test]
+fn private_directories_are_never_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let data_dir = home.join(".local/share/shoal");
+    fs::create_dir_all(&data_dir).unwrap();
+    fs::write(data_dir.join("identity.key"), b"secret").unwrap();
+    fs::write(home.join("notes.txt"), b"mine").unwrap();
+    let store = Store::open(&data_dir.join("store")).unwrap();
+    store.keep_private(&data_dir).unwrap();
+    let col = store.import_dir(&home, ImportMode::InPlace).unwrap();
+    let paths: Vec<String> = store
+        .read_manifest(&col)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert!(paths.contains(&"notes.txt".to_string()), "{paths:?}");
+    assert!(
+        paths.iter().all(|p| !p.starts_with(".local/share/shoal/")),
+        "{paths:?}"
+    );
+    for p in [data_dir.clone(), data_dir.join("store")] {
+        let e = store.import_dir(&p, ImportMode::Copy).unwrap_err();
+        assert!(matches!(e, StoreError::Private(_)), "{e}");
+    }
+    let e = store
+        .import_file(&data_dir.join("identity.key"), ImportMode::Copy)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Private(_)), "{e}");
+    // Another store, with nothing kept private but its own directory.
+    let other = Store::open(&dir.path().join("other")).unwrap();
+    assert!(
+        other
+            .import_file(&data_dir.join("identity.key"), ImportMode::Copy)
+            .is_ok()
+    );
+    let e = other
+        .import_dir(&dir.path().join("other"), ImportMode::Copy)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Private(_)), "{e}");
+}
+
 /// A file in place that grew is found corrupt by verify, small or large:
 /// a small one's check read past its size and panicked (found by a
 /// review, through `shoal verify` and a peer's get alike).
