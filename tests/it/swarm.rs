@@ -868,6 +868,98 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     assert!(status.success(), "{status}");
 }
 
+/// A `send` on a data dir where a get's own node runs waits for that
+/// node to stop and serves with its own: it handed its path to the get's
+/// node, printed a ticket naming it, exited, and the ticket led nowhere
+/// once the get was done (found by a review). `ticket` refuses that node
+/// for the same reason. A `send` through a `serve` of a path that is not
+/// there says so (it said "protocol violation").
+#[test]
+fn send_and_ticket_do_not_lean_on_a_gets_own_node() {
+    use std::io::{BufRead, BufReader};
+    let s = Dir::new();
+    let big = s.path().join("big.bin");
+    write(&big, &data(6_000_000, 30));
+    let seeder = s.serve(&["--max-upload", "2MB/s"]);
+    let hash = add(&s, &big);
+    let t = ticket(&s, &hash);
+    let d = Dir::new();
+    let small = d.path().join("small.txt");
+    write(&small, b"sent while a get ran");
+    let out = d.path().join("big.out");
+    let get = d
+        .cmd()
+        .args(["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut get = KillOnDrop(get);
+    eventually(Duration::from_secs(30), "the get's node to run", || {
+        d.run(&["--json", "status"], Duration::from_secs(30))
+            .status
+            .success()
+    });
+    let o = d.run(&["ticket", &hash], Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("get's own"));
+    let mut send = d
+        .cmd()
+        .args([
+            "send",
+            small.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            NET[0],
+            NET[1],
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = send.stdout.take().unwrap();
+    let mut send = KillOnDrop(send);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let sent = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("send printed no ticket");
+    // The get is done (its node stopped), and the ticket still leads to
+    // the path.
+    let done = get.0.wait().unwrap();
+    assert!(done.success(), "{done}");
+    let e = Dir::new();
+    let got = e.run(
+        &["cat", sent.trim(), NET[0], NET[1]],
+        Duration::from_secs(60),
+    );
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert_eq!(got.stdout, b"sent while a get ran");
+    let status = signal_and_wait(&mut send.0, libc::SIGINT, "send");
+    assert!(status.success(), "{status}");
+    // Through a serve: a missing path is named as such.
+    drop(seeder);
+    let _node = d.serve(&[]);
+    let o = d.run(
+        &["send", d.path().join("missing").to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("missing") && !err.contains("protocol"),
+        "{err}"
+    );
+}
+
 #[test]
 fn an_interrupted_get_through_a_node_says_the_node_goes_on_and_it_does() {
     // A get on a data dir whose node runs hands the download to the node;

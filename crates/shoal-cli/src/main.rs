@@ -574,28 +574,33 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify { hashes } => verify(&dir, &out, hashes).await?,
         Command::Serve { net, listen } => {
-            if ControlClient::connect(&dir).await.is_some() {
+            let interrupt = Interrupt::install()?;
+            let Some(node) = start_node(&dir, net, listen, &interrupt).await? else {
                 bail!(
                     "a node is already running on data dir {} (`shoal status` shows it); stop it \
                      first, or give this one another --data-dir",
                     dir.display()
                 );
-            }
-            let node = Node::spawn(net.node_config(&dir, listen))
-                .await
-                .context("starting the node")?;
+            };
             out.ready(&node)?;
-            wait_for_signal().await?;
+            interrupt.fired().await;
             note!("shutting down");
             node.shutdown().await;
         }
         Command::Ticket { hash } => {
             let hash = parse_hash(hash)?;
-            let Some(mut c) = ControlClient::connect(&dir).await else {
-                bail!(
+            let mut c = match lasting_node(&dir).await? {
+                Lasting::Node(c) => c,
+                Lasting::ShortLived => bail!(
+                    "the node on {} is a get's own, which stops when its download is done: a \
+                     ticket naming it would lead nowhere then; start `shoal serve` (commands then \
+                     go through it)",
+                    dir.display()
+                ),
+                Lasting::None => bail!(
                     "no node is running on {}: a ticket names a running node's addresses; start `shoal serve` first",
                     dir.display()
-                );
+                ),
             };
             c.send(pb::control_request::Kind::Ticket(pb::TicketRequest {
                 hash: hash.as_bytes().to_vec().into(),
@@ -612,62 +617,7 @@ async fn run(cli: Cli) -> Result<()> {
             net,
             listen,
             copy,
-        } => {
-            if let Some(mut c) = ControlClient::connect(&dir).await {
-                // A node already runs on this data dir: it serves the path
-                // from now on, also after this command ends.
-                net.warn_ignored_by(&dir, listen, false);
-                let abs = absolute(path)?.to_string_lossy().into_owned();
-                c.send(pb::control_request::Kind::Add(pb::AddRequest {
-                    paths: vec![abs],
-                    copy: *copy,
-                }))
-                .await?;
-                let mut hash = None;
-                while let Some(k) = c.next().await? {
-                    if let pb::control_response::Kind::Added(a) = k {
-                        hash = Some(a.hash);
-                    }
-                }
-                let hash = hash.context("the node added nothing")?;
-                let mut c = running_node(&dir).await?;
-                c.send(pb::control_request::Kind::Ticket(pb::TicketRequest {
-                    hash,
-                }))
-                .await?;
-                while let Some(k) = c.next().await? {
-                    if let pb::control_response::Kind::Ticket(t) = k {
-                        out.ticket(&t)?;
-                        note!(
-                            "the node running on {} serves {}; to fetch it run:\n  shoal get {t}",
-                            dir.display(),
-                            path.display()
-                        );
-                    }
-                }
-                return Ok(());
-            }
-            let node = Node::spawn(net.node_config(&dir, listen))
-                .await
-                .context("starting the node")?;
-            let mode = if *copy {
-                ImportMode::Copy
-            } else {
-                ImportMode::InPlace
-            };
-            let (hash, _) = node
-                .add_path(&absolute(path)?, mode)
-                .await
-                .with_context(|| format!("adding {}", path.display()))?;
-            let ticket = node.ticket(&hash)?;
-            out.ticket(&ticket.to_string())?;
-            note!(
-                "serving {} ({hash}); to fetch it run:\n  shoal get {ticket}",
-                path.display()
-            );
-            wait_for_signal().await?;
-            node.shutdown().await;
-        }
+        } => send(&dir, &out, path, net, listen, *copy).await?,
         Command::Get { what, output, net } => get(&dir, &out, what, output.as_deref(), net).await?,
         Command::Cat { what, net } => get(&dir, &out, what, Some(Path::new("-")), net).await?,
         Command::Peers => {
@@ -902,6 +852,181 @@ fn some_not_added(failed: usize, of: usize) -> Result<()> {
     Ok(())
 }
 
+/// What runs on a data dir, for a command whose result must outlive it
+/// (`send`, `ticket`).
+enum Lasting {
+    /// A node that runs until stopped (`serve`, `send`), ready for the
+    /// request.
+    Node(ControlClient),
+    /// A get's own node, which stops when its download is done.
+    ShortLived,
+    /// None.
+    None,
+}
+
+async fn lasting_node(dir: &Path) -> Result<Lasting> {
+    let Some(mut c) = ControlClient::connect(dir).await else {
+        return Ok(Lasting::None);
+    };
+    c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
+        .await?;
+    let mut short_lived = false;
+    loop {
+        match c.next().await {
+            Ok(Some(pb::control_response::Kind::Status(s))) => short_lived = s.short_lived,
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) if e.is_node_gone() => return Ok(Lasting::None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if short_lived {
+        return Ok(Lasting::ShortLived);
+    }
+    // One request per connection.
+    Ok(match ControlClient::connect(dir).await {
+        Some(c) => Lasting::Node(c),
+        None => Lasting::None,
+    })
+}
+
+/// Starts the node of `serve` or `send` on `dir`; None if a node that runs
+/// until stopped is there already. A get's own node, or another process
+/// holding the store (an `add`), is waited for (as long as other commands
+/// wait, see [`Waiter`]): `send` and `serve` failed at once.
+async fn start_node(
+    dir: &Path,
+    net: &NetArgs,
+    listen: &[SocketAddr],
+    interrupt: &Interrupt,
+) -> Result<Option<Node>> {
+    let wait = Waiter::interruptible(dir, interrupt);
+    loop {
+        match lasting_node(dir).await? {
+            Lasting::Node(_) => return Ok(None),
+            Lasting::ShortLived if wait.may_wait() => {}
+            Lasting::ShortLived => {
+                return Err(wait.gave_up(anyhow::anyhow!(
+                    "a get's own node runs on {}, and stops when its download is done; try \
+                     again then, or give this command another --data-dir",
+                    dir.display()
+                )));
+            }
+            Lasting::None => match Node::spawn(net.node_config(dir, listen)).await {
+                Ok(node) => return Ok(Some(node)),
+                Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
+                    tracing::debug!("{} is busy: {e}", dir.display());
+                }
+                Err(e) => {
+                    let busy = e.is_data_dir_busy();
+                    let e = anyhow::Error::from(e).context("starting the node");
+                    return Err(if busy { wait.gave_up(e) } else { e });
+                }
+            },
+        }
+        wait.pause().await?;
+    }
+}
+
+/// `shoal send`: through the node that runs on the data dir until stopped
+/// (it serves the path from then on), or with a node of its own, serving
+/// until a signal.
+async fn send(
+    dir: &Path,
+    out: &Out,
+    path: &Path,
+    net: &NetArgs,
+    listen: &[SocketAddr],
+    copy: bool,
+) -> Result<()> {
+    let interrupt = Interrupt::install()?;
+    let abs = absolute(path)?;
+    // Said before a node starts (it started, and left its socket behind).
+    std::fs::metadata(&abs).with_context(|| format!("adding {}", path.display()))?;
+    let Some(node) = start_node(dir, net, listen, &interrupt).await? else {
+        let Lasting::Node(c) = lasting_node(dir).await? else {
+            bail!(
+                "the node on {} stopped as this command started; run it again",
+                dir.display()
+            );
+        };
+        return send_through(dir, out, path, &abs, c, net, listen, copy).await;
+    };
+    let mode = if copy {
+        ImportMode::Copy
+    } else {
+        ImportMode::InPlace
+    };
+    let added = tokio::select! {
+        a = node.add_path(&abs, mode) => a.with_context(|| format!("adding {}", path.display())),
+        () = interrupt.fired() => Err(anyhow::anyhow!("interrupted while adding {}", path.display())),
+    };
+    let hash = match added {
+        Ok((hash, _)) => hash,
+        Err(e) => {
+            node.shutdown().await;
+            return Err(e);
+        }
+    };
+    let ticket = node.ticket(&hash)?;
+    out.ticket(&ticket.to_string())?;
+    note!(
+        "serving {} ({hash}); to fetch it run:\n  shoal get {ticket}",
+        path.display()
+    );
+    interrupt.fired().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// `send` through a node that runs until stopped: it serves the path from
+/// now on, also after this command ends.
+#[allow(clippy::too_many_arguments)]
+async fn send_through(
+    dir: &Path,
+    out: &Out,
+    path: &Path,
+    abs: &Path,
+    mut c: ControlClient,
+    net: &NetArgs,
+    listen: &[SocketAddr],
+    copy: bool,
+) -> Result<()> {
+    net.warn_ignored_by(dir, listen, false);
+    c.send(pb::control_request::Kind::Add(pb::AddRequest {
+        paths: vec![abs.to_string_lossy().into_owned()],
+        copy,
+    }))
+    .await?;
+    let mut hash = None;
+    while let Some(k) = c.next().await? {
+        if let pb::control_response::Kind::Added(a) = k {
+            if !a.error.is_empty() {
+                // Its own words, as a send without a node says them.
+                bail!("adding {}: {}", path.display(), a.error);
+            }
+            hash = Some(a.hash);
+        }
+    }
+    let hash = hash.context("the node added nothing")?;
+    let mut c = running_node(dir).await?;
+    c.send(pb::control_request::Kind::Ticket(pb::TicketRequest {
+        hash,
+    }))
+    .await?;
+    while let Some(k) = c.next().await? {
+        if let pb::control_response::Kind::Ticket(t) = k {
+            out.ticket(&t)?;
+            note!(
+                "the node running on {} serves {}; to fetch it run:\n  shoal get {t}",
+                dir.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
     let hashes: Vec<Hash> = hashes
         .iter()
@@ -1091,6 +1216,7 @@ async fn get(
         } else {
             let mut config = net.node_config(dir, &[]);
             config.discovery.announce = false;
+            config.short_lived = true;
             match Node::spawn(config).await {
                 Ok(node) => break node,
                 Err(e) if e.is_data_dir_busy() && wait.may_wait() => {

@@ -383,6 +383,7 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     served_cache_blobs: cached_blobs as u64,
                     served_cache_bytes: cached_bytes as u64,
                     served_cache_budget: node.store().served_cache_budget() as u64,
+                    short_lived: node.inner.config.short_lived,
                 };
                 write_frame(&mut stream, &resp(Resp::Status(status))).await?;
             }

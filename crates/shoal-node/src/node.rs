@@ -54,6 +54,10 @@ pub struct NodeConfig {
     /// When a request waits for an answer slot, the slowest answer that has
     /// run this long gives its slot up (see `choke.rs`).
     pub choke_after: Duration,
+    /// A node that stops once its one job is done (`shoal get`'s own):
+    /// its status says so, so that a command on the same data dir does not
+    /// hand it what must outlive it (`shoal send`, a ticket).
+    pub short_lived: bool,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +78,7 @@ impl Default for NodeConfig {
             send_stall_timeout: Duration::from_secs(60),
             max_answers: server::MAX_ANSWERS,
             choke_after: Duration::from_secs(10),
+            short_lived: false,
         }
     }
 }
