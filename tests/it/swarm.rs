@@ -1030,6 +1030,12 @@ fn demo_swarms_and_verifies() {
             .and_then(|l| l["uploaded"].as_u64())
             .unwrap_or_else(|| panic!("no row for {node}: {out}"))
     };
+    // Numbers, for whoever reads the JSON (they were "1.30s", "99 MiB/s").
+    for l in &lines[..lines.len() - 1] {
+        let downloader = l["node"] != "seeder";
+        assert_eq!(l["seconds"].is_f64(), downloader, "{l}");
+        assert_eq!(l["rate"].is_u64(), downloader, "{l}");
+    }
     let seeder = uploaded("seeder");
     let peers: u64 = (1..=3).map(|i| uploaded(&format!("downloader {i}"))).sum();
     // Without a swarm the seeder would send three copies.
@@ -1038,6 +1044,16 @@ fn demo_swarms_and_verifies() {
         peers > size / 2,
         "downloaders sent each other {peers} bytes: {out}"
     );
+    // `0`: no cap, as its help says (it was refused).
+    dir.ok(&[
+        "demo",
+        "--size-mib",
+        "1",
+        "--downloaders",
+        "1",
+        "--seeder-rate",
+        "0",
+    ]);
 }
 
 /// A downloading node tells the peers subscribed to its have updates which

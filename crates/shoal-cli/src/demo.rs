@@ -22,8 +22,16 @@ pub(crate) struct DemoArgs {
     /// before they learn of each other, and there is no swarm to see;
     /// capped, as a home uplink is, the downloaders get most of the data
     /// from each other.
-    #[arg(long, value_name = "RATE", default_value = "50MiB/s", value_parser = crate::parse_rate)]
+    #[arg(long, value_name = "RATE", default_value = "50MiB/s", value_parser = rate_or_none)]
     seeder_rate: u64,
+}
+
+/// A rate, or `0` for none (the general parser refuses a zero rate).
+fn rate_or_none(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    crate::parse_rate(s)
 }
 
 /// Fast, deterministic filler (xorshift64*), so the demo needs no input.
@@ -161,13 +169,10 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
     let mb = size as f64 / (1024.0 * 1024.0);
     let report = |name: String, n: &Node, done: Option<Duration>| {
         let s = n.endpoint().stats();
-        let time = done.map_or_else(|| "-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
-        let rate = done.map_or_else(
-            || "-".to_string(),
-            |d| format!("{:.0} MiB/s", mb / d.as_secs_f64().max(1e-3)),
-        );
-        (name, time, rate, s.bytes_sent, s.bytes_received)
+        (name, done, s.bytes_sent, s.bytes_received)
     };
+    // A downloader's rate: bytes per second, over the time it took.
+    let rate = |d: Duration| size as f64 / d.as_secs_f64().max(1e-3);
     let mut rows = vec![report("seeder".into(), &seeder, None)];
     for (i, n) in nodes.iter().enumerate() {
         rows.push(report(
@@ -180,7 +185,8 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
         for r in &rows {
             say!(
                 "{}",
-                serde_json::json!({ "node": r.0, "finished": r.1, "rate": r.2, "uploaded": r.3, "downloaded": r.4 })
+                // Numbers (seconds, bytes per second), null for the seeder.
+                serde_json::json!({ "node": r.0, "seconds": r.1.map(|d| d.as_secs_f64()), "rate": r.1.map(|d| rate(d) as u64), "uploaded": r.2, "downloaded": r.3 })
             );
         }
         say!(
@@ -203,17 +209,23 @@ pub(crate) async fn run(args: &DemoArgs, out: &Out) -> Result<()> {
             "downloaded"
         );
         for r in &rows {
+            let time =
+                r.1.map_or_else(|| "-".to_string(), |d| format!("{:.2}s", d.as_secs_f64()));
+            let speed = r.1.map_or_else(
+                || "-".to_string(),
+                |d| format!("{:.0} MiB/s", rate(d) / (1024.0 * 1024.0)),
+            );
             say!(
                 "{:<14} {:>9} {:>11} {:>12} {:>12}",
                 r.0,
-                r.1,
-                r.2,
-                human(r.3),
-                human(r.4)
+                time,
+                speed,
+                human(r.2),
+                human(r.3)
             );
         }
-        let seeder_copies = rows[0].3 as f64 / size as f64;
-        let peer_copies = rows[1..].iter().map(|r| r.3).sum::<u64>() as f64 / size as f64;
+        let seeder_copies = rows[0].2 as f64 / size as f64;
+        let peer_copies = rows[1..].iter().map(|r| r.2).sum::<u64>() as f64 / size as f64;
         say!(
             "all done in {:.2}s ({:.0} MiB/s aggregate); the seeder sent {seeder_copies:.2} copies, the downloaders sent each other {peer_copies:.2}",
             total.as_secs_f64(),
