@@ -599,7 +599,11 @@ async fn fetch_blob_alone(
     let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
     let mut claimed_collection = kind == Some(BlobKind::Collection);
     let mut begun = false;
-    if let Some(k) = kind {
+    // Begun now only if the store knows the blob (a resumed download, one
+    // held whole): a new one is begun once a peer offers it (before the
+    // size proof, below), so that a get that finds nobody leaves no empty
+    // `OUT.shoal-partial` and no pinned 0% entry behind (a review).
+    if let Some(k) = kind.filter(|_| store.info(&hash).is_some()) {
         begin(k).await?;
         begun = true;
     }

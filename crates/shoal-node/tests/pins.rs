@@ -589,3 +589,57 @@ async fn a_waiting_fetch_gives_its_peers_to_the_running_download() {
         n.shutdown().await;
     }
 }
+
+/// A fetch of a blob whose kind is known (a ticket's) that reaches no one
+/// holding it leaves nothing behind: no `OUT.shoal-partial` beside its
+/// output, no pinned empty entry in the store. It began the download
+/// before any peer offered it, and left both (a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_finds_nobody_leaves_nothing() {
+    let s = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let hash = s
+        .add_bytes(content(300_000, 70), "there.bin")
+        .await
+        .unwrap();
+    let other = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let d = Node::spawn(config(None, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The seeder's address, named with another peer's key: the dial fails
+    // at once, and there is nowhere else to look.
+    let req = FetchRequest {
+        hash,
+        kind: Some(BlobKind::Raw),
+        peers: vec![PeerAddr {
+            id: Some(other.peer_id()),
+            addr: s.addrs()[0],
+        }],
+        out: FetchOutput::Path(dir.path().join("out.bin")),
+    };
+    let err = tokio::time::timeout(Duration::from_secs(30), d.fetch(req, None))
+        .await
+        .expect("the fetch never gave up")
+        .expect_err("fetched through a peer with the wrong key");
+    assert!(
+        matches!(err, shoal_node::NodeError::NowhereLeft(..)),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        d.store().info(&hash).is_none(),
+        "{:?}",
+        d.store().info(&hash)
+    );
+    for n in [s, other, d] {
+        n.shutdown().await;
+    }
+}
