@@ -292,6 +292,9 @@ struct Running {
     given_up: bool,
 }
 
+/// The most addresses a "no peer could be reached" error names.
+const MAX_UNREACHED_SAID: usize = 4;
+
 /// A task of a download, aborted when dropped: a download whose future is
 /// dropped mid-way (a collection's fetch ends at its first failing member,
 /// and the members under way with it are dropped) leaves none of its
@@ -633,6 +636,10 @@ async fn fetch_blob_alone(
     let discovery_off = candidates.is_none();
     // Addresses found hopeless, and why.
     let mut hopeless: Vec<(SocketAddr, String)> = Vec::new();
+    // Addresses given (a ticket's, `--peer`) that could not be dialled,
+    // and the last error of each: said if the download fails for want of
+    // a peer.
+    let mut unreached: Vec<(SocketAddr, String)> = Vec::new();
     let mut book = AddressBook::new(SelfFilter::new(
         node.endpoint.peer_id(),
         &node.endpoint.local_addrs(),
@@ -927,7 +934,18 @@ async fn fetch_blob_alone(
             break Err(if peers.is_empty() && dropped > 0 {
                 NodeError::AllDropped(hash, dropped)
             } else if peers.is_empty() {
-                NodeError::NoProviders(hash)
+                // The addresses given, and why each could not be used (a
+                // closed port waited out the stall timeout and then said
+                // only "could not be found or reached").
+                let why: Vec<String> = unreached.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+                NodeError::NoProviders(
+                    hash,
+                    if why.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", why.join("; "))
+                    },
+                )
             } else if peers.values().all(|p| !p.complete && p.have.is_empty()) && dropped > 0 {
                 NodeError::AllDropped(hash, dropped)
             } else if peers.values().all(|p| !p.complete && p.have.is_empty()) {
@@ -968,6 +986,7 @@ async fn fetch_blob_alone(
                 Ev::PeerUp { peer, conn, avail, addr } => {
                     dialing.remove(&addr);
                     book.record_success(addr);
+                    unreached.retain(|(a, _)| *a != addr);
                     reached.insert(peer);
                     if let Some(k) = known.get_mut(&addr) {
                         k.peer = Some(peer);
@@ -1031,6 +1050,13 @@ async fn fetch_blob_alone(
                     // Say it once per address given up front (a ticket's,
                     // --peer): the user named it. Discovered ones are many.
                     let named = known.get(&addr).is_some_and(|k| k.cand.source == Source::Static);
+                    if named {
+                        if let Some(u) = unreached.iter_mut().find(|(a, _)| *a == addr) {
+                            u.1 = err.to_string();
+                        } else if unreached.len() < MAX_UNREACHED_SAID {
+                            unreached.push((addr, err.to_string()));
+                        }
+                    }
                     if named && book.failures(addr) == 1 {
                         info!(%addr, "{err}; dialling it again while the download waits (up to {stall:?} without progress)");
                     } else {

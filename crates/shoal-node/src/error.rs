@@ -43,9 +43,10 @@ pub enum NodeError {
     /// A hash the store does not hold.
     #[error("{0} is not in the store")]
     NotInStore(Hash),
-    /// No peer could be found or reached for a hash.
-    #[error("no peer with {0} could be found or reached")]
-    NoProviders(Hash),
+    /// No peer could be found or reached for a hash; why the addresses
+    /// given could not be reached, if any were (" (ADDR: why; ...)").
+    #[error("no peer with {0} could be found or reached{1}")]
+    NoProviders(Hash, String),
     /// Peers were reached, and none of them holds any of the hash.
     #[error(
         "no peer reached holds {0} ({1} asked): check the hash or ticket, or ask whoever shared \

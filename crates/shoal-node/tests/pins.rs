@@ -643,3 +643,36 @@ async fn a_fetch_that_finds_nobody_leaves_nothing() {
         n.shutdown().await;
     }
 }
+
+/// A fetch whose only address leads nowhere (nothing listens there) says,
+/// when it gives up, why that address could not be used: it said only "no
+/// peer could be found or reached" after its whole timeout (a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_reached_no_one_says_why() {
+    // A port nothing listens on: the dial times out (10 s).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Node::spawn(config(None, Duration::from_secs(12)))
+        .await
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let req = FetchRequest {
+        hash: blake3::hash(b"nowhere"),
+        kind: Some(BlobKind::Raw),
+        peers: vec![PeerAddr { id: None, addr }],
+        out: FetchOutput::Store,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(40), d.fetch(req, None))
+        .await
+        .expect("the fetch never gave up")
+        .expect_err("fetched from nowhere");
+    let said = err.to_string();
+    assert!(
+        said.contains(&format!("({addr}: timed out connecting")),
+        "{said}"
+    );
+    d.shutdown().await;
+}
