@@ -718,8 +718,24 @@ async fn fetch_blob_alone(
         ));
     }
     for c in initial {
+        // This node itself (a ticket of its own, say) is never dialled: it
+        // was dropped without a word, and with discovery off the download
+        // waited out its whole timeout for nothing.
+        let me = node.endpoint.peer_id();
+        if c.id == Some(me) {
+            hopeless.push((c.addr, NodeError::OwnId(me).to_string()));
+            continue;
+        }
+        if book.is_self_addr(c.addr) {
+            hopeless.push((c.addr, NodeError::SelfDial.to_string()));
+            continue;
+        }
         remember(&mut known, &c, Instant::now());
         enqueue(&mut queued, c);
+    }
+    if discovery_off && known.is_empty() {
+        let why: Vec<String> = hopeless.iter().map(|(_, e)| e.clone()).collect();
+        return Err(NodeError::NowhereLeft(hash, why.join("; ")));
     }
 
     let result = loop {

@@ -676,3 +676,33 @@ async fn a_fetch_that_reached_no_one_says_why() {
     );
     d.shutdown().await;
 }
+
+/// A fetch whose addresses all lead to this node itself (its own ticket)
+/// fails at once, saying so, with discovery off: they were dropped
+/// without a word, and it waited out its whole timeout (a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_names_only_this_node_says_so_at_once() {
+    let d = Node::spawn(config(None, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    for (id, said) in [(Some(d.peer_id()), "own id"), (None, "this node itself")] {
+        let req = FetchRequest {
+            hash: blake3::hash(b"not here"),
+            kind: Some(BlobKind::Raw),
+            peers: vec![PeerAddr {
+                id,
+                addr: d.addrs()[0],
+            }],
+            out: FetchOutput::Store,
+        };
+        let err = tokio::time::timeout(Duration::from_secs(20), d.fetch(req, None))
+            .await
+            .expect("the fetch waited for a peer it will never have")
+            .expect_err("fetched from itself");
+        assert!(
+            matches!(err, shoal_node::NodeError::NowhereLeft(..)) && err.to_string().contains(said),
+            "{err}"
+        );
+    }
+    d.shutdown().await;
+}
