@@ -102,9 +102,11 @@ pub enum TransportError {
         /// The address dialed.
         addr: SocketAddr,
     },
-    /// The peer refused the connection, most likely because it has too
-    /// many.
-    #[error("peer at {addr} refused the connection (it may be at its connection limit)")]
+    /// The peer refused the connection: it has too many, or it is
+    /// stopping (a closing endpoint refuses new connections).
+    #[error(
+        "peer at {addr} refused the connection (it may be at its connection limit, or stopping)"
+    )]
     Refused {
         /// The address dialed.
         addr: SocketAddr,
