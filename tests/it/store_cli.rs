@@ -151,26 +151,28 @@ fn quiet_leaves_only_errors_on_stderr() {
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: "));
 }
 
+/// Shoal on `d`'s data dir run by a bash `script` (the harness pipes
+/// stdout), as "$@": its exit status and stderr.
+fn through(d: &Dir, script: &str, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut c = std::process::Command::new("bash");
+    c.arg("-c")
+        .arg(script)
+        .arg("bash")
+        .arg(crate::harness::bin())
+        .arg("--data-dir")
+        .arg(d.path().join("node"))
+        .args(args);
+    let o = crate::harness::run_bounded(c, Duration::from_secs(30));
+    (o.status, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
 #[test]
 fn a_full_stdout_is_an_error_that_says_so_and_a_closed_one_is_not() {
     let d = Dir::new();
     let f = d.path().join("f.bin");
     std::fs::write(&f, data(300_000, 5)).unwrap();
     let hash = d.ok(&["add", f.to_str().unwrap()])[..64].to_string();
-    // Shoal run by a bash `script` (the harness pipes stdout), as "$@".
-    let through = |script: &str, args: &[&str]| {
-        let mut c = std::process::Command::new("bash");
-        c.arg("-c")
-            .arg(script)
-            .arg("bash")
-            .arg(crate::harness::bin())
-            .arg("--data-dir")
-            .arg(d.path().join("node"))
-            .args(args);
-        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
-        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-        (o.status, stderr)
-    };
+    let through = |script: &str, args: &[&str]| through(&d, script, args);
     for args in [vec!["cat", hash.as_str()], vec!["ls"]] {
         let (status, stderr) = through("exec \"$@\" > /dev/full", &args);
         assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
@@ -196,18 +198,7 @@ fn a_stream_through_a_node_ends_on_a_signal_though_its_reader_stalls() {
     std::fs::write(&f, data(4 << 20, 6)).unwrap();
     let hash = d.ok(&["add", f.to_str().unwrap()])[..64].to_string();
     let _node = d.serve(&[]);
-    let through = |script: &str| {
-        let mut c = std::process::Command::new("bash");
-        c.arg("-c")
-            .arg(script)
-            .arg("bash")
-            .arg(crate::harness::bin())
-            .arg("--data-dir")
-            .arg(d.path().join("node"))
-            .args(["cat", &hash]);
-        let o = crate::harness::run_bounded(c, Duration::from_secs(30));
-        (o.status, String::from_utf8_lossy(&o.stderr).into_owned())
-    };
+    let through = |script: &str| through(&d, script, &["cat", &hash]);
     let (status, stderr) = through("exec \"$@\" > /dev/full");
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");

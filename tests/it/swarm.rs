@@ -828,44 +828,46 @@ fn serve_stops_cleanly_on_sigterm() {
 
 #[test]
 fn send_prints_a_ticket_and_serves_until_interrupted() {
-    use std::io::{BufRead, BufReader};
     let s = Dir::new();
     let input = s.path().join("input.bin");
     let bytes = data(1_000_000, 8);
     write(&input, &bytes);
-    let mut child = s
-        .cmd()
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            NET[0],
-            NET[1],
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let ticket = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("send printed no ticket");
-    let ticket = ticket.trim();
+    let (mut child, ticket) = send(&s, &input, Duration::from_secs(30));
+    let ticket = ticket.as_str();
     assert!(ticket.starts_with("shoal"), "{ticket}");
     let d = Dir::new();
     let out = d.path().join("out.bin");
     d.ok(&["get", ticket, "-o", out.to_str().unwrap(), NET[0], NET[1]]);
     assert!(std::fs::read(&out).unwrap() == bytes);
     // SIGINT stops it cleanly.
-    let status = signal_and_wait(&mut child, libc::SIGINT, "send");
+    let status = signal_and_wait(&mut child.0, libc::SIGINT, "send");
     assert!(status.success(), "{status}");
+}
+
+/// `shoal send PATH` on `dir`'s data dir, on loopback, and the ticket it
+/// prints (waited for up to `limit`).
+fn send(dir: &Dir, path: &Path, limit: Duration) -> (KillOnDrop, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = dir
+        .cmd()
+        .arg("send")
+        .arg(path)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(NET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning shoal send");
+    let stdout = child.stdout.take().expect("send's stdout");
+    let child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ticket = rx.recv_timeout(limit).expect("send printed no ticket");
+    (child, ticket.trim().to_string())
 }
 
 /// A `send` on a data dir where a get's own node runs waits for that
@@ -876,7 +878,6 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
 /// there says so (it said "protocol violation").
 #[test]
 fn send_and_ticket_do_not_lean_on_a_gets_own_node() {
-    use std::io::{BufRead, BufReader};
     let s = Dir::new();
     let big = s.path().join("big.bin");
     write(&big, &data(6_000_000, 30));
@@ -903,31 +904,7 @@ fn send_and_ticket_do_not_lean_on_a_gets_own_node() {
     let o = d.run(&["ticket", &hash], Duration::from_secs(30));
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("get's own"));
-    let mut send = d
-        .cmd()
-        .args([
-            "send",
-            small.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            NET[0],
-            NET[1],
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = send.stdout.take().unwrap();
-    let mut send = KillOnDrop(send);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let sent = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("send printed no ticket");
+    let (mut sending, sent) = send(&d, &small, Duration::from_secs(60));
     // The get is done (its node stopped), and the ticket still leads to
     // the path.
     let done = get.0.wait().unwrap();
@@ -943,7 +920,7 @@ fn send_and_ticket_do_not_lean_on_a_gets_own_node() {
         String::from_utf8_lossy(&got.stderr)
     );
     assert_eq!(got.stdout, b"sent while a get ran");
-    let status = signal_and_wait(&mut send.0, libc::SIGINT, "send");
+    let status = signal_and_wait(&mut sending.0, libc::SIGINT, "send");
     assert!(status.success(), "{status}");
     // Through a serve: a missing path is named as such.
     drop(seeder);

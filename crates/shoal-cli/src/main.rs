@@ -912,17 +912,12 @@ async fn start_node(
                     dir.display()
                 )));
             }
-            Lasting::None => match Node::spawn(net.node_config(dir, listen)).await {
-                Ok(node) => return Ok(Some(node)),
-                Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
-                    tracing::debug!("{} is busy: {e}", dir.display());
+            Lasting::None => {
+                let config = net.node_config(dir, listen);
+                if let Some(node) = wait.try_spawn(config, "starting the node").await? {
+                    return Ok(Some(node));
                 }
-                Err(e) => {
-                    let busy = e.is_data_dir_busy();
-                    let e = anyhow::Error::from(e).context("starting the node");
-                    return Err(if busy { wait.gave_up(e) } else { e });
-                }
-            },
+            }
         }
         wait.pause().await?;
     }
@@ -1217,16 +1212,11 @@ async fn get(
             let mut config = net.node_config(dir, &[]);
             config.discovery.announce = false;
             config.short_lived = true;
-            match Node::spawn(config).await {
-                Ok(node) => break node,
-                Err(e) if e.is_data_dir_busy() && wait.may_wait() => {
-                    tracing::debug!("{} is busy: {e}", dir.display());
-                }
-                Err(e) => {
-                    let busy = e.is_data_dir_busy();
-                    let e = anyhow::Error::from(e).context("starting a node for the download");
-                    return Err(if busy { wait.gave_up(e) } else { e });
-                }
+            if let Some(node) = wait
+                .try_spawn(config, "starting a node for the download")
+                .await?
+            {
+                break node;
             }
         }
         wait.pause().await?;
@@ -1412,6 +1402,24 @@ impl<'a> Waiter<'a> {
         }
         self.waited.set(self.waited.get() + pause);
         Ok(())
+    }
+
+    /// Starts a node on the data dir; None while another process holds
+    /// it and the wait goes on (pause, and try again). `doing` names the
+    /// step in an error.
+    async fn try_spawn(&self, config: NodeConfig, doing: &str) -> Result<Option<Node>> {
+        match Node::spawn(config).await {
+            Ok(node) => Ok(Some(node)),
+            Err(e) if e.is_data_dir_busy() && self.may_wait() => {
+                tracing::debug!("{} is busy: {e}", self.dir.display());
+                Ok(None)
+            }
+            Err(e) => {
+                let busy = e.is_data_dir_busy();
+                let e = anyhow::Error::from(e).context(doing.to_string());
+                Err(if busy { self.gave_up(e) } else { e })
+            }
+        }
     }
 
     /// `e`, the error of the last try once the wait is over, saying so.

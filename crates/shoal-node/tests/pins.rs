@@ -21,6 +21,11 @@ fn config(upload_limit: Option<u64>, stall: Duration) -> NodeConfig {
     }
 }
 
+/// A node on loopback (see [`config`]).
+async fn spawn(upload_limit: Option<u64>, stall: Duration) -> Node {
+    Node::spawn(config(upload_limit, stall)).await.unwrap()
+}
+
 fn content(len: usize, seed: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(len);
     let mut i = 0u64;
@@ -117,9 +122,7 @@ async fn a_collection_fetch_that_fails_leaves_its_members_to_the_collection() {
     // One member is large (downloaded on its own), one small (in a
     // batch), one held by nobody: the fetch fails on it. What it got is
     // kept by the pinned collection, not pinned: `rm` and gc free it all.
-    let s = Node::spawn(config(None, Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let s = spawn(None, Duration::from_secs(2)).await;
     let (big, small) = (content(300_000, 1), content(3_000, 2));
     let col = share_collection(
         &s,
@@ -130,9 +133,7 @@ async fn a_collection_fetch_that_fails_leaves_its_members_to_the_collection() {
         ],
     )
     .await;
-    let d = Node::spawn(config(None, Duration::from_secs(2)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(2)).await;
     let err = tokio::time::timeout(Duration::from_secs(60), fetch(&d, col, None, &s))
         .await
         .expect("the fetch never gave up")
@@ -178,9 +179,7 @@ async fn a_member_the_user_gets_while_its_collection_downloads_stays_pinned() {
     // Meanwhile the user gets another member on its own; when the
     // collection's fetch ends, that member is still pinned (the fetch used
     // to unpin, at its end, every member it found unpinned at its start).
-    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(1 << 20), Duration::from_secs(20)).await;
     let (big, other) = (content(2 << 20, 3), content(200_000, 4));
     let (hbig, hother) = (blake3::hash(&big), blake3::hash(&other));
     let col = share_collection(
@@ -191,9 +190,7 @@ async fn a_member_the_user_gets_while_its_collection_downloads_stays_pinned() {
         ],
     )
     .await;
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     let whole = fetch(&d, col, None, &s);
     // The collection's fetch has begun its members.
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -237,9 +234,7 @@ async fn a_member_the_user_gets_while_its_collection_downloads_stays_pinned() {
 async fn a_collections_progress_reports_its_rate_and_peers() {
     // The bar of a directory's get showed "0 B/s" and "0 peers" (only a
     // single blob's download reported them).
-    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(2 << 20), Duration::from_secs(20)).await;
     let members: Vec<(String, Vec<u8>)> = (0..8)
         .map(|i| (format!("f{i}.bin"), content(400_000, 10 + i)))
         .collect();
@@ -248,9 +243,7 @@ async fn a_collections_progress_reports_its_rate_and_peers() {
         .map(|(p, d)| (p.as_str(), d.len(), Some(d.clone())))
         .collect();
     let col = share_collection(&s, &spec).await;
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     // 3.2 MB at 2 MiB/s: well over a second, so several samples.
     let (mut rate, mut peers) = (0, 0);
     let report = fetch_watching(&d, col, &s, |p| {
@@ -272,14 +265,10 @@ async fn a_collections_progress_reports_its_rate_and_peers() {
 /// against the seeder, both fetching the groups in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_fetches_of_one_blob_at_once_download_it_once() {
-    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(2 << 20), Duration::from_secs(20)).await;
     let data = content(4 << 20, 5);
     let hash = s.add_bytes(data.clone(), "twice.bin").await.unwrap();
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
     let first = fetch(&d, hash, Some(BlobKind::Raw), &s);
     let second = fetch_reporting(&d, hash, Some(BlobKind::Raw), &s, Some(tx));
@@ -318,14 +307,10 @@ async fn two_fetches_of_one_blob_at_once_download_it_once() {
 /// while data came at 5 MB/s (found by a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collections_progress_moves_within_a_large_member() {
-    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(2 << 20), Duration::from_secs(20)).await;
     let big = content(6 << 20, 30);
     let col = share_collection(&s, &[("big.bin", big.len(), Some(big.clone()))]).await;
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     // 6 MiB at 2 MiB/s: ~3 s with the one member under way.
     let mut within = 0u64;
     fetch_watching(&d, col, &s, |p| {
@@ -346,9 +331,7 @@ async fn a_collections_progress_moves_within_a_large_member() {
 /// members held already showed as gigabytes a second (found by a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_collections_rate_leaves_out_what_was_here() {
-    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(2 << 20), Duration::from_secs(20)).await;
     let held: Vec<Vec<u8>> = (0..8).map(|i| content(1 << 20, 40 + i)).collect();
     let missing = content(3 << 20, 50);
     let mut spec: Vec<(String, usize, Option<Vec<u8>>)> = held
@@ -362,9 +345,7 @@ async fn a_resumed_collections_rate_leaves_out_what_was_here() {
         .map(|(p, n, d)| (p.as_str(), *n, d.clone()))
         .collect();
     let col = share_collection(&s, &spec).await;
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     for h in &held {
         d.add_bytes(h.clone(), "held").await.unwrap();
     }
@@ -404,14 +385,10 @@ async fn called_off(
 /// afterwards runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpin_calls_off_the_fetches_of_its_hash() {
-    let s = Node::spawn(config(Some(2 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(2 << 20), Duration::from_secs(20)).await;
     let data = content(8 << 20, 40);
     let hash = s.add_bytes(data.clone(), "dropped.bin").await.unwrap();
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
     let first = fetch_reporting(&d, hash, Some(BlobKind::Raw), &s, Some(tx));
     // One that waits for the first's download.
@@ -451,9 +428,7 @@ async fn an_unpin_calls_off_the_fetches_of_its_hash() {
 /// one by one alike; the collection is left unpinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpin_of_a_collection_calls_off_its_fetch() {
-    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(1 << 20), Duration::from_secs(20)).await;
     let big = content(6 << 20, 41);
     let mut members: Vec<(String, Vec<u8>)> = vec![("big.bin".into(), big)];
     for i in 0..40 {
@@ -464,9 +439,7 @@ async fn an_unpin_of_a_collection_calls_off_its_fetch() {
         .map(|(p, d)| (p.as_str(), d.len(), Some(d.clone())))
         .collect();
     let col = share_collection(&s, &listed).await;
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(20)).await;
     let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
     let f = fetch_reporting(&d, col, Some(BlobKind::Collection), &s, Some(tx));
     some_verified(&mut rx).await;
@@ -494,9 +467,7 @@ async fn an_unpin_of_a_collection_calls_off_its_fetch() {
 /// gc never frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_member_stops_the_members_under_way() {
-    let s = Node::spawn(config(Some(1 << 20), Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(Some(1 << 20), Duration::from_secs(20)).await;
     // 16 s at 1 MiB/s; gone.bin is given up after the stall timeout (3 s)
     // at the latest.
     let big = content(16 << 20, 50);
@@ -509,9 +480,7 @@ async fn a_failed_member_stops_the_members_under_way() {
         ],
     )
     .await;
-    let d = Node::spawn(config(None, Duration::from_secs(3)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(3)).await;
     let err = tokio::time::timeout(Duration::from_secs(30), fetch(&d, col, None, &s))
         .await
         .expect("the fetch never gave up")
@@ -554,17 +523,11 @@ fn group_total(len: usize) -> u64 {
 /// waiter run with its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_fetch_gives_its_peers_to_the_running_download() {
-    let s = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(None, Duration::from_secs(20)).await;
     let data = content(2 << 20, 60);
     let hash = s.add_bytes(data.clone(), "shared.bin").await.unwrap();
-    let empty = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let empty = spawn(None, Duration::from_secs(20)).await;
+    let d = spawn(None, Duration::from_secs(20)).await;
     let (tx, mut rx) = tokio::sync::watch::channel(shoal_node::Progress::default());
     let first = fetch_reporting(&d, hash, Some(BlobKind::Raw), &empty, Some(tx));
     // Connected to the peer that holds nothing: the download runs.
@@ -596,19 +559,13 @@ async fn a_waiting_fetch_gives_its_peers_to_the_running_download() {
 /// before any peer offered it, and left both (a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_finds_nobody_leaves_nothing() {
-    let s = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let s = spawn(None, Duration::from_secs(20)).await;
     let hash = s
         .add_bytes(content(300_000, 70), "there.bin")
         .await
         .unwrap();
-    let other = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
-    let d = Node::spawn(config(None, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let other = spawn(None, Duration::from_secs(20)).await;
+    let d = spawn(None, Duration::from_secs(20)).await;
     let dir = tempfile::tempdir().unwrap();
     // The seeder's address, named with another peer's key: the dial fails
     // at once, and there is nowhere else to look.
@@ -655,9 +612,7 @@ async fn a_fetch_that_reached_no_one_says_why() {
         .local_addr()
         .unwrap()
         .port();
-    let d = Node::spawn(config(None, Duration::from_secs(12)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(12)).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let req = FetchRequest {
         hash: blake3::hash(b"nowhere"),
@@ -682,9 +637,7 @@ async fn a_fetch_that_reached_no_one_says_why() {
 /// without a word, and it waited out its whole timeout (a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_names_only_this_node_says_so_at_once() {
-    let d = Node::spawn(config(None, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let d = spawn(None, Duration::from_secs(60)).await;
     for (id, said) in [(Some(d.peer_id()), "own id"), (None, "this node itself")] {
         let req = FetchRequest {
             hash: blake3::hash(b"not here"),
