@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use shoal_node::control::{ControlClient, VERIFY_NOT_IN_STORE};
+use shoal_node::control::{ControlClient, VERIFY_NOT_IN_STORE, verify_failure};
 use shoal_node::{
     DiscoveryConfig, FetchOutput, FetchRequest, Hash, ImportMode, Node, NodeConfig, PeerAddr,
     Progress, Ticket,
@@ -1039,15 +1039,19 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
     // printed nothing, also of the corrupt blobs found before it.
     let mut corrupt = Vec::new();
     let mut missing = Vec::new();
-    let mut result = |h: Hash, ok: Option<bool>| -> Result<()> {
+    // Blobs that could not be checked (an error reading an outboard, say),
+    // and why: named at the end, the others still checked.
+    let mut unchecked = Vec::new();
+    let mut result = |h: Hash, ok: Result<bool, String>| -> Result<()> {
         match ok {
-            Some(ok) => {
+            Ok(ok) => {
                 out.verified(&h, ok)?;
                 if !ok {
                     corrupt.push(h.to_string());
                 }
             }
-            None => missing.push(h.to_string()),
+            Err(why) if why == VERIFY_NOT_IN_STORE => missing.push(h.to_string()),
+            Err(why) => unchecked.push(format!("{h} ({why})")),
         }
         Ok(())
     };
@@ -1056,7 +1060,14 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
             for k in answers {
                 if let pb::control_response::Kind::Verified(v) = k {
                     let h = Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?);
-                    result(h, (v.detail != VERIFY_NOT_IN_STORE).then_some(v.ok))?;
+                    result(
+                        h,
+                        if v.detail.is_empty() {
+                            Ok(v.ok)
+                        } else {
+                            Err(v.detail)
+                        },
+                    )?;
                 }
             }
         }
@@ -1070,11 +1081,8 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
             };
             for h in list {
                 let s = store.clone();
-                match tokio::task::spawn_blocking(move || s.verify(&h)).await? {
-                    Ok(ok) => result(h, Some(ok))?,
-                    Err(shoal_store::StoreError::NotFound(_)) => result(h, None)?,
-                    Err(e) => return Err(e).with_context(|| format!("verifying {h}")),
-                }
+                let ok = tokio::task::spawn_blocking(move || s.verify(&h)).await?;
+                result(h, ok.map_err(|e| verify_failure(&e)))?;
             }
         }
     }
@@ -1088,6 +1096,9 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
     }
     if !missing.is_empty() {
         failed.push(format!("not in the store: {}", missing.join(", ")));
+    }
+    if !unchecked.is_empty() {
+        failed.push(format!("could not be checked: {}", unchecked.join(", ")));
     }
     if !failed.is_empty() {
         bail!("{}", failed.join("; "));

@@ -27,6 +27,15 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// A `VerifyItem`'s `detail` for a hash the store does not hold.
 pub const VERIFY_NOT_IN_STORE: &str = "not in the store";
 
+/// A `VerifyItem`'s `detail` for a blob that could not be checked:
+/// [`VERIFY_NOT_IN_STORE`], or the error.
+pub fn verify_failure(e: &shoal_store::StoreError) -> String {
+    match e {
+        shoal_store::StoreError::NotFound(_) => VERIFY_NOT_IN_STORE.into(),
+        e => e.to_string(),
+    }
+}
+
 /// Binds the control socket, refusing if a live node already answers on it
 /// and removing a stale one.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, NodeError> {
@@ -332,16 +341,15 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     {
                         Ok(ok) => ok,
                         // Named, and the others still checked.
-                        Err(shoal_store::StoreError::NotFound(_)) => {
+                        Err(e) => {
                             let item = pb::VerifyItem {
                                 hash: h.as_bytes().to_vec().into(),
                                 ok: false,
-                                detail: VERIFY_NOT_IN_STORE.into(),
+                                detail: verify_failure(&e),
                             };
                             write_frame(&mut stream, &resp(Resp::Verified(item))).await?;
                             continue;
                         }
-                        Err(e) => return Err(e.into()),
                     };
                     if ok {
                         // Whatever the node's own re-hash of it said before

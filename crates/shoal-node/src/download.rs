@@ -560,12 +560,13 @@ pub(crate) async fn fetch_blob(
     let cancel = job.cancel.clone();
     // A wait called off leaves the queue (`Turn` is built first).
     let turn = tokio::select! {
-        t = node2.downloading.turn(job.hash, &progress, &job.peers) => t,
+        // A fetch called off while it waited does not take the turn.
+        biased;
         () = cancel.cancelled() => return Err(cancel_error(&node, job.hash)),
+        t = node2.downloading.turn(job.hash, &progress, &job.peers) => t,
     };
-    // What waiters gave a download before this one is theirs to dial in
-    // their own turn.
-    lock(&turn.turns.extra).clear();
+    // What waiters gave before stays: those still waiting want this
+    // download to dial their peers too (doubles are dialled once).
     fetch_blob_alone(node, job, progress, turn.turns.extra.clone()).await
 }
 
@@ -1252,6 +1253,11 @@ async fn fetch_blob_alone(
                 let now = Instant::now();
                 // Peers the fetches waiting for this download were given.
                 for p in std::mem::take(&mut *lock(&extra)) {
+                    // Not this node itself (never dialled, never failed:
+                    // the download would wait for it).
+                    if p.id == Some(node.endpoint.peer_id()) || book.is_self_addr(p.addr) {
+                        continue;
+                    }
                     let c = Candidate { addr: p.addr, id: p.id, source: Source::Static };
                     remember_found(&mut known, &c, now);
                     enqueue_found(&mut queued, c);

@@ -86,11 +86,7 @@ impl Node {
         };
         if matches!(res, Err(NodeError::Cancelled(_))) {
             let (store, hash) = (self.store().clone(), req.hash);
-            let out = match &req.out {
-                FetchOutput::Path(p) => Some(p.clone()),
-                _ => None,
-            };
-            tokio::task::spawn_blocking(move || called_off(&store, &hash, out.as_deref()))
+            tokio::task::spawn_blocking(move || called_off(&store, &hash))
                 .await
                 .map_err(|e| NodeError::Internal(e.to_string()))??;
         }
@@ -802,33 +798,17 @@ async fn stream_out(
 }
 
 /// What a fetch called off leaves: unpinned (its own pin, as a download
-/// begins, may have come after the unpin that called it off), and for a
-/// directory no temporary tree beside the output. Its members there are
-/// the tree's files, which gc does not delete (they are files in place to
-/// the store): they are forgotten with it. What the store owns (a file's
-/// partial download) stays until gc, as after any unpin.
-fn called_off(
-    store: &shoal_store::Store,
-    hash: &Hash,
-    out: Option<&Path>,
-) -> Result<(), NodeError> {
-    store.unpin(hash)?;
-    let is_collection = store
-        .info(hash)
-        .is_some_and(|i| i.kind == BlobKind::Collection);
-    let Some(out) = out.filter(|_| is_collection) else {
-        return Ok(());
-    };
-    let tmp = temp_sibling(out);
-    if !std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.is_dir()) {
-        return Ok(());
+/// begins, may have come after the unpin that called it off; or it never
+/// began, and the store has nothing to unpin). What it verified stays
+/// until gc, as after any unpin; a directory's temporary tree stays as an
+/// interrupted get leaves it. (Deleting the tree here left the members'
+/// partial downloads pointing into it, and a get of it again failed to
+/// rename them into place: found by a review.)
+fn called_off(store: &shoal_store::Store, hash: &Hash) -> Result<(), NodeError> {
+    match store.unpin(hash) {
+        Ok(()) | Err(shoal_store::StoreError::NotFound(_)) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    std::fs::remove_dir_all(&tmp).map_err(|e| NodeError::Write(tmp.clone(), e))?;
-    if let Ok(entries) = store.read_manifest(hash) {
-        let members: Vec<Hash> = entries.iter().map(|e| e.hash).collect();
-        store.forget_vanished(&members)?;
-    }
-    Ok(())
 }
 
 /// Why a fetch's token was cancelled: the node stopping, or an unpin of

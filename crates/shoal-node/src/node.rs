@@ -479,8 +479,14 @@ impl Node {
         if cancelled > 0 {
             debug!(%hash, cancelled, "unpinned: its fetches are called off");
         }
-        // Not held across the store's write (a durable commit).
-        self.inner.store.unpin(hash)?;
+        // Not held across the store's write (a durable commit). A fetch
+        // called off before any peer offered the blob left nothing in the
+        // store: unpinning it is done.
+        match self.inner.store.unpin(hash) {
+            Ok(()) => {}
+            Err(shoal_store::StoreError::NotFound(_)) if cancelled > 0 => {}
+            Err(e) => return Err(e.into()),
+        }
         if let Some(d) = &self.inner.discovery {
             let _after_any_check = lock(&self.inner.announcing);
             d.withdraw(*hash.as_bytes());

@@ -494,6 +494,8 @@ async fn a_failed_member_stops_the_members_under_way() {
     let big_hash = blake3::hash(&big);
     let verified =
         |store: &shoal_store::Store| store.info(&big_hash).map_or(0, |i| i.verified.count());
+    // Requests that were writing what they verified finish that first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let then = verified(store);
     assert!(
         then < group_total(big.len()),
@@ -657,5 +659,47 @@ async fn a_fetch_that_names_only_this_node_says_so_at_once() {
             "{err}"
         );
     }
+    d.shutdown().await;
+}
+
+/// An unpin of a blob whose fetch has not found a peer yet (nothing of it
+/// in the store) calls the fetch off and succeeds: it failed "not found",
+/// and the fetch said the blob was not found rather than called off (a
+/// review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpin_calls_off_a_fetch_that_has_no_peer_yet() {
+    // A port nothing listens on: the dial waits (10 s).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = spawn(None, Duration::from_secs(60)).await;
+    let hash = blake3::hash(b"looked for");
+    let req = FetchRequest {
+        hash,
+        kind: Some(BlobKind::Raw),
+        peers: vec![PeerAddr {
+            id: None,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        }],
+        out: FetchOutput::Store,
+    };
+    let n = d.clone();
+    let f = tokio::spawn(async move { n.fetch(req, None).await });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while d.transfers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch never started");
+    assert!(d.store().info(&hash).is_none());
+    d.unpin(&hash).unwrap();
+    let e = called_off(f).await;
+    assert!(
+        matches!(e, shoal_node::NodeError::Cancelled(h) if h == hash),
+        "{e}"
+    );
     d.shutdown().await;
 }

@@ -1347,11 +1347,12 @@ impl Store {
                     self.inner.mark_corrupt(hash);
                     return Ok(false);
                 }
-                // Its data cannot be read (a directory where the file
-                // was, no permission, a bad sector): what cannot be
-                // checked is not served, and `verify` goes on to the next
-                // blob. A later verify that reads it clears the mark.
-                Err(e) => return unreadable(&format!("{}: {e}", path.display())),
+                // Its data cannot be read, for good (a directory where the
+                // file was, no permission): not served. A later verify that
+                // reads it clears the mark. A passing error (too many open
+                // files) is an error, and marks nothing.
+                Err(e) if lasting(&e) => return unreadable(&format!("{}: {e}", path.display())),
+                Err(e) => return Err(StoreError::io("opening", path, e)),
             },
         };
         let new_stamp = match &data_slot {
@@ -1378,7 +1379,8 @@ impl Store {
         loop {
             let n = match read_full_at(&data_slot, pos, &mut buf) {
                 Ok(n) => n,
-                Err(e) => return unreadable(&e.to_string()),
+                Err(e) if lasting(&e) => return unreadable(&e.to_string()),
+                Err(e) => return Err(StoreError::io("reading", Path::new(&name), e)),
             };
             h.update(&buf[..n]);
             pos += n as u64;
@@ -2405,6 +2407,17 @@ fn recheck(
         }
     }
     Ok(GroupRanges::from_groups(out))
+}
+
+/// Whether reading a blob's data failed for good: what is there is no
+/// file (a directory, a loop of links) or may not be read. Not a passing
+/// error (too many open files, an interrupted call).
+fn lasting(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::PermissionDenied
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EISDIR | libc::ELOOP | libc::ENOTDIR | libc::EIO)
+        )
 }
 
 /// A directory being walked: its path as given and canonical, and the

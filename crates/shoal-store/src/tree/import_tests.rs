@@ -409,6 +409,7 @@ fn unreadable_files_are_a_clear_error_and_the_store_stays_usable() {
     let dir = tempfile::tempdir().unwrap();
     let (sdir, locked, file, inner) = perm_layout(dir.path());
     fs::create_dir(&sdir).unwrap();
+    fs::create_dir(dir.path().join("open")).unwrap();
     fs::write(&file, b"secret").unwrap();
     fs::write(&inner, b"inner").unwrap();
     fs::set_permissions(&file, fs::Permissions::from_mode(0o000)).unwrap();
@@ -419,6 +420,7 @@ fn unreadable_files_are_a_clear_error_and_the_store_stays_usable() {
     // Root reads everything: drop to nobody in a child process.
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(&sdir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(dir.path().join("open"), Some(65534), Some(65534)).unwrap();
     let out = child(
         "tree::import_tests::perm_child",
         &[("SHOAL_TEST_DIR", dir.path())],
@@ -472,7 +474,8 @@ fn perm_child_body(base: &Path) {
     assert!(store.list().is_empty());
     assert_eq!(data_files(&sdir), Vec::<String>::new());
     // The store still works, and still does after reopening.
-    let ok = base.join("s").join("readable");
+    // (Beside the store: what is in its directory is never added.)
+    let ok = base.join("open").join("readable");
     fs::write(&ok, b"fine").unwrap();
     let h = store.import_file(&ok, ImportMode::Copy).unwrap();
     drop(store);
