@@ -603,19 +603,19 @@ async fn a_fetch_that_finds_nobody_leaves_nothing() {
     }
 }
 
+/// A loopback address nothing listens on: a dial there times out (10 s).
+fn nobody_there() -> std::net::SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
 /// A fetch whose only address leads nowhere (nothing listens there) says,
 /// when it gives up, why that address could not be used: it said only "no
 /// peer could be found or reached" after its whole timeout (a review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_that_reached_no_one_says_why() {
-    // A port nothing listens on: the dial times out (10 s).
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let addr = nobody_there();
     let d = spawn(None, Duration::from_secs(12)).await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let req = FetchRequest {
         hash: blake3::hash(b"nowhere"),
         kind: Some(BlobKind::Raw),
@@ -668,12 +668,6 @@ async fn a_fetch_that_names_only_this_node_says_so_at_once() {
 /// review).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpin_calls_off_a_fetch_that_has_no_peer_yet() {
-    // A port nothing listens on: the dial waits (10 s).
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let d = spawn(None, Duration::from_secs(60)).await;
     let hash = blake3::hash(b"looked for");
     let req = FetchRequest {
@@ -681,7 +675,7 @@ async fn an_unpin_calls_off_a_fetch_that_has_no_peer_yet() {
         kind: Some(BlobKind::Raw),
         peers: vec![PeerAddr {
             id: None,
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            addr: nobody_there(),
         }],
         out: FetchOutput::Store,
     };
