@@ -834,7 +834,7 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     let input = s.path().join("input.bin");
     let bytes = data(1_000_000, 8);
     write(&input, &bytes);
-    let (mut child, ticket) = send(&s, &input, Duration::from_secs(30));
+    let (mut child, ticket) = send(&s, &input, &[], Duration::from_secs(30));
     let ticket = ticket.as_str();
     assert!(ticket.starts_with("shoal"), "{ticket}");
     let d = Dir::new();
@@ -846,14 +846,51 @@ fn send_prints_a_ticket_and_serves_until_interrupted() {
     assert!(status.success(), "{status}");
 }
 
-/// `shoal send PATH` on `dir`'s data dir, on loopback, and the ticket it
-/// prints (waited for up to `limit`).
-fn send(dir: &Dir, path: &Path, limit: Duration) -> (KillOnDrop, String) {
+/// `send` unpins at exit what it pinned itself: a one-shot share leaves
+/// nothing that a later `serve` would serve and announce (it stayed
+/// pinned). What was pinned before stays, and `--keep` keeps it.
+#[test]
+fn send_unpins_at_exit_only_what_it_pinned() {
+    let s = Dir::new();
+    let pinned = |hash: &str| -> bool {
+        let ls = s.ok(&["--json", "ls"]);
+        let row = ls
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["hash"] == hash)
+            .unwrap_or_else(|| panic!("{hash} not in ls: {ls}"));
+        row["pinned"].as_bool().unwrap()
+    };
+    let sent = |name: &str, added_before: bool, flags: &[&str]| -> String {
+        let path = s.path().join(name);
+        write(&path, name.as_bytes());
+        if added_before {
+            add(&s, &path);
+        }
+        let (mut child, _) = send(&s, &path, flags, Duration::from_secs(30));
+        let status = signal_and_wait(&mut child.0, libc::SIGINT, "send");
+        assert!(status.success(), "{status}");
+        blake3::hash(name.as_bytes()).to_hex().to_string()
+    };
+    let once = sent("once.txt", false, &[]);
+    assert!(!pinned(&once), "what send pinned stays pinned");
+    let before = sent("before.txt", true, &[]);
+    assert!(pinned(&before), "what add pinned before was unpinned");
+    let kept = sent("kept.txt", false, &["--keep"]);
+    assert!(pinned(&kept), "--keep did not keep it");
+    s.ok(&["gc"]);
+    assert!(!s.ok(&["ls"]).contains(&once[..16]));
+}
+
+/// `shoal send PATH` on `dir`'s data dir, on loopback, with `flags`, and
+/// the ticket it prints (waited for up to `limit`).
+fn send(dir: &Dir, path: &Path, flags: &[&str], limit: Duration) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
     let mut child = dir
         .cmd()
         .arg("send")
         .arg(path)
+        .args(flags)
         .args(["--listen", "127.0.0.1:0"])
         .args(NET)
         .stdout(Stdio::piped())
@@ -907,7 +944,7 @@ fn send_and_ticket_do_not_lean_on_a_gets_own_node() {
     let o = d.run(&["ticket", &hash], Duration::from_secs(30));
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("get's own"));
-    let (mut sending, sent) = send(&d, &small, Duration::from_secs(60));
+    let (mut sending, sent) = send(&d, &small, &[], Duration::from_secs(60));
     // The get is done (its node stopped), and the ticket still leads to
     // the path.
     let done = get.0.wait().unwrap();

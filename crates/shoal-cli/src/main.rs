@@ -5,6 +5,7 @@
 //! store directly when no node runs on the data dir, or the running node
 //! through its control socket (`shoal_node::control`).
 
+use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -119,6 +120,11 @@ enum Command {
         /// Keep a private copy instead of referencing the files in place.
         #[arg(long)]
         copy: bool,
+        /// Keep PATH pinned in the store once `send` stops (by default
+        /// what `send` pinned is unpinned then, and `shoal gc` frees it;
+        /// through a running `shoal serve`, PATH stays served and pinned).
+        #[arg(long)]
+        keep: bool,
     },
     /// Fetch content from every peer that has it, verifying every chunk.
     Get {
@@ -617,7 +623,8 @@ async fn run(cli: Cli) -> Result<()> {
             net,
             listen,
             copy,
-        } => send(&dir, &out, path, net, listen, *copy).await?,
+            keep,
+        } => send(&dir, &out, path, net, listen, *copy, *keep).await?,
         Command::Get { what, output, net } => get(&dir, &out, what, output.as_deref(), net).await?,
         Command::Cat { what, net } => get(&dir, &out, what, Some(Path::new("-")), net).await?,
         Command::Peers => {
@@ -933,6 +940,7 @@ async fn send(
     net: &NetArgs,
     listen: &[SocketAddr],
     copy: bool,
+    keep: bool,
 ) -> Result<()> {
     let interrupt = Interrupt::install()?;
     let abs = absolute(path)?;
@@ -952,6 +960,18 @@ async fn send(
     } else {
         ImportMode::InPlace
     };
+    // What was pinned before (by `add`, `get`, an earlier `send --keep`)
+    // stays pinned when `send` stops; what `send` itself pinned does not,
+    // unless `--keep`: a one-shot share leaves nothing that a later
+    // `serve` would serve and announce (as sendme forgets at exit). This
+    // node holds the store alone, so nothing pins meanwhile.
+    let pinned_before: HashSet<Hash> = node
+        .store()
+        .list()
+        .into_iter()
+        .filter(|i| i.pinned)
+        .map(|i| i.hash)
+        .collect();
     let added = tokio::select! {
         a = node.add_path(&abs, mode) => a.with_context(|| format!("adding {}", path.display())),
         () = interrupt.fired() => Err(anyhow::anyhow!("interrupted while adding {}", path.display())),
@@ -970,7 +990,20 @@ async fn send(
         path.display()
     );
     interrupt.fired().await;
+    let unpinned = if keep || pinned_before.contains(&hash) {
+        Ok(false)
+    } else {
+        node.unpin(&hash).map(|()| true)
+    };
     node.shutdown().await;
+    match unpinned {
+        Ok(true) => note!(
+            "stopped; {} is no longer pinned here (`shoal gc` frees its space; `send --keep` keeps it)",
+            path.display()
+        ),
+        Ok(false) => note!("stopped; {} stays pinned here", path.display()),
+        Err(e) => bail!("unpinning {} ({hash}): {e}", path.display()),
+    }
     Ok(())
 }
 

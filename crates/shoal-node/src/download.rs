@@ -316,14 +316,69 @@ impl Drop for Task {
 
 /// Ends a download's turn in the store ([`Store::end_download`], so that
 /// gc may take what it leaves) however its future ends: dropped, too.
+///
+/// [`Store::begin_download`] runs off the async workers, and a download
+/// dropped meanwhile cannot stop it: ending the turn at once would come
+/// before the begin, which would then leave the blob in flight (kept from
+/// gc) until the node restarts (a review). A begin under way ends the turn
+/// itself once it is done if the download was dropped meanwhile.
 struct InFlight {
     store: Store,
     hash: Hash,
+    phase: Arc<std::sync::Mutex<Phase>>,
+}
+
+/// Where an [`InFlight`]'s begin is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// No begin under way.
+    Idle,
+    /// A begin runs.
+    Beginning,
+    /// A begin runs and the download was dropped: the begin ends the turn.
+    Dropped,
+}
+
+impl InFlight {
+    fn new(store: Store, hash: Hash) -> Self {
+        Self {
+            store,
+            hash,
+            phase: Arc::new(std::sync::Mutex::new(Phase::Idle)),
+        }
+    }
+
+    /// Runs `begin` (a [`Store::begin_download`] of this hash) off the
+    /// async workers; see the type's comment for a drop meanwhile.
+    async fn begin<F>(&self, begin: F) -> Result<(), shoal_store::StoreError>
+    where
+        F: FnOnce(&Store) -> Result<(), shoal_store::StoreError> + Send + 'static,
+    {
+        *lock(&self.phase) = Phase::Beginning;
+        let (store, hash, phase) = (self.store.clone(), self.hash, self.phase.clone());
+        tokio::task::spawn_blocking(move || {
+            let r = begin(&store);
+            let mut phase = lock(&phase);
+            if *phase == Phase::Dropped {
+                // Under the lock: the guard, gone, cannot race this.
+                store.end_download(&hash);
+            }
+            *phase = Phase::Idle;
+            r
+        })
+        .await
+        .map_err(|e| shoal_store::StoreError::Task(e.to_string()))?
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.store.end_download(&self.hash);
+        let mut phase = lock(&self.phase);
+        if *phase == Phase::Beginning {
+            *phase = Phase::Dropped;
+        } else {
+            self.store.end_download(&self.hash);
+        }
     }
 }
 
@@ -580,10 +635,7 @@ async fn fetch_blob_alone(
     let hash = job.hash;
     let cancel = job.cancel.clone();
     let store = node.store.clone();
-    let _in_flight = InFlight {
-        store: store.clone(),
-        hash,
-    };
+    let in_flight = InFlight::new(store.clone(), hash);
     // The download is declared to the store as soon as its kind is known
     // (from the caller, the store, or else the first provider's claim), so
     // that a raw blob is written straight to its target. Off the async
@@ -591,14 +643,9 @@ async fn fetch_blob_alone(
     // and waits while a gc removes files.
     let begin = |kind: BlobKind| {
         let target = job.target.clone().filter(|_| kind == BlobKind::Raw);
-        let (store, pin) = (store.clone(), job.pin);
-        async move {
-            tokio::task::spawn_blocking(move || {
-                store.begin_download(&hash, kind, target.as_deref(), pin)
-            })
-            .await
-            .map_err(|e| shoal_store::StoreError::Task(e.to_string()))?
-        }
+        let pin = job.pin;
+        in_flight
+            .begin(move |store: &Store| store.begin_download(&hash, kind, target.as_deref(), pin))
     };
     let mut kind = job.kind.or_else(|| store.info(&hash).map(|i| i.kind));
     let mut claimed_collection = kind == Some(BlobKind::Collection);
@@ -1754,6 +1801,40 @@ mod tests {
         pb::PeerInfo {
             id: id.as_bytes().to_vec().into(),
             addrs: addrs.iter().map(|a| (*a).to_string()).collect(),
+        }
+    }
+
+    /// A download dropped while its begin runs off the async workers
+    /// leaves nothing in flight: gc frees the unpinned blob once the begin
+    /// is done (the turn was ended before the begin, which then marked the
+    /// blob in flight until the node restarted).
+    #[tokio::test]
+    async fn a_download_dropped_while_it_begins_leaves_nothing_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let hash = blake3::hash(b"dropped while it begins");
+        let in_flight = InFlight::new(store.clone(), hash);
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let mut begin = Box::pin(in_flight.begin(move |store: &Store| {
+            entered_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            store.begin_download(&hash, BlobKind::Raw, None, false)
+        }));
+        assert!(futures::poll!(begin.as_mut()).is_pending());
+        entered_rx.recv().unwrap();
+        drop(begin);
+        drop(in_flight);
+        go_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let begun = store.info(&hash).is_some();
+            store.gc().unwrap();
+            if begun && store.info(&hash).is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the blob stays in flight");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
