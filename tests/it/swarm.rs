@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::{
     Dir, KillOnDrop, b3sum, data, eventually, run_bounded, signal_and_wait, uploaded,
@@ -261,12 +261,12 @@ fn a_download_goes_on_after_its_seeder_is_killed_and_started_again() {
     seeder.kill();
     std::thread::sleep(Duration::from_secs(1));
     let _seeder = s.serve(&["--listen", &addr, "--max-upload", "4MB/s"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -1016,6 +1016,60 @@ fn an_interrupted_get_through_a_node_says_the_node_goes_on_and_it_does() {
     });
 }
 
+/// Ctrl-C on a get with a node of its own says whether anything is kept:
+/// it said "the partial download is kept" also when no peer had answered
+/// and nothing was (a review).
+#[test]
+fn an_interrupted_get_says_whether_it_kept_anything() {
+    let interrupted = |d: &Dir, args: &[&str], begun: &dyn Fn() -> bool| -> String {
+        let mut get = d
+            .cmd()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        eventually(Duration::from_secs(30), "the get to start", begun);
+        let status = signal_and_wait(&mut get, libc::SIGINT, "get");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut get.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        err
+    };
+    // A peer that never answers (a UDP socket that reads nothing).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent = silent.local_addr().unwrap().to_string();
+    let d = Dir::new();
+    let hash = blake3::hash(b"held by nobody").to_hex().to_string();
+    let started = Instant::now();
+    let err = interrupted(
+        &d,
+        &["get", &hash, "--peer", &silent, NET[0], NET[1]],
+        &|| started.elapsed() > Duration::from_secs(1),
+    );
+    assert!(
+        err.contains("before any peer offered") && !err.contains("is kept"),
+        "{err}"
+    );
+    assert!(!d.ok(&["ls"]).contains(&hash[..16]));
+    // A download under way is kept, and says so.
+    let s = Dir::new();
+    let input = s.path().join("input.bin");
+    write(&input, &data(3_000_000, 10));
+    let _seeder = s.serve(&["--max-upload", "1MB/s"]);
+    let hash = add(&s, &input);
+    let t = ticket(&s, &hash);
+    let out = d.path().join("out.bin");
+    let partial = d.path().join("out.bin.shoal-partial");
+    let err = interrupted(
+        &d,
+        &["get", &t, "-o", out.to_str().unwrap(), NET[0], NET[1]],
+        &|| partial.exists(),
+    );
+    assert!(err.contains("the partial download is kept"), "{err}");
+    assert!(d.ok(&["ls"]).contains(&hash[..16]));
+}
+
 /// `shoal demo` (the README's first command) swarms: with the seeder's
 /// upload capped, the downloaders send each other most of the data, and
 /// every copy verifies.
@@ -1293,7 +1347,7 @@ fn gets_started_together_on_one_data_dir_all_finish() {
             })
         })
         .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut added = Vec::new();
     for ((what, mut c), reader) in children.into_iter().zip(readers) {
         let status = loop {
@@ -1301,7 +1355,7 @@ fn gets_started_together_on_one_data_dir_all_finish() {
                 break st;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "{what} still running after 2 minutes"
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -1349,12 +1403,12 @@ fn read_then_close(dir: &Dir, args: &[&str], n: usize) -> (std::process::ExitSta
     let mut head = vec![0u8; n];
     stdout.read_exact(&mut head).expect("the first bytes");
     drop(stdout);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = child.0.try_wait().expect("wait") {
             break s;
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             panic!("shoal {args:?} went on after its reader left");
         }
         std::thread::sleep(Duration::from_millis(20));

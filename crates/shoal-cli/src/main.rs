@@ -1316,6 +1316,11 @@ async fn get(
             () = interrupt.fired() => {
                 task.abort();
                 node.shutdown().await;
+                // A download is begun once a peer offers the content: before
+                // that, there is nothing to keep.
+                if node.store().info(&hash).is_none() {
+                    bail!("interrupted before any peer offered {hash}; nothing was kept");
+                }
                 bail!("interrupted; the partial download is kept and resumes on the next get");
             }
         }

@@ -76,8 +76,27 @@ impl Node {
         let started = Instant::now();
         let received_before = self.inner.endpoint.stats().bytes_received;
         let progress = progress.unwrap_or_else(|| watch::channel(Progress::default()).0);
+        let pinned_before = self.store().is_pinned(&req.hash);
         let registered = Registered::new(&self.inner, req.hash, progress.subscribe());
         let res = self.fetch_inner(&req, &progress, &registered.cancel).await;
+        if matches!(res, Err(NodeError::StreamCollection)) && !pinned_before {
+            // `cat` of a directory's hash fetched its manifest to learn it
+            // is one: that fetch pinned it, and `ticket` then gave a ticket
+            // for a directory this node does not hold (a review). Unless
+            // another fetch of it runs (under the registry's lock: one
+            // registered later pins after this).
+            let (inner, hash) = (self.inner.clone(), req.hash);
+            tokio::task::spawn_blocking(move || {
+                let fetches = lock(&inner.fetches);
+                if fetches.get(&hash).is_none_or(|l| l.len() <= 1) {
+                    called_off(&inner.store, &hash)
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))??;
+        }
         drop(registered);
         // A member's download called off is the fetch's.
         let res = match res {

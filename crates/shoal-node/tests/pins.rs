@@ -697,3 +697,50 @@ async fn an_unpin_calls_off_a_fetch_that_has_no_peer_yet() {
     );
     d.shutdown().await;
 }
+
+/// Streaming a directory's hash fails (`cat` of a directory) and leaves
+/// nothing pinned: it pinned the manifest it fetched to learn what the hash
+/// names, and `ticket` then gave a ticket for a directory this node does
+/// not hold (a review). A manifest pinned before stays pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_a_collection_fails_and_pins_nothing_new() {
+    let s = spawn(None, Duration::from_secs(2)).await;
+    let small = content(3_000, 7);
+    let col = share_collection(&s, &[("a.bin", small.len(), Some(small.clone()))]).await;
+    let d = spawn(None, Duration::from_secs(2)).await;
+    let stream = || {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        FetchRequest {
+            hash: col,
+            kind: None,
+            peers: vec![PeerAddr {
+                id: Some(s.peer_id()),
+                addr: s.addrs()[0],
+            }],
+            out: FetchOutput::Stream(tx),
+        }
+    };
+    let err = tokio::time::timeout(Duration::from_secs(60), d.fetch(stream(), None))
+        .await
+        .expect("the fetch never ended")
+        .unwrap_err();
+    assert!(
+        matches!(err, shoal_node::NodeError::StreamCollection),
+        "{err}"
+    );
+    assert!(
+        !d.store().is_pinned(&col),
+        "the manifest fetched stays pinned"
+    );
+    // Pinned before (the user got the directory, say): it stays.
+    d.store().pin(&col, BlobKind::Collection).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(60), d.fetch(stream(), None))
+        .await
+        .expect("the fetch never ended")
+        .unwrap_err();
+    assert!(matches!(err, shoal_node::NodeError::StreamCollection));
+    assert!(d.store().is_pinned(&col), "a pin given before was taken");
+    d.shutdown().await;
+    s.shutdown().await;
+}
