@@ -629,7 +629,9 @@ fn set_aside_files_of(inner: &Inner, b: &Blob, aside: &mut Vec<PathBuf>) -> u64 
     if let ObRef::File(p) = &b.outboard {
         files.push(p.clone());
     }
-    if matches!(b.data, DataRef::Db | DataRef::Mem(_)) {
+    // A partial download's data is in its file (counted below), whatever
+    // `data` says (a review found gc counting both).
+    if b.partial.is_none() && matches!(b.data, DataRef::Db | DataRef::Mem(_)) {
         bytes += b.size.unwrap_or(0);
     }
     files.sort();

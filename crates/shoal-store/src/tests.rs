@@ -566,6 +566,34 @@ fn partial_survives(crash: bool) {
     assert_eq!(to.read_all(&hash).unwrap(), d);
 }
 
+/// gc says what a partial download took on disk (its file, which may be
+/// allocated whole up front, and its outboard), not its whole size on top
+/// (it said 57 MiB freed for 29 MiB on disk).
+#[test]
+fn gc_of_a_partial_download_counts_what_it_took() {
+    let from = Store::in_memory();
+    let groups = 40u64;
+    let size = groups as usize * GROUP_SIZE as usize;
+    let hash = from.import_bytes(&data(size, 14), "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let to = Store::open(dir.path()).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, None, false)
+        .unwrap();
+    let some = GroupRanges::from_range(0..4);
+    let (_, bytes) = encode(&from, &hash, &some);
+    receive(&to, &hash, &some, &bytes).unwrap();
+    to.end_download(&hash);
+    let report = to.gc().unwrap();
+    assert_eq!(report.blobs, 1);
+    // At least the four groups written; at most the file allocated whole
+    // and a small outboard.
+    assert!(
+        report.bytes >= 4 * GROUP_SIZE && report.bytes < size as u64 + 2 * GROUP_SIZE,
+        "freed {} bytes of a partial holding 4 of {groups} groups",
+        report.bytes
+    );
+}
+
 #[test]
 fn partial_blob_survives_reopen() {
     partial_survives(false);
