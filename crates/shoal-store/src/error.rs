@@ -53,6 +53,13 @@ pub enum StoreError {
     /// A file changed while it was being imported.
     #[error("file {0} changed while it was being imported")]
     ChangedDuringImport(PathBuf),
+    /// The database refuses every write after one failed for an I/O
+    /// error (a full disk, say) until it is opened again (redb's rule).
+    #[error(
+        "the store's database (meta.redb) stopped after an earlier write failed (a full disk?): \
+         free some space, then restart the node (or the command) to open it again"
+    )]
+    DbStopped,
     /// The disk is full.
     #[error(
         "disk full while {context} {path}: free some space on that disk (`shoal gc` frees \
@@ -185,6 +192,9 @@ impl StoreError {
                 context: "recording in",
                 path: PathBuf::from("the store's database (meta.redb)"),
             };
+        }
+        if let redb::Error::PreviousIo = e {
+            return StoreError::DbStopped;
         }
         StoreError::Db(e.to_string())
     }

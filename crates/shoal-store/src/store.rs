@@ -1088,7 +1088,7 @@ impl Store {
 
     /// Pin a blob (and set its kind) so gc keeps it.
     pub fn pin(&self, hash: &blake3::Hash, kind: BlobKind) -> Result<(), StoreError> {
-        self.inner.update(hash, |b| {
+        self.inner.update_or_undo(hash, |b| {
             b.pinned = true;
             b.kind = kind;
         })
@@ -1106,7 +1106,7 @@ impl Store {
                 _ => return Ok(()),
             }
         }
-        self.inner.update(hash, |b| {
+        self.inner.update_or_undo(hash, |b| {
             if b.name.is_empty() || b.name == default {
                 b.name = name.to_string();
             }
@@ -1128,7 +1128,7 @@ impl Store {
 
     /// Unpin a blob: gc may remove it unless a pinned collection needs it.
     pub fn unpin(&self, hash: &blake3::Hash) -> Result<(), StoreError> {
-        self.inner.update(hash, |b| b.pinned = false)
+        self.inner.update_or_undo(hash, |b| b.pinned = false)
     }
 
     /// Whether `hash` is here and pinned.
@@ -2750,13 +2750,41 @@ impl Inner {
                 }
                 Slot::File(Arc::new(f))
             }
+            // A download resumed (at open, or begun again): its file, which
+            // sits in the user's directory where others may put things.
+            // Never through a symlink (one put there in place of the file
+            // made the download write over whatever it named: a review),
+            // nor into anything but a regular file. A file gone is made
+            // again, new (its groups then fail the recheck and come again).
             (Some(p), Some(_)) => {
-                let slot = open(p)?;
-                if let Slot::File(f) = &slot
-                    && rustix::fs::flock(
-                        f.as_ref(),
-                        rustix::fs::FlockOperation::NonBlockingLockExclusive,
-                    )
+                let f = match OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(p)
+                {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(p)
+                        .map_err(|e| match e.kind() {
+                            io::ErrorKind::AlreadyExists => StoreError::PartialInTheWay(p.clone()),
+                            _ => StoreError::io("creating", p, e),
+                        })?,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ELOOP)
+                            || e.kind() == io::ErrorKind::IsADirectory =>
+                    {
+                        return Err(StoreError::PartialInTheWay(p.clone()));
+                    }
+                    Err(e) => return Err(StoreError::io("opening", p, e)),
+                };
+                if !f.metadata().map_err(io_err("reading", p))?.is_file() {
+                    return Err(StoreError::PartialInTheWay(p.clone()));
+                }
+                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                     .is_err()
                 {
                     tracing::warn!(
@@ -2764,7 +2792,7 @@ impl Inner {
                         p.display()
                     );
                 }
-                slot
+                Slot::File(Arc::new(f))
             }
             (Some(p), None) => open(p)?,
             (None, _) => Slot::Mem(Arc::new(RwLock::new(Vec::new()))),
@@ -2925,6 +2953,27 @@ impl Inner {
             Some(db) => self.apply(db, &[Op::Put(*hash, rec)], durable),
             None => Ok(()),
         }
+    }
+
+    /// [`Inner::update`] of the pin, kind or name, undone in memory if it
+    /// cannot be recorded: an `rm` that failed (a full disk) left the blob
+    /// unpinned in memory, and a gc then freed what it had downloaded
+    /// (a review).
+    fn update_or_undo(
+        &self,
+        hash: &blake3::Hash,
+        f: impl FnOnce(&mut Blob),
+    ) -> Result<(), StoreError> {
+        let mut st = lock(&self.state);
+        let b = st.get_mut(hash).ok_or(StoreError::NotFound(*hash))?;
+        let before = (b.pinned, b.kind, b.name.clone());
+        f(b);
+        let rec = record_of(b);
+        let res = self.persist(hash, rec, true);
+        if res.is_err() {
+            (b.pinned, b.kind, b.name) = before;
+        }
+        res
     }
 
     fn update(&self, hash: &blake3::Hash, f: impl FnOnce(&mut Blob)) -> Result<(), StoreError> {

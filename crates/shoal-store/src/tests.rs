@@ -397,6 +397,46 @@ fn a_partial_file_the_store_did_not_start_is_not_written_over() {
     assert_eq!(fs::read(&target).unwrap(), d);
 }
 
+/// A resumed download never writes through a symlink put in place of its
+/// partial file: it wrote the blob over whatever the link named (a
+/// review). The blob is left out at open, and a get again is refused.
+#[test]
+fn a_resumed_download_does_not_follow_a_symlink_in_place_of_its_file() {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 16);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.bin");
+    let partial = dir.path().join("out.bin.shoal-partial");
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"not yours").unwrap();
+    let store_dir = dir.path().join("store");
+    {
+        let to = Store::open(&store_dir).unwrap();
+        to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
+            .unwrap();
+        let some = GroupRanges::from_range(0..3);
+        let (_, bytes) = encode(&from, &hash, &some);
+        receive(&to, &hash, &some, &bytes).unwrap();
+        to.close().unwrap();
+    }
+    fs::remove_file(&partial).unwrap();
+    std::os::unix::fs::symlink(&victim, &partial).unwrap();
+    let to = Store::open(&store_dir).unwrap();
+    assert!(to.info(&hash).is_none(), "taken through the link");
+    let res = to.begin_download(&hash, BlobKind::Raw, Some(&target), true);
+    assert!(
+        matches!(&res, Err(StoreError::PartialInTheWay(p)) if *p == partial),
+        "{res:?}"
+    );
+    let all = GroupRanges::from_range(0..8);
+    let (_, bytes) = encode(&from, &hash, &all);
+    // Received without a begin: into the store, not through the link.
+    let _ = receive(&to, &hash, &all, &bytes);
+    assert_eq!(fs::read(&victim).unwrap(), b"not yours");
+    assert!(fs::symlink_metadata(&target).is_err());
+}
+
 /// Two downloads of one blob at once (two gets of the same content on one
 /// node) send it twice: the stream that came second wrote on into the
 /// file after the first had finished it, renamed it into place and taken
@@ -2291,4 +2331,10 @@ fn a_full_disk_under_the_database_says_so() {
     assert!(full.to_string().contains("free some space"), "{full}");
     let other = StoreError::db(redb::StorageError::Io(std::io::Error::other("bad sector")));
     assert!(matches!(other, StoreError::Db(_)), "{other}");
+    // After such an error redb refuses every write until it is opened
+    // again: said as such, with what to do (it was redb's own words,
+    // "Previous I/O error occurred. Please close and re-open the database").
+    let stopped = StoreError::db(redb::StorageError::PreviousIo);
+    assert!(matches!(stopped, StoreError::DbStopped), "{stopped}");
+    assert!(stopped.to_string().contains("restart"), "{stopped}");
 }
