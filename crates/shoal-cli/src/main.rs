@@ -1176,8 +1176,12 @@ async fn get(
         Some(p) if !to_stdout => Some(absolute(p)?),
         _ => None,
     };
+    // A directory there is the node's to judge, once it has the manifest:
+    // one holding exactly the collection is a get run again (nothing to
+    // do), anything else is refused.
     if let Some(o) = &output
-        && o.exists()
+        && std::fs::symlink_metadata(o).is_ok()
+        && !std::fs::symlink_metadata(o).is_ok_and(|m| m.is_dir())
     {
         // A get run again over the file it wrote (or a copy of the same
         // bytes) has nothing to do, as `wget -c` or `rsync` run again;

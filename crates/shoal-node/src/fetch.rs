@@ -1,7 +1,9 @@
 //! Fetching what a user asked for: a blob to the store, to a file or as an
 //! in-order stream, or a collection to a directory.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -130,9 +132,22 @@ impl Node {
         cancel: &CancellationToken,
     ) -> Result<(BlobKind, u64, u64), NodeError> {
         let inner = self.inner.clone();
+        // A directory at the output: a collection's fetch run again, maybe
+        // (see `tree_holds`); never a file's output.
+        let dir_there = match &req.out {
+            FetchOutput::Path(p) if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) => {
+                Some(p.clone())
+            }
+            _ => None,
+        };
+        if let (Some(p), Some(BlobKind::Raw)) = (&dir_there, req.kind) {
+            return Err(NodeError::OutputExists(p.clone()));
+        }
         // Where the blob goes if it is (or turns out to be) a raw blob.
         let target = match (&req.out, req.kind) {
-            (FetchOutput::Path(p), Some(BlobKind::Raw) | None) => Some(p.clone()),
+            (FetchOutput::Path(p), Some(BlobKind::Raw) | None) if dir_there.is_none() => {
+                Some(p.clone())
+            }
             _ => None,
         };
         let streaming = matches!(req.out, FetchOutput::Stream(_));
@@ -200,7 +215,7 @@ impl Node {
                     if is_collection { "collection" } else { "file" }
                 );
                 self.store().pin(&req.hash, actual)?;
-                if let FetchOutput::Path(p) = &req.out {
+                if let (FetchOutput::Path(p), None) = (&req.out, &dir_there) {
                     // Written as a file but a collection: the manifest goes
                     // into the store and the directory is made at p; or
                     // the other way round.
@@ -213,6 +228,11 @@ impl Node {
                 }
                 kind = actual;
             }
+        }
+        if let (Some(p), BlobKind::Raw) = (&dir_there, kind) {
+            // Learnt only now, from a bare hash: the file stays in the
+            // store, pinned, as a get without `-o` leaves it.
+            return Err(NodeError::OutputExists(p.clone()));
         }
         let size = self.store().info(&req.hash).map_or(0, |i| i.size);
         if let (BlobKind::Raw, FetchOutput::Stream(tx), Streamed::Held) = (kind, &req.out, streamed)
@@ -231,6 +251,16 @@ impl Node {
                 let dir = match out {
                     FetchOutput::Path(p) => Some(p.as_path()),
                     _ => None,
+                };
+                // After any other fetch of its members on this node: two at
+                // once filled the same temporary tree (to one output) and
+                // fetched the small files twice (a review). The one that
+                // waited finds the members here, and an output the other
+                // made holding the collection already (`tree_holds`).
+                let _turn = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return Err(cancelled(self, req.hash)),
+                    t = self.inner.collections.turn(req.hash) => t,
                 };
                 self.fetch_members(req, dir, providers, progress, cancel)
                     .await
@@ -284,7 +314,22 @@ impl Node {
         let tmp = match dir {
             Some(d) => {
                 if std::fs::symlink_metadata(d).is_ok() {
-                    return Err(NodeError::OutputExists(d.to_path_buf()));
+                    // A get run again (or one that waited for another to
+                    // the same output) over the directory it wrote has
+                    // nothing to do, as for a file; anything else there is
+                    // never written into.
+                    let (d2, want) = (d.to_path_buf(), entries.clone());
+                    let same = tokio::task::spawn_blocking(move || tree_holds(&d2, &want))
+                        .await
+                        .map_err(|e| NodeError::Internal(e.to_string()))?;
+                    if !same {
+                        return Err(NodeError::OutputExists(d.to_path_buf()));
+                    }
+                    progress.send_modify(|p| {
+                        p.verified = total_bytes;
+                        p.files_done = total_files;
+                    });
+                    return Ok((total_bytes, files.len() as u64));
                 }
                 let tmp = temp_sibling(d);
                 match std::fs::symlink_metadata(&tmp) {
@@ -502,7 +547,7 @@ struct TallyState {
     done_bytes: u64,
     done_files: u32,
     /// Members under way: verified bytes and peers in use.
-    members: std::collections::HashMap<Hash, (u64, u32)>,
+    members: HashMap<Hash, (u64, u32)>,
     providers: u32,
     meter: crate::RateMeter,
     /// Bytes that were here before this fetch: those of members held
@@ -521,7 +566,7 @@ impl<'a> Tally<'a> {
             st: std::sync::Mutex::new(TallyState {
                 done_bytes: 0,
                 done_files: 0,
-                members: std::collections::HashMap::new(),
+                members: HashMap::new(),
                 providers: 0,
                 meter,
                 here_before: 0,
@@ -837,6 +882,100 @@ fn cancelled(node: &Node, hash: Hash) -> NodeError {
         NodeError::ShuttingDown
     } else {
         NodeError::Cancelled(hash)
+    }
+}
+
+/// Whether `dir` holds exactly the tree `entries` describe: every file at
+/// its path, a regular file of its size and BLAKE3 hash; every empty
+/// directory; and nothing else (no other file, directory or link). Any
+/// error reading it is a no.
+fn tree_holds(dir: &Path, entries: &[collection::Entry]) -> bool {
+    fn walk(root: &Path, dir: &Path, found: &mut Vec<(String, bool)>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let t = e.file_type()?;
+            let path = e.path();
+            let rel = path
+                .strip_prefix(root)
+                .map_err(std::io::Error::other)?
+                .to_str()
+                .ok_or_else(|| std::io::Error::other("not UTF-8"))?
+                .to_string();
+            if t.is_dir() {
+                let before = found.len();
+                walk(root, &path, found)?;
+                if found.len() == before {
+                    found.push((rel, true));
+                }
+            } else if t.is_file() {
+                found.push((rel, false));
+            } else {
+                return Err(std::io::Error::other("neither a file nor a directory"));
+            }
+        }
+        Ok(())
+    }
+    let mut found = Vec::new();
+    if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir())
+        || walk(dir, dir, &mut found).is_err()
+    {
+        return false;
+    }
+    let mut want: Vec<(String, bool)> = entries
+        .iter()
+        .map(|e| (e.path.clone(), e.empty_dir))
+        .collect();
+    want.sort();
+    found.sort();
+    if want != found {
+        return false;
+    }
+    entries.iter().filter(|e| !e.empty_dir).all(|e| {
+        let p = dir.join(&e.path);
+        std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == e.size)
+            && blake3::Hasher::new()
+                .update_mmap(&p)
+                .is_ok_and(|h| h.finalize() == e.hash)
+    })
+}
+
+/// One fetch of a collection's members at a time, per collection.
+#[derive(Default)]
+pub(crate) struct Collections(std::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>);
+
+/// A collection's turn (see [`Collections`]), given up when dropped.
+pub(crate) struct CollectionTurn<'a> {
+    collections: &'a Collections,
+    hash: Hash,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Collections {
+    pub(crate) async fn turn(&self, hash: Hash) -> CollectionTurn<'_> {
+        let m = lock(&self.0).entry(hash).or_default().clone();
+        // Built before the wait: a wait dropped (called off) still takes
+        // its entry out when it is the last.
+        let mut turn = CollectionTurn {
+            collections: self,
+            hash,
+            guard: None,
+        };
+        turn.guard = Some(m.lock_owned().await);
+        turn
+    }
+}
+
+impl Drop for CollectionTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.collections.0);
+        drop(self.guard.take());
+        // Only the map holds it now: nobody waits.
+        if map
+            .get(&self.hash)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.hash);
+        }
     }
 }
 

@@ -195,6 +195,9 @@ pub(crate) struct Inner {
     announcing: Mutex<()>,
     /// One download per blob at a time (see `download::Downloading`).
     pub(crate) downloading: crate::download::Downloading,
+    /// One fetch of a collection's members at a time per collection (see
+    /// `fetch::Collections`).
+    pub(crate) collections: crate::fetch::Collections,
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -298,6 +301,7 @@ impl Node {
             rates: Mutex::new(HashMap::new()),
             announcing: Mutex::new(()),
             downloading: Default::default(),
+            collections: Default::default(),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),
