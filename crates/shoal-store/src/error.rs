@@ -53,6 +53,18 @@ pub enum StoreError {
     /// A file changed while it was being imported.
     #[error("file {0} changed while it was being imported")]
     ChangedDuringImport(PathBuf),
+    /// A partial download's file was cut short by someone else while it
+    /// downloaded: the groups it lost are dropped, to be fetched again.
+    #[error(
+        "{path} was cut short while it downloaded ({lost} verified groups lost): run the get \
+         again to fetch them"
+    )]
+    PartialCutShort {
+        /// The partial download's file.
+        path: PathBuf,
+        /// Verified groups that no longer verify.
+        lost: u64,
+    },
     /// The database refuses every write after one failed for an I/O
     /// error (a full disk, say) until it is opened again (redb's rule).
     #[error(

@@ -3724,6 +3724,30 @@ impl Inner {
         let _gate = partial.gate.write().unwrap_or_else(|e| e.into_inner());
         let size = lock(&partial.st).size.unwrap_or(0);
         let ctx = Path::new("completed blob");
+        // Every group was written, so the file reaches the blob's end
+        // unless something else cut it short meanwhile (a user's file
+        // beside the output). Padding it back to size with zeros made a
+        // "complete" download of the wrong bytes (a review): the groups
+        // that no longer verify are dropped and fetched again instead.
+        if let (Slot::File(f), Some(path)) = (&partial.data, &partial.data_path) {
+            let len = f.metadata().map_err(io_err("reading", path))?.len();
+            if len < size {
+                let all = GroupRanges::from_range(0..group_count(size));
+                let still = recheck(hash, size, &partial.data, &partial.outboard, &all)?;
+                let lost = all.count() - still.count();
+                tracing::warn!(
+                    "blob {hash}: {} was cut short to {len} of {size} bytes while it \
+                     downloaded; {lost} groups are fetched again",
+                    path.display()
+                );
+                lock(&partial.st).verified = still;
+                self.save_partial(hash)?;
+                return Err(StoreError::PartialCutShort {
+                    path: path.clone(),
+                    lost,
+                });
+            }
+        }
         // Exactly the blob: nothing past its end (a longer file found
         // where the download began, or written by an earlier size).
         partial
@@ -3886,6 +3910,47 @@ impl Writer<'_> {
         }
         if self.groups.is_empty() {
             return Ok(());
+        }
+        // The file shorter than what was verified in it: something else cut
+        // it short (a user's file beside the output). A write past the cut
+        // would lengthen it again over a hole of zeros, and the download
+        // finished as the wrong bytes (a review). The groups lost are
+        // dropped, and the download stops saying so: run again, it fetches
+        // them. One `fstat` per batch.
+        if let (Slot::File(f), Some(path)) = (&self.partial.data, &self.partial.data_path) {
+            let len = f.metadata().map_err(io_err("reading", path))?.len();
+            let lost = {
+                let mut s = lock(&self.partial.st);
+                let size = s.size.unwrap_or(0);
+                let high = s
+                    .verified
+                    .runs()
+                    .last()
+                    .map_or(0, |r| (r.end * GROUP_SIZE).min(size));
+                (len < high).then(|| {
+                    let kept = s.verified.clipped(len / GROUP_SIZE);
+                    let lost = s.verified.count() - kept.count();
+                    s.verified = kept;
+                    lost
+                })
+            };
+            if let Some(lost) = lost {
+                drop(gate);
+                self.ob.clear();
+                self.data.clear();
+                self.groups = GroupRanges::new();
+                tracing::warn!(
+                    "blob {}: {} was cut short to {len} bytes while it downloaded; {lost} \
+                     verified groups are lost",
+                    self.hash,
+                    path.display()
+                );
+                self.inner.save_partial(&self.hash)?;
+                return Err(StoreError::PartialCutShort {
+                    path: path.clone(),
+                    lost,
+                });
+            }
         }
         let end = self.data_start + self.data.len() as u64;
         if self.data_start < self.reserved.start || end > self.reserved.end {

@@ -437,6 +437,52 @@ fn a_resumed_download_does_not_follow_a_symlink_in_place_of_its_file() {
     assert!(fs::symlink_metadata(&target).is_err());
 }
 
+/// A partial download's file cut short while it downloads is not padded
+/// back with zeros into a "complete" blob of the wrong bytes (a review):
+/// the last group fails saying so, the groups lost are dropped, and
+/// fetching them again completes the blob with the right bytes.
+#[test]
+fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 17);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("out.bin");
+    let partial = dir.path().join("out.bin.shoal-partial");
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
+        .unwrap();
+    let first = GroupRanges::from_range(0..7);
+    let (_, bytes) = encode(&from, &hash, &first);
+    receive(&to, &hash, &first, &bytes).unwrap();
+    // Someone cuts the file to its first three groups.
+    let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
+    f.set_len(3 * GROUP_SIZE).unwrap();
+    drop(f);
+    let last = GroupRanges::from_range(7..8);
+    let (_, bytes) = encode(&from, &hash, &last);
+    let res = receive(&to, &hash, &last, &bytes);
+    assert!(
+        matches!(
+            &res,
+            Err(ReceiveError::Store(StoreError::PartialCutShort {
+                lost: 4,
+                ..
+            }))
+        ),
+        "{res:?}"
+    );
+    assert!(fs::symlink_metadata(&target).is_err(), "finished anyway");
+    let info = to.info(&hash).unwrap();
+    assert!(!info.complete);
+    assert_eq!(info.verified, GroupRanges::from_range(0..3));
+    let lost = GroupRanges::from_range(3..8);
+    let (_, bytes) = encode(&from, &hash, &lost);
+    receive(&to, &hash, &lost, &bytes).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    assert_eq!(fs::read(&target).unwrap(), d);
+}
+
 /// Two downloads of one blob at once (two gets of the same content on one
 /// node) send it twice: the stream that came second wrote on into the
 /// file after the first had finished it, renamed it into place and taken
