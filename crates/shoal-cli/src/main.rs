@@ -804,6 +804,22 @@ async fn add_through(
             let k = match c.next().await {
                 Ok(Some(k)) => k,
                 Ok(None) => break,
+                Err(e) if answered && e.is_node_gone() && i < paths.len() => {
+                    // Said as such: it was the bare "stream closed" (a
+                    // review). What was printed is added.
+                    let left = paths.len() - i;
+                    return Err(Failed::Other(anyhow::anyhow!(
+                        "the node stopped before it added {}{} ({e}): run `shoal add` again \
+                         for {}",
+                        paths[i].display(),
+                        if left > 1 {
+                            format!(" and {} other path(s)", left - 1)
+                        } else {
+                            String::new()
+                        },
+                        if left > 1 { "them" } else { "it" }
+                    )));
+                }
                 Err(e) => return Err(gone(e, answered)),
             };
             answered = true;

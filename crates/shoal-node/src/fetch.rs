@@ -81,10 +81,24 @@ impl Node {
         let pinned_before = self.store().is_pinned(&req.hash);
         let registered = Registered::new(&self.inner, req.hash, progress.subscribe());
         let res = self.fetch_inner(&req, &progress, &registered.cancel).await;
-        if matches!(res, Err(NodeError::StreamCollection)) && !pinned_before {
+        let got_nothing = || {
+            self.store()
+                .info(&req.hash)
+                .is_some_and(|i| !i.complete && i.verified.is_empty())
+        };
+        let pinned_for_nothing = match &res {
+            Err(NodeError::StreamCollection) => true,
+            Err(NodeError::Cancelled(_)) => false,
+            Err(_) => got_nothing(),
+            Ok(_) => false,
+        };
+        if pinned_for_nothing && !pinned_before {
             // `cat` of a directory's hash fetched its manifest to learn it
             // is one: that fetch pinned it, and `ticket` then gave a ticket
-            // for a directory this node does not hold (a review). Unless
+            // for a directory this node does not hold (a review). A failed
+            // fetch that got nothing leaves nothing pinned either: one begun
+            // as a resume just as gc took what was there left a pinned 0%
+            // entry that each get again pinned anew (a review). Unless
             // another fetch of it runs (under the registry's lock: one
             // registered later pins after this).
             let (inner, hash) = (self.inner.clone(), req.hash);

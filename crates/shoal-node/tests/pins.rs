@@ -744,3 +744,39 @@ async fn streaming_a_collection_fails_and_pins_nothing_new() {
     d.shutdown().await;
     s.shutdown().await;
 }
+
+/// A fetch that fails having got nothing leaves nothing pinned: one begun
+/// as a resume of an entry the store held (at 0%, say just as gc took what
+/// was there) pinned it, and each get again pinned it anew, so gc never
+/// freed it (a review). A pin given before stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_fails_having_got_nothing_pins_nothing() {
+    let s = spawn(None, Duration::from_secs(2)).await;
+    let d = spawn(None, Duration::from_secs(2)).await;
+    let hash = blake3::hash(b"held by nobody here");
+    for pinned_before in [false, true] {
+        d.store()
+            .begin_download(&hash, BlobKind::Raw, None, pinned_before)
+            .unwrap();
+        d.store().end_download(&hash);
+        let err = tokio::time::timeout(
+            Duration::from_secs(60),
+            fetch(&d, hash, Some(BlobKind::Raw), &s),
+        )
+        .await
+        .expect("the fetch never gave up")
+        .unwrap()
+        .unwrap_err();
+        assert!(!err.is_node_gone(), "{err}");
+        assert_eq!(
+            d.store().is_pinned(&hash),
+            pinned_before,
+            "pinned before: {pinned_before}; {err}"
+        );
+    }
+    d.store().unpin(&hash).unwrap();
+    d.store().gc().unwrap();
+    assert!(d.store().info(&hash).is_none());
+    d.shutdown().await;
+    s.shutdown().await;
+}
