@@ -1816,21 +1816,24 @@ mod tests {
         let in_flight = InFlight::new(store.clone(), hash);
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (begun_tx, begun_rx) = std::sync::mpsc::channel();
         let mut begin = Box::pin(in_flight.begin(move |store: &Store| {
             entered_tx.send(()).unwrap();
             go_rx.recv().unwrap();
-            store.begin_download(&hash, BlobKind::Raw, None, false)
+            let r = store.begin_download(&hash, BlobKind::Raw, None, false);
+            begun_tx.send(()).unwrap();
+            r
         }));
         assert!(futures::poll!(begin.as_mut()).is_pending());
         entered_rx.recv().unwrap();
         drop(begin);
         drop(in_flight);
         go_tx.send(()).unwrap();
+        begun_rx.recv().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let begun = store.info(&hash).is_some();
             store.gc().unwrap();
-            if begun && store.info(&hash).is_none() {
+            if store.info(&hash).is_none() {
                 break;
             }
             assert!(Instant::now() < deadline, "the blob stays in flight");

@@ -1652,7 +1652,13 @@ impl Store {
                 record_of(b)
             })
         };
-        let rec = existing(&mut lock(&self.inner.state));
+        let rec = {
+            let mut st = lock(&self.inner.state);
+            if let Some(b) = st.get_mut(hash) {
+                self.inner.retarget(hash, b, target);
+            }
+            existing(&mut st)
+        };
         if let Some(rec) = rec {
             self.inner.persist(hash, rec, true)?;
             return self.inner.finish_if_verified(hash);
@@ -2624,11 +2630,23 @@ impl Inner {
             }
             None => GroupRanges::new(),
         };
-        if verified != claimed {
+        // Claims lost (data that never reached the disk, or was changed)
+        // are news; groups verified after the last save (a kill) found on
+        // disk are not, and a read-only open (`ls`) never saves what it
+        // found, so each would say it again (a review: "2337 of 1945
+        // claimed groups verify", at every command).
+        let lost = claimed.difference(&verified).count();
+        if lost > 0 {
             tracing::info!(
-                "blob {hash}: {} of {} claimed groups verify after restart",
-                verified.count(),
+                "blob {hash}: {lost} of {} groups claimed verified do not verify on disk; they \
+                 are fetched again",
                 claimed.count()
+            );
+        } else if verified != claimed {
+            tracing::debug!(
+                "blob {hash}: {} groups verified, {} of them since the last save",
+                verified.count(),
+                verified.count() - claimed.count()
             );
         }
         {
@@ -2639,6 +2657,65 @@ impl Inner {
         }
         b.partial = Some(Arc::new(p));
         Ok(b)
+    }
+
+    /// A partial download no download has in hand, begun again for
+    /// another output (`target`, or the store): its file moves there, so
+    /// that it finishes where the get run now asked. A get called off (or
+    /// interrupted) and run again to another output resumed into the
+    /// first one's file, and that output appeared too once it finished (a
+    /// review). Left where it is if the move cannot be made (another
+    /// filesystem, a file in the way): it finishes there, and is copied.
+    /// The caller holds the state and `files`.
+    fn retarget(&self, hash: &blake3::Hash, b: &mut Blob, target: Option<&Path>) {
+        let Some(p) = b.partial.as_ref() else { return };
+        if b.in_flight || p.target.as_deref() == target || lock(&p.st).done {
+            return;
+        }
+        let (Slot::File(_), Some(from)) = (&p.data, &p.data_path) else {
+            return;
+        };
+        let to = match target {
+            Some(t) => beside(t, "", PARTIAL),
+            None => match self.owned_path(hash) {
+                Some(o) => o,
+                None => return,
+            },
+        };
+        if let Err(e) = rename_no_replace(from, &to) {
+            tracing::debug!(
+                "{hash}: the partial download stays at {} (not moved to {}: {e})",
+                from.display(),
+                to.display()
+            );
+            return;
+        }
+        tracing::info!(
+            "{hash}: the partial download moves from {} to {}",
+            from.display(),
+            to.display()
+        );
+        let st = lock(&p.st);
+        let moved = Partial {
+            data: p.data.clone(),
+            outboard: p.outboard.clone(),
+            data_path: Some(to),
+            direct: OnceLock::new(),
+            direct_off: AtomicBool::new(p.direct_off.load(Ordering::Relaxed)),
+            target: target.map(Path::to_path_buf),
+            gate: RwLock::new(()),
+            st: Mutex::new(PState {
+                size: st.size,
+                verified: st.verified.clone(),
+                size_proven: st.size_proven,
+                generation: st.generation,
+                unsaved: st.unsaved,
+                last_save: st.last_save,
+                done: st.done,
+            }),
+        };
+        drop(st);
+        b.partial = Some(Arc::new(moved));
     }
 
     /// A download into `target` whose partial file is gone and whose
@@ -3918,15 +3995,20 @@ impl Writer<'_> {
         // dropped, and the download stops saying so: run again, it fetches
         // them. One `fstat` per batch.
         if let (Slot::File(f), Some(path)) = (&self.partial.data, &self.partial.data_path) {
+            // What was verified first, then the length: a group is written
+            // before it is marked, so a stream of the same blob marking
+            // one meanwhile cannot make the file look short.
+            let high = {
+                let s = lock(&self.partial.st);
+                let size = s.size.unwrap_or(0);
+                s.verified
+                    .runs()
+                    .last()
+                    .map_or(0, |r| (r.end * GROUP_SIZE).min(size))
+            };
             let len = f.metadata().map_err(io_err("reading", path))?.len();
             let lost = {
                 let mut s = lock(&self.partial.st);
-                let size = s.size.unwrap_or(0);
-                let high = s
-                    .verified
-                    .runs()
-                    .last()
-                    .map_or(0, |r| (r.end * GROUP_SIZE).min(size));
                 (len < high).then(|| {
                     let kept = s.verified.clipped(len / GROUP_SIZE);
                     let lost = s.verified.count() - kept.count();

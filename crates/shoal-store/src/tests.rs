@@ -483,6 +483,50 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
     assert_eq!(fs::read(&target).unwrap(), d);
 }
 
+/// A partial download begun again for another output moves there and
+/// finishes there alone: it resumed into the first output's file, which
+/// appeared too once it finished (a review). One a download has in hand
+/// stays. Begun again for the store, it moves into the store.
+#[test]
+fn a_partial_download_begun_again_elsewhere_moves_there() {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 18);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
+    let partial = |f: &Path| std::path::PathBuf::from(format!("{}.shoal-partial", f.display()));
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&f1), true)
+        .unwrap();
+    let some = GroupRanges::from_range(0..3);
+    let (_, bytes) = encode(&from, &hash, &some);
+    receive(&to, &hash, &some, &bytes).unwrap();
+    // In hand: stays.
+    to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
+        .unwrap();
+    assert!(partial(&f1).exists() && !partial(&f2).exists());
+    to.end_download(&hash);
+    // Into the store, then out to f2.
+    to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
+    to.end_download(&hash);
+    assert!(!partial(&f1).exists() && !partial(&f2).exists());
+    to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
+        .unwrap();
+    assert!(!partial(&f1).exists() && partial(&f2).exists());
+    assert_eq!(to.info(&hash).unwrap().verified, some);
+    let rest = GroupRanges::from_range(3..8);
+    let (_, bytes) = encode(&from, &hash, &rest);
+    receive(&to, &hash, &rest, &bytes).unwrap();
+    assert!(to.info(&hash).unwrap().complete);
+    assert_eq!(fs::read(&f2).unwrap(), d);
+    assert!(fs::symlink_metadata(&f1).is_err());
+    assert!(to.verify(&hash).unwrap());
+    // And after a restart, where it went.
+    to.close().unwrap();
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(to.read_all(&hash).unwrap(), d);
+}
+
 /// Two downloads of one blob at once (two gets of the same content on one
 /// node) send it twice: the stream that came second wrote on into the
 /// file after the first had finished it, renamed it into place and taken
