@@ -279,7 +279,9 @@ fn ls_shows_what_a_collection_holds_not_its_manifest() {
 #[test]
 fn options_a_running_node_does_not_take_are_named() {
     // Through a running node, get's and send's node options were
-    // silently ignored (the node runs with its own).
+    // silently ignored (the node runs with its own). Those the node has
+    // already are not named (`--no-dht` to a node with the DHT off was:
+    // a review), and `status` shows the node's own.
     let d = Dir::new();
     let f = d.path().join("f.bin");
     std::fs::write(&f, data(10_000, 5)).unwrap();
@@ -302,8 +304,15 @@ fn options_a_running_node_does_not_take_are_named() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
-        err.contains("--no-dht, --max-download apply only to a node this command starts"),
+        err.contains("--max-download applies only to a node this command starts"),
         "{err}"
+    );
+    assert!(!err.contains("--no-dht"), "{err}");
+    let status = d.ok(&["status"]);
+    assert!(
+        status.contains("mDNS off, DHT off, announce on")
+            && status.contains("upload none, download none"),
+        "{status}"
     );
     let out2 = d.path().join("out2.bin");
     let o = d.run(

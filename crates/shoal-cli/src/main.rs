@@ -201,17 +201,39 @@ impl NetArgs {
     /// not take from this command (it runs with its own), so that they
     /// are not silently ignored. `get` passes `--peer` on (`peers_passed`);
     /// `listen` is `send`'s `--listen`.
-    fn warn_ignored_by(&self, dir: &Path, listen: &[SocketAddr], peers_passed: bool) {
+    /// Warns of the flags given that the node running on `dir` does not
+    /// take, and whose value differs from its own (asked of it: a get
+    /// with `--no-mdns --no-dht` through another such get's node was
+    /// warned that they apply only to a node it starts; a review).
+    async fn warn_ignored_by(&self, dir: &Path, listen: &[SocketAddr], peers_passed: bool) {
+        let node = node_status(dir).await;
+        // Differs from the node's, or the node did not say.
+        let differs = |f: &dyn Fn(&pb::NodeStatus) -> bool| node.as_ref().is_none_or(|s| !f(s));
         let given = [
             ("--peer", !peers_passed && !self.peers.is_empty()),
-            ("--no-mdns", self.no_mdns),
-            ("--no-dht", self.no_dht),
+            ("--no-mdns", self.no_mdns && differs(&|s| !s.mdns)),
+            ("--no-dht", self.no_dht && differs(&|s| !s.dht)),
             ("--dht-bootstrap", !self.dht_bootstrap.is_empty()),
-            ("--no-announce", self.no_announce),
+            (
+                "--no-announce",
+                self.no_announce && differs(&|s| !s.announce),
+            ),
             ("--dht-server", self.dht_server),
-            ("--max-upload", self.max_upload.is_some()),
-            ("--max-download", self.max_download.is_some()),
-            ("--timeout", self.timeout != DEFAULT_TIMEOUT_SECS),
+            (
+                "--max-upload",
+                self.max_upload
+                    .is_some_and(|r| differs(&|s| s.max_upload == r)),
+            ),
+            (
+                "--max-download",
+                self.max_download
+                    .is_some_and(|r| differs(&|s| s.max_download == r)),
+            ),
+            (
+                "--timeout",
+                self.timeout != DEFAULT_TIMEOUT_SECS
+                    && differs(&|s| s.stall_timeout_secs == self.timeout.max(1)),
+            ),
             ("--listen", !listen.is_empty()),
         ];
         let ignored: Vec<&str> = given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect();
@@ -887,6 +909,22 @@ enum Lasting {
     None,
 }
 
+/// The status of the node running on `dir`, or None (none runs, or it
+/// did not answer).
+async fn node_status(dir: &Path) -> Option<pb::NodeStatus> {
+    let mut c = ControlClient::connect(dir).await?;
+    c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
+        .await
+        .ok()?;
+    let mut status = None;
+    while let Ok(Some(k)) = c.next().await {
+        if let pb::control_response::Kind::Status(s) = k {
+            status = Some(s);
+        }
+    }
+    status
+}
+
 async fn lasting_node(dir: &Path) -> Result<Lasting> {
     let Some(mut c) = ControlClient::connect(dir).await else {
         return Ok(Lasting::None);
@@ -1036,7 +1074,7 @@ async fn send_through(
     listen: &[SocketAddr],
     copy: bool,
 ) -> Result<()> {
-    net.warn_ignored_by(dir, listen, false);
+    net.warn_ignored_by(dir, listen, false).await;
     c.send(pb::control_request::Kind::Add(pb::AddRequest {
         paths: vec![abs.to_string_lossy().into_owned()],
         copy,
@@ -1590,7 +1628,7 @@ impl Through<'_> {
             };
             // The node took the get on (a stopping one says so first).
             if !self.warned.replace(true) {
-                self.net.warn_ignored_by(self.dir, &[], true);
+                self.net.warn_ignored_by(self.dir, &[], true).await;
             }
             let Some(k) = k else { break };
             match k {

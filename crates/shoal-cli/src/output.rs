@@ -231,7 +231,7 @@ impl Out {
                 .map(|t| json!({ "hash": hex(&t.hash), "verified": t.verified, "total": t.total, "peers": t.peers, "rate": t.rate }))
                 .collect();
             return line(
-                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers, "served_cache": { "blobs": s.served_cache_blobs, "bytes": s.served_cache_bytes, "budget": s.served_cache_budget } })
+                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers, "served_cache": { "blobs": s.served_cache_blobs, "bytes": s.served_cache_bytes, "budget": s.served_cache_budget }, "mdns": s.mdns, "dht": s.dht, "announce": s.announce, "max_upload": s.max_upload, "max_download": s.max_download, "timeout": s.stall_timeout_secs })
                     .to_string(),
             );
         }
@@ -239,6 +239,26 @@ impl Out {
         line(&format!("listening   {}", s.listen_addrs.join(" ")))?;
         line(&format!("uploaded    {}", human(s.uploaded)))?;
         line(&format!("downloaded  {}", human(s.downloaded)))?;
+        let on = |b: bool| if b { "on" } else { "off" };
+        line(&format!(
+            "discovery   mDNS {}, DHT {}, announce {}",
+            on(s.mdns),
+            on(s.dht),
+            on(s.announce)
+        ))?;
+        let limit = |r: u64| {
+            if r == 0 {
+                "none".to_string()
+            } else {
+                format!("{}/s", human(r))
+            }
+        };
+        line(&format!(
+            "limits      upload {}, download {}, stall timeout {} s",
+            limit(s.max_upload),
+            limit(s.max_download),
+            s.stall_timeout_secs
+        ))?;
         line(&format!(
             "cache       {} small blobs served lately, {} of {} in memory",
             s.served_cache_blobs,

@@ -392,6 +392,12 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     served_cache_bytes: cached_bytes as u64,
                     served_cache_budget: node.store().served_cache_budget() as u64,
                     short_lived: node.inner.config.short_lived,
+                    mdns: node.inner.config.discovery.mdns,
+                    dht: node.inner.config.discovery.dht,
+                    announce: node.inner.config.discovery.announce,
+                    max_upload: node.inner.config.upload_limit.unwrap_or(0),
+                    max_download: node.inner.config.download_limit.unwrap_or(0),
+                    stall_timeout_secs: node.inner.config.stall_timeout.as_secs(),
                 };
                 write_frame(&mut stream, &resp(Resp::Status(status))).await?;
             }
