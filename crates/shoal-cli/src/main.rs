@@ -521,6 +521,47 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
     }
 }
 
+/// [`ask_or_open`], each answer given to `each` as it comes (a long
+/// `verify` through a node printed nothing until it was done: a review).
+/// A node that stops after answering some fails the command (it would
+/// say them twice if asked again); before any, it is asked again. The
+/// store, opened directly, if no node runs.
+async fn ask_or_open_each(
+    dir: &Path,
+    req: pb::control_request::Kind,
+    mut each: impl FnMut(pb::control_response::Kind) -> Result<()>,
+) -> Result<Option<Store>> {
+    let wait = Waiter::new(dir);
+    loop {
+        let mut c = match access(dir, &wait).await? {
+            Access::Node(c) => c,
+            Access::Store(store) => return Ok(Some(store)),
+        };
+        let mut answered = 0usize;
+        let asked = async {
+            c.send(req.clone()).await?;
+            while let Some(k) = c.next().await? {
+                answered += 1;
+                each(k).map_err(|e| shoal_node::NodeError::Refused(format!("{e:#}")))?;
+            }
+            Ok::<(), shoal_node::NodeError>(())
+        };
+        match asked.await {
+            Ok(()) => return Ok(None),
+            Err(e) if e.is_node_gone() && answered > 0 => bail!(
+                "the node on {} stopped part way ({e}); run the command again",
+                dir.display()
+            ),
+            Err(e) if e.is_node_gone() && wait.may_wait() => {
+                tracing::debug!("the node on {} stopped: {e}", dir.display());
+            }
+            Err(e) if e.is_node_gone() => return Err(wait.gave_up(e.into())),
+            Err(e) => return Err(e.into()),
+        }
+        wait.pause().await?;
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let dir = data_dir(&cli)?;
     let out = Out::new(cli.json);
@@ -1142,23 +1183,24 @@ async fn verify(dir: &Path, out: &Out, hashes: &[String]) -> Result<()> {
         }
         Ok(())
     };
-    match ask_or_open(dir, req).await? {
-        Answer::Node(answers) => {
-            for k in answers {
-                if let pb::control_response::Kind::Verified(v) = k {
-                    let h = Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?);
-                    result(
-                        h,
-                        if v.detail.is_empty() {
-                            Ok(v.ok)
-                        } else {
-                            Err(v.detail)
-                        },
-                    )?;
-                }
-            }
+    let opened = ask_or_open_each(dir, req, |k| {
+        if let pb::control_response::Kind::Verified(v) = k {
+            let h = Hash::from_bytes(shoal_proto::hash_from_bytes(&v.hash)?);
+            result(
+                h,
+                if v.detail.is_empty() {
+                    Ok(v.ok)
+                } else {
+                    Err(v.detail)
+                },
+            )?;
         }
-        Answer::Store(store) => {
+        Ok(())
+    })
+    .await?;
+    match opened {
+        None => {}
+        Some(store) => {
             let list: Vec<Hash> = if hashes.is_empty() {
                 store.list().into_iter().map(|b| b.hash).collect()
             } else {
