@@ -740,3 +740,49 @@ fn store_commands_run_together_on_one_data_dir_all_succeed() {
         assert!(ls.contains(hash), "{what}: {hash} not listed:\n{ls}");
     }
 }
+
+/// A node that does not answer (stopped with SIGSTOP) leaves `ls` waiting,
+/// and saying so after 10 s (it hung without a word: a review); once the
+/// node goes on, `ls` ends.
+#[test]
+fn a_command_waiting_on_a_silent_node_says_so() {
+    use std::io::Read;
+    let d = Dir::new();
+    let node = d.serve(&[]);
+    let pid = node.child.id() as i32;
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut ls = crate::harness::KillOnDrop(
+        d.cmd()
+            .arg("ls")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = ls.0.stderr.take().unwrap();
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let said2 = said.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            said2
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    crate::harness::eventually(Duration::from_secs(30), "ls to say it waits", || {
+        said.lock().unwrap().contains("has not answered for 10 s")
+    });
+    assert!(ls.0.try_wait().unwrap().is_none(), "ls gave up");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    crate::harness::eventually(Duration::from_secs(30), "ls to end", || {
+        ls.0.try_wait().unwrap().is_some()
+    });
+    assert!(ls.0.wait().unwrap().success(), "{}", said.lock().unwrap());
+}

@@ -494,6 +494,28 @@ enum Answer {
 /// or its socket closes before its last answer) is asked again once
 /// another runs, or its store is opened once it is gone: `req` must be one
 /// that may be made twice (a listing, an unpin, a gc, a verify).
+/// How long a command waits for a node's answer before it says it waits.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, a request to the node running on `dir`, saying once that it
+/// still waits if the node has not answered within [`PATIENCE`]: a node
+/// stopped (SIGSTOP) or stuck left `ls` and `status` hanging without a
+/// word (a review).
+async fn patiently<T>(dir: &Path, f: impl Future<Output = T>) -> T {
+    tokio::pin!(f);
+    tokio::select! {
+        r = &mut f => return r,
+        () = tokio::time::sleep(PATIENCE) => {}
+    }
+    tracing::warn!(
+        "the node running on {} has not answered for {} s; still waiting (it may be busy, or \
+         stopped: Ctrl-C gives up)",
+        dir.display(),
+        PATIENCE.as_secs()
+    );
+    f.await
+}
+
 async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answer> {
     let wait = Waiter::new(dir);
     loop {
@@ -509,7 +531,7 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
             }
             Ok::<(), shoal_node::NodeError>(())
         };
-        match asked.await {
+        match patiently(dir, asked).await {
             Ok(()) => return Ok(Answer::Node(answers)),
             Err(e) if e.is_node_gone() && wait.may_wait() => {
                 tracing::debug!("the node on {} stopped: {e}", dir.display());
@@ -692,24 +714,36 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cat { what, net } => get(&dir, &out, what, Some(Path::new("-")), net).await?,
         Command::Peers => {
             let mut c = running_node(&dir).await?;
-            c.send(pb::control_request::Kind::Peers(pb::PeersRequest {}))
-                .await?;
             let mut peers = Vec::new();
-            while let Some(k) = c.next().await? {
-                if let pb::control_response::Kind::Peer(p) = k {
-                    peers.push(p);
+            patiently(&dir, async {
+                c.send(pb::control_request::Kind::Peers(pb::PeersRequest {}))
+                    .await?;
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Peer(p) = k {
+                        peers.push(p);
+                    }
                 }
-            }
+                anyhow::Ok(())
+            })
+            .await?;
             out.peers(&peers)?;
         }
         Command::Status => {
             let mut c = running_node(&dir).await?;
-            c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
-                .await?;
-            while let Some(k) = c.next().await? {
-                if let pb::control_response::Kind::Status(s) = k {
-                    out.status(&s)?;
+            let mut status = None;
+            patiently(&dir, async {
+                c.send(pb::control_request::Kind::Status(pb::StatusRequest {}))
+                    .await?;
+                while let Some(k) = c.next().await? {
+                    if let pb::control_response::Kind::Status(s) = k {
+                        status = Some(s);
+                    }
                 }
+                anyhow::Ok(())
+            })
+            .await?;
+            if let Some(s) = status {
+                out.status(&s)?;
             }
         }
         Command::Demo(args) => demo::run(args, &out).await?,
