@@ -322,11 +322,19 @@ impl Drop for Task {
 /// before the begin, which would then leave the blob in flight (kept from
 /// gc) until the node restarts (a review). A begin under way ends the turn
 /// itself once it is done if the download was dropped meanwhile.
+///
+/// It holds the download's turn at its blob too ([`Downloading`]), given up
+/// only once the turn in the store is ended: a download dropped mid-begin
+/// gave its turn up at once, and a waiter's begin could come before the
+/// late end, which then ended the waiter's turn in the store (a review).
 struct InFlight {
     store: Store,
     hash: Hash,
-    phase: Arc<std::sync::Mutex<Phase>>,
+    phase: Arc<std::sync::Mutex<(Phase, Option<TurnGuard>)>>,
 }
+
+/// The lock of a download's turn at its blob (see [`Downloading`]).
+type TurnGuard = tokio::sync::OwnedMutexGuard<()>;
 
 /// Where an [`InFlight`]'s begin is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -340,11 +348,11 @@ enum Phase {
 }
 
 impl InFlight {
-    fn new(store: Store, hash: Hash) -> Self {
+    fn new(store: Store, hash: Hash, turn: Option<TurnGuard>) -> Self {
         Self {
             store,
             hash,
-            phase: Arc::new(std::sync::Mutex::new(Phase::Idle)),
+            phase: Arc::new(std::sync::Mutex::new((Phase::Idle, turn))),
         }
     }
 
@@ -354,16 +362,18 @@ impl InFlight {
     where
         F: FnOnce(&Store) -> Result<(), shoal_store::StoreError> + Send + 'static,
     {
-        *lock(&self.phase) = Phase::Beginning;
+        lock(&self.phase).0 = Phase::Beginning;
         let (store, hash, phase) = (self.store.clone(), self.hash, self.phase.clone());
         tokio::task::spawn_blocking(move || {
             let r = begin(&store);
             let mut phase = lock(&phase);
-            if *phase == Phase::Dropped {
-                // Under the lock: the guard, gone, cannot race this.
+            if phase.0 == Phase::Dropped {
+                // Under the lock: the guard, gone, cannot race this. The
+                // turn goes after the end.
                 store.end_download(&hash);
+                phase.1 = None;
             }
-            *phase = Phase::Idle;
+            phase.0 = Phase::Idle;
             r
         })
         .await
@@ -374,10 +384,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut phase = lock(&self.phase);
-        if *phase == Phase::Beginning {
-            *phase = Phase::Dropped;
+        if phase.0 == Phase::Beginning {
+            // The begin ends it, then gives the turn up.
+            phase.0 = Phase::Dropped;
         } else {
             self.store.end_download(&self.hash);
+            phase.1 = None;
         }
     }
 }
@@ -513,6 +525,8 @@ struct Turn<'a> {
     hash: Hash,
     turns: Turns,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Whether it had the turn (its progress the one shown to waiters).
+    held: bool,
 }
 
 impl Downloading {
@@ -537,6 +551,7 @@ impl Downloading {
                 })
                 .clone(),
             guard: None,
+            held: false,
         };
         let guard = match turn.turns.lock.clone().try_lock_owned() {
             Ok(g) => g,
@@ -575,6 +590,7 @@ impl Downloading {
         };
         *lock(&turn.turns.progress) = Some(progress.subscribe());
         turn.guard = Some(guard);
+        turn.held = true;
         turn
     }
 }
@@ -582,10 +598,12 @@ impl Downloading {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         let mut map = lock(&self.downloading.0);
-        if let Some(guard) = self.guard.take() {
+        if self.held {
+            // This download's progress is no one's to follow now (its
+            // lock, which `fetch_blob` took, goes with its `InFlight`).
             *lock(&self.turns.progress) = None;
-            drop(guard);
         }
+        drop(self.guard.take());
         // The map's and this one's: nobody else waits (a waiter holds two:
         // its own, and its wait's).
         if Arc::strong_count(&self.turns.lock) <= 2 {
@@ -614,7 +632,7 @@ pub(crate) async fn fetch_blob(
     let node2 = node.clone();
     let cancel = job.cancel.clone();
     // A wait called off leaves the queue (`Turn` is built first).
-    let turn = tokio::select! {
+    let mut turn = tokio::select! {
         // A fetch called off while it waited does not take the turn.
         biased;
         () = cancel.cancelled() => return Err(cancel_error(&node, job.hash)),
@@ -622,7 +640,8 @@ pub(crate) async fn fetch_blob(
     };
     // What waiters gave before stays: those still waiting want this
     // download to dial their peers too (doubles are dialled once).
-    fetch_blob_alone(node, job, progress, turn.turns.extra.clone()).await
+    let guard = turn.guard.take();
+    fetch_blob_alone(node, job, progress, turn.turns.extra.clone(), guard).await
 }
 
 /// Downloads one blob.
@@ -631,11 +650,12 @@ async fn fetch_blob_alone(
     job: BlobJob,
     progress: watch::Sender<Progress>,
     extra: Extra,
+    turn: Option<TurnGuard>,
 ) -> Result<Fetched, NodeError> {
     let hash = job.hash;
     let cancel = job.cancel.clone();
     let store = node.store.clone();
-    let in_flight = InFlight::new(store.clone(), hash);
+    let in_flight = InFlight::new(store.clone(), hash, turn);
     // The download is declared to the store as soon as its kind is known
     // (from the caller, the store, or else the first provider's claim), so
     // that a raw blob is written straight to its target. Off the async
@@ -1813,7 +1833,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
         let hash = blake3::hash(b"dropped while it begins");
-        let in_flight = InFlight::new(store.clone(), hash);
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        let in_flight = InFlight::new(store.clone(), hash, turn.clone().try_lock_owned().ok());
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let (begun_tx, begun_rx) = std::sync::mpsc::channel();
@@ -1828,6 +1849,9 @@ mod tests {
         entered_rx.recv().unwrap();
         drop(begin);
         drop(in_flight);
+        // The turn is kept until the begin has ended it in the store: a
+        // waiter's begin before the late end had its own turn ended.
+        assert!(turn.try_lock().is_err(), "the turn went before the end");
         go_tx.send(()).unwrap();
         begun_rx.recv().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1837,6 +1861,11 @@ mod tests {
                 break;
             }
             assert!(Instant::now() < deadline, "the blob stays in flight");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while turn.try_lock().is_err() {
+            assert!(Instant::now() < deadline, "the turn is never given up");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -101,17 +101,32 @@ impl Node {
             // entry that each get again pinned anew (a review). Unless
             // another fetch of it runs (under the registry's lock: one
             // registered later pins after this).
-            let (inner, hash) = (self.inner.clone(), req.hash);
-            tokio::task::spawn_blocking(move || {
-                let fetches = lock(&inner.fetches);
-                if fetches.get(&hash).is_none_or(|l| l.len() <= 1) {
-                    called_off(&inner.store, &hash)
-                } else {
-                    Ok(())
+            // Decided under the registry's lock, unpinned after it (a
+            // durable commit): one registered in between pins after its
+            // begin, which comes later still. A failure to unpin is said,
+            // not put in place of the fetch's own error.
+            let alone = lock(&self.inner.fetches)
+                .get(&req.hash)
+                .is_none_or(|l| l.len() <= 1);
+            if alone {
+                let (store, hash) = (self.store().clone(), req.hash);
+                let unpinned = tokio::task::spawn_blocking(move || called_off(&store, &hash))
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))
+                    .and_then(|r| r);
+                if let Err(e) = unpinned {
+                    tracing::warn!(hash = %req.hash, "cannot unpin what the failed fetch pinned: {e}");
                 }
-            })
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))??;
+                // One registered meanwhile keeps its pin.
+                let others = lock(&self.inner.fetches)
+                    .get(&req.hash)
+                    .is_some_and(|l| l.len() > 1);
+                if let (true, Some(info)) = (others, self.store().info(&req.hash))
+                    && let Err(e) = self.store().pin(&req.hash, info.kind)
+                {
+                    tracing::warn!(hash = %req.hash, "cannot pin it again for another fetch: {e}");
+                }
+            }
         }
         drop(registered);
         // A member's download called off is the fetch's.

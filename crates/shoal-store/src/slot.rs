@@ -258,14 +258,37 @@ fn misalignment(buf: &[u8]) -> Option<usize> {
 }
 
 /// Open `path` for writing with `O_DIRECT`, or `None` where the filesystem
-/// refuses it (tmpfs, for one).
-pub(crate) fn open_direct(path: &std::path::Path) -> Option<File> {
+/// refuses it (tmpfs, for one), or where `path` no longer names `same` (the
+/// file already open): never through a symlink, nor into a file put there
+/// since (the path sits in a user's directory; a symlink put in place of
+/// a partial download's file got the download's writes: a review).
+pub(crate) fn open_direct(path: &std::path::Path, same: &File) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
         .open(path)
-        .ok()
+        .ok()?;
+    same_file(&f, same).then_some(f)
+}
+
+/// Whether two open files are one (device and inode).
+pub(crate) fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `path` names the open file `f` now (not a symlink to it, nor
+/// another file put in its place).
+pub(crate) fn names(path: &std::path::Path, f: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), f.metadata()) {
+        (Ok(p), Ok(f)) => p.file_type().is_file() && p.dev() == f.dev() && p.ino() == f.ino(),
+        _ => false,
+    }
 }
 
 /// Write the longest aligned prefix of `buf` at `pos` through `direct` (a
@@ -343,7 +366,13 @@ mod tests {
         let mut b = AlignedBuf::default();
         let data: Vec<u8> = (0..3 * DIRECT_ALIGN + 100).map(|x| (x * 7) as u8).collect();
         b.extend_from_slice(&data);
-        let Some(direct) = open_direct(&path) else {
+        // Not through a symlink, nor into another file.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(open_direct(&link, &f).is_none());
+        let other = File::create(dir.path().join("other")).unwrap();
+        assert!(open_direct(&path, &other).is_none());
+        let Some(direct) = open_direct(&path, &f) else {
             // A filesystem without O_DIRECT (tmpfs): nothing to test here,
             // the store writes through the page cache then.
             return;

@@ -302,7 +302,12 @@ impl Partial {
             return None;
         }
         let path = self.data_path.as_deref()?;
-        self.direct.get_or_init(|| slot::open_direct(path)).as_ref()
+        let Slot::File(f) = &self.data else {
+            return None;
+        };
+        self.direct
+            .get_or_init(|| slot::open_direct(path, f))
+            .as_ref()
     }
 }
 
@@ -2669,26 +2674,41 @@ impl Inner {
     /// The caller holds the state and `files`.
     fn retarget(&self, hash: &blake3::Hash, b: &mut Blob, target: Option<&Path>) {
         let Some(p) = b.partial.as_ref() else { return };
+        // Only to an output asked for: a `cat` or a get into the store
+        // leaves a user's partial file where it is.
+        let Some(t) = target else { return };
         if b.in_flight || p.target.as_deref() == target || lock(&p.st).done {
             return;
         }
-        let (Slot::File(_), Some(from)) = (&p.data, &p.data_path) else {
+        let (Slot::File(f), Some(from)) = (&p.data, &p.data_path) else {
             return;
         };
-        let to = match target {
-            Some(t) => beside(t, "", PARTIAL),
-            None => match self.owned_path(hash) {
-                Some(o) => o,
-                None => return,
-            },
+        let to = beside(t, "", PARTIAL);
+        // Moved only if its path still names the file open (a symlink or
+        // another file put in its place is not the download's: a review).
+        let moved = if slot::names(from, f) {
+            rename_no_replace(from, &to)
+        } else {
+            Err(io::Error::other(
+                "that path no longer names the download's file",
+            ))
         };
-        if let Err(e) = rename_no_replace(from, &to) {
-            tracing::debug!(
-                "{hash}: the partial download stays at {} (not moved to {}: {e})",
+        if let Err(e) = moved {
+            tracing::warn!(
+                "{hash}: the partial download stays at {} (it could not move to {}: {e}); it \
+                 finishes there, and is copied",
                 from.display(),
                 to.display()
             );
             return;
+        }
+        // Writers still holding the old one (a stream of a download called
+        // off) write nothing more: it is done.
+        {
+            let _gate = p.gate.write().unwrap_or_else(|e| e.into_inner());
+            let mut st = lock(&p.st);
+            st.done = true;
+            st.generation += 1;
         }
         tracing::info!(
             "{hash}: the partial download moves from {} to {}",
@@ -2711,7 +2731,7 @@ impl Inner {
                 generation: st.generation,
                 unsaved: st.unsaved,
                 last_save: st.last_save,
-                done: st.done,
+                done: false,
             }),
         };
         drop(st);
@@ -3799,6 +3819,23 @@ impl Inner {
         // No stream writes from here on (`done` is set): those writing
         // now finish first.
         let _gate = partial.gate.write().unwrap_or_else(|e| e.into_inner());
+        // Only the blob's partial download now: one moved since
+        // (`retarget`) is not renamed anywhere.
+        if !lock(&self.state)
+            .get(hash)
+            .and_then(|b| b.partial.as_ref())
+            .is_some_and(|p| Arc::ptr_eq(p, partial))
+        {
+            return Ok(());
+        }
+        // Its file is still at its path (not a symlink or another file put
+        // in its place: the rename below would move that into the output).
+        if let (Slot::File(f), Some(path)) = (&partial.data, &partial.data_path)
+            && partial.target.is_some()
+            && !slot::names(path, f)
+        {
+            return Err(StoreError::PartialInTheWay(path.clone()));
+        }
         let size = lock(&partial.st).size.unwrap_or(0);
         let ctx = Path::new("completed blob");
         // Every group was written, so the file reaches the blob's end

@@ -486,7 +486,8 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
 /// A partial download begun again for another output moves there and
 /// finishes there alone: it resumed into the first output's file, which
 /// appeared too once it finished (a review). One a download has in hand
-/// stays. Begun again for the store, it moves into the store.
+/// stays, one begun again for the store stays, and a symlink put in its
+/// place is not moved.
 #[test]
 fn a_partial_download_begun_again_elsewhere_moves_there() {
     let from = Store::in_memory();
@@ -506,10 +507,23 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
         .unwrap();
     assert!(partial(&f1).exists() && !partial(&f2).exists());
     to.end_download(&hash);
-    // Into the store, then out to f2.
+    // Not into the store (a `cat`, a get without -o): it stays.
     to.begin_download(&hash, BlobKind::Raw, None, true).unwrap();
     to.end_download(&hash);
-    assert!(!partial(&f1).exists() && !partial(&f2).exists());
+    assert!(partial(&f1).exists() && !partial(&f2).exists());
+    // A symlink put in its place is not moved.
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"not yours").unwrap();
+    let real = dir.path().join("real");
+    fs::rename(partial(&f1), &real).unwrap();
+    std::os::unix::fs::symlink(&victim, partial(&f1)).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
+        .unwrap();
+    to.end_download(&hash);
+    assert!(!partial(&f2).exists(), "a symlink was moved");
+    fs::remove_file(partial(&f1)).unwrap();
+    fs::rename(&real, partial(&f1)).unwrap();
+    // Out to f2.
     to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
         .unwrap();
     assert!(!partial(&f1).exists() && partial(&f2).exists());
@@ -520,6 +534,7 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
     assert!(to.info(&hash).unwrap().complete);
     assert_eq!(fs::read(&f2).unwrap(), d);
     assert!(fs::symlink_metadata(&f1).is_err());
+    assert_eq!(fs::read(&victim).unwrap(), b"not yours");
     assert!(to.verify(&hash).unwrap());
     // And after a restart, where it went.
     to.close().unwrap();
