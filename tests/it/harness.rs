@@ -237,6 +237,19 @@ impl Serve {
     }
 }
 
+/// Whether process `pid` has a handler for `signal` (its `SigCgt` mask in
+/// /proc): a signal sent before that would kill it instead.
+pub(crate) fn catches(pid: u32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
 /// Sends `signal` to `child` and waits (up to 15 s) for it to exit.
 pub(crate) fn signal_and_wait(child: &mut Child, signal: i32, what: &str) -> ExitStatus {
     // SAFETY: kill(2) with a pid we own and a valid signal number.

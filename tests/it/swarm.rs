@@ -384,14 +384,35 @@ fn directory_gets_run_again_or_together_to_one_output_succeed() {
     let again = d.ok(&["--json", "get", &t, "-o", o]);
     let again: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
     assert_eq!(again["received"], 0, "{again}");
+    // Run again after rm and gc: the files there are recorded again, and
+    // the collection is whole (it stayed pinned with none of its files).
+    d.ok(&["rm", &hash]);
+    d.ok(&["gc"]);
+    d.ok(&["get", &t, "-o", o]);
+    let ls = d.ok(&["--json", "ls"]);
+    let row: serde_json::Value = ls
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["hash"] == hash.as_str())
+        .unwrap_or_else(|| panic!("{ls}"));
+    assert_eq!(row["complete"], true, "{row}");
+    assert_eq!(row["pinned"], true, "{row}");
+    d.ok(&["verify", &hash]);
     // A tree that differs: refused, left as it is.
     write(&out.join("sub/s3.txt"), b"mine");
     let r = d.run(&["get", &t, "-o", o], Duration::from_secs(60));
     assert_eq!(r.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&r.stderr).contains("exists already"));
     assert_eq!(std::fs::read(out.join("sub/s3.txt")).unwrap(), b"mine");
-    // A file's get into a directory: refused, given a ticket or a hash.
+    // A file's get into a directory: refused, given a ticket or a hash,
+    // before anything is fetched.
     let ft = ticket(&s, &file_hash);
+    let downloaded = |d: &Dir| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(d.ok(&["--json", "status"]).trim()).unwrap();
+        v["downloaded"].as_u64().unwrap()
+    };
+    let before = downloaded(&d);
     for what in [&ft, &file_hash] {
         let r = d.run(
             &["get", what, "-o", o, "--peer", &seeder.peer_arg()],
@@ -400,6 +421,11 @@ fn directory_gets_run_again_or_together_to_one_output_succeed() {
         assert_eq!(r.status.code(), Some(1), "{what}");
         assert!(String::from_utf8_lossy(&r.stderr).contains("exists already"));
     }
+    assert!(
+        downloaded(&d) < before + 4_000,
+        "the file was fetched before it was refused"
+    );
+    assert!(!d.ok(&["ls"]).contains(&file_hash[..16]));
     write(&out.join("sub/s3.txt"), &data(3_000, 103));
     same_tree(&out);
 }
@@ -966,6 +992,14 @@ fn send_unpins_at_exit_only_what_it_pinned() {
     assert!(pinned(&before), "what add pinned before was unpinned");
     let kept = sent("kept.txt", false, &["--keep"]);
     assert!(pinned(&kept), "--keep did not keep it");
+    // Added through send's node while it runs: the user's add stands.
+    let path = s.path().join("also.txt");
+    write(&path, b"also added");
+    let (mut child, _) = send(&s, &path, &[], Duration::from_secs(30));
+    let also = add(&s, &path);
+    let status = signal_and_wait(&mut child.0, libc::SIGINT, "send");
+    assert!(status.success(), "{status}");
+    assert!(pinned(&also), "send unpinned what add pinned meanwhile");
     s.ok(&["gc"]);
     assert!(!s.ok(&["ls"]).contains(&once[..16]));
 }
@@ -1117,6 +1151,10 @@ fn an_interrupted_get_says_whether_it_kept_anything() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let pid = get.id();
+        eventually(Duration::from_secs(30), "the get to hear SIGINT", || {
+            crate::harness::catches(pid, libc::SIGINT)
+        });
         eventually(Duration::from_secs(30), "the get to start", begun);
         let status = signal_and_wait(&mut get, libc::SIGINT, "get");
         let mut err = String::new();

@@ -1090,10 +1090,10 @@ async fn send(
         ImportMode::InPlace
     };
     // What was pinned before (by `add`, `get`, an earlier `send --keep`)
-    // stays pinned when `send` stops; what `send` itself pinned does not,
-    // unless `--keep`: a one-shot share leaves nothing that a later
-    // `serve` would serve and announce (as sendme forgets at exit). This
-    // node holds the store alone, so nothing pins meanwhile.
+    // stays pinned when `send` stops, and so does what another command
+    // added or got through this node meanwhile; what `send` itself pinned
+    // does not, unless `--keep`: a one-shot share leaves nothing that a
+    // later `serve` would serve and announce (as sendme forgets at exit).
     let pinned_before: HashSet<Hash> = node
         .store()
         .list()
@@ -1119,15 +1119,20 @@ async fn send(
         path.display()
     );
     interrupt.fired().await;
-    let unpinned = if keep || pinned_before.contains(&hash) {
+    let unpinned = if keep || pinned_before.contains(&hash) || node.asked_through_control(&hash) {
         Ok(false)
     } else {
         node.unpin(&hash).map(|()| true)
     };
     node.shutdown().await;
     match unpinned {
+        Ok(true) if copy => note!(
+            "stopped; {} is no longer pinned here (`shoal gc` frees its copy; `send --keep` keeps it)",
+            path.display()
+        ),
         Ok(true) => note!(
-            "stopped; {} is no longer pinned here (`shoal gc` frees its space; `send --keep` keeps it)",
+            "stopped; {} is no longer pinned here (`shoal gc` forgets it; the files stay where they are; \
+             `send --keep` keeps it pinned)",
             path.display()
         ),
         Ok(false) => note!("stopped; {} stays pinned here", path.display()),

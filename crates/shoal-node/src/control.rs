@@ -259,12 +259,15 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                 };
                 for p in a.paths {
                     let item = match node.add_path(Path::new(&p), mode).await {
-                        Ok((hash, kind)) => pb::AddedItem {
-                            hash: hash.as_bytes().to_vec().into(),
-                            path: p,
-                            kind: kind_to_pb(kind),
-                            error: String::new(),
-                        },
+                        Ok((hash, kind)) => {
+                            crate::node::lock(&node.inner.asked_through_control).insert(hash);
+                            pb::AddedItem {
+                                hash: hash.as_bytes().to_vec().into(),
+                                path: p,
+                                kind: kind_to_pb(kind),
+                                error: String::new(),
+                            }
+                        }
                         Err(e) => pb::AddedItem {
                             path: p,
                             error: e.to_string(),
@@ -431,6 +434,7 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
 
 async fn get(node: &Node, stream: &mut UnixStream, g: pb::GetRequest) -> Result<(), NodeError> {
     let hash = parse_hash(&g.hash)?;
+    crate::node::lock(&node.inner.asked_through_control).insert(hash);
     let mut peers = Vec::new();
     for p in &g.peers {
         let id = hash_from_bytes(&p.id)

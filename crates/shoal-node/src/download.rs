@@ -79,6 +79,10 @@ pub(crate) struct BlobJob {
     /// Calls the download off (its fetch's: an unpin, or the node
     /// stopping). A child of the node's token.
     pub(crate) cancel: CancellationToken,
+    /// A directory stands at the output: a file (the kind learnt from
+    /// the first provider's claim) is refused before anything is fetched
+    /// (it was fetched whole, then refused; a review).
+    pub(crate) no_file_at: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -674,6 +678,9 @@ async fn fetch_blob_alone(
     // held whole): a new one is begun once a peer offers it (before the
     // size proof, below), so that a get that finds nobody leaves no empty
     // `OUT.shoal-partial` and no pinned 0% entry behind (a review).
+    if let (Some(p), Some(BlobKind::Raw)) = (&job.no_file_at, kind) {
+        return Err(NodeError::OutputExists(p.clone()));
+    }
     if let Some(k) = kind.filter(|_| store.info(&hash).is_some()) {
         begin(k).await?;
         begun = true;
@@ -911,7 +918,11 @@ async fn fetch_blob_alone(
                 .map(|(p, s)| (*p, s.conn.clone(), s.size));
             if let Some((peer, conn, size)) = pick {
                 if !begun {
-                    if let Err(e) = begin(kind.unwrap_or(BlobKind::Raw)).await {
+                    let k = kind.unwrap_or(BlobKind::Raw);
+                    if let (Some(p), BlobKind::Raw) = (&job.no_file_at, k) {
+                        break Err(NodeError::OutputExists(p.clone()));
+                    }
+                    if let Err(e) = begin(k).await {
                         break Err(e.into());
                     }
                     begun = true;

@@ -198,6 +198,7 @@ impl Node {
             peers: req.peers.clone(),
             pin: true,
             cancel: cancel.clone(),
+            no_file_at: dir_there.clone(),
         };
         let blob = fetch_blob(inner.clone(), job, progress.clone());
         // Given a bare hash, a blob a provider calls a collection is not
@@ -347,10 +348,16 @@ impl Node {
                     // the same output) over the directory it wrote has
                     // nothing to do, as for a file; anything else there is
                     // never written into.
-                    let (d2, want) = (d.to_path_buf(), entries.clone());
-                    let same = tokio::task::spawn_blocking(move || tree_holds(&d2, &want))
-                        .await
-                        .map_err(|e| NodeError::Internal(e.to_string()))?;
+                    let (d2, want, stop) = (d.to_path_buf(), entries.clone(), cancel.clone());
+                    let (store2, hash) = (store.clone(), req.hash);
+                    let same = tokio::task::spawn_blocking(move || {
+                        holds_and_recorded(&store2, hash, &d2, &want, &stop)
+                    })
+                    .await
+                    .map_err(|e| NodeError::Internal(e.to_string()))??;
+                    if cancel.is_cancelled() {
+                        return Err(cancelled(self, req.hash));
+                    }
                     if !same {
                         return Err(NodeError::OutputExists(d.to_path_buf()));
                     }
@@ -507,6 +514,7 @@ impl Node {
             // the user gives it meanwhile stays.
             pin: false,
             cancel: cancel.clone(),
+            no_file_at: None,
         };
         fetch_blob(self.inner.clone(), job, progress).await
     }
@@ -914,11 +922,57 @@ fn cancelled(node: &Node, hash: Hash) -> NodeError {
     }
 }
 
+/// Whether `dir` holds exactly the collection `hash` (see [`tree_holds`]);
+/// if it does, members the store does not hold (an `rm` and a gc since the
+/// get that wrote it) are recorded there, in place, as `add` would: the
+/// collection was left pinned with no member in the store (a review).
+fn holds_and_recorded(
+    store: &shoal_store::Store,
+    hash: Hash,
+    dir: &Path,
+    entries: &[collection::Entry],
+    stop: &CancellationToken,
+) -> Result<bool, NodeError> {
+    if !tree_holds(dir, entries, stop) {
+        return Ok(false);
+    }
+    let hashes: Vec<Hash> = entries
+        .iter()
+        .filter(|e| !e.empty_dir)
+        .map(|e| e.hash)
+        .collect();
+    if store
+        .presence(&hashes)
+        .iter()
+        .all(|p| matches!(p, Presence::Complete(_)))
+    {
+        return Ok(true);
+    }
+    let pinned_before: std::collections::HashSet<Hash> = store
+        .list()
+        .into_iter()
+        .filter(|i| i.pinned)
+        .map(|i| i.hash)
+        .collect();
+    let got = store.import_dir(dir, shoal_store::ImportMode::InPlace)?;
+    if got != hash {
+        // The same files, other modes (an executable bit): not the
+        // collection asked for, and not pinned for it.
+        if !pinned_before.contains(&got) {
+            called_off(store, &got)?;
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Whether `dir` holds exactly the tree `entries` describe: every file at
 /// its path, a regular file of its size and BLAKE3 hash; every empty
 /// directory; and nothing else (no other file, directory or link). Any
-/// error reading it is a no.
-fn tree_holds(dir: &Path, entries: &[collection::Entry]) -> bool {
+/// error reading it is a no, and so is `stop` cancelled (checked between
+/// files). Files are read, not mapped: one cut short meanwhile by another
+/// process would kill the node with SIGBUS.
+fn tree_holds(dir: &Path, entries: &[collection::Entry], stop: &CancellationToken) -> bool {
     fn walk(root: &Path, dir: &Path, found: &mut Vec<(String, bool)>) -> std::io::Result<()> {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
@@ -961,10 +1015,13 @@ fn tree_holds(dir: &Path, entries: &[collection::Entry]) -> bool {
     }
     entries.iter().filter(|e| !e.empty_dir).all(|e| {
         let p = dir.join(&e.path);
-        std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == e.size)
-            && blake3::Hasher::new()
-                .update_mmap(&p)
-                .is_ok_and(|h| h.finalize() == e.hash)
+        !stop.is_cancelled()
+            && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == e.size)
+            && std::fs::File::open(&p).is_ok_and(|f| {
+                blake3::Hasher::new()
+                    .update_reader(f)
+                    .is_ok_and(|h| h.finalize() == e.hash)
+            })
     })
 }
 

@@ -198,6 +198,9 @@ pub(crate) struct Inner {
     /// One fetch of a collection's members at a time per collection (see
     /// `fetch::Collections`).
     pub(crate) collections: crate::fetch::Collections,
+    /// Hashes added or fetched through the control socket (by other
+    /// commands on the data dir), see [`Node::asked_through_control`].
+    pub(crate) asked_through_control: Mutex<std::collections::HashSet<Hash>>,
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -302,6 +305,7 @@ impl Node {
             announcing: Mutex::new(()),
             downloading: Default::default(),
             collections: Default::default(),
+            asked_through_control: Default::default(),
             fetching: tokio::sync::broadcast::channel(FETCHING_BACKLOG).0,
             arrivals: tokio::sync::broadcast::channel(ARRIVALS_BACKLOG).0,
             rechecking: Arc::default(),
@@ -426,6 +430,13 @@ impl Node {
     /// The endpoint (for byte counters and tests).
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
+    }
+
+    /// Whether another command on the data dir added or fetched `hash`
+    /// through this node's control socket (`send` keeps pinned at exit
+    /// what a user's `add` pinned meanwhile: it unpinned it; a review).
+    pub fn asked_through_control(&self, hash: &Hash) -> bool {
+        lock(&self.inner.asked_through_control).contains(hash)
     }
 
     /// Imports a file or directory and serves it at once.

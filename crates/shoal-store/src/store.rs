@@ -666,6 +666,32 @@ fn set_aside_files_of(inner: &Inner, b: &Blob, aside: &mut Vec<PathBuf>) -> u64 
     bytes
 }
 
+/// The groups of a `size`-byte blob that overlap a hole of `f`
+/// (`SEEK_HOLE`); none where the filesystem cannot say. A written file
+/// has none where it was written (a filesystem that stores runs of zeros
+/// as holes reports them too: checked again, they verify).
+fn groups_in_holes(f: &File, size: u64) -> GroupRanges {
+    use rustix::fs::{SeekFrom, seek};
+    let mut holes = GroupRanges::new();
+    let mut off = 0;
+    while off < size {
+        let Ok(hole) = seek(f, SeekFrom::Hole(off)) else {
+            break;
+        };
+        if hole >= size {
+            break;
+        }
+        // No data after it (ENXIO): a hole to the end.
+        let data = seek(f, SeekFrom::Data(hole)).map_or(size, |d| d.min(size));
+        holes.insert(hole / GROUP_SIZE..data.div_ceil(GROUP_SIZE));
+        if data <= hole {
+            break;
+        }
+        off = data;
+    }
+    holes
+}
+
 /// Deletes the files [`set_aside_files_of`] set aside.
 fn unaside(aside: &mut Vec<PathBuf>) {
     for f in aside.drain(..) {
@@ -3860,6 +3886,35 @@ impl Inner {
                     path: path.clone(),
                     lost,
                 });
+            }
+        }
+        // A hole where groups were verified: the file was cut short and
+        // lengthened again by a write past the cut (two streams at once),
+        // which the check of each batch cannot see. The groups are
+        // checked again; the ones that fail are lost, as above.
+        if let (Slot::File(f), Some(path)) = (&partial.data, &partial.data_path) {
+            // A filesystem may report a hole's edges coarsely (data that
+            // is zeros): any hole means every group is checked again.
+            if !groups_in_holes(f, size).is_empty() {
+                let all = GroupRanges::from_range(0..group_count(size));
+                let still = recheck(hash, size, &partial.data, &partial.outboard, &all)?;
+                let lost = all.difference(&still);
+                if !lost.is_empty() {
+                    tracing::warn!(
+                        "blob {hash}: {} has holes where {} verified groups were; they are \
+                         fetched again",
+                        path.display(),
+                        lost.count()
+                    );
+                    let mut st = lock(&partial.st);
+                    st.verified = st.verified.difference(&lost);
+                    drop(st);
+                    self.save_partial(hash)?;
+                    return Err(StoreError::PartialCutShort {
+                        path: path.clone(),
+                        lost: lost.count(),
+                    });
+                }
             }
         }
         // Exactly the blob: nothing past its end (a longer file found
