@@ -99,12 +99,10 @@ impl Node {
             // fetch that got nothing leaves nothing pinned either: one begun
             // as a resume just as gc took what was there left a pinned 0%
             // entry that each get again pinned anew (a review). Unless
-            // another fetch of it runs (under the registry's lock: one
-            // registered later pins after this).
-            // Decided under the registry's lock, unpinned after it (a
-            // durable commit): one registered in between pins after its
-            // begin, which comes later still. A failure to unpin is said,
-            // not put in place of the fetch's own error.
+            // another fetch of it runs: decided under the registry's lock,
+            // unpinned after it (a durable commit), and pinned again if one
+            // came meanwhile. A failure to unpin is said, not put in place
+            // of the fetch's own error.
             let alone = lock(&self.inner.fetches)
                 .get(&req.hash)
                 .is_none_or(|l| l.len() <= 1);
@@ -260,8 +258,10 @@ impl Node {
             }
         }
         if let (Some(p), BlobKind::Raw) = (&dir_there, kind) {
-            // Learnt only now, from a bare hash: the file stays in the
-            // store, pinned, as a get without `-o` leaves it.
+            // A provider called it a directory, and the content is a
+            // file (`no_file_at` refuses what is called a file before it
+            // is fetched): it stays in the store, pinned, as a get without
+            // `-o` leaves it.
             return Err(NodeError::OutputExists(p.clone()));
         }
         let size = self.store().info(&req.hash).map_or(0, |i| i.size);

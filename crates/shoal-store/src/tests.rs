@@ -437,14 +437,21 @@ fn a_resumed_download_does_not_follow_a_symlink_in_place_of_its_file() {
     assert!(fs::symlink_metadata(&target).is_err());
 }
 
-/// A partial download's file cut short while it downloads is not padded
-/// back with zeros into a "complete" blob of the wrong bytes (a review):
-/// the last group fails saying so, the groups lost are dropped, and
-/// fetching them again completes the blob with the right bytes.
-#[test]
-fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
+/// A download of an 8-group blob into `out.bin` beside its store, its
+/// first seven groups received.
+struct SevenOfEight {
+    from: Store,
+    d: Vec<u8>,
+    hash: blake3::Hash,
+    to: Store,
+    target: std::path::PathBuf,
+    partial: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn seven_of_eight(seed: u64) -> SevenOfEight {
     let from = Store::in_memory();
-    let d = data(8 * GROUP_SIZE as usize, 17);
+    let d = data(8 * GROUP_SIZE as usize, seed);
     let hash = from.import_bytes(&d, "x").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("out.bin");
@@ -455,6 +462,32 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
     let first = GroupRanges::from_range(0..7);
     let (_, bytes) = encode(&from, &hash, &first);
     receive(&to, &hash, &first, &bytes).unwrap();
+    SevenOfEight {
+        from,
+        d,
+        hash,
+        to,
+        target,
+        partial,
+        _dir: dir,
+    }
+}
+
+/// A partial download's file cut short while it downloads is not padded
+/// back with zeros into a "complete" blob of the wrong bytes (a review):
+/// the last group fails saying so, the groups lost are dropped, and
+/// fetching them again completes the blob with the right bytes.
+#[test]
+fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
+    let SevenOfEight {
+        from,
+        d,
+        hash,
+        to,
+        target,
+        partial,
+        _dir,
+    } = seven_of_eight(17);
     // Someone cuts the file to its first three groups.
     let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
@@ -548,18 +581,15 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
 /// fetched again (a review).
 #[test]
 fn a_hole_in_a_partial_file_is_found_before_it_is_finished() {
-    let from = Store::in_memory();
-    let d = data(8 * GROUP_SIZE as usize, 19);
-    let hash = from.import_bytes(&d, "x").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("out.bin");
-    let partial = dir.path().join("out.bin.shoal-partial");
-    let to = Store::open(&dir.path().join("store")).unwrap();
-    to.begin_download(&hash, BlobKind::Raw, Some(&target), true)
-        .unwrap();
-    let first = GroupRanges::from_range(0..7);
-    let (_, bytes) = encode(&from, &hash, &first);
-    receive(&to, &hash, &first, &bytes).unwrap();
+    let SevenOfEight {
+        from,
+        d,
+        hash,
+        to,
+        target,
+        partial,
+        _dir,
+    } = seven_of_eight(19);
     let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
     f.set_len(7 * GROUP_SIZE).unwrap();
