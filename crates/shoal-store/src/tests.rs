@@ -449,6 +449,17 @@ struct SevenOfEight {
     _dir: tempfile::TempDir,
 }
 
+impl SevenOfEight {
+    /// Receives `groups` again: the blob is then whole, at its target.
+    fn fetch_again(&self, groups: std::ops::Range<u64>) {
+        let lost = GroupRanges::from_range(groups);
+        let (_, bytes) = encode(&self.from, &self.hash, &lost);
+        receive(&self.to, &self.hash, &lost, &bytes).unwrap();
+        assert!(self.to.info(&self.hash).unwrap().complete);
+        assert_eq!(fs::read(&self.target).unwrap(), self.d);
+    }
+}
+
 fn seven_of_eight(seed: u64) -> SevenOfEight {
     let from = Store::in_memory();
     let d = data(8 * GROUP_SIZE as usize, seed);
@@ -479,15 +490,9 @@ fn seven_of_eight(seed: u64) -> SevenOfEight {
 /// fetching them again completes the blob with the right bytes.
 #[test]
 fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
-    let SevenOfEight {
-        from,
-        d,
-        hash,
-        to,
-        target,
-        partial,
-        _dir,
-    } = seven_of_eight(17);
+    let b = seven_of_eight(17);
+    let (from, hash, to) = (b.from.clone(), b.hash, b.to.clone());
+    let (target, partial) = (b.target.clone(), b.partial.clone());
     // Someone cuts the file to its first three groups.
     let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
@@ -509,11 +514,7 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
     let info = to.info(&hash).unwrap();
     assert!(!info.complete);
     assert_eq!(info.verified, GroupRanges::from_range(0..3));
-    let lost = GroupRanges::from_range(3..8);
-    let (_, bytes) = encode(&from, &hash, &lost);
-    receive(&to, &hash, &lost, &bytes).unwrap();
-    assert!(to.info(&hash).unwrap().complete);
-    assert_eq!(fs::read(&target).unwrap(), d);
+    b.fetch_again(3..8);
 }
 
 /// A partial download begun again for another output moves there and
@@ -581,15 +582,9 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
 /// fetched again (a review).
 #[test]
 fn a_hole_in_a_partial_file_is_found_before_it_is_finished() {
-    let SevenOfEight {
-        from,
-        d,
-        hash,
-        to,
-        target,
-        partial,
-        _dir,
-    } = seven_of_eight(19);
+    let b = seven_of_eight(19);
+    let (from, hash, to) = (b.from.clone(), b.hash, b.to.clone());
+    let (target, partial) = (b.target.clone(), b.partial.clone());
     let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
     f.set_len(7 * GROUP_SIZE).unwrap();
@@ -614,11 +609,7 @@ fn a_hole_in_a_partial_file_is_found_before_it_is_finished() {
         "{res:?}"
     );
     assert!(fs::symlink_metadata(&target).is_err(), "finished anyway");
-    let lost = GroupRanges::from_range(3..7);
-    let (_, bytes) = encode(&from, &hash, &lost);
-    receive(&to, &hash, &lost, &bytes).unwrap();
-    assert!(to.info(&hash).unwrap().complete);
-    assert_eq!(fs::read(&target).unwrap(), d);
+    b.fetch_again(3..7);
 }
 
 /// Two downloads of one blob at once (two gets of the same content on one
