@@ -160,7 +160,7 @@ impl Node {
     ) -> Result<(BlobKind, u64, u64), NodeError> {
         let inner = self.inner.clone();
         // A directory at the output: a collection's fetch run again, maybe
-        // (see `tree_holds`); never a file's output.
+        // (see `holds_and_recorded`); never a file's output.
         let dir_there = match &req.out {
             FetchOutput::Path(p) if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) => {
                 Some(p.clone())
@@ -286,7 +286,7 @@ impl Node {
                 // once filled the same temporary tree (to one output) and
                 // fetched the small files twice (a review). The one that
                 // waited finds the members here, and an output the other
-                // made holding the collection already (`tree_holds`).
+                // made holding the collection already (`holds_and_recorded`).
                 let _turn = tokio::select! {
                     biased;
                     () = cancel.cancelled() => return Err(cancelled(self, req.hash)),
@@ -922,7 +922,7 @@ fn cancelled(node: &Node, hash: Hash) -> NodeError {
     }
 }
 
-/// Whether `dir` holds exactly the collection `hash` (see [`tree_holds`]);
+/// Whether `dir` holds exactly the collection `hash` (see [`tree_shape_holds`]);
 /// if it does, members the store does not hold (an `rm` and a gc since the
 /// get that wrote it) are recorded there, in place, as `add` would: the
 /// collection was left pinned with no member in the store (a review).
@@ -933,7 +933,7 @@ fn holds_and_recorded(
     entries: &[collection::Entry],
     stop: &CancellationToken,
 ) -> Result<bool, NodeError> {
-    if !tree_holds(dir, entries, stop) {
+    if !tree_shape_holds(dir, entries) {
         return Ok(false);
     }
     let hashes: Vec<Hash> = entries
@@ -946,8 +946,11 @@ fn holds_and_recorded(
         .iter()
         .all(|p| matches!(p, Presence::Complete(_)))
     {
-        return Ok(true);
+        return Ok(files_hash_to(dir, entries, stop));
     }
+    // Recorded as `add` would, which hashes each file once and says
+    // whether the tree is the collection (its manifest's hash): hashing
+    // it here first read every file twice.
     let pinned_before: std::collections::HashSet<Hash> = store
         .list()
         .into_iter()
@@ -966,13 +969,11 @@ fn holds_and_recorded(
     Ok(true)
 }
 
-/// Whether `dir` holds exactly the tree `entries` describe: every file at
-/// its path, a regular file of its size and BLAKE3 hash; every empty
+/// Whether `dir` has exactly the shape of the tree `entries` describe:
+/// every file at its path, a regular file of its size; every empty
 /// directory; and nothing else (no other file, directory or link). Any
-/// error reading it is a no, and so is `stop` cancelled (checked between
-/// files). Files are read, not mapped: one cut short meanwhile by another
-/// process would kill the node with SIGBUS.
-fn tree_holds(dir: &Path, entries: &[collection::Entry], stop: &CancellationToken) -> bool {
+/// error reading it is a no.
+fn tree_shape_holds(dir: &Path, entries: &[collection::Entry]) -> bool {
     fn walk(root: &Path, dir: &Path, found: &mut Vec<(String, bool)>) -> std::io::Result<()> {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
@@ -1010,14 +1011,21 @@ fn tree_holds(dir: &Path, entries: &[collection::Entry], stop: &CancellationToke
         .collect();
     want.sort();
     found.sort();
-    if want != found {
-        return false;
-    }
+    want == found
+        && entries.iter().filter(|e| !e.empty_dir).all(|e| {
+            std::fs::symlink_metadata(dir.join(&e.path))
+                .is_ok_and(|m| m.is_file() && m.len() == e.size)
+        })
+}
+
+/// Whether every file `entries` name under `dir` has its BLAKE3 hash. Any
+/// error reading one is a no, and so is `stop` cancelled (checked between
+/// files). Files are read, not mapped: one cut short meanwhile by another
+/// process would kill the node with SIGBUS.
+fn files_hash_to(dir: &Path, entries: &[collection::Entry], stop: &CancellationToken) -> bool {
     entries.iter().filter(|e| !e.empty_dir).all(|e| {
-        let p = dir.join(&e.path);
         !stop.is_cancelled()
-            && std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == e.size)
-            && std::fs::File::open(&p).is_ok_and(|f| {
+            && std::fs::File::open(dir.join(&e.path)).is_ok_and(|f| {
                 blake3::Hasher::new()
                     .update_reader(f)
                     .is_ok_and(|h| h.finalize() == e.hash)
