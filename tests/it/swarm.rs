@@ -545,6 +545,8 @@ fn rm_calls_off_a_nodes_download() {
         std::io::Read::read_to_string(&mut get.0.stderr.take().unwrap(), &mut err).unwrap();
         assert_eq!(code.code(), Some(1), "{err}");
         assert!(err.contains("cancelled"), "{err}");
+        // Prefixed as a get of its own says it (it was not).
+        assert!(err.contains(&format!("fetching {hash}")), "{err}");
         assert!(!out.exists());
         assert_eq!(status()["transfers"], serde_json::json!([]));
         let ls = d.ok(&["--json", "ls"]);

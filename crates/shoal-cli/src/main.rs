@@ -1703,7 +1703,11 @@ impl Through<'_> {
                     // Its report came: the download is done, whatever
                     // became of the node after that.
                     Err(e) if report.is_some() && e.is_node_gone() => None,
-                    Err(e) => return Err(e.into()),
+                    Err(e) if e.is_node_gone() => return Err(e.into()),
+                    // Prefixed as a get of its own says it.
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e).context(format!("fetching {}", self.hash)));
+                    }
                 },
                 () = self.interrupt.fired() => return Err(interrupted()),
             };

@@ -115,6 +115,15 @@ pub(crate) struct Record {
     /// claiming another size must not reset it).
     #[prost(bool, tag = "13")]
     pub(crate) size_proven: bool,
+    /// A partial blob whose file is being moved to `path`'s partial file
+    /// from this output's (empty: from the store's own file). Recorded
+    /// before the move: a stop between the two leaves the file at the old
+    /// place, and the next open moves it (recorded after, a stop between
+    /// left the record naming the old place and the file at the new one:
+    /// the open made an empty file there, and the moved one blocked the
+    /// next get; a review).
+    #[prost(bytes = "vec", optional, tag = "14")]
+    pub(crate) moved_from: Option<Vec<u8>>,
 }
 
 /// One change to apply in a batch.

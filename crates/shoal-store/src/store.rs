@@ -957,6 +957,20 @@ impl Store {
         self.inner.flush_on_drop.store(false, Ordering::SeqCst);
     }
 
+    /// Record a move of `hash`'s partial download to `to`, as
+    /// `Inner::retarget` does first, without making it: the state a stop
+    /// between the two leaves.
+    #[cfg(test)]
+    pub(crate) fn record_move_only(&self, hash: &blake3::Hash, to: &Path) {
+        let st = lock(&self.inner.state);
+        let b = &st[hash];
+        let mut rec = record_of(b);
+        rec.path = to.as_os_str().as_bytes().to_vec();
+        let from = b.partial.as_ref().and_then(|p| p.target.as_deref());
+        rec.moved_from = Some(from.map_or_else(Vec::new, |o| o.as_os_str().as_bytes().to_vec()));
+        self.inner.persist(hash, rec, true).unwrap();
+    }
+
     /// Make every commit fail from now on (`on`), as a full or failing
     /// disk would, or commit again.
     #[cfg(test)]
@@ -2632,7 +2646,10 @@ impl Inner {
             };
             return Ok(b);
         }
-        let target = (!r.path.is_empty()).then_some(path);
+        let mut target = (!r.path.is_empty()).then_some(path);
+        if let (Some(from), Some(t)) = (&r.moved_from, &target) {
+            target = self.finish_move(hash, from, t);
+        }
         if let (Some(t), Some(size)) = (&target, r.size)
             && let Some((data, outboard)) = self.finished_at(hash, t, size)
         {
@@ -2713,7 +2730,18 @@ impl Inner {
         // Moved only if its path still names the file open (a symlink or
         // another file put in its place is not the download's: a review).
         let moved = if slot::names(from, f) {
-            rename_no_replace(from, &to)
+            // The move is recorded first (see `Record::moved_from`); the
+            // caller records the blob again after it, moved or not.
+            let mut rec = record_of(b);
+            rec.path = t.as_os_str().as_bytes().to_vec();
+            rec.moved_from = Some(
+                p.target
+                    .as_deref()
+                    .map_or_else(Vec::new, |o| o.as_os_str().as_bytes().to_vec()),
+            );
+            self.persist(hash, rec, true)
+                .map_err(io::Error::other)
+                .and_then(|()| rename_no_replace(from, &to))
         } else {
             Err(io::Error::other(
                 "that path no longer names the download's file",
@@ -2762,6 +2790,45 @@ impl Inner {
         };
         drop(st);
         b.partial = Some(Arc::new(moved));
+    }
+
+    /// A partial download recorded as moving (`Record::moved_from`) to
+    /// `to`'s partial file: the last run stopped before its file moved if
+    /// the file is still at the old place, and it moves now. Returns the
+    /// target it is at: the old one (`None`: the store's own file) if it
+    /// cannot move.
+    fn finish_move(&self, hash: &blake3::Hash, from: &[u8], to: &Path) -> Option<PathBuf> {
+        let old_target = (!from.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(from)));
+        let old = match &old_target {
+            Some(o) => beside(o, "", PARTIAL),
+            None => self.owned_path(hash)?,
+        };
+        // A symlink at the old place is not the download's file (nor is
+        // anything but a regular file): the download goes on at the new one.
+        if !fs::symlink_metadata(&old).is_ok_and(|m| m.is_file()) {
+            return Some(to.to_path_buf());
+        }
+        let new = beside(to, "", PARTIAL);
+        match rename_no_replace(&old, &new) {
+            Ok(()) => {
+                tracing::info!(
+                    "{hash}: the partial download moves from {} to {} (the last run stopped \
+                     part way through the move)",
+                    old.display(),
+                    new.display()
+                );
+                Some(to.to_path_buf())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{hash}: the partial download stays at {} (it could not move to {}: {e}); \
+                     it finishes there, and is copied",
+                    old.display(),
+                    new.display()
+                );
+                old_target
+            }
+        }
     }
 
     /// A download into `target` whose partial file is gone and whose

@@ -576,6 +576,50 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
     assert_eq!(to.read_all(&hash).unwrap(), d);
 }
 
+/// A move of a partial download to another output is recorded before it
+/// is made: a move whose record fails is not made (made first, its file
+/// was at the new place and its record at the old one, where the next open
+/// made an empty file: a review), and a stop between the record and the
+/// move leaves it to the next open, which makes it.
+#[test]
+fn a_partial_download_moved_part_way_is_found_at_open() {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, 23);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&f1), true)
+        .unwrap();
+    let some = GroupRanges::from_range(0..3);
+    let (_, bytes) = encode(&from, &hash, &some);
+    receive(&to, &hash, &some, &bytes).unwrap();
+    to.end_download(&hash);
+    to.fail_commits(true);
+    assert!(
+        to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
+            .is_err()
+    );
+    to.fail_commits(false);
+    to.end_download(&hash);
+    assert!(partial_name(&f1).exists(), "moved, its record failed");
+    assert!(!partial_name(&f2).exists());
+    // Recorded, not made: the next open makes it.
+    to.record_move_only(&hash, &f2);
+    to.crash();
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    assert!(!partial_name(&f1).exists() && partial_name(&f2).exists());
+    assert_eq!(to.info(&hash).unwrap().verified, some);
+    to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
+        .unwrap();
+    let rest = GroupRanges::from_range(3..8);
+    let (_, bytes) = encode(&from, &hash, &rest);
+    receive(&to, &hash, &rest, &bytes).unwrap();
+    assert_eq!(fs::read(&f2).unwrap(), d);
+    assert!(fs::symlink_metadata(&f1).is_err());
+    assert!(fs::symlink_metadata(partial_name(&f1)).is_err());
+}
+
 /// A partial download's file cut short and lengthened again over a hole
 /// (a write past the cut, from a second stream) is not finished as the
 /// wrong bytes: the groups in the hole are checked again at the end, and
