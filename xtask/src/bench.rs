@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -72,7 +73,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         rate: "50mbit".into(),
         lab_size_mib: 256,
         lab_runs: None,
-        work: PathBuf::from("target/bench/work"),
+        work: crate::target_dir().join("bench/work"),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -110,6 +111,9 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         o.scenarios = (1..=6).map(|i| format!("S{i}")).collect();
     }
     o.runs = o.runs.max(1);
+    if o.downloaders == 0 {
+        bail!("--downloaders must be at least 1\n\n{USAGE}");
+    }
     Ok(o)
 }
 
@@ -125,7 +129,8 @@ pub(crate) fn parse_size(s: &str) -> Result<u64> {
         "g" | "gib" => 1 << 30,
         _ => bail!("size {s:?}: use B, KiB, MiB or GiB"),
     };
-    Ok(n * mult)
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
 /// One line of the table.
@@ -137,6 +142,12 @@ pub(crate) struct Row {
     shoal: Option<f64>,
     baseline: String,
     base: Option<f64>,
+    /// The median of each run's own ratio, where shoal and the baseline
+    /// ran in pairs (see [`Row::paired`]).
+    paired: Option<f64>,
+    /// What the "shoal" column measured, when not shoal (a reference row
+    /// of another tool against the same bound).
+    subject: Option<String>,
     target: String,
     note: String,
 }
@@ -150,9 +161,24 @@ impl Row {
             shoal: None,
             baseline: String::new(),
             base: None,
+            paired: None,
+            subject: None,
             target: String::new(),
             note: String::new(),
         }
+    }
+    /// The ratio as bench.md asks for it: each run's shoal figure over
+    /// the baseline's of the same run, then the median of those. The
+    /// ratio of the two medians may pair figures of different runs, on a
+    /// disk whose speed here swings 40% from run to run (a review). Kept
+    /// as the ratio of medians when either side lacks a run (a baseline
+    /// that failed part way: its runs no longer line up with shoal's).
+    fn paired(mut self, ours: &[f64], theirs: &[f64]) -> Row {
+        if !ours.is_empty() && ours.len() == theirs.len() && theirs.iter().all(|b| *b > 0.0) {
+            let r: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
+            self.paired = median(&r);
+        }
+        self
     }
     fn shoal(mut self, v: Option<f64>) -> Row {
         self.shoal = v;
@@ -163,6 +189,10 @@ impl Row {
         self.base = v;
         self
     }
+    fn subject(mut self, s: &str) -> Row {
+        self.subject = Some(s.into());
+        self
+    }
     fn target(mut self, t: &str) -> Row {
         self.target = t.into();
         self
@@ -171,17 +201,23 @@ impl Row {
         self.note = n.into();
         self
     }
-    fn ratio(&self) -> Option<f64> {
+    fn ratio_of_medians(&self) -> Option<f64> {
         match (self.shoal, self.base) {
             (Some(s), Some(b)) if b > 0.0 => Some(s / b),
             _ => None,
         }
     }
+    fn ratio(&self) -> Option<f64> {
+        self.paired.or_else(|| self.ratio_of_medians())
+    }
     fn json(&self) -> Value {
         json!({
             "scenario": self.scenario, "measure": self.measure, "unit": self.unit,
             "shoal": self.shoal, "baseline": self.baseline, "baseline_value": self.base,
-            "ratio": self.ratio(), "target": self.target, "note": self.note,
+            "ratio": self.ratio(), "ratio_is_paired": self.paired.is_some(),
+            "ratio_of_medians": self.ratio_of_medians(),
+            "subject": self.subject.as_deref().unwrap_or("shoal"),
+            "target": self.target, "note": self.note,
         })
     }
 }
@@ -195,7 +231,9 @@ fn fmt_num(v: Option<f64>) -> String {
     }
 }
 
-/// The table, as printed and as kept in BENCHMARKS.md (markdown).
+/// The table, as printed and as kept in BENCHMARKS.md (markdown). A
+/// ratio marked `*` is the median of per-run ratios ([`Row::paired`]);
+/// the others are the ratio of the two medians.
 pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::from(
         "| id | measure | shoal | baseline | baseline's figure | ratio | target | note |\n| --- | --- | ---: | --- | ---: | ---: | --- | --- |\n",
@@ -215,7 +253,10 @@ pub(crate) fn table(rows: &[Row]) -> String {
             if r.shoal.is_some() { &unit } else { "" },
             r.baseline,
             fmt_num(r.base),
-            r.ratio().map_or("-".into(), |x| format!("{x:.2}x")),
+            r.ratio().map_or("-".into(), |x| format!(
+                "{x:.2}x{}",
+                if r.paired.is_some() { "*" } else { "" }
+            )),
             r.target,
             r.note
         );
@@ -242,6 +283,17 @@ fn median(v: &[f64]) -> Option<f64> {
 
 static PIDS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 static NETNS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+/// Set first by the signal thread: from then on nothing new is started (a
+/// process or a namespace made after its sweep was left behind: a review),
+/// and no table is written.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+fn stopping() -> Result<()> {
+    if STOPPING.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
 
 fn kill_registered() {
     let pids: Vec<i32> = PIDS
@@ -288,16 +340,21 @@ fn install_signal_thread() -> Result<()> {
         let mut sig = 0;
         // SAFETY: sigwait on a valid set, writing into a local.
         unsafe { libc::sigwait(&set, &mut sig) };
+        STOPPING.store(true, Ordering::SeqCst);
         eprintln!("\nbench: interrupted, cleaning up");
-        kill_registered();
-        std::thread::sleep(Duration::from_millis(200));
-        let ns: Vec<String> = NETNS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect();
-        delete_netns(&ns);
+        // Twice: what was being started as the flag was set is registered
+        // by the second sweep.
+        for _ in 0..2 {
+            kill_registered();
+            std::thread::sleep(Duration::from_millis(200));
+            let ns: Vec<String> = NETNS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            delete_netns(&ns);
+        }
         std::process::exit(130);
     });
     Ok(())
@@ -323,14 +380,18 @@ struct Usage {
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> Result<Proc> {
+        stopping()?;
         let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
         let pid = child.id() as i32;
         PIDS.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
-        Ok(Proc {
+        let p = Proc {
             child,
             pid,
             reaped: false,
-        })
+        };
+        // Started as the signal thread swept: killed (by drop) here.
+        stopping()?;
+        Ok(p)
     }
 
     /// Waits (reaping with wait4 to get the child's own rusage).
@@ -354,6 +415,28 @@ impl Proc {
             cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
             rss_mib: ru.ru_maxrss as f64 / 1024.0,
             ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        }
+    }
+
+    /// Blocks until it has exited, without reaping it.
+    fn wait_exited(&self) {
+        if self.reaped {
+            return;
+        }
+        loop {
+            // SAFETY: waitid with WNOWAIT only waits on our own child.
+            let rc = unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    self.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return;
+            }
         }
     }
 
@@ -383,21 +466,21 @@ impl Proc {
     }
 
     /// CPU seconds so far, from /proc.
-    fn cpu_now(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return 0.0;
-        };
+    /// `None` when /proc cannot say (a figure of 0 read as a pass, and
+    /// a difference of two could be negative: a review).
+    fn cpu_now(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
         // Fields after the `(comm)`: state is field 3; utime 14, stime 15.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ticks = |i: usize| f.get(i - 3).and_then(|s| s.parse::<f64>().ok());
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / hz
+        Some((ticks(14)? + ticks(15)?) / hz)
     }
 
-    /// Peak RSS so far (VmHWM), from /proc.
-    fn peak_rss_mib(&self) -> f64 {
+    /// Peak RSS so far (VmHWM), from /proc; `None` when it cannot say.
+    fn peak_rss_mib(&self) -> Option<f64> {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
             .and_then(|s| {
@@ -406,7 +489,7 @@ impl Proc {
                     .and_then(|l| l.split_whitespace().nth(1))
                     .and_then(|k| k.parse::<f64>().ok())
             })
-            .map_or(0.0, |kib| kib / 1024.0)
+            .map(|kib| kib / 1024.0)
     }
 }
 
@@ -428,7 +511,15 @@ struct Ran {
     stderr: String,
 }
 
+/// The longest any one command of the bench may take: one that hangs (a
+/// baseline waiting for a peer that never comes) is killed, and fails.
+const RUN_LIMIT: Duration = Duration::from_secs(900);
+
 fn run(cmd: &mut Command) -> Result<Ran> {
+    run_limited(cmd, RUN_LIMIT)
+}
+
+fn run_limited(cmd: &mut Command, limit: Duration) -> Result<Ran> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -436,10 +527,31 @@ fn run(cmd: &mut Command) -> Result<Ran> {
     let mut p = Proc::spawn(cmd)?;
     let out = p.child.stdout.take().map(reader_thread);
     let err = p.child.stderr.take().map(reader_thread);
+    // A watchdog kills it at the limit. It is told when the process has
+    // exited, and joined, before the process is reaped: its pid cannot
+    // be another's when it kills.
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    let pid = p.pid;
+    let watchdog = std::thread::spawn(move || {
+        let killed = rx.recv_timeout(limit).is_err();
+        if killed {
+            // SAFETY: kill(2) on our child, exited or not but not reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        killed
+    });
+    p.wait_exited();
+    let _ = done.send(());
+    let killed = watchdog.join().unwrap_or(false);
     let usage = p.wait();
     let secs = t.elapsed().as_secs_f64();
     let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
-    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    let mut stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    if killed {
+        stderr.push_str(&format!("\nkilled: still running after {limit:?}"));
+    }
     Ok(Ran {
         secs,
         usage,
@@ -698,8 +810,8 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
             "bulk",
         ]),
     )?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    // The workspace's, wherever this is run from.
+    let target = crate::target_dir();
     let target = std::fs::canonicalize(&target).unwrap_or(target);
     std::fs::create_dir_all(&o.work)?;
     let work = std::fs::canonicalize(&o.work)?;
@@ -741,18 +853,27 @@ pub(crate) fn bench(args: &[String]) -> Result<()> {
     let doc = json!({
         "date": stamp, "machine": machine, "command": command,
         "seconds": started.elapsed().as_secs_f64(), "runs": cx.o.runs,
+        "lab_runs": cx.o.lab_runs.unwrap_or(cx.o.runs), "s5_runs": 1,
         "rows": cx.rows.iter().map(Row::json).collect::<Vec<_>>(),
         "markdown": t,
     });
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir)?;
     let text = serde_json::to_string_pretty(&doc)?;
-    std::fs::write(dir.join(format!("{stamp}.json")), &text)?;
+    // An interrupted run's rows ("failed: interrupted") are not the latest
+    // table.
+    stopping()?;
+    // Two runs within one second keep a file each.
+    let file = (1..)
+        .map(|i| match i {
+            1 => dir.join(format!("{stamp}.json")),
+            i => dir.join(format!("{stamp}-{i}.json")),
+        })
+        .find(|f| !f.exists())
+        .unwrap_or_else(|| dir.join(format!("{stamp}.json")));
+    std::fs::write(&file, &text)?;
     std::fs::write(dir.join("latest.json"), &text)?;
-    eprintln!(
-        "bench: wrote {}",
-        dir.join(format!("{stamp}.json")).display()
-    );
+    eprintln!("bench: wrote {}", file.display());
     Ok(())
 }
 
@@ -884,6 +1005,7 @@ fn s1(cx: &mut Ctx) -> Result<()> {
         Row::new("S1", "add, in place", "MiB/s")
             .shoal(median(&inplace))
             .base("b3sum (all cores)", median(&b3s))
+            .paired(&inplace, &b3s)
             .target(">= 0.9x")
             .note(if b3 {
                 format!("{note}; per run, shoal/b3sum: {}", pairs(&inplace, &b3s))
@@ -902,6 +1024,7 @@ fn s1(cx: &mut Ctx) -> Result<()> {
         Row::new("S1", "add --copy", "MiB/s")
             .shoal(median(&copy))
             .base("cp + fsync", median(&cps))
+            .paired(&copy, &cps)
             .note(format!("{note}; per run, shoal/cp: {}", pairs(&copy, &cps))),
     );
     // Many small files: a directory of 4 KiB files added in place (one
@@ -965,7 +1088,10 @@ else:
     t0 = time.time()
     h = s2.add_torrent(q)
     h.connect_peer(("127.0.0.1", s1.listen_port()))
+    deadline = t0 + 600
     while not h.status().is_seeding:
+        if time.time() > deadline:
+            sys.exit("libtorrent did not finish within 600 s")
         time.sleep(0.005)
     el = time.time() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -1162,15 +1288,16 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     let torrent = cx.work.join(format!("input-{}.torrent", size >> 20));
     if lt {
         std::fs::write(&lt_script, LT_SCRIPT)?;
-        if !torrent.exists() {
-            run_ok(
-                Command::new(PY)
-                    .arg(&lt_script)
-                    .arg("make")
-                    .arg(&input)
-                    .arg(&torrent),
-            )?;
-        }
+        // Made anew each time: the input is kept between runs by its size
+        // alone, and a torrent of other bytes never finished (a review).
+        rm(&torrent);
+        run_ok(
+            Command::new(PY)
+                .arg(&lt_script)
+                .arg("make")
+                .arg(&input)
+                .arg(&torrent),
+        )?;
     }
     let sendme = have("sendme");
     let mut sendme_err = None;
@@ -1195,6 +1322,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     let mut pair_ratio = vec![];
     let (mut lt_rate, mut lt_cpu, mut sm_rate, mut tcp) = (vec![], vec![], vec![], vec![]);
     let mut lt_err = None;
+    let mut tcp_err: Option<String> = None;
     // The disk's bound, and shoal over the lower of it and the bare
     // stream, run by run.
     let (mut disk_rate, mut bound_ratio, mut disk_err) = (vec![], vec![], None);
@@ -1232,7 +1360,9 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         let r = run_ok(&mut get())?;
         let c1 = seeder.proc.cpu_now();
         sh_rate.push(mib / r.secs);
-        sh_cpu.push((c1 - c0 + r.usage.cpu) / (size as f64 / GIB));
+        if let (Some(c0), Some(c1)) = (c0, c1) {
+            sh_cpu.push((c1 - c0 + r.usage.cpu) / (size as f64 / GIB));
+        }
         sh_rss.push(r.usage.rss_mib);
         rm(&dd);
         rm(&out);
@@ -1280,6 +1410,12 @@ fn s2(cx: &mut Ctx) -> Result<()> {
                     if let [el, cpu] = w[..] {
                         lt_rate.push(mib / el);
                         lt_cpu.push(cpu / (size as f64 / GIB));
+                    } else {
+                        // Said in its row, not a silent "-" (a review).
+                        lt_err = Some(format!(
+                            "failed: its output was not two numbers: {:?}",
+                            last_line(&r.stdout)
+                        ));
                     }
                 }
                 Ok(r) => lt_err = Some(format!("failed: {}", last_line(&r.stderr))),
@@ -1304,8 +1440,13 @@ fn s2(cx: &mut Ctx) -> Result<()> {
             rm(&cwd);
         }
         // TCP over loopback
-        if iperf {
-            tcp.push(iperf3_loopback(size)?);
+        // A reference: its failure is said in its row, and the scenario
+        // goes on (it ended S2, every row with it).
+        if iperf && tcp_err.is_none() {
+            match iperf3_loopback(size) {
+                Ok(v) => tcp.push(v),
+                Err(e) => tcp_err = Some(format!("failed: {e:#}")),
+            }
         }
         // The disk's bound: the same bytes made durable where get wrote.
         if disk_err.is_none() {
@@ -1326,37 +1467,55 @@ fn s2(cx: &mut Ctx) -> Result<()> {
     drop(sendme_seed);
     rm(&sd);
     let note = format!("{} MiB over loopback", size >> 20);
+    // A baseline's figure missing from a run (its line not found in the
+    // example's output) is said, not silently left out of its median.
+    let runs = cx.o.runs;
+    let gaps = |v: &[f64]| {
+        if v.len() < runs {
+            format!("; {} of {runs} runs gave no figure", runs - v.len())
+        } else {
+            String::new()
+        }
+    };
     cx.rows.push(
         Row::new("S2", "get, 1 seeder -> 1 downloader", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, two processes", median(&q_rate))
+            .paired(&sh_rate, &q_rate)
             .target(">= 0.8x")
             .note(format!(
-                "{note}; each end in its own process, as shoal's; one 1 MiB buffer sent over and over; per-run ratios {}; untimed first run {}",
+                "{note}; each end in its own process, as shoal's; one 1 MiB buffer sent over and over; per-run ratios {}; untimed first run {}{}",
                 pair_ratio
                     .iter()
                     .map(|r| format!("{r:.2}"))
                     .collect::<Vec<_>>()
                     .join(", "),
-                first_ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}"))
+                first_ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}")),
+                gaps(&q_rate)
             )),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, uncached data", median(&qu_rate))
-            .note("reference: two processes, the sender cycling through 64 MiB of distinct buffers (not in cache, as a file's bytes are)"),
+            .paired(&sh_rate, &qu_rate)
+            .note(format!("reference: two processes, the sender cycling through 64 MiB of distinct buffers (not in cache, as a file's bytes are){}", gaps(&qu_rate))),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, one process", median(&q1_rate))
-            .note("reference: both ends share one runtime of 2 workers"),
+            .paired(&sh_rate, &q1_rate)
+            .note(format!(
+                "reference: both ends share one runtime of 2 workers{}",
+                gaps(&q1_rate)
+            )),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("libtorrent (python3-libtorrent)", median(&lt_rate))
+            .paired(&sh_rate, &lt_rate)
             .target("> 1x")
             .note(
                 lt_err
@@ -1368,6 +1527,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("sendme", median(&sm_rate))
+            .paired(&sh_rate, &sm_rate)
             .target("> 1x")
             .note(
                 sendme_err
@@ -1376,12 +1536,16 @@ fn s2(cx: &mut Ctx) -> Result<()> {
             ),
     );
     let (tcp_name, tcp_v, tcp_note) = if iperf {
-        ("TCP over loopback (iperf3)", median(&tcp), "reference")
+        (
+            "TCP over loopback (iperf3)",
+            median(&tcp),
+            tcp_err.map_or_else(|| "reference".to_string(), |e| format!("reference; {e}")),
+        )
     } else {
         (
             "TCP over loopback (bulk example)",
             median(&tcp_bulk),
-            "reference; iperf3 not installed (run with --install)",
+            "reference; iperf3 not installed (run with --install)".to_string(),
         )
     };
     cx.rows.push(
@@ -1394,6 +1558,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("durable copy on this disk", median(&disk_rate))
+            .paired(&sh_rate, &disk_rate)
             .note(disk_err.unwrap_or_else(|| {
                 format!(
                     "reference, a bound: the input copied to where get writes, 1 MiB writes and fdatasync, the faster of O_DIRECT and the page cache (get makes its copy durable before it records it complete); per-run ratios over the lower of this and the bare stream {}",
@@ -1409,30 +1574,40 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, two processes", median(&q_cpu))
-            .note("lower is better"),
+            .paired(&sh_cpu, &q_cpu)
+            .note(format!(
+                "lower is better{}",
+                gaps(&sh_cpu).replace("runs gave", "runs of shoal gave")
+            )),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, uncached data", median(&qu_cpu))
+            .paired(&sh_cpu, &qu_cpu)
             .note("lower is better"),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, one process", median(&q1_cpu))
+            .paired(&sh_cpu, &q1_cpu)
             .note("lower is better"),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("libtorrent (python3-libtorrent)", median(&lt_cpu))
+            .paired(&sh_cpu, &lt_cpu)
             .note("lower is better; libtorrent's includes python start-up"),
     );
     cx.rows.push(
         Row::new("S2", "peak RSS, downloader", "MiB")
             .shoal(median(&sh_rss))
-            .note(format!("seeder peak RSS {seeder_rss:.0} MiB")),
+            .note(seeder_rss.map_or_else(
+                || "the seeder's peak RSS could not be read from /proc".to_string(),
+                |m| format!("seeder peak RSS {m:.0} MiB"),
+            )),
     );
     Ok(())
 }
@@ -1548,6 +1723,8 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     let runs = cx.o.runs;
     let place = |what: &str, i: usize| cx.work.join(format!("s4-{what}-{i}"));
     let (mut sh, mut tar, mut fresh) = (vec![], vec![], vec![]);
+    let sendme = have("sendme");
+    let (mut sm, mut sm_err) = (vec![], None::<String>);
     let mut warm_up = None;
     let res = (|| -> Result<()> {
         let (hash, _) = cx.shoal.add(&sd, &tree, false)?;
@@ -1604,6 +1781,35 @@ fn s4(cx: &mut Ctx) -> Result<()> {
             }
         }
         seeder.stop();
+        // sendme, when installed (bench.md): the tree sent once, received
+        // into a fresh directory each run. Its failure is said in its row.
+        if sendme {
+            match sendme_send(&tree, &place("sendme-send", 0)) {
+                Ok((sender, t)) => {
+                    for i in 0..runs {
+                        let cwd = place("out-sendme", i);
+                        std::fs::create_dir_all(&cwd)?;
+                        settle()?;
+                        match run(Command::new("sendme")
+                            .args(["receive", &t])
+                            .current_dir(&cwd))
+                        {
+                            Ok(r) if r.usage.ok => sm.push(r.secs),
+                            Ok(r) => {
+                                sm_err = Some(format!("failed: {}", last_line(&r.stderr)));
+                                break;
+                            }
+                            Err(e) => {
+                                sm_err = Some(format!("failed: {e:#}"));
+                                break;
+                            }
+                        }
+                    }
+                    drop(sender);
+                }
+                Err(e) => sm_err = Some(format!("failed: {e:#}")),
+            }
+        }
         Ok(())
     })();
     // The runs' directories and the warm-up's (numbered `runs`).
@@ -1614,6 +1820,8 @@ fn s4(cx: &mut Ctx) -> Result<()> {
             "downloader-fresh",
             "out-shoal-fresh",
             "out-tar",
+            "sendme-send",
+            "out-sendme",
         ] {
             rm(&place(what, i));
         }
@@ -1627,6 +1835,8 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     res?;
     let files_s = |v: &[f64]| median(v).map(|s| n as f64 / s);
     let mib_s = |v: &[f64]| median(v).map(|s| mib / s);
+    // Each run's rate, for the ratios run by run.
+    let rates = |v: &[f64]| v.iter().map(|s| 1.0 / s).collect::<Vec<f64>>();
     // Each run's pair, in ms: "shoal/tar, ...".
     let pairs = |ours: &[f64]| {
         ours.iter()
@@ -1640,6 +1850,7 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
             .shoal(files_s(&sh))
             .base("tar over TCP (loopback)", files_s(&tar))
+            .paired(&rates(&sh), &rates(&tar))
             .target(">= 1x")
             .note(format!(
                 "fresh directories; per run, ms for shoal/tar: {per_run}; untimed first run, \
@@ -1653,18 +1864,35 @@ fn s4(cx: &mut Ctx) -> Result<()> {
     cx.rows.push(
         Row::new("S4", &format!("{n} files of 4 KiB"), "MiB/s")
             .shoal(mib_s(&sh))
-            .base("tar over TCP (loopback)", mib_s(&tar)),
+            .base("tar over TCP (loopback)", mib_s(&tar))
+            .paired(&rates(&sh), &rates(&tar)),
     );
     let per_run = pairs(&fresh);
     cx.rows.push(
         Row::new("S4", "the same, from a seeder just started", "files/s")
             .shoal(files_s(&fresh))
             .base("tar over TCP (loopback)", files_s(&tar))
+            .paired(&rates(&fresh), &rates(&tar))
             .note(format!(
                 "reference: the seeder restarted before each of these gets, which it \
                  serves from its files, not from its memory of the small blobs it served \
                  lately; per run, ms for shoal/tar: {per_run}"
             )),
+    );
+    cx.rows.push(
+        Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
+            .shoal(files_s(&sh))
+            .base("sendme", files_s(&sm))
+            .paired(&rates(&sh), &rates(&sm))
+            .note(
+                sm_err
+                    .or((!sendme).then(|| NOT_INSTALLED.to_string()))
+                    .unwrap_or_else(|| {
+                        "sent once, received into a fresh directory each run (after shoal's \
+                         and tar's runs)"
+                            .into()
+                    }),
+            ),
     );
     Ok(())
 }
@@ -1701,10 +1929,14 @@ fn s5(cx: &mut Ctx) -> Result<()> {
     let limit = Some(100.0);
     cx.rows.push(
         Row::new("S5", "peak RSS, seeder (serve)", "MiB")
-            .shoal(Some(seeder_rss))
+            .shoal(seeder_rss)
             .base("limit", limit)
             .target("< 1x")
-            .note(note.clone()),
+            .note(if seeder_rss.is_some() {
+                note.clone()
+            } else {
+                format!("{note}; failed: its peak RSS could not be read from /proc")
+            }),
     );
     cx.rows.push(
         Row::new("S5", "peak RSS, downloader (get -o)", "MiB")
@@ -1756,7 +1988,7 @@ fn s6(cx: &mut Ctx) -> Result<()> {
                 .stderr(Stdio::null()),
         )?;
         let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
+        let seen = loop {
             let st = cx.shoal.status(&node)?;
             let v = st["transfers"]
                 .as_array()
@@ -1764,19 +1996,24 @@ fn s6(cx: &mut Ctx) -> Result<()> {
                 .and_then(|t| t["verified"].as_u64())
                 .unwrap_or(0);
             if v >= size / 2 {
-                break;
+                break v;
             }
             if get.try_wait().is_some() || Instant::now() > deadline {
                 bail!("the download ended or stalled before 50%");
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         node.proc.signal(libc::SIGKILL);
         get.signal(libc::SIGKILL);
         drop(node);
         drop(get);
+        // What the store holds after the kill (its open checks the file
+        // for groups verified since its last save), but never less than
+        // the node said it had verified before it: verified groups the
+        // kill lost, fetched again, are the resume's cost, and must not
+        // leave the count of what was missing (a review).
         let have = cx.shoal.verified(&dd, &hash)?;
-        let missing = size - have.min(size);
+        let missing = size - have.max(seen).min(size);
         let node = cx
             .shoal
             .serve(&dd, None, "127.0.0.1:0", &["--peer", &peer])?;
@@ -1788,7 +2025,8 @@ fn s6(cx: &mut Ctx) -> Result<()> {
             ratios.push(got as f64 / missing as f64);
         }
         detail = format!(
-            "killed with {:.0}% verified; fetched {} MiB for {} MiB missing",
+            "killed with {:.0}% verified ({:.0}% kept); fetched {} MiB for {} MiB missing",
+            100.0 * seen as f64 / size as f64,
             100.0 * have as f64 / size as f64,
             got >> 20,
             missing >> 20
@@ -1814,6 +2052,8 @@ fn s6(cx: &mut Ctx) -> Result<()> {
 struct Lab {
     bridge_ns: String,
     hosts: Vec<String>,
+    /// The namespaces made so far: the drop deletes these, and only these.
+    made: Vec<String>,
 }
 
 impl Lab {
@@ -1822,17 +2062,39 @@ impl Lab {
     }
 
     fn new(n: usize, rate: &str) -> Result<Lab> {
-        let p = std::process::id() % 100_000;
-        let lab = Lab {
-            bridge_ns: format!("shoal{p}-br"),
-            hosts: (0..n).map(|i| format!("shoal{p}-h{i}")).collect(),
+        remove_stale_labs();
+        // The whole pid, and each name registered (for the drop and the
+        // signal thread) only once made: with `pid % 100000` and names
+        // registered first, a name already there (another run's) failed
+        // the add, and the drop deleted that run's lab (a review).
+        let p = std::process::id();
+        let mut lab = Lab {
+            bridge_ns: format!("{LAB_PREFIX}{p}-br"),
+            hosts: (0..n).map(|i| format!("{LAB_PREFIX}{p}-h{i}")).collect(),
+            made: Vec::new(),
         };
-        {
-            let mut g = NETNS.lock().unwrap_or_else(|e| e.into_inner());
-            g.insert(lab.bridge_ns.clone());
-            g.extend(lab.hosts.iter().cloned());
-        }
-        let b = lab.bridge_ns.as_str();
+        let add = |lab: &mut Lab, ns: &str| -> Result<()> {
+            stopping()?;
+            let out = Command::new("ip")
+                .args(["netns", "add", ns])
+                .output()
+                .context("ip netns add")?;
+            if !out.status.success() {
+                bail!(
+                    "ip netns add {ns} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            lab.made.push(ns.to_string());
+            NETNS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ns.to_string());
+            Ok(())
+        };
+        let b = lab.bridge_ns.clone();
+        add(&mut lab, &b)?;
+        let b = b.as_str();
         let q = |args: &[&str]| -> Result<()> {
             let out = Command::new("ip")
                 .args(args)
@@ -1847,12 +2109,11 @@ impl Lab {
             }
             Ok(())
         };
-        q(&["netns", "add", b])?;
         q(&["-n", b, "link", "add", "br0", "type", "bridge"])?;
         q(&["-n", b, "link", "set", "br0", "up"])?;
-        for (i, h) in lab.hosts.iter().enumerate() {
+        for (i, h) in lab.hosts.clone().iter().enumerate() {
             let port = format!("p{i}");
-            q(&["netns", "add", h])?;
+            add(&mut lab, h)?;
             q(&[
                 "-n", h, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", b,
             ])?;
@@ -1888,9 +2149,34 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let mut all = self.hosts.clone();
-        all.push(self.bridge_ns.clone());
-        delete_netns(&all);
+        delete_netns(&self.made);
+    }
+}
+
+/// The lab's namespaces are named `<LAB_PREFIX><pid>-...`.
+const LAB_PREFIX: &str = "shoalbench-";
+
+/// Deletes the labs of earlier runs whose process is gone (killed before
+/// they could delete them).
+fn remove_stale_labs() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(LAB_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("bench: deleting {name}, left by an earlier run");
+            delete_netns(&[name.to_string()]);
+        }
     }
 }
 
@@ -1950,6 +2236,11 @@ fn lab_shoal(cx: &Ctx, lab: &Lab, input: &Path, hash: &str, sd: &Path) -> Result
     )?;
     let ticket = cx.shoal.ticket(&seeder, hash)?;
     let dirs: Vec<PathBuf> = (1..=n).map(|i| cx.work.join(format!("s3-d{i}"))).collect();
+    let size = std::fs::metadata(input)?.len();
+    // Timed from the downloaders' start, as aria2c's are: their nodes'
+    // start-up and first dial count (started before the clock, they were
+    // free to shoal alone; a review).
+    let t = Instant::now();
     let mut nodes = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
         rm(d);
@@ -1960,8 +2251,6 @@ fn lab_shoal(cx: &Ctx, lab: &Lab, input: &Path, hash: &str, sd: &Path) -> Result
             &["--peer", &seeder.peer],
         )?);
     }
-    let size = std::fs::metadata(input)?.len();
-    let t = Instant::now();
     let mut gets = Vec::new();
     for d in &dirs {
         gets.push(Some(Proc::spawn(
@@ -2085,6 +2374,11 @@ fn lab_aria2(
     let mut last = 0.0;
     let mut left = n;
     while left > 0 {
+        // One that died never writes its marker: said now, not after the
+        // limit.
+        if let Some(i) = peers.iter_mut().position(|p| p.try_wait().is_some()) {
+            bail!("aria2c on lab host {} exited before it finished", i + 1);
+        }
         for m in markers.iter_mut() {
             if m.as_ref().is_some_and(|p| p.exists()) {
                 *m = None;
@@ -2223,6 +2517,7 @@ fn s3(cx: &mut Ctx) -> Result<()> {
     );
     cx.rows.push(
         Row::new("S3", "aria2c swarm: D_measured vs D_min", "s")
+            .subject("aria2c")
             .shoal(median(&ar))
             .base("D_min", Some(d_min))
             .note(
@@ -2235,6 +2530,7 @@ fn s3(cx: &mut Ctx) -> Result<()> {
         Row::new("S3", "D: shoal vs aria2c", "s")
             .shoal(median(&sh))
             .base("aria2c", median(&ar))
+            .paired(&sh, &ar)
             .target("< 1x"),
     );
     Ok(())
@@ -2285,6 +2581,39 @@ mod tests {
             assert_eq!(parse_size(s).ok(), Some(v), "{s}");
         }
         assert!(parse_size("1TB").is_err());
+        assert!(parse_size("99999999999GiB").is_err(), "overflow");
+    }
+
+    /// The ratio is the median of each run's own ratio; with a run
+    /// missing on one side, the ratio of the medians.
+    #[test]
+    fn ratios_are_paired_run_by_run() {
+        // Medians 12 and 11 (1.09x); per run 0.5, 1.0, 1.2 (1.0x).
+        let (ours, theirs) = ([6.0, 12.0, 13.2], [12.0, 12.0, 11.0]);
+        let r = Row::new("S1", "add", "MiB/s")
+            .shoal(median(&ours))
+            .base("b3sum", median(&theirs))
+            .paired(&ours, &theirs);
+        assert_eq!(r.ratio().map(|x| (x * 100.0).round()), Some(100.0));
+        assert!(table(std::slice::from_ref(&r)).contains("| 1.00x* |"));
+        let r = Row::new("S1", "add", "MiB/s")
+            .shoal(median(&ours))
+            .base("b3sum", median(&theirs[..2]))
+            .paired(&ours, &theirs[..2]);
+        assert_eq!(r.ratio(), Some(1.0));
+        assert!(table(&[r]).contains("| 1.00x |"));
+    }
+
+    /// A command that runs past its limit is killed, and fails saying so.
+    #[test]
+    fn a_command_past_its_limit_is_killed() {
+        let t = Instant::now();
+        let r = run_limited(Command::new("sleep").arg("30"), Duration::from_millis(300)).unwrap();
+        assert!(!r.usage.ok);
+        assert!(r.stderr.contains("killed"), "{}", r.stderr);
+        assert!(t.elapsed() < Duration::from_secs(20));
+        let r = run_limited(Command::new("true").arg(""), Duration::from_secs(30)).unwrap();
+        assert!(r.usage.ok && !r.stderr.contains("killed"));
     }
 
     #[test]
