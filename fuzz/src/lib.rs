@@ -265,6 +265,7 @@ fn sample_requests() -> Vec<pb::Request> {
             agent: "shoal/0.0.0".into(),
             listen_addrs: vec!["127.0.0.1:4000".into(), "[::1]:4000".into()],
             capabilities: vec!["have".into(), "pex".into()],
+            instance: vec![7; 16].into(),
         }),
         Kind::Who(pb::Who {
             hashes: vec![hash32(1), hash32(2)],

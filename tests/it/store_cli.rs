@@ -276,6 +276,44 @@ fn ls_shows_what_a_collection_holds_not_its_manifest() {
     assert_eq!(row(&d)["content_verified"], 50_000);
 }
 
+/// `rm` of a file a pinned directory holds unpins it, and says that gc
+/// keeps it while the directory is pinned (it said nothing, and `ls`
+/// still showed it pinned: a review). Directly and through a node; a file
+/// no collection names is removed without a word.
+#[test]
+fn rm_of_a_member_of_a_pinned_directory_says_it_is_kept() {
+    let d = Dir::new();
+    let tree = d.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let member = data(100_000, 31);
+    std::fs::write(tree.join("a"), &member).unwrap();
+    std::fs::write(tree.join("b"), data(60_000, 32)).unwrap();
+    let alone = d.path().join("alone.bin");
+    std::fs::write(&alone, data(70_000, 33)).unwrap();
+    let collection = d.ok(&["add", tree.to_str().unwrap()])[..64].to_string();
+    let alone = d.ok(&["add", alone.to_str().unwrap()])[..64].to_string();
+    let member = blake3::hash(&member).to_hex().to_string();
+    let rm = |d: &Dir, hash: &str| -> String {
+        let o = d.run(&["rm", hash], Duration::from_secs(30));
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    for through_a_node in [false, true] {
+        let _node = through_a_node.then(|| d.serve(&[]));
+        let err = rm(&d, &member);
+        assert!(
+            err.contains(&member) && err.contains("a pinned collection names it"),
+            "node {through_a_node}: {err}"
+        );
+        let err = rm(&d, &alone);
+        assert!(!err.contains("collection"), "node {through_a_node}: {err}");
+    }
+    // Once the directory is unpinned, gc frees it and its files.
+    d.ok(&["rm", &collection]);
+    d.ok(&["gc"]);
+    assert_eq!(d.ok(&["ls"]).trim(), "");
+}
+
 #[test]
 fn options_a_running_node_does_not_take_are_named() {
     // Through a running node, get's and send's node options were

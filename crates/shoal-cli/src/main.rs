@@ -543,6 +543,33 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
     }
 }
 
+/// Those of `hashes` a pinned collection names, asked of the node on `dir`
+/// (or its store, if the node stopped meanwhile).
+async fn kept_by_collections(dir: &Path, hashes: &[Hash]) -> Result<Vec<Hash>> {
+    let kept: HashSet<Hash> =
+        match ask_or_open(dir, pb::control_request::Kind::List(pb::ListRequest {})).await? {
+            // `pinned` in a listing is what gc keeps: pinned itself, or
+            // named by a pinned collection; these were just unpinned.
+            Answer::Node(answers) => answers
+                .into_iter()
+                .filter_map(|k| match k {
+                    pb::control_response::Kind::Item(i) if i.pinned => {
+                        shoal_proto::hash_from_bytes(&i.hash)
+                            .ok()
+                            .map(Hash::from_bytes)
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Answer::Store(store) => store.kept_by_collections(),
+        };
+    Ok(hashes
+        .iter()
+        .filter(|h| kept.contains(h))
+        .copied()
+        .collect())
+}
+
 /// [`ask_or_open`], each answer given to `each` as it comes (a long
 /// `verify` through a node printed nothing until it was done: a review).
 /// A node that stops after answering some fails the command (it would
@@ -628,22 +655,41 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|h| h.as_bytes().to_vec().into())
                     .collect(),
             });
-            if let Answer::Store(store) = ask_or_open(&dir, req).await? {
-                // Each one there is unpinned; those that are not are named.
-                let mut missing = Vec::new();
-                for h in &hashes {
-                    match store.unpin(h) {
-                        Ok(()) => {}
-                        Err(shoal_store::StoreError::NotFound(_)) => missing.push(h.to_string()),
-                        Err(e) => return Err(e).with_context(|| format!("unpinning {h}")),
+            let kept = match ask_or_open(&dir, req).await? {
+                Answer::Store(store) => {
+                    // Each one there is unpinned; those that are not are named.
+                    let mut missing = Vec::new();
+                    for h in &hashes {
+                        match store.unpin(h) {
+                            Ok(()) => {}
+                            Err(shoal_store::StoreError::NotFound(_)) => {
+                                missing.push(h.to_string());
+                            }
+                            Err(e) => return Err(e).with_context(|| format!("unpinning {h}")),
+                        }
                     }
+                    if !missing.is_empty() {
+                        bail!(
+                            "not in the store: {} (the others given were unpinned)",
+                            missing.join(", ")
+                        );
+                    }
+                    let kept = store.kept_by_collections();
+                    hashes
+                        .iter()
+                        .filter(|h| kept.contains(h))
+                        .copied()
+                        .collect()
                 }
-                if !missing.is_empty() {
-                    bail!(
-                        "not in the store: {} (the others given were unpinned)",
-                        missing.join(", ")
-                    );
-                }
+                Answer::Node(_) => kept_by_collections(&dir, &hashes).await?,
+            };
+            // Unpinned, yet kept: `ls` still shows it pinned, and gc keeps
+            // it. Said, rather than nothing (a review).
+            for h in kept {
+                note!(
+                    "{h} is unpinned, but a pinned collection names it: gc keeps it while that \
+                     collection is pinned (`shoal rm` the collection to free both)"
+                );
             }
         }
         Command::Gc => {

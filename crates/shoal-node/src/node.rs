@@ -184,6 +184,12 @@ pub(crate) struct Inner {
     pub(crate) answers: Answers,
     /// Connections whose incoming streams are being served.
     handled: Mutex<HashMap<PeerId, usize>>,
+    /// This run's `Hello.instance` (see [`new_instance`]).
+    pub(crate) instance: [u8; 16],
+    /// Each peer's connections that said hello, and the instance each
+    /// said (see [`Inner::record_hello`]); a connection leaves when its
+    /// handler ends.
+    instances: Mutex<HashMap<PeerId, Vec<Said>>>,
     /// Each connected peer's recent upload and download rates, sampled
     /// every second from its connection's byte counters.
     rates: Mutex<HashMap<PeerId, PeerRates>>,
@@ -204,6 +210,9 @@ pub(crate) struct Inner {
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<JoinSet<()>>,
 }
+
+/// A connection and the `Hello.instance` its peer said on it.
+type Said = (Connection, Vec<u8>);
 
 /// A fetch under way (see [`Inner::fetches`]).
 pub(crate) struct Fetching {
@@ -313,6 +322,8 @@ impl Node {
             answers,
             control_requests: watch::channel(ControlRequests::default()).0,
             handled: Mutex::new(HashMap::new()),
+            instance: new_instance(),
+            instances: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(JoinSet::new()),
         });
@@ -361,7 +372,15 @@ impl Node {
                 rates.retain(|id, _| conns.iter().any(|c| c.peer_id() == *id));
                 for c in conns {
                     let s = c.stats();
-                    let r = rates.entry(c.peer_id()).or_insert_with(PeerRates::new);
+                    let r = rates
+                        .entry(c.peer_id())
+                        .or_insert_with(|| PeerRates::new(c.stable_id()));
+                    // Another connection now stands for the peer: its
+                    // counters start from its own zero (taking one's from
+                    // the other's read 40 MB/s for a peer gone: a review).
+                    if r.conn != c.stable_id() {
+                        *r = PeerRates::new(c.stable_id());
+                    }
                     r.up.update(now, s.bytes_sent);
                     r.down.update(now, s.bytes_received);
                 }
@@ -563,17 +582,26 @@ impl Node {
         }
         let rates = lock(&self.inner.rates);
         ids.into_iter()
-            .map(|id| PeerInfo {
-                upload_rate: rates.get(&id).map_or(0, |r| r.up.rate()),
-                download_rate: rates.get(&id).map_or(0, |r| r.down.rate()),
-                id,
-                addrs: book.addrs(&id),
-                connected: self
+            .map(|id| {
+                let conn = self
                     .inner
                     .endpoint
                     .connection(&id)
-                    .is_some_and(|c| !c.is_closed()),
-                counters: counters.get(&id).copied().unwrap_or_default(),
+                    .filter(|c| !c.is_closed());
+                // The rates of the connection that stands for the peer,
+                // and 0 when there is none (as documented: one closed a
+                // moment ago still showed its last rate).
+                let r = conn
+                    .as_ref()
+                    .and_then(|c| rates.get(&id).filter(|r| r.conn == c.stable_id()));
+                PeerInfo {
+                    upload_rate: r.map_or(0, |r| r.up.rate()),
+                    download_rate: r.map_or(0, |r| r.down.rate()),
+                    id,
+                    addrs: book.addrs(&id),
+                    connected: conn.is_some(),
+                    counters: counters.get(&id).copied().unwrap_or_default(),
+                }
             })
             .collect()
     }
@@ -652,17 +680,41 @@ pub struct PeerInfo {
 }
 
 /// A connected peer's recent rates (see `Inner::rates`).
+/// This run's `Hello.instance`: 16 bytes that differ from run to run (the
+/// pid, the time, and std's per-process random hash keys, hashed). Not a
+/// secret, nor proof of anything: a peer uses it only to tell that this
+/// node started again.
+fn new_instance() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(&t.to_le_bytes());
+    let keys = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    h.update(&keys.to_le_bytes());
+    let mut out = [0; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
 struct PeerRates {
+    /// The connection sampled (its `stable_id`).
+    conn: usize,
     up: crate::RateMeter,
     down: crate::RateMeter,
 }
 
 impl PeerRates {
-    fn new() -> Self {
+    fn new(conn: usize) -> Self {
         // Under the sampling period, so that a tick that comes a little
         // early still takes a sample.
         let meter = || crate::RateMeter::new(Duration::from_millis(900));
         PeerRates {
+            conn,
             up: meter(),
             down: meter(),
         }
@@ -700,6 +752,14 @@ impl Inner {
             let mut h = lock(&i.handled);
             if h.get(&conn.peer_id()) == Some(&key) {
                 h.remove(&conn.peer_id());
+            }
+            drop(h);
+            let mut all = lock(&i.instances);
+            if let Some(list) = all.get_mut(&conn.peer_id()) {
+                list.retain(|(c, _)| c.stable_id() != key && !c.is_closed());
+                if list.is_empty() {
+                    all.remove(&conn.peer_id());
+                }
             }
         });
     }
@@ -755,6 +815,7 @@ impl Inner {
                 .map(|a| a.to_string())
                 .collect(),
             capabilities: vec!["have".into(), "pex".into()],
+            instance: self.instance.to_vec().into(),
         };
         write_frame(
             &mut send,
@@ -783,9 +844,49 @@ impl Inner {
         }
     }
 
+    /// A hello `conn`'s peer said. One whose instance differs from what
+    /// the peer's other connections said is from a new run of it: those
+    /// are its earlier run's, which a killed process never closed. They
+    /// are closed, and the addresses they came from forgotten. Kept, they
+    /// stood for the peer until their idle timeout (30 s): `peers` showed
+    /// it connected and its rates from the dead one, its old addresses
+    /// went out through peer exchange for good, and a peer restarted over
+    /// and over filled the connection limit (a review).
     pub(crate) fn record_hello(&self, conn: &Connection, h: &pb::Hello) {
+        let peer = conn.peer_id();
         let addrs = peer_addrs(conn.remote_addr(), &h.listen_addrs);
-        lock(&self.book).add_addrs(conn.peer_id(), addrs);
+        let earlier = self.earlier_runs(conn, &h.instance);
+        {
+            let mut book = lock(&self.book);
+            if !earlier.is_empty() {
+                book.gone(&peer);
+            }
+            book.add_addrs(peer, addrs);
+        }
+        for c in earlier {
+            debug!(%peer, addr = %c.remote_addr(), "the peer started again: closing its earlier run's connection");
+            c.close(
+                shoal_transport::CLOSE_REPLACED,
+                b"replaced by the peer's new run",
+            );
+        }
+    }
+
+    /// Records the instance `conn`'s peer said on it, and returns the
+    /// peer's other live connections on which it said another (none when
+    /// it says none, or one too long to be ours).
+    fn earlier_runs(&self, conn: &Connection, instance: &[u8]) -> Vec<Connection> {
+        if instance.is_empty() || instance.len() > limits::MAX_INSTANCE_LEN {
+            return Vec::new();
+        }
+        let mut all = lock(&self.instances);
+        let list = all.entry(conn.peer_id()).or_default();
+        list.retain(|(c, _)| !c.is_closed() && c.stable_id() != conn.stable_id());
+        let (earlier, same): (Vec<_>, Vec<_>) =
+            list.drain(..).partition(|(_, i)| i.as_slice() != instance);
+        *list = same;
+        list.push((conn.clone(), instance.to_vec()));
+        earlier.into_iter().map(|(c, _)| c).collect()
     }
 
     /// Candidates for `hash`: the static peers and the peers we are

@@ -254,6 +254,7 @@ async fn on_hello(
             .map(|a| a.to_string())
             .collect(),
         capabilities: vec!["have".into(), "pex".into()],
+        instance: node.instance.to_vec().into(),
     };
     reply(
         send,

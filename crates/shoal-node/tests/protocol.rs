@@ -166,6 +166,7 @@ async fn an_incompatible_version_gets_a_clear_error() {
         agent: "future".into(),
         listen_addrs: vec![],
         capabilities: vec![],
+        instance: Default::default(),
     };
     let r = ask(
         &conn,
@@ -186,6 +187,7 @@ async fn an_incompatible_version_gets_a_clear_error() {
         agent: "test".into(),
         listen_addrs: vec![],
         capabilities: vec![],
+        instance: Default::default(),
     };
     let r = ask(
         &conn2,
@@ -764,4 +766,90 @@ async fn a_request_given_up_while_it_waited_chokes_nothing() {
         .expect("the answer was choked for a request nobody waited for");
     assert!(whole.len() > 32 << 20, "{} bytes", whole.len());
     node.shutdown().await;
+}
+
+/// A peer that starts again (the same id, a new run: a killed process
+/// restarted) replaces its earlier run's connections: the node closes
+/// them and forgets the address they came from. Kept, they stood for the
+/// peer until their idle timeout (`peers` said it was connected, with
+/// rates from the dead one), and its old addresses went out through peer
+/// exchange (a review). A second connection of the same run stays.
+#[tokio::test]
+async fn a_peer_started_again_replaces_its_earlier_runs_connections() {
+    let node = Node::spawn(NodeConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        ..NodeConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = SecretKey::generate().to_bytes();
+    let run = |instance: &'static [u8]| {
+        let node = &node;
+        async move {
+            let ep = Endpoint::bind(
+                SecretKey::from_bytes(&key),
+                EndpointConfig {
+                    listen: vec!["127.0.0.1:0".parse().unwrap()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let conn = ep
+                .connect(node.addrs()[0], Some(node.peer_id()))
+                .await
+                .unwrap();
+            let hello = pb::Hello {
+                version: shoal_proto::PROTOCOL_VERSION,
+                agent: "test".into(),
+                instance: instance.to_vec().into(),
+                ..Default::default()
+            };
+            let r = ask(
+                &conn,
+                pb::Request {
+                    kind: Some(pb::request::Kind::Hello(hello)),
+                },
+            )
+            .await;
+            assert!(matches!(r.kind, Some(pb::response::Kind::Hello(_))));
+            (ep, conn)
+        }
+    };
+    let closed_soon = |c: Connection| async move {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !c.is_closed() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_ok()
+    };
+    let (ep1, first) = run(b"first run").await;
+    let (_ep1b, also_first) = run(b"first run").await;
+    let (ep2, second) = run(b"second run").await;
+    assert!(
+        closed_soon(first.clone()).await,
+        "the earlier run's connection stayed"
+    );
+    assert!(closed_soon(also_first.clone()).await);
+    assert!(!second.is_closed());
+    let me = ep2.peer_id();
+    let info = node.peers().into_iter().find(|p| p.id == me).unwrap();
+    assert!(info.connected);
+    let port = |ep: &Endpoint| ep.local_addrs()[0].port();
+    assert!(
+        info.addrs.iter().any(|a| a.port() == port(&ep2)),
+        "{:?}",
+        info.addrs
+    );
+    assert!(
+        !info.addrs.iter().any(|a| a.port() == port(&ep1)),
+        "{:?}",
+        info.addrs
+    );
+    // The same run again: nothing is closed.
+    let (_ep2b, second_too) = run(b"second run").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_closed() && !second_too.is_closed());
 }

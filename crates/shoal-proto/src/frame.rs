@@ -173,7 +173,8 @@ mod tests {
                     version: v,
                     agent: a,
                     listen_addrs: l,
-                    capabilities: vec!["pex".into()]
+                    capabilities: vec!["pex".into()],
+                    instance: Default::default(),
                 })),
             proptest::collection::vec(hash.clone(), 0..8)
                 .prop_map(|h| Kind::Who(pb::Who { hashes: h })),

@@ -51,6 +51,8 @@ pub mod limits {
     pub const MAX_ADDRS: usize = 16;
     /// Bytes of a `Hello.agent`.
     pub const MAX_AGENT_LEN: usize = 64;
+    /// Bytes of a `Hello.instance` (longer ones are ignored).
+    pub const MAX_INSTANCE_LEN: usize = 32;
     /// Bytes of an `Error.message`.
     pub const MAX_ERROR_MESSAGE: usize = 256;
     /// The largest blob served whole by `GetBlobs` (4 chunk groups).

@@ -29,6 +29,9 @@ use crate::tls::{self, PeerFilter, ServerVerifier};
 pub const CLOSE_DUPLICATE: u32 = 0x5d_0001;
 /// Application close code: the endpoint is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 0x5d_0002;
+/// Application close code: the peer started again, and this connection is
+/// its earlier run's (closed by the layer above, which can tell).
+pub const CLOSE_REPLACED: u32 = 0x5d_0003;
 
 /// Receive window of one stream: how much a peer may send ahead on one
 /// stream before the reader reads it.

@@ -33,8 +33,8 @@ mod tests;
 use std::net::SocketAddr;
 
 pub use endpoint::{
-    CLOSE_DUPLICATE, CLOSE_SHUTDOWN, CONNECTION_RECEIVE_WINDOW, Congestion, Connection, Endpoint,
-    EndpointConfig, SEND_WINDOW, STREAM_RECEIVE_WINDOW,
+    CLOSE_DUPLICATE, CLOSE_REPLACED, CLOSE_SHUTDOWN, CONNECTION_RECEIVE_WINDOW, Congestion,
+    Connection, Endpoint, EndpointConfig, SEND_WINDOW, STREAM_RECEIVE_WINDOW,
 };
 pub use fault::FaultConfig;
 pub use identity::{IdentityError, PEER_ID_TEXT_LEN, PeerId, PeerIdError, SecretKey};
