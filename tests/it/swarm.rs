@@ -531,6 +531,13 @@ fn rm_calls_off_a_nodes_download() {
         eventually(Duration::from_secs(60), "the download to start", || {
             status()["transfers"][0]["verified"].as_u64().unwrap_or(0) > 0
         });
+        // The seeder's status shows what it uploads now, and to how many
+        // (it said "transfers none", and no rate: a review).
+        eventually(Duration::from_secs(30), "the seeder's upload rate", || {
+            let st: serde_json::Value =
+                serde_json::from_str(s.ok(&["--json", "status"]).trim()).unwrap();
+            st["upload_rate"].as_u64().unwrap_or(0) > 0 && st["connected_peers"] == 1
+        });
         d.ok(&["rm", &hash]);
         let mut waited = Duration::ZERO;
         let code = loop {

@@ -171,10 +171,12 @@ impl Row {
     /// the baseline's of the same run, then the median of those. The
     /// ratio of the two medians may pair figures of different runs, on a
     /// disk whose speed here swings 40% from run to run (a review). Kept
-    /// as the ratio of medians when either side lacks a run (a baseline
-    /// that failed part way: its runs no longer line up with shoal's).
-    fn paired(mut self, ours: &[f64], theirs: &[f64]) -> Row {
-        if !ours.is_empty() && ours.len() == theirs.len() && theirs.iter().all(|b| *b > 0.0) {
+    /// as the ratio of medians unless both sides have a figure for each
+    /// of the `runs` (a side that lacks one may lack another run than the
+    /// other side: index by index, run i was then paired with run j).
+    fn paired(mut self, runs: usize, ours: &[f64], theirs: &[f64]) -> Row {
+        if runs > 0 && ours.len() == runs && theirs.len() == runs && theirs.iter().all(|b| *b > 0.0)
+        {
             let r: Vec<f64> = ours.iter().zip(theirs).map(|(a, b)| a / b).collect();
             self.paired = median(&r);
         }
@@ -303,9 +305,12 @@ fn kill_registered() {
         .copied()
         .collect();
     for pid in pids {
-        // SAFETY: kill(2) on a pid we spawned and have not reaped.
+        // SAFETY: kill(2) on a pid we spawned and have not reaped, and on
+        // its process group if it leads one (`run_limited`'s; for the
+        // others there is no group of that id, and the call does nothing).
         unsafe {
             libc::kill(pid, libc::SIGKILL);
+            libc::kill(-pid, libc::SIGKILL);
         }
     }
 }
@@ -523,6 +528,10 @@ fn run_limited(cmd: &mut Command, limit: Duration) -> Result<Ran> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // Its own process group, so that the watchdog kills what it started
+    // too (`sh -c 'cp ...'` killed alone left `cp` holding the pipes, and
+    // the readers waited for it: a review).
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
     let t = Instant::now();
     let mut p = Proc::spawn(cmd)?;
     let out = p.child.stdout.take().map(reader_thread);
@@ -535,9 +544,10 @@ fn run_limited(cmd: &mut Command, limit: Duration) -> Result<Ran> {
     let watchdog = std::thread::spawn(move || {
         let killed = rx.recv_timeout(limit).is_err();
         if killed {
-            // SAFETY: kill(2) on our child, exited or not but not reaped.
+            // SAFETY: kill(2) on our child's process group; the child,
+            // exited or not, is not reaped, so the group's id is still its.
             unsafe {
-                libc::kill(pid, libc::SIGKILL);
+                libc::kill(-pid, libc::SIGKILL);
             }
         }
         killed
@@ -623,6 +633,18 @@ impl Shoal {
 
     /// `shoal serve`, waiting for its ready line.
     fn serve(&self, dir: &Path, ns: Option<&str>, listen: &str, extra: &[&str]) -> Result<Node> {
+        self.start_serve(dir, ns, listen, extra)?.ready()
+    }
+
+    /// [`Shoal::serve`] started, its ready line not waited for: several
+    /// start at once.
+    fn start_serve(
+        &self,
+        dir: &Path,
+        ns: Option<&str>,
+        listen: &str,
+        extra: &[&str],
+    ) -> Result<Starting> {
         let mut c = self.cmd(dir, ns);
         c.args(["serve", "--listen", listen, "--no-mdns", "--no-dht"])
             .args(extra)
@@ -643,17 +665,10 @@ impl Shoal {
             }
             for _ in lines {}
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| anyhow!("shoal serve in {} printed no ready line", dir.display()))?;
-        let w: Vec<&str> = line.split_whitespace().collect();
-        if w.len() < 3 || w[0] != "ready" {
-            bail!("unexpected ready line {line:?}");
-        }
-        Ok(Node {
+        Ok(Starting {
             proc,
             dir: dir.to_path_buf(),
-            peer: format!("{}@{}", w[1], w[2]),
+            line: rx,
         })
     }
 
@@ -677,6 +692,36 @@ impl Shoal {
             }
         }
         Ok(0)
+    }
+}
+
+/// A `shoal serve` started, its ready line still to come.
+struct Starting {
+    proc: Proc,
+    dir: PathBuf,
+    line: std::sync::mpsc::Receiver<String>,
+}
+
+impl Starting {
+    fn ready(self) -> Result<Node> {
+        let line = self
+            .line
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| {
+                anyhow!(
+                    "shoal serve in {} printed no ready line",
+                    self.dir.display()
+                )
+            })?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.len() < 3 || w[0] != "ready" {
+            bail!("unexpected ready line {line:?}");
+        }
+        Ok(Node {
+            proc: self.proc,
+            dir: self.dir,
+            peer: format!("{}@{}", w[1], w[2]),
+        })
     }
 }
 
@@ -1005,7 +1050,7 @@ fn s1(cx: &mut Ctx) -> Result<()> {
         Row::new("S1", "add, in place", "MiB/s")
             .shoal(median(&inplace))
             .base("b3sum (all cores)", median(&b3s))
-            .paired(&inplace, &b3s)
+            .paired(cx.o.runs, &inplace, &b3s)
             .target(">= 0.9x")
             .note(if b3 {
                 format!("{note}; per run, shoal/b3sum: {}", pairs(&inplace, &b3s))
@@ -1024,7 +1069,7 @@ fn s1(cx: &mut Ctx) -> Result<()> {
         Row::new("S1", "add --copy", "MiB/s")
             .shoal(median(&copy))
             .base("cp + fsync", median(&cps))
-            .paired(&copy, &cps)
+            .paired(cx.o.runs, &copy, &cps)
             .note(format!("{note}; per run, shoal/cp: {}", pairs(&copy, &cps))),
     );
     // Many small files: a directory of 4 KiB files added in place (one
@@ -1481,7 +1526,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get, 1 seeder -> 1 downloader", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, two processes", median(&q_rate))
-            .paired(&sh_rate, &q_rate)
+            .paired(runs, &sh_rate, &q_rate)
             .target(">= 0.8x")
             .note(format!(
                 "{note}; each end in its own process, as shoal's; one 1 MiB buffer sent over and over; per-run ratios {}; untimed first run {}{}",
@@ -1498,14 +1543,14 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, uncached data", median(&qu_rate))
-            .paired(&sh_rate, &qu_rate)
+            .paired(runs, &sh_rate, &qu_rate)
             .note(format!("reference: two processes, the sender cycling through 64 MiB of distinct buffers (not in cache, as a file's bytes are){}", gaps(&qu_rate))),
     );
     cx.rows.push(
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("bare quinn stream, one process", median(&q1_rate))
-            .paired(&sh_rate, &q1_rate)
+            .paired(runs, &sh_rate, &q1_rate)
             .note(format!(
                 "reference: both ends share one runtime of 2 workers{}",
                 gaps(&q1_rate)
@@ -1515,7 +1560,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("libtorrent (python3-libtorrent)", median(&lt_rate))
-            .paired(&sh_rate, &lt_rate)
+            .paired(runs, &sh_rate, &lt_rate)
             .target("> 1x")
             .note(
                 lt_err
@@ -1527,7 +1572,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("sendme", median(&sm_rate))
-            .paired(&sh_rate, &sm_rate)
+            .paired(runs, &sh_rate, &sm_rate)
             .target("> 1x")
             .note(
                 sendme_err
@@ -1558,7 +1603,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "get", "MiB/s")
             .shoal(median(&sh_rate))
             .base("durable copy on this disk", median(&disk_rate))
-            .paired(&sh_rate, &disk_rate)
+            .paired(runs, &sh_rate, &disk_rate)
             .note(disk_err.unwrap_or_else(|| {
                 format!(
                     "reference, a bound: the input copied to where get writes, 1 MiB writes and fdatasync, the faster of O_DIRECT and the page cache (get makes its copy durable before it records it complete); per-run ratios over the lower of this and the bare stream {}",
@@ -1574,7 +1619,7 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, two processes", median(&q_cpu))
-            .paired(&sh_cpu, &q_cpu)
+            .paired(runs, &sh_cpu, &q_cpu)
             .note(format!(
                 "lower is better{}",
                 gaps(&sh_cpu).replace("runs gave", "runs of shoal gave")
@@ -1584,21 +1629,21 @@ fn s2(cx: &mut Ctx) -> Result<()> {
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, uncached data", median(&qu_cpu))
-            .paired(&sh_cpu, &qu_cpu)
+            .paired(runs, &sh_cpu, &qu_cpu)
             .note("lower is better"),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("bare quinn stream, one process", median(&q1_cpu))
-            .paired(&sh_cpu, &q1_cpu)
+            .paired(runs, &sh_cpu, &q1_cpu)
             .note("lower is better"),
     );
     cx.rows.push(
         Row::new("S2", "CPU s per GiB (both sides)", "s/GiB")
             .shoal(median(&sh_cpu))
             .base("libtorrent (python3-libtorrent)", median(&lt_cpu))
-            .paired(&sh_cpu, &lt_cpu)
+            .paired(runs, &sh_cpu, &lt_cpu)
             .note("lower is better; libtorrent's includes python start-up"),
     );
     cx.rows.push(
@@ -1850,7 +1895,7 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
             .shoal(files_s(&sh))
             .base("tar over TCP (loopback)", files_s(&tar))
-            .paired(&rates(&sh), &rates(&tar))
+            .paired(runs, &rates(&sh), &rates(&tar))
             .target(">= 1x")
             .note(format!(
                 "fresh directories; per run, ms for shoal/tar: {per_run}; untimed first run, \
@@ -1865,14 +1910,14 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Row::new("S4", &format!("{n} files of 4 KiB"), "MiB/s")
             .shoal(mib_s(&sh))
             .base("tar over TCP (loopback)", mib_s(&tar))
-            .paired(&rates(&sh), &rates(&tar)),
+            .paired(runs, &rates(&sh), &rates(&tar)),
     );
     let per_run = pairs(&fresh);
     cx.rows.push(
         Row::new("S4", "the same, from a seeder just started", "files/s")
             .shoal(files_s(&fresh))
             .base("tar over TCP (loopback)", files_s(&tar))
-            .paired(&rates(&fresh), &rates(&tar))
+            .paired(runs, &rates(&fresh), &rates(&tar))
             .note(format!(
                 "reference: the seeder restarted before each of these gets, which it \
                  serves from its files, not from its memory of the small blobs it served \
@@ -1883,7 +1928,6 @@ fn s4(cx: &mut Ctx) -> Result<()> {
         Row::new("S4", &format!("{n} files of 4 KiB"), "files/s")
             .shoal(files_s(&sh))
             .base("sendme", files_s(&sm))
-            .paired(&rates(&sh), &rates(&sm))
             .note(
                 sm_err
                     .or((!sendme).then(|| NOT_INSTALLED.to_string()))
@@ -2237,20 +2281,27 @@ fn lab_shoal(cx: &Ctx, lab: &Lab, input: &Path, hash: &str, sd: &Path) -> Result
     let ticket = cx.shoal.ticket(&seeder, hash)?;
     let dirs: Vec<PathBuf> = (1..=n).map(|i| cx.work.join(format!("s3-d{i}"))).collect();
     let size = std::fs::metadata(input)?.len();
+    for d in &dirs {
+        rm(d);
+    }
     // Timed from the downloaders' start, as aria2c's are: their nodes'
     // start-up and first dial count (started before the clock, they were
-    // free to shoal alone; a review).
+    // free to shoal alone; a review). All started at once, as aria2c's
+    // peers are, then waited for.
     let t = Instant::now();
-    let mut nodes = Vec::new();
+    let mut starting = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
-        rm(d);
-        nodes.push(cx.shoal.serve(
+        starting.push(cx.shoal.start_serve(
             d,
             Some(&lab.hosts[i + 1]),
             &format!("{}:7000", Lab::ip(i + 1)),
             &["--peer", &seeder.peer],
         )?);
     }
+    let nodes = starting
+        .into_iter()
+        .map(Starting::ready)
+        .collect::<Result<Vec<Node>>>()?;
     let mut gets = Vec::new();
     for d in &dirs {
         gets.push(Some(Proc::spawn(
@@ -2530,7 +2581,7 @@ fn s3(cx: &mut Ctx) -> Result<()> {
         Row::new("S3", "D: shoal vs aria2c", "s")
             .shoal(median(&sh))
             .base("aria2c", median(&ar))
-            .paired(&sh, &ar)
+            .paired(runs, &sh, &ar)
             .target("< 1x"),
     );
     Ok(())
@@ -2588,19 +2639,23 @@ mod tests {
     /// missing on one side, the ratio of the medians.
     #[test]
     fn ratios_are_paired_run_by_run() {
-        // Medians 12 and 11 (1.09x); per run 0.5, 1.0, 1.2 (1.0x).
-        let (ours, theirs) = ([6.0, 12.0, 13.2], [12.0, 12.0, 11.0]);
-        let r = Row::new("S1", "add", "MiB/s")
-            .shoal(median(&ours))
-            .base("b3sum", median(&theirs))
-            .paired(&ours, &theirs);
-        assert_eq!(r.ratio().map(|x| (x * 100.0).round()), Some(100.0));
-        assert!(table(std::slice::from_ref(&r)).contains("| 1.00x* |"));
-        let r = Row::new("S1", "add", "MiB/s")
-            .shoal(median(&ours))
-            .base("b3sum", median(&theirs[..2]))
-            .paired(&ours, &theirs[..2]);
-        assert_eq!(r.ratio(), Some(1.0));
+        // Medians 20 and 20 (1.00x); per run 0.5, 2.0, 0.5 (0.50x).
+        let (ours, theirs) = ([10.0, 20.0, 30.0], [20.0, 10.0, 60.0]);
+        let row = |runs: usize, theirs: &[f64]| {
+            Row::new("S1", "add", "MiB/s")
+                .shoal(median(&ours))
+                .base("b3sum", median(theirs))
+                .paired(runs, &ours, theirs)
+        };
+        let r = row(3, &theirs);
+        assert_eq!(r.ratio(), Some(0.5));
+        assert!(table(&[r]).contains("| 0.50x* |"));
+        // A run missing on one side: the ratio of the medians (20/15).
+        let r = row(3, &theirs[..2]);
+        assert!(table(&[r]).contains("| 1.33x |"));
+        // Three figures each of four runs: which runs they are is not
+        // known, so they are not paired.
+        let r = row(4, &theirs);
         assert!(table(&[r]).contains("| 1.00x |"));
     }
 
@@ -2608,7 +2663,13 @@ mod tests {
     #[test]
     fn a_command_past_its_limit_is_killed() {
         let t = Instant::now();
-        let r = run_limited(Command::new("sleep").arg("30"), Duration::from_millis(300)).unwrap();
+        // What it started is killed too: a child left holding its
+        // output kept the readers (and the bench) waiting for it.
+        let r = run_limited(
+            Command::new("sh").args(["-c", "sleep 30 & wait"]),
+            Duration::from_millis(300),
+        )
+        .unwrap();
         assert!(!r.usage.ok);
         assert!(r.stderr.contains("killed"), "{}", r.stderr);
         assert!(t.elapsed() < Duration::from_secs(20));

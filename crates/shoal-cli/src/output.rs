@@ -231,7 +231,7 @@ impl Out {
                 .map(|t| json!({ "hash": hex(&t.hash), "verified": t.verified, "total": t.total, "peers": t.peers, "rate": t.rate }))
                 .collect();
             return line(
-                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers, "served_cache": { "blobs": s.served_cache_blobs, "bytes": s.served_cache_bytes, "budget": s.served_cache_budget }, "mdns": s.mdns, "dht": s.dht, "announce": s.announce, "max_upload": s.max_upload, "max_download": s.max_download, "timeout": s.stall_timeout_secs })
+                &json!({ "peer_id": s.peer_id, "addrs": s.listen_addrs, "uploaded": s.uploaded, "downloaded": s.downloaded, "transfers": transfers, "served_cache": { "blobs": s.served_cache_blobs, "bytes": s.served_cache_bytes, "budget": s.served_cache_budget }, "mdns": s.mdns, "dht": s.dht, "announce": s.announce, "max_upload": s.max_upload, "max_download": s.max_download, "timeout": s.stall_timeout_secs, "upload_rate": s.upload_rate, "download_rate": s.download_rate, "connected_peers": s.connected_peers })
                     .to_string(),
             );
         }
@@ -239,6 +239,13 @@ impl Out {
         line(&format!("listening   {}", s.listen_addrs.join(" ")))?;
         line(&format!("uploaded    {}", human(s.uploaded)))?;
         line(&format!("downloaded  {}", human(s.downloaded)))?;
+        line(&format!(
+            "now         up {}/s, down {}/s, {} peer{} connected",
+            human(s.upload_rate),
+            human(s.download_rate),
+            s.connected_peers,
+            if s.connected_peers == 1 { "" } else { "s" }
+        ))?;
         let on = |b: bool| if b { "on" } else { "off" };
         line(&format!(
             "discovery   mDNS {}, DHT {}, announce {}",

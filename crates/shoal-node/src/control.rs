@@ -401,6 +401,10 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     max_upload: node.inner.config.upload_limit.unwrap_or(0),
                     max_download: node.inner.config.download_limit.unwrap_or(0),
                     stall_timeout_secs: node.inner.config.stall_timeout.as_secs(),
+                    upload_rate: node.rates().0,
+                    download_rate: node.rates().1,
+                    connected_peers: u32::try_from(node.inner.endpoint.connections().len())
+                        .unwrap_or(u32::MAX),
                 };
                 write_frame(&mut stream, &resp(Resp::Status(status))).await?;
             }

@@ -1,7 +1,7 @@
 //! The node: owns the store, the endpoint and discovery, accepts
 //! connections, and runs downloads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -189,10 +189,12 @@ pub(crate) struct Inner {
     /// Each peer's connections that said hello, and the instance each
     /// said (see [`Inner::record_hello`]); a connection leaves when its
     /// handler ends.
-    instances: Mutex<HashMap<PeerId, Vec<Said>>>,
+    instances: Mutex<HashMap<PeerId, Runs>>,
     /// Each connected peer's recent upload and download rates, sampled
     /// every second from its connection's byte counters.
     rates: Mutex<HashMap<PeerId, PeerRates>>,
+    /// The node's own, from the endpoint's counters (up, down).
+    node_rates: Mutex<(crate::RateMeter, crate::RateMeter)>,
     /// Held across "is it pinned? announce it", and by an unpin (after
     /// the store's) to withdraw: an announce whose check saw the pin comes
     /// before the withdrawal, and one that checks after the unpin sees it
@@ -211,8 +213,23 @@ pub(crate) struct Inner {
     tasks: Mutex<JoinSet<()>>,
 }
 
-/// A connection and the `Hello.instance` its peer said on it.
-type Said = (Connection, Vec<u8>);
+/// A peer's connections that said hello, with the instance each said
+/// (see [`Inner::record_hello`]).
+#[derive(Default)]
+struct Runs {
+    said: Vec<(Connection, Vec<u8>)>,
+    /// Instances whose connections were closed as an earlier run's (the
+    /// last few).
+    retired: VecDeque<Vec<u8>>,
+    /// A retired instance said hello again: two live processes share this
+    /// peer id (a data dir copied, with its key). Closing each one's
+    /// connections on the other's hello would knock them off in turn, so
+    /// nothing is closed for this peer any more.
+    twins: bool,
+}
+
+/// Retired instances remembered per peer.
+const RETIRED_RUNS: usize = 4;
 
 /// A fetch under way (see [`Inner::fetches`]).
 pub(crate) struct Fetching {
@@ -311,6 +328,10 @@ impl Node {
             fetches: Mutex::new(HashMap::new()),
             next_fetch: std::sync::atomic::AtomicU64::new(0),
             rates: Mutex::new(HashMap::new()),
+            node_rates: Mutex::new((
+                crate::RateMeter::new(RATE_SAMPLE),
+                crate::RateMeter::new(RATE_SAMPLE),
+            )),
             announcing: Mutex::new(()),
             downloading: Default::default(),
             collections: Default::default(),
@@ -367,6 +388,12 @@ impl Node {
                     () = i.cancel.cancelled() => break,
                 }
                 let now = std::time::Instant::now();
+                {
+                    let s = i.endpoint.stats();
+                    let mut r = lock(&i.node_rates);
+                    r.0.update(now, s.bytes_sent);
+                    r.1.update(now, s.bytes_received);
+                }
                 let conns = i.endpoint.connections();
                 let mut rates = lock(&i.rates);
                 rates.retain(|id, _| conns.iter().any(|c| c.peer_id() == *id));
@@ -570,18 +597,25 @@ impl Node {
         self.inner.answers.choked()
     }
 
-    /// Peers known, with connection state and byte counters.
+    /// The node's upload and download rates (bytes per second, all
+    /// connections), sampled every second.
+    pub fn rates(&self) -> (u64, u64) {
+        let r = lock(&self.inner.node_rates);
+        (r.0.rate(), r.1.rate())
+    }
+
+    /// Peers known, with connection state and byte counters: those
+    /// connected first, then by the bytes moved, then by id (the order
+    /// changed from one call to the next: a review).
     pub fn peers(&self) -> Vec<PeerInfo> {
         let book = lock(&self.inner.book);
         let counters: HashMap<PeerId, PeerCounters> = book.counters().into_iter().collect();
         let mut ids = book.known();
-        for id in counters.keys() {
-            if !ids.contains(id) {
-                ids.push(*id);
-            }
-        }
+        let known: std::collections::HashSet<PeerId> = ids.iter().copied().collect();
+        ids.extend(counters.keys().filter(|id| !known.contains(id)));
         let rates = lock(&self.inner.rates);
-        ids.into_iter()
+        let mut all: Vec<PeerInfo> = ids
+            .into_iter()
             .map(|id| {
                 let conn = self
                     .inner
@@ -603,7 +637,15 @@ impl Node {
                     counters: counters.get(&id).copied().unwrap_or_default(),
                 }
             })
-            .collect()
+            .collect();
+        let moved = |p: &PeerInfo| p.counters.uploaded.saturating_add(p.counters.downloaded);
+        all.sort_by(|a, b| {
+            b.connected
+                .cmp(&a.connected)
+                .then(moved(b).cmp(&moved(a)))
+                .then(a.id.cmp(&b.id))
+        });
+        all
     }
 
     /// Stops serving and downloading; partial state stays in the store.
@@ -679,7 +721,6 @@ pub struct PeerInfo {
     pub download_rate: u64,
 }
 
-/// A connected peer's recent rates (see `Inner::rates`).
 /// This run's `Hello.instance`: 16 bytes that differ from run to run (the
 /// pid, the time, and std's per-process random hash keys, hashed). Not a
 /// secret, nor proof of anything: a peer uses it only to tell that this
@@ -701,6 +742,11 @@ fn new_instance() -> [u8; 16] {
     out
 }
 
+/// The shortest time between two samples of a rate: under the sampling
+/// period (1 s), so that a tick that comes a little early still takes one.
+const RATE_SAMPLE: Duration = Duration::from_millis(900);
+
+/// A connected peer's recent rates (see `Inner::rates`).
 struct PeerRates {
     /// The connection sampled (its `stable_id`).
     conn: usize,
@@ -710,9 +756,7 @@ struct PeerRates {
 
 impl PeerRates {
     fn new(conn: usize) -> Self {
-        // Under the sampling period, so that a tick that comes a little
-        // early still takes a sample.
-        let meter = || crate::RateMeter::new(Duration::from_millis(900));
+        let meter = || crate::RateMeter::new(RATE_SAMPLE);
         PeerRates {
             conn,
             up: meter(),
@@ -755,9 +799,10 @@ impl Inner {
             }
             drop(h);
             let mut all = lock(&i.instances);
-            if let Some(list) = all.get_mut(&conn.peer_id()) {
-                list.retain(|(c, _)| c.stable_id() != key && !c.is_closed());
-                if list.is_empty() {
+            if let Some(runs) = all.get_mut(&conn.peer_id()) {
+                runs.said
+                    .retain(|(c, _)| c.stable_id() != key && !c.is_closed());
+                if runs.said.is_empty() {
                     all.remove(&conn.peer_id());
                 }
             }
@@ -855,7 +900,12 @@ impl Inner {
     pub(crate) fn record_hello(&self, conn: &Connection, h: &pb::Hello) {
         let peer = conn.peer_id();
         let addrs = peer_addrs(conn.remote_addr(), &h.listen_addrs);
-        let earlier = self.earlier_runs(conn, &h.instance);
+        let Some(earlier) = self.earlier_runs(conn, &h.instance) else {
+            // Closed before its hello was handled: its word is stale (an
+            // old run's hello handled after its new run's would close the
+            // new run's connection).
+            return;
+        };
         {
             let mut book = lock(&self.book);
             if !earlier.is_empty() {
@@ -874,19 +924,49 @@ impl Inner {
 
     /// Records the instance `conn`'s peer said on it, and returns the
     /// peer's other live connections on which it said another (none when
-    /// it says none, or one too long to be ours).
-    fn earlier_runs(&self, conn: &Connection, instance: &[u8]) -> Vec<Connection> {
-        if instance.is_empty() || instance.len() > limits::MAX_INSTANCE_LEN {
-            return Vec::new();
-        }
+    /// it says none, or one too long to be ours); `None` for a connection
+    /// closed already, which is not recorded (the prune when its handler
+    /// ended may have run: it would stay, holding the connection, until
+    /// the peer said hello again).
+    fn earlier_runs(&self, conn: &Connection, instance: &[u8]) -> Option<Vec<Connection>> {
         let mut all = lock(&self.instances);
-        let list = all.entry(conn.peer_id()).or_default();
-        list.retain(|(c, _)| !c.is_closed() && c.stable_id() != conn.stable_id());
-        let (earlier, same): (Vec<_>, Vec<_>) =
-            list.drain(..).partition(|(_, i)| i.as_slice() != instance);
-        *list = same;
-        list.push((conn.clone(), instance.to_vec()));
-        earlier.into_iter().map(|(c, _)| c).collect()
+        // Under the lock the prune takes: closed stays closed.
+        if conn.is_closed() {
+            return None;
+        }
+        if instance.is_empty() || instance.len() > limits::MAX_INSTANCE_LEN {
+            return Some(Vec::new());
+        }
+        let runs = all.entry(conn.peer_id()).or_default();
+        runs.said
+            .retain(|(c, _)| !c.is_closed() && c.stable_id() != conn.stable_id());
+        if !runs.twins && runs.retired.iter().any(|r| r.as_slice() == instance) {
+            runs.twins = true;
+            warn!(
+                peer = %conn.peer_id(),
+                "two running nodes say hello with this peer id (a data dir copied with its \
+                 key?); each should have its own identity"
+            );
+        }
+        if runs.twins {
+            runs.said.push((conn.clone(), instance.to_vec()));
+            return Some(Vec::new());
+        }
+        let (earlier, same): (Vec<_>, Vec<_>) = runs
+            .said
+            .drain(..)
+            .partition(|(_, i)| i.as_slice() != instance);
+        runs.said = same;
+        runs.said.push((conn.clone(), instance.to_vec()));
+        for (_, i) in &earlier {
+            if !runs.retired.contains(i) {
+                if runs.retired.len() == RETIRED_RUNS {
+                    runs.retired.pop_front();
+                }
+                runs.retired.push_back(i.clone());
+            }
+        }
+        Some(earlier.into_iter().map(|(c, _)| c).collect())
     }
 
     /// Candidates for `hash`: the static peers and the peers we are

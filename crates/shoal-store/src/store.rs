@@ -814,12 +814,16 @@ impl Store {
         let mut blobs = HashMap::with_capacity(records.len());
         let mut grouped = HashMap::new();
         let mut unloaded = HashSet::new();
-        // Recorded partial, found finished at their target.
+        // Recorded partial, found finished at their target; and moves
+        // recorded (`Record::moved_from`), made by now or given up: their
+        // record says where the blob is, and no longer names the old
+        // place (left, a later open moved whatever was there then:
+        // another data dir's download into that output, say; a review).
         let mut finished = Vec::new();
         for (hash, r, group) in records {
             match inner.blob_from_record(&hash, &r) {
                 Ok(b) => {
-                    if !r.complete && b.partial.is_none() {
+                    if (!r.complete && b.partial.is_none()) || r.moved_from.is_some() {
                         finished.push((hash, record_of(&b)));
                     }
                     blobs.insert(hash, b);
@@ -842,7 +846,7 @@ impl Store {
         for (hash, rec) in finished {
             if let Err(e) = inner.persist(&hash, rec, true) {
                 // Found again at the next open.
-                tracing::warn!("cannot record that {hash} is complete: {e}");
+                tracing::warn!("cannot record where {hash} is: {e}");
             }
         }
         let store = Store {

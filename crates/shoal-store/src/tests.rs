@@ -610,6 +610,14 @@ fn a_partial_download_moved_part_way_is_found_at_open() {
     let to = Store::open(&dir.path().join("store")).unwrap();
     assert!(!partial_name(&f1).exists() && partial_name(&f2).exists());
     assert_eq!(to.info(&hash).unwrap().verified, some);
+    // Made, the move is no longer recorded: a file put at the old place
+    // afterwards (another data dir's download there) is not taken.
+    to.crash();
+    fs::write(partial_name(&f1), b"another download's").unwrap();
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(fs::read(partial_name(&f1)).unwrap(), b"another download's");
+    assert_eq!(to.info(&hash).unwrap().verified, some);
+    fs::remove_file(partial_name(&f1)).unwrap();
     to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
         .unwrap();
     let rest = GroupRanges::from_range(3..8);

@@ -782,13 +782,21 @@ fn register(
                     to_close.append(list);
                     list.push(conn.clone());
                     (conn.clone(), true)
-                } else if (old_preferred && !new_preferred) || conn.dialer == us {
+                } else if conn.dialer == us {
                     // it loses, or we dialed twice: keep the older one
                     to_close.push(conn.clone());
                     (current, false)
                 } else {
-                    // the peer dialed twice: it closes one, and we keep both
-                    // until then
+                    // The peer dialed, twice or as we had dialed it: it
+                    // closes the loser itself, and we keep both until
+                    // then. Not closed here: a peer started again (a
+                    // killed process) dials from a new run that has no
+                    // other connection and closes none, while ours to its
+                    // earlier run is dead; closed as the loser, the new
+                    // run could not reach this node until the dead one
+                    // timed out (a review). The layer above closes the
+                    // earlier run's once it can tell (shoal-node: the
+                    // hello's instance).
                     list.push(conn.clone());
                     (current, true)
                 }

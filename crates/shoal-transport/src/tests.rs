@@ -209,6 +209,51 @@ async fn the_peer_filter_rejects_unwanted_clients() {
     .await
 }
 
+/// A peer started again dials from a new endpoint with the same key while
+/// this side still holds the connection it dialed to the earlier run (dead
+/// after a kill; here merely idle), and this side has the lower id. The
+/// new run's connection is kept, not closed as the loser of a double dial:
+/// closed, the new run could not reach this side until the old one timed
+/// out (a review). Which one stands for the peer is the layer above's call
+/// (shoal-node closes the earlier run's on the new run's hello).
+#[tokio::test]
+async fn a_peer_started_again_can_dial_though_it_was_dialed_before() {
+    timed(async {
+        let a = bind(loopback()).await;
+        let _server = echo_server(&a);
+        let key = loop {
+            let k = SecretKey::generate();
+            if a.peer_id() < k.public() {
+                break k;
+            }
+        };
+        let old_run = Endpoint::bind(SecretKey::from_bytes(&key.to_bytes()), loopback())
+            .await
+            .unwrap();
+        let to_old = a
+            .connect(addr(&old_run), Some(old_run.peer_id()))
+            .await
+            .unwrap();
+        let new_run = Endpoint::bind(key, loopback()).await.unwrap();
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            new_run.connect(addr(&a), Some(a.peer_id())),
+        )
+        .await
+        .expect("the new run's dial hung")
+        .unwrap();
+        assert_eq!(echo(&conn, b"hello").await, b"hello");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !conn.is_closed(),
+            "{:?}",
+            conn.close_reason().map(|e| e.to_string())
+        );
+        assert!(!to_old.is_closed());
+    })
+    .await;
+}
+
 /// Whether the two connects each made a connection of their own.
 fn both_dialed(ra: &Connection, rb: &Connection) -> bool {
     ra.dialed_by_us() && rb.dialed_by_us()
