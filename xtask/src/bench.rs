@@ -325,7 +325,7 @@ fn delete_netns(names: &[String]) {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this (and every later) thread and handles
+/// Blocks SIGINT, SIGTERM and SIGHUP in this (and every later) thread and handles
 /// them in a thread of their own: kill what we started, delete the lab,
 /// exit 130. Children get the default mask back (std resets it on spawn).
 fn install_signal_thread() -> Result<()> {
@@ -336,6 +336,9 @@ fn install_signal_thread() -> Result<()> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        // A terminal hung up: `run_limited`'s children, in process groups
+        // of their own, hear nothing of it.
+        libc::sigaddset(&mut set, libc::SIGHUP);
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             bail!("cannot block SIGINT");
         }

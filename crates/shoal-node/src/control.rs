@@ -375,6 +375,8 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
             Req::Status(_) => {
                 let stats = node.endpoint().stats();
                 let (cached_blobs, cached_bytes) = node.store().served_cache_usage();
+                // One sample for both.
+                let (upload_rate, download_rate) = node.rates();
                 let status = pb::NodeStatus {
                     peer_id: node.peer_id().to_string(),
                     listen_addrs: node.addrs().iter().map(|a| a.to_string()).collect(),
@@ -401,8 +403,8 @@ async fn handle(node: Node, mut stream: UnixStream) -> Result<(), WireError> {
                     max_upload: node.inner.config.upload_limit.unwrap_or(0),
                     max_download: node.inner.config.download_limit.unwrap_or(0),
                     stall_timeout_secs: node.inner.config.stall_timeout.as_secs(),
-                    upload_rate: node.rates().0,
-                    download_rate: node.rates().1,
+                    upload_rate,
+                    download_rate,
                     connected_peers: u32::try_from(node.inner.endpoint.connections().len())
                         .unwrap_or(u32::MAX),
                 };

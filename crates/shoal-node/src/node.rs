@@ -182,8 +182,13 @@ pub(crate) struct Inner {
     /// Answers being read from the store and sent, node-wide (see
     /// `server::MAX_ANSWERS` and `choke.rs`).
     pub(crate) answers: Answers,
-    /// Connections whose incoming streams are being served.
-    handled: Mutex<HashMap<PeerId, usize>>,
+    /// Connections whose incoming streams are being served, by peer
+    /// (their `stable_id`s): a peer may have two for a moment (a double
+    /// dial the peer settles). Keyed by peer alone, the second overwrote
+    /// the first's entry and took it away when it closed: the peer was no
+    /// longer asked directly, and a later connect served the first twice
+    /// (a review).
+    handled: Mutex<HashMap<PeerId, std::collections::HashSet<usize>>>,
     /// This run's `Hello.instance` (see [`new_instance`]).
     pub(crate) instance: [u8; 16],
     /// Each peer's connections that said hello, and the instance each
@@ -771,10 +776,9 @@ impl Inner {
         let key = conn.stable_id();
         {
             let mut h = lock(&self.handled);
-            if h.get(&conn.peer_id()) == Some(&key) {
+            if !h.entry(conn.peer_id()).or_default().insert(key) {
                 return;
             }
-            h.insert(conn.peer_id(), key);
         }
         let i = self.clone();
         let conn = conn.clone();
@@ -794,8 +798,11 @@ impl Inner {
                 () = i.cancel.cancelled() => {},
             }
             let mut h = lock(&i.handled);
-            if h.get(&conn.peer_id()) == Some(&key) {
-                h.remove(&conn.peer_id());
+            if let Some(keys) = h.get_mut(&conn.peer_id()) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    h.remove(&conn.peer_id());
+                }
             }
             drop(h);
             let mut all = lock(&i.instances);

@@ -855,6 +855,9 @@ async fn a_peer_started_again_replaces_its_earlier_runs_connections() {
     // The first run says hello again: it was not an earlier run but a
     // second process with the same id (a data dir copied with its key).
     // Nothing is closed any more: each would knock the other off in turn.
+    // (The transport keeps two connections a peer dialed at a time.)
+    second_too.close(0, b"done");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (_ep1c, first_again) = run(b"first run").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!second.is_closed() && !first_again.is_closed());

@@ -29,6 +29,9 @@ use crate::tls::{self, PeerFilter, ServerVerifier};
 pub const CLOSE_DUPLICATE: u32 = 0x5d_0001;
 /// Application close code: the endpoint is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 0x5d_0002;
+/// Connections a peer dialed that one peer may hold open at once beside
+/// the one kept (see `register`).
+const MAX_PEER_DIALED: usize = 2;
 /// Application close code: the peer started again, and this connection is
 /// its earlier run's (closed by the layer above, which can tell).
 pub const CLOSE_REPLACED: u32 = 0x5d_0003;
@@ -561,8 +564,8 @@ impl Endpoint {
     /// The live connection to `peer`, if any.
     ///
     /// When both peers dialed each other, both keep the connection dialed
-    /// by the peer with the lower id and close the other with
-    /// [`CLOSE_DUPLICATE`].
+    /// by the peer with the lower id: its dialer closes the other with
+    /// [`CLOSE_DUPLICATE`], and this side uses the kept one meanwhile.
     pub fn connection(&self, peer: &PeerId) -> Option<Connection> {
         let conns = lock(&self.inner.conns);
         let list = conns.get(peer)?;
@@ -797,7 +800,20 @@ fn register(
                     // timed out (a review). The layer above closes the
                     // earlier run's once it can tell (shoal-node: the
                     // hello's instance).
+                    //
+                    // At most `MAX_PEER_DIALED` of these are kept: a peer
+                    // that dials again and again without closing any (a
+                    // bug, or hostile) has its oldest closed (the newest
+                    // is the one a restarted peer's new run uses).
+                    let peer_dialed: Vec<usize> = (0..list.len())
+                        .filter(|&i| list[i].dialer == peer)
+                        .collect();
+                    if peer_dialed.len() >= MAX_PEER_DIALED {
+                        let oldest = peer_dialed[0];
+                        to_close.push(list.remove(oldest));
+                    }
                     list.push(conn.clone());
+                    let current = best(us, peer, list.iter()).cloned().unwrap_or(current);
                     (current, true)
                 }
             }

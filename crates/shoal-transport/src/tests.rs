@@ -234,6 +234,7 @@ async fn a_peer_started_again_can_dial_though_it_was_dialed_before() {
             .connect(addr(&old_run), Some(old_run.peer_id()))
             .await
             .unwrap();
+        let key_bytes = key.to_bytes();
         let new_run = Endpoint::bind(key, loopback()).await.unwrap();
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
@@ -250,6 +251,26 @@ async fn a_peer_started_again_can_dial_though_it_was_dialed_before() {
             conn.close_reason().map(|e| e.to_string())
         );
         assert!(!to_old.is_closed());
+        // Kept, but not without end: of the connections the peer dialed
+        // and did not close, two stay, the oldest going first.
+        let dial_again = || async {
+            let run = Endpoint::bind(SecretKey::from_bytes(&key_bytes), loopback())
+                .await
+                .unwrap();
+            let c = run.connect(addr(&a), Some(a.peer_id())).await.unwrap();
+            (run, c)
+        };
+        let (_second_run, second) = dial_again().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!conn.is_closed() && !second.is_closed());
+        let (_third_run, third) = dial_again().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !conn.is_closed() {
+            assert!(Instant::now() < deadline, "the oldest was kept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(echo(&third, b"again").await, b"again");
+        assert!(!second.is_closed() && !to_old.is_closed());
     })
     .await;
 }
