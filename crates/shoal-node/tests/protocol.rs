@@ -22,8 +22,14 @@ async fn node_and_client_with(config: NodeConfig) -> (Node, Endpoint, Connection
         ..config
     };
     let node = Node::spawn(config).await.unwrap();
+    let (ep, conn) = client(&node, SecretKey::generate()).await;
+    (node, ep, conn)
+}
+
+/// An endpoint of `key` on loopback, connected to `node`.
+async fn client(node: &Node, key: SecretKey) -> (Endpoint, Connection) {
     let ep = Endpoint::bind(
-        SecretKey::generate(),
+        key,
         EndpointConfig {
             listen: vec!["127.0.0.1:0".parse().unwrap()],
             ..Default::default()
@@ -35,7 +41,7 @@ async fn node_and_client_with(config: NodeConfig) -> (Node, Endpoint, Connection
         .connect(node.addrs()[0], Some(node.peer_id()))
         .await
         .unwrap();
-    (node, ep, conn)
+    (ep, conn)
 }
 
 /// Sends raw frame bytes on a new stream and reads one response.
@@ -786,19 +792,7 @@ async fn a_peer_started_again_replaces_its_earlier_runs_connections() {
     let run = |instance: &'static [u8]| {
         let node = &node;
         async move {
-            let ep = Endpoint::bind(
-                SecretKey::from_bytes(&key),
-                EndpointConfig {
-                    listen: vec!["127.0.0.1:0".parse().unwrap()],
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            let conn = ep
-                .connect(node.addrs()[0], Some(node.peer_id()))
-                .await
-                .unwrap();
+            let (ep, conn) = client(node, SecretKey::from_bytes(&key)).await;
             let hello = pb::Hello {
                 version: shoal_proto::PROTOCOL_VERSION,
                 agent: "test".into(),

@@ -450,6 +450,28 @@ struct SevenOfEight {
 }
 
 impl SevenOfEight {
+    /// The last group, received: the download stops with four groups
+    /// lost (3..7, cut off or in a hole), and its target is not made.
+    fn last_group_finds_four_groups_lost(&self) {
+        let last = GroupRanges::from_range(7..8);
+        let (_, bytes) = encode(&self.from, &self.hash, &last);
+        let res = receive(&self.to, &self.hash, &last, &bytes);
+        assert!(
+            matches!(
+                &res,
+                Err(ReceiveError::Store(StoreError::PartialCutShort {
+                    lost: 4,
+                    ..
+                }))
+            ),
+            "{res:?}"
+        );
+        assert!(
+            fs::symlink_metadata(&self.target).is_err(),
+            "finished anyway"
+        );
+    }
+
     /// Receives `groups` again: the blob is then whole, at its target.
     fn fetch_again(&self, groups: std::ops::Range<u64>) {
         let lost = GroupRanges::from_range(groups);
@@ -491,27 +513,12 @@ fn seven_of_eight(seed: u64) -> SevenOfEight {
 #[test]
 fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
     let b = seven_of_eight(17);
-    let (from, hash, to) = (b.from.clone(), b.hash, b.to.clone());
-    let (target, partial) = (b.target.clone(), b.partial.clone());
     // Someone cuts the file to its first three groups.
-    let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&b.partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
     drop(f);
-    let last = GroupRanges::from_range(7..8);
-    let (_, bytes) = encode(&from, &hash, &last);
-    let res = receive(&to, &hash, &last, &bytes);
-    assert!(
-        matches!(
-            &res,
-            Err(ReceiveError::Store(StoreError::PartialCutShort {
-                lost: 4,
-                ..
-            }))
-        ),
-        "{res:?}"
-    );
-    assert!(fs::symlink_metadata(&target).is_err(), "finished anyway");
-    let info = to.info(&hash).unwrap();
+    b.last_group_finds_four_groups_lost();
+    let info = b.to.info(&b.hash).unwrap();
     assert!(!info.complete);
     assert_eq!(info.verified, GroupRanges::from_range(0..3));
     b.fetch_again(3..8);
@@ -635,9 +642,7 @@ fn a_partial_download_moved_part_way_is_found_at_open() {
 #[test]
 fn a_hole_in_a_partial_file_is_found_before_it_is_finished() {
     let b = seven_of_eight(19);
-    let (from, hash, to) = (b.from.clone(), b.hash, b.to.clone());
-    let (target, partial) = (b.target.clone(), b.partial.clone());
-    let f = fs::OpenOptions::new().write(true).open(&partial).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&b.partial).unwrap();
     f.set_len(3 * GROUP_SIZE).unwrap();
     f.set_len(7 * GROUP_SIZE).unwrap();
     let holes_seen =
@@ -647,20 +652,7 @@ fn a_hole_in_a_partial_file_is_found_before_it_is_finished() {
         eprintln!("skipping: this filesystem does not report holes (SEEK_HOLE)");
         return;
     }
-    let last = GroupRanges::from_range(7..8);
-    let (_, bytes) = encode(&from, &hash, &last);
-    let res = receive(&to, &hash, &last, &bytes);
-    assert!(
-        matches!(
-            &res,
-            Err(ReceiveError::Store(StoreError::PartialCutShort {
-                lost: 4,
-                ..
-            }))
-        ),
-        "{res:?}"
-    );
-    assert!(fs::symlink_metadata(&target).is_err(), "finished anyway");
+    b.last_group_finds_four_groups_lost();
     b.fetch_again(3..7);
 }
 
