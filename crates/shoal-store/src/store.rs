@@ -814,16 +814,12 @@ impl Store {
         let mut blobs = HashMap::with_capacity(records.len());
         let mut grouped = HashMap::new();
         let mut unloaded = HashSet::new();
-        // Recorded partial, found finished at their target; and moves
-        // recorded (`Record::moved_from`), made by now or given up: their
-        // record says where the blob is, and no longer names the old
-        // place (left, a later open moved whatever was there then:
-        // another data dir's download into that output, say; a review).
+        // Recorded partial, found finished at their target.
         let mut finished = Vec::new();
         for (hash, r, group) in records {
             match inner.blob_from_record(&hash, &r) {
                 Ok(b) => {
-                    if (!r.complete && b.partial.is_none()) || r.moved_from.is_some() {
+                    if !r.complete && b.partial.is_none() {
                         finished.push((hash, record_of(&b)));
                     }
                     blobs.insert(hash, b);
@@ -846,7 +842,7 @@ impl Store {
         for (hash, rec) in finished {
             if let Err(e) = inner.persist(&hash, rec, true) {
                 // Found again at the next open.
-                tracing::warn!("cannot record where {hash} is: {e}");
+                tracing::warn!("cannot record that {hash} is complete: {e}");
             }
         }
         let store = Store {
@@ -2653,6 +2649,20 @@ impl Inner {
         let mut target = (!r.path.is_empty()).then_some(path);
         if let (Some(from), Some(t)) = (&r.moved_from, &target) {
             target = self.finish_move(hash, from, t);
+            // Recorded at once where it is, and no longer as moving: left,
+            // a later open moved whatever was at the old place by then
+            // (another data dir's download into that output, say; a
+            // review), also when what follows here fails.
+            let settled = Record {
+                path: target
+                    .as_ref()
+                    .map_or_else(Vec::new, |t| t.as_os_str().as_bytes().to_vec()),
+                moved_from: None,
+                ..r.clone()
+            };
+            if let Err(e) = self.persist(hash, settled, true) {
+                tracing::warn!("cannot record where {hash} is: {e}");
+            }
         }
         if let (Some(t), Some(size)) = (&target, r.size)
             && let Some((data, outboard)) = self.finished_at(hash, t, size)
