@@ -543,10 +543,10 @@ async fn ask_or_open(dir: &Path, req: pb::control_request::Kind) -> Result<Answe
     }
 }
 
-/// Those of `hashes` a pinned collection names, asked of the node on `dir`
-/// (or its store, if the node stopped meanwhile).
-async fn kept_by_collections(dir: &Path, hashes: &[Hash]) -> Result<Vec<Hash>> {
-    let kept: HashSet<Hash> =
+/// What gc keeps on `dir` (pinned, or named by a pinned collection), asked
+/// of the node there (or its store, if the node stopped meanwhile).
+async fn kept_through_node(dir: &Path) -> Result<HashSet<Hash>> {
+    Ok(
         match ask_or_open(dir, pb::control_request::Kind::List(pb::ListRequest {})).await? {
             // `pinned` in a listing is what gc keeps: pinned itself, or
             // named by a pinned collection; these were just unpinned.
@@ -562,12 +562,8 @@ async fn kept_by_collections(dir: &Path, hashes: &[Hash]) -> Result<Vec<Hash>> {
                 })
                 .collect(),
             Answer::Store(store) => store.kept_by_collections(),
-        };
-    Ok(hashes
-        .iter()
-        .filter(|h| kept.contains(h))
-        .copied()
-        .collect())
+        },
+    )
 }
 
 /// [`ask_or_open`], each answer given to `each` as it comes (a long
@@ -674,25 +670,18 @@ async fn run(cli: Cli) -> Result<()> {
                             missing.join(", ")
                         );
                     }
-                    let kept = store.kept_by_collections();
-                    hashes
-                        .iter()
-                        .filter(|h| kept.contains(h))
-                        .copied()
-                        .collect()
+                    store.kept_by_collections()
                 }
                 // A note only: its failure does not fail the rm, which is
                 // done.
-                Answer::Node(_) => kept_by_collections(&dir, &hashes)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::debug!("cannot tell what a pinned collection keeps: {e:#}");
-                        Vec::new()
-                    }),
+                Answer::Node(_) => kept_through_node(&dir).await.unwrap_or_else(|e| {
+                    tracing::debug!("cannot tell what a pinned collection keeps: {e:#}");
+                    HashSet::new()
+                }),
             };
             // Unpinned, yet kept: `ls` still shows it pinned, and gc keeps
             // it. Said, rather than nothing (a review).
-            for h in kept {
+            for h in hashes.iter().filter(|h| kept.contains(h)) {
                 note!(
                     "{h} is unpinned, but a pinned collection names it: gc keeps it while that \
                      collection is pinned (`shoal rm` the collection to free both)"

@@ -524,6 +524,43 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
     b.fetch_again(3..8);
 }
 
+/// A download of an 8-group blob into `f1` in a temporary directory, its
+/// first three groups (`some`) received; `f2` is another output there.
+struct ThreeOfEight {
+    from: Store,
+    d: Vec<u8>,
+    hash: blake3::Hash,
+    dir: tempfile::TempDir,
+    f1: std::path::PathBuf,
+    f2: std::path::PathBuf,
+    to: Store,
+    some: GroupRanges,
+}
+
+fn three_of_eight_into_f1(seed: u64) -> ThreeOfEight {
+    let from = Store::in_memory();
+    let d = data(8 * GROUP_SIZE as usize, seed);
+    let hash = from.import_bytes(&d, "x").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
+    let to = Store::open(&dir.path().join("store")).unwrap();
+    to.begin_download(&hash, BlobKind::Raw, Some(&f1), true)
+        .unwrap();
+    let some = GroupRanges::from_range(0..3);
+    let (_, bytes) = encode(&from, &hash, &some);
+    receive(&to, &hash, &some, &bytes).unwrap();
+    ThreeOfEight {
+        from,
+        d,
+        hash,
+        dir,
+        f1,
+        f2,
+        to,
+        some,
+    }
+}
+
 /// A partial download begun again for another output moves there and
 /// finishes there alone: it resumed into the first output's file, which
 /// appeared too once it finished (a review). One a download has in hand
@@ -531,18 +568,17 @@ fn a_partial_file_cut_short_while_it_downloads_is_not_taken_as_complete() {
 /// place is not moved.
 #[test]
 fn a_partial_download_begun_again_elsewhere_moves_there() {
-    let from = Store::in_memory();
-    let d = data(8 * GROUP_SIZE as usize, 18);
-    let hash = from.import_bytes(&d, "x").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
-    let partial = |f: &Path| std::path::PathBuf::from(format!("{}.shoal-partial", f.display()));
-    let to = Store::open(&dir.path().join("store")).unwrap();
-    to.begin_download(&hash, BlobKind::Raw, Some(&f1), true)
-        .unwrap();
-    let some = GroupRanges::from_range(0..3);
-    let (_, bytes) = encode(&from, &hash, &some);
-    receive(&to, &hash, &some, &bytes).unwrap();
+    let ThreeOfEight {
+        from,
+        d,
+        hash,
+        dir,
+        f1,
+        f2,
+        to,
+        some,
+    } = three_of_eight_into_f1(18);
+    let partial = partial_name;
     // In hand: stays.
     to.begin_download(&hash, BlobKind::Raw, Some(&f2), true)
         .unwrap();
@@ -590,17 +626,16 @@ fn a_partial_download_begun_again_elsewhere_moves_there() {
 /// move leaves it to the next open, which makes it.
 #[test]
 fn a_partial_download_moved_part_way_is_found_at_open() {
-    let from = Store::in_memory();
-    let d = data(8 * GROUP_SIZE as usize, 23);
-    let hash = from.import_bytes(&d, "x").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
-    let to = Store::open(&dir.path().join("store")).unwrap();
-    to.begin_download(&hash, BlobKind::Raw, Some(&f1), true)
-        .unwrap();
-    let some = GroupRanges::from_range(0..3);
-    let (_, bytes) = encode(&from, &hash, &some);
-    receive(&to, &hash, &some, &bytes).unwrap();
+    let ThreeOfEight {
+        from,
+        d,
+        hash,
+        dir,
+        f1,
+        f2,
+        to,
+        some,
+    } = three_of_eight_into_f1(23);
     to.end_download(&hash);
     to.fail_commits(true);
     assert!(
